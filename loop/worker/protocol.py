@@ -1,0 +1,224 @@
+"""The messages between the API (ZMQ ROUTER, `loop/control.py`) and the training worker (DEALER, `main.py`).
+
+Every message is a msgspec Struct in one tagged union (`Message`), encoded with msgpack: the tag field `"type"`
+names the class, so the receiver decodes straight into the right Struct and rejects anything else. Nothing is
+ever unpickled from the socket — a peer that sends garbage gets a decode error, not code execution.
+
+Requests from the API carry a `req` number; the worker's reply carries the same `req`, so `WorkerControl.call`
+can match replies to waiting callers. Unsolicited worker messages (`Hello`, `Heartbeat`, `Progress`) have `req=0`.
+
+Conversation (see DESIGN.md "The update, step by step"):
+    API → Train(run_id, step, …batch…)       worker: reference log-probs, forward, backward, optimizer maths
+    API ← TrainDone(metrics, update stats)    staged deltas wait in the worker; vLLM kept serving meanwhile
+    API → Apply(run_id)   (vLLM paused)       worker: finite/ratio check → in-place write (stochastic rounding)
+    API ← Applied(checksum, ms) | Refused(reason)
+    API → Discard(run_id)                     drop a staged update (the API decided not to apply it)
+    API → Checkpoint(path) / Restore(path)    HF folder out of / back into the live weights
+    API → Ping → Status;  API → Shutdown → Bye;  any request may be answered by Error(message, traceback)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Msg(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Base: every message has a request number (0 for unsolicited worker messages)."""
+
+    req: int = 0
+
+
+# ---------------------------------------------------------------- data carried by Train
+
+
+class Pair(msgspec.Struct, forbid_unknown_fields=True):
+    """One preference: the prompt (plain text or chat messages) and two answers, the first preferred."""
+
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+class Example(msgspec.Struct, forbid_unknown_fields=True):
+    """One unpaired judgement (a thumb): KTO's input."""
+
+    prompt: str | list[dict[str, str]]
+    completion: str
+    label: bool
+
+
+# ---------------------------------------------------------------- worker → API, unsolicited
+
+
+class Hello(Msg, tag="hello"):
+    """Sent once the worker has attached to vLLM's weights and built its model (also after a re-attach)."""
+
+    pid: int
+    load_id: str = ""
+    model_path: str = ""
+    architecture: str = ""
+    device: str = "cpu"
+    n_params: int = 0
+    n_trainable: int = 0
+    optimizer: str = ""
+    checksum: str = ""
+
+
+class Heartbeat(Msg, tag="heartbeat"):
+    """Sent every `worker_heartbeat_s` by the worker's I/O thread, also while a long backward runs."""
+
+    pid: int
+    state: str = "idle"  # "waiting" (for vLLM's handle file) | "idle" | "training" | "applying" | ...
+    run_id: int | None = None
+    step: int = 0
+    load_id: str = ""
+
+
+class Progress(Msg, tag="progress"):
+    """One finished optimisation step (for /api/train/status while a run goes on)."""
+
+    run_id: int
+    step: int
+    loss: float
+    metrics: dict[str, float] = {}
+
+
+# ---------------------------------------------------------------- API → worker requests
+
+
+class Ping(Msg, tag="ping"):
+    checksum: bool = False  # also hash every live weight (slow on big models; tests use it)
+
+
+class Train(Msg, tag="train"):
+    """Compute one staged update on this batch. `step` counts from 1 within a run: the worker keeps the
+    reference log-probs of step 1 (the pre-run policy) for the later steps of the same run."""
+
+    run_id: int
+    objective: Literal["dpo", "kto"] = "dpo"
+    pairs: list[Pair] = []
+    examples: list[Example] = []
+    step: int = 1
+    steps: int = 1
+    lr: float | None = None
+    beta: float = 0.1
+    max_len: int = 1024
+    inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
+
+
+class Apply(Msg, tag="apply"):
+    run_id: int
+    max_update_ratio: float | None = None  # None: the worker's configured cap
+
+
+class Discard(Msg, tag="discard"):
+    run_id: int
+
+
+class Checkpoint(Msg, tag="checkpoint"):
+    """Write an HF folder (config, tokenizer, model.safetensors, optimizer state) atomically to `path`."""
+
+    path: str
+    version: int = 0
+    meta: dict[str, str] = {}
+
+
+class Restore(Msg, tag="restore"):
+    """Copy a checkpoint's weights into the live weights in place (the API has paused vLLM)."""
+
+    path: str
+    load_optimizer: bool = True
+
+
+class Shutdown(Msg, tag="shutdown"):
+    pass
+
+
+# ---------------------------------------------------------------- worker → API replies
+
+
+class Status(Msg, tag="status"):
+    pid: int
+    state: str
+    load_id: str = ""
+    staged_run_id: int | None = None
+    checksum: str = ""
+
+
+class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
+    """What the staged update looks like; `ok=False` means Apply would refuse it (and why)."""
+
+    ok: bool
+    reason: str = ""
+    update_norm: float = 0.0
+    weight_norm: float = 0.0
+    ratio: float = 0.0
+    n_tensors: int = 0
+
+
+class TrainDone(Msg, tag="train_done"):
+    run_id: int
+    step: int
+    metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    update: UpdateStats = msgspec.field(default_factory=lambda: UpdateStats(ok=False, reason="no update"))
+    ms: float = 0.0
+
+
+class Applied(Msg, tag="applied"):
+    run_id: int
+    checksum: str
+    ms: float
+    checksum_before: str = ""
+
+
+class Refused(Msg, tag="refused"):
+    run_id: int
+    reason: str
+    checksum: str = ""
+
+
+class Discarded(Msg, tag="discarded"):
+    run_id: int
+
+
+class CheckpointDone(Msg, tag="checkpoint_done"):
+    path: str
+    ms: float
+    checksum: str = ""
+    files: list[str] = []
+
+
+class Restored(Msg, tag="restored"):
+    path: str
+    ms: float
+    checksum: str = ""
+
+
+class Bye(Msg, tag="bye"):
+    pass
+
+
+class Error(Msg, tag="error"):
+    """A request failed in the worker; `traceback` is the worker's formatted traceback text."""
+
+    message: str
+    traceback: str = ""
+
+
+Message = (Hello | Heartbeat | Progress | Ping | Train | Apply | Discard | Checkpoint | Restore | Shutdown
+           | Status | TrainDone | Applied | Refused | Discarded | CheckpointDone | Restored | Bye | Error)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes) -> Msg:
+    """Decode one message; raises `msgspec.DecodeError`/`ValidationError` for anything not in `Message`."""
+    return _decoder.decode(data)

@@ -1,0 +1,59 @@
+"""A tiny stand-in for the training worker, for tests/unit/test_control.py.
+
+It speaks the real protocol through the real `Channel` (heartbeat thread included) but does no maths:
+Train stages a fake update, Apply applies it (or refuses a poisoned one), Checkpoint with a path "sleep:<s>"
+sleeps that long first (to test call timeouts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from loop.worker import protocol as p
+from loop.worker.channel import Channel
+
+
+def main() -> None:
+    endpoint, heartbeat_s = sys.argv[1], float(sys.argv[2])
+    ch = Channel(endpoint, heartbeat_s)
+    ch.start()
+    time.sleep(float(os.environ.get("FAKE_WORKER_ATTACH_S", "0")))
+    ch.load_id = "fake-load"
+    ch.state = "idle"
+    ch.send(p.Hello(pid=os.getpid(), load_id="fake-load", model_path="/fake", optimizer="fake"))
+    staged: p.Train | None = None
+    version = 0
+    for msg in ch.messages():
+        if isinstance(msg, p.Train):
+            ch.state, ch.run_id = "training", msg.run_id
+            time.sleep(0.05)
+            ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=0.5))
+            staged = msg
+            ch.state = "idle"
+            ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5},
+                                update=p.UpdateStats(ok=not msg.inject_nan, reason="nan" if msg.inject_nan else "")))
+        elif isinstance(msg, p.Apply):
+            if staged is None or staged.inject_nan:
+                ch.send(p.Refused(req=msg.req, run_id=msg.run_id, reason="non-finite update", checksum=f"v{version}"))
+            else:
+                version += 1
+                ch.send(p.Applied(req=msg.req, run_id=msg.run_id, checksum=f"v{version}", ms=1.0))
+            staged = None
+        elif isinstance(msg, p.Checkpoint):
+            if msg.path.startswith("sleep:"):
+                time.sleep(float(msg.path[6:]))
+            ch.send(p.CheckpointDone(req=msg.req, path=msg.path, ms=0.0))
+        elif isinstance(msg, p.Ping):
+            ch.send(p.Status(req=msg.req, pid=os.getpid(), state=ch.state, checksum=f"v{version}"))
+        elif isinstance(msg, p.Shutdown):
+            ch.send(p.Bye(req=msg.req))
+            ch.close()
+            return
+        else:
+            ch.send(p.Error(req=msg.req, message=f"fake worker cannot do {type(msg).__name__}"))
+
+
+if __name__ == "__main__":
+    main()
