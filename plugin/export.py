@@ -1,0 +1,198 @@
+"""Write the weight-handle file of one vLLM worker: `<runtime_dir>/weights-tp<rank>.json`.
+
+The file lets another process of the same user (the training worker, loop/worker/handles.py) map vLLM's live
+weight memory without a copy. It is plain JSON — readers never unpickle anything — with:
+
+- metadata: format/version, model path, architectures, HF config path, vLLM version, device kind, dtype,
+  tp rank/size, a fresh `load_id` per load, the pid, and the model class's `packed_modules_mapping`;
+- `storages`: every DISTINCT untyped storage once (tied embeddings: `lm_head` and `embed_tokens` share one), with
+  its share handle — CPU: the shared-memory file name and torch_shm_manager socket (file_system sharing);
+  CUDA: the `_share_cuda_()` IPC tuple, byte fields as hex;
+- `params`: per vLLM parameter name (duplicates included, so `lm_head.weight` is listed even when tied) its shape,
+  stride, storage offset (elements), dtype and storage index.
+
+CPU: `UntypedStorage._share_filename_cpu_()` moves each storage into /dev/shm IN PLACE (vLLM's tensors keep
+aliasing it), which must happen before warm-up. We do not take the in-flight reference `reduce_storage` takes (it
+would keep the files alive forever) and we unlink the files at exit, because vLLM's API server kills its workers
+and the files would otherwise outlive the server.
+
+Security: the directory is made 0700 and the file 0600, written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("loop.plugin")
+
+FORMAT = "loop-weight-handles"
+FORMAT_VERSION = 1
+
+_shm_files: list[str] = []
+_handle_files: list[tuple[Path, str]] = []
+_cleanup_registered = False
+
+
+def handle_path(runtime_dir: Path, tp_rank: int) -> Path:
+    return Path(runtime_dir) / f"weights-tp{tp_rank}.json"
+
+
+def export_worker(worker: Any, runtime_dir: Path) -> Path:
+    """Export the handles of a vLLM `Worker` whose model is loaded; returns the file written."""
+    import vllm
+    from vllm.distributed import parallel_state
+
+    cfg = worker.vllm_config
+    model = worker.model_runner.get_model()
+    tp_size = cfg.parallel_config.tensor_parallel_size
+    tp_rank = parallel_state.get_tp_group().rank_in_group if tp_size > 1 else 0
+    model_path = str(cfg.model_config.model)
+    hf_config_path = Path(model_path) / "config.json"
+    meta = {
+        "model_path": model_path,
+        "architectures": list(getattr(cfg.model_config.hf_config, "architectures", None) or []),
+        "hf_config_path": str(hf_config_path) if hf_config_path.is_file() else None,
+        "vllm_version": vllm.__version__,
+        "dtype": _dtype_name(cfg.model_config.dtype),
+        "tp_rank": tp_rank,
+        "tp_size": tp_size,
+        "pp_size": cfg.parallel_config.pipeline_parallel_size,
+        "packed_modules_mapping": {k: list(v) for k, v in getattr(type(model), "packed_modules_mapping", {}).items()},
+    }
+    return export_module(model, runtime_dir, tp_rank=tp_rank, meta=meta)
+
+
+def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0, meta: dict[str, Any] | None = None) -> Path:
+    """Share every parameter of `model` and write the handle file. Also used by tests without vLLM."""
+    runtime_dir = Path(runtime_dir)
+    _private_dir(runtime_dir)
+    storages: list[dict[str, Any]] = []
+    index_of: dict[tuple[str, int], int] = {}  # (device, data_ptr) -> storage index: dedupes tied weights
+    params: list[dict[str, Any]] = []
+    device_kinds: set[str] = set()
+    # Key every parameter by its storage BEFORE sharing anything: sharing a CPU storage moves its data pointer.
+    named = [(name, param.data) for name, param in model.named_parameters(remove_duplicate=False)]
+    keys = [(str(t.device), t.untyped_storage().data_ptr()) for _, t in named]
+    for (name, tensor), key in zip(named, keys):
+        if tensor.is_meta:
+            raise RuntimeError(f"parameter {name} is on the meta device; cannot export it")
+        device_kinds.add(tensor.device.type)
+        if key not in index_of:
+            index_of[key] = len(storages)
+            storages.append(_share_storage(tensor.untyped_storage()))
+        params.append(
+            {
+                "name": name,
+                "shape": list(tensor.shape),
+                "stride": list(tensor.stride()),
+                "offset": tensor.storage_offset(),
+                "dtype": _dtype_name(tensor.dtype),
+                "storage": index_of[key],
+            }
+        )
+    if len(device_kinds) > 1:
+        raise RuntimeError(f"parameters on several device kinds {sorted(device_kinds)}; expected one")
+    load_id = uuid.uuid4().hex
+    doc = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **(meta or {}),
+        "device": device_kinds.pop() if device_kinds else "cpu",
+        "tp_rank": tp_rank,
+        "load_id": load_id,
+        "pid": os.getpid(),
+        "created": time.time(),
+        "storages": storages,
+        "params": params,
+    }
+    doc.setdefault("tp_size", 1)
+    path = handle_path(runtime_dir, tp_rank)
+    _write_private(path, json.dumps(doc, indent=1).encode())
+    _handle_files.append((path, load_id))
+    _register_cleanup()
+    return path
+
+
+def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:
+    nbytes = storage.nbytes()
+    if storage.device.type == "cpu":
+        # Moves the bytes into a /dev/shm file in place: every tensor on this storage now aliases shared memory.
+        manager, filename, size = storage._share_filename_cpu_()
+        name = filename.decode()
+        _shm_files.append(name)
+        return {"nbytes": int(size), "cpu": {"manager": manager.decode(), "filename": name}}
+    if storage.device.type == "cuda":
+        (device, handle, size, offset, rc_handle, rc_offset, event_handle, event_sync) = storage._share_cuda_()
+        return {
+            "nbytes": int(size),
+            "cuda": {
+                "device": int(device),
+                "handle": bytes(handle).hex(),
+                "storage_size_bytes": int(size),
+                "storage_offset_bytes": int(offset),
+                "ref_counter_handle": bytes(rc_handle).hex(),
+                "ref_counter_offset": int(rc_offset),
+                "event_handle": bytes(event_handle).hex() if event_handle is not None else None,
+                "event_sync_required": bool(event_sync),
+            },
+        }
+    raise RuntimeError(f"cannot share weights on device {storage.device}; loop supports cpu and cuda")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cleanup() -> None:
+    """Unlink this process's shared-memory files and its handle files (if no newer load replaced them)."""
+    for name in _shm_files:
+        try:
+            os.unlink("/dev/shm/" + name.lstrip("/"))
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # pragma: no cover - best effort at exit
+            logger.warning("loop plugin: could not remove shared memory %s: %s", name, e)
+    _shm_files.clear()
+    for path, load_id in _handle_files:
+        try:
+            if json.loads(path.read_bytes()).get("load_id") == load_id:
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+    _handle_files.clear()
+
+
+def _register_cleanup() -> None:
+    global _cleanup_registered
+    if not _cleanup_registered:
+        atexit.register(cleanup)
+        _cleanup_registered = True
