@@ -1,0 +1,102 @@
+"""Feedback routes: rate a response, compare two, list ratings and comparisons.
+
+POST /api/ratings is the hot path: it skips the per-request database session and hands the rating to the
+app's `RatingWriter` (group commit; the reply waits for the commit). Idempotency keys come in the body
+(`idempotency_key`) or the `Idempotency-Key` header; a replay gets 200 and the stored object, the same key with
+another body 409.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from loop.api.deps import SessionDep
+from loop.api.errors import Conflict, LoopError, NotFound
+from loop.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, RatingIn, RatingOut, RatingPage, Winner
+from loop.api.state import LoopState
+from loop.feedback import ComparisonInput, Outcome, RatingInput, RatingWriter, write_comparison
+from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
+from loop.feedback.store import THUMB_TO_INT
+
+router = APIRouter(prefix="/api", tags=["feedback"])
+
+IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
+                                          description="Same as the body's idempotency_key.")]
+
+
+def rating_writer(state: LoopState) -> RatingWriter:
+    writer = state.extras.get("rating_writer")
+    if writer is None:
+        writer = state.extras["rating_writer"] = RatingWriter(state.sessions)
+    return writer
+
+
+def _key(body_key: str | None, header_key: str | None) -> str | None:
+    if body_key and header_key and body_key != header_key:
+        raise LoopError(f"the Idempotency-Key header ({header_key!r}) and the body's idempotency_key "
+                        f"({body_key!r}) differ; send one of them", status_code=422, code="idempotency_key_mismatch",
+                        param="idempotency_key")
+    return body_key or header_key
+
+
+def _reply(outcome: Outcome) -> JSONResponse:
+    if outcome.status in (200, 201):
+        return JSONResponse(outcome.body, status_code=outcome.status)
+    if outcome.status == 404:
+        raise NotFound(outcome.error or "not found", code=outcome.code)
+    if outcome.status == 409:
+        raise Conflict(outcome.error or "conflict", code=outcome.code, param="idempotency_key")
+    raise LoopError(outcome.error or "failed", status_code=outcome.status, code=outcome.code)
+
+
+@router.post("/ratings", status_code=201, response_model=RatingOut,
+             responses={200: {"model": RatingOut, "description": "a replay of an idempotency key"}})
+async def create_rating(body: RatingIn, request: Request, idempotency_key: IdemHeader = None) -> JSONResponse:
+    """Rate a response: thumb and/or score 1..10, comment, tags. A rater's new rating supersedes their older."""
+    state: LoopState = request.app.state.loop  # not StateDep: a sync dependency costs a thread hop per request
+    item = RatingInput(response_id=body.response_id, rater=body.rater,
+                       thumb=THUMB_TO_INT[body.thumb] if body.thumb else None, score=body.score,
+                       comment=body.comment, tags=tuple(body.tags),
+                       idempotency_key=_key(body.idempotency_key, idempotency_key))
+    return _reply(await rating_writer(state).submit(item))
+
+
+@router.post("/comparisons", status_code=201, response_model=ComparisonOut,
+             responses={200: {"model": ComparisonOut, "description": "a replay of an idempotency key"}})
+async def create_comparison(body: ComparisonIn, request: Request,
+                            idempotency_key: IdemHeader = None) -> JSONResponse:
+    """Record which of two answers to the same prompt is better: a, b, tie or both_bad."""
+    state: LoopState = request.app.state.loop
+    item = ComparisonInput(body.response_a_id, body.response_b_id, body.winner, body.rater, body.comment,
+                           _key(body.idempotency_key, idempotency_key))
+    return _reply(await run_in_threadpool(write_comparison, state.sessions, item))
+
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+@router.get("/ratings", response_model=RatingPage)
+def get_ratings(s: SessionDep, since: datetime | None = None, until: datetime | None = None,
+                rater: str | None = None, response_id: str | None = None, tag: str | None = None,
+                current_only: bool = False, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+    """All ratings, newest first (history included unless current_only=true)."""
+    items, total = list_ratings(s, FeedbackFilters(since=since, until=until, rater=rater, response_id=response_id,
+                                                   current_only=current_only, tag=tag), limit=limit, offset=offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/comparisons", response_model=ComparisonPage)
+def get_comparisons(s: SessionDep, since: datetime | None = None, until: datetime | None = None,
+                    rater: str | None = None, response_id: str | None = None, winner: Winner | None = None,
+                    current_only: bool = False, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+    """All comparisons, newest first."""
+    items, total = list_comparisons(s, FeedbackFilters(since=since, until=until, rater=rater,
+                                                       response_id=response_id, current_only=current_only,
+                                                       winner=winner), limit=limit, offset=offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}

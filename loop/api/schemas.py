@@ -1,0 +1,171 @@
+"""Pydantic models for the feedback API's request bodies and replies (the shapes in the OpenAPI schema).
+
+Bodies forbid unknown fields, so a typo (`scroe`) is a 422 that names the field instead of a silently ignored
+value. Replies mirror docs/api-contract: times are ISO-8601 UTC strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Thumb = Literal["up", "down"]
+Winner = Literal["a", "b", "tie", "both_bad"]
+
+MAX_TAGS = 32
+MAX_TAG_LEN = 64
+
+
+class RatingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str = Field(min_length=1, max_length=40, description="The loop response id (`resp-…`).")
+    thumb: Thumb | None = None
+    score: int | None = Field(None, ge=1, le=10, description="1 (worst) .. 10 (best).")
+    comment: str | None = Field(None, max_length=10_000)
+    tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
+    rater: str = Field("anonymous", min_length=1, max_length=200)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200,
+                                        description="Retries with the same key return the stored rating.")
+
+    @field_validator("tags")
+    @classmethod
+    def _clean_tags(cls, tags: list[str]) -> list[str]:
+        out: list[str] = []
+        for tag in tags:
+            tag = tag.strip()
+            if not tag or len(tag) > MAX_TAG_LEN:
+                raise ValueError(f"each tag must be 1..{MAX_TAG_LEN} characters after trimming, got {tag!r}")
+            if tag not in out:
+                out.append(tag)
+        return out
+
+    @model_validator(mode="after")
+    def _something_to_say(self) -> "RatingIn":
+        if self.thumb is None and self.score is None and not self.comment and not self.tags:
+            raise ValueError("a rating needs at least one of thumb ('up'/'down'), score (1..10), comment or tags")
+        return self
+
+
+class RatingOut(BaseModel):
+    id: int
+    response_id: str
+    rater: str
+    thumb: Thumb | None
+    score: int | None
+    comment: str | None
+    tags: list[str]
+    is_current: bool
+    created_at: str
+
+
+class ComparisonIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    response_a_id: str = Field(min_length=1, max_length=40)
+    response_b_id: str = Field(min_length=1, max_length=40)
+    winner: Winner
+    rater: str = Field("anonymous", min_length=1, max_length=200)
+    comment: str | None = Field(None, max_length=10_000)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _two_different(self) -> "ComparisonIn":
+        if self.response_a_id == self.response_b_id:
+            raise ValueError(f"response_a_id and response_b_id are both {self.response_a_id!r}; "
+                             "a comparison needs two different responses to the same prompt")
+        return self
+
+
+class ComparisonOut(BaseModel):
+    id: int
+    response_a_id: str
+    response_b_id: str
+    winner: Winner
+    rater: str
+    comment: str | None
+    is_current: bool
+    created_at: str
+
+
+class RatingSummary(BaseModel):
+    thumbs_up: int
+    thumbs_down: int
+    mean_score: float | None
+    count: int
+
+
+class ResponseSummary(BaseModel):
+    id: str
+    created_at: str
+    model: str
+    weight_version: int
+    endpoint: str
+    prompt_preview: str
+    completion: str
+    finish_reason: str | None
+    latency_ms: float
+    completion_tokens: int
+    truncated: bool
+    rating: RatingSummary
+    tags: list[str]
+
+
+class ResponseDetail(ResponseSummary):
+    group_id: str
+    choice_index: int
+    prompt_hash: str
+    request: dict[str, Any]
+    messages: list[Any] | None
+    prompt_text: str | None
+    prompt_token_ids: list[Any] | None
+    completion_token_ids: list[Any] | None
+    completion_logprobs: list[Any] | None
+    prompt_tokens: int
+    ttft_ms: float | None
+    stream: bool
+    error: str | None
+    ratings: list[RatingOut]
+    comparisons: list[ComparisonOut]
+
+
+class ResponsePage(BaseModel):
+    items: list[ResponseSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class RatingPage(BaseModel):
+    items: list[RatingOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ComparisonPage(BaseModel):
+    items: list[ComparisonOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class DayCount(BaseModel):
+    day: str
+    responses: int
+    ratings: int
+    comparisons: int
+
+
+class Stats(BaseModel):
+    responses_total: int
+    ratings_total: int
+    comparisons_total: int
+    by_day: list[DayCount]
+    thumbs: dict[str, int]
+    scores: dict[str, int]
+    pairs_available: int
+    unpaired_available: int
+    untrained_pairs: int
+    untrained_unpaired: int

@@ -1,0 +1,205 @@
+"""Where a rating or a comparison is stored: validation against the database, idempotency, supersession.
+
+Ratings are written in batches (`write_ratings`, called by `writer.RatingWriter`, one transaction per batch:
+group commit) because they are the hot path; comparisons are rarer and written one at a time
+(`write_comparison`). Both follow the same rules:
+- unknown response id → 404 naming it;
+- an idempotency key seen before: the same body → 200 with the stored row, a different body → 409;
+- a rater's new rating of a response (new comparison of a pair) marks their older ones `is_current = False`;
+  history is kept, the latest counts.
+Outcomes are plain values, not exceptions, so one bad item in a batch never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import insert, or_, select, tuple_, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from loop.db.models import Comparison, Rating, Response
+
+log = logging.getLogger("loop.feedback")
+
+THUMB_TO_INT = {"up": 1, "down": -1}
+INT_TO_THUMB = {1: "up", -1: "down"}
+
+
+def iso(dt: datetime | None) -> str | None:
+    """ISO-8601 UTC. SQLite hands datetimes back naive; loop only ever stores UTC, so naive means UTC."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class RatingInput:
+    response_id: str
+    rater: str = "anonymous"
+    thumb: int | None = None  # +1 / -1
+    score: int | None = None
+    comment: str | None = None
+    tags: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+
+    def same_as(self, other: "RatingInput") -> bool:
+        return (self.response_id, self.rater, self.thumb, self.score, self.comment or None, tuple(self.tags)) == \
+               (other.response_id, other.rater, other.thumb, other.score, other.comment or None, tuple(other.tags))
+
+    @classmethod
+    def of_row(cls, r: Rating) -> "RatingInput":
+        return cls(r.response_id, r.rater, r.thumb, r.score, r.comment, tuple(r.tags or ()), r.idempotency_key)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one submitted item: HTTP status, the stored object (as JSON), or an error message."""
+
+    status: int  # 201 created, 200 replay, 404 unknown response, 409 key reused with another body, 422 bad pair
+    body: dict[str, Any] | None = None
+    error: str | None = None
+    code: str | None = None
+
+
+def rating_json(r: Rating) -> dict[str, Any]:
+    return {"id": r.id, "response_id": r.response_id, "rater": r.rater, "thumb": INT_TO_THUMB.get(r.thumb or 0),
+            "score": r.score, "comment": r.comment, "tags": list(r.tags or []), "is_current": bool(r.is_current),
+            "created_at": iso(r.created_at)}
+
+
+def comparison_json(c: Comparison) -> dict[str, Any]:
+    return {"id": c.id, "response_a_id": c.response_a_id, "response_b_id": c.response_b_id, "winner": c.winner,
+            "rater": c.rater, "comment": c.comment, "is_current": bool(c.is_current), "created_at": iso(c.created_at)}
+
+
+def _unknown(response_id: str) -> Outcome:
+    return Outcome(404, error=f"response {response_id!r} not found; use an id from a loop reply "
+                              "(the `id` / `loop_response_id` field or the X-Loop-Response-Id header)",
+                   code="response_not_found")
+
+
+def _key_reused(key: str, kind: str) -> Outcome:
+    return Outcome(409, error=f"idempotency key {key!r} was already used for a different {kind}; "
+                              "send a new key for a new submission", code="idempotency_key_reused")
+
+
+def write_ratings(sessions: sessionmaker[Session], items: list[RatingInput]) -> list[Outcome]:
+    """Store a batch of ratings in one transaction; if the batch fails as a whole, retry item by item."""
+    try:
+        with sessions() as s, s.begin():
+            return _write_batch(s, items)
+    except Exception:  # noqa: BLE001 - e.g. a concurrent writer took a key: isolate the culprit
+        if len(items) == 1:
+            raise
+        log.warning("rating batch of %d failed; retrying one by one", len(items), exc_info=True)
+        out: list[Outcome] = []
+        for item in items:
+            try:
+                with sessions() as s, s.begin():
+                    out.extend(_write_batch(s, [item]))
+            except Exception as exc:  # noqa: BLE001 - report per item
+                out.append(Outcome(500, error=f"storing the rating failed: {exc}", code="storage_error"))
+        return out
+
+
+def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
+    ids = {it.response_id for it in items}
+    existing = set(s.scalars(select(Response.id).where(Response.id.in_(ids))))
+    keys = {it.idempotency_key for it in items if it.idempotency_key}
+    stored = {r.idempotency_key: r for r in s.scalars(select(Rating).where(Rating.idempotency_key.in_(keys)))} \
+        if keys else {}
+    outcomes: list[Outcome | None] = [None] * len(items)
+    new: list[int] = []  # indexes of items to insert
+    first_with_key: dict[str, int] = {}
+    replays: list[tuple[int, int]] = []  # (index, index of the new item it replays)
+    for i, it in enumerate(items):
+        key = it.idempotency_key
+        if key and key in stored:
+            same = RatingInput.of_row(stored[key]).same_as(it)
+            outcomes[i] = Outcome(200, rating_json(stored[key])) if same else _key_reused(key, "rating")
+        elif key and key in first_with_key:  # a retry that arrived in the same batch as the original
+            j = first_with_key[key]
+            if items[j].same_as(it):
+                replays.append((i, j))
+            else:
+                outcomes[i] = _key_reused(key, "rating")
+        elif it.response_id not in existing:
+            outcomes[i] = _unknown(it.response_id)
+        else:
+            if key:
+                first_with_key[key] = i
+            new.append(i)
+    if new:
+        pairs = {(items[i].response_id, items[i].rater) for i in new}
+        s.execute(update(Rating).where(Rating.is_current.is_(True),
+                                       tuple_(Rating.response_id, Rating.rater).in_(list(pairs)))
+                  .values(is_current=False), execution_options={"synchronize_session": False})
+        # Within the batch, the last rating of a (response, rater) is the current one.
+        last: dict[tuple[str, str], int] = {}
+        for i in new:
+            last[(items[i].response_id, items[i].rater)] = i
+        now = datetime.now(timezone.utc)
+        rows = [{"response_id": items[i].response_id, "rater": items[i].rater, "thumb": items[i].thumb,
+                 "score": items[i].score, "comment": items[i].comment, "tags": list(items[i].tags),
+                 "idempotency_key": items[i].idempotency_key, "held_out": False, "created_at": now,
+                 "is_current": last[(items[i].response_id, items[i].rater)] == i} for i in new]
+        result = s.execute(insert(Rating).returning(Rating.id, sort_by_parameter_order=True), rows)
+        for i, row, (new_id,) in zip(new, rows, result.all()):
+            body = {"id": new_id, "response_id": row["response_id"], "rater": row["rater"],
+                    "thumb": INT_TO_THUMB.get(row["thumb"] or 0), "score": row["score"], "comment": row["comment"],
+                    "tags": row["tags"], "is_current": row["is_current"], "created_at": iso(now)}
+            outcomes[i] = Outcome(201, body)
+    for i, j in replays:
+        first = outcomes[j]
+        outcomes[i] = Outcome(200, first.body) if first and first.status == 201 else first
+    return [o if o is not None else Outcome(500, error="internal: no outcome") for o in outcomes]
+
+
+@dataclass(frozen=True)
+class ComparisonInput:
+    response_a_id: str
+    response_b_id: str
+    winner: str
+    rater: str = "anonymous"
+    comment: str | None = None
+    idempotency_key: str | None = None
+
+    def same_as(self, c: Comparison) -> bool:
+        return (self.response_a_id, self.response_b_id, self.winner, self.rater, self.comment or None) == \
+               (c.response_a_id, c.response_b_id, c.winner, c.rater, c.comment or None)
+
+
+def write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
+    with sessions() as s, s.begin():
+        if item.idempotency_key:
+            prior = s.scalar(select(Comparison).where(Comparison.idempotency_key == item.idempotency_key))
+            if prior is not None:
+                return Outcome(200, comparison_json(prior)) if item.same_as(prior) \
+                    else _key_reused(item.idempotency_key, "comparison")
+        found = {r.id: r for r in s.scalars(select(Response).where(
+            Response.id.in_([item.response_a_id, item.response_b_id])))}
+        for rid in (item.response_a_id, item.response_b_id):
+            if rid not in found:
+                return _unknown(rid)
+        a, b = found[item.response_a_id], found[item.response_b_id]
+        if a.prompt_hash != b.prompt_hash:
+            return Outcome(422, error=f"responses {a.id!r} and {b.id!r} answer different prompts; compare two "
+                                      "answers to the same prompt (POST /api/candidates gives such a pair)",
+                           code="different_prompts")
+        # The rater's earlier verdicts on the same pair (either order) no longer count.
+        s.execute(update(Comparison).where(
+            Comparison.is_current.is_(True), Comparison.rater == item.rater,
+            or_((Comparison.response_a_id == a.id) & (Comparison.response_b_id == b.id),
+                (Comparison.response_a_id == b.id) & (Comparison.response_b_id == a.id)))
+            .values(is_current=False), execution_options={"synchronize_session": False})
+        row = Comparison(response_a_id=a.id, response_b_id=b.id, winner=item.winner, rater=item.rater,
+                         comment=item.comment, idempotency_key=item.idempotency_key, is_current=True,
+                         held_out=False, created_at=datetime.now(timezone.utc))
+        s.add(row)
+        s.flush()
+        return Outcome(201, comparison_json(row))

@@ -1,0 +1,230 @@
+"""The one place that turns feedback into training data (export, stats and the scheduler all call this).
+
+Preference pairs (DPO), from two sources:
+1. A/B comparisons (current ones): winner "a" → a chosen, b rejected; "b" the reverse; "tie" and "both_bad"
+   give no pair (nothing to prefer).
+2. Responses to the same prompt (same `prompt_hash`) rated differently. Each response's verdict is built from
+   its current ratings (all raters): the mean score when both responses have scores, otherwise the net thumbs
+   (ups − downs) when both have thumbs; the higher one is chosen, equal verdicts give no pair. Every
+   differently rated pair in a prompt group yields one pair.
+Unpaired examples (KTO), one per current rating: thumb up → label True, down → False; without a thumb the score
+decides: ≥ 7 → True, ≤ 4 → False, 5–6 is skipped (a middling score says too little to push the model either
+way; the thresholds split 1–10 into clear thirds with a neutral band).
+
+Each item carries the ids of the feedback it came from (`rating_ids`, `comparison_ids`), so a training run can
+record them in `run_feedback`; `untrained_only=True` drops items any of whose feedback a run already consumed.
+Held-out feedback (reserved for the eval guard) is left out unless asked for. Order is deterministic:
+comparison pairs by comparison id, then rating pairs by (prompt_hash, chosen id, rejected id); examples by
+rating id.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, select
+from sqlalchemy.orm import Session, aliased
+
+from loop.db.models import Comparison, Rating, Response, RunFeedback
+from loop.feedback.queries import as_utc
+
+POSITIVE_SCORE = 7  # score >= this (without a thumb) → a desirable example
+NEGATIVE_SCORE = 4  # score <= this → undesirable
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model saw before answering: chat messages, or the raw text of a completion request."""
+
+    messages: list[dict[str, Any]] | None
+    text: str | None
+    prompt_hash: str
+
+    @classmethod
+    def of(cls, r: Response) -> "Prompt":
+        return cls(messages=r.messages, text=r.prompt_text, prompt_hash=r.prompt_hash)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: Prompt
+    chosen: str
+    rejected: str
+    chosen_response_id: str
+    rejected_response_id: str
+    source: str  # "comparison" | "ratings"
+    rating_ids: tuple[int, ...] = ()
+    comparison_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: Prompt
+    completion: str
+    label: bool
+    response_id: str
+    rating_ids: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class PairFilters:
+    since: datetime | None = None  # on the feedback's created_at
+    until: datetime | None = None
+    model: str | None = None
+    weight_version: int | None = None
+    rater: str | None = None
+    untrained_only: bool = False
+    include_held_out: bool = False
+
+
+def _consumed(s: Session) -> tuple[set[int], set[int]]:
+    rating_ids: set[int] = set()
+    comparison_ids: set[int] = set()
+    for rid, cid in s.execute(select(RunFeedback.rating_id, RunFeedback.comparison_id)):
+        if rid is not None:
+            rating_ids.add(rid)
+        if cid is not None:
+            comparison_ids.add(cid)
+    return rating_ids, comparison_ids
+
+
+def _response_conds(resp: Any, f: PairFilters) -> list[Any]:
+    conds = []
+    if f.model is not None:
+        conds.append(resp.model == f.model)
+    if f.weight_version is not None:
+        conds.append(resp.weight_version == f.weight_version)
+    return conds
+
+
+def _feedback_conds(table: Any, f: PairFilters) -> list[Any]:
+    conds = [table.is_current.is_(True)]
+    if not f.include_held_out:
+        conds.append(table.held_out.is_(False))
+    if f.since is not None:
+        conds.append(table.created_at >= as_utc(f.since))
+    if f.until is not None:
+        conds.append(table.created_at < as_utc(f.until))
+    if f.rater is not None:
+        conds.append(table.rater == f.rater)
+    return conds
+
+
+def _current_ratings(s: Session, f: PairFilters) -> Iterator[tuple[Rating, Response]]:
+    stmt = (select(Rating, Response).join(Response, Response.id == Rating.response_id)
+            .where(and_(*_feedback_conds(Rating, f), *_response_conds(Response, f))).order_by(Rating.id))
+    for rating, response in s.execute(stmt):
+        yield rating, response
+
+
+def preference_pairs(s: Session, f: PairFilters = PairFilters()) -> Iterator[Pair]:
+    consumed_r, consumed_c = _consumed(s) if f.untrained_only else (set(), set())
+    a, b = aliased(Response), aliased(Response)
+    stmt = (select(Comparison, a, b).join(a, a.id == Comparison.response_a_id).join(b, b.id == Comparison.response_b_id)
+            .where(and_(*_feedback_conds(Comparison, f), Comparison.winner.in_(("a", "b")), *_response_conds(a, f)))
+            .order_by(Comparison.id))
+    for comp, ra, rb in s.execute(stmt):
+        if comp.id in consumed_c:
+            continue
+        chosen, rejected = (ra, rb) if comp.winner == "a" else (rb, ra)
+        yield Pair(Prompt.of(chosen), chosen.completion, rejected.completion, chosen.id, rejected.id,
+                   "comparison", comparison_ids=(comp.id,))
+
+    # Verdict per response from its current ratings; then all strictly ordered pairs within a prompt.
+    by_prompt: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for rating, response in _current_ratings(s, f):
+        v = by_prompt[response.prompt_hash].setdefault(
+            response.id, {"response": response, "scores": [], "net": 0, "thumbs": 0, "rating_ids": []})
+        v["rating_ids"].append(rating.id)
+        if rating.score is not None:
+            v["scores"].append(rating.score)
+        if rating.thumb is not None:
+            v["net"] += rating.thumb
+            v["thumbs"] += 1
+    for prompt_hash in sorted(by_prompt):
+        group = by_prompt[prompt_hash]
+        ids = sorted(group)
+        found: list[Pair] = []
+        for i, x_id in enumerate(ids):
+            for y_id in ids[i + 1:]:
+                x, y = group[x_id], group[y_id]
+                order = _prefer(x, y)
+                if order == 0:
+                    continue
+                win, lose = (x, y) if order > 0 else (y, x)
+                rating_ids = tuple(sorted(win["rating_ids"] + lose["rating_ids"]))
+                if consumed_r.intersection(rating_ids):
+                    continue
+                found.append(Pair(Prompt.of(win["response"]), win["response"].completion,
+                                  lose["response"].completion, win["response"].id, lose["response"].id,
+                                  "ratings", rating_ids=rating_ids))
+        yield from sorted(found, key=lambda p: (p.chosen_response_id, p.rejected_response_id))
+
+
+def _prefer(x: dict[str, Any], y: dict[str, Any]) -> int:
+    """>0: x preferred, <0: y preferred, 0: no preference (equal, or nothing comparable)."""
+    if x["scores"] and y["scores"]:
+        diff = sum(x["scores"]) / len(x["scores"]) - sum(y["scores"]) / len(y["scores"])
+    elif x["thumbs"] and y["thumbs"]:
+        diff = x["net"] - y["net"]
+    else:
+        return 0
+    return (diff > 0) - (diff < 0)
+
+
+def unpaired_examples(s: Session, f: PairFilters = PairFilters()) -> Iterator[Example]:
+    consumed_r, _ = _consumed(s) if f.untrained_only else (set(), set())
+    for rating, response in _current_ratings(s, f):
+        if rating.id in consumed_r:
+            continue
+        label = example_label(rating.thumb, rating.score)
+        if label is None:
+            continue
+        yield Example(Prompt.of(response), response.completion, label, response.id, rating_ids=(rating.id,))
+
+
+def example_label(thumb: int | None, score: int | None) -> bool | None:
+    if thumb is not None:
+        return thumb > 0
+    if score is not None:
+        if score >= POSITIVE_SCORE:
+            return True
+        if score <= NEGATIVE_SCORE:
+            return False
+    return None
+
+
+# --- TRL dataset records (https://huggingface.co/docs/trl/dataset_formats) ---
+# preference: {"prompt", "chosen", "rejected"}; unpaired preference: {"prompt", "completion", "label"}.
+# Conversational: prompt is a list of messages, chosen/rejected/completion a one-message assistant list.
+# Standard: plain strings. A completion-endpoint prompt becomes one user message in conversational form.
+
+def prompt_messages(p: Prompt) -> list[dict[str, Any]]:
+    if p.messages:
+        return [{"role": m.get("role"), "content": m.get("content")} for m in p.messages if isinstance(m, dict)]
+    return [{"role": "user", "content": p.text or ""}]
+
+
+def prompt_string(p: Prompt) -> str:
+    if p.text is not None:
+        return p.text
+    return "\n".join(str(m.get("content") or "") for m in p.messages or [] if isinstance(m, dict))
+
+
+def _answer(text: str, conversational: bool) -> Any:
+    return [{"role": "assistant", "content": text}] if conversational else text
+
+
+def trl_preference(pair: Pair, *, conversational: bool = True) -> dict[str, Any]:
+    prompt = prompt_messages(pair.prompt) if conversational else prompt_string(pair.prompt)
+    return {"prompt": prompt, "chosen": _answer(pair.chosen, conversational),
+            "rejected": _answer(pair.rejected, conversational)}
+
+
+def trl_unpaired(ex: Example, *, conversational: bool = True) -> dict[str, Any]:
+    prompt = prompt_messages(ex.prompt) if conversational else prompt_string(ex.prompt)
+    return {"prompt": prompt, "completion": _answer(ex.completion, conversational), "label": ex.label}

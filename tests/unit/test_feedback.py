@@ -1,0 +1,151 @@
+"""Ratings and comparisons over HTTP on a real database: storage, idempotency, supersession, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from feedback_support import add_response, client, db_url, sessions  # noqa: F401 - fixtures
+from loop.db.models import Comparison, Rating
+
+
+def count(sessions: sessionmaker[Session], table: type) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(table)) or 0)
+
+
+async def test_rating_is_stored_and_returned(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    r = await client.post("/api/ratings", json={"response_id": rid, "thumb": "up", "score": 8, "comment": "good",
+                                                "tags": ["math", " math ", "short"], "rater": "ann"})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["response_id"] == rid and body["thumb"] == "up" and body["score"] == 8
+    assert body["tags"] == ["math", "short"] and body["rater"] == "ann" and body["is_current"] is True
+    assert body["created_at"].endswith("Z")
+    with sessions() as s:
+        row = s.get(Rating, body["id"])
+        assert row is not None and row.thumb == 1 and row.score == 8 and row.comment == "good"
+
+
+async def test_new_rating_supersedes_older_of_same_rater_only(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    first = (await client.post("/api/ratings", json={"response_id": rid, "thumb": "down", "rater": "ann"})).json()
+    other = (await client.post("/api/ratings", json={"response_id": rid, "thumb": "down", "rater": "bob"})).json()
+    second = (await client.post("/api/ratings", json={"response_id": rid, "thumb": "up", "rater": "ann"})).json()
+    with sessions() as s:
+        assert s.get(Rating, first["id"]).is_current is False
+        assert s.get(Rating, other["id"]).is_current is True
+        assert s.get(Rating, second["id"]).is_current is True
+    detail = (await client.get(f"/api/responses/{rid}")).json()
+    assert [x["id"] for x in detail["ratings"]] == [second["id"], other["id"], first["id"]]  # history, newest first
+    assert detail["rating"] == {"thumbs_up": 1, "thumbs_down": 1, "mean_score": None, "count": 2}
+
+
+async def test_idempotent_retry_gives_one_row(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    body = {"response_id": rid, "score": 3, "idempotency_key": "k-1"}
+    a = await client.post("/api/ratings", json=body)
+    b = await client.post("/api/ratings", json=body)
+    c = await client.post("/api/ratings", json={"response_id": rid, "score": 3}, headers={"Idempotency-Key": "k-1"})
+    assert (a.status_code, b.status_code, c.status_code) == (201, 200, 200)
+    assert a.json() == b.json() == c.json()
+    assert count(sessions, Rating) == 1
+
+
+async def test_concurrent_retries_in_one_batch_give_one_row(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    body = {"response_id": rid, "thumb": "up", "idempotency_key": "same"}
+    replies = await asyncio.gather(*(client.post("/api/ratings", json=body) for _ in range(20)))
+    assert sorted(r.status_code for r in replies) == [200] * 19 + [201]
+    assert len({r.json()["id"] for r in replies}) == 1
+    assert count(sessions, Rating) == 1
+
+
+async def test_same_key_different_body_is_409(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    assert (await client.post("/api/ratings", json={"response_id": rid, "score": 3,
+                                                    "idempotency_key": "k"})).status_code == 201
+    r = await client.post("/api/ratings", json={"response_id": rid, "score": 4, "idempotency_key": "k"})
+    assert r.status_code == 409 and "idempotency key 'k'" in r.json()["error"]["message"]
+    assert count(sessions, Rating) == 1
+
+
+async def test_bad_ratings_are_4xx_that_say_what_to_fix(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    r = await client.post("/api/ratings", json={"response_id": "resp-nope", "thumb": "up"})
+    assert r.status_code == 404 and "resp-nope" in r.json()["error"]["message"]
+    for bad, word in (({"score": 0}, "score"), ({"score": 11}, "score"), ({"thumb": "sideways"}, "thumb"),
+                      ({}, "at least one of"), ({"thumb": "up", "scroe": 3}, "scroe"), ({"tags": [""]}, "tag")):
+        r = await client.post("/api/ratings", json={"response_id": rid, **bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert word in r.json()["error"]["message"], r.json()
+    r = await client.post("/api/ratings", content=b'{"response_id": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    r = await client.post("/api/ratings", json={"response_id": rid, "thumb": "up", "idempotency_key": "a"},
+                          headers={"Idempotency-Key": "b"})
+    assert r.status_code == 422 and "differ" in r.json()["error"]["message"]
+    assert count(sessions, Rating) == 0
+
+
+async def test_batch_with_one_unknown_id_stores_the_others(client: httpx.AsyncClient, sessions) -> None:
+    ids = [add_response(sessions) for _ in range(5)]
+    bodies = [{"response_id": i, "thumb": "up"} for i in ids] + [{"response_id": "resp-missing", "thumb": "up"}]
+    replies = await asyncio.gather(*(client.post("/api/ratings", json=b) for b in bodies))
+    assert [r.status_code for r in replies] == [201] * 5 + [404]
+    assert count(sessions, Rating) == 5
+
+
+async def test_comparison_stored_and_superseded(client: httpx.AsyncClient, sessions) -> None:
+    a, b = add_response(sessions, completion="4"), add_response(sessions, completion="5")
+    r1 = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "b",
+                                                     "rater": "ann"})
+    assert r1.status_code == 201, r1.text
+    assert r1.json()["winner"] == "b" and r1.json()["is_current"] is True
+    r2 = await client.post("/api/comparisons", json={"response_a_id": b, "response_b_id": a, "winner": "b",
+                                                     "rater": "ann", "idempotency_key": "c1"})
+    assert r2.status_code == 201
+    again = await client.post("/api/comparisons", json={"response_a_id": b, "response_b_id": a, "winner": "b",
+                                                        "rater": "ann", "idempotency_key": "c1"})
+    assert again.status_code == 200 and again.json()["id"] == r2.json()["id"]
+    clash = await client.post("/api/comparisons", json={"response_a_id": b, "response_b_id": a, "winner": "tie",
+                                                        "rater": "ann", "idempotency_key": "c1"})
+    assert clash.status_code == 409
+    with sessions() as s:
+        assert s.get(Comparison, r1.json()["id"]).is_current is False
+        assert s.get(Comparison, r2.json()["id"]).is_current is True
+    listed = (await client.get("/api/comparisons", params={"current_only": "true"})).json()
+    assert listed["total"] == 1 and listed["items"][0]["id"] == r2.json()["id"]
+
+
+async def test_bad_comparisons(client: httpx.AsyncClient, sessions) -> None:
+    a = add_response(sessions, prompt="one")
+    other_prompt = add_response(sessions, prompt="two")
+    r = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": other_prompt,
+                                                    "winner": "a"})
+    assert r.status_code == 422 and "different prompts" in r.json()["error"]["message"]
+    r = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": a, "winner": "a"})
+    assert r.status_code == 422 and "two different responses" in r.json()["error"]["message"]
+    r = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": "resp-x", "winner": "a"})
+    assert r.status_code == 404 and "resp-x" in r.json()["error"]["message"]
+    r = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": other_prompt,
+                                                    "winner": "c"})
+    assert r.status_code == 422 and "winner" in r.json()["error"]["message"]
+    assert count(sessions, Comparison) == 0
+
+
+async def test_list_ratings_filters_and_pages(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    for i in range(5):
+        await client.post("/api/ratings", json={"response_id": rid, "score": i + 1, "rater": f"r{i % 2}",
+                                                "tags": ["odd" if i % 2 else "even"]})
+    page = (await client.get("/api/ratings", params={"limit": 2, "offset": 1})).json()
+    assert page["total"] == 5 and [x["score"] for x in page["items"]] == [4, 3]
+    assert (await client.get("/api/ratings", params={"rater": "r1"})).json()["total"] == 2
+    assert (await client.get("/api/ratings", params={"tag": "even"})).json()["total"] == 3
+    current = (await client.get("/api/ratings", params={"current_only": "true"})).json()
+    assert sorted(x["score"] for x in current["items"]) == [4, 5]
+    assert (await client.get("/api/ratings", params={"limit": 0})).status_code == 422
