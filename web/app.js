@@ -1,0 +1,121 @@
+/**
+ * app.js — the shell: hash routing between the four views, the error banner, the health pill.
+ *
+ * Views are modules exporting `mount(main, params) → cleanup?`. The shell mounts one at a time and calls its
+ * cleanup on leave (timers, key handlers, charts). Routes: #/chat, #/compare, #/history[?filters],
+ * #/history/<response id>, #/training. Run locally: `loop serve`, then open http://127.0.0.1:8000/.
+ */
+
+import {servedModel} from "./js/api.js";
+import * as chat from "./js/chat.js";
+import * as compare from "./js/compare.js";
+import * as historyView from "./js/history.js";
+import * as training from "./js/training.js";
+
+const VIEWS = {chat, compare, history: historyView, training};
+const TITLES = {chat: "Chat", compare: "Compare", history: "History", training: "Training"};
+
+const main = document.getElementById("main");
+let cleanup = null;
+let currentKey = "";
+
+// ---------------------------------------------------------------- banner
+
+const banner = document.getElementById("banner");
+const bannerText = banner.querySelector(".banner-text");
+const bannerRetry = document.getElementById("banner-retry");
+let retryAction = null;
+
+/**
+ * Show an error plainly. `retry` (optional) is re-run by the Retry button; the caller keeps the user's input,
+ * so retrying never loses what they typed.
+ */
+function showError(message, {retry = null} = {}) {
+  bannerText.textContent = message;
+  retryAction = retry;
+  bannerRetry.hidden = !retry;
+  banner.hidden = false;
+}
+
+function clearError() {
+  banner.hidden = true;
+  bannerText.textContent = "";
+  retryAction = null;
+}
+
+bannerRetry.addEventListener("click", () => {
+  const action = retryAction;
+  clearError();
+  if (action) action();
+});
+document.getElementById("banner-close").addEventListener("click", clearError);
+
+// ---------------------------------------------------------------- routing
+
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, "");
+  const [pathPart, query = ""] = raw.split("?");
+  const parts = pathPart.split("/").filter(Boolean).map(decodeURIComponent);
+  const name = VIEWS[parts[0]] ? parts[0] : "chat";
+  return {name, parts: parts.slice(1), query: new URLSearchParams(query)};
+}
+
+function route() {
+  const {name, parts, query} = parseHash();
+  const key = `${name}/${parts.join("/")}?${query.toString()}`;
+  if (key === currentKey) return;
+  const sameView = currentKey.split("/")[0] === name;
+  currentKey = key;
+  // A view may handle its own sub-route changes (history filters/detail) without a full remount.
+  const view = VIEWS[name];
+  if (sameView && cleanup && typeof cleanup.update === "function") {
+    cleanup.update({parts, query});
+    return;
+  }
+  if (cleanup) (cleanup.dispose || cleanup)();
+  cleanup = null;
+  clearError();
+  main.replaceChildren();
+  document.title = `${TITLES[name]} · loop`;
+  for (const link of document.querySelectorAll("nav a[data-view]")) {
+    if (link.dataset.view === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  cleanup = view.mount(main, {parts, query, showError, clearError, refreshHealth: pollHealth}) || null;
+}
+
+window.addEventListener("hashchange", route);
+
+// ---------------------------------------------------------------- health
+
+const health = document.getElementById("health");
+const healthText = health.querySelector(".health-text");
+
+async function pollHealth() {
+  try {
+    const h = await fetch("/health", {headers: {Accept: "application/json"}}).then((r) => r.json());
+    const vllmState = (h.vllm && h.vllm.state) || "unknown";
+    const version = h.weight_version ?? "?";
+    health.dataset.state = h.status === "ok" ? "ok" : "degraded";
+    healthText.textContent = h.status === "ok" ? `ready · weights v${version}` : `vLLM ${vllmState} · v${version}`;
+    health.title = `API ${h.api || "?"}, vLLM ${vllmState}, database ${h.database || "?"}`;
+  } catch {
+    health.dataset.state = "down";
+    healthText.textContent = "unreachable";
+  }
+}
+
+async function showModel() {
+  try {
+    const name = await servedModel();
+    if (name) document.getElementById("model-name").textContent = name;
+  } catch {
+    setTimeout(showModel, 5000); // vLLM still loading: try again shortly
+  }
+}
+
+if (!location.hash) history.replaceState(null, "", "#/chat");
+route();
+pollHealth();
+setInterval(pollHealth, 10000);
+showModel();

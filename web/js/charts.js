@@ -1,0 +1,73 @@
+/**
+ * charts.js — per-step training charts on top of the vendored uPlot (global `uPlot`, see web/vendor/uplot).
+ *
+ * `metricSeries(history)` turns a run's `history` (a list of per-step records, or columns of arrays) into
+ * {steps, metrics: [[name, values]]}, picking loss, reward accuracy and margin first, then any other numeric
+ * field, so a new metric in the worker shows up without a UI change. `runChart(el, ...)` draws one of them.
+ */
+
+const PREFERRED = [/^loss$/, /loss/, /acc/, /margin/, /reward/, /kl/];
+const SKIP = new Set(["step", "time", "timestamp", "created_at", "t", "run_id", "elapsed_s"]);
+
+function toRows(history) {
+  if (Array.isArray(history)) return history.filter((r) => r && typeof r === "object");
+  if (history && typeof history === "object") {
+    // Columnar: {step: [...], loss: [...]} → rows.
+    const keys = Object.keys(history).filter((k) => Array.isArray(history[k]));
+    const n = Math.max(0, ...keys.map((k) => history[k].length));
+    return Array.from({length: n}, (_, i) => Object.fromEntries(keys.map((k) => [k, history[k][i]])));
+  }
+  return [];
+}
+
+function flatten(row) {
+  // Metrics may be nested one level ({step, metrics: {loss, ...}}).
+  const out = {...row};
+  for (const [k, v] of Object.entries(row)) {
+    if (v && typeof v === "object" && !Array.isArray(v)) {
+      Object.assign(out, v);
+      delete out[k];
+    }
+  }
+  return out;
+}
+
+export function metricSeries(history) {
+  const rows = toRows(history).map(flatten);
+  const steps = rows.map((r, i) => (typeof r.step === "number" ? r.step : i + 1));
+  const names = new Set();
+  for (const r of rows) for (const [k, v] of Object.entries(r)) if (!SKIP.has(k) && typeof v === "number") names.add(k);
+  const rank = (name) => {
+    const i = PREFERRED.findIndex((re) => re.test(name));
+    return i < 0 ? PREFERRED.length : i;
+  };
+  const ordered = [...names].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b)).slice(0, 6);
+  return {steps, metrics: ordered.map((name) => [name, rows.map((r) => (typeof r[name] === "number" ? r[name] : null))])};
+}
+
+const COLORS = ["#3b6fd8", "#2f9e6e", "#c0793a", "#8a5cc7", "#c04a6a", "#4a8fa0"];
+let colorIndex = 0;
+
+/** Draw one metric against step into `el`; returns an object with fit() and destroy(). */
+export function runChart(el, name, steps, values) {
+  const color = COLORS[colorIndex++ % COLORS.length];
+  if (typeof window.uPlot !== "function") {
+    el.append(document.createTextNode(`Chart library missing; last ${name}: ${values[values.length - 1]}`));
+    return {fit() {}, destroy() {}};
+  }
+  const width = () => Math.max(240, Math.min(el.clientWidth || 320, 900) - 8);
+  const plot = new window.uPlot({
+    width: width(),
+    height: 180,
+    legend: {show: true},
+    cursor: {drag: {x: false, y: false}},
+    scales: {x: {time: false}},
+    axes: [{label: "step", stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}},
+      {stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}, size: 56}],
+    series: [{label: "step"}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
+  }, [steps, values], el);
+  return {
+    fit() { plot.setSize({width: width(), height: 180}); },
+    destroy() { plot.destroy(); },
+  };
+}

@@ -1,0 +1,139 @@
+/**
+ * rating.js — the inline rating widget (thumbs, 1–10 score, comment, tags) used under chat answers and in the
+ * history detail view.
+ *
+ * Every save sends the widget's whole current state (a rater's newer rating supersedes the older one on the
+ * server, so partial saves would drop fields). Each distinct payload gets one idempotency key, reused when the
+ * same payload is sent again (retry after a network error, double click): the server stores it once.
+ * Thumbs save at once; score, comment and tags save with the Save button (or Enter in a text field).
+ */
+
+import {api, newKey, raterName} from "./api.js";
+import {h, setStatus, statusLine, uid} from "./dom.js";
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/** A thumb icon drawn for this project (thumb up; `down` flips it). */
+function thumbIcon(down) {
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("width", "18");
+  svg.setAttribute("height", "18");
+  svg.setAttribute("aria-hidden", "true");
+  svg.setAttribute("focusable", "false");
+  const path = document.createElementNS(SVG, "path");
+  path.setAttribute("d", "M3 10h4v11H3zM7 10l4-7c1.6 0 2.6 1.1 2.6 2.6V9h5.2a2 2 0 0 1 2 2.3l-1.3 7.6a2 2 0 0 1-2 1.6H7");
+  path.setAttribute("fill", "none");
+  path.setAttribute("stroke", "currentColor");
+  path.setAttribute("stroke-width", "1.8");
+  path.setAttribute("stroke-linejoin", "round");
+  svg.append(path);
+  if (down) svg.style.transform = "rotate(180deg)";
+  return svg;
+}
+
+/** Parse "a, b ,c" into ["a","b","c"] (trimmed, unique, no empties). */
+export function parseTags(text) {
+  return [...new Set((text || "").split(",").map((t) => t.trim()).filter(Boolean))];
+}
+
+/**
+ * Build the widget for one response. opts.showError(message, {retry}) shows the banner; opts.onSaved(rating)
+ * is told about each stored rating; opts.initial may carry {thumb, score, comment, tags} to start from.
+ */
+export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}) {
+  const state = {thumb: initial.thumb ?? null, score: initial.score ?? null};
+  let lastPayload = "";
+  let lastKey = "";
+  let busy = false;
+
+  const up = h("button", {type: "button", class: "btn icon thumb up", "aria-label": "Thumbs up", "aria-pressed": "false",
+    title: "Good answer", onclick: () => toggleThumb("up")}, thumbIcon(false));
+  const down = h("button", {type: "button", class: "btn icon thumb down", "aria-label": "Thumbs down",
+    "aria-pressed": "false", title: "Bad answer", onclick: () => toggleThumb("down")}, thumbIcon(true));
+
+  const score = h("select", {class: "score", "aria-label": "Score from 1 to 10"},
+    h("option", {value: "", text: "Score"}),
+    Array.from({length: 10}, (_, i) => h("option", {value: String(i + 1), text: `${i + 1} / 10`})));
+  if (state.score) score.value = String(state.score);
+
+  const commentId = uid("comment");
+  const tagsId = uid("tags");
+  const comment = h("input", {id: commentId, type: "text", class: "comment", placeholder: "What was good or bad?",
+    maxlength: "4000", value: initial.comment || "", onkeydown: enterSaves});
+  const tags = h("input", {id: tagsId, type: "text", class: "tags", placeholder: "e.g. factual, too long",
+    value: (initial.tags || []).join(", "), onkeydown: enterSaves});
+  const save = h("button", {type: "button", class: "btn small", text: "Save rating", onclick: () => submit()});
+  const status = statusLine("status rating-status");
+
+  const details = h("details", {class: "rate-more"},
+    h("summary", {text: "Comment & tags"}),
+    h("div", {class: "rate-fields"},
+      h("div", {class: "field"}, h("label", {for: commentId, text: "Comment"}), comment),
+      h("div", {class: "field"}, h("label", {for: tagsId, text: "Tags (comma-separated)"}), tags)));
+
+  const root = h("div", {class: "rating", role: "group", "aria-label": "Rate this answer"},
+    h("div", {class: "rate-row"}, up, down, score, save, status), details);
+  paint();
+
+  function enterSaves(event) {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      submit();
+    }
+  }
+
+  function paint() {
+    up.setAttribute("aria-pressed", String(state.thumb === "up"));
+    down.setAttribute("aria-pressed", String(state.thumb === "down"));
+  }
+
+  function toggleThumb(which) {
+    state.thumb = state.thumb === which ? null : which;
+    paint();
+    submit({fromThumb: true});
+  }
+
+  function payload() {
+    const scoreValue = score.value ? Number(score.value) : null;
+    const body = {response_id: responseId, thumb: state.thumb, score: scoreValue, rater: raterName()};
+    const text = comment.value.trim();
+    if (text) body.comment = text;
+    const tagList = parseTags(tags.value);
+    if (tagList.length) body.tags = tagList;
+    return body;
+  }
+
+  async function submit({fromThumb = false} = {}) {
+    if (busy) return;
+    const body = payload();
+    if (!body.thumb && body.score === null && !body.comment && !body.tags) {
+      // Un-pressing the only thumb leaves nothing to store; the server needs at least one field.
+      setStatus(status, fromThumb ? "" : "Pick a thumb or a score, or write a comment first.", fromThumb ? "" : "error");
+      return;
+    }
+    const text = JSON.stringify(body);
+    if (text !== lastPayload) {
+      lastPayload = text;
+      lastKey = newKey();
+    }
+    busy = true;
+    save.disabled = true;
+    setStatus(status, "Saving…", "busy");
+    try {
+      const rating = await api("/api/ratings", {method: "POST", body: {...body, idempotency_key: lastKey},
+        headers: {"Idempotency-Key": lastKey}});
+      setStatus(status, "Saved", "ok");
+      root.dataset.saved = "true";
+      if (onSaved) onSaved(rating);
+    } catch (err) {
+      setStatus(status, "Not saved", "error");
+      if (showError) showError(`Your rating was not saved: ${err.message}`, {retry: () => submit()});
+    } finally {
+      busy = false;
+      save.disabled = false;
+    }
+  }
+
+  return root;
+}

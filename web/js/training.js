@@ -1,0 +1,275 @@
+/**
+ * training.js — the Training view: watch the model learn and steer it.
+ *
+ * Shows the trainer's live status (GET /api/train/status), the feedback waiting to be learned (GET /api/stats),
+ * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
+ * vendored in web/vendor/uplot), and the weight-version timeline with eval figures, checkpoint and restore.
+ * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
+ * "… not available" in its card; the rest of the page keeps working. Cards refresh every few seconds while open.
+ */
+
+import {adminToken, api, isMissingRoute, setAdminToken} from "./api.js";
+import {empty, field, fmtNum, fmtTime, h, kvList, replace, setStatus, statusLine} from "./dom.js";
+import {metricSeries, runChart} from "./charts.js";
+
+export function mount(main, {showError, clearError, refreshHealth}) {
+  const timers = [];
+  const charts = [];
+  let selectedRun = null;
+  let disposed = false;
+
+  // --- admin token
+  const tokenInput = h("input", {id: "admin-token", type: "password", autocomplete: "off", value: adminToken(),
+    placeholder: "LOOP_ADMIN_TOKEN or data_dir/admin_token"});
+  const tokenStatus = statusLine();
+  const tokenForm = h("form", {class: "token-form", onsubmit: (e) => {
+    e.preventDefault();
+    setAdminToken(tokenInput.value.trim());
+    setStatus(tokenStatus, tokenInput.value.trim() ? "Token kept for this tab only." : "Token cleared.", "ok");
+  }},
+  field("Admin token", tokenInput, "Needed for pause/resume, training, checkpoints and restore. Kept in this tab only."),
+  h("div", {class: "form-actions"},
+    h("button", {type: "submit", class: "btn", text: "Use token"}),
+    h("button", {type: "button", class: "btn ghost", text: "Forget", onclick: () => {
+      tokenInput.value = "";
+      setAdminToken("");
+      setStatus(tokenStatus, "Token cleared.", "ok");
+    }})),
+  tokenStatus);
+
+  // --- cards
+  const statusBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const statsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const schedBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const runsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const chartBody = h("div", {class: "card-body charts"});
+  const versionsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const actionStatus = statusLine();
+
+  const steps = h("input", {type: "number", min: "1", max: "1000", placeholder: "default"});
+  const objective = h("select", {}, [["", "automatic"], ["dpo", "DPO (pairs)"], ["kto", "KTO (thumbs)"]]
+    .map(([v, t]) => h("option", {value: v, text: t})));
+  const trainForm = h("form", {class: "train-form", onsubmit: (e) => { e.preventDefault(); trainNow(); }},
+    h("div", {class: "grid-fields"}, field("Steps", steps), field("Objective", objective)),
+    h("button", {type: "submit", class: "btn primary", text: "Train on new feedback"}));
+
+  const dialog = confirmDialog();
+  const card = (title, id, ...content) => h("section", {class: "card", "aria-labelledby": id},
+    h("h2", {id, text: title}), ...content);
+
+  main.append(h("section", {class: "view training", "aria-labelledby": "training-title"},
+    h("div", {class: "view-head"}, h("h1", {id: "training-title", text: "Training"})),
+    h("details", {class: "options", open: !adminToken()}, h("summary", {text: "Admin token"}), tokenForm),
+    h("div", {class: "cards"},
+      card("Trainer", "c-status", statusBody, trainForm, actionStatus),
+      card("Feedback", "c-stats", statsBody),
+      card("Scheduler", "c-sched", schedBody)),
+    card("Runs", "c-runs", runsBody, chartBody),
+    card("Weight versions", "c-versions",
+      h("div", {class: "form-actions"}, h("button", {type: "button", class: "btn", text: "Checkpoint now", onclick: checkpoint})),
+      versionsBody),
+    dialog.el));
+
+  // --- loaders; each card fails on its own
+  async function load(body, path, render, name) {
+    try {
+      const data = await api(path);
+      if (!disposed) render(data);
+    } catch (err) {
+      if (disposed) return;
+      if (isMissingRoute(err)) replace(body, empty(`${name} not available on this server.`));
+      else replace(body, h("p", {class: "error-text", text: `${name}: ${err.message}`}));
+    }
+  }
+
+  const loadStatus = () => load(statusBody, "/api/train/status", renderStatus, "Train status");
+  const loadStats = () => load(statsBody, "/api/stats", renderStats, "Feedback stats");
+  const loadSched = () => load(schedBody, "/api/scheduler", renderSched, "Scheduler");
+  const loadRuns = () => load(runsBody, "/api/runs", renderRuns, "Runs");
+  const loadVersions = () => load(versionsBody, "/api/versions", renderVersions, "Versions");
+
+  function renderStatus(s) {
+    const losses = Array.isArray(s.losses) ? s.losses : [];
+    replace(statusBody,
+      h("p", {class: "state-line"}, h("span", {class: `state state-${s.state}`, text: s.state || "unknown"}),
+        s.run_id !== null && s.run_id !== undefined ? h("span", {class: "muted", text: ` run ${s.run_id}, step ${s.step ?? 0}`}) : null),
+      kvList([
+        ["Live weights", `v${s.weight_version ?? "?"}`],
+        ["Last loss", losses.length ? fmtNum(losses[losses.length - 1], 4) : "—"],
+        ...Object.entries(s.metrics || {}).slice(0, 6).map(([k, v]) => [k, fmtNum(v, 4)]),
+      ]),
+      s.last_error ? h("p", {class: "error-text", text: `Last error: ${s.last_error}`}) : null);
+  }
+
+  function renderStats(s) {
+    replace(statsBody, kvList([
+      ["Responses", fmtNum(s.responses_total)],
+      ["Ratings", fmtNum(s.ratings_total)],
+      ["Comparisons", fmtNum(s.comparisons_total)],
+      ["Pairs not yet trained", `${fmtNum(s.untrained_pairs)} of ${fmtNum(s.pairs_available)}`],
+      ["Thumbs not yet trained", `${fmtNum(s.untrained_unpaired)} of ${fmtNum(s.unpaired_available)}`],
+    ]));
+  }
+
+  function renderSched(s) {
+    const paused = Boolean(s.paused) || s.state === "paused";
+    const pairs = Object.entries(s).filter(([, v]) => v === null || ["string", "number", "boolean"].includes(typeof v))
+      .slice(0, 10).map(([k, v]) => [k.replace(/_/g, " "), typeof v === "string" && /\d{4}-\d\d-\d\dT/.test(v) ? fmtTime(v) : fmtNum(v)]);
+    replace(schedBody, kvList(pairs),
+      h("div", {class: "form-actions"},
+        h("button", {type: "button", class: "btn", text: paused ? "Resume" : "Pause",
+          onclick: () => admin(`/api/scheduler/${paused ? "resume" : "pause"}`, {}, paused ? "Scheduler resumed." : "Scheduler paused.", loadSched)})));
+  }
+
+  function renderRuns(data) {
+    const runs = Array.isArray(data) ? data : (data.items || []);
+    if (!runs.length) {
+      replace(runsBody, empty("No training runs yet. Rate some answers, then train (or let the scheduler do it)."));
+      replace(chartBody);
+      return;
+    }
+    const rows = runs.map((r) => {
+      const id = r.id ?? r.run_id;
+      const select = h("button", {type: "button", class: "btn small ghost", text: `Run ${id}`,
+        "aria-pressed": String(String(id) === String(selectedRun)), onclick: () => { selectedRun = id; renderRuns(data); }});
+      const m = r.metrics || {};
+      return h("tr", {dataset: {runId: String(id)}},
+        h("td", {}, select),
+        h("td", {text: r.status || r.state || "—"}),
+        h("td", {text: r.objective || "—"}),
+        h("td", {text: fmtTime(r.started_at || r.created_at)}),
+        h("td", {text: `${r.version_before ?? "?"} → ${r.version_after ?? "…"}`}),
+        h("td", {text: fmtNum(m.loss ?? r.loss, 4)}));
+    });
+    replace(runsBody, h("div", {class: "table-wrap"}, h("table", {class: "runs"},
+      h("thead", {}, h("tr", {}, ["Run", "Status", "Objective", "Started", "Weights", "Loss"].map((t) => h("th", {scope: "col", text: t})))),
+      h("tbody", {}, rows))));
+    if (selectedRun === null) selectedRun = runs[0].id ?? runs[0].run_id;
+    loadRunChart(selectedRun);
+  }
+
+  let chartKey = "";
+  async function loadRunChart(id) {
+    try {
+      const run = await api(`/api/runs/${encodeURIComponent(id)}`);
+      if (disposed) return;
+      const series = metricSeries(run.history || []);
+      const key = JSON.stringify([id, series.steps.length, series.steps[series.steps.length - 1]]);
+      if (key === chartKey) return; // nothing new: keep the charts (and the reader's hover) as they are
+      chartKey = key;
+      for (const c of charts.splice(0)) c.destroy();
+      if (!series.steps.length) {
+        replace(chartBody, empty(`Run ${id} has no steps recorded yet.`));
+        return;
+      }
+      replace(chartBody, h("h3", {text: `Run ${id}, per step`}));
+      for (const [name, values] of series.metrics) {
+        const box = h("figure", {class: "chart", dataset: {metric: name}}, h("figcaption", {text: name}));
+        chartBody.append(box);
+        charts.push(runChart(box, name, series.steps, values));
+      }
+    } catch (err) {
+      if (!disposed) replace(chartBody, h("p", {class: "error-text", text: `Run ${id}: ${err.message}`}));
+    }
+  }
+
+  function renderVersions(data) {
+    const items = [...(data.items || [])].sort((a, b) => b.version - a.version);
+    if (!items.length) {
+      replace(versionsBody, empty("No weight versions recorded."));
+      return;
+    }
+    replace(versionsBody, h("ol", {class: "timeline"}, items.map((v) => {
+      const live = v.version === data.live;
+      const evalPairs = Object.entries(v.eval || {});
+      return h("li", {class: `tl-item${live ? " live" : ""}`, dataset: {version: String(v.version)}},
+        h("div", {class: "tl-head"},
+          h("strong", {text: `v${v.version}`}),
+          live ? h("span", {class: "badge up", text: "live"}) : null,
+          h("span", {class: "badge", text: v.kind || "?"}),
+          v.status && v.status !== "live" ? h("span", {class: "badge muted", text: v.status}) : null,
+          h("time", {class: "muted", datetime: v.created_at, text: fmtTime(v.created_at)})),
+        h("div", {class: "tl-meta muted"},
+          v.parent_version !== null && v.parent_version !== undefined ? `from v${v.parent_version}` : "",
+          v.run_id !== null && v.run_id !== undefined ? ` · run ${v.run_id}` : "",
+          v.note ? ` · ${v.note}` : ""),
+        evalPairs.length ? h("div", {class: "evals"}, evalPairs.map(([k, val]) => h("span", {class: "chip", text: `${k}: ${fmtNum(val, 4)}`}))) : null,
+        v.checkpoint_path && !live ? h("button", {type: "button", class: "btn small", text: `Restore v${v.version}`,
+          onclick: () => restore(v.version)}) : null,
+        v.checkpoint_path ? h("small", {class: "muted path", text: v.checkpoint_path}) : null);
+    })));
+  }
+
+  // --- admin actions
+  async function admin(path, body, okText, after) {
+    clearError();
+    setStatus(actionStatus, "Working…", "busy");
+    try {
+      const result = await api(path, {method: "POST", body, admin: true});
+      setStatus(actionStatus, typeof okText === "function" ? okText(result) : okText, "ok");
+      if (after) await after();
+      return result;
+    } catch (err) {
+      setStatus(actionStatus, "");
+      const hint = err.status === 401 || err.status === 403 ? " Enter the admin token at the top of this page." : "";
+      showError(isMissingRoute(err) ? `${path} is not available on this server.` : `${err.message}${hint}`,
+        {retry: () => admin(path, body, okText, after)});
+      return null;
+    }
+  }
+
+  function trainNow() {
+    const body = {};
+    if (steps.value) body.steps = Number(steps.value);
+    if (objective.value) body.objective = objective.value;
+    admin("/api/train", body, (r) => `Run ${r.run_id} started.`, async () => { selectedRun = null; await Promise.all([loadStatus(), loadRuns()]); });
+  }
+
+  async function checkpoint() {
+    if (!(await dialog.ask("Write a checkpoint of the live weights now?", "Checkpoint"))) return;
+    admin("/api/checkpoint", {}, (r) => `Checkpoint v${r.version} written.`, loadVersions);
+  }
+
+  async function restore(version) {
+    const ok = await dialog.ask(`Restore weights v${version}? The live model is replaced in place; ` +
+      "answers after this come from the restored weights (a new version number records it).", `Restore v${version}`);
+    if (!ok) return;
+    admin(`/api/versions/${version}/restore`, {}, (r) => `Restored v${r.restored_from} as v${r.version}.`,
+      async () => { await loadVersions(); refreshHealth(); });
+  }
+
+  const refreshAll = () => Promise.all([loadStatus(), loadStats(), loadSched(), loadRuns(), loadVersions()]);
+  refreshAll();
+  timers.push(setInterval(() => { loadStatus(); loadSched(); }, 3000));
+  timers.push(setInterval(() => { loadStats(); loadRuns(); loadVersions(); }, 10000));
+  const onResize = () => { for (const c of charts) c.fit(); };
+  window.addEventListener("resize", onResize);
+
+  return () => {
+    disposed = true;
+    timers.forEach(clearInterval);
+    window.removeEventListener("resize", onResize);
+    for (const c of charts.splice(0)) c.destroy();
+  };
+}
+
+/** A modal <dialog> (focus is trapped and restored by the browser); ask() resolves true on Confirm. */
+function confirmDialog() {
+  const text = h("p", {id: "confirm-text"});
+  const confirmBtn = h("button", {type: "submit", class: "btn danger", value: "yes", text: "Confirm"});
+  const el = h("dialog", {class: "confirm", "aria-labelledby": "confirm-title", "aria-describedby": "confirm-text"},
+    h("form", {method: "dialog"},
+      h("h2", {id: "confirm-title", text: "Are you sure?"}), text,
+      h("div", {class: "form-actions"},
+        h("button", {type: "submit", class: "btn ghost", value: "no", text: "Cancel"}), confirmBtn)));
+  return {
+    el,
+    ask(message, action) {
+      text.textContent = message;
+      confirmBtn.textContent = action;
+      el.returnValue = "";
+      el.showModal();
+      return new Promise((resolve) => el.addEventListener("close", () => resolve(el.returnValue === "yes"), {once: true}));
+    },
+  };
+}
