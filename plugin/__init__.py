@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-logger = logging.getLogger("loop.plugin")
+logger = logging.getLogger("vllm.loop_plugin")  # under "vllm": shows in vLLM's own log output
 
 _registered = False
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-logger = logging.getLogger("loop.plugin")
+logger = logging.getLogger("vllm.loop_plugin")
 
 MEASURED = "see module docstring; filled in from `python -m plugin.cpu_gemm`"
 

@@ -13,8 +13,9 @@ weight memory without a copy. It is plain JSON — readers never unpickle anythi
 
 CPU: `UntypedStorage._share_filename_cpu_()` moves each storage into /dev/shm IN PLACE (vLLM's tensors keep
 aliasing it), which must happen before warm-up. We do not take the in-flight reference `reduce_storage` takes (it
-would keep the files alive forever) and we unlink the files at exit, because vLLM's API server kills its workers
-and the files would otherwise outlive the server.
+would keep the files alive forever). vLLM's API server kills its workers with signals, so an atexit hook is not
+enough: a small reaper process (plugin/reaper.py) waits for this process to die and unlinks the files and the
+handle file.
 
 Security: the directory is made 0700 and the file 0600, written under a temporary name and renamed.
 """
@@ -25,6 +26,8 @@ import atexit
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("loop.plugin")
+logger = logging.getLogger("vllm.loop_plugin")
 
 FORMAT = "loop-weight-handles"
 FORMAT_VERSION = 1
@@ -120,7 +123,29 @@ def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0
     _write_private(path, json.dumps(doc, indent=1).encode())
     _handle_files.append((path, load_id))
     _register_cleanup()
+    _start_reaper({"shm": [x["cpu"]["filename"] for x in storages if "cpu" in x], "handle_file": str(path), "load_id": load_id})
     return path
+
+
+_reapers: list[subprocess.Popen[bytes]] = []  # kept referenced: they must outlive this process, not be collected
+
+
+def _start_reaper(spec: dict[str, Any]) -> None:
+    """Start plugin/reaper.py: it unlinks the shm files and handle file when this process dies, even by SIGKILL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plugin.reaper", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a signal to vLLM's process group must not take the reaper with it
+        close_fds=True,
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    _reapers.append(proc)
 
 
 def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:
