@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: `loop bench proxy` (this package), `loop bench ingest` (feedback)."""

@@ -1,0 +1,1 @@
+"""Talking to vLLM: `client.VLLMClient` (one pooled HTTP client) and `process.VLLMSupervisor` (the child process)."""

@@ -1,0 +1,140 @@
+"""The one HTTP client loop uses to talk to vLLM.
+
+One pooled `httpx.AsyncClient` per app (keep-alive connections on loopback, no per-request client creation:
+that would cost a TCP handshake per proxied request). The proxy uses the raw helpers (`post`, `stream`, `get`);
+the trainer uses the control calls, which need vLLM started with `VLLM_SERVER_DEV_MODE=1` (the supervisor sets
+it): `POST /pause?mode=wait|keep|abort`, `POST /resume`, `GET /is_paused`, `POST /reset_prefix_cache`.
+
+Control calls raise `VLLMError` (with vLLM's own message) on a non-2xx answer and `VLLMUnreachable` when nothing
+answers, so the caller can tell "vLLM said no" from "vLLM is not there".
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+
+class VLLMError(Exception):
+    """vLLM answered, but with an error status."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(f"vLLM answered {status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+
+
+class VLLMUnreachable(Exception):
+    """Nothing answered at vLLM's address (not started yet, crashed, wrong --vllm-url)."""
+
+
+def error_message(response: httpx.Response) -> str:
+    """vLLM's own error text from a response body, whatever shape it has."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("detail") or err)
+        return str(err)
+    return str(data)
+
+
+class VLLMClient:
+    """Async client for one vLLM server at `base_url` (e.g. http://127.0.0.1:8001)."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        # The read timeout bounds the wait between two bytes; the proxy bounds whole requests itself.
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60),
+            headers={"user-agent": "loop"},
+        )
+
+    # --- raw helpers (the proxy) ---
+    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> httpx.Response:
+        """POST a JSON body as is; returns the response whatever its status."""
+        try:
+            return await self._http.post(path, content=content, headers={"content-type": "application/json"},
+                                         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+
+    async def get(self, path: str, *, timeout: float | None = None) -> httpx.Response:
+        try:
+            return await self._http.get(path, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+
+    @asynccontextmanager
+    async def stream(self, path: str, content: bytes) -> AsyncIterator[httpx.Response]:
+        """POST and keep the response open for streaming (`response.aiter_lines()`); closed on exit."""
+        request = self._http.build_request("POST", path, content=content,
+                                           headers={"content-type": "application/json"})
+        try:
+            response = await self._http.send(request, stream=True)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    # --- status and control (supervisor, health, trainer) ---
+    async def health(self, timeout: float = 5.0) -> bool:
+        """True when vLLM answers GET /health with 200."""
+        try:
+            response = await self._http.get("/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _control(self, method: str, path: str, params: dict[str, Any] | None = None,
+                       timeout: float | None = None) -> Any:
+        try:
+            response = await self._http.request(method, path, params=params,
+                                                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+        if response.status_code == 404:
+            raise VLLMError(404, f"{path} not found: start vLLM with VLLM_SERVER_DEV_MODE=1 (loop serve does)")
+        if response.status_code >= 400:
+            raise VLLMError(response.status_code, error_message(response))
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    async def pause(self, mode: str = "wait") -> None:
+        """Stop scheduling new work. `wait`: let running requests finish first; `keep`: freeze them in place;
+        `abort`: drop them. Returns once vLLM is paused."""
+        if mode not in ("wait", "keep", "abort"):
+            raise ValueError(f"pause mode must be 'wait', 'keep' or 'abort', not {mode!r}")
+        # clear_cache=false: the trainer resets the prefix cache itself, after the weights changed.
+        await self._control("POST", "/pause", params={"mode": mode, "clear_cache": "false"})
+
+    async def resume(self) -> None:
+        await self._control("POST", "/resume")
+
+    async def is_paused(self) -> bool:
+        data = await self._control("GET", "/is_paused", timeout=10.0)
+        return bool(data.get("is_paused")) if isinstance(data, dict) else False
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop cached KV blocks: they were computed with the old weights."""
+        await self._control("POST", "/reset_prefix_cache")
+
+    async def models(self) -> dict[str, Any]:
+        """vLLM's GET /v1/models answer."""
+        return await self._control("GET", "/v1/models", timeout=10.0)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,276 @@
+"""vLLM as a supervised child process.
+
+`VLLMSupervisor.start()` launches `python -m vllm.entrypoints.openai.api_server` in its own process group and
+returns at once: the API listens meanwhile and answers 503 with progress ("vLLM is starting (12 s)"). A
+background task polls vLLM's /health, prints progress to stderr, and once it is ready calls every registered
+ready-callback (the training worker re-attaches there). If vLLM dies, the state becomes "restarting" and it is
+started again with exponential backoff, at most `settings.vllm_restart_limit` times; then "failed". vLLM's
+output goes to data_dir/logs/vllm.log; `last_error` carries its tail so /health and 503s can say why.
+
+The child gets VLLM_SERVER_DEV_MODE=1 (pause/resume/reset_prefix_cache), LOOP_RUNTIME_DIR (where the loop
+plugin writes the weight handles), on the CPU VLLM_CPU_KVCACHE_SPACE and --enforce-eager; never
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments, which breaks CUDA IPC export of the weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from loop.config import Settings
+from loop.vllm.client import VLLMClient
+
+ReadyCallback = Callable[[], Awaitable[None]]
+
+POLL_S = 0.5
+PROGRESS_EVERY_S = 5.0
+MAX_BACKOFF_S = 30.0
+
+
+def _say(message: str) -> None:
+    print(f"loop: {message}", file=sys.stderr, flush=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: own process group, and SIGTERM if loop itself dies (no orphaned vLLM)."""
+    os.setsid()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
+    """The last `lines` lines of a file (empty if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def last_meaningful_line(text: str) -> str:
+    """The line of a log tail that most likely says what went wrong."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "Exception" in ln:
+            return ln[-300:]
+    return lines[-1][-300:] if lines else "no output"
+
+
+def pick_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class VLLMSupervisor:
+    """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state: str = "stopped"  # starting | ready | restarting | failed | stopped
+        self.last_error: str | None = None
+        self.restarts = 0
+        self.url = f"http://127.0.0.1:{settings.vllm_port}"
+        self.model_path: str | None = None  # set before a restart to load another folder (e.g. a checkpoint)
+        self.log_path = settings.data_dir / "logs" / "vllm.log"
+        self.pid_path = settings.runtime_dir / "vllm.pid"
+        self.device: str | None = None
+        self.attempt_started: float = time.monotonic()
+        self.ready_in_s: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._callbacks: list[ReadyCallback] = []
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._client = VLLMClient(self.url, timeout=10.0)
+
+    # --- public API ---
+    def add_ready_callback(self, fn: ReadyCallback) -> None:
+        """`await fn()` after every (re)start becomes ready."""
+        self._callbacks.append(fn)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.attempt_started
+
+    def describe(self) -> str:
+        """One sentence on why vLLM cannot serve right now (for 503 messages)."""
+        if self.state == "starting":
+            return f"vLLM is starting ({self.elapsed_s():.0f} s); retry shortly"
+        if self.state == "restarting":
+            return (f"vLLM crashed: {last_meaningful_line(self.last_error or '')}; restarting "
+                    f"(attempt {self.restarts}/{self.settings.vllm_restart_limit}, {self.elapsed_s():.0f} s)")
+        if self.state == "failed":
+            return (f"vLLM failed and was not restarted again after {self.restarts} restarts: "
+                    f"{last_meaningful_line(self.last_error or '')}; see {self.log_path}")
+        if self.state == "stopped":
+            return "vLLM is stopped"
+        return "vLLM is ready"
+
+    async def start(self) -> None:
+        """Launch vLLM and return at once; readiness is watched in the background."""
+        if self._task is not None and not self._task.done():
+            return
+        from loop.model_cache import resolve_model
+
+        self._stopping = False
+        if self.model_path is None:
+            self.model_path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.cache_dir)
+        if self.device is None:
+            self.device = await asyncio.to_thread(pick_device, self.settings.device)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state = "starting"
+        self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Return once vLLM is ready; TimeoutError after `timeout` s, RuntimeError if it failed for good."""
+        deadline = time.monotonic() + timeout
+        while self.state != "ready":
+            if self.state in ("failed", "stopped"):
+                raise RuntimeError(self.describe())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"vLLM not ready after {timeout:.0f} s: {self.describe()}")
+            self._ready.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout=min(remaining, 1.0))
+
+    async def stop(self) -> None:
+        """Stop vLLM: SIGTERM to its whole process group, SIGKILL after 15 s."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._kill()
+        await self._client.aclose()
+        self.state = "stopped"
+
+    # --- internals ---
+    def command(self) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path),
+               "--served-model-name", s.model_name, "--host", "127.0.0.1", "--port", str(s.vllm_port),
+               "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
+        if self.device == "cpu" or s.enforce_eager:
+            cmd.append("--enforce-eager")
+        if self.device == "cuda":
+            cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        return cmd + list(s.vllm_args)
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+        env["LOOP_RUNTIME_DIR"] = str(self.settings.runtime_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+            del env["PYTORCH_CUDA_ALLOC_CONF"]  # breaks CUDA IPC export of the weights
+        if self.device == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.cpu_kv_cache_gib:g}"
+        return env
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== loop: starting vLLM at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(self.command())}\n".encode())
+            log.flush()
+            proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=log, stderr=asyncio.subprocess.STDOUT,
+                                                        env=self.child_env(), preexec_fn=_die_with_parent)
+        self.pid_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pid_path.write_text(f"{proc.pid}\n")
+        return proc
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.attempt_started = time.monotonic()
+            _say(f"starting vLLM (model {self.model_path}, {self.device}) on {self.url}; log: {self.log_path}")
+            try:
+                self._proc = await self._spawn()
+            except OSError as exc:
+                self.last_error = f"could not start vLLM: {exc}"
+                self.state = "failed"
+                _say(self.last_error)
+                return
+            ready = await self._wait_healthy(self._proc)
+            if ready:
+                self.ready_in_s = self.elapsed_s()
+                self.state = "ready"
+                self._ready.set()
+                _say(f"vLLM ready in {self.ready_in_s:.0f} s")
+                for fn in list(self._callbacks):
+                    try:
+                        await fn()
+                    except Exception as exc:  # noqa: BLE001 - one bad callback must not stop supervision
+                        _say(f"ready callback {getattr(fn, '__qualname__', fn)} failed: {exc!r}")
+                await self._proc.wait()
+            if self._stopping:
+                return
+            code = self._proc.returncode
+            self.last_error = f"vLLM exited with code {code}\n{tail(self.log_path)}"
+            if self.restarts >= self.settings.vllm_restart_limit:
+                self.state = "failed"
+                self._ready.set()
+                _say(f"vLLM exited (code {code}) and the restart limit ({self.settings.vllm_restart_limit}) is "
+                     f"reached; giving up. Last lines of {self.log_path}:\n{tail(self.log_path, 10)}")
+                return
+            self.restarts += 1
+            self.state = "restarting"
+            self.attempt_started = time.monotonic()
+            backoff = min(MAX_BACKOFF_S, 2.0 ** (self.restarts - 1))
+            _say(f"vLLM exited (code {code}): {last_meaningful_line(self.last_error)}; restarting in {backoff:.0f} s "
+                 f"(attempt {self.restarts}/{self.settings.vllm_restart_limit})")
+            await self._kill()  # its other processes (EngineCore, workers) too
+            await asyncio.sleep(backoff)
+
+    async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
+        """Poll /health until 200 (True) or the process exits (False); print progress meanwhile."""
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        deadline = time.monotonic() + self.settings.vllm_start_timeout_s
+        while proc.returncode is None:
+            if await self._client.health(timeout=2.0):
+                return True
+            if time.monotonic() > deadline:
+                _say(f"vLLM not ready after {self.settings.vllm_start_timeout_s:.0f} s; killing it")
+                await self._kill()
+                return False
+            if time.monotonic() >= next_progress:
+                _say(f"… {self.elapsed_s():.0f} s (waiting for vLLM)")
+                next_progress += PROGRESS_EVERY_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=POLL_S)
+        return False
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=15.0)
+        except TimeoutError:
+            pass
+        # The group may outlive its leader (EngineCore, workers): make sure all of it is gone.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), timeout=5.0)
+        with contextlib.suppress(OSError):
+            self.pid_path.unlink()
