@@ -1,0 +1,58 @@
+"""Weight versions: list them, checkpoint the live one, restore an earlier one in place.
+
+`GET /api/versions` → every state the live weights have been in (newest first) and which one is live;
+`POST /api/checkpoint` (admin) writes the live weights as an HF folder; `POST /api/versions/{v}/restore`
+(admin) writes version v's checkpoint back into vLLM's memory under the same pause protocol as an update,
+which makes a NEW version (kind "restore", parent v). The work is `loop.training.Trainer`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from loop.api.deps import AdminDep, SessionDep, StateDep
+from loop.api.errors import Unavailable, UpstreamTimeout
+from loop.api.routes.train import trainer_of
+from loop.control import WorkerError, WorkerTimeout
+from loop.db.models import WeightVersion
+
+router = APIRouter(prefix="/api", tags=["versions"])
+
+
+def version_json(v: WeightVersion) -> dict[str, Any]:
+    return {"version": v.version, "created_at": v.created_at.isoformat() if v.created_at else None, "kind": v.kind,
+            "parent_version": v.parent_version, "run_id": v.run_id, "checkpoint_path": v.checkpoint_path,
+            "status": v.status, "eval": v.eval, "note": v.note}
+
+
+@router.get("/versions")
+def list_versions(state: StateDep, session: SessionDep) -> dict[str, Any]:
+    rows = session.scalars(select(WeightVersion).order_by(WeightVersion.version.desc())).all()
+    return {"items": [version_json(v) for v in rows], "live": state.weight_version}
+
+
+@router.post("/checkpoint", dependencies=[AdminDep])
+async def checkpoint(state: StateDep) -> dict[str, Any]:
+    trainer = trainer_of(state)
+    try:
+        version, path = await trainer.checkpoint()
+    except WorkerTimeout as e:
+        raise UpstreamTimeout(str(e)) from e
+    except WorkerError as e:
+        raise Unavailable(str(e), code="worker_unavailable") from e
+    return {"version": version, "path": path}
+
+
+@router.post("/versions/{version}/restore", dependencies=[AdminDep])
+async def restore(version: int, state: StateDep) -> dict[str, Any]:
+    trainer = trainer_of(state)
+    try:
+        new = await trainer.restore(version)
+    except WorkerTimeout as e:
+        raise UpstreamTimeout(str(e)) from e
+    except WorkerError as e:
+        raise Unavailable(str(e), code="worker_unavailable") from e
+    return {"version": new, "restored_from": version}

@@ -1,0 +1,352 @@
+"""The training worker process: an HF model made of views into vLLM's live weights, trained in place.
+
+Started and supervised by the API (`loop/control.py`); by hand:
+    python -m loop.worker.main --socket ipc://<runtime_dir>/worker.sock --runtime-dir <runtime_dir>
+
+What it does, in order:
+1. Connects its DEALER (`channel.py`: heartbeats from an I/O thread, so a long backward never looks dead) and
+   reports "waiting" until vLLM's loop plugin has written the handle file into the runtime dir.
+2. Attaches to vLLM's weights (`handles.attach`, no copy), builds the HF model on them (`views.build_model`),
+   marks the trainable parameters and builds the staged optimizer; says `Hello`.
+3. Serves requests one at a time (protocol.py): `Train` computes a staged update — reference log-probs,
+   forward, backward, optimizer maths — while vLLM keeps serving; `Apply` (sent while the API holds vLLM paused)
+   re-checks it (finite, ratio cap), writes it in place with stochastic rounding and commits the optimizer
+   state; `Discard` drops it (optimizer state as before); `Checkpoint` writes an HF folder atomically;
+   `Restore` copies a checkpoint back into the live weights through the same views.
+4. Before each request, and every few idle seconds, compares the handle file's load id with its own: a new id
+   means vLLM restarted (new memory), so it re-attaches, keeping the optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from loop.worker import protocol as p
+from loop.worker.channel import Channel
+
+log = logging.getLogger("loop.worker")
+
+# Files of a model folder that are not weights: copied into every checkpoint so it loads on its own.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
+_SKIP_NAMES = {"loop.json"}
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace, channel: Channel) -> None:
+        self.args = args
+        self.ch = channel
+        self.runtime_dir = Path(args.runtime_dir)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.opt: Any = None
+        self.meta: dict[str, Any] = {}
+        self.names: dict[Any, str] = {}
+        self.trainable: list[tuple[str, Any]] = []
+        self._staged: tuple[int, dict[Any, Any], Any] | None = None  # (run_id, deltas, UpdateCheck)
+        self._run: dict[str, Any] = {}  # the current run's encoded batch, reference log-probs and history
+
+    # ------------------------------------------------------------ attach
+
+    def current_load_id(self) -> str | None:
+        from loop.worker.handles import HandleError, read_handles
+
+        try:
+            return str(read_handles(self.runtime_dir).meta["load_id"])
+        except HandleError:
+            return None
+
+    def attach(self) -> None:
+        """Wait for vLLM's handle file, attach, build the model on views; keep optimizer state across loads."""
+        import torch
+        from transformers import AutoTokenizer
+
+        from loop.worker.apollo import make_optimizer, trainable_parameters
+        from loop.worker.handles import HandleError, read_handles, attach
+        from loop.worker.views import build_model, views_alias
+
+        self.ch.state = "waiting"
+        while True:
+            try:
+                handle_set = read_handles(self.runtime_dir, wait_s=5.0)
+                break
+            except HandleError as e:
+                log.info("waiting for vLLM's weight handles: %s", e)
+        t0 = time.perf_counter()
+        tensors = attach(handle_set)
+        meta = handle_set.meta
+        model = build_model(meta["model_path"], tensors,
+                            packed_modules_mapping=meta.get("packed_modules_mapping") or None)
+        views_alias(model, tensors)
+        model.train(False)  # no dropout: the DPO reference and the policy must see the same function
+        old_state = self.opt.state_dict() if self.opt is not None else None
+        self.model, self.meta = model, meta
+        self.trainable = trainable_parameters(model)
+        self.names = {prm: name for name, prm in self.trainable}
+        self.opt = make_optimizer(self.args.optimizer, [prm for _, prm in self.trainable], lr=self.args.lr)
+        if old_state is not None:
+            try:
+                self.opt.load_state_dict(old_state)
+            except (ValueError, KeyError, IndexError) as e:
+                log.warning("optimizer state does not fit the new load (%s); starting it fresh", e)
+        if self.tokenizer is None or meta["model_path"] != getattr(self.tokenizer, "name_or_path", None):
+            self.tokenizer = AutoTokenizer.from_pretrained(meta["model_path"])
+        self._staged, self._run = None, {}
+        self.ch.load_id = meta["load_id"]
+        self.ch.state = "idle"
+        n_params = sum(prm.numel() for prm in model.parameters())
+        n_train = sum(prm.numel() for _, prm in self.trainable)
+        log.info("attached to load %s (%s, %d params, %d trainable) in %.2f s", meta["load_id"], meta["model_path"],
+                 n_params, n_train, time.perf_counter() - t0)
+        torch.set_grad_enabled(True)
+        self.ch.send(p.Hello(pid=os.getpid(), load_id=meta["load_id"], model_path=meta["model_path"],
+                             architecture=meta["architecture"], device=meta["device"], n_params=n_params,
+                             n_trainable=n_train, optimizer=self.args.optimizer))
+
+    def ensure_attached(self) -> None:
+        if self.current_load_id() != self.meta.get("load_id"):
+            log.info("vLLM's load id changed (%s -> %s): re-attaching", self.meta.get("load_id"),
+                     self.current_load_id())
+            self.model = None
+            self.attach()
+
+    def checksum(self) -> str:
+        from loop.worker.update import weights_checksum
+
+        return weights_checksum(list(self.model.named_parameters()))
+
+    # ------------------------------------------------------------ requests
+
+    def handle(self, msg: p.Msg) -> p.Msg:
+        if isinstance(msg, p.Ping):
+            return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
+                            staged_run_id=self._staged[0] if self._staged else None,
+                            checksum=self.checksum() if msg.checksum else "")
+        if isinstance(msg, p.Train):
+            return self.train(msg)
+        if isinstance(msg, p.Apply):
+            return self.apply(msg)
+        if isinstance(msg, p.Discard):
+            self._drop_staged()
+            return p.Discarded(req=msg.req, run_id=msg.run_id)
+        if isinstance(msg, p.Checkpoint):
+            return self.write_checkpoint(msg)
+        if isinstance(msg, p.Restore):
+            return self.restore(msg)
+        return p.Error(req=msg.req, message=f"the worker does not handle {type(msg).__name__} requests")
+
+    def _drop_staged(self) -> None:
+        self._staged = None
+        if self.opt is not None:
+            self.opt.discard()
+
+    def train(self, msg: p.Train) -> p.Msg:
+        import torch
+
+        from loop.worker.objectives import encode_examples, encode_pairs, train_step
+        from loop.worker.update import check_updates
+
+        if not msg.pairs and not msg.examples:
+            return p.Error(req=msg.req, message="Train needs pairs (dpo) or examples (kto); got neither")
+        self._drop_staged()
+        self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
+        t0 = time.perf_counter()
+        try:
+            if self._run.get("run_id") != msg.run_id or msg.step == 1:
+                if msg.objective == "dpo":
+                    batch = encode_pairs(self.tokenizer, [(x.prompt, x.chosen, x.rejected) for x in msg.pairs],
+                                         msg.max_len)
+                else:
+                    batch = encode_examples(self.tokenizer, [(x.prompt, x.completion, x.label) for x in msg.examples],
+                                            msg.max_len)
+                self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
+            for group in self.opt.param_groups:
+                group["lr"] = msg.lr if msg.lr is not None else self.args.lr
+            result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
+                                ref_logps=self._run["ref"], per_layer=True)
+            self.model.zero_grad(set_to_none=True)
+            if self._run["ref"] is None:  # the pre-run policy stays the reference for the later steps
+                self._run["ref"] = getattr(result, "ref_logps", None)
+            deltas = result.deltas
+            if msg.inject_nan and deltas:
+                next(iter(deltas.values())).fill_(float("nan"))
+            check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
+            self._staged = (msg.run_id, deltas, check)
+            metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
+            metrics["step_ms"] = (time.perf_counter() - t0) * 1000
+            self._run["history"].append({"step": float(msg.step), **metrics})
+            self.ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=metrics.get("loss", float("nan")),
+                                    metrics=metrics))
+            d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
+            stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
+                                  ratio=check.global_ratio, n_tensors=len(deltas))
+            return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
+                               history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
+        finally:
+            self.ch.state = "idle"
+
+    def apply(self, msg: p.Apply) -> p.Msg:
+        from loop.worker.update import apply_updates_, check_updates
+
+        if self._staged is None or self._staged[0] != msg.run_id:
+            have = f"run {self._staged[0]}" if self._staged else "nothing"
+            return p.Error(req=msg.req, message=f"no staged update for run {msg.run_id} (staged: {have}); train first")
+        run_id, deltas, check = self._staged
+        cap = msg.max_update_ratio if msg.max_update_ratio is not None else self.args.max_update_ratio
+        if cap != self.args.max_update_ratio:
+            check = check_updates(deltas, cap, names=self.names)
+        if not check.ok:
+            self._drop_staged()
+            return p.Refused(req=msg.req, run_id=run_id, reason=check.reason or "refused")
+        self.ch.state = "applying"
+        try:
+            t0 = time.perf_counter()
+            apply_updates_(deltas, stochastic_rounding=True)
+            ms = (time.perf_counter() - t0) * 1000
+            self.opt.commit()
+            self._staged = None
+        finally:
+            self.ch.state = "idle"
+        return p.Applied(req=msg.req, run_id=run_id, checksum="", ms=ms)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def hf_state(self) -> dict[str, Any]:
+        """HF names → live tensors (each Parameter once: a tied lm_head is left out, as HF itself saves it)."""
+        return dict(self.model.named_parameters())
+
+    def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
+        import json
+
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        final = Path(msg.path)
+        if final.exists():
+            return p.Error(req=msg.req, message=f"checkpoint folder {final} already exists; not overwriting it")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        src = Path(self.meta["model_path"])
+        for f in src.iterdir():  # config, tokenizer, generation config, chat template
+            if f.is_file() and not f.name.endswith(_SKIP_SUFFIXES) and f.name not in _SKIP_NAMES:
+                shutil.copy2(f, tmp / f.name)
+        # bf16 views are contiguous row slices; .contiguous() copies only the odd one out
+        tensors = {k: v.detach().contiguous() for k, v in self.hf_state().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        self.opt.save(tmp / "optimizer.safetensors")
+        info = {"version": msg.version, "load_id": self.meta["load_id"], "source_model": str(src),
+                "optimizer": self.args.optimizer, "created_unix": time.time(), **msg.meta}
+        (tmp / "loop.json").write_text(json.dumps(info, indent=1))
+        for f in tmp.iterdir():
+            _fsync_path(f)
+        _fsync_path(tmp)
+        os.rename(tmp, final)  # atomic: the folder is complete or absent
+        _fsync_path(final.parent)
+        files = sorted(f.name for f in final.iterdir())
+        return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=files)
+
+    def restore(self, msg: p.Restore) -> p.Msg:
+        import torch
+        from safetensors import safe_open
+
+        t0 = time.perf_counter()
+        folder = Path(msg.path)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            return p.Error(req=msg.req, message=f"{weights} does not exist: not a loop checkpoint")
+        live = self.hf_state()
+        with safe_open(str(weights), framework="pt") as f:
+            keys = set(f.keys())
+            missing = sorted(set(live) - keys)
+            if missing:
+                return p.Error(req=msg.req, message=f"checkpoint {folder} lacks {len(missing)} weights, "
+                                                    f"e.g. {missing[0]}; nothing was written")
+            for name, t in live.items():  # validate everything before writing anything
+                sl = f.get_slice(name)
+                if tuple(sl.get_shape()) != tuple(t.shape):
+                    return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {sl.get_shape()}, "
+                                                        f"the live model {tuple(t.shape)}; nothing was written")
+            self.ch.state = "restoring"
+            try:
+                with torch.no_grad():
+                    for name, t in live.items():
+                        t.copy_(f.get_tensor(name))
+            finally:
+                self.ch.state = "idle"
+        self._drop_staged()
+        opt_file = folder / "optimizer.safetensors"
+        if msg.load_optimizer and opt_file.is_file():
+            self.opt.load(opt_file)
+        return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
+
+
+def serve(args: argparse.Namespace) -> int:
+    ch = Channel(args.socket, args.heartbeat_s)
+    ch.start()  # heartbeats start before the slow imports and the attach
+    worker = Worker(args, ch)
+    worker.attach()
+    inbox = ch.messages()
+    pending: queue.Queue[p.Msg] = queue.Queue()
+    import threading
+
+    def pump() -> None:  # lets the main thread wake up when idle to notice a vLLM restart
+        for m in inbox:
+            pending.put(m)
+        pending.put(p.Shutdown())
+
+    threading.Thread(target=pump, name="loop-worker-inbox", daemon=True).start()
+    while True:
+        try:
+            msg = pending.get(timeout=2.0)
+        except queue.Empty:
+            if worker.current_load_id() not in (None, worker.meta.get("load_id")):
+                worker.ensure_attached()
+            continue
+        if isinstance(msg, p.Shutdown):
+            ch.send(p.Bye(req=msg.req))
+            ch.close()
+            return 0
+        try:
+            if not isinstance(msg, p.Ping):
+                worker.ensure_attached()
+            reply = worker.handle(msg)
+        except Exception as e:  # noqa: BLE001 - report to the API, keep serving
+            log.exception("request %s failed", type(msg).__name__)
+            reply = p.Error(req=msg.req, message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        ch.send(reply)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loop.worker.main", description=__doc__.splitlines()[0])
+    ap.add_argument("--socket", required=True, help="the API's ROUTER endpoint, ipc://<runtime_dir>/worker.sock")
+    ap.add_argument("--runtime-dir", required=True, help="where vLLM's loop plugin writes weights-tp<rank>.json")
+    ap.add_argument("--heartbeat-s", type=float, default=1.0)
+    ap.add_argument("--optimizer", default="apollo-mini", choices=["apollo", "apollo-mini", "adamw", "sgd"])
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--max-update-ratio", type=float, default=0.05)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
