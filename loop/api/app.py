@@ -64,11 +64,21 @@ async def _start(settings: Settings, *, manage: bool) -> LoopState:
                       vllm=VLLMClient(vllm_url, timeout=settings.request_timeout_s))
     state.load_weight_version()
     if manage:
+        if settings.worker_enabled:  # the training worker: it waits for vLLM's weight-handle file by itself
+            from loop.control import WorkerControl
+            from loop.training import Trainer
+
+            state.worker = WorkerControl(settings)
+            state.trainer = Trainer(state)
         if settings.vllm_url is None:
             from loop.vllm.process import VLLMSupervisor
 
             state.supervisor = VLLMSupervisor(settings)
+            if state.trainer is not None:
+                state.trainer.prepare_supervisor(state.supervisor)  # newest checkpoint; record restarts
             await state.supervisor.start()
+        if state.worker is not None:
+            await state.worker.start()
     return state
 
 
