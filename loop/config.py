@@ -70,6 +70,23 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(1.0, gt=0)
     worker_timeout_s: float = Field(5.0, gt=0, description="A worker silent this long is declared dead and restarted.")
 
+    # --- scheduler and eval guard (loop/scheduler/) ---
+    scheduler_enabled: bool = Field(True, description="Train automatically from new feedback (needs the worker).")
+    scheduler_interval_s: float = Field(300.0, gt=0, description="Check for new feedback this often; 0 < interval.")
+    scheduler_min_pairs: int = Field(8, ge=1, description="Train once this many untrained pairs/examples wait.")
+    scheduler_max_wait_s: float = Field(3600.0, gt=0, description="Train anyway (if anything waits) when the oldest "
+                                        "untrained feedback is this old.")
+    batch_size: int = Field(32, ge=1, description="Most pairs + examples in one scheduled run.")
+    scheduler_steps: int = Field(2, ge=1, description="Optimisation steps per scheduled run.")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of feedback never trained on, kept for eval.")
+    max_prompt_tokens: int = Field(768, ge=16, description="Longer conversations lose their oldest turns.")
+    eval_max_pairs: int = Field(64, ge=1, description="Most held-out pairs measured by the eval guard.")
+    guard_enabled: bool = Field(True, description="Measure before/after each scheduled run and roll back regressions.")
+    max_accuracy_drop: float = Field(0.1, ge=0, le=1, description="Roll back when held-out preference accuracy "
+                                     "falls by more than this (absolute, 0..1).")
+    max_perplexity_rise: float = Field(0.05, ge=0, description="Roll back when canary perplexity rises by more "
+                                       "than this share (0.05 = 5 %).")
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = True
 

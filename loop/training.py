@@ -68,6 +68,8 @@ class TrainRequest(BaseModel):
     objective: Literal["dpo", "kto"] | None = None
     max_len: int = Field(1024, ge=16, le=32768)
     debug_inject_nan: bool = Field(False, description="testing only: poison the update to see it refused")
+    feedback_inline: bool = Field(False, description="the inline pairs/examples ARE the given feedback ids (the "
+                                  "scheduler's built batch): record the ids as consumed, derive nothing from them")
 
     @model_validator(mode="after")
     def _not_empty(self) -> "TrainRequest":
@@ -182,7 +184,9 @@ class Trainer:
                     raise Conflict(f"already trained on: ratings {sorted(taken_r)}, comparisons {sorted(taken_c)}; "
                                    "feedback is never trained on twice", code="feedback_consumed")
                 filters = PairFilters(untrained_only=True, include_held_out=True)
-                if req.objective != "kto":
+                if req.feedback_inline:  # built by loop/scheduler/batches.py from exactly these ids
+                    used_r, used_c, want_r, want_c = set(want_r), set(want_c), set(), set()
+                if req.objective != "kto" and (want_r or want_c):
                     for item in preference_pairs(s, filters):
                         ids_r, ids_c = set(item.rating_ids), set(item.comparison_ids)
                         if (ids_r or ids_c) and ids_r <= want_r and ids_c <= want_c:
@@ -190,7 +194,7 @@ class Trainer:
                                                 rejected=item.rejected))
                             used_r |= ids_r
                             used_c |= ids_c
-                if req.objective == "kto" or (req.objective is None and not pairs):
+                if (want_r or want_c) and (req.objective == "kto" or (req.objective is None and not pairs)):
                     for ex in unpaired_examples(s, filters):
                         if ex.rating_ids and set(ex.rating_ids) <= want_r:
                             examples.append(p.Example(prompt=prompt_messages(ex.prompt), completion=ex.completion,

@@ -79,6 +79,10 @@ async def _start(settings: Settings, *, manage: bool) -> LoopState:
             await state.supervisor.start()
         if state.worker is not None:
             await state.worker.start()
+        from loop.scheduler import Scheduler  # (H7) turns feedback into runs; idle without a trainer
+
+        state.scheduler = Scheduler(state)
+        await state.scheduler.start()
     return state
 
 

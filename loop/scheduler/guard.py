@@ -1,0 +1,224 @@
+"""The eval guard: measure what vLLM actually serves before and after an update, and say when to roll back.
+
+Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` with token-id prompts,
+`prompt_logprobs=0`, `max_tokens=1`), so they describe the weights vLLM is serving right now — not a copy in the
+trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
+
+- preference accuracy on held-out pairs: the share of pairs where log p(chosen | prompt) > log p(rejected | prompt)
+  (sums over the answer tokens, the quantity DPO moves; a tie counts one half). The held-out slice is feedback
+  that is never trained on (see `batches.is_held_out`), so a poisoned batch shows up as a drop here.
+- perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
+  damage detector — an update that wrecks the language model raises it even when the preference looks fine.
+
+`verdict(before, after, ...)` returns the reason to roll back (accuracy fell by more than `max_accuracy_drop`,
+absolute; perplexity rose by more than `max_perplexity_rise`, relative), or None.
+
+Try it by hand against a running vLLM:
+    python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+CANARY_PATH = Path(__file__).with_name("canary.jsonl")
+
+
+class PostClient(Protocol):
+    """What the guard needs from `loop.vllm.client.VLLMClient`."""
+
+    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> Any: ...
+
+    async def get(self, path: str, *, timeout: float | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    """One held-out preference: the prompt (text or chat messages) and two answers, the first preferred."""
+
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class EvalFigures:
+    accuracy: float | None  # None when there are no held-out pairs yet
+    n_pairs: int
+    mean_margin: float | None  # mean of log p(chosen) - log p(rejected), nats
+    canary_perplexity: float
+    canary_tokens: int
+    ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GuardError(RuntimeError):
+    """The measurement itself failed (vLLM down, bad answer)."""
+
+
+def load_canary(path: Path = CANARY_PATH) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                texts.append(json.loads(line)["text"])
+    if not texts:
+        raise GuardError(f"the canary file {path} is empty")
+    return texts
+
+
+def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
+            max_perplexity_rise: float) -> str | None:
+    """Why the update must be rolled back, or None when it may stay."""
+    reasons = []
+    if before.accuracy is not None and after.accuracy is not None:
+        drop = before.accuracy - after.accuracy
+        if drop > max_accuracy_drop + 1e-9:
+            reasons.append(f"held-out preference accuracy fell from {before.accuracy:.3f} to {after.accuracy:.3f} "
+                           f"(-{drop:.3f} > limit {max_accuracy_drop:.3f}, {after.n_pairs} pairs)")
+    rise = after.canary_perplexity / before.canary_perplexity - 1.0
+    if not math.isfinite(after.canary_perplexity) or rise > max_perplexity_rise + 1e-9:
+        reasons.append(f"canary perplexity rose from {before.canary_perplexity:.3f} to "
+                       f"{after.canary_perplexity:.3f} (+{rise * 100:.1f} % > limit {max_perplexity_rise * 100:.1f} %)")
+    return "; ".join(reasons) or None
+
+
+class EvalGuard:
+    """Measures held-out preference accuracy and canary perplexity through vLLM's completions API."""
+
+    def __init__(self, client: PostClient, tokenizer: Any, *, model_name: str | None = None,
+                 max_len: int = 2048, canary: Sequence[str] | None = None, timeout: float = 300.0) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_len = max_len
+        self.canary = list(canary) if canary is not None else load_canary()
+        self.timeout = timeout
+        self._canary_ids = [self._encode_text(t) for t in self.canary]
+
+    # ------------------------------------------------------------------ tokenisation
+    def _encode_text(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids[: self.max_len - 1]
+
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        # The chat template as text, then tokens: the same string vLLM's chat endpoint would have built.
+        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids + ([eos] if eos is not None else [])
+
+    def _join(self, prompt: list[int], answer: list[int]) -> tuple[list[int], int]:
+        """prompt + answer, keeping the answer whole: long prompts lose their oldest tokens."""
+        room = self.max_len - 1 - len(answer)
+        if room < 1:
+            answer = answer[: self.max_len - 2]
+            room = 1
+        prompt = prompt[-room:]
+        return prompt + answer, len(prompt)
+
+    # ------------------------------------------------------------------ vLLM
+    async def _model(self) -> str:
+        if self.model_name is None:
+            response = await self.client.get("/v1/models", timeout=30.0)
+            data = response.json()
+            self.model_name = data["data"][0]["id"]
+        return self.model_name
+
+    async def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """Per prompt, the log-prob vLLM gives each of its tokens (None for the first)."""
+        if not prompts:
+            return []
+        body = {"model": await self._model(), "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": 0}
+        try:
+            response = await self.client.post("/v1/completions", json.dumps(body).encode(), timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001 - VLLMUnreachable, timeouts: the measurement failed
+            raise GuardError(f"eval request to vLLM failed: {exc}") from exc
+        if response.status_code != 200:
+            raise GuardError(f"vLLM refused the eval request ({response.status_code}): {response.text[:300]}")
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise GuardError(f"vLLM returned {len(choices)} choices for {len(prompts)} eval prompts")
+        out = []
+        for ids, choice in zip(prompts, choices):
+            entries = choice.get("prompt_logprobs")
+            if entries is None or len(entries) != len(ids):
+                raise GuardError("vLLM returned no prompt_logprobs (or the wrong number) for an eval prompt")
+            row: list[float | None] = []
+            for tok, entry in zip(ids, entries):
+                if entry is None:
+                    row.append(None)
+                    continue
+                item = entry.get(str(tok))
+                if item is None:
+                    raise GuardError(f"vLLM's prompt_logprobs lack the prompt token {tok}")
+                row.append(float(item["logprob"]))
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ figures
+    async def measure(self, pairs: Sequence[EvalPair]) -> EvalFigures:
+        t0 = time.perf_counter()
+        prompts: list[list[int]] = []
+        starts: list[int] = []
+        for pair in pairs:
+            p = self.prompt_ids(pair.prompt)
+            for answer in (pair.chosen, pair.rejected):
+                ids, start = self._join(p, self.answer_ids(answer))
+                prompts.append(ids)
+                starts.append(start)
+        n_canary = len(self._canary_ids)
+        rows = await self.prompt_logprobs(self._canary_ids + prompts)
+        nll, n_tok = 0.0, 0
+        for row in rows[:n_canary]:
+            vals = [v for v in row if v is not None]
+            nll -= sum(vals)
+            n_tok += len(vals)
+        ppl = math.exp(nll / max(n_tok, 1))
+        margins = []
+        pair_rows = rows[n_canary:]
+        for i in range(0, len(pair_rows), 2):
+            chosen = sum(v for v in pair_rows[i][starts[i]:] if v is not None)
+            rejected = sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)
+            margins.append(chosen - rejected)
+        accuracy = (sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)) if margins else None
+        return EvalFigures(accuracy=accuracy, n_pairs=len(margins),
+                           mean_margin=(sum(margins) / len(margins)) if margins else None,
+                           canary_perplexity=ppl, canary_tokens=n_tok,
+                           ms=(time.perf_counter() - t0) * 1000)
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+if __name__ == "__main__":  # manual check against a running vLLM
+    import asyncio
+    import sys
+
+    from loop.vllm.client import VLLMClient
+
+    async def _main() -> None:
+        client = VLLMClient(sys.argv[1], timeout=300.0)
+        guard = EvalGuard(client, load_tokenizer(sys.argv[2]))
+        pair = EvalPair([{"role": "user", "content": "What is 2+2?"}], "2+2 is 4.", "Bananas are yellow fish.")
+        print(json.dumps((await guard.measure([pair])).to_dict(), indent=1))
+        await client.aclose()
+
+    asyncio.run(_main())

@@ -1,0 +1,416 @@
+"""The scheduler: turns new feedback into weight updates on its own, one run at a time, guarded.
+
+An asyncio task in the API process (`Scheduler(state)`, started by `loop serve` when `scheduler_enabled`). Every
+`poll_s` it counts the trainable feedback (loop/scheduler/batches.py: not consumed, not held out) and starts a run
+when one of three triggers fires, recording which one and why on the run (`trigger="scheduler"`,
+`batch["scheduler"]["reason"]`):
+- threshold: at least `min_pairs` pairs/examples wait;
+- max wait: the oldest waiting feedback is older than `max_wait_s`;
+- interval: every `interval_s`, whatever waits (if anything) is trained on.
+Runs never overlap (one lock; a manual run in progress also defers the scheduler). Each run:
+1. builds the batch; measures the eval guard (held-out preference accuracy, canary perplexity) on the live
+   weights and makes sure the live version has a checkpoint to roll back to;
+2. hands the batch to the Trainer (which records the run, marks the feedback consumed, applies atomically under
+   vLLM's pause, releases the feedback if the run fails);
+3. measures again; when accuracy fell or perplexity rose past the limits, restores the pre-update version in
+   place (Trainer.restore, same pause protocol), marks the run `rolled_back` with the reason and both figures,
+   and the rolled-back version `rolled_back`. Eval figures are stored on the WeightVersion rows (`eval`).
+   Feedback consumed by a rolled-back run stays consumed: a poisoned batch is not retried.
+State (paused, the interval clock, last run, runtime threshold overrides) lives in the `scheduler_state` table,
+so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin).
+
+Unit tests with a fake trainer: `.venv/bin/pytest tests/unit/test_scheduler.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from sqlalchemy import delete, select
+
+from loop.db.models import RunFeedback, SchedulerState, TrainingRun, WeightVersion
+from loop.scheduler import batches
+from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_tokenizer, verdict
+
+log = logging.getLogger("loop.scheduler")
+
+STATE_KEY = "scheduler"
+TERMINAL = ("succeeded", "failed", "refused", "rolled_back")
+# Runtime-adjustable thresholds: name → (Settings field, type)
+TUNABLE: dict[str, tuple[str, type]] = {
+    "interval_s": ("scheduler_interval_s", float),
+    "min_pairs": ("scheduler_min_pairs", int),
+    "max_wait_s": ("scheduler_max_wait_s", float),
+    "batch_size": ("batch_size", int),
+    "steps": ("scheduler_steps", int),
+    "learning_rate": ("learning_rate", float),
+    "max_accuracy_drop": ("max_accuracy_drop", float),
+    "max_perplexity_rise": ("max_perplexity_rise", float),
+    "guard_enabled": ("guard_enabled", bool),
+}
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts is not None else None
+
+
+class Scheduler:
+    def __init__(self, state: Any, *, guard: EvalGuard | None = None, clock: Callable[[], float] = time.time,
+                 poll_s: float | None = None, run_timeout_s: float = 3600.0) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.guard = guard
+        self.clock = clock
+        self.poll_s = poll_s
+        self.run_timeout_s = run_timeout_s
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.running_run_id: int | None = None
+        self.last_error: str | None = None
+        self.last_decision: str | None = None
+        self._persisted = self._load()
+        if self._persisted.get("next_interval_at") is None:
+            self._save(next_interval_at=self.clock() + self.config()["interval_s"])
+
+    # ------------------------------------------------------------------ persisted state
+    def _load(self) -> dict[str, Any]:
+        with self.state.sessions() as s:
+            row = s.get(SchedulerState, STATE_KEY)
+            return dict(row.value) if row is not None else {}
+
+    def _save(self, **changes: Any) -> None:
+        self._persisted.update(changes)
+        with self.state.sessions() as s:
+            row = s.get(SchedulerState, STATE_KEY)
+            if row is None:
+                s.add(SchedulerState(key=STATE_KEY, value=dict(self._persisted)))
+            else:
+                row.value = dict(self._persisted)  # a new dict, so SQLAlchemy sees the JSON change
+            s.commit()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._persisted.get("paused", False))
+
+    def pause(self) -> None:
+        self._save(paused=True, paused_at=self.clock())
+
+    def resume(self) -> None:
+        self._save(paused=False, paused_at=None)
+        self._wake.set()
+
+    def config(self) -> dict[str, Any]:
+        """Effective thresholds: Settings, overridden by what was set at runtime (persisted)."""
+        return self.config_from(self._persisted.get("overrides", {}))
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        """Change thresholds at runtime (persisted; survives restarts). Unknown names raise ValueError."""
+        unknown = sorted(set(changes) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"unknown scheduler setting(s) {unknown}; known: {sorted(TUNABLE)}")
+        overrides = dict(self._persisted.get("overrides", {}))
+        for name, value in changes.items():
+            if value is None:
+                overrides.pop(name, None)
+            else:
+                overrides[name] = TUNABLE[name][1](value)
+        update: dict[str, Any] = {"overrides": overrides}
+        if "interval_s" in changes:  # a new interval starts counting now
+            update["next_interval_at"] = self.clock() + self.config_from(overrides)["interval_s"]
+        self._save(**update)
+        self._wake.set()
+        return self.config()
+
+    def config_from(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        return {name: overrides.get(name, getattr(self.settings, field)) for name, (field, _) in TUNABLE.items()}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        recovered = await asyncio.to_thread(self.recover_interrupted)
+        if recovered:
+            log.warning("runs %s were interrupted by a stop; marked failed, feedback released", recovered)
+        if self._task is None and self.settings.scheduler_enabled:
+            self._task = asyncio.create_task(self._loop(), name="loop-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    def _poll_interval(self) -> float:
+        return self.poll_s if self.poll_s is not None else max(0.2, min(5.0, self.config()["interval_s"] / 2))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the scheduler must outlive one bad tick
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("scheduler tick failed")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval())
+
+    # ------------------------------------------------------------------ decisions
+    def _pool(self) -> batches.Pool:
+        with self.state.sessions() as s:
+            return batches.collect(s, holdout_fraction=self.settings.holdout_fraction)
+
+    def _busy(self) -> bool:
+        return self._lock.locked() or bool(getattr(self.state.trainer, "busy", False))
+
+    def recover_interrupted(self) -> list[int]:
+        """Runs left 'running'/'queued' by a process that died mid-run (nobody is running them now): mark them
+        failed and release their feedback, so it is trained on later — once, since the weights of a run that
+        never recorded its new version were not kept (vLLM restarts from the newest checkpoint)."""
+        if self._busy():
+            return []
+        with self.state.sessions() as s:
+            runs = s.scalars(select(TrainingRun).where(TrainingRun.status.in_(("queued", "running")))).all()
+            for run in runs:
+                run.finished_at = datetime.now(timezone.utc)
+                kept = s.scalar(select(WeightVersion).where(WeightVersion.run_id == run.id,
+                                                            WeightVersion.checkpoint_path.is_not(None))
+                                .order_by(WeightVersion.version.desc()).limit(1))
+                if kept is not None:  # its update was applied and checkpointed: it did train on that feedback
+                    run.status, run.version_after = "succeeded", kept.version
+                    run.error = "interrupted after its update was applied and checkpointed; feedback kept consumed"
+                    continue
+                run.status = "failed"
+                run.error = "interrupted: loop stopped during the run; its feedback was released"
+                if run.version_after is None:
+                    run.version_after = run.version_before
+                s.execute(delete(RunFeedback).where(RunFeedback.run_id == run.id))
+            s.commit()
+            return [r.id for r in runs]
+
+    async def tick(self) -> int | None:
+        """Check the triggers once; start (and await) a run when one fires. Returns the run id, if any."""
+        if self.paused or self.state.trainer is None:
+            self.last_decision = "paused" if self.paused else "no trainer"
+            return None
+        if await asyncio.to_thread(self._busy):
+            self.last_decision = "a run is in progress"
+            return None
+        cfg = self.config()
+        now = self.clock()
+        pool = await asyncio.to_thread(self._pool)
+        counts = pool.counts()
+        waiting = counts["pairs"] + counts["examples"]
+        oldest = pool.oldest()
+        due = now >= float(self._persisted.get("next_interval_at") or 0)
+        if due:  # the interval clock ticks whether or not anything waits
+            self._save(next_interval_at=now + cfg["interval_s"], last_interval_at=now)
+        reason = trigger = None
+        if waiting >= cfg["min_pairs"]:
+            trigger, reason = "threshold", f"{waiting} untrained items wait (threshold {cfg['min_pairs']})"
+        elif waiting and oldest is not None and now - oldest.timestamp() >= cfg["max_wait_s"]:
+            trigger, reason = "max_wait", (f"oldest untrained feedback is {now - oldest.timestamp():.0f} s old "
+                                           f"(max wait {cfg['max_wait_s']:.0f} s)")
+        elif waiting and due:
+            trigger, reason = "interval", f"interval of {cfg['interval_s']:.0f} s elapsed; {waiting} items wait"
+        if trigger is None:
+            self.last_decision = f"waiting: {waiting} items < {cfg['min_pairs']}"
+            return None
+        self.last_decision = f"{trigger}: {reason}"
+        return await self.run_once(trigger, reason, pool=pool)
+
+    # ------------------------------------------------------------------ one run
+    async def _ensure_guard(self) -> EvalGuard | None:
+        if self.guard is None and self.config()["guard_enabled"]:
+            from loop.model_cache import resolve_model
+
+            model_dir = getattr(self.state.supervisor, "model_path", None) or resolve_model(
+                self.settings.model, self.settings.cache_dir, progress=False)
+            tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
+            self.guard = EvalGuard(self.state.vllm, tokenizer, max_len=self.settings.max_model_len)
+        return self.guard if self.config()["guard_enabled"] else None
+
+    async def run_once(self, trigger: str, reason: str, *, pool: batches.Pool | None = None) -> int | None:
+        async with self._lock:
+            cfg = self.config()
+            guard = await self._ensure_guard()
+            if pool is None:
+                pool = await asyncio.to_thread(self._pool)
+            tokenizer = guard.tokenizer if guard is not None else None
+            batch = batches.build_batch(pool, limit=cfg["batch_size"], tokenizer=tokenizer,
+                                        max_prompt_tokens=self.settings.max_prompt_tokens)
+            if batch is None:
+                return None
+            before: EvalFigures | None = None
+            eval_items: list[batches.Item] = []
+            if guard is not None:
+                eval_items = await asyncio.to_thread(self._eval_items)
+                before = await guard.measure([_eval_pair(i) for i in eval_items])
+                await self._ensure_checkpoint()
+            from loop.training import TrainRequest
+
+            request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
+            started = self.clock()
+            run_id = int(await self.state.trainer.run(request, trigger="scheduler"))
+            self.running_run_id = run_id
+            try:
+                await asyncio.to_thread(self._annotate, run_id, {"trigger": trigger, "reason": reason,
+                                                                 **batch.summary()})
+                status = await self._wait_run(run_id)
+                if status == "succeeded" and guard is not None and before is not None:
+                    try:
+                        after = await guard.measure([_eval_pair(i) for i in eval_items])
+                    except GuardError as exc:  # cannot judge: keep the update, say so on the run
+                        self.last_error = f"eval after run {run_id} failed: {exc}"
+                        await asyncio.to_thread(self._record_eval, run_id, before, None, None)
+                    else:
+                        await self._judge(run_id, before, after, cfg)
+                elif before is not None:
+                    await asyncio.to_thread(self._record_eval, run_id, before, None, None)
+            finally:
+                self.running_run_id = None
+                self._save(last_run_id=run_id, last_run_at=started, last_trigger=trigger, last_reason=reason)
+            return run_id
+
+    def _eval_items(self) -> list[batches.Item]:
+        with self.state.sessions() as s:
+            return batches.held_out_pairs(s, holdout_fraction=self.settings.holdout_fraction,
+                                          limit=self.settings.eval_max_pairs)
+
+    async def _ensure_checkpoint(self) -> None:
+        """Rollback restores a checkpoint: make sure the live version has one before changing it."""
+        version = self.state.weight_version
+        with self.state.sessions() as s:
+            row = s.get(WeightVersion, version)
+            has = row is not None and row.checkpoint_path is not None
+        if not has:
+            await self.state.trainer.checkpoint()
+
+    async def _wait_run(self, run_id: int) -> str:
+        deadline = time.monotonic() + self.run_timeout_s
+        while True:
+            with self.state.sessions() as s:
+                run = s.get(TrainingRun, run_id)
+                status = run.status if run is not None else "failed"
+            if status in TERMINAL:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {status} after {self.run_timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+    def _annotate(self, run_id: int, info: dict[str, Any]) -> None:
+        with self.state.sessions() as s:
+            run = s.get(TrainingRun, run_id)
+            if run is not None:
+                run.trigger = "scheduler"
+                run.batch = {**(run.batch or {}), "scheduler": info}
+                s.commit()
+
+    def _record_eval(self, run_id: int, before: EvalFigures, after: EvalFigures | None,
+                     rollback: dict[str, Any] | None) -> None:
+        with self.state.sessions() as s:
+            run = s.get(TrainingRun, run_id)
+            if run is None:
+                return
+            metrics = dict(run.metrics or {})
+            metrics["eval_before"] = before.to_dict()
+            if after is not None:
+                metrics["eval_after"] = after.to_dict()
+            for version, figures in ((run.version_before, before), (run.version_after, after)):
+                if version is None or figures is None:
+                    continue
+                wv = s.get(WeightVersion, version)
+                if wv is not None:
+                    wv.eval = {**(wv.eval or {}), **figures.to_dict(), "run_id": run_id, "measured_at": _iso(self.clock())}
+            if rollback is not None:
+                metrics["rollback"] = rollback
+                run.status = "rolled_back"
+                run.error = f"rolled back by the eval guard: {rollback['reason']}"
+                if run.version_after is not None and (wv := s.get(WeightVersion, run.version_after)) is not None:
+                    wv.status = "rolled_back"
+                    wv.note = rollback["reason"]
+                restored = rollback.get("restored_version")
+                if restored is not None and (nv := s.get(WeightVersion, restored)) is not None:
+                    nv.kind = "rollback"
+                    nv.note = f"rollback of run {run_id}: {rollback['reason']}"
+                    if run.version_before is not None:
+                        before_row = s.get(WeightVersion, run.version_before)
+                        if before_row is not None and before_row.eval:
+                            nv.eval = dict(before_row.eval)
+            run.metrics = metrics
+            s.commit()
+
+    async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
+        why = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
+                      max_perplexity_rise=cfg["max_perplexity_rise"])
+        if why is None:
+            await asyncio.to_thread(self._record_eval, run_id, before, after, None)
+            return
+        with self.state.sessions() as s:
+            version_before = s.get(TrainingRun, run_id).version_before
+        log.warning("run %s regressed, rolling back to version %s: %s", run_id, version_before, why)
+        rollback: dict[str, Any] = {"reason": why, "to_version": version_before}
+        try:
+            result = await self.state.trainer.restore(version_before)
+            rollback["restored_version"] = _version_of(result)
+            rollback["check"] = (await self.guard.measure([])).to_dict() if self.guard is not None else None
+        except Exception as exc:  # noqa: BLE001 - record the failure on the run; the operator must act
+            rollback["error"] = f"restore failed: {exc}"
+            self.last_error = rollback["error"]
+        await asyncio.to_thread(self._record_eval, run_id, before, after, rollback)
+
+    # ------------------------------------------------------------------ status
+    def describe(self) -> dict[str, Any]:
+        cfg = self.config()
+        counts: dict[str, Any] = {}
+        oldest = None
+        try:
+            pool = self._pool()
+            counts = pool.counts()
+            oldest = pool.oldest()
+        except Exception as exc:  # noqa: BLE001 - status must answer even if the DB hiccups
+            counts = {"error": str(exc)}
+        now = self.clock()
+        p = self._persisted
+        next_at = float(p.get("next_interval_at") or now)
+        if oldest is not None:
+            next_at = min(next_at, oldest.timestamp() + cfg["max_wait_s"])
+        waiting = counts.get("pairs", 0) + counts.get("examples", 0)
+        return {
+            "state": "paused" if self.paused else ("training" if self.running_run_id else "idle"),
+            "enabled": self.settings.scheduler_enabled,
+            "paused": self.paused,
+            "running_run_id": self.running_run_id,
+            "thresholds": cfg,
+            "untrained": counts,
+            "oldest_untrained_at": oldest.isoformat() if oldest else None,
+            "next_trigger_estimate": ("now" if waiting >= cfg["min_pairs"] else _iso(max(next_at, now)))
+            if not self.paused else None,
+            "next_interval_at": _iso(p.get("next_interval_at")),
+            "last_run_id": p.get("last_run_id"),
+            "last_run_at": _iso(p.get("last_run_at")),
+            "last_trigger": p.get("last_trigger"),
+            "last_reason": p.get("last_reason"),
+            "last_decision": self.last_decision,
+            "last_error": self.last_error,
+        }
+
+
+def _eval_pair(item: batches.Item) -> Any:
+    from loop.scheduler.guard import EvalPair
+
+    return EvalPair(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected)
+
+
+def _version_of(result: Any) -> int | None:
+    if isinstance(result, int):
+        return result
+    if isinstance(result, dict):
+        return result.get("version")
+    return getattr(result, "version", None)
