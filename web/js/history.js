@@ -89,12 +89,12 @@ function showList(root, query, {showError, clearError}, myToken, current) {
     h("button", {type: "submit", class: "btn primary", text: "Apply filters"}),
     h("a", {class: "btn ghost", href: "#/history", text: "Clear"})));
 
-  const exportFilters = {...f};
-  delete exportFilters.limit;
-  delete exportFilters.offset;
-  delete exportFilters.sort;
+  // The export routes filter by time, model, weight version and rater (not text/rating/tag: a pair is made of
+  // two responses, so those filters have no single meaning there).
+  const exportFilters = {};
+  for (const k of ["since", "until", "model", "weight_version", "rater"]) if (f[k]) exportFilters[k] = f[k];
   const exports = h("div", {class: "exports", role: "group", "aria-label": "Export for TRL"},
-    h("span", {class: "muted", text: "Export (TRL, current filters):"}),
+    h("span", {class: "muted", text: "Export for TRL (time, model, version and rater filters apply):"}),
     h("a", {class: "btn small", href: `/api/export/preference.jsonl${qs(exportFilters)}`, download: "preference.jsonl",
       "data-export": "preference", text: "Preference pairs"}),
     h("a", {class: "btn small ghost", href: `/api/export/preference.jsonl${qs({...exportFilters, format: "standard"})}`,

@@ -78,6 +78,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     } catch (err) {
       if (disposed) return;
       if (isMissingRoute(err)) replace(body, empty(`${name} not available on this server.`));
+      else if (err.status === 503) replace(body, empty(err.message)); // a part that is not running: say so calmly
       else replace(body, h("p", {class: "error-text", text: `${name}: ${err.message}`}));
     }
   }
