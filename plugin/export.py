@@ -127,9 +127,6 @@ def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0
     return path
 
 
-_reapers: list[subprocess.Popen[bytes]] = []  # kept referenced: they must outlive this process, not be collected
-
-
 def _start_reaper(spec: dict[str, Any]) -> None:
     """Start plugin/reaper.py: it unlinks the shm files and handle file when this process dies, even by SIGKILL."""
     proc = subprocess.Popen(
@@ -145,7 +142,7 @@ def _start_reaper(spec: dict[str, Any]) -> None:
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(spec).encode())
     proc.stdin.close()
-    _reapers.append(proc)
+    proc.wait(timeout=60)  # returns once the reaper has forked its detached child
 
 
 def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:

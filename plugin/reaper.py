@@ -3,7 +3,8 @@
 Why a separate process: vLLM's API server ends its workers with signals (SIGTERM to the process group, SIGKILL after
 a grace period), so atexit hooks in the worker do not reliably run, and the /dev/shm files holding the weights
 (hundreds of MB to GB) would outlive the server. plugin/export.py starts one reaper per export in its own session
-(so a signal to vLLM's process group does not hit it); it waits on a pidfd of the worker, then unlinks.
+that detaches itself (double fork, own session: neither vLLM's process-tree kill nor a signal to its process group
+reaches it); it waits on a pidfd of the worker, then unlinks.
 
     python -m plugin.reaper PID < spec.json      # spec: {"shm": [names], "handle_file": path, "load_id": id}
 
@@ -58,6 +59,12 @@ def main(argv: list[str]) -> int:
     pid = int(argv[0])
     spec = json.loads(sys.stdin.read())
     sys.stdin.close()
+    # Detach: vLLM kills its workers' whole process tree (psutil children, recursive) at shutdown, so the reaper
+    # must not stay a descendant of the worker. Fork; the parent exits at once (the exporter waits for it) and
+    # the orphaned child is re-parented to init, in a session of its own.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
     wait_for_exit(pid)
     remove(spec)
     return 0
