@@ -48,7 +48,8 @@ def error_message(response: httpx.Response) -> str:
 class VLLMClient:
     """Async client for one vLLM server at `base_url` (e.g. http://127.0.0.1:8001)."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(self, base_url: str, timeout: float, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`transport` is for unit tests (an ASGI fake vLLM); leave it None otherwise."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         # The read timeout bounds the wait between two bytes; the proxy bounds whole requests itself.
@@ -57,6 +58,7 @@ class VLLMClient:
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60),
             headers={"user-agent": "loop"},
+            transport=transport,
         )
 
     # --- raw helpers (the proxy) ---
