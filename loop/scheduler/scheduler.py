@@ -72,6 +72,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.running_run_id: int | None = None
+        self._requested: str | None = None  # "run now" asked through the API (admin)
         self.last_error: str | None = None
         self.last_decision: str | None = None
         self._persisted = self._load()
@@ -103,6 +104,11 @@ class Scheduler:
 
     def resume(self) -> None:
         self._save(paused=False, paused_at=None)
+        self._wake.set()
+
+    def request_run(self, why: str = "requested through the API") -> None:
+        """Train on whatever waits at the next tick, thresholds aside (still one run at a time, still guarded)."""
+        self._requested = why
         self._wake.set()
 
     def config(self) -> dict[str, Any]:
@@ -212,7 +218,10 @@ class Scheduler:
         if due:  # the interval clock ticks whether or not anything waits
             self._save(next_interval_at=now + cfg["interval_s"], last_interval_at=now)
         reason = trigger = None
-        if waiting >= cfg["min_pairs"]:
+        requested, self._requested = self._requested, None
+        if requested and waiting:
+            trigger, reason = "requested", f"{requested}; {waiting} items wait"
+        elif waiting >= cfg["min_pairs"]:
             trigger, reason = "threshold", f"{waiting} untrained items wait (threshold {cfg['min_pairs']})"
         elif waiting and oldest is not None and now - oldest.timestamp() >= cfg["max_wait_s"]:
             trigger, reason = "max_wait", (f"oldest untrained feedback is {now - oldest.timestamp():.0f} s old "

@@ -1,0 +1,156 @@
+"""Training-run history and the scheduler's controls.
+
+- `GET /api/runs?status=&trigger=&limit=&offset=` → `{items, total, limit, offset}`, newest first.
+- `GET /api/runs/{id}` → one run: batch summary (and why the scheduler started it), final metrics, per-step
+  history, the versions before/after (with their eval figures), eval before/after, rollback reason.
+- `GET /api/scheduler` → state, paused, thresholds, untrained counts, next-trigger estimate, last run.
+- `POST /api/scheduler/pause`, `/resume`, `/run` (run now, thresholds aside), `/config` (change thresholds at
+  runtime; `null` resets one to its setting) — admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from loop.api.deps import AdminDep, SessionDep, StateDep
+from loop.api.errors import LoopError, NotFound, Unavailable
+from loop.db.models import RunFeedback, TrainingRun, WeightVersion
+
+router = APIRouter(prefix="/api", tags=["runs"])
+
+STATUSES = ("queued", "running", "succeeded", "failed", "refused", "rolled_back")
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def run_summary(run: TrainingRun) -> dict[str, Any]:
+    batch = run.batch or {}
+    metrics = run.metrics or {}
+    sched = batch.get("scheduler") or {}
+    before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
+    return {
+        "id": run.id, "created_at": _iso(run.created_at), "finished_at": _iso(run.finished_at),
+        "status": run.status, "trigger": run.trigger, "objective": run.objective,
+        "reason": sched.get("reason"), "size": sched.get("size", batch.get("n_pairs", 0) + batch.get("n_examples", 0)),
+        "loss": metrics.get("loss"), "version_before": run.version_before, "version_after": run.version_after,
+        "accuracy_before": before.get("accuracy"), "accuracy_after": after.get("accuracy"),
+        "perplexity_before": before.get("canary_perplexity"), "perplexity_after": after.get("canary_perplexity"),
+        "error": run.error,
+    }
+
+
+def _version(session: Any, v: int | None) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    from loop.api.routes.versions import version_json
+
+    row = session.get(WeightVersion, v)
+    return version_json(row) if row is not None else None
+
+
+@router.get("/runs")
+def list_runs(session: SessionDep, status: str | None = None, trigger: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+    stmt = select(TrainingRun)
+    if status is not None:
+        if status not in STATUSES:
+            raise LoopError(f"status must be one of {', '.join(STATUSES)}, not {status!r}", status_code=422,
+                            code="invalid_status", param="status")
+        stmt = stmt.where(TrainingRun.status == status)
+    if trigger is not None:
+        stmt = stmt.where(TrainingRun.trigger == trigger)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = session.scalars(stmt.order_by(TrainingRun.id.desc()).limit(limit).offset(offset)).all()
+    return {"items": [run_summary(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/runs/{run_id}")
+def get_run(run_id: int, session: SessionDep) -> dict[str, Any]:
+    run = session.get(TrainingRun, run_id)
+    if run is None:
+        raise NotFound(f"training run {run_id} does not exist; GET /api/runs lists them", code="run_not_found")
+    metrics = run.metrics or {}
+    consumed = session.execute(select(RunFeedback.rating_id, RunFeedback.comparison_id)
+                               .where(RunFeedback.run_id == run_id)).all()
+    rollback = metrics.get("rollback")
+    return {
+        **run_summary(run),
+        "batch": run.batch or {},
+        "metrics": metrics,
+        "history": run.history or [],
+        "consumed": {"rating_ids": sorted(r for r, _ in consumed if r is not None),
+                     "comparison_ids": sorted(c for _, c in consumed if c is not None)},
+        "version_before_info": _version(session, run.version_before),
+        "version_after_info": _version(session, run.version_after),
+        "eval_before": metrics.get("eval_before"),
+        "eval_after": metrics.get("eval_after"),
+        "rolled_back": run.status == "rolled_back",
+        "rollback_reason": rollback.get("reason") if rollback else None,
+        "rollback": rollback,
+    }
+
+
+def scheduler_of(state: Any) -> Any:
+    if state.scheduler is None:
+        raise Unavailable("the scheduler is not running in this loop (start it with `loop serve`)",
+                          code="scheduler_unavailable")
+    return state.scheduler
+
+
+@router.get("/scheduler")
+async def scheduler_status(state: StateDep) -> dict[str, Any]:
+    return await asyncio.to_thread(scheduler_of(state).describe)
+
+
+@router.post("/scheduler/pause", dependencies=[AdminDep])
+async def scheduler_pause(state: StateDep) -> dict[str, Any]:
+    sched = scheduler_of(state)
+    sched.pause()
+    return await asyncio.to_thread(sched.describe)
+
+
+@router.post("/scheduler/resume", dependencies=[AdminDep])
+async def scheduler_resume(state: StateDep) -> dict[str, Any]:
+    sched = scheduler_of(state)
+    sched.resume()
+    return await asyncio.to_thread(sched.describe)
+
+
+@router.post("/scheduler/run", status_code=202, dependencies=[AdminDep])
+async def scheduler_run_now(state: StateDep) -> dict[str, Any]:
+    sched = scheduler_of(state)
+    if sched.paused:
+        raise LoopError("the scheduler is paused; resume it first (POST /api/scheduler/resume)", status_code=409,
+                        code="scheduler_paused")
+    sched.request_run()
+    return await asyncio.to_thread(sched.describe)
+
+
+class SchedulerConfig(BaseModel):
+    """Thresholds to change at runtime (persisted). Leave a field out to keep it; `null` resets it."""
+
+    model_config = ConfigDict(extra="forbid")
+    interval_s: float | None = Field(None, gt=0)
+    min_pairs: int | None = Field(None, ge=1)
+    max_wait_s: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    steps: int | None = Field(None, ge=1, le=100)
+    learning_rate: float | None = Field(None, gt=0, le=1.0)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_perplexity_rise: float | None = Field(None, ge=0)
+    guard_enabled: bool | None = None
+
+
+@router.post("/scheduler/config", dependencies=[AdminDep])
+async def scheduler_config(body: SchedulerConfig, state: StateDep) -> dict[str, Any]:
+    sched = scheduler_of(state)
+    sched.configure(**body.model_dump(exclude_unset=True))
+    return await asyncio.to_thread(sched.describe)

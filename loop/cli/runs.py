@@ -1,0 +1,229 @@
+"""`loop runs`, `loop versions`, `loop rollback`, `loop scheduler`: history and control over the HTTP API.
+
+    loop runs [--status rolled_back] [--limit 20]      training runs, newest first
+    loop runs show 12                                   one run: batch, metrics per step, eval, rollback reason
+    loop versions                                       weight versions with their eval figures
+    loop rollback 3 [--yes]                             write version 3's checkpoint back into the live weights
+    loop scheduler status|pause|resume|run              the scheduler (run = train on what waits, now)
+    loop scheduler config --min-pairs 4 --interval-s 60 change thresholds at runtime (persisted)
+
+Every command talks to a running `loop serve` (`--url`, default $LOOP_URL or http://127.0.0.1:8000). Admin
+commands send the token from `--token`, $LOOP_ADMIN_TOKEN, or the file `admin_token` in the data dir
+(`--data-dir`, default $LOOP_DATA_DIR or ~/.local/share/loop). `--json` prints the raw answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token:
+        return args.token
+    if os.environ.get("LOOP_ADMIN_TOKEN"):
+        return os.environ["LOOP_ADMIN_TOKEN"]
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        from loop.config import _default_data_dir
+
+        data_dir = Path(os.environ["LOOP_DATA_DIR"]) if os.environ.get("LOOP_DATA_DIR") else _default_data_dir()
+    path = data_dir / "admin_token"
+    return path.read_text().strip() if path.is_file() else None
+
+
+class ApiError(Exception):
+    pass
+
+
+def _call(args: argparse.Namespace, method: str, path: str, *, admin: bool = False, **kw: Any) -> Any:
+    headers = {}
+    if admin:
+        token = _token(args)
+        if token is None:
+            raise ApiError("this command needs the admin token: pass --token, set LOOP_ADMIN_TOKEN, or point "
+                           "--data-dir at the server's data dir (it holds the file admin_token)")
+        headers["authorization"] = f"Bearer {token}"
+    try:
+        response = httpx.request(method, args.url.rstrip("/") + path, headers=headers, timeout=args.timeout, **kw)
+    except httpx.HTTPError as exc:
+        raise ApiError(f"cannot reach loop at {args.url}: {exc} (is `loop serve` running? --url?)") from exc
+    try:
+        data = response.json()
+    except ValueError:
+        data = {"error": {"message": response.text[:500]}}
+    if response.status_code >= 400:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        raise ApiError(f"{response.status_code}: {err.get('message', data)}")
+    return data
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _print_table(rows: list[list[Any]], header: list[str]) -> None:
+    cells = [header] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        if args.run_id is None:
+            raise ApiError("`loop runs show` needs a run id, e.g. `loop runs show 3`")
+        run = _call(args, "GET", f"/api/runs/{args.run_id}")
+        if args.json:
+            print(json.dumps(run, indent=2))
+            return 0
+        print(f"run {run['id']}: {run['status']} ({run['trigger']}, {run['objective']}), "
+              f"version {run['version_before']} -> {run['version_after']}")
+        if run.get("reason"):
+            print(f"  why: {run['reason']}")
+        print(f"  created {run['created_at']}, finished {run['finished_at']}")
+        print(f"  batch: {json.dumps({k: v for k, v in run['batch'].items() if k != 'scheduler'})}")
+        for when in ("eval_before", "eval_after"):
+            e = run.get(when)
+            if e:
+                print(f"  {when}: accuracy {_fmt(e.get('accuracy'))} on {e.get('n_pairs')} pairs, "
+                      f"canary perplexity {_fmt(e.get('canary_perplexity'))}")
+        if run.get("rollback_reason"):
+            print(f"  ROLLED BACK: {run['rollback_reason']}")
+        elif run.get("error"):
+            print(f"  error: {run['error']}")
+        if run["history"]:
+            keys = sorted({k for h in run["history"] for k in h})
+            _print_table([[h.get(k) for k in keys] for h in run["history"]], keys)
+        return 0
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.status:
+        params["status"] = args.status
+    data = _call(args, "GET", "/api/runs", params=params)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    _print_table([[r["id"], r["created_at"][:19], r["status"], r["trigger"], r["objective"], r["size"], r["loss"],
+                   f"{_fmt(r['version_before'])}->{_fmt(r['version_after'])}", r["accuracy_before"],
+                   r["accuracy_after"], r["perplexity_before"], r["perplexity_after"]] for r in data["items"]],
+                 ["id", "created", "status", "trigger", "obj", "size", "loss", "versions", "acc_before", "acc_after",
+                  "ppl_before", "ppl_after"])
+    print(f"{len(data['items'])} of {data['total']} runs")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    data = _call(args, "GET", "/api/versions")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = []
+    for v in data["items"]:
+        e = v.get("eval") or {}
+        rows.append([("* " if v["version"] == data["live"] else "  ") + str(v["version"]), v["kind"], v["status"],
+                     v["parent_version"], v["run_id"], "yes" if v["checkpoint_path"] else "no",
+                     e.get("accuracy"), e.get("canary_perplexity"), (v.get("note") or "")[:60]])
+    _print_table(rows, ["version", "kind", "status", "parent", "run", "ckpt", "accuracy", "perplexity", "note"])
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ApiError("rollback changes the live weights: pass --yes to confirm")
+        answer = input(f"write version {args.version}'s checkpoint back into the live weights? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("cancelled")
+            return 1
+    data = _call(args, "POST", f"/api/versions/{args.version}/restore", admin=True)
+    print(json.dumps(data) if args.json else f"restored version {data['restored_from']}: live version is now "
+                                             f"{data['version']}")
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        data = _call(args, "GET", "/api/scheduler")
+    elif args.action == "config":
+        body = {k: getattr(args, k) for k in ("interval_s", "min_pairs", "max_wait_s", "batch_size", "steps",
+                                              "learning_rate", "max_accuracy_drop", "max_perplexity_rise")
+                if getattr(args, k) is not None}
+        if not body:
+            raise ApiError("`loop scheduler config` needs at least one setting, e.g. --min-pairs 4")
+        data = _call(args, "POST", "/api/scheduler/config", admin=True, json=body)
+    else:
+        data = _call(args, "POST", f"/api/scheduler/{args.action}", admin=True)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"scheduler: {data['state']}{' (paused)' if data['paused'] else ''}; untrained {data['untrained']}")
+    print(f"  thresholds: {json.dumps(data['thresholds'])}")
+    print(f"  next trigger: {data['next_trigger_estimate']}; last run {data['last_run_id']} "
+          f"({data['last_trigger']}: {data['last_reason']})")
+    if data.get("last_error"):
+        print(f"  last error: {data['last_error']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- wiring
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("LOOP_URL", "http://127.0.0.1:8000"), help="loop's address")
+    p.add_argument("--token", help="admin token (default $LOOP_ADMIN_TOKEN or <data dir>/admin_token)")
+    p.add_argument("--data-dir", help="where to find admin_token (default $LOOP_DATA_DIR or ~/.local/share/loop)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+
+def _wrap(fn: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except ApiError as exc:
+            print(f"loop: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
+    p = sub.add_parser("runs", help="training runs: list, or `show ID`")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("run_id", nargs="?", type=int)
+    p.add_argument("--status", help="only runs with this status (succeeded, rolled_back, failed, refused, ...)")
+    p.add_argument("--limit", type=int, default=20)
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_runs))
+
+    p = sub.add_parser("versions", help="weight versions with their eval figures")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_versions))
+
+    p = sub.add_parser("rollback", help="write an earlier version's checkpoint back into the live weights")
+    p.add_argument("version", type=int)
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_rollback))
+
+    p = sub.add_parser("scheduler", help="the automatic trainer: status, pause, resume, run now, config")
+    p.add_argument("action", choices=["status", "pause", "resume", "run", "config"])
+    for flag, typ in (("--interval-s", float), ("--min-pairs", int), ("--max-wait-s", float), ("--batch-size", int),
+                      ("--steps", int), ("--learning-rate", float), ("--max-accuracy-drop", float),
+                      ("--max-perplexity-rise", float)):
+        p.add_argument(flag, type=typ, help="(config) new value")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_scheduler))

@@ -1,0 +1,159 @@
+"""Shared by the scheduler tests: a fake clock, a fake trainer that books runs like loop.training.Trainer, a
+scripted guard, a minimal state over a real SQLite file, and a helper to seed A/B comparisons."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from loop.config import Settings
+from loop.db.models import Comparison, Response, RunFeedback, TrainingRun, WeightVersion
+from loop.db.session import make_engine, make_sessionmaker, migrate
+from loop.scheduler.guard import EvalFigures
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeTrainer:
+    """Records the run and its feedback like loop.training.Trainer, and 'applies' by adding a version."""
+
+    def __init__(self, state: "State") -> None:
+        self.state = state
+        self.busy = False
+        self.requests: list[Any] = []
+        self.restored: list[int] = []
+        self.checkpoints = 0
+        self.fail = False
+
+    async def run(self, request: Any, *, trigger: str = "manual") -> int:
+        self.requests.append(request)
+        with self.state.sessions() as s:
+            run = TrainingRun(status="running", trigger=trigger, objective=request.objective,
+                              version_before=self.state.weight_version, batch={"n": len(request.pairs)})
+            s.add(run)
+            s.flush()
+            s.add_all([RunFeedback(run_id=run.id, comparison_id=c) for c in request.comparison_ids])
+            s.add_all([RunFeedback(run_id=run.id, rating_id=r) for r in request.rating_ids])
+            s.commit()
+            run_id = run.id
+        asyncio.get_running_loop().call_soon(self._finish, run_id)
+        return run_id
+
+    def _finish(self, run_id: int) -> None:
+        with self.state.sessions() as s:
+            run = s.get(TrainingRun, run_id)
+            if self.fail:
+                run.status, run.version_after = "failed", run.version_before
+                s.query(RunFeedback).filter(RunFeedback.run_id == run_id).delete()
+            else:
+                v = self._new_version(s, "train", run_id)
+                run.status, run.version_after = "succeeded", v
+            s.commit()
+
+    def _new_version(self, s: Session, kind: str, run_id: int | None, path: str | None = None) -> int:
+        v = self.state.weight_version + 1
+        s.add(WeightVersion(version=v, kind=kind, parent_version=self.state.weight_version, run_id=run_id,
+                            checkpoint_path=path))
+        self.state.weight_version = v
+        return v
+
+    async def checkpoint(self) -> tuple[int, str]:
+        self.checkpoints += 1
+        with self.state.sessions() as s:
+            s.get(WeightVersion, self.state.weight_version).checkpoint_path = f"/ckpt/v{self.state.weight_version}"
+            s.commit()
+        return self.state.weight_version, f"/ckpt/v{self.state.weight_version}"
+
+    async def restore(self, version: int) -> int:
+        self.restored.append(version)
+        with self.state.sessions() as s:
+            v = self._new_version(s, "restore", None, f"/ckpt/v{version}")
+            s.commit()
+        return v
+
+
+class ScriptedGuard:
+    """Returns the figures it is given, in order; remembers what it was asked to measure."""
+
+    tokenizer = None
+
+    def __init__(self, figures: list[tuple[float | None, float]]) -> None:
+        self.figures = list(figures)
+        self.calls: list[int] = []
+
+    async def measure(self, pairs: list[Any]) -> EvalFigures:
+        self.calls.append(len(pairs))
+        acc, ppl = self.figures.pop(0) if self.figures else (None, 10.0)
+        return EvalFigures(accuracy=acc, n_pairs=len(pairs), mean_margin=None, canary_perplexity=ppl,
+                           canary_tokens=100, ms=1.0)
+
+
+@dataclass
+class State:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    weight_version: int = 0
+    trainer: Any = None
+    supervisor: Any = None
+    vllm: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[State]:
+    url = f"sqlite:///{tmp_path / 'loop.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        s.add(WeightVersion(version=0, kind="initial"))
+        s.commit()
+    settings = Settings(data_dir=tmp_path, scheduler_interval_s=60, scheduler_min_pairs=3, scheduler_max_wait_s=3600,
+                        holdout_fraction=0.0, admin_token="x" * 32)
+    st = State(settings=settings, sessions=sessions)
+    st.trainer = FakeTrainer(st)
+    yield st
+    engine.dispose()
+
+
+_n = 0
+
+
+def add_comparisons(state: State, k: int, winner: str = "a") -> list[int]:
+    global _n
+    ids = []
+    with state.sessions() as s:
+        for _ in range(k):
+            _n += 1
+            prompt = f"prompt {_n}"
+            h = hashlib.sha256(prompt.encode()).hexdigest()
+            a, b = f"resp-{_n:030x}a", f"resp-{_n:030x}b"
+            for rid, text in ((a, "yes"), (b, "no")):
+                s.add(Response(id=rid, group_id=a, endpoint="chat", model="m", weight_version=0, request={},
+                               messages=[{"role": "user", "content": prompt}], prompt_hash=h, completion=text))
+            s.flush()
+            c = Comparison(response_a_id=a, response_b_id=b, winner=winner)
+            s.add(c)
+            s.flush()
+            ids.append(c.id)
+        s.commit()
+    return ids
+
+
+def runs(state: State) -> list[TrainingRun]:
+    with state.sessions() as s:
+        return list(s.scalars(select(TrainingRun).order_by(TrainingRun.id)))
