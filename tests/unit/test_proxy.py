@@ -1,0 +1,143 @@
+"""The proxy against a tiny fake vLLM (an ASGI app): storage, stripping, ids, errors. The real thing is in
+tests/e2e/test_proxy.py; here each behaviour is pinned down fast and without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+
+from loop.api.app import create_app
+from loop.config import Settings
+from loop.db.models import Response
+from loop.vllm.client import VLLMClient
+
+
+def fake_vllm(seen: list[dict], delay: float = 0.0) -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):  # noqa: ANN202
+        body = await request.json()
+        seen.append(body)
+        await asyncio.sleep(delay)
+        if body["model"] != "m":
+            return JSONResponse({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                           "type": "NotFoundError", "param": "model", "code": 404}}, 404)
+        lp = {"content": [{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -0.2}]}
+        if body.get("stream"):
+            async def gen() -> AsyncIterator[bytes]:
+                yield b'data: {"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""}}],' \
+                      b'"prompt_token_ids":[1,2],"prompt_text":"P"}\n\n'
+                for tok, tid in (("a", 7), ("b", 8)):
+                    chunk = {"id": "x", "choices": [{"index": 0, "delta": {"content": tok}, "token_ids": [tid],
+                             "logprobs": {"content": [{"token": tok, "logprob": -0.5}]},
+                             "finish_reason": "stop" if tok == "b" else None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            return StreamingResponse(gen(), media_type="text/event-stream")
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"ab{i}"}, "logprobs": lp,
+                    "finish_reason": "stop", "token_ids": [7, 8]} for i in range(body.get("n") or 1)]
+        return {"id": "chatcmpl-x", "object": "chat.completion", "model": "m", "choices": choices,
+                "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+                "prompt_token_ids": [1, 2], "prompt_text": "P"}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {}
+
+    return app
+
+
+@pytest.fixture
+async def proxied(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
+    settings = Settings(data_dir=tmp_path, served_model_name="m", request_timeout_s=0.3, vllm_url="http://fake")
+    app = create_app(settings, manage=False)
+    seen: list[dict] = []
+    async with app.router.lifespan_context(app):
+        state = app.state.loop
+        await state.vllm.aclose()
+        state.vllm = VLLMClient("http://fake", 0.3, transport=httpx.ASGITransport(fake_vllm(seen)))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://loop") as client:
+            yield SimpleNamespace(client=client, state=state, seen=seen, app=app)
+
+
+def stored(state, rid: str) -> Response:  # noqa: ANN001
+    with state.sessions() as s:
+        return s.scalars(select(Response).where(Response.id == rid)).one()
+
+
+async def test_non_stream_stores_every_choice_and_strips_extras(proxied) -> None:  # noqa: ANN001
+    r = await proxied.client.post("/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "hi"}], "n": 2})
+    assert r.status_code == 200
+    data = r.json()
+    ids = r.headers["x-loop-response-id"].split(",")
+    assert data["id"] == ids[0] and [c["loop_response_id"] for c in data["choices"]] == ids
+    assert all(c["logprobs"] is None and c["token_ids"] is None for c in data["choices"])
+    assert data["prompt_token_ids"] is None and data["prompt_text"] is None
+    sent = proxied.seen[-1]
+    assert sent["logprobs"] is True and sent["return_token_ids"] is True and sent["model"] == "m"
+    row = stored(proxied.state, ids[1])
+    assert (row.completion, row.completion_token_ids, row.completion_logprobs) == ("ab1", [7, 8], [-0.1, -0.2])
+    assert row.prompt_token_ids == [1, 2] and row.prompt_text == "P" and row.choice_index == 1
+
+
+async def test_weight_version_is_read_when_the_answer_arrives(proxied) -> None:  # noqa: ANN001
+    proxied.state.weight_version = 7
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.headers["x-loop-weight-version"] == "7" and r.json()["choices"][0]["loop_weight_version"] == 7
+    assert stored(proxied.state, r.json()["id"]).weight_version == 7
+
+
+async def test_stream_is_stored_before_done(proxied) -> None:  # noqa: ANN001
+    r = await proxied.client.post("/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+    rid = r.headers["x-loop-response-id"]
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["id"] == rid for c in chunks) and "prompt_token_ids" not in chunks[0]
+    assert all("token_ids" not in ch for c in chunks for ch in c["choices"])
+    row = stored(proxied.state, rid)
+    assert row.completion == "ab" and row.completion_token_ids == [7, 8] and row.completion_logprobs == [-0.5, -0.5]
+    assert row.stream and not row.truncated and row.prompt_tokens == 2 and row.finish_reason == "stop"
+
+
+async def test_upstream_error_passes_through(proxied) -> None:  # noqa: ANN001
+    r = await proxied.client.post("/v1/chat/completions",
+                                  json={"model": "other", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+
+
+async def test_slow_upstream_gives_504(proxied) -> None:  # noqa: ANN001
+    proxied.state.vllm = VLLMClient("http://fake", 0.3,
+                                    transport=httpx.ASGITransport(fake_vllm(proxied.seen, delay=2.0)))
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 504 and "did not answer within 0.3 s" in r.json()["error"]["message"]
+
+
+async def test_starting_supervisor_gives_503_with_progress(proxied) -> None:  # noqa: ANN001
+    proxied.state.supervisor = SimpleNamespace(state="starting", describe=lambda: "vLLM is starting (12 s)",
+                                               restarts=0, url="u", model_path="p", log_path="l",
+                                               last_error=None, elapsed_s=lambda: 12.0)
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.json()["error"]["message"] == "vLLM is starting (12 s)"
+    h = await proxied.client.get("/health")
+    assert h.status_code == 503 and h.json()["vllm"]["state"] == "starting"
+
+
+async def test_candidates_validation_and_answer(proxied) -> None:  # noqa: ANN001
+    r = await proxied.client.post("/api/candidates", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200 and [c["content"] for c in r.json()["candidates"]] == ["ab0", "ab1"]
+    assert proxied.seen[-1]["n"] == 2 and proxied.seen[-1]["temperature"] == 0.9
+    r = await proxied.client.post("/api/candidates", json={"messages": [], "n": 2})
+    assert r.status_code == 422

@@ -1,0 +1,95 @@
+"""Metrics, JSON logs, the CLI's settings precedence and the vLLM client's control calls (against a fake)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import httpx
+import pytest
+from fastapi import FastAPI, Query
+
+from loop.cli import build_parser
+from loop.cli.serve import settings_from_args
+from loop.logs import JsonFormatter
+from loop.metrics import Metrics
+from loop.vllm.client import VLLMClient, VLLMError, VLLMUnreachable
+
+
+def test_metrics_have_their_own_registry_and_render() -> None:
+    a, b = Metrics(), Metrics()  # two apps in one process must not clash
+    a.request("/v1/chat/completions", 200)
+    a.stored(10, 5)
+    a.rating()
+    a.train_step(0.69)
+    a.set_weight_version(3)
+    text = a.render()[0].decode()
+    assert 'loop_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert "loop_completion_tokens_total 5.0" in text and "loop_weight_version 3.0" in text
+    assert "loop_ratings_total 1.0" in text and "loop_training_loss 0.69" in text
+    assert "loop_ratings_total 0.0" in b.render()[0].decode()
+
+
+def test_json_log_lines_carry_extra_fields() -> None:
+    record = logging.LogRecord("loop.api", logging.INFO, __file__, 1, "stored %d rows", (2,), None)
+    record.response_id = "resp-1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "stored 2 rows" and line["level"] == "info" and line["response_id"] == "resp-1"
+    assert line["ts"].endswith("Z")
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("LOOP_PORT", "7000")
+    monkeypatch.setenv("LOOP_VLLM_PORT", "7001")
+    args = build_parser().parse_args(["serve", "--port", "9000", "--data-dir", str(tmp_path)])
+    s = settings_from_args(args)
+    assert s.port == 9000 and s.vllm_port == 7001 and s.data_dir == tmp_path
+
+
+def test_bad_flag_value_exits_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    args = argparse.Namespace(vllm_url="localhost:8001")
+    with pytest.raises(SystemExit) as exc:
+        settings_from_args(args)
+    assert exc.value.code == 2 and "must start with http://" in capsys.readouterr().err
+
+
+def test_cli_lists_its_commands() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["db", "current"]).func is not None
+    assert parser.parse_args(["bench", "proxy", "-n", "3"]).requests == 3
+
+
+async def test_client_control_calls() -> None:
+    fake = FastAPI()
+    calls: list[str] = []
+
+    @fake.post("/pause")
+    async def pause(mode: str = Query(), clear_cache: bool = Query(True)) -> dict:
+        calls.append(f"pause {mode} {clear_cache}")
+        return {"status": "paused"}
+
+    @fake.post("/resume")
+    async def resume() -> dict:
+        calls.append("resume")
+        return {"status": "resumed"}
+
+    @fake.get("/is_paused")
+    async def is_paused() -> dict:
+        return {"is_paused": True}
+
+    client = VLLMClient("http://fake", 5, transport=httpx.ASGITransport(fake))
+    await client.pause("keep")
+    await client.resume()
+    assert await client.is_paused() is True
+    assert calls == ["pause keep False", "resume"]
+    with pytest.raises(VLLMError, match="VLLM_SERVER_DEV_MODE"):
+        await client.reset_prefix_cache()  # not routed by the fake: a 404
+    with pytest.raises(ValueError):
+        await client.pause("later")
+    await client.aclose()
+    closed = VLLMClient("http://127.0.0.1:9", 2)
+    assert await closed.health() is False
+    with pytest.raises(VLLMUnreachable):
+        await closed.resume()
+    await closed.aclose()
