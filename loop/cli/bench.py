@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import proxy
+from loop.bench import ingest, proxy
 
-BENCHES = [proxy]
+BENCHES = [proxy, ingest]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
