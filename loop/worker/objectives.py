@@ -110,8 +110,10 @@ def _prompt_ids(tokenizer: Any, prompt: Prompt, budget: int) -> tuple[list[int],
     ids = _ids(tokenizer, _render(tokenizer, msgs, True))
     if len(ids) <= budget:
         return ids, False
-    while len(turns) > 1:  # drop whole earlier turns first
+    while len(turns) > 1:  # drop whole earlier turns first, so the kept context starts at a user turn
         turns = turns[1:]
+        while len(turns) > 1 and turns[0].get("role") != "user":
+            turns = turns[1:]
         ids = _ids(tokenizer, _render(tokenizer, system + turns, True))
         if len(ids) <= budget:
             return ids, True
