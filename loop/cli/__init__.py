@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from loop.cli import bench, db, serve
+from loop.cli import feedback  # loop feedback export / stats
 from loop.cli import runs  # loop runs / versions / rollback / scheduler
 
-COMMANDS = [serve, db, bench, runs]  # one module per command; each has register(subparsers)
+COMMANDS = [serve, db, bench, runs, feedback]  # one module per command; each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
