@@ -36,7 +36,7 @@ export function metricSeries(history) {
   const rows = toRows(history).map(flatten);
   const steps = rows.map((r, i) => (typeof r.step === "number" ? r.step : i + 1));
   const names = new Set();
-  for (const r of rows) for (const [k, v] of Object.entries(r)) if (!SKIP.has(k) && typeof v === "number") names.add(k);
+  for (const r of rows) for (const [k, v] of Object.entries(r)) if (!SKIP.has(k) && !k.endsWith("_ms") && typeof v === "number") names.add(k);
   const rank = (name) => {
     const i = PREFERRED.findIndex((re) => re.test(name));
     return i < 0 ? PREFERRED.length : i;

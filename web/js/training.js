@@ -1,7 +1,8 @@
 /**
  * training.js — the Training view: watch the model learn and steer it.
  *
- * Shows the trainer's live status (GET /api/train/status), the feedback waiting to be learned (GET /api/stats),
+ * Shows the trainer's live status with the current run's loss per step (GET /api/train/status), the feedback
+ * waiting to be learned (GET /api/stats),
  * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
  * vendored in web/vendor/uplot), and the weight-version timeline with eval figures, checkpoint and restore.
  * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
@@ -45,13 +46,8 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const chartBody = h("div", {class: "card-body charts"});
   const versionsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
   const actionStatus = statusLine();
-
-  const steps = h("input", {type: "number", min: "1", max: "1000", placeholder: "default"});
-  const objective = h("select", {}, [["", "automatic"], ["dpo", "DPO (pairs)"], ["kto", "KTO (thumbs)"]]
-    .map(([v, t]) => h("option", {value: v, text: t})));
-  const trainForm = h("form", {class: "train-form", onsubmit: (e) => { e.preventDefault(); trainNow(); }},
-    h("div", {class: "grid-fields"}, field("Steps", steps), field("Objective", objective)),
-    h("button", {type: "submit", class: "btn primary", text: "Train on new feedback"}));
+  const liveChart = h("div", {class: "live-chart"});
+  let live = {chart: null, key: ""};
 
   const dialog = confirmDialog();
   const card = (title, id, ...content) => h("section", {class: "card", "aria-labelledby": id},
@@ -61,7 +57,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     h("div", {class: "view-head"}, h("h1", {id: "training-title", text: "Training"})),
     h("details", {class: "options", open: !adminToken()}, h("summary", {text: "Admin token"}), tokenForm),
     h("div", {class: "cards"},
-      card("Trainer", "c-status", statusBody, trainForm, actionStatus),
+      card("Trainer", "c-status", statusBody, liveChart, actionStatus),
       card("Feedback", "c-stats", statsBody),
       card("Scheduler", "c-sched", schedBody)),
     card("Runs", "c-runs", runsBody, chartBody),
@@ -100,6 +96,21 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         ...Object.entries(s.metrics || {}).slice(0, 6).map(([k, v]) => [k, fmtNum(v, 4)]),
       ]),
       s.last_error ? h("p", {class: "error-text", text: `Last error: ${s.last_error}`}) : null);
+    renderLiveLoss(s.run_id, losses);
+  }
+
+  /** Loss per step of the current (or last) run, straight from the trainer; redrawn only when it changes. */
+  function renderLiveLoss(runId, losses) {
+    const key = JSON.stringify([runId, losses.length]);
+    if (key === live.key) return;
+    live.key = key;
+    if (live.chart) live.chart.destroy();
+    live.chart = null;
+    replace(liveChart);
+    if (!losses.length) return;
+    const box = h("figure", {class: "chart", dataset: {metric: "live-loss"}}, h("figcaption", {text: `Run ${runId}: loss per step`}));
+    liveChart.append(box);
+    live.chart = runChart(box, "loss", losses.map((_, i) => i + 1), losses);
   }
 
   function renderStats(s) {
@@ -219,13 +230,6 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     }
   }
 
-  function trainNow() {
-    const body = {};
-    if (steps.value) body.steps = Number(steps.value);
-    if (objective.value) body.objective = objective.value;
-    admin("/api/train", body, (r) => `Run ${r.run_id} started.`, async () => { selectedRun = null; await Promise.all([loadStatus(), loadRuns()]); });
-  }
-
   async function checkpoint() {
     if (!(await dialog.ask("Write a checkpoint of the live weights now?", "Checkpoint"))) return;
     admin("/api/checkpoint", {}, (r) => `Checkpoint v${r.version} written.`, loadVersions);
@@ -243,7 +247,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   refreshAll();
   timers.push(setInterval(() => { loadStatus(); loadSched(); }, 3000));
   timers.push(setInterval(() => { loadStats(); loadRuns(); loadVersions(); }, 10000));
-  const onResize = () => { for (const c of charts) c.fit(); };
+  const onResize = () => { for (const c of charts) c.fit(); if (live.chart) live.chart.fit(); };
   window.addEventListener("resize", onResize);
 
   return () => {
@@ -251,6 +255,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     timers.forEach(clearInterval);
     window.removeEventListener("resize", onResize);
     for (const c of charts.splice(0)) c.destroy();
+    if (live.chart) live.chart.destroy();
   };
 }
 

