@@ -116,6 +116,9 @@ def _patch_worker(gpu_worker: ModuleType) -> None:
             logger.exception("loop plugin: weight-handle export failed; zero-copy training is unavailable")
         return result
 
+    from plugin.load_route import install
+
+    install(worker_cls)  # vLLM's own load_weights route, for side-by-side benchmarks
     load_model._loop_wrapped = True  # type: ignore[attr-defined]
     load_model.__wrapped__ = original  # type: ignore[attr-defined]
     load_model.__doc__ = original.__doc__

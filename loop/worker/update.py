@@ -116,10 +116,18 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
 def apply_updates_(
     deltas: Mapping[torch.Tensor, torch.Tensor], *, stochastic_rounding: bool = True, generator: torch.Generator | None = None
 ) -> None:
-    """param += delta, in place, one tensor at a time. Call check_updates first (this does not re-check)."""
-    for p, d in deltas.items():
+    """param += delta, in place, one tensor at a time. Call check_updates first (this does not re-check).
+
+    Contiguous bf16 CUDA weights take a fused Triton kernel (sr_triton.py: one read of w and delta, one write)."""
+    from loop.worker import sr_triton
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the kernel's Philox seed; tensor i uses seed + i
+    for i, (p, d) in enumerate(deltas.items()):
         if p.dtype == torch.float32 or p.dtype == torch.float64:
             p.add_(d.to(p.dtype))
+            continue
+        if stochastic_rounding and sr_triton.available(p, d):
+            sr_triton.sr_add_(p, d, seed + i)
             continue
         s = p.float() + d.float()
         p.copy_(stochastic_round(s, p.dtype, generator) if stochastic_rounding else s.to(p.dtype))

@@ -1,0 +1,185 @@
+"""`loop bench update` (P1): how long from "the step is done" to "vLLM serves the new weights".
+
+Starts vLLM (with loop's plugin) on a model folder — on a GPU use a real config with random weights
+(`--load-format dummy`, e.g. loop/bench/configs/qwen2-7b) — attaches to its weights through the plugin's handles,
+stages one update for EVERY weight (bf16 deltas of ~1e-4 relative size), then measures, in the same run,
+median of `--repeats`:
+
+- loop's atomic apply: `/pause?mode=wait` → in-place stochastic-rounding add through the views →
+  `/reset_prefix_cache` → `/resume`, each part timed; 0 bytes copied between processes;
+- the floor: one read+write pass over all weights at memory bandwidth (`w.mul_(1)`) + the bare pause round trip
+  (pause → reset → resume with nothing in between);
+- vLLM's own cross-process route for the same update: a trainer holding a second copy of the (updated) weights
+  shares it and vLLM loads it with its model's `load_weights` through `/collective_rpc` (plugin/load_route.py),
+  under the same pause; it copies every byte.
+
+    loop bench update --model loop/bench/configs/qwen2-7b --dummy          (GPU)
+    loop bench update --model smollm2                                       (CPU, small)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
+    p = sub.add_parser("update", help="P1: update latency (pause + apply + reset + resume) vs floor vs vLLM's route")
+    p.add_argument("--model", default="smollm2", help="model folder or 'smollm2'")
+    p.add_argument("--dummy", action="store_true", help="random weights of the real size (--load-format dummy)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.35)
+    p.add_argument("--no-route", action="store_true", help="skip vLLM's load_weights route (needs a second copy)")
+    p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
+    p.set_defaults(func=main)
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespace, cuda: bool) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048"]
+    if args.dummy:
+        cmd += ["--load-format", "dummy", "--skip-tokenizer-init"]
+    if cuda:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    else:
+        cmd += ["--enforce-eager"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    env.update(VLLM_SERVER_DEV_MODE="1", LOOP_RUNTIME_DIR=runtime_dir, VLLM_CPU_KVCACHE_SPACE="1")
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("vLLM did not become healthy")
+
+
+def main(args: argparse.Namespace) -> int:
+    import signal
+
+    import torch
+
+    from loop.bench.proxy import free_port
+    from loop.config import Settings
+    from loop.model_cache import resolve_model
+    from loop.worker.handles import attach, read_handles
+    from loop.worker.update import apply_updates_, weights_checksum
+    from loop.worker.views import build_model
+
+    cuda = torch.cuda.is_available()
+    model_path = resolve_model(args.model, Settings().cache_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="loop-bench-rt-") as rt, tempfile.TemporaryDirectory(prefix="loop-bench-copy-") as copy_dir:
+        os.chmod(rt, 0o700)
+        os.chmod(copy_dir, 0o700)
+        t0 = time.perf_counter()
+        proc = _start_vllm(model_path, port, rt, args, cuda)
+        try:
+            _wait(url, proc)
+            print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            hs = read_handles(rt, wait_s=60)
+            tensors = attach(hs)
+            model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"] or None)
+            params = dict(model.named_parameters())
+            weight_bytes = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
+            gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(0)
+            deltas = {p: (torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * 1e-4 * float(p.float().abs().mean() + 1e-6)).to(p.dtype)
+                      for p in params.values()}
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            client = httpx.Client(base_url=url, timeout=120)
+
+            def post(path: str) -> float:
+                t = time.perf_counter()
+                r = client.post(path)
+                r.raise_for_status()
+                return (time.perf_counter() - t) * 1e3
+
+            res: dict[str, list[float]] = {k: [] for k in ("floor_pass", "floor_pause_rt", "pause", "apply", "reset", "resume",
+                                                           "total", "route_pause", "route_load", "route_reset", "route_resume", "route_total")}
+            unique = list({t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
+            before = weights_checksum(params.items())
+            for _ in range(args.repeats):
+                sync(); t = time.perf_counter()
+                for w in unique:
+                    w.mul_(1.0)
+                sync(); res["floor_pass"].append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()
+                post("/pause?mode=wait"); post("/reset_prefix_cache"); post("/resume")
+                res["floor_pause_rt"].append((time.perf_counter() - t) * 1e3)
+
+                t_all = time.perf_counter()
+                res["pause"].append(post("/pause?mode=wait"))
+                t = time.perf_counter()
+                apply_updates_(deltas, stochastic_rounding=True)
+                sync(); res["apply"].append((time.perf_counter() - t) * 1e3)
+                res["reset"].append(post("/reset_prefix_cache"))
+                res["resume"].append(post("/resume"))
+                res["total"].append((time.perf_counter() - t_all) * 1e3)
+            after = weights_checksum(params.items())
+            route_bytes = 0
+            if not args.no_route:
+                from plugin.export import export_module
+
+                holder = torch.nn.Module()
+                for name, p in params.items():  # the trainer's own copy, updated: what the copy route ships
+                    holder.register_parameter(name.replace(".", "__"), torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+                export_module(holder, Path(copy_dir))
+                route_bytes = sum(p.numel() * p.element_size() for p in holder.parameters())
+                for _ in range(args.repeats):
+                    t_all = time.perf_counter()
+                    res["route_pause"].append(post("/pause?mode=wait"))
+                    t = time.perf_counter()
+                    r = client.post("/collective_rpc", json={"method": "loop_load_weights_from", "args": [copy_dir]})
+                    r.raise_for_status()
+                    res["route_load"].append((time.perf_counter() - t) * 1e3)
+                    res["route_reset"].append(post("/reset_prefix_cache"))
+                    res["route_resume"].append(post("/resume"))
+                    res["route_total"].append((time.perf_counter() - t_all) * 1e3)
+            ok = client.post("/v1/completions", json={"model": hs.meta["model_path"], "prompt": [1, 2, 3, 4], "max_tokens": 4})
+            m = {k: _median(v) for k, v in res.items()}
+            floor = m["floor_pass"] + m["floor_pause_rt"]
+            device = torch.cuda.get_device_name() if cuda else "cpu"
+            print(f"\nP1 update latency — {Path(model_path).name}, {weight_bytes / 1e9:.2f} GB of {hs.meta['dtype']} weights, "
+                  f"{len(params)} HF tensors, device: {device}, median of {args.repeats}")
+            print(f"  floor: one pass over the weights {m['floor_pass']:.1f} ms "
+                  f"({2 * weight_bytes / m['floor_pass'] / 1e9:.0f} GB/s r+w) + pause round trip {m['floor_pause_rt']:.1f} ms = {floor:.1f} ms")
+            print(f"  loop atomic apply: pause {m['pause']:.1f} + apply {m['apply']:.1f} + reset {m['reset']:.1f} + resume {m['resume']:.1f}"
+                  f" = {m['total']:.1f} ms  ({m['total'] / floor:.2f}x the floor), 0 bytes copied")
+            if not args.no_route:
+                print(f"  vLLM load_weights route: pause {m['route_pause']:.1f} + load {m['route_load']:.1f} + reset {m['route_reset']:.1f}"
+                      f" + resume {m['route_resume']:.1f} = {m['route_total']:.1f} ms  ({m['route_total'] / floor:.2f}x the floor), "
+                      f"{route_bytes / 1e9:.2f} GB copied, +{route_bytes / 1e9:.2f} GB for the trainer's second copy")
+                print(f"  loop vs route: {m['route_total'] / m['total']:.2f}x faster")
+            print(f"  weights changed: {before != after}; vLLM serves after the updates: {ok.status_code == 200}")
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps({"device": device, "model": model_path, "weight_bytes": weight_bytes,
+                                                           "median_ms": m, "floor_ms": floor, "route_bytes": route_bytes}, indent=1))
+            return 0 if ok.status_code == 200 and before != after else 1
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
