@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import ingest, proxy
+from loop.bench import ingest, learning, proxy
 
-BENCHES = [proxy, ingest]
+BENCHES = [proxy, ingest, learning]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001

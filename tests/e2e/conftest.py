@@ -100,7 +100,10 @@ def start_loop(data_dir: Path, *args: str, env: dict[str, str] | None = None,
 @pytest.fixture(scope="session")
 def loop_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     data_dir = tmp_path_factory.mktemp("loop-e2e")
-    service = start_loop(data_dir, "--vllm-port", str(free_port()))
+    # The scheduler never trains on its own here (other tests' feedback stays theirs); tests/e2e/test_loop_e2e.py
+    # lowers the thresholds at runtime through POST /api/scheduler/config and puts them back.
+    never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9", "LOOP_SCHEDULER_MAX_WAIT_S": "1e9"}
+    service = start_loop(data_dir, "--vllm-port", str(free_port()), env=never)
     try:
         yield service
     finally:
