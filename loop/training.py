@@ -139,6 +139,9 @@ class Trainer:
                 "weight_version": self.state.weight_version, "worker": worker}
 
     def _require_worker(self) -> None:
+        sup = self.state.supervisor
+        if sup is not None and sup.state != "ready":
+            raise Unavailable(f"vLLM is not serving ({sup.describe()}); training waits for it", code="vllm_unavailable")
         if not self.control.alive:
             d = self.control.describe()
             why = f": {d['last_error']}" if d.get("last_error") else ""

@@ -10,7 +10,8 @@ What it does, in order:
    marks the trainable parameters and builds the staged optimizer; says `Hello`.
 3. Serves requests one at a time (protocol.py): `Train` computes a staged update — reference log-probs,
    forward, backward, optimizer maths — while vLLM keeps serving; `Apply` (sent while the API holds vLLM paused)
-   re-checks it (finite, ratio cap), writes it in place with stochastic rounding and commits the optimizer
+   finds it checked (finite, ratio cap) and already rounded (stochastic rounding, done before the pause),
+   copies it in place and commits the optimizer
    state; `Discard` drops it (optimizer state as before); `Checkpoint` writes an HF folder atomically;
    `Restore` copies a checkpoint back into the live weights through the same views.
 4. Before each request, and every few idle seconds, compares the handle file's load id with its own: a new id
@@ -81,12 +82,15 @@ class Worker:
         from loop.worker.views import build_model, views_alias
 
         self.ch.state = "waiting"
+        said = 0.0
         while True:
             try:
                 handle_set = read_handles(self.runtime_dir, wait_s=5.0)
                 break
             except HandleError as e:
-                log.info("waiting for vLLM's weight handles: %s", e)
+                if time.monotonic() - said > 60:  # say it now and then, not every poll
+                    log.info("waiting for vLLM's weight handles: %s", e)
+                    said = time.monotonic()
         t0 = time.perf_counter()
         tensors = attach(handle_set)
         meta = handle_set.meta
@@ -186,37 +190,62 @@ class Worker:
             if msg.inject_nan and deltas:
                 next(iter(deltas.values())).fill_(float("nan"))
             check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
-            self._staged = (msg.run_id, deltas, check)
+            d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
+            self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
+            del deltas
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
             metrics["step_ms"] = (time.perf_counter() - t0) * 1000
             self._run["history"].append({"step": float(msg.step), **metrics})
             self.ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=metrics.get("loss", float("nan")),
                                     metrics=metrics))
-            d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
             stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
-                                  ratio=check.global_ratio, n_tensors=len(deltas))
+                                  ratio=check.global_ratio, n_tensors=len(self._staged[1]))
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
 
-    def apply(self, msg: p.Apply) -> p.Msg:
-        from loop.worker.update import apply_updates_, check_updates
+    @staticmethod
+    def _new_values(deltas: dict[Any, Any]) -> dict[Any, Any]:
+        """The weights after the update, rounded stochastically to their dtype, computed BEFORE the pause.
 
+        Why not `apply_updates_` inside Apply: its fp32 add + random bits take seconds on a CPU for a 135M
+        model, and vLLM is paused meanwhile. Nothing else writes the weights between Train and Apply (a restore
+        or a re-attach drops the staged values), so w + delta can be rounded now and Apply is one copy per
+        tensor. Memory is the same as staging the deltas themselves (one tensor of the weight's dtype each)."""
+        import torch
+
+        from loop.worker.update import stochastic_round
+
+        out: dict[Any, Any] = {}
+        with torch.no_grad():
+            for prm, d in list(deltas.items()):
+                total = prm.float() + d.float()
+                out[prm] = total.to(prm.dtype) if prm.dtype in (torch.float32, torch.float64) else \
+                    stochastic_round(total, prm.dtype)
+                del deltas[prm]  # free each delta as soon as its value exists
+        return out
+
+    def apply(self, msg: p.Apply) -> p.Msg:
         if self._staged is None or self._staged[0] != msg.run_id:
             have = f"run {self._staged[0]}" if self._staged else "nothing"
             return p.Error(req=msg.req, message=f"no staged update for run {msg.run_id} (staged: {have}); train first")
-        run_id, deltas, check = self._staged
+        run_id, values, check = self._staged
         cap = msg.max_update_ratio if msg.max_update_ratio is not None else self.args.max_update_ratio
-        if cap != self.args.max_update_ratio:
-            check = check_updates(deltas, cap, names=self.names)
+        if check.ok and max(check.global_ratio, check.max_tensor_ratio) > cap:
+            check.ok, check.reason = False, (f"update norm ratio {max(check.global_ratio, check.max_tensor_ratio):.3g}"
+                                             f" exceeds the cap {cap:g}; nothing was written")
         if not check.ok:
             self._drop_staged()
             return p.Refused(req=msg.req, run_id=run_id, reason=check.reason or "refused")
+        import torch
+
         self.ch.state = "applying"
         try:
             t0 = time.perf_counter()
-            apply_updates_(deltas, stochastic_rounding=True)
+            with torch.no_grad():
+                for prm, v in values.items():
+                    prm.copy_(v)
             ms = (time.perf_counter() - t0) * 1000
             self.opt.commit()
             self._staged = None
@@ -317,8 +346,13 @@ def serve(args: argparse.Namespace) -> int:
         try:
             msg = pending.get(timeout=2.0)
         except queue.Empty:
-            if worker.current_load_id() not in (None, worker.meta.get("load_id")):
+            current = worker.current_load_id()
+            if current is None:  # vLLM is gone or restarting: our views point at memory nobody serves
+                ch.state = "waiting"
+            elif current != worker.meta.get("load_id"):
                 worker.ensure_attached()
+            elif ch.state == "waiting":
+                ch.state = "idle"
             continue
         if isinstance(msg, p.Shutdown):
             ch.send(p.Bye(req=msg.req))

