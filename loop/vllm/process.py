@@ -59,12 +59,25 @@ def tail(path: Path, lines: int = 20, max_bytes: int = 64 * 1024) -> str:
 
 
 def last_meaningful_line(text: str) -> str:
-    """The line of a log tail that most likely says what went wrong."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    """The line of a log tail that most likely says what went wrong (access-log lines are skipped)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "HTTP/1.1\"" not in ln]
     for ln in reversed(lines):
         if "Error" in ln or "error" in ln or "Exception" in ln:
             return ln[-300:]
     return lines[-1][-300:] if lines else "no output"
+
+
+def error_line(text: str) -> str:
+    """The last line that looks like an error, or "" (a SIGKILL leaves none)."""
+    line = last_meaningful_line(text)
+    return line if ("rror" in line or "Exception" in line) else ""
+
+
+def exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def pick_device(setting: str) -> str:
@@ -90,6 +103,7 @@ class VLLMSupervisor:
         self.device: str | None = None
         self.attempt_started: float = time.monotonic()
         self.ready_in_s: float | None = None
+        self.exit_reason = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._callbacks: list[ReadyCallback] = []
@@ -114,10 +128,13 @@ class VLLMSupervisor:
         if self.state == "starting":
             return f"vLLM is starting ({self.elapsed_s():.0f} s); retry shortly"
         if self.state == "restarting":
-            return (f"vLLM crashed: {last_meaningful_line(self.last_error or '')}; restarting "
+            err = error_line(self.last_error or "")
+            return (f"vLLM crashed ({self.exit_reason}{': ' + err if err else ''}); restarting "
                     f"(attempt {self.restarts}/{self.settings.vllm_restart_limit}, {self.elapsed_s():.0f} s)")
+        if self.state == "failed" and self.restarts == 0:
+            return f"vLLM did not start: {last_meaningful_line(self.last_error or '')}; see {self.log_path}"
         if self.state == "failed":
-            return (f"vLLM failed and was not restarted again after {self.restarts} restarts: "
+            return (f"vLLM failed ({self.exit_reason}) and was not restarted again after {self.restarts} restarts: "
                     f"{last_meaningful_line(self.last_error or '')}; see {self.log_path}")
         if self.state == "stopped":
             return "vLLM is stopped"
@@ -127,16 +144,29 @@ class VLLMSupervisor:
         """Launch vLLM and return at once; readiness is watched in the background."""
         if self._task is not None and not self._task.done():
             return
-        from loop.model_cache import resolve_model
-
         self._stopping = False
-        if self.model_path is None:
-            self.model_path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.cache_dir)
-        if self.device is None:
-            self.device = await asyncio.to_thread(pick_device, self.settings.device)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.state = "starting"
+        self.attempt_started = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
+
+    async def _prepare(self) -> bool:
+        """Resolve the model folder and the device (importing torch takes seconds: not in start())."""
+        from loop.model_cache import resolve_model
+
+        try:
+            if self.model_path is None:
+                self.model_path = await asyncio.to_thread(resolve_model, self.settings.model,
+                                                          self.settings.cache_dir)
+            if self.device is None:
+                self.device = await asyncio.to_thread(pick_device, self.settings.device)
+        except Exception as exc:  # noqa: BLE001 - reported through /health and 503s
+            self.last_error = f"could not prepare vLLM's start: {exc}"
+            self.state = "failed"
+            self._ready.set()
+            _say(self.last_error)
+            return False
+        return True
 
     async def wait_ready(self, timeout: float) -> None:
         """Return once vLLM is ready; TimeoutError after `timeout` s, RuntimeError if it failed for good."""
@@ -198,6 +228,8 @@ class VLLMSupervisor:
         return proc
 
     async def _run(self) -> None:
+        if not await self._prepare():
+            return
         while not self._stopping:
             self.attempt_started = time.monotonic()
             _say(f"starting vLLM (model {self.model_path}, {self.device}) on {self.url}; log: {self.log_path}")
@@ -223,18 +255,19 @@ class VLLMSupervisor:
             if self._stopping:
                 return
             code = self._proc.returncode
-            self.last_error = f"vLLM exited with code {code}\n{tail(self.log_path)}"
+            self.exit_reason = exit_description(code)
+            self.last_error = f"vLLM exited ({self.exit_reason})\n{tail(self.log_path)}"
             if self.restarts >= self.settings.vllm_restart_limit:
                 self.state = "failed"
                 self._ready.set()
-                _say(f"vLLM exited (code {code}) and the restart limit ({self.settings.vllm_restart_limit}) is "
+                _say(f"vLLM exited ({self.exit_reason}) and the restart limit ({self.settings.vllm_restart_limit}) is "
                      f"reached; giving up. Last lines of {self.log_path}:\n{tail(self.log_path, 10)}")
                 return
             self.restarts += 1
             self.state = "restarting"
             self.attempt_started = time.monotonic()
             backoff = min(MAX_BACKOFF_S, 2.0 ** (self.restarts - 1))
-            _say(f"vLLM exited (code {code}): {last_meaningful_line(self.last_error)}; restarting in {backoff:.0f} s "
+            _say(f"vLLM exited ({self.exit_reason}) {error_line(self.last_error)}; restarting in {backoff:.0f} s "
                  f"(attempt {self.restarts}/{self.settings.vllm_restart_limit})")
             await self._kill()  # its other processes (EngineCore, workers) too
             await asyncio.sleep(backoff)
