@@ -1,8 +1,9 @@
 """A tiny stand-in for the training worker, for tests/unit/test_control.py.
 
 It speaks the real protocol through the real `Channel` (heartbeat thread included) but does no maths:
-Train stages a fake update, Apply applies it (or refuses a poisoned one), Checkpoint with a path "sleep:<s>"
-sleeps that long first (to test call timeouts).
+Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter
+(the checksum is "v<n>"). Checkpoint writes the counter into <path>/model.safetensors (a path "sleep:<s>" sleeps
+that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
 """
 
 from __future__ import annotations
@@ -41,10 +42,21 @@ def main() -> None:
                 version += 1
                 ch.send(p.Applied(req=msg.req, run_id=msg.run_id, checksum=f"v{version}", ms=1.0))
             staged = None
+        elif isinstance(msg, p.Discard):
+            staged = None
+            ch.send(p.Discarded(req=msg.req, run_id=msg.run_id))
         elif isinstance(msg, p.Checkpoint):
             if msg.path.startswith("sleep:"):
                 time.sleep(float(msg.path[6:]))
+            else:
+                os.makedirs(msg.path)
+                with open(os.path.join(msg.path, "model.safetensors"), "w") as f:
+                    f.write(f"v{version}")
             ch.send(p.CheckpointDone(req=msg.req, path=msg.path, ms=0.0))
+        elif isinstance(msg, p.Restore) and msg.path != "fail":
+            with open(os.path.join(msg.path, "model.safetensors")) as f:
+                version = int(f.read()[1:])
+            ch.send(p.Restored(req=msg.req, path=msg.path, ms=1.0))
         elif isinstance(msg, p.Ping):
             ch.send(p.Status(req=msg.req, pid=os.getpid(), state=ch.state, checksum=f"v{version}"))
         elif isinstance(msg, p.Shutdown):

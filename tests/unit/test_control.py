@@ -58,7 +58,7 @@ async def test_calls_round_trip_and_socket_is_private(tmp_path: Path) -> None:
         a, b = await asyncio.gather(ctl.call(p.Ping(checksum=True), 10), ctl.call(p.Ping(), 10))
         assert isinstance(a, p.Status) and a.checksum == "v1" and isinstance(b, p.Status)
         with pytest.raises(WorkerFailed, match="cannot do Restore"):
-            await ctl.call(p.Restore(path="/x"), timeout=10)
+            await ctl.call(p.Restore(path="fail"), timeout=10)
         d = ctl.describe()
         assert d["pid"] == ctl.pid and d["restarts"] == 0 and d["last_heartbeat_age_s"] < 1.5
     finally:

@@ -1,0 +1,200 @@
+"""The Trainer's protocol and bookkeeping, with a real SQLite file, real ZMQ and the fake worker process
+(tests/unit/fake_worker.py) — only vLLM is a fake here (it records pause / reset / resume).
+
+Specifies: pause → apply → reset → version bump → resume, in that order, resume even when a step in between
+fails; a refused update never pauses vLLM, leaves the version alone and releases the feedback; feedback is never
+trained on twice; hogwild skips the pause; checkpoint/restore record versions; bad requests map to 404/409/422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from loop.api.errors import Conflict, LoopError, NotFound
+from loop.api.state import LoopState
+from loop.config import Settings
+from loop.control import WorkerControl
+from loop.db.models import Comparison, Response, RunFeedback, TrainingRun, WeightVersion
+from loop.db.session import make_engine, make_sessionmaker, migrate
+from loop.training import Trainer, TrainRequest
+from loop.worker import protocol as p
+
+FAKE = str(Path(__file__).with_name("fake_worker.py"))
+PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+
+
+class FakeVLLM:
+    def __init__(self, state: LoopState | None = None) -> None:
+        self.calls: list[str] = []
+        self.state = state
+        self.fail_reset = False
+
+    async def pause(self, mode: str = "wait") -> None:
+        self.calls.append(f"pause:{mode}")
+
+    async def reset_prefix_cache(self) -> None:
+        self.calls.append("reset")
+        if self.fail_reset:
+            raise RuntimeError("reset failed")
+
+    async def resume(self) -> None:
+        # the version must already be bumped when vLLM serves again
+        self.calls.append(f"resume@v{self.state.weight_version if self.state else '?'}")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def make(tmp_path: Path, **settings_kw: Any) -> tuple[Trainer, LoopState, FakeVLLM]:
+    settings = Settings(data_dir=tmp_path, worker_heartbeat_s=0.2, worker_timeout_s=3.0, **settings_kw)
+    settings.ensure_dirs()
+    migrate(settings.db_url)
+    engine = make_engine(settings.db_url)
+    vllm = FakeVLLM()
+    state = LoopState(settings=settings, engine=engine, sessions=make_sessionmaker(engine), admin_token="t" * 16,
+                      vllm=vllm)  # type: ignore[arg-type]
+    vllm.state = state
+    state.load_weight_version()
+    endpoint = f"ipc://{settings.runtime_dir / 'worker.sock'}"
+    state.worker = WorkerControl(settings, command=[sys.executable, FAKE, endpoint, "0.2"])
+    await state.worker.start()
+    await state.worker.wait_ready(30)
+    state.trainer = Trainer(state)
+    return state.trainer, state, vllm
+
+
+async def finish(trainer: Trainer, run_id: int) -> TrainingRun:
+    await trainer.wait(30)
+    with trainer.state.sessions() as s:
+        run = s.get(TrainingRun, run_id)
+        assert run is not None
+        return run
+
+
+async def stop(state: LoopState) -> None:
+    await state.trainer.stop()
+    await state.worker.stop()
+    state.engine.dispose()
+
+
+def add_comparison(state: LoopState) -> int:
+    with state.sessions() as s:
+        for rid, text in (("resp-a", "4"), ("resp-b", "5")):
+            s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
+                           messages=[{"role": "user", "content": "2+2?"}], prompt_hash="h" * 64, completion=text))
+        s.flush()  # the comparison's foreign keys need the responses first
+        c = Comparison(response_a_id="resp-a", response_b_id="resp-b", winner="a")
+        s.add(c)
+        s.commit()
+        return c.id
+
+
+async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        run_id = await trainer.run(TrainRequest(pairs=[PAIR], steps=2))
+        with pytest.raises(Conflict, match="still in progress"):
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        run = await finish(trainer, run_id)
+        assert run.status == "succeeded" and (run.version_before, run.version_after) == (0, 2)
+        assert vllm.calls == ["pause:wait", "reset", "resume@v1", "pause:wait", "reset", "resume@v2"]
+        assert {"pause_ms", "apply_ms", "reset_ms", "resume_ms", "total_ms"} <= set(run.metrics)
+        with state.sessions() as s:
+            rows = s.scalars(select(WeightVersion).order_by(WeightVersion.version)).all()
+        assert [(v.version, v.kind, v.parent_version, v.run_id, v.status) for v in rows] == [
+            (0, "initial", None, None, "superseded"), (1, "train", 0, run_id, "superseded"),
+            (2, "train", 1, run_id, "live")]
+        assert state.weight_version == 2
+        assert trainer.describe()["state"] == "idle" and trainer.describe()["losses"] == [0.5, 0.5]
+    finally:
+        await stop(state)
+
+
+async def test_refused_update_keeps_version_and_releases_feedback_never_twice(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        cid = add_comparison(state)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid], debug_inject_nan=True)))
+        assert run.status == "refused" and run.error == "nan" and run.version_after == 0
+        assert vllm.calls == []  # a known-bad update never pauses serving
+        assert state.weight_version == 0 and "refused" in (trainer.describe()["last_error"] or "")
+        with state.sessions() as s:
+            assert s.scalars(select(RunFeedback)).all() == []
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid])))
+        assert run.status == "succeeded" and run.batch["comparison_ids"] == [cid] and run.objective == "dpo"
+        with state.sessions() as s:
+            assert [(f.run_id, f.comparison_id) for f in s.scalars(select(RunFeedback))] == [(run.id, cid)]
+        with pytest.raises(Conflict, match="already trained on"):
+            await trainer.run(TrainRequest(comparison_ids=[cid]))
+        with pytest.raises(NotFound, match="unknown feedback"):
+            await trainer.run(TrainRequest(comparison_ids=[cid + 100]))
+        with pytest.raises(LoopError, match="KTO needs examples"):
+            await trainer.run(TrainRequest(pairs=[PAIR], objective="kto"))
+    finally:
+        await stop(state)
+
+
+async def test_resume_even_when_reset_fails(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        vllm.fail_reset = True
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and "reset failed" in (run.error or "")
+        assert vllm.calls[-1].startswith("resume")  # never left paused
+        assert state.weight_version == 1  # the weights did change: the version says so
+    finally:
+        await stop(state)
+
+
+async def test_hogwild_skips_the_pause(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, train_mode="hogwild")
+    try:
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "succeeded" and vllm.calls == ["reset"]
+    finally:
+        await stop(state)
+
+
+async def test_checkpoint_and_restore_make_versions(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, checkpoint_every=2)
+    try:
+        version, path = await trainer.checkpoint()
+        assert version == 0 and Path(path).name == "v000000"
+        assert await trainer.checkpoint() == (0, path)  # already there: not written twice
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR], steps=2)))
+        assert run.status == "succeeded"
+        with state.sessions() as s:
+            v1, v2 = s.get(WeightVersion, 1), s.get(WeightVersion, 2)
+            assert v1.checkpoint_path is None and v2.checkpoint_path == str(tmp_path / "checkpoints" / "v000002")
+        with pytest.raises(Conflict, match="no checkpoint"):
+            await trainer.restore(1)
+        with pytest.raises(NotFound, match="does not exist"):
+            await trainer.restore(99)
+        vllm.calls.clear()
+        assert await trainer.restore(0) == 3
+        assert vllm.calls == ["pause:wait", "reset", "resume@v3"]
+        status = await state.worker.call(p.Ping(checksum=True), 5)
+        assert status.checksum == "v0"  # the fake worker's "weights" are back at version 0
+        with state.sessions() as s:
+            v3 = s.get(WeightVersion, 3)
+            assert (v3.kind, v3.parent_version, v3.checkpoint_path, v3.status) == ("restore", 0, path, "live")
+    finally:
+        await stop(state)
+
+
+async def test_dead_worker_gives_503(tmp_path: Path) -> None:
+    trainer, state, _ = await make(tmp_path)
+    try:
+        await state.worker.restart("test")
+        with pytest.raises(LoopError) as e:
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        assert e.value.status_code == 503 and "dead" in e.value.message
+        await asyncio.wait_for(state.worker.wait_ready(30), 30)
+    finally:
+        await stop(state)
