@@ -29,6 +29,7 @@ from loop.api.state import LoopState
 from loop.config import Settings
 from loop.db.models import Response
 from loop.db.session import make_engine, make_sessionmaker, migrate
+from loop.metrics import Metrics
 
 ADMIN = "t" * 32
 
@@ -83,14 +84,19 @@ def feedback_app(settings: Settings, sessions: sessionmaker[Session]) -> FastAPI
     install_error_handlers(app)
     for router in (feedback.router, history.router, export.router, stats.router):
         app.include_router(router)
+    app.state.metrics = Metrics()
     app.state.loop = LoopState(settings=settings, engine=sessions.kw["bind"], sessions=sessions,
                                admin_token=ADMIN, vllm=None)  # type: ignore[arg-type]
     return app
 
 
 @pytest.fixture
-async def client(sessions: sessionmaker[Session], db_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = feedback_app(Settings(data_dir=tmp_path, database_url=db_url), sessions)
+def app(sessions: sessionmaker[Session], db_url: str, tmp_path: Path) -> FastAPI:
+    return feedback_app(Settings(data_dir=tmp_path, database_url=db_url), sessions)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loop") as c:
         yield c
 

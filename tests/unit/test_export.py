@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from feedback_support import add_response, client, db_url, sessions  # noqa: F401 - fixtures
+from feedback_support import add_response, app, client, db_url, sessions  # noqa: F401 - fixtures
 
 
 def is_messages(value: Any) -> bool:

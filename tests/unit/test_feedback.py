@@ -8,7 +8,7 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback_support import add_response, client, db_url, sessions  # noqa: F401 - fixtures
+from feedback_support import add_response, app, client, db_url, sessions  # noqa: F401 - fixtures
 from loop.db.models import Comparison, Rating
 
 
@@ -149,3 +149,13 @@ async def test_list_ratings_filters_and_pages(client: httpx.AsyncClient, session
     current = (await client.get("/api/ratings", params={"current_only": "true"})).json()
     assert sorted(x["score"] for x in current["items"]) == [4, 5]
     assert (await client.get("/api/ratings", params={"limit": 0})).status_code == 422
+
+
+async def test_stored_feedback_is_counted_in_metrics(app, client: httpx.AsyncClient, sessions) -> None:
+    a, b = add_response(sessions), add_response(sessions)
+    for body in ({"response_id": a, "thumb": "up", "idempotency_key": "m"}, {"response_id": a, "thumb": "up",
+                 "idempotency_key": "m"}, {"response_id": "resp-missing", "thumb": "up"}):
+        await client.post("/api/ratings", json=body)
+    await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "a"})
+    text = app.state.metrics.render()[0].decode()
+    assert "loop_ratings_total 1.0" in text and "loop_comparisons_total 1.0" in text  # replays and 404s: not

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 
-from feedback_support import add_response, client, db_url, sessions  # noqa: F401 - fixtures
+from feedback_support import add_response, app, client, db_url, sessions  # noqa: F401 - fixtures
 
 
 async def ids(client: httpx.AsyncClient, **params: object) -> list[str]:

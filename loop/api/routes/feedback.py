@@ -46,7 +46,11 @@ def _key(body_key: str | None, header_key: str | None) -> str | None:
     return body_key or header_key
 
 
-def _reply(outcome: Outcome) -> JSONResponse:
+def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
+    if outcome.status == 201:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            getattr(metrics, kind)()
     if outcome.status in (200, 201):
         return JSONResponse(outcome.body, status_code=outcome.status)
     if outcome.status == 404:
@@ -74,7 +78,7 @@ async def create_rating(request: Request) -> JSONResponse:
                        thumb=THUMB_TO_INT[body.thumb] if body.thumb else None, score=body.score,
                        comment=body.comment, tags=tuple(body.tags),
                        idempotency_key=_key(body.idempotency_key, request.headers.get("idempotency-key")))
-    return _reply(await rating_writer(state).submit(item))
+    return _reply(await rating_writer(state).submit(item), request, "rating")
 
 
 @router.post("/comparisons", status_code=201, response_model=ComparisonOut,
@@ -85,7 +89,7 @@ async def create_comparison(body: ComparisonIn, request: Request,
     state: LoopState = request.app.state.loop
     item = ComparisonInput(body.response_a_id, body.response_b_id, body.winner, body.rater, body.comment,
                            _key(body.idempotency_key, idempotency_key))
-    return _reply(await run_in_threadpool(write_comparison, state.sessions, item))
+    return _reply(await run_in_threadpool(write_comparison, state.sessions, item), request, "comparison")
 
 
 Limit = Annotated[int, Query(ge=1, le=500)]
