@@ -38,6 +38,7 @@ log = logging.getLogger("loop.worker")
 # Files of a model folder that are not weights: copied into every checkpoint so it loads on its own.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
 _SKIP_NAMES = {"loop.json"}
+OPTIMIZER_DIR, OPTIMIZER_FILE = "optimizer", "optimizer.safetensors"
 
 
 def _fsync_path(path: Path) -> None:
@@ -280,7 +281,10 @@ class Worker:
         tensors = {k: v.detach().contiguous() for k, v in self.hf_state().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
-        self.opt.save(tmp / "optimizer.safetensors")
+        # In a subfolder: vLLM loads every *.safetensors at the top of a model folder as weights
+        (tmp / OPTIMIZER_DIR).mkdir()
+        self.opt.save(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
+        _fsync_path(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
         info = {"version": msg.version, "load_id": self.meta["load_id"], "source_model": str(src),
                 "optimizer": self.args.optimizer, "created_unix": time.time(), **msg.meta}
         (tmp / "loop.json").write_text(json.dumps(info, indent=1))
@@ -289,7 +293,7 @@ class Worker:
         _fsync_path(tmp)
         os.rename(tmp, final)  # atomic: the folder is complete or absent
         _fsync_path(final.parent)
-        files = sorted(f.name for f in final.iterdir())
+        files = sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file())
         return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=files)
 
     def restore(self, msg: p.Restore) -> p.Msg:
@@ -321,7 +325,7 @@ class Worker:
             finally:
                 self.ch.state = "idle"
         self._drop_staged()
-        opt_file = folder / "optimizer.safetensors"
+        opt_file = folder / OPTIMIZER_DIR / OPTIMIZER_FILE
         if msg.load_optimizer and opt_file.is_file():
             self.opt.load(opt_file)
         return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
