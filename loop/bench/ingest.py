@@ -61,8 +61,14 @@ def seed(db_url: str, n: int) -> list[str]:
     return ids
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def started_api(data_dir: Path) -> Iterator[str]:
+def started_api(data_dir: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, "LOOP_DATA_DIR": str(data_dir), "LOOP_LOG_LEVEL": "warning", "LOOP_WORKER_ENABLED": "false"}
     env.pop("LOOP_DATABASE_URL", None)
@@ -81,7 +87,7 @@ def started_api(data_dir: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the loop API on {url} did not answer within 120 s")
             time.sleep(0.3)
-        yield url
+        yield url, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -211,16 +217,19 @@ def run(n: int, concurrency: int, warmup: int) -> dict[str, float | int | dict[i
         raw_dir = Path(tmp) / "raw"
         ids = seed(f"sqlite:///{data_dir / 'loop.db'}", RESPONSES)
         raw_ids = seed(f"sqlite:///{raw_dir / 'loop.db'}", RESPONSES)
-        with started_api(data_dir) as url:
+        with started_api(data_dir) as (url, pid):
             if warmup:
                 _run(drive(url, ids, warmup, concurrency, "warmup"))
+            cpu0 = cpu_seconds(pid)
             result = _run(drive(url, ids, n, concurrency, "bench"))
+            server_cpu = cpu_seconds(pid) - cpu0
         stored = count_rows(data_dir / "loop.db", "bench")
         raw_rate = raw_sqlite_rate(raw_dir / "loop.db", raw_ids, n)
     rate = result.created / result.seconds
     return {"sent": n, "created": result.created, "stored": stored, "lost": result.created - stored,
             "errors": result.errors, "rate": rate, "p50_ms": result.latency.p50 * 1000,
-            "p99_ms": result.latency.p99 * 1000, "raw_rate": raw_rate, "ratio": rate / raw_rate}
+            "p99_ms": result.latency.p99 * 1000, "raw_rate": raw_rate, "ratio": rate / raw_rate,
+            "server_cpu_ms": server_cpu / n * 1000, "load": os.getloadavg()[0]}
 
 
 def report(r: dict, concurrency: int) -> str:
@@ -232,6 +241,9 @@ def report(r: dict, concurrency: int) -> str:
         + (f", errors {r['errors']}" if r["errors"] else ""),
         f"  raw SQLite insert loop (1 commit per row): {r['raw_rate']:9.0f} rows/s",
         f"  loop / raw = {r['ratio']:.3f}",
+        f"  server CPU per rating {r['server_cpu_ms']:.3f} ms (HTTP, validation, storage: a core's worth is "
+        f"{1000 / max(r['server_cpu_ms'], 1e-9):.0f} ratings/s); load average {r['load']:.1f} on {os.cpu_count()} cores"
+        + (" — the machine is busy, figures are pessimistic" if r["load"] > (os.cpu_count() or 1) else ""),
         f"  targets ≥ 1,000/s, p99 ≤ 50 ms, 0 lost: {'met' if ok else 'NOT met'}",
     ])
 
