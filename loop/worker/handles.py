@@ -5,8 +5,8 @@ The vLLM plugin (plugin/export.py) writes `<runtime_dir>/weights-tp<rank>.json` 
 unpickled); `attach` turns one rank's handles into `{vllm_param_name: tensor}` where every tensor aliases vLLM's
 memory:
 
-- CPU: `UntypedStorage._new_shared_filename_cpu` opens the /dev/shm file of each storage, `Tensor.set_` rebuilds
-  the parameter views (shape, stride, offset) on it;
+- CPU: each storage's /dev/shm file is mmap'ed (MAP_SHARED; see `_map_shm` for why not torch_shm_manager),
+  `Tensor.set_` rebuilds the parameter views (shape, stride, offset) on it;
 - CUDA: `UntypedStorage._new_shared_cuda` opens each storage's IPC handle (what torch's `rebuild_cuda_tensor`
   does), then the same `set_`.
 
@@ -18,6 +18,7 @@ that is gone are refused with an error that says what to do.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import time
@@ -225,7 +226,7 @@ def _open_storage(s: StorageHandle, doc: RankHandles) -> torch.UntypedStorage:
         shm = Path("/dev/shm") / s.cpu.filename.lstrip("/")
         if not shm.exists():
             raise HandleError(f"shared memory {shm} is gone: vLLM (pid {doc.pid}) exited or reloaded; restart it")
-        return torch.UntypedStorage._new_shared_filename_cpu(s.cpu.manager.encode(), s.cpu.filename.encode(), s.nbytes)
+        return _map_shm(shm, s.nbytes)
     if s.cuda is not None:
         if not torch.cuda.is_available():
             raise HandleError("the handle file shares CUDA memory but this process sees no CUDA device")
@@ -242,6 +243,31 @@ def _open_storage(s: StorageHandle, doc: RankHandles) -> torch.UntypedStorage:
             c.event_sync_required,
         )
     raise HandleError("a storage entry has neither a cpu nor a cuda share handle")
+
+
+# torch's file_system sharing (RefcountedMapAllocator) keeps a refcount in a 64-byte header before the data.
+_SHM_HEADER = 64
+
+
+def _map_shm(path: Path, nbytes: int) -> torch.UntypedStorage:
+    """Map a torch shared-memory file ourselves (MAP_SHARED), bypassing torch_shm_manager.
+
+    Why not `UntypedStorage._new_shared_filename_cpu`: that registers with the exporter's torch_shm_manager, which
+    vLLM kills with its worker; freeing the storage afterwards (at the latest at exit) then aborts this process
+    with a broken pipe. A plain mapping only needs the file to exist while we open it.
+    """
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size != nbytes + _SHM_HEADER:
+            raise HandleError(f"{path} is {size} bytes, expected {nbytes} + {_SHM_HEADER}: not a torch shm weight file")
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    # frombuffer aliases the mapping (no copy) and keeps `mm` alive as long as any view of it lives.
+    return torch.frombuffer(mm, dtype=torch.uint8, offset=_SHM_HEADER, count=nbytes).untyped_storage()
 
 
 def _main(argv: list[str]) -> int:
