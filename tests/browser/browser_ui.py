@@ -32,6 +32,7 @@ class UI:
     def shot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
+        self.page.evaluate("window.scrollTo(0, 0)")  # else the sticky header lands mid-image
         self.page.screenshot(path=str(path), full_page=True)
         return path
 

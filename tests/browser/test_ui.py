@@ -335,3 +335,25 @@ def test_training_view_shows_a_run_with_its_chart_and_versions(ui: UI, api: http
     after = api.get("/api/versions").json()
     assert any(v["checkpoint_path"] for v in after["items"]), after
     ui.shot("training")
+
+    # Restore an older checkpoint (confirmed): a new live version records it, and the page shows it.
+    older = [v for v in after["items"] if v["checkpoint_path"] and v["version"] != after["live"]]
+    if older:
+        target = older[-1]["version"]
+        page.get_by_role("button", name=f"Restore v{target}").click()
+        expect(dialog).to_contain_text(f"Restore weights v{target}?")
+        dialog.get_by_role("button", name=f"Restore v{target}").click()
+        expect(page.locator(".card .status", has_text=f"Restored v{target} as v")).to_be_visible(timeout=180_000)
+        restored = api.get("/api/versions").json()
+        assert restored["live"] > after["live"]
+        expect(page.locator(f'.tl-item.live[data-version="{restored["live"]}"]')).to_be_visible(timeout=20_000)
+
+    # Scheduler controls (admin): Pause, then Resume, each reflected by GET /api/scheduler.
+    if "/api/scheduler" in routes:
+        sched = page.locator("section.card", has=page.locator("#c-sched"))
+        sched.get_by_role("button", name="Pause").click()
+        expect(sched.get_by_role("button", name="Resume")).to_be_visible(timeout=20_000)
+        assert api.get("/api/scheduler").json()["paused"] is True
+        sched.get_by_role("button", name="Resume").click()
+        expect(sched.get_by_role("button", name="Pause")).to_be_visible(timeout=20_000)
+        assert api.get("/api/scheduler").json()["paused"] is False

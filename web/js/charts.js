@@ -6,7 +6,7 @@
  * field, so a new metric in the worker shows up without a UI change. `runChart(el, ...)` draws one of them.
  */
 
-const PREFERRED = [/^loss$/, /loss/, /acc/, /margin/, /reward/, /kl/];
+const PREFERRED = [/^loss$/, /loss/, /acc/, /^reward_margin$/, /margin/, /reward/, /kl/];
 const SKIP = new Set(["step", "time", "timestamp", "created_at", "t", "run_id", "elapsed_s"]);
 
 function toRows(history) {
@@ -59,10 +59,12 @@ export function runChart(el, name, steps, values) {
   const plot = new window.uPlot({
     width: width(),
     height: 180,
-    legend: {show: true},
+    legend: {show: false}, // the figure caption names the one series
     cursor: {drag: {x: false, y: false}},
     scales: {x: {time: false}},
-    axes: [{label: "step", stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}},
+    // Steps are whole numbers: only integer ticks on x.
+    axes: [{label: "step", stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"},
+      incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]},
       {stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}, size: 56}],
     series: [{label: "step"}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
   }, [steps, values], el);

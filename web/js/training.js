@@ -46,6 +46,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const chartBody = h("div", {class: "card-body charts"});
   const versionsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
   const actionStatus = statusLine();
+  const schedStatus = statusLine();
   const liveChart = h("div", {class: "live-chart"});
   let live = {chart: null, key: ""};
 
@@ -130,7 +131,11 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     replace(schedBody, kvList(pairs),
       h("div", {class: "form-actions"},
         h("button", {type: "button", class: "btn", text: paused ? "Resume" : "Pause",
-          onclick: () => admin(`/api/scheduler/${paused ? "resume" : "pause"}`, {}, paused ? "Scheduler resumed." : "Scheduler paused.", loadSched)})));
+          onclick: () => admin(`/api/scheduler/${paused ? "resume" : "pause"}`, {}, paused ? "Scheduler resumed." : "Scheduler paused.", loadSched, schedStatus)}),
+        paused ? null : h("button", {type: "button", class: "btn", text: "Train now",
+          title: "Start a run on the feedback not trained yet, without waiting for the thresholds",
+          onclick: () => admin("/api/scheduler/run", {}, "Run requested.", async () => { selectedRun = null; await Promise.all([loadSched(), loadRuns()]); }, schedStatus)})),
+      schedStatus);
   }
 
   function renderRuns(data) {
@@ -144,17 +149,20 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       const id = r.id ?? r.run_id;
       const select = h("button", {type: "button", class: "btn small ghost", text: `Run ${id}`,
         "aria-pressed": String(String(id) === String(selectedRun)), onclick: () => { selectedRun = id; renderRuns(data); }});
-      const m = r.metrics || {};
-      return h("tr", {dataset: {runId: String(id)}},
+      const acc = r.accuracy_before !== null && r.accuracy_before !== undefined
+        ? `${fmtNum(r.accuracy_before, 3)} → ${fmtNum(r.accuracy_after, 3)}` : "—";
+      return h("tr", {dataset: {runId: String(id)}, class: `run-${r.status || ""}`},
         h("td", {}, select),
-        h("td", {text: r.status || r.state || "—"}),
-        h("td", {text: r.objective || "—"}),
-        h("td", {text: fmtTime(r.started_at || r.created_at)}),
-        h("td", {text: `${r.version_before ?? "?"} → ${r.version_after ?? "…"}`}),
-        h("td", {text: fmtNum(m.loss ?? r.loss, 4)}));
+        h("td", {text: r.status || r.state || "—", title: r.error || r.reason || ""}),
+        h("td", {text: [r.objective, r.trigger].filter(Boolean).join(" · ") || "—"}),
+        h("td", {text: fmtTime(r.created_at || r.started_at)}),
+        h("td", {text: r.size ?? "—"}),
+        h("td", {text: `v${r.version_before ?? "?"} → ${r.version_after !== null && r.version_after !== undefined ? `v${r.version_after}` : "…"}`}),
+        h("td", {text: fmtNum(r.loss ?? (r.metrics || {}).loss, 4)}),
+        h("td", {text: acc}));
     });
     replace(runsBody, h("div", {class: "table-wrap"}, h("table", {class: "runs"},
-      h("thead", {}, h("tr", {}, ["Run", "Status", "Objective", "Started", "Weights", "Loss"].map((t) => h("th", {scope: "col", text: t})))),
+      h("thead", {}, h("tr", {}, ["Run", "Status", "Objective", "Started", "Batch", "Weights", "Loss", "Eval accuracy"].map((t) => h("th", {scope: "col", text: t})))),
       h("tbody", {}, rows))));
     if (selectedRun === null) selectedRun = runs[0].id ?? runs[0].run_id;
     loadRunChart(selectedRun);
@@ -174,7 +182,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         replace(chartBody, empty(`Run ${id} has no steps recorded yet.`));
         return;
       }
-      replace(chartBody, h("h3", {text: `Run ${id}, per step`}));
+      replace(chartBody, h("h3", {text: `Run ${id}, per step`}),
+        run.error || run.rollback_reason ? h("p", {class: "error-text run-note",
+          text: run.rolled_back ? `Rolled back: ${run.rollback_reason || run.error}` : `Run ${run.status}: ${run.error}`}) : null);
       for (const [name, values] of series.metrics) {
         const box = h("figure", {class: "chart", dataset: {metric: name}}, h("figcaption", {text: name}));
         chartBody.append(box);
@@ -213,19 +223,19 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   }
 
   // --- admin actions
-  async function admin(path, body, okText, after) {
+  async function admin(path, body, okText, after, line = actionStatus) {
     clearError();
-    setStatus(actionStatus, "Working…", "busy");
+    setStatus(line, "Working…", "busy");
     try {
       const result = await api(path, {method: "POST", body, admin: true});
-      setStatus(actionStatus, typeof okText === "function" ? okText(result) : okText, "ok");
+      setStatus(line, typeof okText === "function" ? okText(result) : okText, "ok");
       if (after) await after();
       return result;
     } catch (err) {
-      setStatus(actionStatus, "");
+      setStatus(line, "");
       const hint = err.status === 401 || err.status === 403 ? " Enter the admin token at the top of this page." : "";
       showError(isMissingRoute(err) ? `${path} is not available on this server.` : `${err.message}${hint}`,
-        {retry: () => admin(path, body, okText, after)});
+        {retry: () => admin(path, body, okText, after, line)});
       return null;
     }
   }
