@@ -200,6 +200,7 @@ class Worker:
             self.ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=metrics.get("loss", float("nan")),
                                     metrics=metrics))
             stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
+                                  weight_norm=d_norm / check.global_ratio if check.global_ratio > 0 else 0.0,
                                   ratio=check.global_ratio, n_tensors=len(self._staged[1]))
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])

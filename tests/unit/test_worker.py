@@ -1,0 +1,149 @@
+"""The worker's request handling on a tiny random bf16 Llama (no vLLM: the model owns its weights here).
+
+Specifies: Train stages an update without touching the weights; Apply writes it (and only then); a poisoned
+update is refused with the weights and the optimizer state bit-identical; Apply without a staged update is an
+error; Checkpoint writes a folder HF loads back to the same tensors (no temp folder left, never overwritten);
+Restore writes it back in place exactly and refuses an incomplete checkpoint without writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loop.worker import protocol as p
+from loop.worker.apollo import make_optimizer, trainable_parameters
+from loop.worker.main import Worker
+from loop.worker.update import weights_checksum
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PAIR = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.state, self.run_id, self.step, self.load_id = "idle", None, 0, "load-1"
+        self.sent: list[p.Msg] = []
+
+    def send(self, msg: p.Msg) -> None:
+        self.sent.append(msg)
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Worker:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["What is two plus two? Four. Five.", "user assistant"] * 4, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    args = argparse.Namespace(optimizer="adamw", lr=1e-3, max_update_ratio=0.5, runtime_dir=str(tmp_path / "run"))
+    w = Worker(args, FakeChannel())  # type: ignore[arg-type]
+    w.model, w.tokenizer = model, fast
+    w.meta = {"model_path": str(folder), "load_id": "load-1"}
+    w.trainable = trainable_parameters(model)
+    w.names = {prm: name for name, prm in w.trainable}
+    w.opt = make_optimizer("adamw", [prm for _, prm in w.trainable], lr=1e-3)
+    return w
+
+
+def opt_state(w: Worker) -> dict[str, Any]:
+    return {f"{i}.{k}": v.clone() for i, st in w.opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def test_train_stages_and_apply_writes(worker: Worker) -> None:
+    before = worker.checksum()
+    done = worker.train(p.Train(req=1, run_id=1, pairs=[PAIR], step=1, steps=2))
+    assert isinstance(done, p.TrainDone) and done.update.ok and done.update.n_tensors > 0, done
+    assert worker.checksum() == before  # staged only
+    assert isinstance(worker.ch.sent[-1], p.Progress)
+    applied = worker.apply(p.Apply(req=2, run_id=1))
+    assert isinstance(applied, p.Applied)
+    mid = worker.checksum()
+    assert mid != before
+    done2 = worker.train(p.Train(req=3, run_id=1, pairs=[PAIR], step=2, steps=2))
+    assert isinstance(done2, p.TrainDone) and len(done2.history) == 2
+    assert isinstance(worker.apply(p.Apply(req=4, run_id=1)), p.Applied)
+    # the margin log p(chosen) - log p(rejected) grew between the two steps' forward passes
+    assert done2.metrics["logp_margin"] > done.metrics["logp_margin"]
+    err = worker.apply(p.Apply(req=5, run_id=1))
+    assert isinstance(err, p.Error) and "no staged update" in err.message
+
+
+def test_poisoned_update_refused_bit_identical(worker: Worker) -> None:
+    worker.train(p.Train(req=1, run_id=1, pairs=[PAIR]))
+    worker.apply(p.Apply(req=2, run_id=1))
+    weights, state = worker.checksum(), opt_state(worker)
+    done = worker.train(p.Train(req=3, run_id=2, pairs=[PAIR], inject_nan=True))
+    assert isinstance(done, p.TrainDone) and not done.update.ok and "non-finite" in done.update.reason
+    refused = worker.apply(p.Apply(req=4, run_id=2))
+    assert isinstance(refused, p.Refused) and "non-finite" in refused.reason
+    assert worker.checksum() == weights
+    after = opt_state(worker)
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_update_over_the_cap_refused(worker: Worker) -> None:
+    before = worker.checksum()
+    worker.train(p.Train(req=1, run_id=1, pairs=[PAIR]))
+    refused = worker.apply(p.Apply(req=2, run_id=1, max_update_ratio=1e-9))
+    assert isinstance(refused, p.Refused) and "exceeds the cap" in refused.reason
+    assert worker.checksum() == before
+
+
+def test_checkpoint_loads_in_hf_and_restores_in_place(worker: Worker, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "ckpt" / "v000001"
+    saved = worker.checksum()
+    done = worker.write_checkpoint(p.Checkpoint(req=1, path=str(path), version=1))
+    assert isinstance(done, p.CheckpointDone), done
+    assert {"config.json", "model.safetensors", "loop.json", "optimizer/optimizer.safetensors"} <= set(done.files)
+    assert [f.name for f in path.parent.iterdir()] == ["v000001"]  # no temporary folder left
+    again = worker.write_checkpoint(p.Checkpoint(req=2, path=str(path), version=1))
+    assert isinstance(again, p.Error) and "already exists" in again.message
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    live = dict(worker.model.named_parameters())
+    for name, prm in hf.named_parameters():
+        assert torch.equal(prm, live[name]), name
+    worker.train(p.Train(req=3, run_id=1, pairs=[PAIR]))
+    worker.apply(p.Apply(req=4, run_id=1))
+    assert worker.checksum() != saved
+    restored = worker.restore(p.Restore(req=5, path=str(path)))
+    assert isinstance(restored, p.Restored), restored
+    assert worker.checksum() == saved
+
+
+def test_incomplete_checkpoint_refused_without_writing(worker: Worker, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    live = dict(worker.model.named_parameters())
+    first = next(iter(live))
+    save_file({first: torch.zeros_like(live[first])}, str(bad / "model.safetensors"))
+    before = worker.checksum()
+    err = worker.restore(p.Restore(req=1, path=str(bad)))
+    assert isinstance(err, p.Error) and "lacks" in err.message and "nothing was written" in err.message
+    assert worker.checksum() == before
+    missing = worker.restore(p.Restore(req=2, path=str(tmp_path / "nowhere")))
+    assert isinstance(missing, p.Error) and "not a loop checkpoint" in missing.message
