@@ -41,8 +41,9 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"  --{where.replace('_', '-')} / LOOP_{where.upper()}: {err['msg']}")
+            where = ".".join(str(p) for p in err["loc"])
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  --{where.replace('_', '-')} / LOOP_{where.upper()}: {msg}" if where else f"  {msg}")
         print("loop: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
 
