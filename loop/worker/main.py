@@ -75,6 +75,14 @@ class Worker:
 
     def attach(self) -> None:
         """Wait for vLLM's handle file, attach, build the model on views; keep optimizer state across loads."""
+        self.ch.state = "waiting"
+        first = self.runtime_dir / "weights-tp0.json"
+        said = time.monotonic()
+        while not first.exists():  # wait before importing torch: an idle worker stays small (~50 MB)
+            if time.monotonic() - said > 60:
+                log.info("waiting for vLLM's weight-handle file %s", first)
+                said = time.monotonic()
+            time.sleep(0.5)
         import torch
         from transformers import AutoTokenizer
 
