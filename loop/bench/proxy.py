@@ -118,7 +118,10 @@ def run_bench(loop_url: str, vllm_url: str, n: int, max_tokens: int, warmup: int
             print(f"… {i + 1}/{n}", file=sys.stderr)
     direct.close()
     proxied.close()
-    return {k: Stats.of(v) for k, v in times.items()}
+    stats = {k: Stats.of(v) for k, v in times.items()}
+    # Paired differences (same prompt, back to back) are robust to load that drifts during the run.
+    stats["diff"] = Stats.of([lp - v for lp, v in zip(times["loop"], times["vllm"], strict=True)])
+    return stats
 
 
 def report(stats: dict[str, Stats], n: int, max_tokens: int) -> str:
@@ -131,6 +134,10 @@ def report(stats: dict[str, Stats], n: int, max_tokens: int) -> str:
     added50 = (lp.p50 / v.p50 - 1) * 100
     lines.append(f"added latency: mean {added:+.2f} %  p50 {added50:+.2f} %  "
                  f"({(lp.mean - v.mean) * 1000:+.1f} ms per request; target ≤ 3 %)")
+    if "diff" in stats:
+        d = stats["diff"]
+        lines.append(f"paired (loop − vLLM, same prompt back to back): median {d.p50 * 1000:+.1f} ms "
+                     f"= {d.p50 / v.p50 * 100:+.2f} % of vLLM's p50")
     return "\n".join(lines)
 
 
