@@ -8,7 +8,8 @@ file 0600: only our user can talk to the process that holds vLLM's weights) and 
   `WorkerTimeout`, an `Error` reply raises `WorkerFailed` (with the worker's traceback), a dead worker
   `WorkerUnavailable` — in-flight calls fail at once when the worker dies, they do not wait out their timeout.
 - Watchdog: the worker's I/O thread sends a heartbeat every `worker_heartbeat_s`; no heartbeat for
-  `worker_timeout_s` (a hung or SIGSTOPped process) or the process exiting → state "dead" → the process group is
+  `worker_timeout_s` from a process that is stopped or made no CPU progress since (hung: see `_hung`; one
+  merely starved of CPU gets up to 10x longer), or the process exiting → state "dead" → the process group is
   killed and a new worker started after a backoff (0.5 s, doubling, ≤ 10 s); after `max_restarts` consecutive
   failures (a worker that never says hello counts as one) the state stays "failed".
 - `describe()` is what `/health` and `/api/train/status` show.
@@ -84,6 +85,7 @@ class WorkerControl:
         self.hello: p.Hello | None = None
         self.last_heartbeat: p.Heartbeat | None = None
         self._last_seen = 0.0
+        self._cpu_at_seen = 0.0
         self._spawned_at = 0.0
         self._failures = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -236,6 +238,8 @@ class WorkerControl:
                 continue
             self._identity = frames[0]
             self._last_seen = time.monotonic()
+            cpu = self._cpu()
+            self._cpu_at_seen = cpu[1] if cpu else 0.0
             if isinstance(msg, p.Heartbeat):
                 self.last_heartbeat = msg
                 if self.state not in ("dead", "failed", "stopped"):
@@ -278,10 +282,39 @@ class WorkerControl:
             if self._proc.returncode is not None:
                 await self._declare_dead(f"the worker exited with code {self._proc.returncode}{self._log_tail()}")
             elif self._last_seen and now - self._last_seen > self.settings.worker_timeout_s:
-                await self._declare_dead(f"no heartbeat from the worker for {now - self._last_seen:.1f} s "
-                                         f"(limit {self.settings.worker_timeout_s:g} s)")
+                why = self._hung(now - self._last_seen)
+                if why:
+                    await self._declare_dead(f"no heartbeat from the worker for {now - self._last_seen:.1f} s "
+                                             f"(limit {self.settings.worker_timeout_s:g} s; {why})")
             elif not self._last_seen and now - self._spawned_at > self.startup_grace_s:
                 await self._declare_dead(f"the worker sent nothing within {self.startup_grace_s:g} s of starting")
+
+    def _cpu(self) -> tuple[str, float] | None:
+        """(scheduler state letter, CPU seconds used) of the worker process, from /proc (Linux)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return fields[0], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _hung(self, silent_s: float) -> str | None:
+        """Why a silent worker counts as hung, or None while it looks merely starved of CPU.
+
+        On a busy 2-core box a worker deep in a backward can miss heartbeats while using CPU all along;
+        killing it would lose the run for nothing. Silent AND stopped, or silent with no CPU progress since
+        its last heartbeat, or silent for 10x the limit: hung."""
+        cpu = self._cpu()
+        if cpu is None:
+            return "process not inspectable"
+        state, used = cpu
+        if state in ("T", "t"):
+            return "the process is stopped"
+        if used - self._cpu_at_seen < 0.05:
+            return "and it used no CPU since"
+        if silent_s > max(60.0, 10 * self.settings.worker_timeout_s):
+            return "still silent while busy"
+        return None
 
     async def _declare_dead(self, reason: str) -> None:
         log.error("training worker (pid %s) is dead: %s", self.pid, reason)

@@ -140,3 +140,32 @@ async def test_restarts_are_bounded(tmp_path: Path) -> None:
             await ctl.call(p.Ping(), 5)
     finally:
         await ctl.stop()
+
+
+async def test_silent_but_busy_is_not_hung_silent_and_idle_or_stopped_is(tmp_path: Path) -> None:
+    import subprocess
+
+    settings = Settings(data_dir=tmp_path, worker_heartbeat_s=0.2, worker_timeout_s=1.0)
+    ctl = WorkerControl(settings, command=["true"])
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(2.0)  # both past their start-up (which uses CPU)
+        seen = {}
+        for proc in (busy, idle):
+            ctl.pid = proc.pid
+            seen[proc.pid] = ctl._cpu()[1]  # type: ignore[index]  # as if a heartbeat arrived now
+        time.sleep(2.0)
+        for proc, expect in ((busy, None), (idle, "no CPU")):
+            ctl.pid, ctl._cpu_at_seen = proc.pid, seen[proc.pid]
+            why = ctl._hung(2.0)
+            assert (why is None) if expect is None else (expect in (why or "")), (proc.args, why)
+        ctl.pid = busy.pid
+        assert "still silent while busy" in (ctl._hung(61.0) or "")
+        os.kill(busy.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert "stopped" in (ctl._hung(1.2) or "")
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
