@@ -229,3 +229,15 @@ def test_slow_vllm_gives_504(loop_service, loop_factory) -> None:  # noqa: ANN00
         assert rows(svc, id=rid)[0].truncated is True
     else:
         assert s.status_code == 504  # vLLM was too slow even for the first token
+
+
+def test_bench_proxy_prints_figures(loop_service) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "loop.cli", "bench", "proxy", "--loop-url", loop_service.url,
+                          "-n", "2", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "added latency: mean" in out.stdout and "paired" in out.stdout
+    vllm_line = next(line for line in out.stdout.splitlines() if line.startswith("vLLM"))
+    assert float(vllm_line.split()[1]) > 0

@@ -93,3 +93,13 @@ async def test_client_control_calls() -> None:
     with pytest.raises(VLLMUnreachable):
         await closed.resume()
     await closed.aclose()
+
+
+def test_bench_stats_and_report() -> None:
+    from loop.bench.proxy import Stats, report
+
+    s = Stats.of([0.1, 0.2, 0.3, 0.4])
+    assert s.p50 == pytest.approx(0.25) and s.p99 == pytest.approx(0.4) and s.mean == pytest.approx(0.25)
+    text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103),
+                   "diff": Stats(0.002, 0.003, 0.002)}, 10, 8)
+    assert "mean +3.00 %" in text and "+2.0 ms" in text
