@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import insert, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loop.db.models import Comparison, Rating, Response
@@ -175,6 +176,16 @@ class ComparisonInput:
 
 
 def write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
+    try:
+        return _write_comparison(sessions, item)
+    except IntegrityError:
+        if not item.idempotency_key:
+            raise
+        # Two retries raced on the same key and the other one committed first: now it reads as a replay.
+        return _write_comparison(sessions, item)
+
+
+def _write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
     with sessions() as s, s.begin():
         if item.idempotency_key:
             prior = s.scalar(select(Comparison).where(Comparison.idempotency_key == item.idempotency_key))

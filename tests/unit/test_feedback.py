@@ -159,3 +159,12 @@ async def test_stored_feedback_is_counted_in_metrics(app, client: httpx.AsyncCli
     await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "a"})
     text = app.state.metrics.render()[0].decode()
     assert "loop_ratings_total 1.0" in text and "loop_comparisons_total 1.0" in text  # replays and 404s: not
+
+
+async def test_concurrent_comparison_retries_give_one_row(client: httpx.AsyncClient, sessions) -> None:
+    a, b = add_response(sessions), add_response(sessions)
+    body = {"response_a_id": a, "response_b_id": b, "winner": "a", "idempotency_key": "race"}
+    replies = await asyncio.gather(*(client.post("/api/comparisons", json=body) for _ in range(8)))
+    assert sorted(r.status_code for r in replies) == [200] * 7 + [201]
+    assert len({r.json()["id"] for r in replies}) == 1
+    assert count(sessions, Comparison) == 1
