@@ -78,7 +78,7 @@ class StagedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     @torch.no_grad()
-    def compute_update(self, p: torch.Tensor) -> torch.Tensor | None:
+    def compute_update(self, p: torch.Tensor, free_grad: bool = False) -> torch.Tensor | None:
         """Delta for one parameter from its current .grad; the new state is staged, not committed."""
         if p.grad is None:
             return None
@@ -87,13 +87,16 @@ class StagedOptimizer(torch.optim.Optimizer):
         group = self._group_of(p)
         delta, new_state = self._update(p, p.grad, self.state.get(p, {}), group)
         self._pending[p] = new_state
+        if free_grad:
+            p.grad = None
         return delta.to(p.dtype)
 
-    def compute_updates(self) -> Delta:
-        """param -> delta (param dtype, to be ADDED) for every param with a grad. Params stay untouched."""
+    def compute_updates(self, free_grads: bool = False) -> Delta:
+        """param -> delta (param dtype, to be ADDED) for every param with a grad. Params stay untouched.
+        free_grads drops each .grad once its delta exists, so grads and deltas never both peak."""
         out: Delta = {}
         for p in self._all_params():
-            d = self.compute_update(p)
+            d = self.compute_update(p, free_grad=free_grads)
             if d is not None:
                 out[p] = d
         return out
@@ -131,8 +134,7 @@ class StagedOptimizer(torch.optim.Optimizer):
         handles = []
 
         def hook(p: torch.Tensor) -> None:
-            delta = self.compute_update(p)
-            p.grad = None  # free before the next layer's grad arrives
+            delta = self.compute_update(p, free_grad=True)  # freed before the next layer's grad arrives
             if delta is not None:
                 on_update(p, delta)
 
@@ -279,28 +281,33 @@ class Apollo(StagedOptimizer):
         step_no = int(state["step"].item()) + 1 if "step" in state else 1
         r = group["rank"]
         left = m_ <= n_  # project the smaller side; channels run along the larger one
-        proj = self._projection(p, group, step_no, r, m_ if left else n_)
-        low = proj @ g if left else g @ proj.T  # r x n  or  m x r
+        proj = self._projection(p, group, step_no, r, m_ if left else n_).to(grad.dtype)
+        low = (proj @ grad if left else grad @ proj.T).float()  # r x n  or  m x r
         m, v, step, bc1, bc2 = _adam_moments(low, state, b1, b2)
         low_upd = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
         tiny = torch.finfo(torch.float32).tiny
+        # The full-rank update is alpha * s * G. It is never materialised in fp32: its norm follows from the
+        # gradient's (channel) norms, and the delta is one multiply of the gradient by a per-channel factor.
         if group["scale_type"] == "tensor":
             s = low_upd.norm() / (low.norm() + tiny)
+            norm = group["scale"] * s * torch.linalg.vector_norm(grad, dtype=torch.float32)
         else:
             dim = 0 if left else 1
             s = low_upd.norm(dim=dim) / (low.norm(dim=dim) + tiny)
+            norm = group["scale"] * (s * torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)).norm()
             s = s.unsqueeze(0) if left else s.unsqueeze(1)
-        scaled = g * (s * group["scale"])
-        norm = scaled.norm()
         new = {"step": step, "exp_avg": m, "exp_avg_sq": v, "prev_norm": norm.reshape(1)}
         gamma = group["norm_growth_limit"]
+        coef = (-group["lr"] * group["scale"]) * s
         if gamma is not None and "prev_norm" in state:
             # torch.where, not `if`: no host sync per parameter on the GPU
             limit = gamma * state["prev_norm"].reshape(())
-            shrink = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
-            scaled = scaled * shrink
+            coef = coef * torch.where(norm > limit, limit / norm, torch.ones_like(norm))
             new["prev_norm"] = torch.minimum(norm, limit).reshape(1)
-        delta = -group["lr"] * (scaled + group["weight_decay"] * p.float())
+        # one pass in the gradient's dtype: for bf16 the factor's rounding (2^-9) is far below the update's noise
+        delta = grad * coef.to(grad.dtype)
+        if group["weight_decay"]:
+            delta = delta.add(p, alpha=-group["lr"] * group["weight_decay"])
         return delta, new
 
 

@@ -342,7 +342,7 @@ def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | 
         if detach is not None:
             detach()
     if not per_layer:
-        deltas = optimizer.compute_updates()
+        deltas = optimizer.compute_updates(free_grads=True)
         for g in optimizer.param_groups:
             for p in g["params"]:
                 p.grad = None

@@ -129,8 +129,15 @@ def apply_updates_(
         if stochastic_rounding and sr_triton.available(p, d):
             sr_triton.sr_add_(p, d, seed + i)
             continue
-        s = p.float() + d.float()
-        p.copy_(stochastic_round(s, p.dtype, generator) if stochastic_rounding else s.to(p.dtype))
+        s = p.float()
+        s.add_(d)
+        if stochastic_rounding and p.dtype == torch.bfloat16:  # in place: one fp32 and one int32 temporary
+            bits = s.view(torch.int32)
+            bits.add_(torch.randint(0, _LOW16 + 1, s.shape, dtype=torch.int32, device=s.device, generator=generator))
+            bits.bitwise_and_(_HIGH16)
+            p.copy_(s)  # exact: the low 16 bits are zero
+        else:
+            p.copy_(stochastic_round(s, p.dtype, generator) if stochastic_rounding else s)
 
 
 @torch.no_grad()
