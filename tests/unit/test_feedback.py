@@ -168,3 +168,10 @@ async def test_concurrent_comparison_retries_give_one_row(client: httpx.AsyncCli
     assert sorted(r.status_code for r in replies) == [200] * 7 + [201]
     assert len({r.json()["id"] for r in replies}) == 1
     assert count(sessions, Comparison) == 1
+
+
+def test_openapi_documents_the_rating_body(app) -> None:
+    op = app.openapi()["paths"]["/api/ratings"]["post"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["response_id"]
+    assert schema["properties"]["score"]["maximum"] == 10 and set(op["responses"]) >= {"200", "201"}
