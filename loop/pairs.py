@@ -34,6 +34,7 @@ from loop.feedback.queries import as_utc
 
 POSITIVE_SCORE = 7  # score >= this (without a thumb) → a desirable example
 NEGATIVE_SCORE = 4  # score <= this → undesirable
+STREAM_ROWS = 500  # rows fetched at a time: an export of a long history never holds all of it in memory
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def _feedback_conds(table: Any, f: PairFilters) -> list[Any]:
 
 def _current_ratings(s: Session, f: PairFilters) -> Iterator[tuple[Rating, Response]]:
     stmt = (select(Rating, Response).join(Response, Response.id == Rating.response_id)
-            .where(and_(*_feedback_conds(Rating, f), *_response_conds(Response, f))).order_by(Rating.id))
+            .where(and_(*_feedback_conds(Rating, f), *_response_conds(Response, f))).order_by(Rating.id)
+            .execution_options(yield_per=STREAM_ROWS))
     for rating, response in s.execute(stmt):
         yield rating, response
 
@@ -126,7 +128,7 @@ def preference_pairs(s: Session, f: PairFilters = PairFilters()) -> Iterator[Pai
     a, b = aliased(Response), aliased(Response)
     stmt = (select(Comparison, a, b).join(a, a.id == Comparison.response_a_id).join(b, b.id == Comparison.response_b_id)
             .where(and_(*_feedback_conds(Comparison, f), Comparison.winner.in_(("a", "b")), *_response_conds(a, f)))
-            .order_by(Comparison.id))
+            .order_by(Comparison.id).execution_options(yield_per=STREAM_ROWS))
     for comp, ra, rb in s.execute(stmt):
         if comp.id in consumed_c:
             continue
