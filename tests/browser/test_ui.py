@@ -299,6 +299,21 @@ def test_training_view_shows_a_run_with_its_chart_and_versions(ui: UI, api: http
         return
 
     admin = {"Authorization": f"Bearer {ui_service.admin_token}"}
+    has_scheduler = "/api/scheduler" in routes
+    if has_scheduler:  # keep the scheduler from starting runs of its own in the middle of this test
+        assert api.post("/api/scheduler/pause", headers=admin).status_code == 200
+    try:
+        _training_view_steps(ui, api, ui_service, admin, has_scheduler)
+    finally:
+        if has_scheduler:
+            api.post("/api/scheduler/resume", headers=admin)
+
+
+def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict[str, str],
+                         has_scheduler: bool) -> None:
+    page = ui.page
+    routes = _routes(api)
+    _poll(lambda: api.get("/api/train/status").json()["state"] == "idle", timeout=400, what="the trainer to be idle")
     pair = _seed_pair(api, "Give me a one-word greeting.")
     a, b = pair["candidates"]
     r = api.post("/api/train", headers=admin, json={"steps": 2, "pairs": [
@@ -348,12 +363,12 @@ def test_training_view_shows_a_run_with_its_chart_and_versions(ui: UI, api: http
         assert restored["live"] > after["live"]
         expect(page.locator(f'.tl-item.live[data-version="{restored["live"]}"]')).to_be_visible(timeout=20_000)
 
-    # Scheduler controls (admin): Pause, then Resume, each reflected by GET /api/scheduler.
-    if "/api/scheduler" in routes:
+    # Scheduler controls (admin; paused at the start of this test): Resume, then Pause, each reflected by the API.
+    if has_scheduler:
         sched = page.locator("section.card", has=page.locator("#c-sched"))
-        sched.get_by_role("button", name="Pause").click()
-        expect(sched.get_by_role("button", name="Resume")).to_be_visible(timeout=20_000)
-        assert api.get("/api/scheduler").json()["paused"] is True
         sched.get_by_role("button", name="Resume").click()
         expect(sched.get_by_role("button", name="Pause")).to_be_visible(timeout=20_000)
         assert api.get("/api/scheduler").json()["paused"] is False
+        sched.get_by_role("button", name="Pause").click()
+        expect(sched.get_by_role("button", name="Resume")).to_be_visible(timeout=20_000)
+        assert api.get("/api/scheduler").json()["paused"] is True

@@ -48,8 +48,8 @@ export function metricSeries(history) {
 const COLORS = ["#3b6fd8", "#2f9e6e", "#c0793a", "#8a5cc7", "#c04a6a", "#4a8fa0"];
 let colorIndex = 0;
 
-/** Draw one metric against step into `el`; returns an object with fit() and destroy(). */
-export function runChart(el, name, steps, values) {
+/** Draw one metric against step (or `xLabel`) into `el`; returns an object with fit() and destroy(). */
+export function runChart(el, name, steps, values, xLabel = "step") {
   const color = COLORS[colorIndex++ % COLORS.length];
   if (typeof window.uPlot !== "function") {
     el.append(document.createTextNode(`Chart library missing; last ${name}: ${values[values.length - 1]}`));
@@ -63,10 +63,10 @@ export function runChart(el, name, steps, values) {
     cursor: {drag: {x: false, y: false}},
     scales: {x: {time: false}},
     // Steps are whole numbers: only integer ticks on x.
-    axes: [{label: "step", stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"},
+    axes: [{label: xLabel, stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"},
       incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]},
       {stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}, size: 56}],
-    series: [{label: "step"}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
+    series: [{label: xLabel}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
   }, [steps, values], el);
   return {
     fit() { plot.setSize({width: width(), height: 180}); },

@@ -48,6 +48,8 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const actionStatus = statusLine();
   const schedStatus = statusLine();
   const liveChart = h("div", {class: "live-chart"});
+  const versionTrend = h("div", {class: "charts"});
+  const trend = {key: "", charts: []};
   let live = {chart: null, key: ""};
 
   const dialog = confirmDialog();
@@ -201,9 +203,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       replace(versionsBody, empty("No weight versions recorded."));
       return;
     }
-    replace(versionsBody, h("ol", {class: "timeline"}, items.map((v) => {
+    replace(versionsBody, versionTrend, h("ol", {class: "timeline"}, items.map((v) => {
       const live = v.version === data.live;
-      const evalPairs = Object.entries(v.eval || {});
+      const evalPairs = evalFigures(v.eval);
       return h("li", {class: `tl-item${live ? " live" : ""}`, dataset: {version: String(v.version)}},
         h("div", {class: "tl-head"},
           h("strong", {text: `v${v.version}`}),
@@ -211,15 +213,35 @@ export function mount(main, {showError, clearError, refreshHealth}) {
           h("span", {class: "badge", text: v.kind || "?"}),
           v.status && v.status !== "live" ? h("span", {class: "badge muted", text: v.status}) : null,
           h("time", {class: "muted", datetime: v.created_at, text: fmtTime(v.created_at)})),
-        h("div", {class: "tl-meta muted"},
+        h("div", {class: "tl-meta muted", text: [
           v.parent_version !== null && v.parent_version !== undefined ? `from v${v.parent_version}` : "",
-          v.run_id !== null && v.run_id !== undefined ? ` · run ${v.run_id}` : "",
-          v.note ? ` · ${v.note}` : ""),
-        evalPairs.length ? h("div", {class: "evals"}, evalPairs.map(([k, val]) => h("span", {class: "chip", text: `${k}: ${fmtNum(val, 4)}`}))) : null,
+          v.run_id !== null && v.run_id !== undefined ? `run ${v.run_id}` : "",
+          v.note || ""].filter(Boolean).join(" · ")}),
+        evalPairs.length ? h("div", {class: "evals"}, evalPairs.map(([k, val]) => h("span", {class: "chip", text: `${k} ${val}`}))) : null,
         v.checkpoint_path && !live ? h("button", {type: "button", class: "btn small", text: `Restore v${v.version}`,
           onclick: () => restore(v.version)}) : null,
         v.checkpoint_path ? h("small", {class: "muted path", text: v.checkpoint_path}) : null);
     })));
+    renderEvalTrend(items); // after versionTrend is in the page, so the charts get its width
+  }
+
+  /** Canary perplexity and held-out accuracy per weight version, when at least two versions were evaluated. */
+  function renderEvalTrend(items) {
+    const points = [...items].reverse().filter((v) => v.eval && typeof v.eval.canary_perplexity === "number");
+    const key = JSON.stringify(points.map((v) => v.version));
+    if (key === trend.key) return;
+    trend.key = key;
+    for (const c of trend.charts.splice(0)) c.destroy();
+    replace(versionTrend);
+    if (points.length < 2) return;
+    const xs = points.map((v) => v.version);
+    for (const [name, pick] of [["canary perplexity", (e) => e.canary_perplexity], ["eval accuracy", (e) => e.accuracy]]) {
+      const ys = points.map((v) => (typeof pick(v.eval) === "number" ? pick(v.eval) : null));
+      if (ys.every((y) => y === null)) continue;
+      const box = h("figure", {class: "chart", dataset: {metric: name}}, h("figcaption", {text: `${name} by version`}));
+      versionTrend.append(box);
+      trend.charts.push(runChart(box, name, xs, ys, "version"));
+    }
   }
 
   // --- admin actions
@@ -257,7 +279,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   refreshAll();
   timers.push(setInterval(() => { loadStatus(); loadSched(); }, 3000));
   timers.push(setInterval(() => { loadStats(); loadRuns(); loadVersions(); }, 10000));
-  const onResize = () => { for (const c of charts) c.fit(); if (live.chart) live.chart.fit(); };
+  const onResize = () => { for (const c of [...charts, ...trend.charts]) c.fit(); if (live.chart) live.chart.fit(); };
   window.addEventListener("resize", onResize);
 
   return () => {
@@ -266,6 +288,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     window.removeEventListener("resize", onResize);
     for (const c of charts.splice(0)) c.destroy();
     if (live.chart) live.chart.destroy();
+    for (const c of trend.charts.splice(0)) c.destroy();
   };
 }
 
@@ -288,4 +311,14 @@ function confirmDialog() {
       return new Promise((resolve) => el.addEventListener("close", () => resolve(el.returnValue === "yes"), {once: true}));
     },
   };
+}
+
+const EVAL_LABELS = {accuracy: "accuracy", mean_margin: "margin", canary_perplexity: "perplexity", n_pairs: "pairs"};
+
+/** The eval figures worth a glance, as [label, text]; bookkeeping fields (timings, ids, timestamps) left out. */
+function evalFigures(evalData) {
+  if (!evalData || typeof evalData !== "object") return [];
+  return Object.entries(EVAL_LABELS)
+    .filter(([k]) => typeof evalData[k] === "number")
+    .map(([k, label]) => [label, fmtNum(evalData[k], 4)]);
 }
