@@ -88,6 +88,8 @@ async def test_bad_ratings_are_4xx_that_say_what_to_fix(client: httpx.AsyncClien
     r = await client.post("/api/ratings", json={"response_id": rid, "thumb": "up", "idempotency_key": "a"},
                           headers={"Idempotency-Key": "b"})
     assert r.status_code == 422 and "differ" in r.json()["error"]["message"]
+    r = await client.post("/api/ratings", json={"response_id": rid, "thumb": "up"}, headers={"Idempotency-Key": "k" * 201})
+    assert r.status_code == 422 and "1..200" in r.json()["error"]["message"]
     assert count(sessions, Rating) == 0
 
 

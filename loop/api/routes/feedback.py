@@ -39,6 +39,9 @@ def rating_writer(state: LoopState) -> RatingWriter:
 
 
 def _key(body_key: str | None, header_key: str | None) -> str | None:
+    if header_key is not None and not 1 <= len(header_key) <= 200:
+        raise LoopError(f"the Idempotency-Key header must be 1..200 characters, got {len(header_key)}",
+                        status_code=422, code="invalid_idempotency_key", param="Idempotency-Key")
     if body_key and header_key and body_key != header_key:
         raise LoopError(f"the Idempotency-Key header ({header_key!r}) and the body's idempotency_key "
                         f"({body_key!r}) differ; send one of them", status_code=422, code="idempotency_key_mismatch",
