@@ -218,7 +218,10 @@ def sequence_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:][mask]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
-    if head is None or decoder is None or decoder is model:  # not a standard HF causal LM: full logits
+    cfg = getattr(model, "config", None)
+    scaled = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+    # not a plain decoder + lm_head causal LM (or its logits are post-processed): take the model's own logits
+    if head is None or decoder is None or decoder is model or scaled:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask].float()
         lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     else:

@@ -237,3 +237,13 @@ def test_train_step_refuses_the_wrong_batch(tokenizer: Any) -> None:
     with pytest.raises(ValueError, match="'dpo' or 'kto'"):
         train_step(model, opt, pairs, objective="ipo", beta=0.1)
     assert isinstance(pairs, PairBatch) and not isinstance(pairs, KTOBatch)
+
+
+def test_an_answer_longer_than_the_budget_is_cut_at_its_end(tokenizer: Any) -> None:
+    long_answer = "The sea is long. " * 40
+    b = encode_pairs(tokenizer, [("Tell me a long story about the sea.", long_answer, "Five.")], max_len=40)
+    assert b.input_ids.shape[1] <= 40 and b.truncated == [True]
+    kept = _answer_text(tokenizer, b.input_ids[0], b.loss_mask[0])
+    assert long_answer.startswith(kept) and len(kept) > 20  # the start of the answer, scored
+    prompt = tokenizer.decode(b.input_ids[0][b.attention_mask[0].bool() & ~b.loss_mask[0]].tolist())
+    assert prompt.endswith("<|im_start|>assistant\n")  # the prompt keeps its end: the answer stays attached
