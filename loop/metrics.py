@@ -3,10 +3,12 @@
 Each app owns its own `CollectorRegistry` (tests build many apps in one process; the global registry would
 refuse duplicate names). Other parts record through small methods so they never touch prometheus_client:
 `metrics.rating()`, `metrics.comparison()`, `metrics.train_step(loss)`, `metrics.set_weight_version(v)`.
-`GET /metrics` serves `render()`.
+`GET /metrics` serves `render()`; `RequestMetrics` (ASGI middleware) counts every request by route and status.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -69,3 +71,28 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """ASGI middleware: count every HTTP request by route template (not raw path: bounded labels) and status."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")  # set by the router on the shared scope
+            self.metrics.request(getattr(route, "path", None) or "unmatched", status)

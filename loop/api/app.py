@@ -28,7 +28,7 @@ WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 def create_app(settings: Settings, *, manage: bool = True) -> FastAPI:
     """Build the app. `manage=False` skips starting vLLM/worker/scheduler (unit tests, attach-only tools)."""
     from loop.api.routes import ROUTERS
-    from loop.metrics import Metrics
+    from loop.metrics import Metrics, RequestMetrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -45,6 +45,7 @@ def create_app(settings: Settings, *, manage: bool = True) -> FastAPI:
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     for router in ROUTERS:
         app.include_router(router)
     if WEB_DIR.is_dir():

@@ -141,3 +141,13 @@ async def test_candidates_validation_and_answer(proxied) -> None:  # noqa: ANN00
     assert proxied.seen[-1]["n"] == 2 and proxied.seen[-1]["temperature"] == 0.9
     r = await proxied.client.post("/api/candidates", json={"messages": [], "n": 2})
     assert r.status_code == 422
+
+
+async def test_every_request_is_counted_by_route_template_and_status(proxied) -> None:  # noqa: ANN001
+    await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    await proxied.client.post("/v1/chat/completions", content=b"{")
+    await proxied.client.get("/no/such/thing")
+    text = (await proxied.client.get("/metrics")).text
+    assert 'loop_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'loop_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
+    assert 'route="/no/such/thing"' not in text  # raw paths never become labels

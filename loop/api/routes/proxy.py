@@ -186,7 +186,6 @@ async def _proxy(request: Request, state: LoopState, endpoint: str, path: str) -
     body = _parse(await request.body())
     info = _request_info(state, body, endpoint)
     wants = augment(body, endpoint)
-    route = f"/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
     try:
         if info.stream:
             response = await _open_stream(request, state, path, body, info, wants)
@@ -195,10 +194,6 @@ async def _proxy(request: Request, state: LoopState, endpoint: str, path: str) -
             response = HTTPResponse(_encode(data), media_type=JSON, headers=_headers(ids, version))
     except _UpstreamError as exc:
         response = _passthrough(exc.response, exc.content)
-    except LoopError as exc:
-        request.app.state.metrics.request(route, exc.status_code)
-        raise
-    request.app.state.metrics.request(route, response.status_code)
     return response
 
 
