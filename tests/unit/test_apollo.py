@@ -230,3 +230,24 @@ def test_trainable_parameters_freezes_embeddings_by_default() -> None:
     assert any("q_proj" in n for n in names) and any("norm" in n for n in names)
     with_emb = trainable_parameters(model, train_embeddings=True)
     assert sum(p is model.get_input_embeddings().weight for _, p in with_emb) == 1  # tied: one parameter
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_per_layer_matches_full_and_state_stays_fp32() -> None:
+    model, x, y = _regression()
+    model = model.cuda().to(torch.bfloat16)
+    x, y = x.cuda().bfloat16(), y.cuda().bfloat16()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    opt_a, opt_b = Apollo.mini(list(a.parameters()), lr=1e-3), Apollo.mini(list(b.parameters()), lr=1e-3)
+    nn.functional.mse_loss(a(x), y).backward()
+    full = opt_a.compute_updates()
+    got: dict[torch.Tensor, torch.Tensor] = {}
+    detach = opt_b.attach_per_layer(b, lambda p, d: got.__setitem__(p, d))
+    nn.functional.mse_loss(b(x), y).backward()
+    detach()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert full[pa].dtype == torch.bfloat16 and full[pa].is_cuda
+        torch.testing.assert_close(full[pa], got[pb])
+    opt_b.commit()
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt_b.state.values())

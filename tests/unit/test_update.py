@@ -121,3 +121,21 @@ def test_checksum_sees_one_bit_and_names() -> None:
     assert weights_checksum([flipped]) != base
     assert weights_checksum([("x", w)]) != weights_checksum([("y", w)])
     assert weights_checksum([w.view(64, 64)]) != base  # shape is part of the identity
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_apply_is_unbiased_and_a_refused_update_writes_nothing() -> None:
+    w0 = _bf16_weights(1 << 16).cuda()
+    step = (0.1 * _ulp_bf16(w0)).float()
+    w = w0.clone()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(100):
+        apply_updates_({w: step}, generator=gen)
+    moved = (w.float() - w0.float()) / (100 * step)
+    assert 0.95 < float(moved.mean()) < 1.05
+    before = weights_checksum([w])
+    bad = step.clone()
+    bad[5] = float("nan")
+    assert not check_updates({w: bad}, max_ratio=1.0).ok
+    assert weights_checksum([w]) == before
