@@ -304,14 +304,17 @@ class Scheduler:
     async def _wait_run(self, run_id: int) -> str:
         deadline = time.monotonic() + self.run_timeout_s
         while True:
-            with self.state.sessions() as s:
-                run = s.get(TrainingRun, run_id)
-                status = run.status if run is not None else "failed"
+            status = await asyncio.to_thread(self._run_status, run_id)
             if status in TERMINAL:
                 return status
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run {run_id} still {status} after {self.run_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
+
+    def _run_status(self, run_id: int) -> str:
+        with self.state.sessions() as s:
+            run = s.get(TrainingRun, run_id)
+            return run.status if run is not None else "failed"
 
     def _annotate(self, run_id: int, info: dict[str, Any]) -> None:
         with self.state.sessions() as s:
