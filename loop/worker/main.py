@@ -60,7 +60,7 @@ class Worker:
         self.meta: dict[str, Any] = {}
         self.names: dict[Any, str] = {}
         self.trainable: list[tuple[str, Any]] = []
-        self._staged: tuple[int, dict[Any, Any], Any] | None = None  # (run_id, deltas, UpdateCheck)
+        self._staged: tuple[int, dict[Any, Any], Any] | None = None  # (run_id, new values, UpdateCheck)
         self._run: dict[str, Any] = {}  # the current run's encoded batch, reference log-probs and history
 
     # ------------------------------------------------------------ attach
