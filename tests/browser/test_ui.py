@@ -186,6 +186,20 @@ def test_history_filters_detail_and_both_exports(ui: UI, api: httpx.Client, ui_s
     expect(page.locator(".count")).to_have_text("Showing 1–2 of 2")
     assert marker in page.url  # filters live in the URL: bookmarkable, Back works
 
+    # Pagination: one per page.
+    page.goto(f"{ui.base}/#/history?q={marker}&limit=1")
+    expect(page.locator(".count")).to_have_text("Showing 1–1 of 2")
+    first_id = page.locator(".resp-item").get_attribute("data-response-id")
+    expect(page.get_by_role("button", name="Previous page")).to_be_disabled()
+    page.get_by_role("button", name="Next page").click()
+    expect(page.locator(".count")).to_have_text("Showing 2–2 of 2")
+    assert page.locator(".resp-item").get_attribute("data-response-id") not in (None, first_id)
+    expect(page.get_by_role("button", name="Next page")).to_be_disabled()
+    page.go_back()
+    expect(page.locator(".count")).to_have_text("Showing 1–1 of 2")
+    page.goto(f"{ui.base}/#/history?q={marker}")
+    expect(page.get_by_label("Search text", exact=True)).to_have_value(marker)  # a filtered list opens its filters
+
     page.get_by_label("Search text", exact=True).fill("")
     page.get_by_label("Tag", exact=True).fill(marker)
     page.get_by_label("Rating", exact=True).select_option("down")

@@ -142,9 +142,9 @@ function showList(root, query, {showError, clearError}, myToken, current) {
       h("p", {class: "count", text: `Showing ${from}–${to} of ${page.total}`}),
       h("ol", {class: "resp-list", start: String(from)}, items.map(renderItem)),
       h("nav", {class: "pager", "aria-label": "Pages"},
-        h("button", {type: "button", class: "btn", text: "← Previous", disabled: page.offset <= 0,
+        h("button", {type: "button", class: "btn", text: "← Previous", "aria-label": "Previous page", disabled: page.offset <= 0,
           onclick: () => go(Math.max(0, page.offset - page.limit))}),
-        h("button", {type: "button", class: "btn", text: "Next →", disabled: to >= page.total,
+        h("button", {type: "button", class: "btn", text: "Next →", "aria-label": "Next page", disabled: to >= page.total,
           onclick: () => go(page.offset + page.limit)})));
   }
 
