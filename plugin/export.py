@@ -26,6 +26,7 @@ import atexit
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,15 @@ def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:
         _shm_files.append(name)
         return {"nbytes": int(size), "cpu": {"manager": manager.decode(), "filename": name}}
     if storage.device.type == "cuda":
-        (device, handle, size, offset, rc_handle, rc_offset, event_handle, event_sync) = storage._share_cuda_()
+        try:
+            (device, handle, size, offset, rc_handle, rc_offset, event_handle, event_sync) = storage._share_cuda_()
+        except RuntimeError as e:
+            if "expandable_segments" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+                raise RuntimeError(
+                    f"CUDA IPC export failed ({e}): PYTORCH_CUDA_ALLOC_CONF has expandable_segments, which breaks "
+                    "CUDA IPC; start vLLM without it"
+                ) from e
+            raise
         return {
             "nbytes": int(size),
             "cuda": {
@@ -176,8 +185,23 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _private_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Create `path` 0700, or accept an existing one only if it is ours and private.
+
+    An existing folder others can reach is refused rather than chmod'ed: LOOP_RUNTIME_DIR=/tmp must not make /tmp
+    private, nor put weight handles where others can read them.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"runtime dir {path} belongs to uid {st.st_uid}, not to us; set LOOP_RUNTIME_DIR to a private folder")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(
+            f"runtime dir {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            "set LOOP_RUNTIME_DIR to a private (0700) folder or `chmod 0700` it"
+        )
 
 
 def _write_private(path: Path, data: bytes) -> None:

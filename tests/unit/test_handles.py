@@ -160,3 +160,14 @@ def test_attached_tensors_survive_exporter_exit(child) -> None:
     c.stop()
     time.sleep(0.5)
     assert torch.equal(ts["1.weight"], expected)  # the mapping outlives the unlinked file
+
+
+def test_export_refuses_a_shared_runtime_dir(tmp_path: Path) -> None:
+    from plugin.export import export_module
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o1777)  # like /tmp
+    with pytest.raises(PermissionError, match="LOOP_RUNTIME_DIR"):
+        export_module(torch.nn.Linear(2, 2), shared)
+    assert (shared.stat().st_mode & 0o7777) == 0o1777 and not list(shared.iterdir())
