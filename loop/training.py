@@ -32,7 +32,7 @@ from sqlalchemy import delete, select, update
 
 from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
 from loop.api.state import LoopState
-from loop.control import WorkerControl, WorkerError
+from loop.control import WorkerControl
 from loop.db.models import Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
 from loop.worker import protocol as p
 
