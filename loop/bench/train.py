@@ -217,6 +217,32 @@ def _run_mode(model: nn.Module, batch: PairBatch, mode: str, device: torch.devic
     return BenchRow(mode, batch.n_tokens * steps / elapsed, elapsed / steps, int(mem.peak), weight_bytes, state)
 
 
+def bench_apply(params: Sequence[torch.Tensor], repeats: int = 5) -> dict[str, float]:
+    """Milliseconds to add a staged update to every given weight: apply_updates_ with stochastic rounding
+    against the floor, a plain in-place add moving the same bytes (read w, read delta, write w)."""
+    device = params[0].device
+    deltas = {p: torch.randn_like(p) * 1e-6 for p in params}  # one staged update in the weights' dtype
+    moved = sum(3 * p.numel() * p.element_size() for p in params)
+
+    def timed(fn: Callable[[], None]) -> float:
+        fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    def floor() -> None:
+        with torch.no_grad():
+            for p, d in deltas.items():
+                p.add_(d)
+
+    floor_ms = timed(floor)
+    sr_ms = timed(lambda: apply_updates_(deltas))
+    return {"floor_ms": floor_ms, "sr_apply_ms": sr_ms, "ratio": sr_ms / floor_ms, "floor_GBps": moved / floor_ms / 1e6}
+
+
 def format_table(rows: Sequence[BenchRow], device_name: str) -> str:
     head = f"DPO step on {device_name}\n{'mode':<24}{'tokens/s':>12}{'step s':>10}{'peak extra GiB':>16}{'/ weights':>11}{'optim GiB':>11}"
     lines = [head]
@@ -252,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> list[BenchRow]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--apply", action="store_true", help="also time the in-place SR apply of one update over the trained weights")
     args = ap.parse_args(argv)
     model = load_model(Path(args.model).expanduser(), device=args.device, random_init=args.random_init)
     vocab = int(model.get_input_embeddings().weight.shape[0])
@@ -259,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> list[BenchRow]:
     rows = bench_dpo(model, batch, modes=args.modes.split(","), steps=args.steps,
                      gradient_checkpointing=not args.no_gradient_checkpointing)
     print(format_table(rows, device_name(torch.device(args.device))))
+    if args.apply:
+        trained = [p for _, p in trainable_parameters(model)]
+        a = bench_apply(trained)
+        gb = sum(p.numel() * p.element_size() for p in trained) / 1e9
+        print(f"apply of one update to {gb:.2f} GB of trained weights: SR {a['sr_apply_ms']:.2f} ms, "
+              f"floor (plain add, same bytes) {a['floor_ms']:.2f} ms at {a['floor_GBps']:.0f} GB/s -> {a['ratio']:.2f}x the floor")
     return rows
 
 

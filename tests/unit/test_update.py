@@ -139,3 +139,21 @@ def test_cuda_apply_is_unbiased_and_a_refused_update_writes_nothing() -> None:
     bad[5] = float("nan")
     assert not check_updates({w: bad}, max_ratio=1.0).ok
     assert weights_checksum([w]) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_and_torch_paths_agree_in_distribution() -> None:
+    exact = torch.randn(1 << 18, device="cuda") * 0.05
+    base = exact.to(torch.bfloat16)
+    rest = exact - base.float()
+    fused = base.clone()
+    apply_updates_({fused: rest}, generator=torch.Generator(device="cuda").manual_seed(1))  # contiguous: the kernel
+    strided = torch.empty((1 << 18) * 2, dtype=torch.bfloat16, device="cuda")[::2]
+    strided.copy_(base)
+    apply_updates_({strided: rest}, generator=torch.Generator(device="cuda").manual_seed(1))  # the torch path
+    for out in (fused, strided):
+        toward_zero = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+        away = torch.nextafter(toward_zero, toward_zero * float("inf"))
+        assert bool(((out == toward_zero) | (out == away)).all())
+        assert abs(float((out.double() - exact.double()).mean())) < 2e-6  # unbiased: errors cancel
