@@ -13,7 +13,8 @@ to the fp32 bit pattern and truncating the low 16 bits rounds up exactly with th
 the exponent is the correct round-up to the next binade). fp16 uses the neighbour-interpolation form; fp32
 params get a plain add_.
 
-The work is done one tensor at a time, so the extra memory is one tensor's fp32 size.
+The work is done one tensor at a time, so the extra memory is one tensor's fp32 size; contiguous bf16 CUDA
+weights take the fused one-pass kernel in sr_triton.py instead.
 Run the tests: .venv/bin/pytest tests/unit/test_update.py
 """
 
@@ -28,45 +29,6 @@ import torch
 
 _LOW16 = 0xFFFF
 _HIGH16 = -65536  # ~0xFFFF as a signed int32 mask
-
-try:  # on CUDA a fused kernel does the bf16 SR add in one pass (read w, read delta, write w)
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs: the torch path below
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _sr_add_part(w_ptr, d_ptr, offs, n, rand):  # type: ignore[no-untyped-def]
-        mask = offs < n
-        s = tl.load(w_ptr + offs, mask=mask).to(tl.float32) + tl.load(d_ptr + offs, mask=mask).to(tl.float32)
-        bits = (s.to(tl.int32, bitcast=True) + (rand & 0xFFFF).to(tl.int32)) & -65536
-        tl.store(w_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
-
-    @triton.jit
-    def _sr_add_bf16_kernel(w_ptr, d_ptr, n, seed, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        # One Philox4x32-7 call (7 rounds pass BigCrush, Salmon et al. 2011) yields 4 words = 8 x 16 random
-        # bits: each serves one of 8 contiguous eighths of the block, keeping the kernel memory-bound.
-        part: tl.constexpr = BLOCK // 8
-        pid = tl.program_id(0).to(tl.int64)
-        lane = tl.arange(0, part)
-        # 32-bit counters: a 64-bit counter would select Philox's much slower 64-bit arithmetic
-        r0, r1, r2, r3 = tl.randint4x(seed, (pid * part + lane).to(tl.uint32), n_rounds=7)
-        base = pid * BLOCK + lane
-        _sr_add_part(w_ptr, d_ptr, base, n, r0)
-        _sr_add_part(w_ptr, d_ptr, base + part, n, r0 >> 16)
-        _sr_add_part(w_ptr, d_ptr, base + 2 * part, n, r1)
-        _sr_add_part(w_ptr, d_ptr, base + 3 * part, n, r1 >> 16)
-        _sr_add_part(w_ptr, d_ptr, base + 4 * part, n, r2)
-        _sr_add_part(w_ptr, d_ptr, base + 5 * part, n, r2 >> 16)
-        _sr_add_part(w_ptr, d_ptr, base + 6 * part, n, r3)
-        _sr_add_part(w_ptr, d_ptr, base + 7 * part, n, r3 >> 16)
-
-
-def _fused_ok(p: torch.Tensor, d: torch.Tensor) -> bool:
-    return (triton is not None and p.is_cuda and p.dtype == torch.bfloat16 and d.device == p.device
-            and p.is_contiguous() and d.is_contiguous() and d.shape == p.shape)
 
 
 @dataclass
