@@ -56,20 +56,27 @@ def check_updates(
     """Every delta finite and shaped like its param; per-tensor and global ||delta||/||w|| <= max_ratio.
 
     A weight that is exactly zero has no meaningful ratio; it counts only in the global ratio."""
+    items = list(deltas.items())
+    for i, (p, d) in enumerate(items):
+        if d.shape != p.shape:
+            return UpdateCheck(False, f"{_label(p, i, names)}: delta shape {tuple(d.shape)} does not match the weight "
+                               f"{tuple(p.shape)}")
+    if not items:
+        return UpdateCheck(True)
+    # all norms on the device, fp32-accumulated without fp32 copies, then ONE host sync for the lot
+    dev = items[0][0].device
+    stats = torch.stack([torch.stack([torch.linalg.vector_norm(d, dtype=torch.float32).to(dev),
+                                      torch.linalg.vector_norm(p, dtype=torch.float32).to(dev)]) for p, d in items]).tolist()
     d2_total = 0.0
     w2_total = 0.0
     ratios: dict[str, float] = {}
     worst, worst_ratio = None, 0.0
-    for i, (p, d) in enumerate(deltas.items()):
+    for i, ((p, d), (dn, wn)) in enumerate(zip(items, stats)):
         label = _label(p, i, names)
-        if d.shape != p.shape:
-            return UpdateCheck(False, f"{label}: delta shape {tuple(d.shape)} does not match the weight {tuple(p.shape)}")
-        df = d.float()
-        if not bool(torch.isfinite(df).all()):
-            bad = int((~torch.isfinite(df)).sum())
-            return UpdateCheck(False, f"{label}: update has {bad} non-finite values (NaN/inf); nothing was written")
-        dn = float(df.norm())
-        wn = float(p.float().norm())
+        if not math.isfinite(dn):  # a NaN/inf anywhere makes the norm non-finite (so does fp32 overflow)
+            bad = int((~torch.isfinite(d)).sum())
+            what = f"{bad} non-finite values (NaN/inf)" if bad else "a norm that overflows fp32"
+            return UpdateCheck(False, f"{label}: update has {what}; nothing was written")
         d2_total += dn * dn
         w2_total += wn * wn
         if wn > 0:
