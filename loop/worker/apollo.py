@@ -55,7 +55,6 @@ class StagedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        self._hooks: list[Any] = []
         self._index = {p: i for i, p in enumerate(self._all_params())}
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -141,7 +140,6 @@ class StagedOptimizer(torch.optim.Optimizer):
         for p in params:
             if p.requires_grad and p in managed:
                 handles.append(p.register_post_accumulate_grad_hook(hook))
-        self._hooks.extend(handles)
 
         def detach() -> None:
             for h in handles:
