@@ -4,9 +4,12 @@ Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` wit
 `prompt_logprobs=0`, `max_tokens=1`), so they describe the weights vLLM is serving right now — not a copy in the
 trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
 
-- preference accuracy on held-out pairs: the share of pairs where log p(chosen | prompt) > log p(rejected | prompt)
-  (sums over the answer tokens, the quantity DPO moves; a tie counts one half). The held-out slice is feedback
-  that is never trained on (see `batches.is_held_out`), so a poisoned batch shows up as a drop here.
+- preference accuracy on held-out pairs: the share of pairs where the model gives the chosen answer a higher
+  log-probability per token than the rejected one (a tie counts one half). Per token, not summed: with sums a
+  shorter answer nearly always "wins" by having fewer tokens, so a rater who prefers short answers would read
+  ~100 % before and after any update — blind to poison (seen in `loop bench learning`). The summed figures are
+  kept too (`accuracy_sum`, `mean_margin`). The held-out slice is feedback that is never trained on (see
+  `batches.is_held_out`), so a poisoned batch shows up as a drop here.
 - perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
   damage detector — an update that wrecks the language model raises it even when the preference looks fine.
 
@@ -51,10 +54,12 @@ class EvalPair:
 class EvalFigures:
     accuracy: float | None  # None when there are no held-out pairs yet
     n_pairs: int
-    mean_margin: float | None  # mean of log p(chosen) - log p(rejected), nats
+    mean_margin: float | None  # mean of log p(chosen) - log p(rejected), nats (sums over the answer tokens)
     canary_perplexity: float
     canary_tokens: int
     ms: float
+    accuracy_sum: float | None = None  # the same with summed log-probs (length-biased; for information)
+    mean_margin_per_token: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,17 +194,23 @@ class EvalGuard:
             nll -= sum(vals)
             n_tok += len(vals)
         ppl = math.exp(nll / max(n_tok, 1))
-        margins = []
+        margins: list[float] = []
+        per_token: list[float] = []
         pair_rows = rows[n_canary:]
         for i in range(0, len(pair_rows), 2):
-            chosen = sum(v for v in pair_rows[i][starts[i]:] if v is not None)
-            rejected = sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)
-            margins.append(chosen - rejected)
-        accuracy = (sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)) if margins else None
-        return EvalFigures(accuracy=accuracy, n_pairs=len(margins),
+            chosen = [v for v in pair_rows[i][starts[i]:] if v is not None]
+            rejected = [v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None]
+            margins.append(sum(chosen) - sum(rejected))
+            per_token.append(sum(chosen) / max(len(chosen), 1) - sum(rejected) / max(len(rejected), 1))
+
+        def share(ms: list[float]) -> float | None:
+            return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in ms) / len(ms) if ms else None
+
+        return EvalFigures(accuracy=share(per_token), n_pairs=len(margins),
                            mean_margin=(sum(margins) / len(margins)) if margins else None,
                            canary_perplexity=ppl, canary_tokens=n_tok,
-                           ms=(time.perf_counter() - t0) * 1000)
+                           ms=(time.perf_counter() - t0) * 1000, accuracy_sum=share(margins),
+                           mean_margin_per_token=(sum(per_token) / len(per_token)) if per_token else None)
 
 
 def load_tokenizer(model_dir: str) -> Any:
