@@ -4,12 +4,14 @@ Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` wit
 `prompt_logprobs=0`, `max_tokens=1`), so they describe the weights vLLM is serving right now — not a copy in the
 trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
 
-- preference accuracy on held-out pairs: the share of pairs where the model gives the chosen answer a higher
-  log-probability per token than the rejected one (a tie counts one half). Per token, not summed: with sums a
-  shorter answer nearly always "wins" by having fewer tokens, so a rater who prefers short answers would read
-  ~100 % before and after any update — blind to poison (seen in `loop bench learning`). The summed figures are
-  kept too (`accuracy_sum`, `mean_margin`). The held-out slice is feedback that is never trained on (see
-  `batches.is_held_out`), so a poisoned batch shows up as a drop here.
+- preference accuracy on held-out pairs, DPO's reward accuracy: the share of pairs whose implicit reward margin
+  (log p(chosen) - ref(chosen)) - (log p(rejected) - ref(rejected)) is positive (a tie counts one half), where
+  ref is what the served model gave the pair the first time the guard measured it (kept in memory; a restart
+  re-baselines). Not the raw "log p(chosen) > log p(rejected)": summed log-probs favour the shorter answer, so a
+  rater who prefers short answers reads ~100 % before and after any update, and per-token means are dominated by
+  which model version wrote each answer — both were blind to a poisoned round in `loop bench learning`. The raw
+  figures are kept for information (`accuracy_sum`, `mean_margin`). The held-out slice is feedback that is never
+  trained on (see `batches.is_held_out`), so a poisoned batch shows up as a drop here.
 - perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
   damage detector — an update that wrecks the language model raises it even when the preference looks fine.
 
@@ -58,8 +60,8 @@ class EvalFigures:
     canary_perplexity: float
     canary_tokens: int
     ms: float
-    accuracy_sum: float | None = None  # the same with summed log-probs (length-biased; for information)
-    mean_margin_per_token: float | None = None
+    accuracy_sum: float | None = None  # share with log p(chosen) > log p(rejected), summed (length-biased; info)
+    mean_reward_margin: float | None = None  # mean implicit reward margin against the first measurement, nats
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +110,8 @@ class EvalGuard:
         self.canary = list(canary) if canary is not None else load_canary()
         self.timeout = timeout
         self._canary_ids = [self._encode_text(t) for t in self.canary]
+        # pair → (log p(chosen), log p(rejected)) the first time it was measured: the reference of its reward
+        self._ref: dict[tuple[str, str, str], tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ tokenisation
     def _encode_text(self, text: str) -> list[int]:
@@ -195,22 +199,25 @@ class EvalGuard:
             n_tok += len(vals)
         ppl = math.exp(nll / max(n_tok, 1))
         margins: list[float] = []
-        per_token: list[float] = []
+        rewards: list[float] = []
         pair_rows = rows[n_canary:]
-        for i in range(0, len(pair_rows), 2):
-            chosen = [v for v in pair_rows[i][starts[i]:] if v is not None]
-            rejected = [v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None]
-            margins.append(sum(chosen) - sum(rejected))
-            per_token.append(sum(chosen) / max(len(chosen), 1) - sum(rejected) / max(len(rejected), 1))
+        for k, pair in enumerate(pairs):
+            i = 2 * k
+            chosen = sum(v for v in pair_rows[i][starts[i]:] if v is not None)
+            rejected = sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)
+            margins.append(chosen - rejected)
+            key = (json.dumps(pair.prompt, sort_keys=True), pair.chosen, pair.rejected)
+            ref_c, ref_r = self._ref.setdefault(key, (chosen, rejected))
+            rewards.append((chosen - ref_c) - (rejected - ref_r))
 
         def share(ms: list[float]) -> float | None:
             return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in ms) / len(ms) if ms else None
 
-        return EvalFigures(accuracy=share(per_token), n_pairs=len(margins),
+        return EvalFigures(accuracy=share(rewards), n_pairs=len(margins),
                            mean_margin=(sum(margins) / len(margins)) if margins else None,
                            canary_perplexity=ppl, canary_tokens=n_tok,
                            ms=(time.perf_counter() - t0) * 1000, accuracy_sum=share(margins),
-                           mean_margin_per_token=(sum(per_token) / len(per_token)) if per_token else None)
+                           mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -61,33 +61,37 @@ class FakeVLLM:
         return FakeResponse(200, {"choices": list(reversed(choices))})  # order must not matter
 
 
-async def test_accuracy_margin_and_perplexity_from_prompt_logprobs() -> None:
+async def test_reward_accuracy_margins_and_perplexity_from_prompt_logprobs() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc", "xyz"])
-    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),  # chosen more likely: right
-             EvalPair("plain prompt", "zz", "a"),  # chosen less likely: wrong
-             EvalPair("p", "ab", "ba"),  # equal: half
-             EvalPair("p", "abcdefghijklm", "z")]  # per token: right; summed: wrong (13 tokens vs 1)
-    fig = await guard.measure(pairs)
-    assert fig.n_pairs == 4 and fig.accuracy == pytest.approx((1 + 0 + 0.5 + 1) / 4)
-    assert fig.accuracy_sum == pytest.approx((1 + 0 + 0.5 + 0) / 4)
-    # summed margins (answers end with eos, -3): abc vs xyz: (-3-3) - (-9-3) = 6 ; zz vs a: (-6-3) - (-1-3) = -5 ;
-    # 0 ; 13 letters vs z: (-13-3) - (-3-3) = -10
-    assert fig.mean_margin == pytest.approx((6 - 5 + 0 - 10) / 4)
-    # per token: 6/4 ; -9/3 + 4/2 = -1 ; 0 ; -16/14 + 6/2
-    assert fig.mean_margin_per_token == pytest.approx((1.5 - 1 + 0 + (-16 / 14 + 3)) / 4)
+    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),
+             EvalPair("plain prompt", "zz", "a"),
+             EvalPair("p", "ab", "ba")]
+    first = await guard.measure(pairs)
+    # first sight: every reward margin is 0 against itself → ties; the raw (summed) accuracy is informational
+    assert first.n_pairs == 3 and first.accuracy == 0.5 and first.mean_reward_margin == 0
+    assert first.accuracy_sum == pytest.approx((1 + 0 + 0.5) / 3)
+    # summed margins (answers end with eos, -3): abc vs xyz: (-3-3) - (-9-3) = 6 ; zz vs a: (-6-3) - (-1-3) = -5 ; 0
+    assert first.mean_margin == pytest.approx((6 - 5 + 0) / 3)
     # canary: tokens after the first: 'abc' → 3 letters (-1 each) ; 'xyz' → 3 x (-3): mean nll 2
-    assert fig.canary_tokens == 6 and fig.canary_perplexity == pytest.approx(math.exp(2.0))
+    assert first.canary_tokens == 6 and first.canary_perplexity == pytest.approx(math.exp(2.0))
     body = vllm.bodies[0]
     assert body["model"] == "served-name" and body["max_tokens"] == 1 and body["prompt_logprobs"] == 0
-    assert len(body["prompt"]) == 2 + 2 * 4  # canary + both answers of every pair, one request
+    assert len(body["prompt"]) == 2 + 2 * 3  # canary + both answers of every pair, one request
+    # "an update": 'z' becomes much more likely → pairs whose rejected (or chosen) answer holds z move
+    vllm.lp = lambda t: -0.5 if t == ord("z") else (-1.0 if ord("a") <= t <= ord("m") else -3.0)  # type: ignore[method-assign]
+    after = await guard.measure(pairs)
+    # abc/xyz: rejected gained 2.5 → wrong ; zz/a: chosen gained 5 → right ; ab/ba: unchanged → half
+    assert after.accuracy == pytest.approx((0 + 1 + 0.5) / 3)
+    assert after.mean_reward_margin == pytest.approx((-2.5 + 5 + 0) / 3)
+    assert after.canary_perplexity < first.canary_perplexity
 
 
 async def test_long_prompts_lose_their_oldest_tokens_not_the_answer() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"], max_len=32)
     fig = await guard.measure([EvalPair("q" * 500, "abc", "xyz")])
-    assert fig.accuracy == 1.0
+    assert fig.accuracy_sum == 1.0 and fig.mean_margin == pytest.approx(6.0)  # the whole answers were scored
     assert all(len(p) <= 31 for p in vllm.bodies[0]["prompt"])
 
 
