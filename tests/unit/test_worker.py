@@ -18,7 +18,6 @@ import torch
 from loop.worker import protocol as p
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.main import Worker
-from loop.worker.update import weights_checksum
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

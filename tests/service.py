@@ -1,4 +1,6 @@
-"""The real service for end-to-end tests: ONE `loop serve` with ONE real vLLM per pytest session.
+"""The real service for end-to-end and browser tests: ONE `loop serve` with ONE real vLLM per pytest session.
+
+tests/conftest.py imports these fixtures, so tests/e2e and tests/browser share the one service.
 
 `loop_service` starts `python -m loop.cli serve` on free ports with a temporary data dir, the default model
 (SmolLM2-135M-Instruct) and a 1 GiB KV cache, waits until /health says ready, and tears the whole thing down
