@@ -74,7 +74,8 @@ class StagedOptimizer(torch.optim.Optimizer):
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], group: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """(delta, new state) for one parameter; each optimizer (Apollo, AdamW, SGD) defines its maths here."""
+        raise TypeError(f"{type(self).__name__} is a StagedOptimizer without update maths: define _update")
 
     @torch.no_grad()
     def compute_update(self, p: torch.Tensor, free_grad: bool = False) -> torch.Tensor | None:
