@@ -4,19 +4,20 @@ Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` wit
 `prompt_logprobs=0`, `max_tokens=1`), so they describe the weights vLLM is serving right now — not a copy in the
 trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
 
-- preference accuracy on held-out pairs, DPO's reward accuracy: the share of pairs whose implicit reward margin
-  (log p(chosen) - ref(chosen)) - (log p(rejected) - ref(rejected)) is positive (a tie counts one half), where
-  ref is what the served model gave the pair the first time the guard measured it (kept in memory; a restart
-  re-baselines). Not the raw "log p(chosen) > log p(rejected)": summed log-probs favour the shorter answer, so a
-  rater who prefers short answers reads ~100 % before and after any update, and per-token means are dominated by
-  which model version wrote each answer — both were blind to a poisoned round in `loop bench learning`. The raw
-  figures are kept for information (`accuracy_sum`, `mean_margin`). The held-out slice is feedback that is never
-  trained on (see `batches.is_held_out`), so a poisoned batch shows up as a drop here.
+- preference accuracy on held-out pairs: the share of pairs where log p(chosen | prompt) > log p(rejected | prompt)
+  (sums over the answer tokens; a tie counts one half) — and, after an update, the update's reward accuracy: the
+  share of held-out pairs whose margin log p(chosen) - log p(rejected) grew (DPO's implicit reward with the
+  pre-update weights as reference; 0.5 means no net direction). Both are judged: the raw accuracy alone is blind
+  to some poison — summed log-probs favour the shorter answer, so a rater who prefers short answers reads ~100 %
+  before and after a poisoned round (seen in `loop bench learning`) — while a poisoned batch moves most held-out
+  margins the wrong way. The held-out slice is feedback never trained on (see `batches.is_held_out`).
 - perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
   damage detector — an update that wrecks the language model raises it even when the preference looks fine.
 
-`verdict(before, after, ...)` returns the reason to roll back (accuracy fell by more than `max_accuracy_drop`,
-absolute; perplexity rose by more than `max_perplexity_rise`, relative), or None.
+`verdict(before, after, ...)` returns the reason to roll back, or None: accuracy fell by more than
+`max_accuracy_drop` (absolute), or the update's reward accuracy is below 0.5 - `max_accuracy_drop` (most held-out
+pairs moved the wrong way) — both only with at least `min_pairs` held-out pairs, fewer are noise — or canary
+perplexity rose by more than `max_perplexity_rise` (relative).
 
 Try it by hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
@@ -60,11 +61,14 @@ class EvalFigures:
     canary_perplexity: float
     canary_tokens: int
     ms: float
-    accuracy_sum: float | None = None  # share with log p(chosen) > log p(rejected), summed (length-biased; info)
-    mean_reward_margin: float | None = None  # mean implicit reward margin against the first measurement, nats
+    reward_accuracy: float | None = None  # after an update: share of held-out margins that grew
+    mean_reward_margin: float | None = None  # after an update: mean change of the margin, nats
+    pair_logps: list[tuple[float, float]] | None = None  # (log p(chosen), log p(rejected)) per pair
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("pair_logps")
+        return out
 
 
 class GuardError(RuntimeError):
@@ -83,10 +87,15 @@ def load_canary(path: Path = CANARY_PATH) -> list[str]:
 
 
 def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
-            max_perplexity_rise: float) -> str | None:
+            max_perplexity_rise: float, min_pairs: int = 5) -> str | None:
     """Why the update must be rolled back, or None when it may stay."""
     reasons = []
-    if before.accuracy is not None and after.accuracy is not None:
+    if after.reward_accuracy is not None and after.n_pairs >= min_pairs \
+            and after.reward_accuracy < 0.5 - max_accuracy_drop - 1e-9:
+        reasons.append(f"the update moved most held-out preferences the wrong way: reward accuracy "
+                       f"{after.reward_accuracy:.3f} < {0.5 - max_accuracy_drop:.3f} ({after.n_pairs} pairs, mean "
+                       f"margin change {after.mean_reward_margin:+.3f} nats)")
+    if before.accuracy is not None and after.accuracy is not None and after.n_pairs >= min_pairs:
         drop = before.accuracy - after.accuracy
         if drop > max_accuracy_drop + 1e-9:
             reasons.append(f"held-out preference accuracy fell from {before.accuracy:.3f} to {after.accuracy:.3f} "
@@ -110,8 +119,6 @@ class EvalGuard:
         self.canary = list(canary) if canary is not None else load_canary()
         self.timeout = timeout
         self._canary_ids = [self._encode_text(t) for t in self.canary]
-        # pair → (log p(chosen), log p(rejected)) the first time it was measured: the reference of its reward
-        self._ref: dict[tuple[str, str, str], tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ tokenisation
     def _encode_text(self, text: str) -> list[int]:
@@ -180,7 +187,9 @@ class EvalGuard:
         return out
 
     # ------------------------------------------------------------------ figures
-    async def measure(self, pairs: Sequence[EvalPair]) -> EvalFigures:
+    async def measure(self, pairs: Sequence[EvalPair], before: EvalFigures | None = None) -> EvalFigures:
+        """Figures for the live weights; with `before` (the same pairs, measured before an update), also the
+        update's reward accuracy."""
         t0 = time.perf_counter()
         prompts: list[list[int]] = []
         starts: list[int] = []
@@ -198,26 +207,24 @@ class EvalGuard:
             nll -= sum(vals)
             n_tok += len(vals)
         ppl = math.exp(nll / max(n_tok, 1))
-        margins: list[float] = []
-        rewards: list[float] = []
+        logps: list[tuple[float, float]] = []
         pair_rows = rows[n_canary:]
-        for k, pair in enumerate(pairs):
-            i = 2 * k
-            chosen = sum(v for v in pair_rows[i][starts[i]:] if v is not None)
-            rejected = sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)
-            margins.append(chosen - rejected)
-            key = (json.dumps(pair.prompt, sort_keys=True), pair.chosen, pair.rejected)
-            ref_c, ref_r = self._ref.setdefault(key, (chosen, rejected))
-            rewards.append((chosen - ref_c) - (rejected - ref_r))
+        for i in range(0, len(pair_rows), 2):
+            logps.append((sum(v for v in pair_rows[i][starts[i]:] if v is not None),
+                          sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)))
+        margins = [c - r for c, r in logps]
+        rewards: list[float] | None = None
+        if before is not None and before.pair_logps is not None and len(before.pair_logps) == len(logps):
+            rewards = [(c - bc) - (r - br) for (c, r), (bc, br) in zip(logps, before.pair_logps)]
 
-        def share(ms: list[float]) -> float | None:
+        def share(ms: list[float] | None) -> float | None:
             return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in ms) / len(ms) if ms else None
 
-        return EvalFigures(accuracy=share(rewards), n_pairs=len(margins),
+        return EvalFigures(accuracy=share(margins), n_pairs=len(margins),
                            mean_margin=(sum(margins) / len(margins)) if margins else None,
                            canary_perplexity=ppl, canary_tokens=n_tok,
-                           ms=(time.perf_counter() - t0) * 1000, accuracy_sum=share(margins),
-                           mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None)
+                           ms=(time.perf_counter() - t0) * 1000, reward_accuracy=share(rewards),
+                           mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None, pair_logps=logps)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -274,7 +274,7 @@ class Scheduler:
                 status = await self._wait_run(run_id)
                 if status == "succeeded" and guard is not None and before is not None:
                     try:
-                        after = await guard.measure([_eval_pair(i) for i in eval_items])
+                        after = await guard.measure([_eval_pair(i) for i in eval_items], before=before)
                     except GuardError as exc:  # cannot judge: keep the update, say so on the run
                         self.last_error = f"eval after run {run_id} failed: {exc}"
                         await asyncio.to_thread(self._record_eval, run_id, before, None, None)
@@ -360,7 +360,7 @@ class Scheduler:
 
     async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
         why = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
-                      max_perplexity_rise=cfg["max_perplexity_rise"])
+                      max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs)
         if why is None:
             await asyncio.to_thread(self._record_eval, run_id, before, after, None)
             return

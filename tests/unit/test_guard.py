@@ -61,37 +61,37 @@ class FakeVLLM:
         return FakeResponse(200, {"choices": list(reversed(choices))})  # order must not matter
 
 
-async def test_reward_accuracy_margins_and_perplexity_from_prompt_logprobs() -> None:
+async def test_accuracy_margins_perplexity_and_the_updates_reward_accuracy() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc", "xyz"])
-    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),
-             EvalPair("plain prompt", "zz", "a"),
-             EvalPair("p", "ab", "ba")]
-    first = await guard.measure(pairs)
-    # first sight: every reward margin is 0 against itself → ties; the raw (summed) accuracy is informational
-    assert first.n_pairs == 3 and first.accuracy == 0.5 and first.mean_reward_margin == 0
-    assert first.accuracy_sum == pytest.approx((1 + 0 + 0.5) / 3)
+    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),  # chosen more likely: right
+             EvalPair("plain prompt", "zz", "a"),  # chosen less likely: wrong
+             EvalPair("p", "ab", "ba")]  # equal: half
+    before = await guard.measure(pairs)
+    assert before.n_pairs == 3 and before.accuracy == pytest.approx((1 + 0 + 0.5) / 3)
+    assert before.reward_accuracy is None  # nothing to compare with yet
     # summed margins (answers end with eos, -3): abc vs xyz: (-3-3) - (-9-3) = 6 ; zz vs a: (-6-3) - (-1-3) = -5 ; 0
-    assert first.mean_margin == pytest.approx((6 - 5 + 0) / 3)
+    assert before.mean_margin == pytest.approx((6 - 5 + 0) / 3)
     # canary: tokens after the first: 'abc' → 3 letters (-1 each) ; 'xyz' → 3 x (-3): mean nll 2
-    assert first.canary_tokens == 6 and first.canary_perplexity == pytest.approx(math.exp(2.0))
+    assert before.canary_tokens == 6 and before.canary_perplexity == pytest.approx(math.exp(2.0))
+    assert "pair_logps" not in before.to_dict()
     body = vllm.bodies[0]
     assert body["model"] == "served-name" and body["max_tokens"] == 1 and body["prompt_logprobs"] == 0
     assert len(body["prompt"]) == 2 + 2 * 3  # canary + both answers of every pair, one request
-    # "an update": 'z' becomes much more likely → pairs whose rejected (or chosen) answer holds z move
+    # "an update": 'z' becomes much more likely
     vllm.lp = lambda t: -0.5 if t == ord("z") else (-1.0 if ord("a") <= t <= ord("m") else -3.0)  # type: ignore[method-assign]
-    after = await guard.measure(pairs)
-    # abc/xyz: rejected gained 2.5 → wrong ; zz/a: chosen gained 5 → right ; ab/ba: unchanged → half
-    assert after.accuracy == pytest.approx((0 + 1 + 0.5) / 3)
+    after = await guard.measure(pairs, before=before)
+    # abc/xyz: the rejected answer gained 2.5 → wrong way ; zz/a: the chosen gained 5 → right way ; ab/ba: unchanged
+    assert after.reward_accuracy == pytest.approx((0 + 1 + 0.5) / 3)
     assert after.mean_reward_margin == pytest.approx((-2.5 + 5 + 0) / 3)
-    assert after.canary_perplexity < first.canary_perplexity
+    assert after.canary_perplexity < before.canary_perplexity
 
 
 async def test_long_prompts_lose_their_oldest_tokens_not_the_answer() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"], max_len=32)
     fig = await guard.measure([EvalPair("q" * 500, "abc", "xyz")])
-    assert fig.accuracy_sum == 1.0 and fig.mean_margin == pytest.approx(6.0)  # the whole answers were scored
+    assert fig.accuracy == 1.0 and fig.mean_margin == pytest.approx(6.0)  # the whole answers were scored
     assert all(len(p) <= 31 for p in vllm.bodies[0]["prompt"])
 
 
@@ -104,20 +104,26 @@ async def test_vllm_errors_raise_guard_error() -> None:
         await EvalGuard(Down(), CharTokenizer(), canary=["abc"], model_name="m").measure([])
 
 
-def fig(acc: float | None, ppl: float) -> EvalFigures:
-    return EvalFigures(accuracy=acc, n_pairs=10, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0)
+def fig(acc: float | None, ppl: float, reward: float | None = None, n: int = 10) -> EvalFigures:
+    return EvalFigures(accuracy=acc, n_pairs=n, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0,
+                       reward_accuracy=reward, mean_reward_margin=0.0 if reward is not None else None)
 
 
 def test_verdict_limits() -> None:
     kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05}
-    assert verdict(fig(0.8, 10), fig(0.75, 10.4), **kw) is None  # within both limits
-    assert verdict(fig(0.8, 10), fig(0.9, 9), **kw) is None  # better
+    assert verdict(fig(0.8, 10), fig(0.75, 10.4, 0.6), **kw) is None  # within every limit
+    assert verdict(fig(0.8, 10), fig(0.9, 9, 1.0), **kw) is None  # better
     assert "accuracy fell from 0.800 to 0.600" in verdict(fig(0.8, 10), fig(0.6, 10), **kw)
+    assert "wrong way" in verdict(fig(1.0, 10), fig(1.0, 10, 0.2), **kw)  # raw accuracy blind, margins moved
+    assert verdict(fig(1.0, 10), fig(1.0, 10, 0.45), **kw) is None  # no clear direction: within the limit
     assert "perplexity rose" in verdict(fig(0.8, 10), fig(0.8, 10.6), **kw)
     assert "perplexity rose" in verdict(fig(None, 10), fig(None, float("inf")), **kw)
     both = verdict(fig(0.8, 10), fig(0.5, 20), **kw)
     assert "accuracy" in both and "perplexity" in both
     assert verdict(fig(None, 10), fig(0.1, 10), **kw) is None  # no held-out pairs before: nothing to compare
+    # too few held-out pairs to judge preferences: only perplexity counts
+    assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), **kw) is None
+    assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), min_pairs=2, **kw) is not None
 
 
 def test_canary_set_ships_with_the_package() -> None:
