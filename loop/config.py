@@ -87,6 +87,8 @@ class Settings(BaseSettings):
                                      "falls by more than this (absolute, 0..1).")
     max_perplexity_rise: float = Field(0.05, ge=0, description="Roll back when canary perplexity rises by more "
                                        "than this share (0.05 = 5 %).")
+    max_margin_drop: float = Field(0.25, ge=0, description="Roll back when the update moves the held-out pairs' "
+                                   "log p(chosen) - log p(rejected) by less than minus this, on average (nats).")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = True

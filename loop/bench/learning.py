@@ -10,7 +10,9 @@ A synthetic rater wants short, finished answers: an answer is *approved* when it
    `POST /api/scheduler/config`) fires on the new comparisons, the eval guard measures before and after, and a
    regression is rolled back automatically. Nothing here calls /api/train.
 Printed per round: approval of fresh answers, their mean length, held-out preference accuracy and canary
-perplexity (the guard's figures, after the run, from `GET /api/runs/{id}`), the run's status, wall time.
+perplexity (the guard's figures, after the run, from `GET /api/runs/{id}`), how many held-out pairs judged the run
+("eval n": only those older than its batch), the run's mean change of their margins log p(chosen) - log p(rejected)
+("dmargin", nats) and the share it moved the wrong way ("wrong"), the run's status, wall time.
 Target: approval from its starting level to ≥ 90 % within `--rounds` rounds, canary perplexity up by ≤ 5 %, and
 the poisoned round rolled back.
 
@@ -67,6 +69,9 @@ class Round:
     status: str = "-"
     accuracy: float | None = None
     perplexity: float | None = None
+    eval_pairs: int | None = None  # held-out pairs that judged the run (older than its batch)
+    dmargin: float | None = None  # the run's mean change of the held-out margins, nats
+    wrong: float | None = None  # share of held-out margins the run moved the wrong way
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -132,6 +137,9 @@ class Bench:
             rnd.run_id, rnd.status = run["id"], run["status"]
             ev = run.get("eval_after") or run.get("eval_before") or {}
             rnd.accuracy, rnd.perplexity = ev.get("accuracy"), ev.get("canary_perplexity")
+            after = run.get("eval_after") or {}
+            rnd.eval_pairs, rnd.dmargin = after.get("n_pairs"), after.get("mean_reward_margin")
+            rnd.wrong = 1 - after["reward_accuracy"] if after.get("reward_accuracy") is not None else None
             if run["status"] == "rolled_back":
                 rnd.notes.append(run.get("rollback_reason") or "")
                 before = run.get("eval_before") or {}
@@ -166,15 +174,16 @@ class Bench:
         a = self.args
         print(f"rater: approves answers that finish within {a.max_words} words; {a.prompts} prompts x 2 answers "
               f"per round; lr {a.learning_rate}, {a.steps} steps per run; poisoned round: {a.poison_round}")
-        print(f"{'round':>5} {'approval':>8} {'words':>6} {'held-out acc':>12} {'canary ppl':>10} {'run':>4} "
-              f"{'status':>11} {'wall s':>7}")
+        print(f"{'round':>5} {'approval':>8} {'words':>6} {'held-out acc':>12} {'canary ppl':>10} {'eval n':>6} "
+              f"{'dmargin':>8} {'wrong':>6} {'run':>4} {'status':>11} {'wall s':>7}")
         reached = None
         for i in range(a.rounds):
             poisoned = i == a.poison_round
             rnd = self.round(i, poisoned)
             self.rounds.append(rnd)
             print(f"{i:>5} {rnd.approval * 100:>7.1f}% {rnd.mean_words:>6.1f} {_f(rnd.accuracy):>12} "
-                  f"{_f(rnd.perplexity):>10} {_f(rnd.run_id):>4} {rnd.status:>11} {rnd.wall_s:>7.1f}"
+                  f"{_f(rnd.perplexity):>10} {_f(rnd.eval_pairs):>6} {_f(rnd.dmargin):>8} {_f(rnd.wrong):>6} "
+                  f"{_f(rnd.run_id):>4} {rnd.status:>11} {rnd.wall_s:>7.1f}"
                   f"{'  (poisoned labels)' if poisoned else ''}", flush=True)
             for note in rnd.notes:
                 print(f"      {note}", flush=True)

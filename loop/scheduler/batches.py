@@ -19,7 +19,8 @@ training run needs on top (each rule is stated again by a test in tests/unit/tes
 - Held-out slice: feedback whose `sha256("<kind>:<id>")` falls below `holdout_fraction` is marked
   `held_out=True` on its row before a batch is built (rows already consumed are never marked). Held-out
   feedback is never trained on (pairs.py skips it) and its pairs are the eval guard's set. Deterministic: a
-  restart or a rebuild gives the same split.
+  restart or a rebuild gives the same split. The eval set of a run holds only held-out pairs whose feedback
+  is older than anything in the run's batch (`held_out_pairs(created_before=...)`, see loop/scheduler/guard.py).
 - Long conversations: with a tokenizer, the oldest turns (after a leading system message) are dropped until the
   templated prompt fits `max_prompt_tokens`; the last turn and the rated answer are always kept. The worker
   truncates by tokens again (`encode_pairs`' max_len) as a last resort.
@@ -86,6 +87,10 @@ class Batch:
             body["examples"] = [{"prompt": i.prompt, "completion": i.completion, "label": i.label}
                                 for i in self.items]
         return body
+
+    def oldest(self) -> datetime | None:
+        """When the oldest feedback in the batch was given."""
+        return _oldest(*(i.created_at for i in self.items))
 
     def summary(self) -> dict[str, Any]:
         by_source: dict[str, int] = defaultdict(int)
@@ -278,21 +283,34 @@ def collect(session: Session, *, holdout_fraction: float) -> Pool:
     return Pool(train=_items(session, untrained_only=True, include_held_out=False))
 
 
-def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int) -> list[Item]:
+def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
+                   created_before: datetime | None = None) -> list[Item]:
     """The eval set: pairs with held-out feedback behind them (held-out feedback is never consumed), oldest
-    first so the set is stable from one run to the next as it grows."""
+    first so the set is stable from one run to the next as it grows.
+
+    `created_before` freezes the set in time: a pair counts only when ALL its feedback is older than that instant
+    (the scheduler passes the oldest feedback of the batch it is about to train on). Feedback collected together
+    with a batch — the same session, the same rater, perhaps the same mistake — then never judges that batch: a
+    poisoned round's own held-out pairs carry its flipped labels and would vote for the poison."""
     mark_held_out(session, holdout_fraction)
     held_r = set(session.scalars(select(Rating.id).where(Rating.held_out.is_(True))))
     held_c = set(session.scalars(select(Comparison.id).where(Comparison.held_out.is_(True))))
-    out = []
-    for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True)):
-        if held_r.intersection(p.rating_ids) or held_c.intersection(p.comparison_ids):
-            out.append(Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash,
-                            chosen=p.chosen, rejected=p.rejected, source=p.source, rating_ids=p.rating_ids,
-                            comparison_ids=p.comparison_ids, held_out=True))
-            if len(out) >= limit:
-                break
-    return out
+    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
+             if held_r.intersection(p.rating_ids) or held_c.intersection(p.comparison_ids)]
+    if created_before is not None:
+        cutoff = _aware(created_before)
+        meta = _feedback_meta(session, {r for p in found for r in p.rating_ids},
+                              {c for p in found for c in p.comparison_ids})
+
+        def newest(p: pairs.Pair) -> datetime | None:
+            keys = [("rating", r) for r in p.rating_ids] + [("comparison", c) for c in p.comparison_ids]
+            times = [meta[k][1] for k in keys if k in meta]
+            return max(times) if times else None
+
+        found = [p for p in found if (t := newest(p)) is not None and t < cutoff]
+    return [Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
+                 rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids,
+                 held_out=True) for p in found[:limit]]
 
 
 def build_batch(pool: Pool, *, limit: int, tokenizer: Any = None, max_prompt_tokens: int = 768) -> Batch | None:

@@ -14,10 +14,24 @@ trainer that might differ (stale prepacked linears, a missed prefix-cache reset,
 - perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
   damage detector — an update that wrecks the language model raises it even when the preference looks fine.
 
-`verdict(before, after, ...)` returns the reason to roll back, or None: accuracy fell by more than
-`max_accuracy_drop` (absolute), or the update's reward accuracy is below 0.5 - `max_accuracy_drop` (most held-out
-pairs moved the wrong way) — both only with at least `min_pairs` held-out pairs, fewer are noise — or canary
-perplexity rose by more than `max_perplexity_rise` (relative).
+Which pairs judge an update (the scheduler's choice, `batches.held_out_pairs(created_before=...)`): only held-out
+pairs whose feedback is OLDER than everything in the run's batch. The set is frozen when the batch is built. Why:
+feedback collected together with a batch comes from the same session and rater, so it shares the batch's
+mistakes — in `loop bench learning` ~5 of the 14 held-out pairs measured for the poisoned round were that round's
+own flipped labels, and they voted for the poison. Judging an update on earlier feedback asks the question that
+matters: does the update undo preferences we already trusted? (The first runs of a fresh service have no older
+held-out pairs; they are judged on perplexity alone, see `min_pairs`.)
+
+`verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
+least `min_pairs` held-out pairs (fewer are noise):
+- the mean margin change: the update moved log p(chosen) - log p(rejected) by less than `-max_margin_drop` nats
+  on average over the held-out pairs. This is the criterion that catches a mild poison: at lr 1e-5 x 2 steps a
+  flipped-label batch moves each margin only a fraction of a nat, often not across zero (raw accuracy does not
+  change) and not always for a clear majority of pairs, yet the mean moves consistently the wrong way, while a
+  good batch moves it the right way (figures per round: `loop bench learning`, column "dmargin");
+- a clear majority moved the wrong way: the update's reward accuracy below 0.5 - `max_accuracy_drop`;
+- raw held-out accuracy fell by more than `max_accuracy_drop` (absolute).
+And always: canary perplexity rose by more than `max_perplexity_rise` (relative), or is not finite.
 
 Try it by hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
@@ -87,15 +101,20 @@ def load_canary(path: Path = CANARY_PATH) -> list[str]:
 
 
 def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
-            max_perplexity_rise: float, min_pairs: int = 5) -> str | None:
-    """Why the update must be rolled back, or None when it may stay."""
+            max_perplexity_rise: float, min_pairs: int = 5, max_margin_drop: float | None = None) -> str | None:
+    """Why the update must be rolled back, or None when it may stay. `max_margin_drop` None: no margin criterion."""
     reasons = []
-    if after.reward_accuracy is not None and after.n_pairs >= min_pairs \
-            and after.reward_accuracy < 0.5 - max_accuracy_drop - 1e-9:
+    judged = after.n_pairs >= min_pairs
+    if judged and max_margin_drop is not None and after.mean_reward_margin is not None \
+            and after.mean_reward_margin < -max_margin_drop - 1e-9:
+        wrong = f", reward accuracy {after.reward_accuracy:.3f}" if after.reward_accuracy is not None else ""
+        reasons.append(f"the update moved held-out preferences the wrong way: mean margin change "
+                       f"{after.mean_reward_margin:+.3f} nats < -{max_margin_drop:.3f} ({after.n_pairs} pairs{wrong})")
+    if judged and after.reward_accuracy is not None and after.reward_accuracy < 0.5 - max_accuracy_drop - 1e-9:
         reasons.append(f"the update moved most held-out preferences the wrong way: reward accuracy "
                        f"{after.reward_accuracy:.3f} < {0.5 - max_accuracy_drop:.3f} ({after.n_pairs} pairs, mean "
                        f"margin change {after.mean_reward_margin:+.3f} nats)")
-    if before.accuracy is not None and after.accuracy is not None and after.n_pairs >= min_pairs:
+    if judged and before.accuracy is not None and after.accuracy is not None:
         drop = before.accuracy - after.accuracy
         if drop > max_accuracy_drop + 1e-9:
             reasons.append(f"held-out preference accuracy fell from {before.accuracy:.3f} to {after.accuracy:.3f} "

@@ -8,13 +8,16 @@ when one of three triggers fires, recording which one and why on the run (`trigg
 - max wait: the oldest waiting feedback is older than `max_wait_s`;
 - interval: every `interval_s`, whatever waits (if anything) is trained on.
 Runs never overlap (one lock; a manual run in progress also defers the scheduler). Each run:
-1. builds the batch; measures the eval guard (held-out preference accuracy, canary perplexity) on the live
-   weights and makes sure the live version has a checkpoint to roll back to;
+1. builds the batch; freezes its eval set: the held-out pairs whose feedback is older than the previous scheduled
+   batch and than every item of this one (`_eval_cutoff`; recorded as `batch["scheduler"]["eval_set"]`);
+   measures the eval guard (held-out margins and accuracy, canary perplexity) on the live weights and makes sure
+   the live version has a checkpoint to roll back to;
 2. hands the batch to the Trainer (which records the run, marks the feedback consumed, applies atomically under
    vLLM's pause, releases the feedback if the run fails);
-3. measures again; when accuracy fell or perplexity rose past the limits, restores the pre-update version in
-   place (Trainer.restore, same pause protocol), marks the run `rolled_back` with the reason and both figures,
-   and the rolled-back version `rolled_back`. Eval figures are stored on the WeightVersion rows (`eval`).
+3. measures the same pairs again; when the update moved their margins the wrong way, accuracy fell or perplexity
+   rose past the limits (guard.verdict), restores the pre-update version in place (Trainer.restore, same pause
+   protocol), marks the run `rolled_back` with the reason and both figures, and the rolled-back version
+   `rolled_back`. Eval figures are stored on the WeightVersion rows (`eval`).
    Feedback consumed by a rolled-back run stays consumed: a poisoned batch is not retried.
 State (paused, the interval clock, last run, runtime threshold overrides) lives in the `scheduler_state` table,
 so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin).
@@ -51,6 +54,7 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "learning_rate": ("learning_rate", float),
     "max_accuracy_drop": ("max_accuracy_drop", float),
     "max_perplexity_rise": ("max_perplexity_rise", float),
+    "max_margin_drop": ("max_margin_drop", float),
     "guard_enabled": ("guard_enabled", bool),
 }
 
@@ -258,8 +262,14 @@ class Scheduler:
                 return None
             before: EvalFigures | None = None
             eval_items: list[batches.Item] = []
+            built_at = datetime.now(timezone.utc)  # wall clock, like the feedback rows' created_at
+            eval_set: dict[str, Any] = {}
             if guard is not None:
-                eval_items = await asyncio.to_thread(self._eval_items)
+                frozen_at = self._eval_cutoff(batch, built_at)
+                eval_items = await asyncio.to_thread(self._eval_items, frozen_at)
+                eval_set = {"eval_set": {"created_before": frozen_at.isoformat(), "n_pairs": len(eval_items),
+                                         "comparison_ids": sorted({c for i in eval_items for c in i.comparison_ids}),
+                                         "rating_ids": sorted({r for i in eval_items for r in i.rating_ids})}}
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
                 await self._ensure_checkpoint()
             from loop.training import TrainRequest
@@ -267,10 +277,11 @@ class Scheduler:
             request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
             started = self.clock()
             run_id = int(await self.state.trainer.run(request, trigger="scheduler"))
+            self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id
             try:
                 await asyncio.to_thread(self._annotate, run_id, {"trigger": trigger, "reason": reason,
-                                                                 **batch.summary()})
+                                                                 **batch.summary(), **eval_set})
                 status = await self._wait_run(run_id)
                 if status == "succeeded" and guard is not None and before is not None:
                     try:
@@ -287,10 +298,19 @@ class Scheduler:
                 self._save(last_run_id=run_id, last_run_at=started, last_trigger=trigger, last_reason=reason)
             return run_id
 
-    def _eval_items(self) -> list[batches.Item]:
+    def _eval_cutoff(self, batch: batches.Batch, built_at: datetime) -> datetime:
+        """The instant the run's eval set is frozen at: the batch's feedback began to be collected when the previous
+        scheduled batch was built, and no pair may be newer than the batch's oldest item (feedback left over from
+        earlier, e.g. released by a failed run). Held-out pairs from the same collection window share the batch's
+        rater and session — a poisoned round's own held-out pairs carry its flipped labels — so they judge the
+        next run instead (see guard.py)."""
+        times = [t for t in (batch.oldest(), _parse(self._persisted.get("last_batch_at"))) if t is not None]
+        return min(times) if times else built_at
+
+    def _eval_items(self, created_before: datetime | None = None) -> list[batches.Item]:
         with self.state.sessions() as s:
             return batches.held_out_pairs(s, holdout_fraction=self.settings.holdout_fraction,
-                                          limit=self.settings.eval_max_pairs)
+                                          limit=self.settings.eval_max_pairs, created_before=created_before)
 
     async def _ensure_checkpoint(self) -> None:
         """Rollback restores a checkpoint: make sure the live version has one before changing it."""
@@ -360,7 +380,8 @@ class Scheduler:
 
     async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
         why = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
-                      max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs)
+                      max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs,
+                      max_margin_drop=cfg["max_margin_drop"])
         if why is None:
             await asyncio.to_thread(self._record_eval, run_id, before, after, None)
             return
@@ -418,6 +439,10 @@ def _eval_pair(item: batches.Item) -> Any:
     from loop.scheduler.guard import EvalPair
 
     return EvalPair(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected)
+
+
+def _parse(iso: str | None) -> datetime | None:
+    return datetime.fromisoformat(iso) if iso else None
 
 
 def _version_of(result: Any) -> int | None:

@@ -176,6 +176,36 @@ def test_held_out_split_is_deterministic_persisted_and_never_trained(sessions: s
     assert not any(batches.is_held_out("rating", i, 0.0) for i in range(200))
 
 
+def test_eval_set_is_frozen_before_the_batch_feedback(sessions: sessionmaker[Session]) -> None:
+    """Only held-out pairs whose feedback ALL predates the cutoff judge a batch: the same round's held-out pairs
+    (and a ratings pair with one newer rating) are left out; a later cutoff takes them in, oldest first."""
+    fraction = 0.5
+    with sessions() as s:
+        db = DB(s)
+        ids = [db.compare(db.response(f"q{i}", "a"), db.response(f"q{i}", "b"), "a", minutes=i) for i in range(30)]
+        held = [c for c in ids if batches.is_held_out("comparison", c, fraction)]
+        early = [c for c in held if c <= ids[14]]  # minutes 0..14
+        assert early and len(early) < len(held)
+        cutoff = T0 + timedelta(minutes=15)
+        evals = batches.held_out_pairs(s, holdout_fraction=fraction, limit=100, created_before=cutoff)
+        assert [c for i in evals for c in i.comparison_ids] == early
+        assert batches.held_out_pairs(s, holdout_fraction=fraction, limit=100, created_before=T0) == []
+        later = batches.held_out_pairs(s, holdout_fraction=fraction, limit=100, created_before=T0 + timedelta(days=1))
+        assert [c for i in later for c in i.comparison_ids] == held
+        assert batches.held_out_pairs(s, holdout_fraction=fraction, limit=100) == later  # no cutoff: all
+        # a pair from two ratings counts from its newest rating
+        up, down = db.response("rated", "good"), db.response("rated", "bad")
+        r1 = db.rate(up, thumb=1, minutes=1)
+        r2 = db.rate(down, thumb=-1, minutes=20)
+        s.query(Rating).filter(Rating.id.in_((r1, r2))).update({"held_out": True})
+        s.commit()
+        with_ratings = batches.held_out_pairs(s, holdout_fraction=fraction, limit=100, created_before=cutoff)
+        assert not any(i.rating_ids for i in with_ratings)
+        with_ratings = batches.held_out_pairs(s, holdout_fraction=fraction, limit=100,
+                                              created_before=T0 + timedelta(minutes=21))
+        assert [i.rating_ids for i in with_ratings if i.rating_ids] == [(r1, r2)]
+
+
 def test_consumed_feedback_is_never_marked_held_out(sessions: sessionmaker[Session]) -> None:
     with sessions() as s:
         db = DB(s)

@@ -104,9 +104,11 @@ async def test_vllm_errors_raise_guard_error() -> None:
         await EvalGuard(Down(), CharTokenizer(), canary=["abc"], model_name="m").measure([])
 
 
-def fig(acc: float | None, ppl: float, reward: float | None = None, n: int = 10) -> EvalFigures:
+def fig(acc: float | None, ppl: float, reward: float | None = None, n: int = 10,
+        dmargin: float | None = None) -> EvalFigures:
     return EvalFigures(accuracy=acc, n_pairs=n, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0,
-                       reward_accuracy=reward, mean_reward_margin=0.0 if reward is not None else None)
+                       reward_accuracy=reward,
+                       mean_reward_margin=dmargin if dmargin is not None else (0.0 if reward is not None else None))
 
 
 def test_verdict_limits() -> None:
@@ -124,6 +126,43 @@ def test_verdict_limits() -> None:
     # too few held-out pairs to judge preferences: only perplexity counts
     assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), **kw) is None
     assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), min_pairs=2, **kw) is not None
+
+
+def test_verdict_mean_margin_drop_catches_a_mild_poison_and_spares_good_or_noisy_runs() -> None:
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_drop": 0.25}
+    # what a mild poison looks like: raw accuracy unchanged, half the margins each way, the mean clearly down
+    why = verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, dmargin=-0.6), **kw)
+    assert why is not None and "mean margin change -0.600 nats < -0.250" in why and "10 pairs" in why
+    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, dmargin=-0.6), **{**kw, "max_margin_drop": None}) is None
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.8, dmargin=+0.4), **kw) is None  # a good run
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.45, dmargin=-0.1), **kw) is None  # noise within the limit
+    assert verdict(fig(0.9, 10), fig(0.9, 10, 0.5, dmargin=-0.25), **kw) is None  # at the limit: kept
+    # never judged on a handful of pairs
+    assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, dmargin=-5.0), **kw) is None
+    assert "mean margin change" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.5, n=5, dmargin=-5.0), **kw)
+
+
+async def test_a_poisoned_looking_update_measured_through_the_fake_vllm_is_rolled_back() -> None:
+    """End to end through measure(): an 'update' that makes every rejected answer a little more likely and every
+    chosen one a little less (not enough to flip any pair) is caught; the mirror-image update is kept."""
+    base = FakeVLLM()
+    guard = EvalGuard(base, CharTokenizer(), canary=["nop"])  # letters the 'update' leaves alone
+    pairs = [EvalPair(f"q{i}", "abc", "xyz") for i in range(6)]
+    before = await guard.measure(pairs)
+    assert before.accuracy == 1.0 and before.pair_logps is not None
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_drop": 0.25, "min_pairs": 5}
+    for sign, rolled_back in ((+1, True), (-1, False)):
+        # letters of the rejected answers (x, y, z) gain 0.1 nats each, those of the chosen (a, b, c) lose 0.1
+        def lp(t: int, sign: int = sign) -> float:
+            return base.__class__.lp(base, t) + (sign * 0.1 if t in b"xyz" else -sign * 0.1 if t in b"abc" else 0)
+
+        base.lp = lp  # type: ignore[method-assign]
+        after = await guard.measure(pairs, before=before)
+        assert after.accuracy == 1.0  # raw accuracy is blind to it
+        assert after.mean_reward_margin == pytest.approx(-sign * 0.6)
+        assert after.canary_perplexity == pytest.approx(before.canary_perplexity)
+        why = verdict(before, after, **kw)
+        assert (why is not None and "mean margin change" in why) is rolled_back
 
 
 def test_canary_set_ships_with_the_package() -> None:

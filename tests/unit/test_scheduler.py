@@ -3,11 +3,15 @@ file and a fake clock: triggers, pause/resume and the schedule across restarts, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from scheduler_support import Clock, ScriptedGuard, State, add_comparisons, runs, state  # noqa: F401 - fixture
 from sqlalchemy import select
 
 from loop.db.models import RunFeedback, TrainingRun, WeightVersion
+from loop.scheduler.batches import is_held_out
+from loop.scheduler.guard import EvalFigures
 from loop.scheduler.scheduler import Scheduler
 
 
@@ -164,3 +168,76 @@ def test_configure_validates_names_and_persists(state: State) -> None:
     assert again.config()["min_pairs"] == 7 and again.config()["interval_s"] == 5.0
     again.configure(min_pairs=None)  # back to the setting
     assert Scheduler(state, guard=None, clock=Clock()).config()["min_pairs"] == 3
+
+
+class MarginGuard:
+    """Reports the given mean margin change after each update, in order; remembers the pairs it measured."""
+
+    tokenizer = None
+
+    def __init__(self, dmargins: list[float]) -> None:
+        self.dmargins = list(dmargins)
+        self.measured: list[list[Any]] = []
+
+    async def measure(self, pairs: list[Any], before: EvalFigures | None = None) -> EvalFigures:
+        self.measured.append(list(pairs))
+        dm = self.dmargins.pop(0) if before is not None else None
+        dm = dm if pairs else None
+        return EvalFigures(accuracy=1.0 if pairs else None, n_pairs=len(pairs), mean_margin=None,
+                           canary_perplexity=10.0, canary_tokens=100, ms=1.0,
+                           reward_accuracy=0.5 if dm is not None else None, mean_reward_margin=dm)
+
+
+def _held(state: State, ids: list[int]) -> list[int]:
+    return [c for c in ids if is_held_out("comparison", c, state.settings.holdout_fraction)]
+
+
+async def test_eval_set_is_frozen_per_run_and_never_holds_the_batchs_own_round(state: State) -> None:
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1})
+    guard = MarginGuard([+0.3, +0.3, +0.3])
+    sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1)
+    round1 = add_comparisons(state, 12)
+    first = await sched.tick()
+    round2 = add_comparisons(state, 12)  # feedback collected after the first batch was built
+    second = await sched.tick()
+    held1, held2 = _held(state, round1), _held(state, round2)
+    assert held1 and held2 and len(held1) < 12 and len(held2) < 12
+    with state.sessions() as s:
+        set1 = s.get(TrainingRun, first).batch["scheduler"]["eval_set"]
+        set2 = s.get(TrainingRun, second).batch["scheduler"]["eval_set"]
+    # first run: only held-out pairs older than every item of its batch (none, or the first few of round 1)
+    trained1 = sorted(set(round1) - set(held1))
+    assert set1["comparison_ids"] == [c for c in held1 if c < trained1[0]]
+    # second run: exactly round 1's held-out pairs — round 2's own held-out pairs came with its batch
+    assert set2["comparison_ids"] == held1 and set2["n_pairs"] == len(held1)
+    assert not set(set2["comparison_ids"]) & set(held2)
+    # the same frozen set was measured before and after the update
+    assert [len(p) for p in guard.measured] == [len(set1["comparison_ids"])] * 2 + [len(held1)] * 2
+    assert guard.measured[2] == guard.measured[3]
+    # and round 2's held-out pairs judge the next run
+    add_comparisons(state, 4)
+    third = await sched.tick()
+    with state.sessions() as s:
+        assert s.get(TrainingRun, third).batch["scheduler"]["eval_set"]["comparison_ids"] == held1 + held2
+
+
+async def test_held_out_margins_moved_the_wrong_way_roll_back_and_a_good_run_stays(state: State) -> None:
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5})
+    guard = MarginGuard([-0.6, +0.4, -0.6])
+    sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, max_margin_drop=0.25)
+    add_comparisons(state, 20)
+    first = await sched.tick()  # too few pairs older than its batch to judge preferences: perplexity only
+    add_comparisons(state, 12)
+    good = await sched.tick()  # margins moved the right way
+    add_comparisons(state, 12)
+    bad = await sched.tick()  # raw accuracy unchanged, but the mean margin fell by 0.6 nats
+    with state.sessions() as s:
+        assert s.get(TrainingRun, first).batch["scheduler"]["eval_set"]["n_pairs"] < 5
+        assert s.get(TrainingRun, first).status == "succeeded"
+        assert s.get(TrainingRun, good).status == "succeeded"
+        run = s.get(TrainingRun, bad)
+        assert run.status == "rolled_back" and "mean margin change -0.600 nats < -0.250" in run.error
+        assert run.metrics["eval_after"]["mean_reward_margin"] == -0.6
+        assert run.metrics["rollback"]["reason"] in run.error
