@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+
+from loop.bench import stop_group
 
 from loop.bench.proxy import Stats, free_port
 
@@ -89,13 +90,7 @@ def started_api(data_dir: Path) -> Iterator[tuple[str, int]]:
             time.sleep(0.3)
         yield url, proc.pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 @dataclass

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+
+from loop.bench import stop_group
 
 
 def free_port() -> int:
@@ -81,13 +81,7 @@ def started_loop(vllm_url: str | None, model: str | None, timeout: float) -> Ite
             health = wait_healthy(f"http://127.0.0.1:{port}", timeout, proc)
             yield f"http://127.0.0.1:{port}", health["vllm"]["url"]
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
 
 
 def run_bench(loop_url: str, vllm_url: str, n: int, max_tokens: int, warmup: int = 3) -> dict[str, Stats]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from loop.bench import stop_group
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p = sub.add_parser("update", help="P1: update latency (pause + apply + reset + resume) vs floor vs vLLM's route")
@@ -83,7 +85,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import signal
 
     import torch
 
@@ -199,8 +200,4 @@ def _run(args: argparse.Namespace) -> int:
                                                            "median_ms": m, "floor_ms": floor, "route_bytes": route_bytes}, indent=1))
             return 0 if ok.status_code == 200 and before != after else 1
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc)
