@@ -12,7 +12,8 @@ A synthetic rater wants short, finished answers: an answer is *approved* when it
 Printed per round: approval of fresh answers, their mean length, held-out preference accuracy and canary
 perplexity (the guard's figures, after the run, from `GET /api/runs/{id}`), how many held-out pairs judged the run
 ("eval n": only those older than its batch), the run's mean change of their margins log p(chosen) - log p(rejected)
-("dmargin", nats) and the share it moved the wrong way ("wrong"), the run's status, wall time.
+per answer token ("dm/tok", nats) and that mean in standard errors ("t": the guard rolls back below
+-max_margin_t), the run's status, wall time.
 Target: approval from its starting level to ≥ 90 % within `--rounds` rounds, canary perplexity up by ≤ 5 %, and
 the poisoned round rolled back.
 
@@ -70,8 +71,8 @@ class Round:
     accuracy: float | None = None
     perplexity: float | None = None
     eval_pairs: int | None = None  # held-out pairs that judged the run (older than its batch)
-    dmargin: float | None = None  # the run's mean change of the held-out margins, nats
-    wrong: float | None = None  # share of held-out margins the run moved the wrong way
+    dmargin: float | None = None  # the run's mean change of the held-out margins per answer token, nats
+    t: float | None = None  # that mean in standard errors (the guard's margin criterion)
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -138,8 +139,8 @@ class Bench:
             ev = run.get("eval_after") or run.get("eval_before") or {}
             rnd.accuracy, rnd.perplexity = ev.get("accuracy"), ev.get("canary_perplexity")
             after = run.get("eval_after") or {}
-            rnd.eval_pairs, rnd.dmargin = after.get("n_pairs"), after.get("mean_reward_margin")
-            rnd.wrong = 1 - after["reward_accuracy"] if after.get("reward_accuracy") is not None else None
+            rnd.eval_pairs, rnd.dmargin = after.get("n_pairs"), after.get("mean_token_margin_change")
+            rnd.t = after.get("margin_change_t")
             if run["status"] == "rolled_back":
                 rnd.notes.append(run.get("rollback_reason") or "")
                 before = run.get("eval_before") or {}
@@ -175,14 +176,14 @@ class Bench:
         print(f"rater: approves answers that finish within {a.max_words} words; {a.prompts} prompts x 2 answers "
               f"per round; lr {a.learning_rate}, {a.steps} steps per run; poisoned round: {a.poison_round}")
         print(f"{'round':>5} {'approval':>8} {'words':>6} {'held-out acc':>12} {'canary ppl':>10} {'eval n':>6} "
-              f"{'dmargin':>8} {'wrong':>6} {'run':>4} {'status':>11} {'wall s':>7}")
+              f"{'dm/tok':>8} {'t':>6} {'run':>4} {'status':>11} {'wall s':>7}")
         reached = None
         for i in range(a.rounds):
             poisoned = i == a.poison_round
             rnd = self.round(i, poisoned)
             self.rounds.append(rnd)
             print(f"{i:>5} {rnd.approval * 100:>7.1f}% {rnd.mean_words:>6.1f} {_f(rnd.accuracy):>12} "
-                  f"{_f(rnd.perplexity):>10} {_f(rnd.eval_pairs):>6} {_f(rnd.dmargin):>8} {_f(rnd.wrong):>6} "
+                  f"{_f(rnd.perplexity):>10} {_f(rnd.eval_pairs):>6} {_f4(rnd.dmargin):>8} {_f(rnd.t, 2):>6} "
                   f"{_f(rnd.run_id):>4} {rnd.status:>11} {rnd.wall_s:>7.1f}"
                   f"{'  (poisoned labels)' if poisoned else ''}", flush=True)
             for note in rnd.notes:
@@ -213,10 +214,14 @@ class Bench:
         return 0 if ok else 1
 
 
-def _f(x: Any) -> str:
+def _f(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _f4(x: Any) -> str:
+    return _f(x, 4)
 
 
 @contextlib.contextmanager
@@ -271,7 +276,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=0, help="scheduler threshold (default 40 %% of --prompts)")
     p.add_argument("--poison-round", type=int, default=3, help="this round's labels are flipped (-1: none)")
-    p.add_argument("--holdout", type=float, default=0.3, help="held-out share for a started loop")
+    # Half the comparisons are held out: the guard judges a run only on held-out pairs older than its batch, and a
+    # 2-step update at lr 1e-5 moves each pair's margin mostly by noise (a good run measured +0.016 +- 0.045 nats
+    # per token over 21 pairs), so the poisoned round needs ~20 older pairs to be told from a good one; 0.3 gave 10.
+    p.add_argument("--holdout", type=float, default=0.5, help="held-out share for a started loop")
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is met after the poison")
     p.add_argument("--seed", type=int, default=0)

@@ -161,7 +161,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     elif args.action == "config":
         body = {k: getattr(args, k) for k in ("interval_s", "min_pairs", "max_wait_s", "batch_size", "steps",
                                               "learning_rate", "max_accuracy_drop", "max_perplexity_rise",
-                                              "max_margin_drop")
+                                              "max_margin_t")
                 if getattr(args, k) is not None}
         if not body:
             raise ApiError("`loop scheduler config` needs at least one setting, e.g. --min-pairs 4")
@@ -224,7 +224,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("action", choices=["status", "pause", "resume", "run", "config"])
     for flag, typ in (("--interval-s", float), ("--min-pairs", int), ("--max-wait-s", float), ("--batch-size", int),
                       ("--steps", int), ("--learning-rate", float), ("--max-accuracy-drop", float),
-                      ("--max-perplexity-rise", float), ("--max-margin-drop", float)):
+                      ("--max-perplexity-rise", float), ("--max-margin-t", float)):
         p.add_argument(flag, type=typ, help="(config) new value")
     _common(p)
     p.set_defaults(func=_wrap(cmd_scheduler))

@@ -5,18 +5,17 @@ Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` wit
 trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
 
 - preference accuracy on held-out pairs: the share of pairs where log p(chosen | prompt) > log p(rejected | prompt)
-  (sums over the answer tokens; a tie counts one half) — and, after an update, the update's reward accuracy: the
-  share of held-out pairs whose margin log p(chosen) - log p(rejected) grew (DPO's implicit reward with the
-  pre-update weights as reference; 0.5 means no net direction). Both are judged: the raw accuracy alone is blind
-  to some poison — summed log-probs favour the shorter answer, so a rater who prefers short answers reads ~100 %
-  before and after a poisoned round (seen in `loop bench learning`) — while a poisoned batch moves most held-out
-  margins the wrong way. The held-out slice is feedback never trained on (see `batches.is_held_out`).
+  (sums over the answer tokens; a tie counts one half) — and, after an update, how the update moved each pair's
+  margin log p(chosen) - log p(rejected) (DPO's implicit reward with the pre-update weights as reference): summed
+  (`mean_reward_margin`, nats), the share that grew (`reward_accuracy`) and, the judged figure, per answer token
+  (`mean_token_margin_change`, and `margin_change_t`: that mean in standard errors). The held-out slice is
+  feedback never trained on (see `batches.is_held_out`).
 - perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
   damage detector — an update that wrecks the language model raises it even when the preference looks fine.
 
 Which pairs judge an update (the scheduler's choice, `batches.held_out_pairs(created_before=...)`): only held-out
-pairs whose feedback is OLDER than everything in the run's batch. The set is frozen when the batch is built. Why:
-feedback collected together with a batch comes from the same session and rater, so it shares the batch's
+pairs whose feedback is OLDER than everything in the run's batch and than the previous scheduled batch: the set is
+frozen when the batch's feedback began to be collected (`Scheduler._eval_cutoff`). Why: feedback collected together with a batch comes from the same session and rater, so it shares the batch's
 mistakes — in `loop bench learning` ~5 of the 14 held-out pairs measured for the poisoned round were that round's
 own flipped labels, and they voted for the poison. Judging an update on earlier feedback asks the question that
 matters: does the update undo preferences we already trusted? (The first runs of a fresh service have no older
@@ -24,12 +23,19 @@ held-out pairs; they are judged on perplexity alone, see `min_pairs`.)
 
 `verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
 least `min_pairs` held-out pairs (fewer are noise):
-- the mean margin change: the update moved log p(chosen) - log p(rejected) by less than `-max_margin_drop` nats
-  on average over the held-out pairs. This is the criterion that catches a mild poison: at lr 1e-5 x 2 steps a
-  flipped-label batch moves each margin only a fraction of a nat, often not across zero (raw accuracy does not
-  change) and not always for a clear majority of pairs, yet the mean moves consistently the wrong way, while a
-  good batch moves it the right way (figures per round: `loop bench learning`, column "dmargin");
-- a clear majority moved the wrong way: the update's reward accuracy below 0.5 - `max_accuracy_drop`;
+- the margins moved the wrong way: the mean per-token margin change lies more than `max_margin_t` standard errors
+  below zero (a one-sided t test). Why this figure (measured in `loop bench learning`, lr 1e-5 x 2 steps):
+  * raw accuracy is blind to a mild poison: summed log-probs favour the shorter answer by many nats, so a
+    short-answer rater's pairs read ~100 % before and after a poisoned round; the margins move a fraction of a
+    nat and rarely cross zero;
+  * each pair's margin change is mostly noise (APOLLO-Mini's random projections, 2 small steps): a good run moved
+    21 unseen pairs by +0.26 +- 1.2 nats summed and +0.016 +- 0.045 nats per token, 40 % of them the wrong way.
+    A bare majority or a fixed nats floor therefore rolled back a good run (5 of 6 pairs down, -0.41 nats),
+    while a test against the spread only fires when the drop is large for the number of pairs measured;
+  * per token, not summed: an update that shifts every token's log-prob a little (DPO moves the likelihood of
+    all sampled text) moves a summed margin by that shift times the length difference of the two answers — for
+    a length-preferring rater that is the very thing judged. Per token that shift cancels; in the measurement
+    above the mean grew from 0.21 to 0.36 standard deviations of a pair.
 - raw held-out accuracy fell by more than `max_accuracy_drop` (absolute).
 And always: canary perplexity rose by more than `max_perplexity_rise` (relative), or is not finite.
 
@@ -77,11 +83,17 @@ class EvalFigures:
     ms: float
     reward_accuracy: float | None = None  # after an update: share of held-out margins that grew
     mean_reward_margin: float | None = None  # after an update: mean change of the margin, nats
+    # after an update, per answer token: mean over pairs of d(log p(chosen))/len(chosen) - d(log p(rejected))/len(
+    # rejected), nats per token, and that mean in standard errors (t statistic; None below 2 pairs or no spread)
+    mean_token_margin_change: float | None = None
+    margin_change_t: float | None = None
     pair_logps: list[tuple[float, float]] | None = None  # (log p(chosen), log p(rejected)) per pair
+    pair_tokens: list[tuple[int, int]] | None = None  # answer tokens scored (chosen, rejected) per pair
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("pair_logps")
+        out.pop("pair_tokens")
         return out
 
 
@@ -101,19 +113,17 @@ def load_canary(path: Path = CANARY_PATH) -> list[str]:
 
 
 def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
-            max_perplexity_rise: float, min_pairs: int = 5, max_margin_drop: float | None = None) -> str | None:
-    """Why the update must be rolled back, or None when it may stay. `max_margin_drop` None: no margin criterion."""
+            max_perplexity_rise: float, min_pairs: int = 5, max_margin_t: float | None = None) -> str | None:
+    """Why the update must be rolled back, or None when it may stay. `max_margin_t` None: no margin criterion."""
     reasons = []
     judged = after.n_pairs >= min_pairs
-    if judged and max_margin_drop is not None and after.mean_reward_margin is not None \
-            and after.mean_reward_margin < -max_margin_drop - 1e-9:
-        wrong = f", reward accuracy {after.reward_accuracy:.3f}" if after.reward_accuracy is not None else ""
-        reasons.append(f"the update moved held-out preferences the wrong way: mean margin change "
-                       f"{after.mean_reward_margin:+.3f} nats < -{max_margin_drop:.3f} ({after.n_pairs} pairs{wrong})")
-    if judged and after.reward_accuracy is not None and after.reward_accuracy < 0.5 - max_accuracy_drop - 1e-9:
-        reasons.append(f"the update moved most held-out preferences the wrong way: reward accuracy "
-                       f"{after.reward_accuracy:.3f} < {0.5 - max_accuracy_drop:.3f} ({after.n_pairs} pairs, mean "
-                       f"margin change {after.mean_reward_margin:+.3f} nats)")
+    t = after.margin_change_t
+    if judged and max_margin_t is not None and t is not None and t < -max_margin_t - 1e-9:
+        wrong = f", {1 - after.reward_accuracy:.0%} of them moved down" if after.reward_accuracy is not None else ""
+        reasons.append(f"the update moved the held-out preferences the wrong way: per answer token the margin "
+                       f"log p(chosen) - log p(rejected) changed by {after.mean_token_margin_change:+.4f} nats on "
+                       f"average, {t:+.2f} standard errors < -{max_margin_t:.2f} ({after.n_pairs} pairs{wrong}; "
+                       f"summed over the answer {after.mean_reward_margin:+.3f} nats)")
     if judged and before.accuracy is not None and after.accuracy is not None:
         drop = before.accuracy - after.accuracy
         if drop > max_accuracy_drop + 1e-9:
@@ -227,14 +237,19 @@ class EvalGuard:
             n_tok += len(vals)
         ppl = math.exp(nll / max(n_tok, 1))
         logps: list[tuple[float, float]] = []
+        lengths: list[tuple[int, int]] = []
         pair_rows = rows[n_canary:]
         for i in range(0, len(pair_rows), 2):
             logps.append((sum(v for v in pair_rows[i][starts[i]:] if v is not None),
                           sum(v for v in pair_rows[i + 1][starts[i + 1]:] if v is not None)))
+            lengths.append((max(len(prompts[i]) - starts[i], 1), max(len(prompts[i + 1]) - starts[i + 1], 1)))
         margins = [c - r for c, r in logps]
         rewards: list[float] | None = None
+        per_token: list[float] | None = None
         if before is not None and before.pair_logps is not None and len(before.pair_logps) == len(logps):
             rewards = [(c - bc) - (r - br) for (c, r), (bc, br) in zip(logps, before.pair_logps)]
+            per_token = [(c - bc) / lc - (r - br) / lr
+                         for (c, r), (bc, br), (lc, lr) in zip(logps, before.pair_logps, lengths)]
 
         def share(ms: list[float] | None) -> float | None:
             return sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in ms) / len(ms) if ms else None
@@ -243,7 +258,21 @@ class EvalGuard:
                            mean_margin=(sum(margins) / len(margins)) if margins else None,
                            canary_perplexity=ppl, canary_tokens=n_tok,
                            ms=(time.perf_counter() - t0) * 1000, reward_accuracy=share(rewards),
-                           mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None, pair_logps=logps)
+                           mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None,
+                           mean_token_margin_change=(sum(per_token) / len(per_token)) if per_token else None,
+                           margin_change_t=t_statistic(per_token or []), pair_logps=logps, pair_tokens=lengths)
+
+
+def t_statistic(xs: Sequence[float]) -> float | None:
+    """mean / standard error: how many standard errors the mean lies from zero (None below 2 values)."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mean = sum(xs) / n
+    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
+    if var <= 0:
+        return None if mean == 0 else math.copysign(math.inf, mean)
+    return mean / math.sqrt(var / n)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -54,7 +54,7 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "learning_rate": ("learning_rate", float),
     "max_accuracy_drop": ("max_accuracy_drop", float),
     "max_perplexity_rise": ("max_perplexity_rise", float),
-    "max_margin_drop": ("max_margin_drop", float),
+    "max_margin_t": ("max_margin_t", float),
     "guard_enabled": ("guard_enabled", bool),
 }
 
@@ -381,7 +381,7 @@ class Scheduler:
     async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
         why = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
                       max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs,
-                      max_margin_drop=cfg["max_margin_drop"])
+                      max_margin_t=cfg["max_margin_t"])
         if why is None:
             await asyncio.to_thread(self._record_eval, run_id, before, after, None)
             return

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
          "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
-         "max_margin_drop": None}
+         "max_margin_t": None}
 
 
 class Api:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from loop.scheduler.guard import EvalFigures, EvalGuard, EvalPair, GuardError, load_canary, verdict
+from loop.scheduler.guard import EvalFigures, EvalGuard, EvalPair, GuardError, load_canary, t_statistic, verdict
 
 
 class CharTokenizer:
@@ -105,10 +105,10 @@ async def test_vllm_errors_raise_guard_error() -> None:
 
 
 def fig(acc: float | None, ppl: float, reward: float | None = None, n: int = 10,
-        dmargin: float | None = None) -> EvalFigures:
+        t: float | None = None) -> EvalFigures:
     return EvalFigures(accuracy=acc, n_pairs=n, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0,
-                       reward_accuracy=reward,
-                       mean_reward_margin=dmargin if dmargin is not None else (0.0 if reward is not None else None))
+                       reward_accuracy=reward, mean_reward_margin=0.0 if reward is not None else None,
+                       mean_token_margin_change=-0.01 if t is not None else None, margin_change_t=t)
 
 
 def test_verdict_limits() -> None:
@@ -116,8 +116,8 @@ def test_verdict_limits() -> None:
     assert verdict(fig(0.8, 10), fig(0.75, 10.4, 0.6), **kw) is None  # within every limit
     assert verdict(fig(0.8, 10), fig(0.9, 9, 1.0), **kw) is None  # better
     assert "accuracy fell from 0.800 to 0.600" in verdict(fig(0.8, 10), fig(0.6, 10), **kw)
-    assert "wrong way" in verdict(fig(1.0, 10), fig(1.0, 10, 0.2), **kw)  # raw accuracy blind, margins moved
-    assert verdict(fig(1.0, 10), fig(1.0, 10, 0.45), **kw) is None  # no clear direction: within the limit
+    # a majority of margins moving down is not enough on its own (5 of 6 did in a good run): see the t test below
+    assert verdict(fig(1.0, 10), fig(1.0, 10, 0.2), **kw) is None
     assert "perplexity rose" in verdict(fig(0.8, 10), fig(0.8, 10.6), **kw)
     assert "perplexity rose" in verdict(fig(None, 10), fig(None, float("inf")), **kw)
     both = verdict(fig(0.8, 10), fig(0.5, 20), **kw)
@@ -128,41 +128,52 @@ def test_verdict_limits() -> None:
     assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), min_pairs=2, **kw) is not None
 
 
-def test_verdict_mean_margin_drop_catches_a_mild_poison_and_spares_good_or_noisy_runs() -> None:
-    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_drop": 0.25}
-    # what a mild poison looks like: raw accuracy unchanged, half the margins each way, the mean clearly down
-    why = verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, dmargin=-0.6), **kw)
-    assert why is not None and "mean margin change -0.600 nats < -0.250" in why and "10 pairs" in why
-    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, dmargin=-0.6), **{**kw, "max_margin_drop": None}) is None
-    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.8, dmargin=+0.4), **kw) is None  # a good run
-    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.45, dmargin=-0.1), **kw) is None  # noise within the limit
-    assert verdict(fig(0.9, 10), fig(0.9, 10, 0.5, dmargin=-0.25), **kw) is None  # at the limit: kept
+def test_verdict_rolls_back_when_the_margins_fell_by_more_than_max_margin_t_standard_errors() -> None:
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_t": 1.5}
+    # a mild poison: raw accuracy unchanged, half the margins each way, yet clearly down on average
+    why = verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, t=-2.4), **kw)
+    assert why is not None and "-2.40 standard errors < -1.50" in why and "10 pairs" in why
+    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, t=-2.4), **{**kw, "max_margin_t": None}) is None
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.8, t=+2.0), **kw) is None  # a good run
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.2, t=-1.2), **kw) is None  # noise: a majority alone is not enough
+    assert verdict(fig(0.9, 10), fig(0.9, 10, 0.5, t=-1.5), **kw) is None  # at the limit: kept
     # never judged on a handful of pairs
-    assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, dmargin=-5.0), **kw) is None
-    assert "mean margin change" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.5, n=5, dmargin=-5.0), **kw)
+    assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, t=-9.0), **kw) is None
+    assert "standard errors" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.0, n=5, t=-9.0), **kw)
+
+
+def test_t_statistic() -> None:
+    assert t_statistic([1.0]) is None and t_statistic([]) is None
+    assert t_statistic([1.0, 3.0]) == pytest.approx(2.0)  # mean 2, sd sqrt(2), se 1
+    assert t_statistic([-1.0, -1.0]) == -math.inf and t_statistic([0.0, 0.0]) is None
 
 
 async def test_a_poisoned_looking_update_measured_through_the_fake_vllm_is_rolled_back() -> None:
     """End to end through measure(): an 'update' that makes every rejected answer a little more likely and every
-    chosen one a little less (not enough to flip any pair) is caught; the mirror-image update is kept."""
+    chosen one a little less (not enough to flip any pair) is caught; the mirror-image update is kept. The
+    per-token figure ignores a shift that is the same for every token, which moves summed margins by length."""
     base = FakeVLLM()
     guard = EvalGuard(base, CharTokenizer(), canary=["nop"])  # letters the 'update' leaves alone
-    pairs = [EvalPair(f"q{i}", "abc", "xyz") for i in range(6)]
+    pairs = [EvalPair(f"q{i}", "abc" + "d" * (i % 3), "xyz" + "k" * i) for i in range(6)]
     before = await guard.measure(pairs)
-    assert before.accuracy == 1.0 and before.pair_logps is not None
-    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_drop": 0.25, "min_pairs": 5}
-    for sign, rolled_back in ((+1, True), (-1, False)):
-        # letters of the rejected answers (x, y, z) gain 0.1 nats each, those of the chosen (a, b, c) lose 0.1
+    assert before.accuracy == 1.0 and before.pair_tokens == [(4 + i % 3, 4 + i) for i in range(6)]
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_t": 1.5, "min_pairs": 5}
+    for sign, rolled_back in ((+1, True), (-1, False), (0, False)):
+        # sign +-1: letters of the rejected answers (x, y, z) gain 0.1 nats each, those of the chosen (a, b, c)
+        # lose 0.1 (or the reverse); sign 0: every letter gains 0.05 nats (longer rejected answers gain more)
         def lp(t: int, sign: int = sign) -> float:
-            return base.__class__.lp(base, t) + (sign * 0.1 if t in b"xyz" else -sign * 0.1 if t in b"abc" else 0)
+            if sign == 0:
+                return FakeVLLM.lp(base, t) + 0.05
+            return FakeVLLM.lp(base, t) + (sign * 0.1 if t in b"xyz" else -sign * 0.1 if t in b"abc" else 0.0)
 
         base.lp = lp  # type: ignore[method-assign]
         after = await guard.measure(pairs, before=before)
         assert after.accuracy == 1.0  # raw accuracy is blind to it
-        assert after.mean_reward_margin == pytest.approx(-sign * 0.6)
-        assert after.canary_perplexity == pytest.approx(before.canary_perplexity)
+        assert sign == 0 or after.canary_perplexity == pytest.approx(before.canary_perplexity)
         why = verdict(before, after, **kw)
-        assert (why is not None and "mean margin change" in why) is rolled_back
+        assert (why is not None and "wrong way" in why) is rolled_back, why
+    assert after.mean_reward_margin < -0.05  # the uniform shift moved the summed margins down...
+    assert after.mean_token_margin_change == pytest.approx(0.0, abs=1e-9)  # ...not the per-token ones
 
 
 def test_canary_set_ships_with_the_package() -> None:

@@ -171,7 +171,7 @@ def test_configure_validates_names_and_persists(state: State) -> None:
 
 
 class MarginGuard:
-    """Reports the given mean margin change after each update, in order; remembers the pairs it measured."""
+    """Reports the given margin change (in standard errors) after each update, in order; remembers the pairs."""
 
     tokenizer = None
 
@@ -185,7 +185,8 @@ class MarginGuard:
         dm = dm if pairs else None
         return EvalFigures(accuracy=1.0 if pairs else None, n_pairs=len(pairs), mean_margin=None,
                            canary_perplexity=10.0, canary_tokens=100, ms=1.0,
-                           reward_accuracy=0.5 if dm is not None else None, mean_reward_margin=dm)
+                           reward_accuracy=0.5 if dm is not None else None, mean_reward_margin=dm,
+                           mean_token_margin_change=dm / 100 if dm is not None else None, margin_change_t=dm)
 
 
 def _held(state: State, ids: list[int]) -> list[int]:
@@ -224,20 +225,20 @@ async def test_eval_set_is_frozen_per_run_and_never_holds_the_batchs_own_round(s
 
 async def test_held_out_margins_moved_the_wrong_way_roll_back_and_a_good_run_stays(state: State) -> None:
     state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5})
-    guard = MarginGuard([-0.6, +0.4, -0.6])
+    guard = MarginGuard([-3.0, +2.0, -3.0])
     sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
-    sched.configure(min_pairs=1, max_margin_drop=0.25)
+    sched.configure(min_pairs=1, max_margin_t=1.5)
     add_comparisons(state, 20)
     first = await sched.tick()  # too few pairs older than its batch to judge preferences: perplexity only
     add_comparisons(state, 12)
     good = await sched.tick()  # margins moved the right way
     add_comparisons(state, 12)
-    bad = await sched.tick()  # raw accuracy unchanged, but the mean margin fell by 0.6 nats
+    bad = await sched.tick()  # raw accuracy unchanged, but the margins fell by 3 standard errors
     with state.sessions() as s:
         assert s.get(TrainingRun, first).batch["scheduler"]["eval_set"]["n_pairs"] < 5
         assert s.get(TrainingRun, first).status == "succeeded"
         assert s.get(TrainingRun, good).status == "succeeded"
         run = s.get(TrainingRun, bad)
-        assert run.status == "rolled_back" and "mean margin change -0.600 nats < -0.250" in run.error
-        assert run.metrics["eval_after"]["mean_reward_margin"] == -0.6
+        assert run.status == "rolled_back" and "-3.00 standard errors < -1.50" in run.error
+        assert run.metrics["eval_after"]["margin_change_t"] == -3.0
         assert run.metrics["rollback"]["reason"] in run.error

@@ -146,7 +146,7 @@ class SchedulerConfig(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=1.0)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     max_perplexity_rise: float | None = Field(None, ge=0)
-    max_margin_drop: float | None = Field(None, ge=0)
+    max_margin_t: float | None = Field(None, ge=0)
     guard_enabled: bool | None = None
 
 
