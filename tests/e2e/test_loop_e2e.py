@@ -100,7 +100,7 @@ def drain_leftovers(a: Api) -> None:
         if not (untrained.get("pairs", 0) or untrained.get("examples", 0)):
             return
         before = a.last_run_id()
-        a.config(min_pairs=1000000, interval_s=1e9, max_wait_s=1e9, steps=1, guard_enabled=False, batch_size=100000)
+        a.config(min_pairs=1000000, interval_s=1e9, max_wait_s=1e9, steps=1, guard_enabled=False, batch_size=4096)
         a.call("POST", "/api/scheduler/run")
         a.wait_run(before)
         a.config(**NEVER)
