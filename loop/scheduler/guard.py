@@ -15,11 +15,12 @@ trainer that might differ (stale prepacked linears, a missed prefix-cache reset,
 
 Which pairs judge an update (the scheduler's choice, `batches.held_out_pairs(created_before=...)`): only held-out
 pairs whose feedback is OLDER than everything in the run's batch and than the previous scheduled batch: the set is
-frozen when the batch's feedback began to be collected (`Scheduler._eval_cutoff`). Why: feedback collected together with a batch comes from the same session and rater, so it shares the batch's
-mistakes — in `loop bench learning` ~5 of the 14 held-out pairs measured for the poisoned round were that round's
-own flipped labels, and they voted for the poison. Judging an update on earlier feedback asks the question that
-matters: does the update undo preferences we already trusted? (The first runs of a fresh service have no older
-held-out pairs; they are judged on perplexity alone, see `min_pairs`.)
+frozen when the batch's feedback began to be collected (`Scheduler._eval_cutoff`). Why: feedback collected
+together with a batch comes from the same session and rater, so it shares the batch's mistakes — in `loop bench
+learning` ~5 of the 14 held-out pairs measured for the poisoned round were that round's own flipped labels, and
+they voted for the poison. Judging an update on earlier feedback asks the question that matters: does the update
+undo preferences we already trusted? (The first runs of a fresh service have no older held-out pairs; they are
+judged on perplexity alone, see `min_pairs`.)
 
 `verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
 least `min_pairs` held-out pairs (fewer are noise):
