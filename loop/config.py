@@ -87,7 +87,7 @@ class Settings(BaseSettings):
                                      "falls by more than this (absolute, 0..1).")
     max_perplexity_rise: float = Field(0.05, ge=0, description="Roll back when canary perplexity rises by more "
                                        "than this share (0.05 = 5 %).")
-    max_margin_t: float = Field(1.5, ge=0, description="Roll back when the update moved the held-out pairs' "
+    max_margin_t: float = Field(1.0, ge=0, description="Roll back when the update moved the held-out pairs' "
                                 "log p(chosen) - log p(rejected) per answer token down by more than this many "
                                 "standard errors of the mean (a one-sided t test; see loop/scheduler/guard.py).")
 

@@ -272,7 +272,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--max-words", type=int, default=25, help="the rater approves finished answers this short")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--learning-rate", type=float, default=1e-5)
+    # 1e-5 learned too slowly to show within 8 rounds once half the comparisons are held out (37 -> 56 % approval,
+    # canary perplexity +0.2 %), 2e-5 too (41 -> 81 %, -0.6 %); the guard's t statistic does not depend on the
+    # update's size.
+    p.add_argument("--learning-rate", type=float, default=3e-5)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=0, help="scheduler threshold (default 40 %% of --prompts)")
     p.add_argument("--poison-round", type=int, default=3, help="this round's labels are flipped (-1: none)")

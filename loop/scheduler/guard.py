@@ -37,6 +37,9 @@ least `min_pairs` held-out pairs (fewer are noise):
     all sampled text) moves a summed margin by that shift times the length difference of the two answers — for
     a length-preferring rater that is the very thing judged. Per token that shift cancels; in the measurement
     above the mean grew from 0.21 to 0.36 standard deviations of a pair.
+  * the threshold (`max_margin_t`, default 1.0): in two 8-round benchmark runs the 12 good runs judged on >= 5
+    pairs measured t = +0.85 +- 0.7 (lowest -0.66), the two poisoned rounds -1.67 and -1.52 (21-22 pairs); 1.0
+    sits in that gap, ~2.5 spreads below the good runs (a good run is rolled back well under 1 % of the time).
 - raw held-out accuracy fell by more than `max_accuracy_drop` (absolute).
 And always: canary perplexity rose by more than `max_perplexity_rise` (relative), or is not finite.
 
