@@ -19,7 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
+from loop.config import Settings
+from loop.scheduler.batches import is_held_out
+
 pytestmark = pytest.mark.e2e
+
+HOLDOUT = Settings().holdout_fraction  # the shared service runs with the default
 
 NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
          "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
@@ -41,7 +46,8 @@ class Api:
         return self.call("POST", "/api/scheduler/config", json=kw)
 
     def comparisons(self, k: int, *, tag: str) -> list[int]:
-        """k A/B picks on fresh answers; the shorter answer wins (a tie would give no pair, so retry)."""
+        """k trainable A/B picks on fresh answers; the shorter answer wins (a tie would give no pair, so retry;
+        a pick that falls in the held-out slice does not count)."""
         ids = []
         i = 0
         while len(ids) < k:
@@ -53,9 +59,11 @@ class Api:
             la, lb = len(c[0]["content"]), len(c[1]["content"])
             if la == lb or c[0]["content"] == c[1]["content"]:
                 continue
-            ids.append(self.call("POST", "/api/comparisons", json={
+            cid = self.call("POST", "/api/comparisons", json={
                 "response_a_id": c[0]["response_id"], "response_b_id": c[1]["response_id"],
-                "winner": "a" if la < lb else "b", "rater": f"e2e-{tag}"})["id"])
+                "winner": "a" if la < lb else "b", "rater": f"e2e-{tag}"})["id"]
+            if not is_held_out("comparison", cid, HOLDOUT):  # held-out feedback is for eval, never trained on
+                ids.append(cid)
         return ids
 
     def last_run_id(self) -> int:
