@@ -272,10 +272,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--max-words", type=int, default=25, help="the rater approves finished answers this short")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
-    # 1e-5 learned too slowly to show within 8 rounds once half the comparisons are held out (37 -> 56 % approval,
-    # canary perplexity +0.2 %), 2e-5 too (41 -> 81 %, -0.6 %); the guard's t statistic does not depend on the
-    # update's size.
-    p.add_argument("--learning-rate", type=float, default=3e-5)
+    # Measured with --rounds 8 --prompts 16 --steps 2 --poison-round 3 (half the comparisons held out; poison rolled
+    # back every time): 1e-5 went 37 -> 56 % approval (perplexity +0.2 %), 2e-5 41 -> 81 % (-0.6 %), 3e-5 had its
+    # first run rolled back for perplexity (+9.4 %). 2e-5 it is; 90 % needs more rounds than 8 on this design.
+    p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=0, help="scheduler threshold (default 40 %% of --prompts)")
     p.add_argument("--poison-round", type=int, default=3, help="this round's labels are flipped (-1: none)")
