@@ -30,7 +30,7 @@ from sqlalchemy import and_, select
 from sqlalchemy.orm import Session, aliased
 
 from loop.db.models import Comparison, Rating, Response, RunFeedback
-from loop.feedback.queries import as_utc
+from loop.feedback.queries import in_time_range
 
 POSITIVE_SCORE = 7  # score >= this (without a thumb) → a desirable example
 NEGATIVE_SCORE = 4  # score <= this → undesirable
@@ -106,10 +106,7 @@ def _feedback_conds(table: Any, f: PairFilters) -> list[Any]:
     conds = [table.is_current.is_(True)]
     if not f.include_held_out:
         conds.append(table.held_out.is_(False))
-    if f.since is not None:
-        conds.append(table.created_at >= as_utc(f.since))
-    if f.until is not None:
-        conds.append(table.created_at < as_utc(f.until))
+    conds += in_time_range(table.created_at, f.since, f.until)
     if f.rater is not None:
         conds.append(table.rater == f.rater)
     return conds

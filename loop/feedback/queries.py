@@ -36,6 +36,16 @@ def as_utc(dt: datetime | None) -> datetime | None:
     return dt.astimezone(timezone.utc)
 
 
+def in_time_range(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:
+    """`since <= column < until` as SQL conditions (either bound may be absent); times taken as UTC."""
+    conds: list[Any] = []
+    if since is not None:
+        conds.append(column >= as_utc(since))
+    if until is not None:
+        conds.append(column < as_utc(until))
+    return conds
+
+
 def like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -70,10 +80,7 @@ def mean_score_expr() -> Any:
 
 def response_conditions(f: ResponseFilters) -> list[Any]:
     conds: list[Any] = []
-    if f.since is not None:
-        conds.append(Response.created_at >= as_utc(f.since))
-    if f.until is not None:
-        conds.append(Response.created_at < as_utc(f.until))
+    conds += in_time_range(Response.created_at, f.since, f.until)
     if f.model is not None:
         conds.append(Response.model == f.model)
     if f.weight_version is not None:
@@ -195,10 +202,7 @@ class FeedbackFilters:
 
 def list_ratings(s: Session, f: FeedbackFilters, *, limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     conds: list[Any] = []
-    if f.since is not None:
-        conds.append(Rating.created_at >= as_utc(f.since))
-    if f.until is not None:
-        conds.append(Rating.created_at < as_utc(f.until))
+    conds += in_time_range(Rating.created_at, f.since, f.until)
     if f.rater is not None:
         conds.append(Rating.rater == f.rater)
     if f.response_id is not None:
@@ -214,10 +218,7 @@ def list_ratings(s: Session, f: FeedbackFilters, *, limit: int = 50, offset: int
 def list_comparisons(s: Session, f: FeedbackFilters, *, limit: int = 50,
                      offset: int = 0) -> tuple[list[dict[str, Any]], int]:
     conds: list[Any] = []
-    if f.since is not None:
-        conds.append(Comparison.created_at >= as_utc(f.since))
-    if f.until is not None:
-        conds.append(Comparison.created_at < as_utc(f.until))
+    conds += in_time_range(Comparison.created_at, f.since, f.until)
     if f.rater is not None:
         conds.append(Comparison.rater == f.rater)
     if f.response_id is not None:
