@@ -302,16 +302,11 @@ def _logps(model: nn.Module, batch: PairBatch | KTOBatch, kl: bool = False) -> t
     return sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
 
-def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | KTOBatch, *, objective: str, beta: float,
-               ref_logps: Any = None, per_layer: bool = False,
-               on_update: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> StepResult:
-    """Reference log-probs (if not given), forward + backward, staged deltas; the weights are NOT written.
+def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: str, beta: float, ref_logps: Any = None,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float], Any]:
+    """Reference log-probs (if not given) and the policy forward: (loss with its graph, metrics, ref_logps).
 
-    ref_logps: DPO -> Tensor[2B]; KTO -> (Tensor[B], Tensor[B] for the KL rows). per_layer=True computes each
-    delta in a post-accumulate-grad hook and frees the grad at once; `on_update(param, delta)` then receives
-    the deltas (default: collect them into StepResult.deltas). The optimizer state stays staged: call
-    optimizer.commit() after a successful apply, optimizer.discard() after a refused one."""
+    ref_logps: DPO -> Tensor[2B]; KTO -> (Tensor[B], Tensor[B] for the KL rows). Nothing is written."""
     if objective not in ("dpo", "kto"):
         raise ValueError(f"objective must be 'dpo' or 'kto', got {objective!r}")
     if (objective == "dpo") != isinstance(batch, PairBatch):
@@ -321,25 +316,39 @@ def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | 
     if ref_logps is None:
         with torch.no_grad():
             ref_logps = _logps(model, batch) if objective == "dpo" else (_logps(model, batch), _logps(model, batch, kl=True))
+    policy = _logps(model, batch)
+    if objective == "dpo":
+        n = policy.shape[0] // 2
+        loss, metrics = dpo_loss(policy[:n], policy[n:], ref_logps[:n], ref_logps[n:], beta)
+        metrics["logp_margin"] = float((policy[:n] - policy[n:]).detach().mean())
+    else:
+        assert isinstance(batch, KTOBatch)
+        ref, ref_kl = ref_logps
+        with torch.no_grad():
+            policy_kl = _logps(model, batch, kl=True)
+        loss, metrics = kto_loss(policy, ref, batch.labels, kto_kl_estimate(policy_kl, ref_kl), beta,
+                                 desirable_weight, undesirable_weight)
+    return loss, metrics, ref_logps
+
+
+def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | KTOBatch, *, objective: str, beta: float,
+               ref_logps: Any = None, per_layer: bool = False,
+               on_update: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> StepResult:
+    """Reference log-probs (if not given), forward + backward, staged deltas; the weights are NOT written.
+
+    per_layer=True computes each delta in a post-accumulate-grad hook and frees the grad at once;
+    `on_update(param, delta)` then receives the deltas (default: collect them into StepResult.deltas). The
+    optimizer state stays staged: call optimizer.commit() after a successful apply, optimizer.discard() after a
+    refused one. (loop/worker/lowmem.py builds the low-memory atomic apply on forward_loss instead.)"""
+    loss, metrics, ref_logps = forward_loss(model, batch, objective=objective, beta=beta, ref_logps=ref_logps,
+                                            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     deltas: dict[torch.Tensor, torch.Tensor] = {}
     detach = None
     if per_layer:
         detach = optimizer.attach_per_layer([p for g in optimizer.param_groups for p in g["params"]],
                                             on_update or (lambda p, d: deltas.__setitem__(p, d)))
     try:
-        policy = _logps(model, batch)
-        if objective == "dpo":
-            n = policy.shape[0] // 2
-            ref = ref_logps
-            loss, metrics = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
-            metrics["logp_margin"] = float((policy[:n] - policy[n:]).detach().mean())
-        else:
-            assert isinstance(batch, KTOBatch)
-            ref, ref_kl = ref_logps
-            with torch.no_grad():
-                policy_kl = _logps(model, batch, kl=True)
-            loss, metrics = kto_loss(policy, ref, batch.labels, kto_kl_estimate(policy_kl, ref_kl), beta,
-                                     desirable_weight, undesirable_weight)
         loss.backward()
     finally:
         if detach is not None:
