@@ -60,7 +60,10 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
 
     # --- training ---
-    train_mode: Literal["atomic", "hogwild"] = "atomic"
+    train_mode: Literal["atomic", "lowmem", "hogwild"] = Field(
+        "atomic", description="atomic: the update is staged while vLLM serves and copied in a short pause (1x the "
+        "trained weight bytes extra); lowmem: atomic too, ~0.2x extra, but vLLM pauses for one backward pass; "
+        "hogwild: no pause (generations may see a half-written update)")
     worker_enabled: bool = Field(True, description="Start the training worker (needs the loop plugin in vLLM).")
     optimizer: Literal["apollo", "apollo-mini", "adamw", "sgd"] = "apollo-mini"
     learning_rate: float = Field(5e-6, gt=0)

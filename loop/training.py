@@ -9,6 +9,8 @@ exactly the apply.
   `state.weights_lock`: `vllm.pause(mode="wait")` → worker `Apply` (finite + ratio check, in-place write) →
   `vllm.reset_prefix_cache()` → new `WeightVersion` row and `state.weight_version += 1` → `vllm.resume()`, the
   resume in a `finally` so vLLM is never left paused. The figures of each part land in the run's metrics.
+  `settings.train_mode == "lowmem"` keeps it atomic with ~0.2x the memory: the worker only measures the update
+  in `Train` and writes it in `Apply` by a second backward (loop/worker/lowmem.py), so the pause is longer.
   `settings.train_mode == "hogwild"` skips the pause. A refused update (NaN/inf/over the cap) ends the run as
   "refused": weights untouched, version unchanged, feedback released. A failed run releases its feedback too.
 - `checkpoint()` writes the live weights as an HF folder (worker-side, atomic) and records the path on the
@@ -32,7 +34,7 @@ from sqlalchemy import delete, select, update
 
 from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
 from loop.api.state import LoopState
-from loop.control import WorkerControl
+from loop.control import WorkerControl, WorkerTimeout, WorkerUnavailable
 from loop.db.models import Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
 from loop.worker import protocol as p
 
@@ -41,6 +43,7 @@ log = logging.getLogger("loop.training")
 TRAIN_TIMEOUT_S = 1800.0  # one step of forward + backward; CPU runs of long batches are slow
 APPLY_TIMEOUT_S = 120.0
 CHECKPOINT_TIMEOUT_S = 1800.0
+TORN_WAIT_S = 300.0  # how long a torn apply waits for the worker to come back before restarting vLLM instead
 
 
 class PairIn(BaseModel):
@@ -67,6 +70,10 @@ class TrainRequest(BaseModel):
     beta: float | None = Field(None, gt=0)
     objective: Literal["dpo", "kto"] | None = None
     max_len: int = Field(1024, ge=16, le=32768)
+    train_mode: Literal["atomic", "lowmem", "hogwild"] | None = Field(
+        None, description="how this run's updates are written (default: LOOP_TRAIN_MODE): atomic stages them and "
+        "pauses vLLM for a copy; lowmem pauses vLLM for a second backward pass instead (~0.2x the weight bytes "
+        "extra rather than 1x); hogwild writes without a pause")
     debug_inject_nan: bool = Field(False, description="testing only: poison the update to see it refused")
     feedback_inline: bool = Field(False, description="the inline pairs/examples ARE the given feedback ids (the "
                                   "scheduler's built batch): record the ids as consumed, derive nothing from them")
@@ -95,6 +102,7 @@ class Trainer:
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._loaded_path: str | None = None  # the folder vLLM loaded (a checkpoint, or the base model)
+        self.held_paused: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
         self.control.on_progress.append(self._on_progress)
 
     # ------------------------------------------------------------ lifecycle
@@ -134,11 +142,15 @@ class Trainer:
             state = self.phase
         else:
             state = "idle" if not self.busy else "training"
-        return {"state": state, "run_id": self.run_id, "step": self.step, "losses": list(self.losses),
+        if self.held_paused:
+            state = "held"
+        return {"state": state, "held_paused": self.held_paused, "run_id": self.run_id, "step": self.step, "losses": list(self.losses),
                 "metrics": dict(self.metrics), "last_error": self.last_error,
                 "weight_version": self.state.weight_version, "worker": worker}
 
-    def _require_worker(self) -> None:
+    def _require_worker(self, *, restoring: bool = False) -> None:
+        if self.held_paused and not restoring:
+            raise Unavailable(self.held_paused, code="weights_held")
         sup = self.state.supervisor
         if sup is not None and sup.state != "ready":
             raise Unavailable(f"vLLM is not serving ({sup.describe()}); training waits for it", code="vllm_unavailable")
@@ -222,7 +234,7 @@ class Trainer:
                  "comparison_ids": comparison_ids, "steps": req.steps,
                  "learning_rate": req.learning_rate or self.settings.learning_rate,
                  "beta": req.beta or self.settings.dpo_beta, "optimizer": self.settings.optimizer,
-                 "train_mode": self.settings.train_mode, "inline": bool(req.pairs or req.examples)}
+                 "train_mode": req.train_mode or self.settings.train_mode, "inline": bool(req.pairs or req.examples)}
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=objective, batch=batch,
                               version_before=self.state.weight_version)
@@ -261,13 +273,15 @@ class Trainer:
         version_after: int | None = None
         lr = req.learning_rate or self.settings.learning_rate
         beta = req.beta or self.settings.dpo_beta
+        mode = req.train_mode or self.settings.train_mode
         try:
             for step in range(1, req.steps + 1):
                 self.phase = "training"
                 done = await self.control.call(
                     p.Train(run_id=run_id, objective=objective, pairs=pairs if objective == "dpo" else [],
                             examples=examples if objective == "kto" else [], step=step, steps=req.steps, lr=lr,
-                            beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan),
+                            beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
+                            lowmem=mode == "lowmem"),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)
                 history = done.history
@@ -279,7 +293,7 @@ class Trainer:
                     self._refused(run_id, done.update.reason, history)
                     return
                 self.phase = "applying"
-                version_after, reason = await self._apply(run_id)
+                version_after, reason = await self._apply(run_id, mode)
                 if reason is not None:
                     self._refused(run_id, reason, history)
                     return
@@ -322,20 +336,30 @@ class Trainer:
                 await vllm.reset_prefix_cache()
                 t["reset_ms"] = (time.perf_counter() - t1) * 1000
         finally:
-            if paused:
+            if paused and not self.held_paused:
                 t2 = time.perf_counter()
-                await vllm.resume()
+                try:
+                    await vllm.resume()
+                except Exception:  # noqa: BLE001 - vLLM died or is being restarted: a new one starts unpaused
+                    if self.state.supervisor is None or self.state.supervisor.state == "ready":
+                        raise
                 t["resume_ms"] = (time.perf_counter() - t2) * 1000
             t["total_ms"] = (time.perf_counter() - t0) * 1000
         return t
 
-    async def _apply(self, run_id: int) -> tuple[int, str | None]:
+    async def _apply(self, run_id: int, mode: str) -> tuple[int, str | None]:
         """Apply the staged update; returns (live version, refusal reason or None)."""
         refused: list[str] = []
 
         async def work(t: dict[str, float]) -> bool:
             t1 = time.perf_counter()
-            reply = await self.control.call(p.Apply(run_id=run_id), timeout=APPLY_TIMEOUT_S)
+            try:
+                # lowmem: Apply runs the second backward pass, so it gets a step's time limit
+                reply = await self.control.call(p.Apply(run_id=run_id),
+                                                timeout=TRAIN_TIMEOUT_S if mode == "lowmem" else APPLY_TIMEOUT_S)
+            except (WorkerUnavailable, WorkerTimeout) as e:  # it may have stopped halfway through the weights
+                await self._recover_torn(run_id, e)
+                raise
             t["apply_rtt_ms"] = (time.perf_counter() - t1) * 1000
             if isinstance(reply, p.Refused):
                 refused.append(reply.reason)
@@ -348,9 +372,50 @@ class Trainer:
             return True
 
         async with self.state.weights_lock:
-            timings = await self._paused(work, atomic=self.settings.train_mode == "atomic")
+            timings = await self._paused(work, atomic=mode != "hogwild")
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
         return self.state.weight_version, (refused[0] if refused else None)
+
+    async def _recover_torn(self, run_id: int, error: Exception) -> None:
+        """The worker died or hung inside Apply, so the live weights may be half written. vLLM is still paused:
+        put a known version back before it serves again. First choice: the worker (restarted) restores the
+        newest checkpoint in place, or the base model folder when nothing was checkpointed; failing that, vLLM is
+        restarted from that folder (the supervisor's model_path); with neither, vLLM stays paused (`held`)."""
+        why = f"the training worker stopped while writing run {run_id}'s update ({error})"
+        log.error("%s: the weights may be half written; restoring a known version before vLLM serves again", why)
+        self.metrics["torn_apply"] = str(error)
+        if isinstance(error, WorkerTimeout):  # it may still be writing: stop it before anything else writes
+            await self.control.restart(f"Apply timed out: {error}")
+        newest = self._newest_checkpoint()
+        base = self.control.hello.model_path if self.control.hello else None
+        if newest is not None:
+            version, path = newest
+        elif base and (Path(base) / "model.safetensors").is_file():
+            version, path = 0, base  # nothing checkpointed yet: vLLM's own starting weights
+        else:
+            version, path = -1, ""
+        if path:
+            deadline = time.monotonic() + TORN_WAIT_S
+            while not self.control.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            try:
+                reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
+                assert isinstance(reply, p.Restored)
+                await asyncio.to_thread(self._new_version, "restore", version, None,
+                                        path if newest is not None else None,
+                                        f"{why}; restored from version {version}")
+                log.warning("run %d: version %d restored in place after the torn apply", run_id, version)
+                return
+            except Exception as e:  # noqa: BLE001 - fall through to a vLLM restart
+                log.error("run %d: restoring version %d after the torn apply failed: %s", run_id, version, e)
+        supervisor = self.state.supervisor
+        if supervisor is not None:
+            log.warning("run %d: restarting vLLM from %s after the torn apply", run_id, supervisor.model_path)
+            await supervisor.reload(why)  # the ready callback records the version the new vLLM serves
+            return
+        self.held_paused = f"{why}; vLLM is kept paused: restore a checkpointed version (POST " \
+                           "/api/versions/{v}/restore) or restart vLLM"
+        log.error("%s", self.held_paused)
 
     def _new_version(self, kind: str, parent: int | None, run_id: int | None, checkpoint_path: str | None,
                      note: str | None) -> int:
@@ -420,7 +485,7 @@ class Trainer:
                            "first (POST /api/checkpoint writes the live one)", code="no_checkpoint")
         if self.busy:
             raise Conflict(f"run {self.run_id} is in progress; restore after it ends", code="run_in_progress")
-        self._require_worker()
+        self._require_worker(restoring=True)
         path = row.checkpoint_path
 
         async def work(t: dict[str, float]) -> bool:
@@ -429,6 +494,7 @@ class Trainer:
             t["restore_ms"] = reply.ms
             # the live weights are now bit for bit the checkpoint: the new version shares its folder
             await asyncio.to_thread(self._new_version, "restore", version, None, path, f"restored from version {version}")
+            self.held_paused = None  # known weights again: the resume below lets vLLM serve
             return True
 
         self.phase = "restoring"

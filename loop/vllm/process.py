@@ -181,6 +181,13 @@ class VLLMSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout=min(remaining, 1.0))
 
+    async def reload(self, reason: str) -> None:
+        """Restart vLLM now, loading `model_path` afresh (its live weights can no longer be trusted)."""
+        _say(f"restarting vLLM: {reason}")
+        self.state = "restarting"
+        self._ready.clear()
+        await self._kill()  # _run sees the exit and starts it again
+
     async def stop(self) -> None:
         """Stop vLLM: SIGTERM to its whole process group, SIGKILL after 15 s."""
         self._stopping = True

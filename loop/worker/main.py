@@ -60,7 +60,8 @@ class Worker:
         self.meta: dict[str, Any] = {}
         self.names: dict[Any, str] = {}
         self.trainable: list[tuple[str, Any]] = []
-        self._staged: tuple[int, dict[Any, Any], Any] | None = None  # (run_id, new values, UpdateCheck)
+        self._staged: tuple[int, dict[Any, Any] | None, Any] | None = None  # (run_id, new values, UpdateCheck)
+        self._lowmem: Any = None  # loop.worker.lowmem.PausedBackward of train_mode=lowmem (values None above)
         self._run: dict[str, Any] = {}  # the current run's encoded batch, reference log-probs and history
 
     # ------------------------------------------------------------ attach
@@ -119,7 +120,7 @@ class Worker:
                 log.warning("optimizer state does not fit the new load (%s); starting it fresh", e)
         if self.tokenizer is None or meta["model_path"] != getattr(self.tokenizer, "name_or_path", None):
             self.tokenizer = AutoTokenizer.from_pretrained(meta["model_path"])
-        self._staged, self._run = None, {}
+        self._staged, self._run, self._lowmem = None, {}, None
         self.ch.load_id = meta["load_id"]
         self.ch.state = "idle"
         n_params = sum(prm.numel() for prm in model.parameters())
@@ -165,6 +166,8 @@ class Worker:
 
     def _drop_staged(self) -> None:
         self._staged = None
+        if self._lowmem is not None:
+            self._lowmem.drop()  # frees the retained graph too
         if self.opt is not None:
             self.opt.discard()
 
@@ -190,18 +193,22 @@ class Worker:
                 self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.args.lr
-            result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
-                                ref_logps=self._run["ref"], per_layer=True)
-            self.model.zero_grad(set_to_none=True)
+            if msg.lowmem:
+                check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
+            else:
+                result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
+                                    ref_logps=self._run["ref"], per_layer=True)
+                self.model.zero_grad(set_to_none=True)
+                deltas = result.deltas
+                if msg.inject_nan and deltas:
+                    next(iter(deltas.values())).fill_(float("nan"))
+                check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
+                d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
+                self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
+                n_tensors = len(self._staged[1] or {})
+                del deltas
             if self._run["ref"] is None:  # the pre-run policy stays the reference for the later steps
                 self._run["ref"] = getattr(result, "ref_logps", None)
-            deltas = result.deltas
-            if msg.inject_nan and deltas:
-                next(iter(deltas.values())).fill_(float("nan"))
-            check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
-            d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
-            self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
-            del deltas
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
             metrics["step_ms"] = (time.perf_counter() - t0) * 1000
             self._run["history"].append({"step": float(msg.step), **metrics})
@@ -209,11 +216,25 @@ class Worker:
                                     metrics=metrics))
             stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
                                   weight_norm=d_norm / check.global_ratio if check.global_ratio > 0 else 0.0,
-                                  ratio=check.global_ratio, n_tensors=len(self._staged[1]))
+                                  ratio=check.global_ratio, n_tensors=n_tensors)
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
+
+    def _prepare_lowmem(self, msg: p.Train) -> tuple[Any, float, int, Any]:
+        """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""
+        from loop.worker.lowmem import PausedBackward
+
+        if self._lowmem is None or self._lowmem.model is not self.model or self._lowmem.opt is not self.opt:
+            self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.args.max_update_ratio,
+                                          names=self.names)
+        prep = self._lowmem.prepare(self._run["batch"], objective=msg.objective, beta=msg.beta,
+                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan)
+        if not prep.check.ok:
+            self._lowmem.drop()
+        self._staged = (msg.run_id, None, prep.check)
+        return prep.check, prep.update_norm, len(self.trainable) if prep.check.ok else 0, prep
 
     @staticmethod
     def _new_values(deltas: dict[Any, Any]) -> dict[Any, Any]:
@@ -253,11 +274,14 @@ class Worker:
         self.ch.state = "applying"
         try:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                for prm, v in values.items():
-                    prm.copy_(v)
+            if values is None:  # lowmem: the second backward writes each layer in place and commits
+                self._lowmem.apply()
+            else:
+                with torch.no_grad():
+                    for prm, v in values.items():
+                        prm.copy_(v)
+                self.opt.commit()
             ms = (time.perf_counter() - t0) * 1000
-            self.opt.commit()
             self._staged = None
         finally:
             self.ch.state = "idle"

@@ -106,6 +106,7 @@ class Train(Msg, tag="train"):
     beta: float = 0.1
     max_len: int = 1024
     inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
+    lowmem: bool = False  # train_mode=lowmem: measure the update now, write it in Apply by a second backward
 
 
 class Apply(Msg, tag="apply"):

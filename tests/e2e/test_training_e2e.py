@@ -6,6 +6,8 @@ What is checked, each through vLLM's or loop's public HTTP API:
 - a poisoned (NaN) update is refused: weights bit-identical (the worker's checksum), version unchanged;
 - the worker SIGKILLed mid-training: serving goes on, the worker comes back, the weights are the old ones
   (checksum), the run failed and released its feedback, which then trains normally — once (never twice);
+- train_mode=lowmem (the update written by a second backward inside the pause) moves vLLM the same way, refuses
+  NaN the same way; the worker SIGKILLed inside that apply: the newest checkpoint is restored before vLLM serves;
 - checkpoint → vLLM killed → the supervisor restarts it from the newest checkpoint → same greedy outputs, same
   bytes; restore of version 0 → the original outputs and bytes.
 The tests run in file order and share the session's service; the last one puts the original weights back.
@@ -230,6 +232,77 @@ def test_worker_killed_mid_training_old_weights_feedback_released(api: Api) -> N
     assert run.batch["comparison_ids"] == [cid] and run.objective == "dpo"
     r = api.train(comparison_ids=[cid])  # never twice
     assert r.status_code == 409 and "already trained" in r.json()["error"]["message"]
+
+
+LONG = "The sky on a clear day is blue, because air scatters the short blue wavelengths of sunlight. " * 3
+PAIRS = [{"prompt": OTHER, "chosen": f"Blue. {LONG}{i}", "rejected": f"Red. {LONG}{i}"} for i in range(6)]
+
+
+def test_lowmem_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
+    """train_mode=lowmem: measured while vLLM serves, written by a second backward inside the pause."""
+    rejected, version_before, _ = api.greedy(OTHER)
+    chosen = "Blue, like the sky on a clear day."
+    before = api.margin(tokenizer, OTHER, chosen, rejected)
+    r = api.train(pairs=[{"prompt": OTHER, "chosen": chosen, "rejected": rejected}], steps=2, learning_rate=2e-4,
+                  train_mode="lowmem")
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error)
+    assert run.batch["train_mode"] == "lowmem" and run.version_after == version_before + 2
+    for part in ("pause_ms", "apply_ms", "reset_ms", "resume_ms"):
+        assert run.metrics[part] >= 0, run.metrics
+    after = api.margin(tokenizer, OTHER, chosen, rejected)
+    assert after > before + 1.0, (before, after)
+    assert api.greedy(OTHER)[1] == version_before + 2
+    r = api.train(pairs=[{"prompt": OTHER, "chosen": "x", "rejected": "y"}], train_mode="sideways")
+    assert r.status_code == 422 and "train_mode" in r.text
+
+
+def test_lowmem_nan_update_refused_with_weights_bit_identical(api: Api) -> None:
+    before, version = api.checksum()
+    r = api.train(pairs=[{"prompt": OTHER, "chosen": "Blue.", "rejected": "Red."}], debug_inject_nan=True,
+                  train_mode="lowmem")
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
+    assert api.checksum() == (before, version)
+
+
+def test_worker_killed_inside_the_lowmem_apply_restores_a_known_version(api: Api) -> None:
+    """The worker dies while the second backward is writing the weights (vLLM paused): before vLLM serves
+    again, loop restores the newest checkpoint in place: its exact bytes, a new version, never a mix."""
+    r = api.http.post("/api/checkpoint", headers=api.admin)
+    assert r.status_code == 200, r.text
+    ckpt_version = r.json()["version"]
+    ckpt_sum, _ = api.checksum()
+    greedy = api.greedy(PROMPT)[0]
+    for _attempt in range(3):  # the kill must land inside Apply; a run that finished first is tried again
+        live = api.status()["weight_version"]
+        r = api.train(pairs=PAIRS, learning_rate=1e-6, train_mode="lowmem", max_len=512)
+        assert r.status_code == 202, r.text
+        run_id = r.json()["run_id"]
+        deadline = time.monotonic() + 600
+        while api.status()["state"] != "applying":
+            assert time.monotonic() < deadline, api.status()
+            time.sleep(0.02)
+        time.sleep(0.2)  # past the pause, into the backward
+        pid, restarts = api.status()["worker"]["pid"], api.status()["worker"]["restarts"]
+        os.kill(pid, signal.SIGKILL)
+        run = api.wait_run(run_id)
+        if run.status == "succeeded":
+            api.wait_ready()
+            continue
+        break
+    assert run.status == "failed" and "died" in (run.error or ""), (run.status, run.error)
+    st = api.wait_ready()
+    assert st["worker"]["pid"] != pid and st["worker"]["restarts"] == restarts + 1
+    assert st["weight_version"] == live + 1
+    with Session(api.engine) as s:
+        v = s.get(WeightVersion, live + 1)
+        assert v.kind == "restore" and v.parent_version == ckpt_version and "stopped while writing" in (v.note or "")
+    assert api.checksum() == (ckpt_sum, live + 1)  # the checkpoint's bytes exactly, not a mix
+    text, version, _ = api.greedy(PROMPT)  # vLLM serves again (resumed), on the restored version
+    assert (text, version) == (greedy, live + 1)
 
 
 def test_checkpoint_then_vllm_restart_serves_the_same_weights(api: Api) -> None:

@@ -1,6 +1,6 @@
 """The worker's request handling on a tiny random bf16 Llama (no vLLM: the model owns its weights here).
 
-Specifies: Train stages an update without touching the weights; Apply writes it (and only then); a poisoned
+Specifies (staged and lowmem alike): Train stages an update without touching the weights; Apply writes it (and only then); a poisoned
 update is refused with the weights and the optimizer state bit-identical; Apply without a staged update is an
 error; Checkpoint writes a folder HF loads back to the same tensors (no temp folder left, never overwritten);
 Restore writes it back in place exactly and refuses an incomplete checkpoint without writing anything.
@@ -65,13 +65,19 @@ def worker(tmp_path: Path) -> Worker:
     return w
 
 
+@pytest.fixture(params=[False, True], ids=["staged", "lowmem"])
+def lowmem(request: pytest.FixtureRequest) -> bool:
+    """train_mode=atomic stages the new values; train_mode=lowmem measures in Train and writes in Apply."""
+    return bool(request.param)
+
+
 def opt_state(w: Worker) -> dict[str, Any]:
     return {f"{i}.{k}": v.clone() for i, st in w.opt.state_dict()["state"].items() for k, v in st.items()}
 
 
-def test_train_stages_and_apply_writes(worker: Worker) -> None:
+def test_train_stages_and_apply_writes(worker: Worker, lowmem: bool) -> None:
     before = worker.checksum()
-    done = worker.train(p.Train(req=1, run_id=1, pairs=[PAIR], step=1, steps=2))
+    done = worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=[PAIR], step=1, steps=2))
     assert isinstance(done, p.TrainDone) and done.update.ok and done.update.n_tensors > 0, done
     assert worker.checksum() == before  # staged only
     assert isinstance(worker.ch.sent[-1], p.Progress)
@@ -79,7 +85,7 @@ def test_train_stages_and_apply_writes(worker: Worker) -> None:
     assert isinstance(applied, p.Applied)
     mid = worker.checksum()
     assert mid != before
-    done2 = worker.train(p.Train(req=3, run_id=1, pairs=[PAIR], step=2, steps=2))
+    done2 = worker.train(p.Train(lowmem=lowmem, req=3, run_id=1, pairs=[PAIR], step=2, steps=2))
     assert isinstance(done2, p.TrainDone) and len(done2.history) == 2
     assert isinstance(worker.apply(p.Apply(req=4, run_id=1)), p.Applied)
     # the margin log p(chosen) - log p(rejected) grew between the two steps' forward passes
@@ -88,11 +94,11 @@ def test_train_stages_and_apply_writes(worker: Worker) -> None:
     assert isinstance(err, p.Error) and "no staged update" in err.message
 
 
-def test_poisoned_update_refused_bit_identical(worker: Worker) -> None:
-    worker.train(p.Train(req=1, run_id=1, pairs=[PAIR]))
+def test_poisoned_update_refused_bit_identical(worker: Worker, lowmem: bool) -> None:
+    worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=[PAIR]))
     worker.apply(p.Apply(req=2, run_id=1))
     weights, state = worker.checksum(), opt_state(worker)
-    done = worker.train(p.Train(req=3, run_id=2, pairs=[PAIR], inject_nan=True))
+    done = worker.train(p.Train(lowmem=lowmem, req=3, run_id=2, pairs=[PAIR], inject_nan=True))
     assert isinstance(done, p.TrainDone) and not done.update.ok and "non-finite" in done.update.reason
     refused = worker.apply(p.Apply(req=4, run_id=2))
     assert isinstance(refused, p.Refused) and "non-finite" in refused.reason
@@ -101,9 +107,9 @@ def test_poisoned_update_refused_bit_identical(worker: Worker) -> None:
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
 
 
-def test_update_over_the_cap_refused(worker: Worker) -> None:
+def test_update_over_the_cap_refused(worker: Worker, lowmem: bool) -> None:
     before = worker.checksum()
-    worker.train(p.Train(req=1, run_id=1, pairs=[PAIR]))
+    worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=[PAIR]))
     refused = worker.apply(p.Apply(req=2, run_id=1, max_update_ratio=1e-9))
     assert isinstance(refused, p.Refused) and "exceeds the cap" in refused.reason
     assert worker.checksum() == before
