@@ -51,7 +51,8 @@ def _median(xs: list[float]) -> float:
 
 def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespace, cuda: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "bfloat16", "--max-model-len", "2048"]
+           "--host", "127.0.0.1", "--dtype", "bfloat16",
+           "--max-model-len", str(getattr(args, "max_model_len", 2048))]  # bench memory sets it; update keeps 2048
     if args.dummy:
         cmd += ["--load-format", "dummy", "--skip-tokenizer-init"]
     if cuda:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import ingest, learning, proxy, update
+from loop.bench import ingest, learning, memory, proxy, update
 
-BENCHES = [proxy, ingest, learning, update]
+BENCHES = [proxy, ingest, learning, update, memory]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
