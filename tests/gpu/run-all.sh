@@ -2,9 +2,11 @@
 # Everything loop runs on the lent GPU, in one detached job (a device call may last 10 minutes; this takes
 # longer, so it runs under setsid and later calls read /tmp/gpu-out). Each step logs to /tmp/gpu-out/<step>.log
 # and the summary line of each step goes to /tmp/gpu-out/summary.txt.
-#   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &      (steps: gputests e2e p1 p2 p1-14b)
+#   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
+# steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b
+# On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
-out=/tmp/gpu-out; mkdir -p "$out"
+out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 LOOP_TEST_START_TIMEOUT_S=900
 py=python3
 step() {
@@ -17,6 +19,13 @@ step() {
   tail -n 25 "$out/$name.log" >> "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$out/summary.txt"
+# vLLM's share of the card for a model of W GB: its weights + 8 GB (KV cache, graphs, activations), at most 0.92
+util() { python3 -c "import torch; t = torch.cuda.mem_get_info()[1] / 1e9; print(round(min(0.92, ($1 + 8) / t), 3))"; }
+mem() {  # P2 beside a serving vLLM, and the largest-model check: loop bench memory on a dummy config
+  local name=$1 gb=$2
+  step "mem-$name" $py -m loop.cli bench memory --model "loop/bench/configs/$name" --dummy --pairs 2 --seq 1024 \
+    --gpu-memory-utilization "$(util "$gb")" --json-out "$out/mem-$name.json"
+}
 for s in "$@"; do
   case $s in
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
@@ -26,6 +35,10 @@ for s in "$@"; do
     p1-small) step p1-small $py -m loop.cli bench update --model smollm2 --repeats 5 --gpu-memory-utilization 0.3 ;;
     p2)       step p2-1.5b $py -m loop.bench.train --model loop/bench/configs/qwen2-1.5b --random-init --device cuda --pairs 4 --seq 1024
               step p2-7b $py -m loop.bench.train --model loop/bench/configs/qwen2-7b --random-init --device cuda --pairs 4 --seq 1024 ;;
+    mem-7b)   mem qwen2-7b 15.2 ;;
+    mem-14b)  mem qwen2-14b 29.5 ;;
+    mem-24b)  mem mistral-24b 47.2 ;;
+    mem-32b)  mem qwen2-32b 65.5 ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done
