@@ -20,10 +20,13 @@ allocation before the mode; vLLM's weights are mapped over CUDA IPC and are not 
 so they never count. Also: step time, tokens/s, the card's lowest free memory (sampled), requests served and
 failed during the mode, and "fits" (no torch.OutOfMemoryError: caught, everything freed, reported as OOM).
 On the CPU the peak is the sampled process RSS (loop/bench/train.py's _PeakMemory; weights are faulted in by a
-checksum before each mode so they are in the baseline): indicative only.
+checksum before each mode so they are in the baseline): indicative only. The last line, the largest-model check,
+says "fits" when lowmem or staged ran without OOM beside vLLM at its --gpu-memory-utilization.
 
-    loop bench memory --model loop/bench/configs/qwen2-7b --dummy --pairs 4 --seq 1024        (GPU)
-    loop bench memory --model smollm2 --pairs 1 --seq 64 --steps 1 --modes staged             (CPU, small)
+    loop bench memory --model loop/bench/configs/qwen2-7b --dummy --pairs 2 --seq 1024                (GPU)
+    loop bench memory --model loop/bench/configs/qwen2-32b --dummy --gpu-memory-utilization 0.9 --pairs 1
+        --seq 512 --max-model-len 1024 --modes lowmem,staged               (largest-model check, 80 GB card)
+    loop bench memory --model smollm2 --pairs 1 --seq 64 --steps 1 --modes staged,lowmem              (CPU, small)
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -50,7 +53,7 @@ MODES = ("lowmem", "staged", "adamw")
 OPTIMIZER = {"lowmem": "apollo-mini", "staged": "apollo-mini", "adamw": "adamw"}
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("memory", help="P2: extra memory of a full-parameter DPO step beside a serving vLLM")
     p.add_argument("--model", default="smollm2", help="model folder or 'smollm2'")
     p.add_argument("--dummy", action="store_true", help="random weights of the real size (--load-format dummy)")
@@ -100,7 +103,7 @@ class ServingLoad:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loop-bench-load", daemon=True)
 
-    def __enter__(self) -> ServingLoad:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -155,7 +158,7 @@ class FreeMemory:
             self.low = v if self.low < 0 else min(self.low, v)
             time.sleep(0.005)
 
-    def __enter__(self) -> FreeMemory:
+    def __enter__(self) -> Self:
         self.low = self.read()
         self._thread.start()
         return self
@@ -198,7 +201,7 @@ def _staged_step(model: Any, opt: Any, batch: Any, ref: Any, names: dict[Any, st
     if not check.ok:
         opt.discard()
         return r.ref_logps, float("nan"), check.reason or "refused"
-    values = Worker._new_values(r.deltas)  # noqa: SLF001 - the worker's own rounding, not a copy of it
+    values = Worker._new_values(r.deltas)  # the worker's own rounding, not a copy of it
     del r.deltas
 
     def write() -> None:
