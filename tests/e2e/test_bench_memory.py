@@ -28,7 +28,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_memory_bench_trains_beside_a_serving_vllm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "memory.json"
     args = _args("--model", "smollm2", "--pairs", "1", "--seq", "64", "--steps", "1", "--modes", "staged,lowmem",
-                 "--max-model-len", "512", "--json-out", str(out_file))
+                 "--max-model-len", "512", "--gpu-memory-utilization", "0.15", "--json-out", str(out_file))
     out = memory.run(args)
     printed = capsys.readouterr().out
 
