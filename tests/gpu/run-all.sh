@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 # vLLM's share of the card for a model of W GB: its weights + 8 GB (KV cache, graphs, activations), at most 0.92
 util() { python3 -c "import torch; t = torch.cuda.mem_get_info()[1] / 1e9; print(round(min(0.92, ($1 + 8) / t), 3))"; }
 mem() {  # P2 beside a serving vLLM, and the largest-model check: loop bench memory on a dummy config
-  local name=$1 gb=$2
-  step "mem-$name" $py -m loop.cli bench memory --model "loop/bench/configs/$name" --dummy --pairs 2 --seq 1024 \
+  local name=$1 gb=$2 pairs=${3:-2}
+  step "mem-$name" $py -m loop.cli bench memory --model "loop/bench/configs/$name" --dummy --pairs "$pairs" --seq 1024 \
     --gpu-memory-utilization "$(util "$gb")" --json-out "$out/mem-$name.json"
 }
 for s in "$@"; do
@@ -37,8 +37,8 @@ for s in "$@"; do
               step p2-7b $py -m loop.bench.train --model loop/bench/configs/qwen2-7b --random-init --device cuda --pairs 4 --seq 1024 ;;
     mem-7b)   mem qwen2-7b 15.2 ;;
     mem-14b)  mem qwen2-14b 29.5 ;;
-    mem-24b)  mem mistral-24b 47.2 ;;
-    mem-32b)  mem qwen2-32b 65.5 ;;
+    mem-24b)  mem mistral-24b 47.2 1 ;;
+    mem-32b)  mem qwen2-32b 65.5 1 ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done
