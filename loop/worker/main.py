@@ -190,6 +190,7 @@ class Worker:
                 else:
                     batch = encode_examples(self.tokenizer, [(x.prompt, x.completion, x.label) for x in msg.examples],
                                             msg.max_len)
+                batch = batch.to(next(self.model.parameters()).device)  # tokenised on the host; CUDA views
                 self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.args.lr
