@@ -101,7 +101,7 @@ class Bench:
     def configure(self) -> None:
         a = self.args
         self._call("POST", "/api/scheduler/config", json={
-            "min_pairs": a.min_pairs or max(1, int(a.prompts * 0.4)), "interval_s": 1e9, "max_wait_s": 1e9,
+            "min_pairs": a.min_pairs or max(1, int(a.prompts * 0.4)), "interval_s": 1e9, "max_wait_s": a.max_wait,
             "batch_size": a.prompts * 2, "steps": a.steps, "learning_rate": a.learning_rate, "guard_enabled": True})
         self._call("POST", "/api/scheduler/resume")
 
@@ -278,6 +278,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--min-pairs", type=int, default=0, help="scheduler threshold (default 40 %% of --prompts)")
+    # A round whose trainable pairs stay under the threshold (ties, the held-out half) still trains: the
+    # scheduler's max-wait trigger fires once the oldest untrained pair has waited this long.
+    p.add_argument("--max-wait", type=float, default=30.0, help="scheduler max_wait_s (seconds)")
     p.add_argument("--poison-round", type=int, default=3, help="this round's labels are flipped (-1: none)")
     # Half the comparisons are held out: the guard judges a run only on held-out pairs older than its batch, and a
     # 2-step update at lr 1e-5 moves each pair's margin mostly by noise (a good run measured +0.016 +- 0.045 nats

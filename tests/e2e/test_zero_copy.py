@@ -24,7 +24,7 @@ from zero_copy_support import (
     PROMPT, VLLM, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]  # on a GPU host: tests/gpu/test_zero_copy_gpu.py
 
 
 @pytest.fixture(scope="module")

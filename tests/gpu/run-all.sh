@@ -30,7 +30,7 @@ for s in "$@"; do
   case $s in
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_zz_supervisor.py ;;
-    e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v ;;
+    e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
     p1)       step p1 $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --repeats 5 --json-out "$out/p1.json" ;;
     p1-small) step p1-small $py -m loop.cli bench update --model smollm2 --repeats 5 --gpu-memory-utilization 0.3 ;;
     p2)       step p2-1.5b $py -m loop.bench.train --model loop/bench/configs/qwen2-1.5b --random-init --device cuda --pairs 4 --seq 1024
