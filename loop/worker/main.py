@@ -251,11 +251,12 @@ class Worker:
 
         out: dict[Any, Any] = {}
         with torch.no_grad():
-            for prm, d in list(deltas.items()):
+            for prm in list(deltas):  # keys only: a list of the items would keep every delta alive to the end
+                d = deltas.pop(prm)  # this delta is freed as soon as its value exists
                 total = prm.float() + d.float()
                 out[prm] = total.to(prm.dtype) if prm.dtype in (torch.float32, torch.float64) else \
                     stochastic_round(total, prm.dtype)
-                del deltas[prm]  # free each delta as soon as its value exists
+                del d, total
         return out
 
     def apply(self, msg: p.Apply) -> p.Msg:

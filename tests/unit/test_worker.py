@@ -152,3 +152,27 @@ def test_incomplete_checkpoint_refused_without_writing(worker: Worker, tmp_path:
     assert worker.checksum() == before
     missing = worker.restore(p.Restore(req=2, path=str(tmp_path / "nowhere")))
     assert isinstance(missing, p.Error) and "not a loop checkpoint" in missing.message
+
+
+def test_new_values_free_each_delta_as_its_value_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The staged apply costs ~1x the trained weights, not 2x: deltas and values never both exist in full."""
+    import weakref
+
+    import loop.worker.update as update
+
+    params = [torch.zeros(64, dtype=torch.bfloat16) for _ in range(6)]
+    deltas = {prm: torch.full((64,), 1e-2, dtype=torch.bfloat16) for prm in params}
+    refs = [weakref.ref(d) for d in deltas.values()]
+    alive_at_call: list[int] = []
+    real = update.stochastic_round
+
+    def counting(x: torch.Tensor, dtype: torch.dtype, generator: Any = None) -> torch.Tensor:
+        alive_at_call.append(sum(r() is not None for r in refs))
+        return real(x, dtype, generator)
+
+    monkeypatch.setattr(update, "stochastic_round", counting)
+    values = Worker._new_values(deltas)
+    assert not deltas and len(values) == len(params)
+    assert alive_at_call == [6, 5, 4, 3, 2, 1], alive_at_call  # the finished ones are gone
+    assert all(r() is None for r in refs)
+    assert all(torch.allclose(v.float(), torch.full((64,), 1e-2), rtol=1e-2) for v in values.values())
