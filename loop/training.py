@@ -13,11 +13,8 @@ exactly the apply.
   in `Train` and writes it in `Apply` by a second backward (loop/worker/lowmem.py), so the pause is longer.
   `settings.train_mode == "hogwild"` skips the pause. A refused update (NaN/inf/over the cap) ends the run as
   "refused": weights untouched, version unchanged, feedback released. A failed run releases its feedback too.
-- `checkpoint()` writes the live weights as an HF folder (worker-side, atomic) and records the path on the
-  version; every `settings.checkpoint_every` versions it happens by itself. A vLLM restart loads the newest one
-  (`supervisor.model_path`), and the ready callback records which version vLLM now serves.
-- `restore(v)` writes version v's checkpoint back into the live weights with the same pause protocol: a NEW
-  version (kind "restore", parent v).
+- Checkpoints, restore, the version records and the recovery of an unfinished apply are in loop/versions.py
+  (the `Versions` mixin); every `settings.checkpoint_every` versions a checkpoint happens by itself.
 """
 
 from __future__ import annotations
@@ -26,24 +23,22 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 
 from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
 from loop.api.state import LoopState
 from loop.control import WorkerControl, WorkerTimeout, WorkerUnavailable
-from loop.db.models import Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
+from loop.db.models import Comparison, Rating, RunFeedback, TrainingRun
+from loop.versions import Versions
 from loop.worker import protocol as p
 
 log = logging.getLogger("loop.training")
 
 TRAIN_TIMEOUT_S = 1800.0  # one step of forward + backward; CPU runs of long batches are slow
 APPLY_TIMEOUT_S = 120.0
-CHECKPOINT_TIMEOUT_S = 1800.0
-TORN_WAIT_S = 300.0  # how long a torn apply waits for the worker to come back before restarting vLLM instead
 
 
 class PairIn(BaseModel):
@@ -89,7 +84,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Trainer:
+class Trainer(Versions):
     def __init__(self, state: LoopState, control: WorkerControl | None = None) -> None:
         self.state = state
         self.settings = state.settings
@@ -375,153 +370,3 @@ class Trainer:
             timings = await self._paused(work, atomic=mode != "hogwild")
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
         return self.state.weight_version, (refused[0] if refused else None)
-
-    async def _recover_torn(self, run_id: int, error: Exception) -> None:
-        """The worker died or hung inside Apply, so the live weights may be half written. vLLM is still paused:
-        put a known version back before it serves again. First choice: the worker (restarted) restores the
-        newest checkpoint in place, or the base model folder when nothing was checkpointed; failing that, vLLM is
-        restarted from that folder (the supervisor's model_path); with neither, vLLM stays paused (`held`)."""
-        why = f"the training worker stopped while writing run {run_id}'s update ({error})"
-        log.error("%s: the weights may be half written; restoring a known version before vLLM serves again", why)
-        self.metrics["torn_apply"] = str(error)
-        if isinstance(error, WorkerTimeout):  # it may still be writing: stop it before anything else writes
-            await self.control.restart(f"Apply timed out: {error}")
-        newest = self._newest_checkpoint()
-        base = self.control.hello.model_path if self.control.hello else None
-        if newest is not None:
-            version, path = newest
-        elif base and (Path(base) / "model.safetensors").is_file():
-            version, path = 0, base  # nothing checkpointed yet: vLLM's own starting weights
-        else:
-            version, path = -1, ""
-        if path:
-            deadline = time.monotonic() + TORN_WAIT_S
-            while not self.control.alive and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-            try:
-                reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
-                assert isinstance(reply, p.Restored)
-                await asyncio.to_thread(self._new_version, "restore", version, None,
-                                        path if newest is not None else None,
-                                        f"{why}; restored from version {version}")
-                log.warning("run %d: version %d restored in place after the torn apply", run_id, version)
-                return
-            except Exception as e:  # noqa: BLE001 - fall through to a vLLM restart
-                log.error("run %d: restoring version %d after the torn apply failed: %s", run_id, version, e)
-        supervisor = self.state.supervisor
-        if supervisor is not None:
-            log.warning("run %d: restarting vLLM from %s after the torn apply", run_id, supervisor.model_path)
-            await supervisor.reload(why)  # the ready callback records the version the new vLLM serves
-            return
-        self.held_paused = f"{why}; vLLM is kept paused: restore a checkpointed version (POST " \
-                           "/api/versions/{v}/restore) or restart vLLM"
-        log.error("%s", self.held_paused)
-
-    def _new_version(self, kind: str, parent: int | None, run_id: int | None, checkpoint_path: str | None,
-                     note: str | None) -> int:
-        """Record the next version as live (the others superseded) and make it the one responses carry."""
-        with self.state.sessions() as s:
-            version = self.state.weight_version + 1
-            s.execute(update(WeightVersion).where(WeightVersion.status == "live").values(status="superseded"))
-            s.add(WeightVersion(version=version, kind=kind, parent_version=parent, run_id=run_id,
-                                checkpoint_path=checkpoint_path, status="live", note=note,
-                                load_id=self.control.hello.load_id if self.control.hello else None))
-            s.commit()
-        self.state.weight_version = version
-        return version
-
-    # ------------------------------------------------------------ checkpoints and restore
-
-    def _newest_checkpoint(self) -> tuple[int, str] | None:
-        with self.state.sessions() as s:
-            rows = s.execute(select(WeightVersion.version, WeightVersion.checkpoint_path)
-                             .where(WeightVersion.checkpoint_path.is_not(None))
-                             .order_by(WeightVersion.version.desc())).all()
-        for version, path in rows:
-            if path and (Path(path) / "model.safetensors").is_file():
-                return int(version), str(path)
-        return None
-
-    async def checkpoint(self) -> tuple[int, str]:
-        """Write the live weights as a checkpoint (or return the live version's existing one)."""
-        self._require_worker()
-        async with self.state.weights_lock:  # the weights must not change while they are written
-            version = self.state.weight_version
-            with self.state.sessions() as s:
-                row = s.get(WeightVersion, version)
-                existing = row.checkpoint_path if row is not None else None
-            if existing and (Path(existing) / "model.safetensors").is_file():
-                return version, existing
-            path = self.settings.checkpoint_dir / f"v{version:06d}"
-            if path.exists():  # left by a run whose database write never happened: replace it
-                import shutil
-
-                shutil.rmtree(path)
-            self.phase = "checkpointing" if self.phase == "idle" else self.phase
-            try:
-                done = await self.control.call(p.Checkpoint(path=str(path), version=version),
-                                               timeout=CHECKPOINT_TIMEOUT_S)
-            finally:
-                self.phase = "idle" if self.phase == "checkpointing" else self.phase
-            assert isinstance(done, p.CheckpointDone)
-            with self.state.sessions() as s:
-                s.execute(update(WeightVersion).where(WeightVersion.version == version)
-                          .values(checkpoint_path=done.path))
-                s.commit()
-        if self.state.supervisor is not None:
-            self.state.supervisor.model_path = done.path  # a vLLM restart now loads this one
-        log.info("checkpoint of version %d written to %s in %.0f ms", version, done.path, done.ms)
-        return version, done.path
-
-    async def restore(self, version: int) -> int:
-        """Write version `version`'s checkpoint back into the live weights; returns the new live version."""
-        with self.state.sessions() as s:
-            row = s.get(WeightVersion, version)
-        if row is None:
-            raise NotFound(f"weight version {version} does not exist; GET /api/versions lists them",
-                           code="version_not_found")
-        if not row.checkpoint_path or not (Path(row.checkpoint_path) / "model.safetensors").is_file():
-            raise Conflict(f"weight version {version} has no checkpoint to restore from; checkpoint a version "
-                           "first (POST /api/checkpoint writes the live one)", code="no_checkpoint")
-        if self.busy:
-            raise Conflict(f"run {self.run_id} is in progress; restore after it ends", code="run_in_progress")
-        self._require_worker(restoring=True)
-        path = row.checkpoint_path
-
-        async def work(t: dict[str, float]) -> bool:
-            reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
-            assert isinstance(reply, p.Restored)
-            t["restore_ms"] = reply.ms
-            # the live weights are now bit for bit the checkpoint: the new version shares its folder
-            await asyncio.to_thread(self._new_version, "restore", version, None, path, f"restored from version {version}")
-            self.held_paused = None  # known weights again: the resume below lets vLLM serve
-            return True
-
-        self.phase = "restoring"
-        try:
-            async with self.state.weights_lock:
-                timings = await self._paused(work, atomic=True)
-        finally:
-            self.phase = "idle"
-        log.info("restored version %d as version %d (%s)", version, self.state.weight_version, timings)
-        return self.state.weight_version
-
-    async def _on_vllm_ready(self) -> None:
-        """vLLM (re)started and loaded `supervisor.model_path`: record the version it now serves."""
-        supervisor = self.state.supervisor
-        loaded = str(supervisor.model_path) if supervisor is not None and supervisor.model_path else None
-        self._loaded_path = loaded
-        async with self.state.weights_lock:
-            with self.state.sessions() as s:
-                live = s.get(WeightVersion, self.state.weight_version)
-                ckpt_version = s.scalar(select(WeightVersion.version).where(WeightVersion.checkpoint_path == loaded)
-                                        .order_by(WeightVersion.version.desc()).limit(1)) if loaded else None
-            if live is not None and ckpt_version is not None and live.checkpoint_path == loaded:
-                return  # vLLM serves exactly the live version's checkpoint
-            if ckpt_version is None and self.state.weight_version == 0:
-                return  # the base model, never trained
-            parent = ckpt_version if ckpt_version is not None else 0
-            await asyncio.to_thread(self._new_version, "restore", parent, None,
-                                    loaded if ckpt_version is not None else None,
-                                    f"vLLM (re)started from {loaded or 'the base model'}")
-            log.info("vLLM serves %s: recorded as version %d", loaded, self.state.weight_version)
