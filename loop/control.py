@@ -264,7 +264,7 @@ class WorkerControl:
             self.state = "idle"
         log.info("training worker ready: pid %d, %s, load %s", msg.pid, msg.model_path, msg.load_id)
         self._ready.set()
-        for cb in self.on_hello:
+        for cb in list(self.on_hello):  # a callback may remove itself
             try:
                 res = cb(msg)
                 if asyncio.iscoroutine(res):

@@ -45,6 +45,7 @@ class Versions:
     phase: str
     run_id: int | None
     held_paused: str | None
+    _held_load: str | None = None  # the load id whose weights were left half written
     _loaded_path: str | None
 
     if TYPE_CHECKING:  # defined by Trainer
@@ -79,6 +80,7 @@ class Versions:
             try:
                 reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
                 assert isinstance(reply, p.Restored)
+                await self.state.vllm.reset_prefix_cache()  # cached prefixes were computed on other weights
                 await asyncio.to_thread(self._new_version, "restore", version, None,
                                         path if newest is not None else None,
                                         f"{why}; restored from version {version}")
@@ -93,7 +95,17 @@ class Versions:
             return
         self.held_paused = f"{why}; vLLM is kept paused: restore a checkpointed version (POST " \
                            "/api/versions/{v}/restore) or restart vLLM"
+        self._held_load = self.control.hello.load_id if self.control.hello else None
+        self.control.on_hello.append(self._release_hold)
         log.error("%s", self.held_paused)
+
+    def _release_hold(self, hello: p.Hello) -> None:
+        """A worker attached to a NEW load: vLLM was restarted from disk, so its weights are whole again."""
+        if self.held_paused and hello.load_id != self._held_load:
+            log.warning("vLLM reloaded its weights (load %s): no longer holding it paused", hello.load_id)
+            self.held_paused = None
+            if self._release_hold in self.control.on_hello:
+                self.control.on_hello.remove(self._release_hold)
 
     def _new_version(self, kind: str, parent: int | None, run_id: int | None, checkpoint_path: str | None,
                      note: str | None) -> int:

@@ -4,6 +4,7 @@ It speaks the real protocol through the real `Channel` (heartbeat thread include
 Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter
 (the checksum is "v<n>"). Checkpoint writes the counter into <path>/model.safetensors (a path "sleep:<s>" sleeps
 that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
+FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
             ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5},
                                 update=p.UpdateStats(ok=not msg.inject_nan, reason="nan" if msg.inject_nan else "")))
         elif isinstance(msg, p.Apply):
+            if os.environ.get("FAKE_WORKER_DIE_IN_APPLY"):  # dies halfway through writing the weights
+                os._exit(9)
             if staged is None or staged.inject_nan:
                 ch.send(p.Refused(req=msg.req, run_id=msg.run_id, reason="non-finite update", checksum=f"v{version}"))
             else:

@@ -198,3 +198,62 @@ async def test_dead_worker_gives_503(tmp_path: Path) -> None:
         await asyncio.wait_for(state.worker.wait_ready(30), 30)
     finally:
         await stop(state)
+
+
+class FakeSupervisor:
+    def __init__(self) -> None:
+        self.state, self.model_path, self.reloads = "ready", None, []
+
+    async def reload(self, reason: str) -> None:
+        self.reloads.append(reason)
+
+
+async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_vllm_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        _, path = await trainer.checkpoint()  # version 0
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and "died" in (run.error or ""), run.error
+        # paused all along: the checkpoint went back in (and the prefix cache was reset) before vLLM resumed
+        assert vllm.calls == ["pause:wait", "reset", "resume@v1"]
+        with state.sessions() as s:
+            v = s.get(WeightVersion, 1)
+            assert v is not None and v.kind == "restore" and v.parent_version == 0 and v.checkpoint_path == path
+            assert "stopped while writing" in (v.note or "")
+        assert trainer.held_paused is None and trainer.describe()["state"] == "idle"
+    finally:
+        await stop(state)
+
+
+async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.api.errors import Unavailable
+
+    monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
+    trainer, state, vllm = await make(tmp_path)  # no checkpoint; the fake's model folder has no weights file
+    try:
+        state.supervisor = FakeSupervisor()  # type: ignore[assignment]
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and len(state.supervisor.reloads) == 1  # type: ignore[attr-defined]
+        assert "stopped while writing run" in state.supervisor.reloads[0]  # type: ignore[attr-defined]
+        assert trainer.held_paused is None
+
+        state.supervisor = None  # attached to someone else's vLLM (--vllm-url): nothing loop can restart
+        await trainer.control.wait_ready(30)
+        while not trainer.control.alive:
+            await asyncio.sleep(0.1)
+        vllm.calls.clear()
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed"
+        assert vllm.calls == ["pause:wait"]  # never resumed on weights nobody knows
+        st = trainer.describe()
+        assert st["state"] == "held" and "kept paused" in st["held_paused"]
+        with pytest.raises(Unavailable, match="kept paused"):
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        # vLLM restarted from disk by its owner: a worker attaches to the NEW load and the hold is released
+        await trainer.control._on_hello(p.Hello(pid=1, load_id="reloaded", model_path="/fake"))  # noqa: SLF001
+        assert trainer.held_paused is None and trainer.describe()["state"] != "held"
+    finally:
+        await stop(state)
