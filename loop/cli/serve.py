@@ -27,7 +27,7 @@ _FIELDS = {
     "database_url": "database_url", "device": "device", "dtype": "dtype", "max_model_len": "max_model_len",
     "cpu_kv_cache_gib": "cpu_kv_cache_gib", "gpu_memory_utilization": "gpu_memory_utilization",
     "request_timeout_s": "request_timeout_s", "vllm_restart_limit": "vllm_restart_limit",
-    "log_level": "log_level",
+    "log_level": "log_level", "train_mode": "train_mode",
 }
 
 
@@ -73,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001 - argpars
     p.add_argument("--vllm-restart-limit", type=int)
     p.add_argument("--cache-dir", help="where converted models are kept (LOOP_CACHE_DIR)")
     p.add_argument("--no-worker", action="store_true", help="do not start the training worker")
+    p.add_argument("--train-mode", choices=["atomic", "lowmem", "hogwild"],
+                   help="how updates are written (LOOP_TRAIN_MODE, default atomic): atomic stages them (1x the "
+                        "trained weights extra, shortest pause); lowmem writes them by a second backward inside the "
+                        "pause (~0.2x extra, pause of one backward); hogwild writes while serving")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--text-logs", action="store_true", help="plain-text logs instead of JSON")
     add_storage_flags(p)

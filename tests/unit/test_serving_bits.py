@@ -45,6 +45,10 @@ def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None: 
     args = build_parser().parse_args(["serve", "--port", "9000", "--data-dir", str(tmp_path)])
     s = settings_from_args(args)
     assert s.port == 9000 and s.vllm_port == 7001 and s.data_dir == tmp_path
+    assert s.train_mode == "atomic"
+    monkeypatch.setenv("LOOP_TRAIN_MODE", "hogwild")
+    assert settings_from_args(build_parser().parse_args(["serve", "--train-mode", "lowmem"])).train_mode == "lowmem"
+    assert settings_from_args(build_parser().parse_args(["serve"])).train_mode == "hogwild"
 
 
 def test_bad_flag_value_exits_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
