@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     dpo_beta: float = Field(0.1, gt=0)
     max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
     checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N weight versions (0: only on request).")
+    keep_checkpoints: int = Field(5, ge=0, description="Automatic checkpoints kept, newest first (0: all); "
+                                  "those written on request (POST /api/checkpoint) are never pruned.")
     worker_heartbeat_s: float = Field(1.0, gt=0)
     worker_timeout_s: float = Field(5.0, gt=0, description="A worker silent this long is declared dead and restarted.")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from loop.worker import protocol as p
 log = logging.getLogger("loop.training")
 
 CHECKPOINT_TIMEOUT_S = 1800.0
+PIN_FILE = "PINNED"  # in a checkpoint folder: written on request, never pruned
 TORN_WAIT_S = 300.0  # how long a torn apply waits for the worker to come back before restarting vLLM instead
 
 
@@ -132,8 +134,11 @@ class Versions:
                 return int(version), str(path)
         return None
 
-    async def checkpoint(self) -> tuple[int, str]:
-        """Write the live weights as a checkpoint (or return the live version's existing one)."""
+    async def checkpoint(self, *, pinned: bool = False) -> tuple[int, str]:
+        """Write the live weights as a checkpoint (or return the live version's existing one).
+
+        pinned (POST /api/checkpoint): never pruned. The automatic ones (the guard's rollback points,
+        `checkpoint_every`) are pruned to the newest `settings.keep_checkpoints`."""
         self._require_worker()
         async with self.state.weights_lock:  # the weights must not change while they are written
             version = self.state.weight_version
@@ -141,11 +146,11 @@ class Versions:
                 row = s.get(WeightVersion, version)
                 existing = row.checkpoint_path if row is not None else None
             if existing and (Path(existing) / "model.safetensors").is_file():
+                if pinned:
+                    (Path(existing) / PIN_FILE).touch()
                 return version, existing
             path = self.settings.checkpoint_dir / f"v{version:06d}"
             if path.exists():  # left by a run whose database write never happened: replace it
-                import shutil
-
                 shutil.rmtree(path)
             self.phase = "checkpointing" if self.phase == "idle" else self.phase
             try:
@@ -154,14 +159,52 @@ class Versions:
             finally:
                 self.phase = "idle" if self.phase == "checkpointing" else self.phase
             assert isinstance(done, p.CheckpointDone)
+            if pinned:
+                (Path(done.path) / PIN_FILE).touch()
             with self.state.sessions() as s:
                 s.execute(update(WeightVersion).where(WeightVersion.version == version)
                           .values(checkpoint_path=done.path))
                 s.commit()
-        if self.state.supervisor is not None:
-            self.state.supervisor.model_path = done.path  # a vLLM restart now loads this one
-        log.info("checkpoint of version %d written to %s in %.0f ms", version, done.path, done.ms)
+            if self.state.supervisor is not None:
+                self.state.supervisor.model_path = done.path  # a vLLM restart now loads this one
+            log.info("checkpoint of version %d written to %s in %.0f ms", version, done.path, done.ms)
+            await asyncio.to_thread(self._prune_checkpoints)
         return version, done.path
+
+    def _prune_checkpoints(self) -> list[str]:
+        """Delete automatic checkpoints beyond the newest `keep_checkpoints` (a 7B one is 15 GB, and the guard
+        writes one per run). Kept: pinned ones, the live version's, the newest N, anything outside the
+        checkpoint folder (a base model). Pruned versions lose their path (restore then answers 409)."""
+        keep_n = self.settings.keep_checkpoints
+        if keep_n <= 0:
+            return []
+        root = self.settings.checkpoint_dir.resolve()
+        with self.state.sessions() as s:
+            rows = s.execute(select(WeightVersion.version, WeightVersion.checkpoint_path)
+                             .where(WeightVersion.checkpoint_path.is_not(None))
+                             .order_by(WeightVersion.version.desc())).all()
+        keep: set[str] = set()
+        unpinned = 0
+        for version, path in rows:  # newest first
+            folder = Path(path)
+            if path in keep:
+                continue
+            if (folder / PIN_FILE).exists() or not folder.resolve().is_relative_to(root):
+                keep.add(path)
+            elif unpinned < keep_n or version == self.state.weight_version:
+                keep.add(path)
+                unpinned += 1
+        gone = sorted({path for _, path in rows if path not in keep})
+        if not gone:
+            return []
+        with self.state.sessions() as s:  # first the records (a crash here leaves folders, never dangling paths)
+            s.execute(update(WeightVersion).where(WeightVersion.checkpoint_path.in_(gone))
+                      .values(checkpoint_path=None))
+            s.commit()
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
+        log.info("pruned %d automatic checkpoint(s) beyond the newest %d: %s", len(gone), keep_n, ", ".join(gone))
+        return gone
 
     async def restore(self, version: int) -> int:
         """Write version `version`'s checkpoint back into the live weights; returns the new live version."""

@@ -37,7 +37,7 @@ log = logging.getLogger("loop.worker")
 
 # Files of a model folder that are not weights: copied into every checkpoint so it loads on its own.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
-_SKIP_NAMES = {"loop.json"}
+_SKIP_NAMES = {"loop.json", "PINNED"}  # PINNED: loop/versions.py marks a checkpoint kept on request
 OPTIMIZER_DIR, OPTIMIZER_FILE = "optimizer", "optimizer.safetensors"
 
 

@@ -257,3 +257,23 @@ async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
         assert trainer.held_paused is None and trainer.describe()["state"] != "held"
     finally:
         await stop(state)
+
+
+async def test_automatic_checkpoints_pruned_to_the_newest_requested_ones_kept(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, keep_checkpoints=2)
+    try:
+        _, pinned = await trainer.checkpoint(pinned=True)  # version 0, on request
+        paths = {}
+        for _ in range(4):  # versions 1..4, each checkpointed automatically (as the guard does)
+            await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+            paths[state.weight_version] = (await trainer.checkpoint())[1]
+        with state.sessions() as s:
+            kept = dict(s.execute(select(WeightVersion.version, WeightVersion.checkpoint_path)).all())
+        assert kept == {0: pinned, 1: None, 2: None, 3: paths[3], 4: paths[4]}
+        assert Path(pinned, "model.safetensors").is_file() and Path(paths[4], "model.safetensors").is_file()
+        assert not Path(paths[1]).exists() and not Path(paths[2]).exists()
+        with pytest.raises(Conflict, match="no checkpoint"):
+            await trainer.restore(1)
+        assert await trainer.restore(0) == 5  # the pinned one is still there to restore
+    finally:
+        await stop(state)

@@ -45,7 +45,7 @@ def list_versions(state: StateDep, session: SessionDep) -> dict[str, Any]:
 async def checkpoint(state: StateDep) -> dict[str, Any]:
     trainer = trainer_of(state)
     try:
-        version, path = await trainer.checkpoint()
+        version, path = await trainer.checkpoint(pinned=True)
     except WorkerTimeout as e:
         raise UpstreamTimeout(str(e)) from e
     except WorkerError as e:
