@@ -98,6 +98,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         ["Last loss", losses.length ? fmtNum(losses[losses.length - 1], 4) : "—"],
         ...Object.entries(s.metrics || {}).slice(0, 6).map(([k, v]) => [k, fmtNum(v, 4)]),
       ]),
+      s.held_paused ? h("p", {class: "error-text", text: `vLLM is held paused: ${s.held_paused}`}) : null,
       s.last_error ? h("p", {class: "error-text", text: `Last error: ${s.last_error}`}) : null);
     renderLiveLoss(s.run_id, losses);
   }
