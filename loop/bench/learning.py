@@ -145,7 +145,7 @@ class Bench:
                 rnd.notes.append(run.get("rollback_reason") or "")
                 before = run.get("eval_before") or {}
                 rnd.accuracy, rnd.perplexity = before.get("accuracy"), before.get("canary_perplexity")
-                rnd.notes.append(f"after the poisoned update: accuracy {_f(ev.get('accuracy'))}, "
+                rnd.notes.append(f"after the {'poisoned ' if poisoned else ''}update (rolled back): accuracy {_f(ev.get('accuracy'))}, "
                                  f"perplexity {_f(ev.get('canary_perplexity'))}")
             elif run["status"] != "succeeded":
                 rnd.notes.append(run.get("error") or "")
