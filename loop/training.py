@@ -20,6 +20,7 @@ exactly the apply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import datetime, timezone
@@ -99,6 +100,10 @@ class Trainer(Versions):
         self._loaded_path: str | None = None  # the folder vLLM loaded (a checkpoint, or the base model)
         self.held_paused: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
         self.control.on_progress.append(self._on_progress)
+        self.control.on_hello.append(self._on_worker_hello)
+        if self.control.hello is not None:  # the worker said hello before the trainer existed
+            with contextlib.suppress(RuntimeError):  # no running loop (a test building it by hand)
+                self._on_worker_hello(self.control.hello)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -48,6 +48,7 @@ class Versions:
     run_id: int | None
     held_paused: str | None
     _held_load: str | None = None  # the load id whose weights were left half written
+    _optimizer_task: asyncio.Task[None] | None = None
     _loaded_path: str | None
 
     if TYPE_CHECKING:  # defined by Trainer
@@ -100,6 +101,22 @@ class Versions:
         self._held_load = self.control.hello.load_id if self.control.hello else None
         self.control.on_hello.append(self._release_hold)
         log.error("%s", self.held_paused)
+
+    def _on_worker_hello(self, hello: p.Hello) -> None:
+        """A worker (re)started with a fresh optimizer: give it the newest checkpoint's optimizer state, so a
+        worker crash or a service restart does not reset the moments. Sent from a task: this runs inside the
+        receiver, which must stay free to deliver the reply."""
+        newest = self._newest_checkpoint()
+        if newest is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self.control.call(p.Restore(path=newest[1], weights=False), timeout=CHECKPOINT_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - a fresh optimizer is the fallback, not a failure
+                log.warning("could not give the worker the optimizer state of %s: %s", newest[1], e)
+
+        self._optimizer_task = asyncio.get_running_loop().create_task(send(), name="worker-optimizer-state")
 
     def _release_hold(self, hello: p.Hello) -> None:
         """A worker attached to a NEW load: vLLM was restarted from disk, so its weights are whole again."""

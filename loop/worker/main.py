@@ -337,6 +337,12 @@ class Worker:
 
         t0 = time.perf_counter()
         folder = Path(msg.path)
+        if not msg.weights:  # a restarted worker picks up the optimizer state where the checkpoint left it
+            opt_file = folder / OPTIMIZER_DIR / OPTIMIZER_FILE
+            if opt_file.is_file() and not self.opt.state and self._staged is None:
+                self.opt.load(opt_file)
+                log.info("optimizer state loaded from %s", opt_file)
+            return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
         weights = folder / "model.safetensors"
         if not weights.is_file():
             return p.Error(req=msg.req, message=f"{weights} does not exist: not a loop checkpoint")

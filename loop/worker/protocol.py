@@ -131,6 +131,7 @@ class Restore(Msg, tag="restore"):
 
     path: str
     load_optimizer: bool = True
+    weights: bool = True  # False: only the optimizer state, and only into a fresh optimizer (a restarted worker)
 
 
 class Shutdown(Msg, tag="shutdown"):

@@ -56,6 +56,10 @@ def main() -> None:
                 with open(os.path.join(msg.path, "model.safetensors"), "w") as f:
                     f.write(f"v{version}")
             ch.send(p.CheckpointDone(req=msg.req, path=msg.path, ms=0.0))
+        elif isinstance(msg, p.Restore) and not msg.weights:  # optimizer state only: noted, weights untouched
+            with open(os.environ.get("FAKE_WORKER_RECORD", os.devnull), "a") as f:
+                f.write(f"optimizer {msg.path}\n")
+            ch.send(p.Restored(req=msg.req, path=msg.path, ms=1.0))
         elif isinstance(msg, p.Restore) and msg.path != "fail":
             with open(os.path.join(msg.path, "model.safetensors")) as f:
                 version = int(f.read()[1:])

@@ -277,3 +277,21 @@ async def test_automatic_checkpoints_pruned_to_the_newest_requested_ones_kept(tm
         assert await trainer.restore(0) == 5  # the pinned one is still there to restore
     finally:
         await stop(state)
+
+
+async def test_a_restarted_worker_is_given_the_newest_checkpoints_optimizer_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("FAKE_WORKER_RECORD", str(record))
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        assert not record.exists()  # no checkpoint yet: nothing to give
+        _, path = await trainer.checkpoint()
+        await trainer.control.restart("test: a crashed worker")
+        deadline = asyncio.get_running_loop().time() + 30
+        while not (record.exists() and record.read_text()):
+            assert asyncio.get_running_loop().time() < deadline, "the restarted worker got no optimizer state"
+            await asyncio.sleep(0.1)
+        assert record.read_text() == f"optimizer {path}\n"
+    finally:
+        await stop(state)

@@ -176,3 +176,24 @@ def test_new_values_free_each_delta_as_its_value_exists(monkeypatch: pytest.Monk
     assert alive_at_call == [6, 5, 4, 3, 2, 1], alive_at_call  # the finished ones are gone
     assert all(r() is None for r in refs)
     assert all(torch.allclose(v.float(), torch.full((64,), 1e-2), rtol=1e-2) for v in values.values())
+
+
+def test_restarted_worker_takes_the_optimizer_state_only(worker: Worker, tmp_path: Path) -> None:
+    worker.train(p.Train(req=1, run_id=1, pairs=[PAIR]))
+    worker.apply(p.Apply(req=2, run_id=1))
+    path = tmp_path / "ckpt" / "v000001"
+    worker.write_checkpoint(p.Checkpoint(req=3, path=str(path), version=1))
+    state = opt_state(worker)
+    worker.train(p.Train(req=4, run_id=2, pairs=[PAIR]))
+    worker.apply(p.Apply(req=5, run_id=2))  # the live weights move on past the checkpoint
+    weights = worker.checksum()
+    worker.opt = make_optimizer("adamw", [prm for _, prm in worker.trainable], lr=1e-3)  # as after a restart
+    assert isinstance(worker.restore(p.Restore(req=6, path=str(path), weights=False)), p.Restored)
+    assert worker.checksum() == weights  # weights untouched
+    loaded = opt_state(worker)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    worker.train(p.Train(req=7, run_id=3, pairs=[PAIR]))
+    worker.apply(p.Apply(req=8, run_id=3))
+    moved = opt_state(worker)
+    worker.restore(p.Restore(req=9, path=str(path), weights=False))  # a live optimizer is never overwritten
+    assert all(torch.equal(opt_state(worker)[k], moved[k]) for k in moved)
