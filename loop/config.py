@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of feedback never trained on, kept for eval.")
     max_prompt_tokens: int = Field(768, ge=16, description="Longer conversations lose their oldest turns.")
     eval_max_pairs: int = Field(64, ge=1, description="Most held-out pairs measured by the eval guard.")
+    eval_replay_pairs: int = Field(32, ge=0, description="Pairs already trained on (by kept runs) that the eval "
+                                   "guard measures too, newest first: an update that undoes them is rolled back.")
     eval_min_pairs: int = Field(5, ge=1, description="Fewer held-out pairs than this are noise: judge perplexity only.")
     guard_enabled: bool = Field(True, description="Measure before/after each scheduled run and roll back regressions.")
     max_accuracy_drop: float = Field(0.1, ge=0, le=1, description="Roll back when held-out preference accuracy "

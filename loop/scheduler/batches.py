@@ -297,20 +297,49 @@ def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
     held_c = set(session.scalars(select(Comparison.id).where(Comparison.held_out.is_(True))))
     found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
              if held_r.intersection(p.rating_ids) or held_c.intersection(p.comparison_ids)]
-    if created_before is not None:
-        cutoff = _aware(created_before)
-        meta = _feedback_meta(session, {r for p in found for r in p.rating_ids},
-                              {c for p in found for c in p.comparison_ids})
+    found = _older_than(session, found, created_before)
+    return [_eval_item(p, held_out=True) for p in found[:limit]]
 
-        def newest(p: pairs.Pair) -> datetime | None:
-            keys = [("rating", r) for r in p.rating_ids] + [("comparison", c) for c in p.comparison_ids]
-            times = [meta[k][1] for k in keys if k in meta]
-            return max(times) if times else None
 
-        found = [p for p in found if (t := newest(p)) is not None and t < cutoff]
-    return [Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
-                 rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids,
-                 held_out=True) for p in found[:limit]]
+def trained_pairs(session: Session, *, limit: int, created_before: datetime | None = None) -> list[Item]:
+    """The replay half of the eval set: pairs already learned from, by runs that were kept (succeeded; a rolled-
+    back run's feedback is poison until shown otherwise), newest first, frozen like `held_out_pairs`.
+
+    Why: a flipped-label batch contradicts exactly what earlier batches taught, so it pulls the margins of the
+    pairs the model has fitted down hard, while a good batch from the same rater leaves them be or raises them.
+    Unseen held-out pairs alone move little either way in one small update (see guard.py): a single round's t on
+    them ranged from -1.6 for a good round to -0.7 for a poisoned one across seeds of `loop bench learning`."""
+    from loop.db.models import TrainingRun
+
+    kept = (select(RunFeedback).join(TrainingRun, TrainingRun.id == RunFeedback.run_id)
+            .where(TrainingRun.status == "succeeded"))
+    runs_r = {f.rating_id for f in session.scalars(kept) if f.rating_id is not None}
+    runs_c = {f.comparison_id for f in session.scalars(kept) if f.comparison_id is not None}
+    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
+             if (p.rating_ids or p.comparison_ids) and set(p.rating_ids) <= runs_r and set(p.comparison_ids) <= runs_c]
+    found = _older_than(session, found, created_before)
+    return [_eval_item(p, held_out=False) for p in reversed(found[-limit:])] if limit > 0 else []
+
+
+def _older_than(session: Session, found: list[pairs.Pair], created_before: datetime | None) -> list[pairs.Pair]:
+    """The pairs whose feedback is all older than `created_before` (all of them when it is None)."""
+    if created_before is None:
+        return found
+    cutoff = _aware(created_before)
+    meta = _feedback_meta(session, {r for p in found for r in p.rating_ids}, {c for p in found for c in p.comparison_ids})
+
+    def newest(p: pairs.Pair) -> datetime | None:
+        keys = [("rating", r) for r in p.rating_ids] + [("comparison", c) for c in p.comparison_ids]
+        times = [meta[k][1] for k in keys if k in meta]
+        return max(times) if times else None
+
+    return [p for p in found if (t := newest(p)) is not None and t < cutoff]
+
+
+def _eval_item(p: pairs.Pair, *, held_out: bool) -> Item:
+    return Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
+                rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids,
+                held_out=held_out)
 
 
 def build_batch(pool: Pool, *, limit: int, tokenizer: Any = None, max_prompt_tokens: int = 768) -> Batch | None:

@@ -268,6 +268,7 @@ class Scheduler:
                 frozen_at = self._eval_cutoff(batch, built_at)
                 eval_items = await asyncio.to_thread(self._eval_items, frozen_at)
                 eval_set = {"eval_set": {"created_before": frozen_at.isoformat(), "n_pairs": len(eval_items),
+                                         "n_replayed": sum(not i.held_out for i in eval_items),
                                          "comparison_ids": sorted({c for i in eval_items for c in i.comparison_ids}),
                                          "rating_ids": sorted({r for i in eval_items for r in i.rating_ids})}}
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
@@ -308,9 +309,11 @@ class Scheduler:
         return min(times) if times else built_at
 
     def _eval_items(self, created_before: datetime | None = None) -> list[batches.Item]:
+        """Held-out pairs (never trained on) plus replayed ones (learned from by kept runs), both frozen."""
         with self.state.sessions() as s:
-            return batches.held_out_pairs(s, holdout_fraction=self.settings.holdout_fraction,
+            held = batches.held_out_pairs(s, holdout_fraction=self.settings.holdout_fraction,
                                           limit=self.settings.eval_max_pairs, created_before=created_before)
+            return held + batches.trained_pairs(s, limit=self.settings.eval_replay_pairs, created_before=created_before)
 
     async def _ensure_checkpoint(self) -> None:
         """Rollback restores a checkpoint: make sure the live version has one before changing it."""

@@ -194,7 +194,8 @@ def _held(state: State, ids: list[int]) -> list[int]:
 
 
 async def test_eval_set_is_frozen_per_run_and_never_holds_the_batchs_own_round(state: State) -> None:
-    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1})
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1,
+                                                       "eval_replay_pairs": 0})  # held-out pairs only here
     guard = MarginGuard([+0.3, +0.3, +0.3])
     sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
     sched.configure(min_pairs=1)
@@ -242,3 +243,28 @@ async def test_held_out_margins_moved_the_wrong_way_roll_back_and_a_good_run_sta
         assert run.status == "rolled_back" and "-3.00 standard errors < -1.50" in run.error
         assert run.metrics["eval_after"]["margin_change_t"] == -3.0
         assert run.metrics["rollback"]["reason"] in run.error
+
+
+async def test_eval_set_replays_pairs_of_kept_runs_never_of_rolled_back_ones(state: State) -> None:
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1,
+                                                       "eval_replay_pairs": 4})
+    guard = MarginGuard([+0.3, -5.0, +0.3, +0.3])
+    sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, max_margin_t=1.0)
+    round1 = add_comparisons(state, 12)
+    await sched.tick()  # kept
+    round2 = add_comparisons(state, 12)
+    second = await sched.tick()  # rolled back: its pairs must never judge a later run
+    add_comparisons(state, 12)
+    third = await sched.tick()
+    trained1 = sorted(set(round1) - set(_held(state, round1)))
+    trained2 = sorted(set(round2) - set(_held(state, round2)))
+    with state.sessions() as s:
+        assert s.get(TrainingRun, second).status == "rolled_back"
+        set2 = s.get(TrainingRun, second).batch["scheduler"]["eval_set"]
+        set3 = s.get(TrainingRun, third).batch["scheduler"]["eval_set"]
+    # run 2 replays the newest 4 pairs run 1 learned from, beside round 1's held-out pairs
+    assert set2["n_replayed"] == 4 and set(trained1[-4:]) <= set(set2["comparison_ids"])
+    # run 3: still run 1's pairs, none of the rolled-back run 2's
+    assert set3["n_replayed"] == 4 and set(trained1[-4:]) <= set(set3["comparison_ids"])
+    assert not set(set3["comparison_ids"]) & set(trained2)
