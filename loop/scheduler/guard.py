@@ -22,6 +22,12 @@ they voted for the poison. Judging an update on earlier feedback asks the questi
 undo preferences we already trusted? (The first runs of a fresh service have no older held-out pairs; they are
 judged on perplexity alone, see `min_pairs`.)
 
+Beside the held-out pairs the scheduler replays up to `eval_replay_pairs` pairs that KEPT runs learned from
+(`batches.trained_pairs`, same freezing): a flipped-label batch contradicts exactly what earlier batches taught, so
+it pulls those fitted margins down hard, while unseen pairs move little either way in one small update (with a
+second seed of `loop bench learning` the held-out t read -1.60 for a good round and -0.68 for the poisoned one).
+Pairs of rolled-back runs never judge.
+
 `verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
 least `min_pairs` held-out pairs (fewer are noise):
 - the margins moved the wrong way: the mean per-token margin change lies more than `max_margin_t` standard errors
