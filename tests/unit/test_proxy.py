@@ -135,6 +135,16 @@ async def test_starting_supervisor_gives_503_with_progress(proxied) -> None:  # 
     assert h.status_code == 503 and h.json()["vllm"]["state"] == "starting"
 
 
+async def test_vllm_held_paused_after_an_unfinished_apply_gives_503_with_the_reason(proxied) -> None:  # noqa: ANN001
+    why = "the training worker stopped while writing run 7's update; vLLM is kept paused"
+    proxied.state.trainer = SimpleNamespace(held_paused=why)
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.json()["error"]["message"] == why and r.json()["error"]["code"] == "vllm_held"
+    assert proxied.seen == []  # nothing reached vLLM
+    h = await proxied.client.get("/health")
+    assert h.status_code == 503 and h.json()["vllm"]["state"] == "held" and h.json()["vllm"]["reason"] == why
+
+
 async def test_candidates_validation_and_answer(proxied) -> None:  # noqa: ANN001
     r = await proxied.client.post("/api/candidates", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 200 and [c["content"] for c in r.json()["candidates"]] == ["ab0", "ab1"]

@@ -61,6 +61,9 @@ async def health(request: Request, state: StateDep) -> JSONResponse:
             worker = state.worker.describe()
         except Exception as exc:  # noqa: BLE001 - health must answer even when a part misbehaves
             worker = {"state": "error", "last_error": repr(exc)}
+    held = getattr(state.trainer, "held_paused", None)
+    if held:  # paused on weights nobody knows (an apply the worker did not finish): not serving
+        vllm = {**vllm, "state": "held", "reason": held}
     ok = vllm["state"] == "ready" and database == "ok"
     metrics = request.app.state.metrics
     metrics.set_vllm(vllm["state"] == "ready", vllm.get("restarts", 0))

@@ -91,6 +91,9 @@ def _ensure_up(state: LoopState) -> None:
     sup = state.supervisor
     if sup is not None and sup.state != "ready":
         raise Unavailable(sup.describe(), code=f"vllm_{sup.state}", headers={"Retry-After": "5"})
+    held = getattr(state.trainer, "held_paused", None)
+    if held:  # vLLM would queue the request behind a pause that only an operator ends: say so now
+        raise Unavailable(held, code="vllm_held", headers={"Retry-After": "30"})
 
 
 def _unreachable(state: LoopState, exc: Exception) -> Unavailable:
