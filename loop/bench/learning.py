@@ -188,9 +188,9 @@ class Bench:
                   f"{'  (poisoned labels)' if poisoned else ''}", flush=True)
             for note in rnd.notes:
                 print(f"      {note}", flush=True)
-            if rnd.approval >= a.target and not poisoned and reached is None and i > 0:
-                reached = i
-                if a.stop_at_target and i > a.poison_round:
+            if rnd.approval >= a.target and not poisoned and i > 0:
+                reached = i if reached is None else reached
+                if a.stop_at_target and i > a.poison_round:  # reached (again) once the poison is behind
                     break
         return self.summary(reached)
 
