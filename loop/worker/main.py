@@ -12,7 +12,8 @@ What it does, in order:
    forward, backward, optimizer maths — while vLLM keeps serving; `Apply` (sent while the API holds vLLM paused)
    finds it checked (finite, ratio cap) and already rounded (stochastic rounding, done before the pause),
    copies it in place and commits the optimizer
-   state; `Discard` drops it (optimizer state as before); `Checkpoint` writes an HF folder atomically;
+   state (with `Train.lowmem` the update is only measured in `Train`, and `Apply` writes it by replaying the
+   backward: loop/worker/lowmem.py); `Discard` drops it (optimizer state as before); `Checkpoint` writes an HF folder atomically;
    `Restore` copies a checkpoint back into the live weights through the same views.
 4. Before each request, and every few idle seconds, compares the handle file's load id with its own: a new id
    means vLLM restarted (new memory), so it re-attaches, keeping the optimizer state.
