@@ -63,6 +63,17 @@ def start_vllm(model: str, tmp: Path, *args: str, env: dict[str, str] | None = N
     return server
 
 
+def attach_model(vllm: VLLM):  # noqa: ANN201 - (HandleSet, tensors, HF model)
+    """vLLM's handle file read, its tensors attached (no copy) and the HF model built on views of them."""
+    from loop.worker.handles import attach, read_handles
+    from loop.worker.views import build_model
+
+    hs = read_handles(vllm.runtime_dir, wait_s=30)
+    tensors = attach(hs)
+    model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"])
+    return hs, tensors, model
+
+
 def token_ids(model_path: str, text: str) -> list[int]:
     from transformers import AutoTokenizer
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from loop.model_cache import resolve_model
-from loop.worker.handles import attach, read_handles
-from loop.worker.views import build_model, views_alias
+from loop.worker.handles import read_handles
+from loop.worker.views import views_alias
 from zero_copy_support import (
-    PROMPT, VLLM, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
+    PROMPT, VLLM, attach_model, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]  # on a GPU host: tests/gpu/test_zero_copy_gpu.py
@@ -41,10 +41,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLM]:
 @pytest.fixture(scope="module")
 def hf(vllm: VLLM):
     """(handle set, vLLM tensors, HF model on views) — attached once for the module."""
-    hs = read_handles(vllm.runtime_dir, wait_s=30)
-    tensors = attach(hs)
-    model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"])
-    return hs, tensors, model
+    return attach_model(vllm)
 
 
 def test_handle_file_is_private(vllm: VLLM) -> None:

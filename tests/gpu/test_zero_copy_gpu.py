@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from loop.worker.handles import attach, read_handles
-from loop.worker.views import build_model, views_alias
+from loop.worker.views import views_alias
 from zero_copy_support import (
-    PROMPT, VLLM, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
+    PROMPT, VLLM, attach_model, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -89,10 +89,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLM]:
 
 @pytest.fixture(scope="module")
 def hf(vllm: VLLM):
-    hs = read_handles(vllm.runtime_dir, wait_s=30)
-    tensors = attach(hs)
-    model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"])
-    return hs, tensors, model
+    return attach_model(vllm)
 
 
 def test_attach_metadata_and_views(vllm: VLLM, hf) -> None:
