@@ -321,6 +321,14 @@ def trained_pairs(session: Session, *, limit: int, created_before: datetime | No
     return [_eval_item(p, held_out=False) for p in reversed(found[-limit:])] if limit > 0 else []
 
 
+def eval_pairs(session: Session, settings: Any, *, created_before: datetime | None = None) -> list[Item]:
+    """The guard's eval set: held-out pairs (never trained on) plus replayed ones (learned from by kept runs),
+    both frozen at `created_before`; sizes from settings (`eval_max_pairs`, `eval_replay_pairs`)."""
+    held = held_out_pairs(session, holdout_fraction=settings.holdout_fraction, limit=settings.eval_max_pairs,
+                          created_before=created_before)
+    return held + trained_pairs(session, limit=settings.eval_replay_pairs, created_before=created_before)
+
+
 def _older_than(session: Session, found: list[pairs.Pair], created_before: datetime | None) -> list[pairs.Pair]:
     """The pairs whose feedback is all older than `created_before` (all of them when it is None)."""
     if created_before is None:

@@ -272,7 +272,7 @@ class Scheduler:
                                          "comparison_ids": sorted({c for i in eval_items for c in i.comparison_ids}),
                                          "rating_ids": sorted({r for i in eval_items for r in i.rating_ids})}}
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
-                await self._ensure_checkpoint()
+                await self.state.trainer.checkpoint()  # rollback restores it (the live one's is reused if it has one)
             from loop.training import TrainRequest
 
             request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
@@ -309,20 +309,8 @@ class Scheduler:
         return min(times) if times else built_at
 
     def _eval_items(self, created_before: datetime | None = None) -> list[batches.Item]:
-        """Held-out pairs (never trained on) plus replayed ones (learned from by kept runs), both frozen."""
         with self.state.sessions() as s:
-            held = batches.held_out_pairs(s, holdout_fraction=self.settings.holdout_fraction,
-                                          limit=self.settings.eval_max_pairs, created_before=created_before)
-            return held + batches.trained_pairs(s, limit=self.settings.eval_replay_pairs, created_before=created_before)
-
-    async def _ensure_checkpoint(self) -> None:
-        """Rollback restores a checkpoint: make sure the live version has one before changing it."""
-        version = self.state.weight_version
-        with self.state.sessions() as s:
-            row = s.get(WeightVersion, version)
-            has = row is not None and row.checkpoint_path is not None
-        if not has:
-            await self.state.trainer.checkpoint()
+            return batches.eval_pairs(s, self.settings, created_before=created_before)
 
     async def _wait_run(self, run_id: int) -> str:
         deadline = time.monotonic() + self.run_timeout_s
