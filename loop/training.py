@@ -162,8 +162,13 @@ class Trainer(Versions):
 
     # ------------------------------------------------------------ runs
 
-    async def run(self, request: TrainRequest, *, trigger: str = "manual") -> int:
-        """Record and start a run; returns its id at once (the run goes on in the background)."""
+    async def run(self, request: TrainRequest, *, trigger: str = "manual", reference: list[Any] | None = None,
+                  max_conflict_t: float | None = None) -> int:
+        """Record and start a run; returns its id at once (the run goes on in the background).
+
+        `reference`: trusted pairs (the scheduler's eval set, anything with prompt/chosen/rejected): the worker
+        predicts how step 1's update moves their margins before writing it; with `max_conflict_t` a batch that
+        would undo them is rejected (loop/worker/agreement.py) and its feedback stays consumed."""
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
@@ -172,8 +177,9 @@ class Trainer(Versions):
         run_id = await asyncio.to_thread(self._create_run, request, trigger, objective, pairs, examples,
                                          rating_ids, comparison_ids)
         self.run_id, self.step, self.losses, self.metrics, self.last_error = run_id, 0, [], {}, None
-        self._task = asyncio.create_task(self._execute(run_id, request, objective, pairs, examples),
-                                         name=f"train-run-{run_id}")
+        trusted = [p.Pair(prompt=x.prompt, chosen=x.chosen, rejected=x.rejected) for x in reference or []]
+        self._task = asyncio.create_task(self._execute(run_id, request, objective, pairs, examples, trusted,
+                                                       max_conflict_t), name=f"train-run-{run_id}")
         return run_id
 
     def _resolve(self, req: TrainRequest) -> tuple[str, list[p.Pair], list[p.Example], list[int], list[int]]:
@@ -258,7 +264,7 @@ class Trainer(Versions):
             run.metrics = dict(self.metrics)
             run.history = history if history is not None else run.history
             run.version_after = version_after if version_after is not None else run.version_before
-            if status != "succeeded":  # release the feedback: a later run may use it
+            if status not in ("succeeded", "rejected"):  # release the feedback: a later run may use it
                 s.execute(delete(RunFeedback).where(RunFeedback.run_id == run_id))
             s.commit()
 
@@ -268,7 +274,8 @@ class Trainer(Versions):
             self.losses.append(msg.loss)
 
     async def _execute(self, run_id: int, req: TrainRequest, objective: str, pairs: list[p.Pair],
-                       examples: list[p.Example]) -> None:
+                       examples: list[p.Example], trusted: list[p.Pair] | None = None,
+                       max_conflict_t: float | None = None) -> None:
         history: list[Any] = []
         version_after: int | None = None
         lr = req.learning_rate or self.settings.learning_rate
@@ -281,7 +288,8 @@ class Trainer(Versions):
                     p.Train(run_id=run_id, objective=objective, pairs=pairs if objective == "dpo" else [],
                             examples=examples if objective == "kto" else [], step=step, steps=req.steps, lr=lr,
                             beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
-                            lowmem=mode == "lowmem"),
+                            lowmem=mode == "lowmem", reference=(trusted or []) if step == 1 else [],
+                            max_conflict_t=max_conflict_t, reference_min_pairs=self.settings.eval_min_pairs),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)
                 history = done.history
@@ -290,7 +298,8 @@ class Trainer(Versions):
                 self.metrics["update_norm"] = done.update.update_norm
                 if not done.update.ok:  # known bad: no need to pause vLLM to hear the worker refuse it
                     await self.control.call(p.Discard(run_id=run_id), timeout=APPLY_TIMEOUT_S)
-                    self._refused(run_id, done.update.reason, history)
+                    self._refused(run_id, done.update.reason, history,
+                                  status="rejected" if done.update.conflict else "refused")
                     return
                 self.phase = "applying"
                 version_after, reason = await self._apply(run_id, mode)
@@ -313,10 +322,12 @@ class Trainer(Versions):
         finally:
             self.phase = "idle"
 
-    def _refused(self, run_id: int, reason: str, history: list[Any]) -> None:
-        self.last_error = f"run {run_id}: update refused: {reason}"
+    def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:
+        """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (it would
+        undo trusted preferences): the feedback stays consumed, so a poisoned batch is not tried again."""
+        self.last_error = f"run {run_id}: update {status}: {reason}"
         self.metrics["refused_reason"] = reason
-        self._finish_run(run_id, "refused", error=reason, history=history)
+        self._finish_run(run_id, status, error=reason, history=history)
 
     # ------------------------------------------------------------ the atomic apply
 

@@ -73,6 +73,7 @@ class Round:
     eval_pairs: int | None = None  # held-out pairs that judged the run (older than its batch)
     dmargin: float | None = None  # the run's mean change of the held-out margins per answer token, nats
     t: float | None = None  # that mean in standard errors (the guard's margin criterion)
+    agree_t: float | None = None  # before the write: the update's predicted effect on trusted margins, in SEs
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -102,7 +103,8 @@ class Bench:
         a = self.args
         self._call("POST", "/api/scheduler/config", json={
             "min_pairs": a.min_pairs or max(1, int(a.prompts * 0.4)), "interval_s": 1e9, "max_wait_s": a.max_wait,
-            "batch_size": a.prompts * 2, "steps": a.steps, "learning_rate": a.learning_rate, "guard_enabled": True})
+            "batch_size": a.prompts * 2, "steps": a.steps, "learning_rate": a.learning_rate, "guard_enabled": True,
+            **({"max_conflict_t": a.max_conflict_t} if a.max_conflict_t is not None else {})})
         self._call("POST", "/api/scheduler/resume")
 
     def round(self, index: int, poisoned: bool) -> Round:
@@ -141,12 +143,17 @@ class Bench:
             after = run.get("eval_after") or {}
             rnd.eval_pairs, rnd.dmargin = after.get("n_pairs"), after.get("mean_token_margin_change")
             rnd.t = after.get("margin_change_t")
+            rnd.agree_t = (run.get("metrics") or {}).get("agreement_t")
             if run["status"] == "rolled_back":
                 rnd.notes.append(run.get("rollback_reason") or "")
                 before = run.get("eval_before") or {}
                 rnd.accuracy, rnd.perplexity = before.get("accuracy"), before.get("canary_perplexity")
                 rnd.notes.append(f"after the {'poisoned ' if poisoned else ''}update (rolled back): accuracy {_f(ev.get('accuracy'))}, "
                                  f"perplexity {_f(ev.get('canary_perplexity'))}")
+            elif run["status"] == "rejected":
+                rnd.notes.append(f"rejected before the write: {run.get('error') or ''}")
+                before = run.get("eval_before") or {}
+                rnd.accuracy, rnd.perplexity = before.get("accuracy"), before.get("canary_perplexity")
             elif run["status"] != "succeeded":
                 rnd.notes.append(run.get("error") or "")
         rnd.wall_s = time.perf_counter() - t0
@@ -176,14 +183,14 @@ class Bench:
         print(f"rater: approves answers that finish within {a.max_words} words; {a.prompts} prompts x 2 answers "
               f"per round; lr {a.learning_rate}, {a.steps} steps per run; poisoned round: {a.poison_round}")
         print(f"{'round':>5} {'approval':>8} {'words':>6} {'held-out acc':>12} {'canary ppl':>10} {'eval n':>6} "
-              f"{'dm/tok':>8} {'t':>6} {'run':>4} {'status':>11} {'wall s':>7}")
+              f"{'dm/tok':>8} {'t':>6} {'agree t':>7} {'run':>4} {'status':>11} {'wall s':>7}")
         reached = None
         for i in range(a.rounds):
             poisoned = i == a.poison_round
             rnd = self.round(i, poisoned)
             self.rounds.append(rnd)
             print(f"{i:>5} {rnd.approval * 100:>7.1f}% {rnd.mean_words:>6.1f} {_f(rnd.accuracy):>12} "
-                  f"{_f(rnd.perplexity):>10} {_f(rnd.eval_pairs):>6} {_f4(rnd.dmargin):>8} {_f(rnd.t, 2):>6} "
+                  f"{_f(rnd.perplexity):>10} {_f(rnd.eval_pairs):>6} {_f4(rnd.dmargin):>8} {_f(rnd.t, 2):>6} {_f(rnd.agree_t, 2):>7} "
                   f"{_f(rnd.run_id):>4} {rnd.status:>11} {rnd.wall_s:>7.1f}"
                   f"{'  (poisoned labels)' if poisoned else ''}", flush=True)
             for note in rnd.notes:
@@ -204,12 +211,12 @@ class Bench:
         start_ppl = ppls[0] if ppls else None
         rise = (end_ppl / start_ppl - 1) if start_ppl and end_ppl else None
         poisoned = [r for r in self.rounds if r.poisoned]
-        poison_ok = all(r.status == "rolled_back" for r in poisoned)
+        poison_ok = all(r.status in ("rolled_back", "rejected") for r in poisoned)
         ok = reached is not None and rise is not None and rise <= 0.05 and poison_ok
         print(f"approval {first.approval * 100:.1f}% -> {self.rounds[-1].approval * 100:.1f}% "
               f"(>= {self.args.target * 100:.0f}% first at round {reached}); canary perplexity "
               f"{_f(start_ppl)} -> {_f(end_ppl)} ({'-' if rise is None else f'{rise * 100:+.1f}%'}); "
-              f"poisoned round rolled back: {poison_ok}; total {sum(r.wall_s for r in self.rounds):.0f} s")
+              f"poisoned round stopped (rejected or rolled back): {poison_ok}; total {sum(r.wall_s for r in self.rounds):.0f} s")
         print("TARGET MET" if ok else "TARGET NOT MET")
         return 0 if ok else 1
 
@@ -286,6 +293,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     # 2-step update at lr 1e-5 moves each pair's margin mostly by noise (a good run measured +0.016 +- 0.045 nats
     # per token over 21 pairs), so the poisoned round needs ~20 older pairs to be told from a good one; 0.3 gave 10.
     p.add_argument("--holdout", type=float, default=0.5, help="held-out share for a started loop")
+    p.add_argument("--max-conflict-t", type=float, default=None,
+                   help="the scheduler's pre-write agreement limit (default: the service's, LOOP_MAX_CONFLICT_T)")
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is met after the poison")
     p.add_argument("--seed", type=int, default=0)

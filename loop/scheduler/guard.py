@@ -63,6 +63,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from loop.stats import t_statistic
+
 CANARY_PATH = Path(__file__).with_name("canary.jsonl")
 
 
@@ -271,18 +273,6 @@ class EvalGuard:
                            mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None,
                            mean_token_margin_change=(sum(per_token) / len(per_token)) if per_token else None,
                            margin_change_t=t_statistic(per_token or []), pair_logps=logps, pair_tokens=lengths)
-
-
-def t_statistic(xs: Sequence[float]) -> float | None:
-    """mean / standard error: how many standard errors the mean lies from zero (None below 2 values)."""
-    n = len(xs)
-    if n < 2:
-        return None
-    mean = sum(xs) / n
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    if var <= 0:
-        return None if mean == 0 else math.copysign(math.inf, mean)
-    return mean / math.sqrt(var / n)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -13,7 +13,10 @@ Runs never overlap (one lock; a manual run in progress also defers the scheduler
    measures the eval guard (held-out margins and accuracy, canary perplexity) on the live weights and makes sure
    the live version has a checkpoint to roll back to;
 2. hands the batch to the Trainer (which records the run, marks the feedback consumed, applies atomically under
-   vLLM's pause, releases the feedback if the run fails);
+   vLLM's pause, releases the feedback if the run fails) together with the same eval pairs as *trusted pairs*:
+   before step 1 is written the worker predicts how the update moves their margins (loop/worker/agreement.py)
+   and, when they would fall by more than `max_conflict_t` standard errors, rejects it — nothing written, status
+   `rejected`, feedback kept consumed (not retried);
 3. measures the same pairs again; when the update moved their margins the wrong way, accuracy fell or perplexity
    rose past the limits (guard.verdict), restores the pre-update version in place (Trainer.restore, same pause
    protocol), marks the run `rolled_back` with the reason and both figures, and the rolled-back version
@@ -43,7 +46,7 @@ from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_tokeni
 log = logging.getLogger("loop.scheduler")
 
 STATE_KEY = "scheduler"
-TERMINAL = ("succeeded", "failed", "refused", "rolled_back")
+TERMINAL = ("succeeded", "failed", "refused", "rejected", "rolled_back")
 # Runtime-adjustable thresholds: name → (Settings field, type)
 TUNABLE: dict[str, tuple[str, type]] = {
     "interval_s": ("scheduler_interval_s", float),
@@ -55,6 +58,7 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "max_accuracy_drop": ("max_accuracy_drop", float),
     "max_perplexity_rise": ("max_perplexity_rise", float),
     "max_margin_t": ("max_margin_t", float),
+    "max_conflict_t": ("max_conflict_t", float),
     "guard_enabled": ("guard_enabled", bool),
 }
 
@@ -277,7 +281,9 @@ class Scheduler:
 
             request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
             started = self.clock()
-            run_id = int(await self.state.trainer.run(request, trigger="scheduler"))
+            trusted = [_eval_pair(i) for i in eval_items]
+            run_id = int(await self.state.trainer.run(request, trigger="scheduler", reference=trusted,
+                                                      max_conflict_t=cfg["max_conflict_t"]))
             self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id
             try:

@@ -183,6 +183,7 @@ class Worker:
         self._drop_staged()
         self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
         t0 = time.perf_counter()
+        conflict: str | None = None  # why the trusted pairs say no (loop/worker/agreement.py)
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":
@@ -205,6 +206,10 @@ class Worker:
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
                 check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
+                if check.ok and msg.reference and msg.step == 1:
+                    conflict = self._agreement(msg, deltas, result.metrics)
+                    if conflict:
+                        check.ok, check.reason = False, conflict
                 d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
                 self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
                 n_tensors = len(self._staged[1] or {})
@@ -218,11 +223,27 @@ class Worker:
                                     metrics=metrics))
             stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
                                   weight_norm=d_norm / check.global_ratio if check.global_ratio > 0 else 0.0,
-                                  ratio=check.global_ratio, n_tensors=n_tensors)
+                                  ratio=check.global_ratio, n_tensors=n_tensors, conflict=conflict is not None)
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
+
+    def _agreement(self, msg: p.Train, deltas: dict[Any, Any], metrics: dict[str, Any]) -> str | None:
+        """Predict how the staged update moves the trusted pairs' margins (loop/worker/agreement.py); the
+        figures go into the step's metrics; returns why it must not be written, or None."""
+        from loop.worker import agreement
+
+        groups = agreement.encode_groups(self.tokenizer, [(x.prompt, x.chosen, x.rejected) for x in msg.reference],
+                                         msg.max_len, self.args.agreement_groups,
+                                         next(self.model.parameters()).device)
+        found = agreement.measure(self.model, deltas, groups)
+        metrics.update(found.metrics())
+        log.info("run %d: trusted pairs' predicted margin change %+.3e nats/token, t %s (%d pairs, %.0f ms)",
+                 msg.run_id, found.mean, f"{found.t:+.2f}" if found.t is not None else "-", found.n_pairs, found.ms)
+        if msg.max_conflict_t is None:
+            return None
+        return agreement.verdict(found, max_conflict_t=msg.max_conflict_t, min_pairs=msg.reference_min_pairs)
 
     def _prepare_lowmem(self, msg: p.Train) -> tuple[Any, float, int, Any]:
         """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""
@@ -422,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", default="apollo-mini", choices=["apollo", "apollo-mini", "adamw", "sgd"])
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--max-update-ratio", type=float, default=0.05)
+    ap.add_argument("--agreement-groups", type=int, default=16,
+                    help="trusted pairs are judged in at most this many groups (one backward pass each)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")

@@ -107,6 +107,12 @@ class Train(Msg, tag="train"):
     max_len: int = 1024
     inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
     lowmem: bool = False  # train_mode=lowmem: measure the update now, write it in Apply by a second backward
+    # Trusted pairs (the scheduler's eval set): at step 1 the worker predicts how the staged update moves their
+    # margins (loop/worker/agreement.py) and reports it; with `max_conflict_t` set it refuses an update that would
+    # move them down by more than that many standard errors (and at least `reference_min_pairs` pairs were given).
+    reference: list[Pair] = []
+    max_conflict_t: float | None = None
+    reference_min_pairs: int = 5
 
 
 class Apply(Msg, tag="apply"):
@@ -158,6 +164,7 @@ class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
     weight_norm: float = 0.0
     ratio: float = 0.0
     n_tensors: int = 0
+    conflict: bool = False  # refused because it would undo the trusted pairs of `Train.reference`
 
 
 class TrainDone(Msg, tag="train_done"):

@@ -38,9 +38,13 @@ class FakeTrainer:
         self.restored: list[int] = []
         self.checkpoints = 0
         self.fail = False
+        self.reject = False  # the worker's agreement check says the batch would undo the trusted pairs
+        self.references: list[tuple[list[Any], float | None]] = []
 
-    async def run(self, request: Any, *, trigger: str = "manual") -> int:
+    async def run(self, request: Any, *, trigger: str = "manual", reference: list[Any] | None = None,
+                  max_conflict_t: float | None = None) -> int:
         self.requests.append(request)
+        self.references.append((list(reference or []), max_conflict_t))
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=request.objective,
                               version_before=self.state.weight_version, batch={"n": len(request.pairs)})
@@ -59,6 +63,9 @@ class FakeTrainer:
             if self.fail:
                 run.status, run.version_after = "failed", run.version_before
                 s.query(RunFeedback).filter(RunFeedback.run_id == run_id).delete()
+            elif self.reject and self.references[-1][1] is not None and self.references[-1][0]:
+                run.status, run.version_after = "rejected", run.version_before  # feedback stays consumed
+                run.error = "the update would undo trusted preferences"
             else:
                 v = self._new_version(s, "train", run_id)
                 run.status, run.version_after = "succeeded", v

@@ -55,7 +55,8 @@ def worker(tmp_path: Path) -> Worker:
     folder = tmp_path / "base"
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
-    args = argparse.Namespace(optimizer="adamw", lr=1e-3, max_update_ratio=0.5, runtime_dir=str(tmp_path / "run"))
+    args = argparse.Namespace(optimizer="adamw", lr=1e-3, max_update_ratio=0.5, runtime_dir=str(tmp_path / "run"),
+                              agreement_groups=16)
     w = Worker(args, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}
@@ -113,6 +114,33 @@ def test_update_over_the_cap_refused(worker: Worker, lowmem: bool) -> None:
     refused = worker.apply(p.Apply(req=2, run_id=1, max_update_ratio=1e-9))
     assert isinstance(refused, p.Refused) and "exceeds the cap" in refused.reason
     assert worker.checksum() == before
+
+
+def test_update_that_would_undo_trusted_pairs_is_refused_before_the_write(worker: Worker) -> None:
+    """The batch teaches chosen > rejected; trusted pairs that say the opposite are pulled down by it."""
+    pairs = [PAIR, p.Pair(prompt="What is two plus two?", chosen="Four.", rejected="Five. Five."),
+             p.Pair(prompt="user", chosen="Four.", rejected="What is two plus two? Five.")]
+    flipped = [p.Pair(prompt=x.prompt, chosen=x.rejected, rejected=x.chosen) for x in pairs]
+    before = worker.checksum()
+    done = worker.train(p.Train(req=1, run_id=1, pairs=pairs, reference=pairs, max_conflict_t=1.0,
+                                reference_min_pairs=3))
+    assert isinstance(done, p.TrainDone) and done.update.ok and done.metrics["agreement_t"] > 0, done
+    worker.train(p.Train(req=2, run_id=2, pairs=pairs))  # replaces the staged update of run 1 (never applied)
+    done = worker.train(p.Train(req=3, run_id=3, pairs=pairs, reference=flipped, max_conflict_t=1.0,
+                                reference_min_pairs=3))
+    assert not done.update.ok and done.update.conflict and done.metrics["agreement_t"] < -1.0
+    assert "would undo trusted preferences" in done.update.reason and done.metrics["agreement_pairs"] == 3
+    refused = worker.apply(p.Apply(req=4, run_id=3))
+    assert isinstance(refused, p.Refused) and worker.checksum() == before
+    # measured only: no limit, or fewer trusted pairs than the minimum, or a later step of the run
+    done = worker.train(p.Train(req=5, run_id=4, pairs=pairs, reference=flipped, reference_min_pairs=3))
+    assert done.update.ok and done.metrics["agreement_t"] < 0
+    done = worker.train(p.Train(req=6, run_id=5, pairs=pairs, reference=flipped, max_conflict_t=1.0,
+                                reference_min_pairs=4))
+    assert done.update.ok and not done.update.conflict
+    done = worker.train(p.Train(req=7, run_id=5, pairs=pairs, reference=flipped, max_conflict_t=1.0,
+                                reference_min_pairs=3, step=2, steps=2))
+    assert done.update.ok and "agreement_t" not in done.metrics
 
 
 def test_checkpoint_loads_in_hf_and_restores_in_place(worker: Worker, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from loop.db.models import RunFeedback, TrainingRun, WeightVersion
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
-STATUSES = ("queued", "running", "succeeded", "failed", "refused", "rolled_back")
+STATUSES = ("queued", "running", "succeeded", "failed", "refused", "rejected", "rolled_back")
 
 
 def _iso(dt: Any) -> str | None:
@@ -147,6 +147,7 @@ class SchedulerConfig(BaseModel):
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     max_perplexity_rise: float | None = Field(None, ge=0)
     max_margin_t: float | None = Field(None, ge=0)
+    max_conflict_t: float | None = Field(None, ge=0)
     guard_enabled: bool | None = None
 
 
