@@ -162,13 +162,14 @@ class Trainer(Versions):
 
     # ------------------------------------------------------------ runs
 
-    async def run(self, request: TrainRequest, *, trigger: str = "manual", reference: list[Any] | None = None,
+    async def run(self, request: TrainRequest, *, trigger: str = "manual", base_weights: str | None = None,
                   max_conflict_t: float | None = None) -> int:
         """Record and start a run; returns its id at once (the run goes on in the background).
 
-        `reference`: trusted pairs (the scheduler's eval set, anything with prompt/chosen/rejected): the worker
-        predicts how step 1's update moves their margins before writing it; with `max_conflict_t` a batch that
-        would undo them is rejected (loop/worker/agreement.py) and its feedback stays consumed."""
+        `base_weights` (the scheduler's runs: the base model folder): the worker measures whether step 1's update
+        goes on with the weights' change since that base or pulls it back, before writing it; with
+        `max_conflict_t` an update that pulls back is rejected (loop/worker/agreement.py) and its feedback stays
+        consumed."""
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
@@ -177,8 +178,7 @@ class Trainer(Versions):
         run_id = await asyncio.to_thread(self._create_run, request, trigger, objective, pairs, examples,
                                          rating_ids, comparison_ids)
         self.run_id, self.step, self.losses, self.metrics, self.last_error = run_id, 0, [], {}, None
-        trusted = [p.Pair(prompt=x.prompt, chosen=x.chosen, rejected=x.rejected) for x in reference or []]
-        self._task = asyncio.create_task(self._execute(run_id, request, objective, pairs, examples, trusted,
+        self._task = asyncio.create_task(self._execute(run_id, request, objective, pairs, examples, base_weights,
                                                        max_conflict_t), name=f"train-run-{run_id}")
         return run_id
 
@@ -274,7 +274,7 @@ class Trainer(Versions):
             self.losses.append(msg.loss)
 
     async def _execute(self, run_id: int, req: TrainRequest, objective: str, pairs: list[p.Pair],
-                       examples: list[p.Example], trusted: list[p.Pair] | None = None,
+                       examples: list[p.Example], base_weights: str | None = None,
                        max_conflict_t: float | None = None) -> None:
         history: list[Any] = []
         version_after: int | None = None
@@ -288,8 +288,7 @@ class Trainer(Versions):
                     p.Train(run_id=run_id, objective=objective, pairs=pairs if objective == "dpo" else [],
                             examples=examples if objective == "kto" else [], step=step, steps=req.steps, lr=lr,
                             beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
-                            lowmem=mode == "lowmem", reference=(trusted or []) if step == 1 else [],
-                            max_conflict_t=max_conflict_t, reference_min_pairs=self.settings.eval_min_pairs),
+                            lowmem=mode == "lowmem", base_weights=base_weights or "", max_conflict_t=max_conflict_t),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)
                 history = done.history
@@ -324,7 +323,7 @@ class Trainer(Versions):
 
     def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:
         """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (it would
-        undo trusted preferences): the feedback stays consumed, so a poisoned batch is not tried again."""
+        undo what the kept runs taught): the feedback stays consumed, so a poisoned batch is not tried again."""
         self.last_error = f"run {run_id}: update {status}: {reason}"
         self.metrics["refused_reason"] = reason
         self._finish_run(run_id, status, error=reason, history=history)

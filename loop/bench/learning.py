@@ -313,5 +313,7 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         return Bench(args.url, args.token, args).run()
+    # a SIGTERM (timeout, kill) unwinds like Ctrl-C, so started_loop stops its `loop serve` group too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with started_loop(args) as (url, token):
         return Bench(url, token, args).run()

@@ -1,124 +1,146 @@
-"""Does a staged update agree with the preferences we already trust? Measured before anything is written.
+"""Does a staged update go on with what the model has learned so far, or pull it back? Judged before the write.
 
-What: for trusted preference pairs (the scheduler's eval set: held-out feedback older than the batch, and pairs
-that kept runs learned from), the first-order change the staged update `delta` would make to each pair's margin
-per answer token,
+What: the weights the service started from (the base model folder, read tensor by tensor from its safetensors)
+and the live weights differ by everything the kept runs taught: `acc = w_live - w_base`. For the staged update
+`delta` of a scheduled run the worker measures, per trained tensor, `dot = <delta, acc>` and the norms, and from
+them the global cosine of `delta` with `acc` and the t statistic of the per-tensor dots (mean / standard error
+over tensors). A batch whose labels contradict the feedback learned so far (a poisoned batch, flipped labels)
+points its update back along `acc`: cosine below zero, the dots of the tensors that carry the learned preference
+strongly negative. `verdict` rejects it when the cosine is negative and t < -max_conflict_t.
 
-    a_j = < d m_j / d w , delta >,   m_j = log p(chosen_j)/|chosen_j| - log p(rejected_j)/|rejected_j|,
+Why this and not a question asked of preference pairs: measured offline on two `loop bench learning` runs
+(SmolLM2-135M, lr 2e-5, 2 steps a run, 4-10 pairs a batch), the per-tensor dot t of 5 good runs was +0.56 ...
++2.11 (cosine +0.0007 ... +0.0050) and of the 2 poisoned runs -7.33 and -4.74 (cosine -0.0102, -0.0047). Asking
+trusted pairs instead — the first-order change of their per-token margins under `delta`, t over pairs — gave
+good runs +0.89, +0.51, -0.41, +2.70 and the poisoned ones -1.32, -0.27 (the same runs measured by the scheduler):
+each pair responds to one small update mostly in its own way, while `acc` sums every kept update's direction.
+Measured on the fp32 `delta` and the live weights, neither stochastic rounding nor bf16 arithmetic (which blur
+the after-the-write margins the guard reads from vLLM) enters.
 
-and across pairs (or groups of pairs) the mean and its t statistic (mean / standard error). A batch with flipped
-labels pulls the trusted margins down (t well below zero); a batch from the same rater pulls them up.
-
-Why here and not only after the write (loop/scheduler/guard.py): after the write the same question is asked of
-vLLM's bf16 log-probs, and an update of a few 1e-5 relative moves each margin by less than the noise of stochastic
-rounding (most bf16 weights move by one ulp or not at all) and of bf16 arithmetic. The staged delta here is the
-optimizer's exact fp32 update, and the gradients are those of the live weights, so neither noise enters; what is
-left is how differently the pairs respond. And a batch judged harmful is never served, not even for the seconds
-before a rollback.
-
-Cost: one forward + backward per group (at most `max_groups`), each gradient consumed per tensor as it arrives
-(a post-accumulate-grad hook takes its dot product with the delta and frees it), so the extra memory is one
-tensor's gradient and the activations of one group. Needs the staged deltas: train_mode=lowmem does not keep them,
-and there only the guard after the write judges.
+Cost: one pass over the base weights from disk (page cache after the first run) in row chunks, so the extra
+memory is one chunk in fp32, never a second copy of the model. Works in both train modes: atomic measures the
+staged deltas; lowmem measures each delta in its dry-backward hook. Nothing learned yet (the first run, or a
+base folder without the tensor) means nothing to contradict: no verdict.
 
 Unit tests: .venv/bin/pytest tests/unit/test_agreement.py
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from loop.stats import t_statistic
-from loop.worker.objectives import PairBatch, disable_dropout, sequence_logps
+
+CHUNK = 1 << 24  # elements per chunk of one tensor (64 MiB in fp32)
+
+
+class BaseWeights:
+    """Tensors of a model folder's safetensors (one file or an index of shards), read in row slices on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        self._open: dict[Path, Any] = {}
+
+    def slice(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) of the tensor (flattened to rows of its last dimension), or None if absent."""
+        path = self.files.get(name)
+        if path is None:
+            return None
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path].get_slice(name)[start:stop]
+
+    def close(self) -> None:
+        self._open.clear()
 
 
 @dataclass
 class Agreement:
-    n_pairs: int
-    n_groups: int
-    mean: float  # mean over groups of the predicted change of the mean per-token margin, nats per token
-    t: float | None  # mean / standard error over groups (None below 2 groups or without spread)
-    values: list[float]
+    n_tensors: int
+    cosine: float  # of the update with the accumulated change w_live - w_base (0 when nothing was learned yet)
+    t: float | None  # mean / standard error of the per-tensor dots (None below 2 tensors)
+    n_down: int  # tensors whose dot is negative
     ms: float = 0.0
 
     def metrics(self) -> dict[str, float]:
-        out = {"agreement_pairs": float(self.n_pairs), "agreement_groups": float(self.n_groups),
-               "agreement_mean": self.mean, "agreement_ms": self.ms}
+        out = {"agreement_tensors": float(self.n_tensors), "agreement_cosine": self.cosine,
+               "agreement_down": float(self.n_down), "agreement_ms": self.ms}
         if self.t is not None and math.isfinite(self.t):
             out["agreement_t"] = self.t
         return out
 
 
-def groups_of(n: int, max_groups: int) -> list[list[int]]:
-    """Indices 0..n-1 dealt round-robin into min(n, max_groups) groups."""
-    k = max(1, min(n, max_groups))
-    return [list(range(g, n, k)) for g in range(k)]
+class DirectionCheck:
+    """Feed it (parameter, delta) as the deltas appear; `result()` gives the Agreement."""
+
+    def __init__(self, base: BaseWeights, names: dict[Any, str]) -> None:
+        self.base = base
+        self.names = names
+        self._rows: list[torch.Tensor] = []  # per tensor: (dot, ||delta||^2, ||acc||^2), on the tensor's device
+        self.missing: list[str] = []
+        import time
+
+        self._t0 = time.perf_counter()
+
+    @torch.no_grad()
+    def observe(self, prm: torch.Tensor, delta: torch.Tensor) -> None:
+        name = self.names.get(prm)
+        if name is None or name not in self.base.files:
+            self.missing.append(name or f"{tuple(prm.shape)}")
+            return
+        w = prm.detach()
+        rows = w.shape[0] if w.dim() > 1 else w.numel()
+        per_row = max(1, w[0].numel()) if w.dim() > 1 else 1
+        step = max(1, CHUNK // per_row)
+        acc = torch.zeros(3, dtype=torch.float64, device=w.device)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            b = self.base.slice(name, start, stop)
+            if b is None or tuple(b.shape) != tuple(w[start:stop].shape):
+                self.missing.append(name)
+                return
+            change = w[start:stop].float() - b.to(w.device, non_blocking=True).float()
+            d = delta[start:stop].float()
+            acc += torch.stack([(d * change).sum(), (d * d).sum(), (change * change).sum()]).double()
+        self._rows.append(acc)
+
+    def result(self) -> Agreement:
+        import time
+
+        if not self._rows:
+            return Agreement(0, 0.0, None, 0, (time.perf_counter() - self._t0) * 1000)
+        rows = torch.stack([r.cpu() for r in self._rows]).tolist()
+        dots = [r[0] for r in rows]
+        d2, a2 = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        cosine = sum(dots) / math.sqrt(d2 * a2) if d2 > 0 and a2 > 0 else 0.0
+        t = t_statistic(dots) if a2 > 0 else None
+        return Agreement(len(dots), cosine, t, sum(x < 0 for x in dots), (time.perf_counter() - self._t0) * 1000)
 
 
-def per_token_margins(model: nn.Module, batch: PairBatch) -> torch.Tensor:
-    """Tensor[n_pairs]: log p(chosen)/|chosen| - log p(rejected)/|rejected| (answer tokens, EOS included)."""
-    logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
-    lengths = batch.loss_mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
-    per_tok = logps / lengths
-    n = batch.n_pairs
-    return per_tok[:n] - per_tok[n:]
-
-
-def predicted_change(model: nn.Module, deltas: Mapping[torch.Tensor, torch.Tensor], batch: PairBatch) -> float:
-    """< d mean(margins of `batch`) / d w , delta > summed over the tensors in `deltas`, without keeping grads."""
-    total = torch.zeros((), dtype=torch.float64, device=next(iter(deltas)).device)
-    handles = []
-
-    def take(prm: torch.Tensor) -> None:
-        nonlocal total
-        if prm.grad is not None:
-            total = total + (prm.grad.float() * deltas[prm].float()).sum().double()
-            prm.grad = None
-
-    for prm in deltas:
-        handles.append(prm.register_post_accumulate_grad_hook(take))
-    try:
-        with torch.enable_grad():
-            per_token_margins(model, batch).mean().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)  # parameters outside `deltas` (frozen ones never get a grad)
-    return float(total)
-
-
-def measure(model: nn.Module, deltas: Mapping[torch.Tensor, torch.Tensor], groups: Sequence[PairBatch]) -> Agreement:
-    """The predicted per-token margin change of each group under `deltas`, and their t statistic."""
-    import time
-
-    t0 = time.perf_counter()
-    disable_dropout(model)
-    values = [predicted_change(model, deltas, g) for g in groups] if deltas else []
-    mean = sum(values) / len(values) if values else 0.0
-    return Agreement(n_pairs=sum(g.n_pairs for g in groups), n_groups=len(values), mean=mean,
-                     t=t_statistic(values), values=values, ms=(time.perf_counter() - t0) * 1000)
-
-
-def encode_groups(tokenizer: Any, pairs: Sequence[tuple[Any, str, str]], max_len: int, max_groups: int,
-                  device: Any) -> list[PairBatch]:
-    from loop.worker.objectives import encode_pairs
-
-    return [encode_pairs(tokenizer, [pairs[i] for i in idx], max_len).to(device)
-            for idx in groups_of(len(pairs), max_groups) if idx]
-
-
-def verdict(agreement: Agreement, *, max_conflict_t: float, min_pairs: int) -> str | None:
-    """Why the update must not be written (it would undo trusted preferences), or None."""
-    if agreement.n_pairs < min_pairs or agreement.t is None or agreement.t >= -max_conflict_t:
+def verdict(found: Agreement, *, max_conflict_t: float) -> str | None:
+    """Why the update must not be written (it would pull the weights back from what was learned), or None."""
+    if found.t is None or found.cosine >= 0 or found.t >= -max_conflict_t:
         return None
-    down = sum(v < 0 for v in agreement.values)
-    return (f"the update would undo trusted preferences: it is predicted to move the margin log p(chosen) - "
-            f"log p(rejected) of {agreement.n_pairs} trusted pairs by {agreement.mean:+.2e} nats per token on "
-            f"average, {agreement.t:+.2f} standard errors < -{max_conflict_t:.2f} ({down} of {agreement.n_groups} "
-            f"groups down); nothing was written")
+    return (f"the update would undo what the kept runs taught: its cosine with the weights' change since the base "
+            f"model is {found.cosine:+.4f}, and the per-tensor dot products lie {found.t:+.2f} standard errors below "
+            f"zero (< -{max_conflict_t:.2f}; {found.n_down} of {found.n_tensors} tensors pulled back); a batch "
+            f"whose labels contradict the feedback learned so far; nothing was written")

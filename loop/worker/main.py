@@ -197,7 +197,13 @@ class Worker:
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.args.lr
             if msg.lowmem:
-                check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
+                direction = self._direction(msg)
+                check, d_norm, n_tensors, result = self._prepare_lowmem(msg, direction)
+                if check.ok and direction is not None:
+                    conflict = self._judge_direction(msg, direction, result.metrics)
+                    if conflict:
+                        check.ok, check.reason, n_tensors = False, conflict, 0
+                        self._lowmem.drop()
             else:
                 result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
                                     ref_logps=self._run["ref"], per_layer=True)
@@ -206,8 +212,10 @@ class Worker:
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
                 check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
-                if check.ok and msg.reference and msg.step == 1:
-                    conflict = self._agreement(msg, deltas, result.metrics)
+                if check.ok and (direction := self._direction(msg)) is not None:
+                    for prm, d in deltas.items():
+                        direction.observe(prm, d)
+                    conflict = self._judge_direction(msg, direction, result.metrics)
                     if conflict:
                         check.ok, check.reason = False, conflict
                 d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
@@ -229,23 +237,32 @@ class Worker:
         finally:
             self.ch.state = "idle"
 
-    def _agreement(self, msg: p.Train, deltas: dict[Any, Any], metrics: dict[str, Any]) -> str | None:
-        """Predict how the staged update moves the trusted pairs' margins (loop/worker/agreement.py); the
-        figures go into the step's metrics; returns why it must not be written, or None."""
-        from loop.worker import agreement
-
-        groups = agreement.encode_groups(self.tokenizer, [(x.prompt, x.chosen, x.rejected) for x in msg.reference],
-                                         msg.max_len, self.args.agreement_groups,
-                                         next(self.model.parameters()).device)
-        found = agreement.measure(self.model, deltas, groups)
-        metrics.update(found.metrics())
-        log.info("run %d: trusted pairs' predicted margin change %+.3e nats/token, t %s (%d pairs, %.0f ms)",
-                 msg.run_id, found.mean, f"{found.t:+.2f}" if found.t is not None else "-", found.n_pairs, found.ms)
-        if msg.max_conflict_t is None:
+    def _direction(self, msg: p.Train) -> Any:
+        """The check of step 1's update against the change since `msg.base_weights` (loop/worker/agreement.py)."""
+        if not msg.base_weights or msg.step != 1:
             return None
-        return agreement.verdict(found, max_conflict_t=msg.max_conflict_t, min_pairs=msg.reference_min_pairs)
+        from loop.worker.agreement import BaseWeights, DirectionCheck
 
-    def _prepare_lowmem(self, msg: p.Train) -> tuple[Any, float, int, Any]:
+        try:
+            return DirectionCheck(BaseWeights(msg.base_weights), self.names)
+        except (OSError, ValueError) as e:  # no readable base: train unchecked, say so
+            log.warning("run %d: cannot read the base weights %s (%s); the update is not checked against them",
+                        msg.run_id, msg.base_weights, e)
+            return None
+
+    def _judge_direction(self, msg: p.Train, direction: Any, metrics: dict[str, Any]) -> str | None:
+        """The direction figures into the step's metrics; why the update must not be written, or None."""
+        from loop.worker.agreement import verdict
+
+        found = direction.result()
+        direction.base.close()
+        metrics.update(found.metrics())
+        log.info("run %d: update vs change since the base: cosine %+.4f, per-tensor t %s, %d of %d tensors back "
+                 "(%.0f ms)", msg.run_id, found.cosine, f"{found.t:+.2f}" if found.t is not None else "-",
+                 found.n_down, found.n_tensors, found.ms)
+        return verdict(found, max_conflict_t=msg.max_conflict_t) if msg.max_conflict_t is not None else None
+
+    def _prepare_lowmem(self, msg: p.Train, direction: Any = None) -> tuple[Any, float, int, Any]:
         """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""
         from loop.worker.lowmem import PausedBackward
 
@@ -253,7 +270,8 @@ class Worker:
             self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.args.max_update_ratio,
                                           names=self.names)
         prep = self._lowmem.prepare(self._run["batch"], objective=msg.objective, beta=msg.beta,
-                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan)
+                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan,
+                                    observe=direction.observe if direction is not None else None)
         if not prep.check.ok:
             self._lowmem.drop()
         self._staged = (msg.run_id, None, prep.check)
@@ -443,8 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", default="apollo-mini", choices=["apollo", "apollo-mini", "adamw", "sgd"])
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--max-update-ratio", type=float, default=0.05)
-    ap.add_argument("--agreement-groups", type=int, default=16,
-                    help="trusted pairs are judged in at most this many groups (one backward pass each)")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")

@@ -107,12 +107,11 @@ class Train(Msg, tag="train"):
     max_len: int = 1024
     inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
     lowmem: bool = False  # train_mode=lowmem: measure the update now, write it in Apply by a second backward
-    # Trusted pairs (the scheduler's eval set): at step 1 the worker predicts how the staged update moves their
-    # margins (loop/worker/agreement.py) and reports it; with `max_conflict_t` set it refuses an update that would
-    # move them down by more than that many standard errors (and at least `reference_min_pairs` pairs were given).
-    reference: list[Pair] = []
+    # The base model folder (the scheduler's runs): at step 1 the worker measures whether the staged update goes on
+    # with the weights' change since that base or pulls it back (loop/worker/agreement.py) and reports it; with
+    # `max_conflict_t` set it refuses an update that pulls back by more than that many standard errors.
+    base_weights: str = ""
     max_conflict_t: float | None = None
-    reference_min_pairs: int = 5
 
 
 class Apply(Msg, tag="apply"):
@@ -164,7 +163,7 @@ class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
     weight_norm: float = 0.0
     ratio: float = 0.0
     n_tensors: int = 0
-    conflict: bool = False  # refused because it would undo the trusted pairs of `Train.reference`
+    conflict: bool = False  # refused because it would undo what was learned since `Train.base_weights`
 
 
 class TrainDone(Msg, tag="train_done"):

@@ -4,8 +4,8 @@ It speaks the real protocol through the real `Channel` (heartbeat thread include
 Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter
 (the checksum is "v<n>"). Checkpoint writes the counter into <path>/model.safetensors (a path "sleep:<s>" sleeps
 that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
-A Train whose trusted pairs (`reference`, with max_conflict_t set) include one with chosen == "undone" is
-refused as a conflict (what loop/worker/agreement.py does to a batch that would undo trusted preferences).
+A Train whose base_weights path ends in "undone" (with max_conflict_t set) is refused as a conflict (what
+loop/worker/agreement.py does to an update that would undo what the kept runs taught).
 FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway).
 """
 
@@ -36,10 +36,9 @@ def main() -> None:
             ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=0.5))
             staged = msg
             ch.state = "idle"
-            # trusted pairs whose chosen answer says "undone" stand for an update that would undo them
-            conflict = msg.max_conflict_t is not None and any(r.chosen == "undone" for r in msg.reference)
-            metrics = {"loss": 0.5, **({"agreement_t": -9.0, "agreement_pairs": float(len(msg.reference))}
-                                       if msg.reference else {})}
+            # a base folder named "*undone" stands for an update that would pull the weights back from it
+            conflict = msg.max_conflict_t is not None and msg.base_weights.endswith("undone")
+            metrics = {"loss": 0.5, **({"agreement_t": -9.0, "agreement_cosine": -0.01} if msg.base_weights else {})}
             ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                 update=p.UpdateStats(ok=not (msg.inject_nan or conflict), conflict=conflict,
                                                      reason="nan" if msg.inject_nan else "conflict" if conflict else "")))

@@ -38,13 +38,13 @@ class FakeTrainer:
         self.restored: list[int] = []
         self.checkpoints = 0
         self.fail = False
-        self.reject = False  # the worker's agreement check says the batch would undo the trusted pairs
-        self.references: list[tuple[list[Any], float | None]] = []
+        self.reject = False  # the worker's direction check says the update would undo what was learned
+        self.checks: list[tuple[str | None, float | None]] = []  # (base_weights, max_conflict_t) per run
 
-    async def run(self, request: Any, *, trigger: str = "manual", reference: list[Any] | None = None,
+    async def run(self, request: Any, *, trigger: str = "manual", base_weights: str | None = None,
                   max_conflict_t: float | None = None) -> int:
         self.requests.append(request)
-        self.references.append((list(reference or []), max_conflict_t))
+        self.checks.append((base_weights, max_conflict_t))
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=request.objective,
                               version_before=self.state.weight_version, batch={"n": len(request.pairs)})
@@ -63,7 +63,7 @@ class FakeTrainer:
             if self.fail:
                 run.status, run.version_after = "failed", run.version_before
                 s.query(RunFeedback).filter(RunFeedback.run_id == run_id).delete()
-            elif self.reject and self.references[-1][1] is not None and self.references[-1][0]:
+            elif self.reject and self.checks[-1][1] is not None and self.checks[-1][0]:
                 run.status, run.version_after = "rejected", run.version_before  # feedback stays consumed
                 run.error = "the update would undo trusted preferences"
             else:
@@ -130,8 +130,11 @@ def state(tmp_path: Path) -> Iterator[State]:
     with sessions() as s:
         s.add(WeightVersion(version=0, kind="initial"))
         s.commit()
+    base = tmp_path / "base-model"  # the model folder the scheduler hands to the worker's direction check
+    base.mkdir()
+    (base / "config.json").write_text("{}")
     settings = Settings(data_dir=tmp_path, scheduler_interval_s=60, scheduler_min_pairs=3, scheduler_max_wait_s=3600,
-                        holdout_fraction=0.0, admin_token="x" * 32)
+                        holdout_fraction=0.0, admin_token="x" * 32, model=str(base))
     st = State(settings=settings, sessions=sessions)
     st.trainer = FakeTrainer(st)
     yield st

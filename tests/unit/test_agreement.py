@@ -1,92 +1,81 @@
-"""The pre-write agreement check (loop/worker/agreement.py): how a staged update would move trusted margins.
-
-A tiny random Llama and the in-test tokenizer of test_objectives; the optimizer is plain SGD so the staged delta
-is exactly -lr * gradient and the signs below follow from the maths, not from luck."""
+"""The pre-write direction check (loop/worker/agreement.py): does an update pull the weights back from their
+change since the base model? Exact figures on small tensors, shards and row chunks, and the verdict's rules."""
 
 from __future__ import annotations
 
-import copy
+import json
 import math
-from typing import Any
+from pathlib import Path
 
 import pytest
 import torch
-from test_objectives import _model, tokenizer  # noqa: F401 - tokenizer is a fixture
+from safetensors.torch import save_file
 
 from loop.worker import agreement
-from loop.worker.apollo import make_optimizer, trainable_parameters
-from loop.worker.objectives import encode_pairs, train_step
-from loop.worker.update import weights_checksum
-
-PAIRS = [("Be brief.", "Paris.", "The capital of France is Paris, I think so."),
-         ([{"role": "user", "content": "Two plus two?"}], "Four.", "What is two plus two? Four. Five."),
-         ("Tell me.", "London.", "London, probably. I think so. Tell me a long story."),
-         ("Be kind.", "Be brief.", "Be brief and kind, the capital of France is Paris."),
-         ("Sea?", "Paris.", "Tell me a long story about the sea. Be kind."),
-         ("Who?", "Four.", "system user assistant London, probably.")]
+from loop.worker.agreement import Agreement, BaseWeights, DirectionCheck
 
 
-def _delta(model: Any, tokenizer: Any, pairs: list[tuple[Any, str, str]], lr: float = 1e-2) -> dict[Any, Any]:
-    opt = make_optimizer("sgd", [p for _, p in trainable_parameters(model)], lr=lr)
-    batch = encode_pairs(tokenizer, pairs, 128)
-    result = train_step(model, opt, batch, objective="dpo", beta=0.1, per_layer=True)
-    model.zero_grad(set_to_none=True)
-    return result.deltas
+def _tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(6, 4, generator=g), "b.weight": torch.randn(5, generator=g),
+            "c.weight": torch.randn(3, 7, generator=g)}
 
 
-def _flip(pairs: list[tuple[Any, str, str]]) -> list[tuple[Any, str, str]]:
-    return [(p, r, c) for p, c, r in pairs]
+def _check(base: Path, live: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> Agreement:
+    params = {name: torch.nn.Parameter(t.clone()) for name, t in live.items()}
+    check = DirectionCheck(BaseWeights(base), {prm: name for name, prm in params.items()})
+    for name, prm in params.items():
+        check.observe(prm, deltas[name])
+    return check.result()
 
 
-def test_first_order_prediction_matches_the_written_update(tokenizer: Any) -> None:
-    model = _model(tokenizer, seed=1)
-    deltas = _delta(model, tokenizer, PAIRS[:3], lr=1e-3)
-    ref = encode_pairs(tokenizer, PAIRS[3:], 128)
-    predicted = agreement.predicted_change(model, deltas, ref)
-    with torch.no_grad():
-        before = agreement.per_token_margins(model, ref).mean().item()
-        moved = copy.deepcopy(model)
-        for (name, prm), (_, src) in zip(moved.named_parameters(), model.named_parameters()):
-            if src in deltas:
-                prm.add_(deltas[src])
-        after = agreement.per_token_margins(moved, ref).mean().item()
-    assert predicted != 0.0
-    assert after - before == pytest.approx(predicted, rel=0.05, abs=1e-7)
+def test_figures_match_a_direct_computation_across_shards_and_chunks(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    base, live, deltas = _tensors(0), _tensors(1), _tensors(2)
+    save_file({"a.weight": base["a.weight"]}, str(tmp_path / "part-1.safetensors"))
+    save_file({k: base[k] for k in ("b.weight", "c.weight")}, str(tmp_path / "part-2.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "part-1.safetensors", "b.weight": "part-2.safetensors", "c.weight": "part-2.safetensors"}}))
+    monkeypatch.setattr(agreement, "CHUNK", 8)  # a.weight in 3 chunks of 2 rows, b.weight in chunks of 8
+    found = _check(tmp_path, live, deltas)
+    dots = [float((deltas[k] * (live[k] - base[k])).sum()) for k in base]
+    d2 = sum(float((deltas[k] ** 2).sum()) for k in base)
+    a2 = sum(float(((live[k] - base[k]) ** 2).sum()) for k in base)
+    mean = sum(dots) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in dots) / 2)
+    assert found.n_tensors == 3 and found.n_down == sum(x < 0 for x in dots)
+    assert found.cosine == pytest.approx(sum(dots) / math.sqrt(d2 * a2), rel=1e-5)
+    assert found.t == pytest.approx(mean / (sd / math.sqrt(3)), rel=1e-5)
 
 
-def test_a_batch_agrees_with_itself_and_its_flipped_labels_disagree(tokenizer: Any) -> None:
-    model = _model(tokenizer, seed=2)
-    trusted = agreement.encode_groups(tokenizer, PAIRS, 128, max_groups=16, device="cpu")
-    assert [g.n_pairs for g in trusted] == [1] * len(PAIRS)
-    good = agreement.measure(model, _delta(model, tokenizer, PAIRS), trusted)
-    bad = agreement.measure(model, _delta(model, tokenizer, _flip(PAIRS)), trusted)
-    assert good.n_pairs == bad.n_pairs == len(PAIRS) and good.n_groups == len(PAIRS)
-    assert good.mean > 0 > bad.mean
-    assert good.t is not None and bad.t is not None and good.t > 0 > bad.t
-    assert agreement.verdict(good, max_conflict_t=1.0, min_pairs=5) is None
-    why = agreement.verdict(bad, max_conflict_t=min(1.0, -bad.t / 2), min_pairs=5)
-    assert why is not None and "would undo trusted preferences" in why and f"{len(PAIRS)} trusted pairs" in why
+def test_an_update_along_the_learned_change_agrees_and_its_reverse_is_rejected(tmp_path: Path) -> None:
+    base, noise = _tensors(0), _tensors(3)
+    learned = {k: v + 0.1 * noise[k] for k, v in base.items()}  # what the kept runs wrote
+    save_file(base, str(tmp_path / "model.safetensors"))
+    onward = {k: 1e-3 * noise[k] for k in base}
+    back = {k: -v for k, v in onward.items()}
+    good, bad = _check(tmp_path, learned, onward), _check(tmp_path, learned, back)
+    assert good.cosine == pytest.approx(1.0, abs=1e-4) and bad.cosine == pytest.approx(-1.0, abs=1e-4)
+    assert bad.n_down == 3 and good.n_down == 0
+    assert agreement.verdict(good, max_conflict_t=3.0) is None
+    why = agreement.verdict(bad, max_conflict_t=1.0)
+    assert why is not None and "would undo what the kept runs taught" in why and "3 of 3 tensors" in why
 
 
-def test_measuring_writes_nothing_and_leaves_no_gradients(tokenizer: Any) -> None:
-    model = _model(tokenizer, seed=3)
-    deltas = _delta(model, tokenizer, PAIRS[:2])
-    before = weights_checksum(list(model.named_parameters()))
-    found = agreement.measure(model, deltas, agreement.encode_groups(tokenizer, PAIRS, 128, 4, "cpu"))
-    assert found.n_groups == 4 and found.n_pairs == len(PAIRS)
-    assert weights_checksum(list(model.named_parameters())) == before
-    assert all(p.grad is None for p in model.parameters())
-    assert set(found.metrics()) >= {"agreement_pairs", "agreement_groups", "agreement_mean", "agreement_t"}
+def test_nothing_learned_yet_or_no_base_tensor_means_no_verdict(tmp_path: Path) -> None:
+    base = _tensors(0)
+    save_file({"a.weight": base["a.weight"]}, str(tmp_path / "model.safetensors"))
+    found = _check(tmp_path, base, _tensors(2))  # live == base; b and c are not in the base file
+    assert found.n_tensors == 1 and found.cosine == 0.0 and found.t is None
+    assert agreement.verdict(found, max_conflict_t=0.0) is None
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        BaseWeights(tmp_path / "nowhere")
 
 
-def test_groups_and_verdict_limits() -> None:
-    assert agreement.groups_of(5, 16) == [[0], [1], [2], [3], [4]]
-    assert agreement.groups_of(5, 2) == [[0, 2, 4], [1, 3]]
-    assert agreement.groups_of(0, 16) == [[]]
-    down = agreement.Agreement(n_pairs=10, n_groups=10, mean=-1e-3, t=-3.0, values=[-1e-3] * 10)
-    assert agreement.verdict(down, max_conflict_t=2.0, min_pairs=5) is not None
-    assert agreement.verdict(down, max_conflict_t=3.5, min_pairs=5) is None  # not far enough below zero
-    assert agreement.verdict(down, max_conflict_t=2.0, min_pairs=11) is None  # too few trusted pairs to judge
-    flat = agreement.Agreement(n_pairs=10, n_groups=1, mean=-1.0, t=None, values=[-1.0])
-    assert agreement.verdict(flat, max_conflict_t=0.0, min_pairs=1) is None  # one group: no spread, no test
-    assert math.isfinite(down.metrics()["agreement_t"])
+def test_verdict_needs_a_negative_cosine_and_a_t_past_the_limit() -> None:
+    assert agreement.verdict(Agreement(200, -0.01, -5.0, 150), max_conflict_t=3.0) is not None
+    assert agreement.verdict(Agreement(200, -0.01, -2.0, 150), max_conflict_t=3.0) is None  # not far enough
+    assert agreement.verdict(Agreement(200, +0.01, -5.0, 150), max_conflict_t=3.0) is None  # overall onward
+    assert agreement.verdict(Agreement(1, -1.0, None, 1), max_conflict_t=0.0) is None  # one tensor: no spread
+    assert set(Agreement(200, -0.01, -5.0, 150).metrics()) == {
+        "agreement_tensors", "agreement_cosine", "agreement_down", "agreement_ms", "agreement_t"}

@@ -272,26 +272,26 @@ async def test_eval_set_replays_pairs_of_kept_runs_never_of_rolled_back_ones(sta
 
 async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_back(state: State) -> None:
     state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1})
-    guard = MarginGuard([+0.3])
-    sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
+    sched = Scheduler(state, guard=MarginGuard([+0.3]), clock=Clock())  # type: ignore[arg-type]
     sched.configure(min_pairs=1, max_conflict_t=2.5)
     add_comparisons(state, 12)
-    first = await sched.tick()  # no older pairs yet: nothing trusted to check against
-    assert state.trainer.references[0] == ([], 2.5)
+    first = await sched.tick()
+    # every scheduled run hands the worker the model folder the service started from, and the limit
+    assert state.trainer.checks == [(str(state.settings.model), 2.5)]
     add_comparisons(state, 12)
     state.trainer.reject = True
     second = await sched.tick()
-    trusted, limit = state.trainer.references[1]
     with state.sessions() as s:
         run = s.get(TrainingRun, second)
-        eval_set = run.batch["scheduler"]["eval_set"]
         consumed = set(s.scalars(select(RunFeedback.comparison_id).where(RunFeedback.run_id == second)))
         assert s.get(TrainingRun, first).status == "succeeded"
-        # the worker was handed exactly the frozen eval set as the trusted pairs, with the configured limit
-        assert limit == 2.5 and len(trusted) == eval_set["n_pairs"] > 0
-        assert [(p.chosen, p.rejected) for p in trusted] == [(p.chosen, p.rejected) for p in guard.measured[-1]]
         assert run.status == "rejected" and "eval_before" in run.metrics and "rollback" not in run.metrics
         assert consumed  # the rejected batch stays consumed ...
     assert state.trainer.restored == [] and state.weight_version == 1
     assert await sched.tick() is None  # ... so the next tick does not train on it again
     assert sched.describe()["untrained"] == {"pairs": 0, "examples": 0}
+    sched.configure(guard_enabled=False)  # no guard: nothing is checked
+    add_comparisons(state, 3)
+    state.trainer.reject = False
+    await sched.tick()
+    assert state.trainer.checks[-1][0] is None

@@ -22,7 +22,7 @@ from loop.config import Settings
 from loop.control import WorkerControl
 from loop.db.models import Comparison, Response, RunFeedback, TrainingRun, WeightVersion
 from loop.db.session import make_engine, make_sessionmaker, migrate
-from loop.training import Trainer, PairIn, TrainRequest
+from loop.training import Trainer, TrainRequest
 from loop.worker import protocol as p
 
 FAKE = str(Path(__file__).with_name("fake_worker.py"))
@@ -140,21 +140,20 @@ async def test_refused_update_keeps_version_and_releases_feedback_never_twice(tm
         await stop(state)
 
 
-async def test_batch_that_would_undo_trusted_pairs_is_rejected_and_stays_consumed(tmp_path: Path) -> None:
+async def test_update_that_would_undo_what_was_learned_is_rejected_and_stays_consumed(tmp_path: Path) -> None:
     trainer, state, vllm = await make(tmp_path)
     try:
-        trusted = [PairIn(prompt="q", chosen="undone", rejected="kept")]
         cid = add_comparison(state)
-        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid]), reference=trusted,
-                                                      max_conflict_t=2.0))
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid]), base_weights="/m/undone",
+                                                      max_conflict_t=3.0))
         assert run.status == "rejected" and run.error == "conflict" and run.version_after == 0
         assert run.metrics["agreement_t"] == -9.0 and "rejected" in (trainer.describe()["last_error"] or "")
         assert vllm.calls == [] and state.weight_version == 0  # nothing written, serving never paused
         with state.sessions() as s:  # a poisoned batch is not retried: its feedback stays consumed
             assert [(f.run_id, f.comparison_id) for f in s.scalars(select(RunFeedback))] == [(run.id, cid)]
-        # measured only (no limit): the same trusted pairs do not stop a run; the figures are recorded
-        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR]), reference=trusted))
-        assert run.status == "succeeded" and run.metrics["agreement_pairs"] == 1.0
+        # measured only (no limit): the run goes on; the figures are recorded
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR]), base_weights="/m/undone"))
+        assert run.status == "succeeded" and run.metrics["agreement_cosine"] == -0.01
     finally:
         await stop(state)
 
