@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import ingest, learning, memory, proxy, update
+from loop.bench import direction, ingest, learning, memory, proxy, update
 
-BENCHES = [proxy, ingest, learning, update, memory]
+BENCHES = [proxy, ingest, learning, update, memory, direction]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001

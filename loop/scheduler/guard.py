@@ -28,6 +28,11 @@ it pulls those fitted margins down hard, while unseen pairs move little either w
 second seed of `loop bench learning` the held-out t read -1.60 for a good round and -0.68 for the poisoned one).
 Pairs of rolled-back runs never judge.
 
+A poisoned batch is first met before the write, in the worker (loop/worker/agreement.py: the update's direction
+against the weights' change since the base model, measured on the exact fp32 update): in `loop bench learning`
+that check told poisoned rounds from good ones where the margin test below could not (its t values overlapped
+for one small update). The test below stays as the second line, after the write.
+
 `verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
 least `min_pairs` held-out pairs (fewer are noise):
 - the margins moved the wrong way: the mean per-token margin change lies more than `max_margin_t` standard errors

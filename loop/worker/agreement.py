@@ -118,9 +118,9 @@ class DirectionCheck:
             if b is None or tuple(b.shape) != tuple(w[start:stop].shape):
                 self.missing.append(name)
                 return
-            change = w[start:stop].float() - b.to(w.device, non_blocking=True).float()
-            d = delta[start:stop].float()
-            acc += torch.stack([(d * change).sum(), (d * d).sum(), (change * change).sum()]).double()
+            change = (w[start:stop].float() - b.to(w.device, non_blocking=True).float()).view(-1)
+            d = delta[start:stop].float().reshape(-1)
+            acc += torch.stack([torch.dot(d, change), torch.dot(d, d), torch.dot(change, change)]).double()
         self._rows.append(acc)
 
     def result(self) -> Agreement:

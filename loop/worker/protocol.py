@@ -9,7 +9,9 @@ can match replies to waiting callers. Unsolicited worker messages (`Hello`, `Hea
 
 Conversation (see DESIGN.md "The update, step by step"):
     API → Train(run_id, step, …batch…)       worker: reference log-probs, forward, backward, optimizer maths
+                                              (+ base_weights: the update's direction vs the change since the base)
     API ← TrainDone(metrics, update stats)    staged deltas wait in the worker; vLLM kept serving meanwhile
+                                              (update.ok False + conflict: the batch would undo what was learned)
     API → Apply(run_id)   (vLLM paused)       worker: finite/ratio check → in-place write (stochastic rounding)
     API ← Applied(checksum, ms) | Refused(reason)
     API → Discard(run_id)                     drop a staged update (the API decided not to apply it)

@@ -2,8 +2,9 @@
 
 Feedback is made the way users make it (POST /api/candidates, then POST /api/comparisons); the scheduler is
 driven only through its thresholds (POST /api/scheduler/config) and triggers by itself. Covered: the threshold
-and the interval trigger; no feedback used twice, also when the worker is SIGKILLed mid-run; a forced
-regression (a huge learning rate) rolled back by the eval guard; the schedule and consumed marks survive a
+and the interval trigger; no feedback used twice, also when the worker is SIGKILLed mid-run; a batch with flipped
+labels after two teaching rounds rejected before the write (and its feedback not retried); a forced regression (a
+huge learning rate) rolled back by the eval guard; the schedule and consumed marks survive a
 restart of the API process. The shared service is left as found: thresholds reset, scheduler resumed.
 """
 
@@ -28,7 +29,7 @@ HOLDOUT = Settings().holdout_fraction  # the shared service runs with the defaul
 
 NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
          "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
-         "max_margin_t": None}
+         "max_margin_t": None, "max_conflict_t": None}
 
 
 class Api:
@@ -45,9 +46,9 @@ class Api:
     def config(self, **kw: Any) -> dict[str, Any]:
         return self.call("POST", "/api/scheduler/config", json=kw)
 
-    def comparisons(self, k: int, *, tag: str) -> list[int]:
-        """k trainable A/B picks on fresh answers; the shorter answer wins (a tie would give no pair, so retry;
-        a pick that falls in the held-out slice does not count)."""
+    def comparisons(self, k: int, *, tag: str, longer: bool = False) -> list[int]:
+        """k trainable A/B picks on fresh answers; the shorter answer wins (`longer`: the longer one — flipped
+        labels; a tie would give no pair, so retry; a pick that falls in the held-out slice does not count)."""
         ids = []
         i = 0
         while len(ids) < k:
@@ -61,7 +62,7 @@ class Api:
                 continue
             cid = self.call("POST", "/api/comparisons", json={
                 "response_a_id": c[0]["response_id"], "response_b_id": c[1]["response_id"],
-                "winner": "a" if la < lb else "b", "rater": f"e2e-{tag}"})["id"]
+                "winner": "a" if (la < lb) != longer else "b", "rater": f"e2e-{tag}"})["id"]
             if not is_held_out("comparison", cid, HOLDOUT):  # held-out feedback is for eval, never trained on
                 ids.append(cid)
         return ids
@@ -188,9 +189,34 @@ def test_worker_killed_mid_run_releases_feedback_which_trains_once_later(api: Ap
     assert len(rows) == len(set(rows)) and all(rows.count(i) == 1 for i in ids)
 
 
+def test_batch_that_undoes_what_was_learned_is_rejected_before_the_write(api: Api, loop_service: Any) -> None:
+    """Two rounds teach "the shorter answer wins"; a batch with flipped labels would pull the weights back: the
+    worker's direction check rejects it before anything is written (loop/worker/agreement.py)."""
+    api.config(min_pairs=4, interval_s=1e9, max_wait_s=1e9, steps=2, learning_rate=1e-4, guard_enabled=True,
+               max_perplexity_rise=10.0, max_accuracy_drop=1.0, max_margin_t=1e9, max_conflict_t=3.0)
+    for i in range(2):
+        before = api.last_run_id()
+        api.comparisons(4, tag=f"teach-{i}")
+        run = api.wait_run(before)
+        assert run["status"] == "succeeded", run
+        assert "agreement_cosine" in run["metrics"]  # every scheduled run is measured
+    live = api.call("GET", "/api/versions")["live"]
+    before = api.last_run_id()
+    ids = api.comparisons(4, tag="flipped", longer=True)
+    run = api.wait_run(before)
+    assert run["status"] == "rejected", (run["status"], run["error"], run["metrics"])
+    assert "would undo what the kept runs taught" in run["error"]
+    assert run["metrics"]["agreement_cosine"] < 0 and run["metrics"]["agreement_t"] < -3.0
+    assert run["version_after"] == run["version_before"] == live == api.call("GET", "/api/versions")["live"]
+    assert run["eval_before"] is not None and run["eval_after"] is None  # judged before the write: nothing to measure
+    assert set(ids) <= set(run["consumed"]["comparison_ids"])  # consumed: a poisoned batch is not retried
+    assert api.call("GET", "/api/scheduler")["untrained"]["pairs"] == 0
+
+
 def test_forced_regression_is_rolled_back_in_place(api: Api, loop_service: Any) -> None:
+    # the pre-write direction check is set out of reach: this test is about the rollback after the write
     api.config(min_pairs=2, interval_s=1e9, max_wait_s=1e9, steps=1, learning_rate=2e-3, guard_enabled=True,
-               max_perplexity_rise=0.05)
+               max_perplexity_rise=0.05, max_conflict_t=1e9)
     before = api.last_run_id()
     api.comparisons(2, tag="poison")
     run = api.wait_run(before)

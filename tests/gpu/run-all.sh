@@ -3,7 +3,7 @@
 # longer, so it runs under setsid and later calls read /tmp/gpu-out). Each step logs to /tmp/gpu-out/<step>.log
 # and the summary line of each step goes to /tmp/gpu-out/summary.txt.
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
-# steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b
+# steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -39,6 +39,8 @@ for s in "$@"; do
     mem-14b)  mem qwen2-14b 29.5 ;;
     mem-24b)  mem mistral-24b 47.2 1 ;;
     mem-32b)  mem qwen2-32b 65.5 1 ;;
+    dir-7b)   step dir-7b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-7b --dummy --device cuda ;;
+    dir-14b)  step dir-14b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-14b --dummy --device cuda ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done
