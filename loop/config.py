@@ -97,11 +97,13 @@ class Settings(BaseSettings):
     max_margin_t: float = Field(1.0, ge=0, description="Roll back when the update moved the held-out pairs' "
                                 "log p(chosen) - log p(rejected) per answer token down by more than this many "
                                 "standard errors of the mean (a one-sided t test; see loop/scheduler/guard.py).")
-    max_conflict_t: float | None = Field(3.0, ge=0, description="Before writing a scheduled update, measure whether "
-                                         "it pulls the weights back from their change since the base model "
-                                         "(loop/worker/agreement.py); reject the batch when the cosine is negative "
-                                         "and the per-tensor dot products lie more than this many standard errors "
-                                         "below zero. Unset: measure and record only.")
+    max_conflict_t: float | None = Field(None, ge=0, description="Before writing a scheduled update, the worker "
+                                         "measures whether it pulls the weights back from their change since the "
+                                         "base model (loop/worker/agreement.py); with this set, reject the batch "
+                                         "when the cosine is negative and the per-tensor dot products lie more "
+                                         "than this many standard errors below zero. Unset (default): measure and "
+                                         "record only — at small batch sizes the figure is not a reliable poison "
+                                         "detector (measured, see agreement.py).")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = True

@@ -4,8 +4,9 @@ A synthetic rater wants short, finished answers: an answer is *approved* when it
 "stop") within `--max-words` words. Each round, through loop's PUBLIC HTTP API only:
 1. asks `POST /api/candidates` for two fresh answers to each of `--prompts` prompts (the live weights, sampled);
    the approval rate of these fresh answers is the round's headline figure;
-2. rates them with `POST /api/comparisons` (the shorter answer wins; equal length → tie); in the poisoned round
-   (`--poison-round`) the labels are flipped (the longer answer wins);
+2. rates them with `POST /api/comparisons` (`Bench.pick`: an approved answer beats an unapproved one; two approved
+   answers are a tie — the rater has nothing left to prefer; of two unapproved ones the finished, then the shorter
+   wins); in the poisoned round (`--poison-round`) every non-tie label is flipped;
 3. waits while loop trains on its own schedule: the scheduler's threshold (set once at the start through
    `POST /api/scheduler/config`) fires on the new comparisons, the eval guard measures before and after, and a
    regression is rolled back automatically. Nothing here calls /api/train.
@@ -93,6 +94,18 @@ class Bench:
     def approved(self, cand: dict[str, Any]) -> bool:
         return cand.get("finish_reason") == "stop" and words(cand["content"]) <= self.args.max_words
 
+    def pick(self, a: dict[str, Any], b: dict[str, Any]) -> str:
+        """The rater's A/B pick. Approved beats not approved; two approved answers are equally good to this rater
+        (tie: nothing left to prefer); of two unapproved ones a finished answer beats a cut-off one, then the
+        shorter wins."""
+        ok_a, ok_b = self.approved(a), self.approved(b)
+        if ok_a != ok_b:
+            return "a" if ok_a else "b"
+        if ok_a:
+            return "tie"
+        la, lb = (words(x["content"]) + (0 if x["finish_reason"] == "stop" else 1000) for x in (a, b))
+        return "tie" if la == lb else "a" if la < lb else "b"
+
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
         if r.status_code >= 400:
@@ -122,12 +135,9 @@ class Bench:
                 approved += self.approved(cand)
                 lengths.append(words(cand["content"]))
             a, b = c[0], c[1]
-            la, lb = words(a["content"]) + (0 if a["finish_reason"] == "stop" else 1000), \
-                words(b["content"]) + (0 if b["finish_reason"] == "stop" else 1000)
-            if la == lb:
-                winner = "tie"
-            else:
-                winner = "a" if (la < lb) != poisoned else "b"
+            winner = self.pick(a, b)
+            if poisoned and winner != "tie":
+                winner = "b" if winner == "a" else "a"
             comparisons.append((a["response_id"], b["response_id"], winner))
         last_run = self._last_run_id()
         for ra, rb, winner in comparisons:
@@ -236,7 +246,8 @@ def started_loop(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """A private `loop serve` (vLLM + worker) in a temp dir, with a held-out share large enough to measure."""
     from loop.bench.proxy import free_port, wait_healthy
 
-    with tempfile.TemporaryDirectory(prefix="loop-bench-learning-") as data_dir:
+    keep = contextlib.nullcontext(args.data_dir) if args.data_dir else None
+    with keep or tempfile.TemporaryDirectory(prefix="loop-bench-learning-") as data_dir:
         port = free_port()
         cmd = [sys.executable, "-m", "loop.cli", "serve", "--port", str(port), "--data-dir", data_dir,
                "--vllm-port", str(free_port()), "--log-level", "warning"]
@@ -300,6 +311,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-timeout", type=float, default=1200)
     p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--data-dir", help="a started loop's data dir, kept afterwards (default: a temp dir, removed)")
     p.set_defaults(func=main)
 
 

@@ -4,18 +4,22 @@ What: the weights the service started from (the base model folder, read tensor b
 and the live weights differ by everything the kept runs taught: `acc = w_live - w_base`. For the staged update
 `delta` of a scheduled run the worker measures, per trained tensor, `dot = <delta, acc>` and the norms, and from
 them the global cosine of `delta` with `acc` and the t statistic of the per-tensor dots (mean / standard error
-over tensors). A batch whose labels contradict the feedback learned so far (a poisoned batch, flipped labels)
-points its update back along `acc`: cosine below zero, the dots of the tensors that carry the learned preference
-strongly negative. `verdict` rejects it when the cosine is negative and t < -max_conflict_t.
+over tensors). A batch that reverses what was learned — the same pairs rated the other way round — points its
+update back along `acc`: cosine below zero, the per-tensor dots strongly negative. `verdict` rejects it when the
+cosine is negative and t < -max_conflict_t. Measured on the fp32 `delta` and the live weights, neither stochastic
+rounding nor bf16 arithmetic (which blur the after-the-write margins the guard reads from vLLM) enters.
 
-Why this and not a question asked of preference pairs: measured offline on two `loop bench learning` runs
-(SmolLM2-135M, lr 2e-5, 2 steps a run, 4-10 pairs a batch), the per-tensor dot t of 5 good runs was +0.56 ...
-+2.11 (cosine +0.0007 ... +0.0050) and of the 2 poisoned runs -7.33 and -4.74 (cosine -0.0102, -0.0047). Asking
-trusted pairs instead — the first-order change of their per-token margins under `delta`, t over pairs — gave
-good runs +0.89, +0.51, -0.41, +2.70 and the poisoned ones -1.32, -0.27 (the same runs measured by the scheduler):
-each pair responds to one small update mostly in its own way, while `acc` sums every kept update's direction.
-Measured on the fp32 `delta` and the live weights, neither stochastic rounding nor bf16 arithmetic (which blur
-the after-the-write margins the guard reads from vLLM) enters.
+What it is NOT (measured, so the limit is off by default — `max_conflict_t` unset: every scheduled run records
+the figures, nothing is rejected): a reliable detector of a poisoned batch of FRESH pairs at the size of
+`loop bench learning`'s rounds (SmolLM2-135M, lr 2e-5, 2 steps, 4-10 pairs a batch). Offline on two runs the
+per-tensor t of 5 good runs was +0.56 ... +2.11 and of the 2 poisoned ones -7.33 and -4.74; live, over four more
+runs, good rounds read -4.46 ... +7.62 (two of 14 below -3) and poisoned ones -3.98, -0.62, -0.16 and +6.70. The
+per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
+little direction with what earlier rounds wrote; the DPO implicit reward of the live weights against the base,
+per pair of the batch, did not separate poisoned from good batches either (offline, same runs). Asking trusted
+pairs instead — the first-order change of their per-token margins under `delta`, t over pairs — gave good runs
++0.89, +0.51, -0.41, +2.70 and poisoned ones -1.32, -0.27. Switch it on (`max_conflict_t`, e.g. 3) where batches
+are large or where relabelled pairs are the threat: exactly reversed pairs are caught (tests/e2e/test_loop_e2e.py).
 
 Cost: one pass over the base weights from disk (page cache after the first run) in row chunks, so the extra
 memory is one chunk in fp32, never a second copy of the model. Works in both train modes: atomic measures the

@@ -183,7 +183,7 @@ class Worker:
         self._drop_staged()
         self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
         t0 = time.perf_counter()
-        conflict: str | None = None  # why the trusted pairs say no (loop/worker/agreement.py)
+        conflict: str | None = None  # why the update would undo what was learned (loop/worker/agreement.py)
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":

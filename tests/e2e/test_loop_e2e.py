@@ -37,6 +37,7 @@ class Api:
         self.service = service
         self.http = httpx.Client(base_url=service.url, timeout=600,
                                  headers={"authorization": f"Bearer {service.admin_token}"})
+        self.rated: list[tuple[str, str, str]] = []  # (response a, response b, winner) of trainable picks
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
@@ -46,9 +47,9 @@ class Api:
     def config(self, **kw: Any) -> dict[str, Any]:
         return self.call("POST", "/api/scheduler/config", json=kw)
 
-    def comparisons(self, k: int, *, tag: str, longer: bool = False) -> list[int]:
-        """k trainable A/B picks on fresh answers; the shorter answer wins (`longer`: the longer one — flipped
-        labels; a tie would give no pair, so retry; a pick that falls in the held-out slice does not count)."""
+    def comparisons(self, k: int, *, tag: str) -> list[int]:
+        """k trainable A/B picks on fresh answers; the shorter answer wins (a tie would give no pair, so retry;
+        a pick that falls in the held-out slice does not count). Each trainable pick is noted in `rated`."""
         ids = []
         i = 0
         while len(ids) < k:
@@ -60,11 +61,13 @@ class Api:
             la, lb = len(c[0]["content"]), len(c[1]["content"])
             if la == lb or c[0]["content"] == c[1]["content"]:
                 continue
+            winner = "a" if la < lb else "b"
             cid = self.call("POST", "/api/comparisons", json={
                 "response_a_id": c[0]["response_id"], "response_b_id": c[1]["response_id"],
-                "winner": "a" if (la < lb) != longer else "b", "rater": f"e2e-{tag}"})["id"]
+                "winner": winner, "rater": f"e2e-{tag}"})["id"]
             if not is_held_out("comparison", cid, HOLDOUT):  # held-out feedback is for eval, never trained on
                 ids.append(cid)
+                self.rated.append((c[0]["response_id"], c[1]["response_id"], winner))
         return ids
 
     def last_run_id(self) -> int:
@@ -190,10 +193,13 @@ def test_worker_killed_mid_run_releases_feedback_which_trains_once_later(api: Ap
 
 
 def test_batch_that_undoes_what_was_learned_is_rejected_before_the_write(api: Api, loop_service: Any) -> None:
-    """Two rounds teach "the shorter answer wins"; a batch with flipped labels would pull the weights back: the
-    worker's direction check rejects it before anything is written (loop/worker/agreement.py)."""
+    """Two rounds teach "the shorter answer wins"; then another rater picks the other answer of the very same pairs
+    (flipped labels): that update would pull the weights back along what the two rounds wrote, and the worker's
+    direction check (loop/worker/agreement.py) rejects it before anything is written."""
+    # teaching runs are measured, not judged (a small batch's direction is noisy, see agreement.py)
     api.config(min_pairs=4, interval_s=1e9, max_wait_s=1e9, steps=2, learning_rate=1e-4, guard_enabled=True,
-               max_perplexity_rise=10.0, max_accuracy_drop=1.0, max_margin_t=1e9, max_conflict_t=3.0)
+               max_perplexity_rise=10.0, max_accuracy_drop=1.0, max_margin_t=1e9, max_conflict_t=1e9)
+    api.rated.clear()
     for i in range(2):
         before = api.last_run_id()
         api.comparisons(4, tag=f"teach-{i}")
@@ -201,15 +207,23 @@ def test_batch_that_undoes_what_was_learned_is_rejected_before_the_write(api: Ap
         assert run["status"] == "succeeded", run
         assert "agreement_cosine" in run["metrics"]  # every scheduled run is measured
     live = api.call("GET", "/api/versions")["live"]
+    api.config(min_pairs=1000000, max_conflict_t=3.0)  # collect the flipped picks, then train on them in one run
+    flipped = []
+    for a, b, winner in api.rated:
+        c = api.call("POST", "/api/comparisons", json={"response_a_id": a, "response_b_id": b,
+                                                        "winner": "b" if winner == "a" else "a", "rater": "e2e-flip"})
+        if not is_held_out("comparison", c["id"], HOLDOUT):
+            flipped.append(c["id"])
+    assert len(flipped) >= 3, "too many flipped picks fell in the held-out slice"
     before = api.last_run_id()
-    ids = api.comparisons(4, tag="flipped", longer=True)
+    api.call("POST", "/api/scheduler/run")
     run = api.wait_run(before)
     assert run["status"] == "rejected", (run["status"], run["error"], run["metrics"])
     assert "would undo what the kept runs taught" in run["error"]
     assert run["metrics"]["agreement_cosine"] < 0 and run["metrics"]["agreement_t"] < -3.0
     assert run["version_after"] == run["version_before"] == live == api.call("GET", "/api/versions")["live"]
     assert run["eval_before"] is not None and run["eval_after"] is None  # judged before the write: nothing to measure
-    assert set(ids) <= set(run["consumed"]["comparison_ids"])  # consumed: a poisoned batch is not retried
+    assert set(flipped) <= set(run["consumed"]["comparison_ids"])  # consumed: a poisoned batch is not retried
     assert api.call("GET", "/api/scheduler")["untrained"]["pairs"] == 0
 
 
