@@ -60,6 +60,8 @@ class Pair:
     source: str  # "comparison" | "ratings"
     rating_ids: tuple[int, ...] = ()
     comparison_ids: tuple[int, ...] = ()
+    chosen_cut: bool = False  # the answer was cut off by max_tokens: it did not end there (no EOS to learn)
+    rejected_cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Example:
     label: bool
     response_id: str
     rating_ids: tuple[int, ...] = field(default=())
+    cut: bool = False  # cut off by max_tokens (see Pair.chosen_cut)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def preference_pairs(s: Session, f: PairFilters = PairFilters()) -> Iterator[Pai
             continue
         chosen, rejected = (ra, rb) if comp.winner == "a" else (rb, ra)
         yield Pair(Prompt.of(chosen), chosen.completion, rejected.completion, chosen.id, rejected.id,
-                   "comparison", comparison_ids=(comp.id,))
+                   "comparison", comparison_ids=(comp.id,), chosen_cut=was_cut(chosen), rejected_cut=was_cut(rejected))
 
     # Verdict per response from its current ratings; then all strictly ordered pairs within a prompt.
     by_prompt: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -160,8 +163,15 @@ def preference_pairs(s: Session, f: PairFilters = PairFilters()) -> Iterator[Pai
                     continue
                 found.append(Pair(Prompt.of(win["response"]), win["response"].completion,
                                   lose["response"].completion, win["response"].id, lose["response"].id,
-                                  "ratings", rating_ids=rating_ids))
+                                  "ratings", rating_ids=rating_ids, chosen_cut=was_cut(win["response"]),
+                                  rejected_cut=was_cut(lose["response"])))
         yield from sorted(found, key=lambda p: (p.chosen_response_id, p.rejected_response_id))
+
+
+def was_cut(response: Any) -> bool:
+    """The answer stopped at max_tokens (or a client disconnect), not by itself: trained without an end token,
+    so a preference for it never teaches the model to end answers there."""
+    return getattr(response, "finish_reason", None) == "length" or bool(getattr(response, "truncated", False))
 
 
 def _prefer(x: dict[str, Any], y: dict[str, Any]) -> int:
@@ -183,7 +193,8 @@ def unpaired_examples(s: Session, f: PairFilters = PairFilters()) -> Iterator[Ex
         label = example_label(rating.thumb, rating.score)
         if label is None:
             continue
-        yield Example(Prompt.of(response), response.completion, label, response.id, rating_ids=(rating.id,))
+        yield Example(Prompt.of(response), response.completion, label, response.id, rating_ids=(rating.id,),
+                      cut=was_cut(response))
 
 
 def example_label(thumb: int | None, score: int | None) -> bool | None:

@@ -46,12 +46,16 @@ class PairIn(BaseModel):
     prompt: str | list[dict[str, str]] = Field(..., description="plain text, or chat messages before the answer")
     chosen: str = Field(..., min_length=1)
     rejected: str = Field(..., min_length=1)
+    chosen_cut: bool = Field(False, description="the chosen answer was cut off (max_tokens): train it without an "
+                             "end-of-sequence token, so the model is not taught to end there")
+    rejected_cut: bool = Field(False, description="the same for the rejected answer")
 
 
 class ExampleIn(BaseModel):
     prompt: str | list[dict[str, str]]
     completion: str = Field(..., min_length=1)
     label: bool
+    cut: bool = Field(False, description="the completion was cut off (max_tokens): no end-of-sequence token")
 
 
 class TrainRequest(BaseModel):
@@ -184,8 +188,10 @@ class Trainer(Versions):
 
     def _resolve(self, req: TrainRequest) -> tuple[str, list[p.Pair], list[p.Example], list[int], list[int]]:
         """Inline data plus feedback ids → the batch (DPO pairs or KTO examples) and the ids it consumes."""
-        pairs = [p.Pair(prompt=x.prompt, chosen=x.chosen, rejected=x.rejected) for x in req.pairs]
-        examples = [p.Example(prompt=x.prompt, completion=x.completion, label=x.label) for x in req.examples]
+        pairs = [p.Pair(prompt=x.prompt, chosen=x.chosen, rejected=x.rejected, chosen_cut=x.chosen_cut,
+                        rejected_cut=x.rejected_cut) for x in req.pairs]
+        examples = [p.Example(prompt=x.prompt, completion=x.completion, label=x.label, cut=x.cut)
+                    for x in req.examples]
         used_r: set[int] = set()
         used_c: set[int] = set()
         if req.rating_ids or req.comparison_ids:
@@ -212,14 +218,15 @@ class Trainer(Versions):
                         ids_r, ids_c = set(item.rating_ids), set(item.comparison_ids)
                         if (ids_r or ids_c) and ids_r <= want_r and ids_c <= want_c:
                             pairs.append(p.Pair(prompt=prompt_messages(item.prompt), chosen=item.chosen,
-                                                rejected=item.rejected))
+                                                rejected=item.rejected, chosen_cut=item.chosen_cut,
+                                                rejected_cut=item.rejected_cut))
                             used_r |= ids_r
                             used_c |= ids_c
                 if (want_r or want_c) and (req.objective == "kto" or (req.objective is None and not pairs)):
                     for ex in unpaired_examples(s, filters):
                         if ex.rating_ids and set(ex.rating_ids) <= want_r:
                             examples.append(p.Example(prompt=prompt_messages(ex.prompt), completion=ex.completion,
-                                                      label=ex.label))
+                                                      label=ex.label, cut=ex.cut))
                             used_r |= set(ex.rating_ids)
         objective = req.objective or ("dpo" if pairs else "kto")
         if objective == "dpo" and not pairs:

@@ -3,8 +3,9 @@
 The check reads the base model's safetensors tensor by tensor (in row chunks) and, per trained tensor, takes the
 dot product of the staged update with the weights' change since the base. This bench builds a model (random
 weights from a config with --dummy, like vLLM's dummy load format), writes it as the "base" folder (HF shards),
-moves the live weights a little, and times the check over every trained tensor twice: the first pass reads the
-base from disk (or from the page cache if it is still there from the write), the second from the page cache.
+moves the live weights a little, and times the check over every trained tensor twice. Both passes read the base
+from the page cache when the machine's memory holds it (it was just written); a cold read from disk is slower by
+the disk's speed and is not what this measures.
 Printed: tensors, weight bytes, seconds and GB/s per pass, and the check's own peak memory beyond the weights
 and the staged update (CUDA: allocator peak).
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             deltas = {p: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-4
                       for _, p in trained}
         names = {p: n for n, p in trained}
-        for label in ("first pass", "second pass (page cache)"):
+        for label in ("pass 1", "pass 2"):
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

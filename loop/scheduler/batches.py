@@ -56,6 +56,9 @@ class Item:
     rejected: str = ""  # pair
     completion: str = ""  # example
     label: bool = True  # example
+    chosen_cut: bool = False  # cut off by max_tokens: no end token is trained after it (pairs.was_cut)
+    rejected_cut: bool = False
+    cut: bool = False  # example
     source: str = ""  # "comparison" | "ratings" | "both_bad" | "rating"
     rating_ids: tuple[int, ...] = ()
     comparison_ids: tuple[int, ...] = ()
@@ -82,9 +85,10 @@ class Batch:
         body: dict[str, Any] = {"objective": self.objective, "rating_ids": self.rating_ids,
                                 "comparison_ids": self.comparison_ids, "feedback_inline": True}
         if self.objective == "dpo":
-            body["pairs"] = [{"prompt": i.prompt, "chosen": i.chosen, "rejected": i.rejected} for i in self.items]
+            body["pairs"] = [{"prompt": i.prompt, "chosen": i.chosen, "rejected": i.rejected,
+                              "chosen_cut": i.chosen_cut, "rejected_cut": i.rejected_cut} for i in self.items]
         else:
-            body["examples"] = [{"prompt": i.prompt, "completion": i.completion, "label": i.label}
+            body["examples"] = [{"prompt": i.prompt, "completion": i.completion, "label": i.label, "cut": i.cut}
                                 for i in self.items]
         return body
 
@@ -258,16 +262,15 @@ def _both_bad(session: Session, *, untrained_only: bool, held_out: bool) -> list
 
 def _items(session: Session, *, untrained_only: bool, include_held_out: bool) -> list[Item]:
     f = pairs.PairFilters(untrained_only=untrained_only, include_held_out=include_held_out)
-    items = [Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
-                  rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids)
-             for p in pairs.preference_pairs(session, f)]
+    items = [_pair_item(p) for p in pairs.preference_pairs(session, f)]
     items += [Item(kind="example", prompt=worker_prompt(e.prompt), prompt_hash=e.prompt.prompt_hash,
-                   completion=e.completion, label=e.label, source="rating", rating_ids=e.rating_ids)
+                   completion=e.completion, label=e.label, source="rating", rating_ids=e.rating_ids, cut=e.cut)
               for e in pairs.unpaired_examples(session, f)]
     for c, ra, rb in _both_bad(session, untrained_only=untrained_only, held_out=False):
         for r in (ra, rb):
             items.append(Item(kind="example", prompt=worker_prompt(pairs.Prompt.of(r)), prompt_hash=r.prompt_hash,
-                              completion=r.completion, label=False, source="both_bad", comparison_ids=(c.id,)))
+                              completion=r.completion, label=False, source="both_bad", comparison_ids=(c.id,),
+                              cut=pairs.was_cut(r)))
     meta = _feedback_meta(session, {r for i in items for r in i.rating_ids},
                           {c for i in items for c in i.comparison_ids})
     for item in items:
@@ -298,7 +301,7 @@ def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
     found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
              if held_r.intersection(p.rating_ids) or held_c.intersection(p.comparison_ids)]
     found = _older_than(session, found, created_before)
-    return [_eval_item(p, held_out=True) for p in found[:limit]]
+    return [_pair_item(p, held_out=True) for p in found[:limit]]
 
 
 def trained_pairs(session: Session, *, limit: int, created_before: datetime | None = None) -> list[Item]:
@@ -318,7 +321,7 @@ def trained_pairs(session: Session, *, limit: int, created_before: datetime | No
     found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
              if (p.rating_ids or p.comparison_ids) and set(p.rating_ids) <= runs_r and set(p.comparison_ids) <= runs_c]
     found = _older_than(session, found, created_before)
-    return [_eval_item(p, held_out=False) for p in reversed(found[-limit:])] if limit > 0 else []
+    return [_pair_item(p, held_out=False) for p in reversed(found[-limit:])] if limit > 0 else []
 
 
 def eval_pairs(session: Session, settings: Any, *, created_before: datetime | None = None) -> list[Item]:
@@ -344,10 +347,10 @@ def _older_than(session: Session, found: list[pairs.Pair], created_before: datet
     return [p for p in found if (t := newest(p)) is not None and t < cutoff]
 
 
-def _eval_item(p: pairs.Pair, *, held_out: bool) -> Item:
+def _pair_item(p: pairs.Pair, *, held_out: bool = False) -> Item:
     return Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
                 rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids,
-                held_out=held_out)
+                held_out=held_out, chosen_cut=p.chosen_cut, rejected_cut=p.rejected_cut)
 
 
 def build_batch(pool: Pool, *, limit: int, tokenizer: Any = None, max_prompt_tokens: int = 768) -> Batch | None:

@@ -88,6 +88,8 @@ class EvalPair:
     prompt: str | list[dict[str, str]]
     chosen: str
     rejected: str
+    chosen_cut: bool = False  # cut off by max_tokens: scored without the end token, as it is trained
+    rejected_cut: bool = False
 
 
 @dataclass
@@ -178,10 +180,10 @@ class EvalGuard:
         text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def answer_ids(self, answer: str) -> list[int]:
+    def answer_ids(self, answer: str, cut: bool = False) -> list[int]:
         ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
         eos = getattr(self.tokenizer, "eos_token_id", None)
-        return ids + ([eos] if eos is not None else [])
+        return ids + ([eos] if eos is not None and not cut else [])
 
     def _join(self, prompt: list[int], answer: list[int]) -> tuple[list[int], int]:
         """prompt + answer, keeping the answer whole: long prompts lose their oldest tokens."""
@@ -241,8 +243,8 @@ class EvalGuard:
         starts: list[int] = []
         for pair in pairs:
             p = self.prompt_ids(pair.prompt)
-            for answer in (pair.chosen, pair.rejected):
-                ids, start = self._join(p, self.answer_ids(answer))
+            for answer, cut in ((pair.chosen, pair.chosen_cut), (pair.rejected, pair.rejected_cut)):
+                ids, start = self._join(p, self.answer_ids(answer, cut))
                 prompts.append(ids)
                 starts.append(start)
         n_canary = len(self._canary_ids)

@@ -447,7 +447,8 @@ class Scheduler:
 def _eval_pair(item: batches.Item) -> Any:
     from loop.scheduler.guard import EvalPair
 
-    return EvalPair(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected)
+    return EvalPair(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected, chosen_cut=item.chosen_cut,
+                    rejected_cut=item.rejected_cut)
 
 
 def _parse(iso: str | None) -> datetime | None:

@@ -187,11 +187,11 @@ class Worker:
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":
-                    batch = encode_pairs(self.tokenizer, [(x.prompt, x.chosen, x.rejected) for x in msg.pairs],
-                                         msg.max_len)
+                    batch = encode_pairs(self.tokenizer, [(x.prompt, x.chosen, x.rejected, x.chosen_cut,
+                                                           x.rejected_cut) for x in msg.pairs], msg.max_len)
                 else:
-                    batch = encode_examples(self.tokenizer, [(x.prompt, x.completion, x.label) for x in msg.examples],
-                                            msg.max_len)
+                    batch = encode_examples(self.tokenizer, [(x.prompt, x.completion, x.label, x.cut)
+                                                             for x in msg.examples], msg.max_len)
                 batch = batch.to(next(self.model.parameters()).device)  # tokenised on the host; CUDA views
                 self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
             for group in self.opt.param_groups:

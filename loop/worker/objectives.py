@@ -10,7 +10,8 @@ Choices:
 - The reference policy is the pre-update model itself (computed under no_grad before the step): no second
   model copy, which is what makes training beside a serving vLLM fit in memory.
 - Prompts are rendered with the tokenizer's chat template (add_generation_prompt=True) and the answer + EOS
-  appended, as vLLM saw them. Long prompts are cut from the LEFT: whole earlier turns first, then tokens,
+  appended, as vLLM saw them — no EOS after an answer that was cut off by max_tokens (`*_cut`): it did not end
+  there, and a preference for it must not teach the model to end answers at that length. Long prompts are cut from the LEFT: whole earlier turns first, then tokens,
   always keeping the system message and the rated answer (an answer longer than the budget is cut at its end).
   Chosen and rejected share one prompt truncation, so DPO compares answers to the same context.
 - Log-probs never materialise B x L x vocab logits: the decoder's hidden states are gathered at answer
@@ -129,9 +130,10 @@ def _prompt_ids(tokenizer: Any, prompt: Prompt, budget: int) -> tuple[list[int],
     return sys_ids + rest[-keep:], True
 
 
-def _answer_ids(tokenizer: Any, answer: str) -> list[int]:
+def _answer_ids(tokenizer: Any, answer: str, cut: bool = False) -> list[int]:
+    """The answer's tokens + EOS — unless it was cut off (max_tokens): it did not end there, so no EOS."""
     ids = _ids(tokenizer, answer)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer.eos_token_id is not None and not cut:
         ids.append(int(tokenizer.eos_token_id))
     return ids
 
@@ -162,32 +164,36 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pid or 0)
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[Prompt, str, str]], max_len: int) -> PairBatch:
-    """(prompt, chosen, rejected) triples -> PairBatch of chosen rows then rejected rows."""
+def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[Any, ...]], max_len: int) -> PairBatch:
+    """(prompt, chosen, rejected[, chosen_cut, rejected_cut]) -> PairBatch of chosen rows then rejected rows.
+    A cut-off answer (max_tokens) gets no EOS (see _answer_ids)."""
     if not pairs:
         raise ValueError("encode_pairs needs at least one (prompt, chosen, rejected) pair")
     chosen, rejected, trunc = [], [], []
-    for prompt, good, bad in pairs:
+    for prompt, good, bad, *cuts in pairs:
+        cut_good, cut_bad = (bool(cuts[0]), bool(cuts[1])) if cuts else (False, False)
+        whole = [_answer_ids(tokenizer, good, cut_good), _answer_ids(tokenizer, bad, cut_bad)]
         full, _ = _prompt_ids(tokenizer, prompt, 10**9)
-        answers, budget = _budgets(max_len, [_answer_ids(tokenizer, good), _answer_ids(tokenizer, bad)], len(full))
+        answers, budget = _budgets(max_len, whole, len(full))
         p_ids, cut = _prompt_ids(tokenizer, prompt, budget)
-        trunc.append(cut or answers[0] != _answer_ids(tokenizer, good) or answers[1] != _answer_ids(tokenizer, bad))
+        trunc.append(cut or answers != whole)
         chosen.append((p_ids + answers[0], len(p_ids)))
         rejected.append((p_ids + answers[1], len(p_ids)))
     ids, attn, loss = _pad(chosen + rejected, _pad_id(tokenizer))
     return PairBatch(ids, attn, loss, len(pairs), trunc)
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[tuple[Prompt, str, bool]], max_len: int) -> KTOBatch:
-    """(prompt, completion, desirable) -> KTOBatch; row i's KL twin is prompt i with completion i+1."""
+def encode_examples(tokenizer: Any, examples: Sequence[tuple[Any, ...]], max_len: int) -> KTOBatch:
+    """(prompt, completion, desirable[, cut]) -> KTOBatch; row i's KL twin is prompt i with completion i+1."""
     if not examples:
         raise ValueError("encode_examples needs at least one (prompt, completion, label) example")
     prompts, answers, trunc = [], [], []
-    for prompt, completion, _ in examples:
+    for prompt, completion, _, *cuts in examples:
+        whole = _answer_ids(tokenizer, completion, bool(cuts[0]) if cuts else False)
         full, _ = _prompt_ids(tokenizer, prompt, 10**9)
-        (ans,), budget = _budgets(max_len, [_answer_ids(tokenizer, completion)], len(full))
+        (ans,), budget = _budgets(max_len, [whole], len(full))
         p_ids, cut = _prompt_ids(tokenizer, prompt, budget)
-        trunc.append(cut or len(ans) < len(_answer_ids(tokenizer, completion)))
+        trunc.append(cut or len(ans) < len(whole))
         prompts.append(p_ids)
         answers.append(ans)
     n = len(examples)

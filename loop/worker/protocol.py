@@ -41,6 +41,8 @@ class Pair(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str | list[dict[str, str]]
     chosen: str
     rejected: str
+    chosen_cut: bool = False  # cut off by max_tokens: encoded without the end-of-sequence token
+    rejected_cut: bool = False
 
 
 class Example(msgspec.Struct, forbid_unknown_fields=True):
@@ -49,6 +51,7 @@ class Example(msgspec.Struct, forbid_unknown_fields=True):
     prompt: str | list[dict[str, str]]
     completion: str
     label: bool
+    cut: bool = False
 
 
 # ---------------------------------------------------------------- worker → API, unsolicited

@@ -32,13 +32,13 @@ class DB:
         self.s = s
         self.n = 0
 
-    def response(self, prompt: str, completion: str) -> str:
+    def response(self, prompt: str, completion: str, finish_reason: str | None = "stop") -> str:
         self.n += 1
         rid = f"resp-{self.n:032x}"
         messages = [{"role": "user", "content": prompt}]
         self.s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
                             messages=messages, prompt_hash=hashlib.sha256(prompt.encode()).hexdigest(),
-                            completion=completion))
+                            completion=completion, finish_reason=finish_reason))
         self.s.commit()
         return rid
 
@@ -69,6 +69,22 @@ def test_ab_winner_gives_a_pair_with_the_winner_chosen(sessions: sessionmaker[Se
         (item,) = pool(s).train
         assert (item.kind, item.chosen, item.rejected, item.comparison_ids) == ("pair", "a long answer", "short", (cid,))
         assert item.prompt == [{"role": "user", "content": "q"}]
+
+
+def test_answers_cut_off_by_max_tokens_are_marked_so_no_end_token_is_trained(
+        sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        db = DB(s)
+        a, b = db.response("q", "Short."), db.response("q", "a long answer that went on and", finish_reason="length")
+        db.compare(a, b, "a")
+        c = db.response("r", "cut", finish_reason="length")
+        db.rate(c, thumb=-1)
+        p = pool(s)
+        (pair,) = [i for i in p.train if i.kind == "pair"]
+        (example,) = [i for i in p.train if i.kind == "example"]
+        assert (pair.chosen_cut, pair.rejected_cut, example.cut) == (False, True, True)
+        body = batches.build_batch(p, limit=10).request()
+        assert (body["pairs"][0]["chosen_cut"], body["pairs"][0]["rejected_cut"]) == (False, True)
 
 
 def test_tie_gives_nothing_and_both_bad_gives_two_kto_negatives(sessions: sessionmaker[Session]) -> None:

@@ -95,6 +95,16 @@ async def test_long_prompts_lose_their_oldest_tokens_not_the_answer() -> None:
     assert all(len(p) <= 31 for p in vllm.bodies[0]["prompt"])
 
 
+async def test_an_answer_cut_off_by_max_tokens_is_scored_without_the_end_token() -> None:
+    vllm = FakeVLLM()
+    guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"])
+    whole = await guard.measure([EvalPair("q", "abc", "xyz")])
+    cut = await guard.measure([EvalPair("q", "abc", "xyz", rejected_cut=True)])
+    # abc+eos vs xyz+eos: (-3-3) - (-9-3) = 6 ; without the rejected answer's eos: (-3-3) - (-9) = 3
+    assert whole.mean_margin == pytest.approx(6.0) and cut.mean_margin == pytest.approx(3.0)
+    assert cut.pair_tokens == [(4, 3)]
+
+
 async def test_vllm_errors_raise_guard_error() -> None:
     class Down(FakeVLLM):
         async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> FakeResponse:

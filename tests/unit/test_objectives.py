@@ -247,3 +247,20 @@ def test_an_answer_longer_than_the_budget_is_cut_at_its_end(tokenizer: Any) -> N
     assert long_answer.startswith(kept) and len(kept) > 20  # the start of the answer, scored
     prompt = tokenizer.decode(b.input_ids[0][b.attention_mask[0].bool() & ~b.loss_mask[0]].tolist())
     assert prompt.endswith("<|im_start|>assistant\n")  # the prompt keeps its end: the answer stays attached
+
+
+def test_an_answer_cut_off_by_max_tokens_gets_no_end_token(tokenizer: Any) -> None:
+    """A cut-off answer did not end there: an EOS after it would teach the model to stop at that length (or, as
+    the rejected side, never to stop after such text)."""
+    eos = tokenizer.eos_token_id
+    whole = encode_pairs(tokenizer, [("Be brief.", "Paris.", "The capital of France is")], 64)
+    cut = encode_pairs(tokenizer, [("Be brief.", "Paris.", "The capital of France is", False, True)], 64)
+
+    def last_answer_token(b: PairBatch, row: int) -> int:
+        return int(b.input_ids[row][b.loss_mask[row]][-1])
+
+    assert last_answer_token(whole, 0) == eos and last_answer_token(whole, 1) == eos
+    assert last_answer_token(cut, 0) == eos and last_answer_token(cut, 1) != eos
+    assert int(cut.loss_mask[1].sum()) == int(whole.loss_mask[1].sum()) - 1
+    kto = encode_examples(tokenizer, [("Be brief.", "The capital of", False, True), ("Hi", "Paris.", True)], 64)
+    assert int(kto.input_ids[0][kto.loss_mask[0]][-1]) != eos and int(kto.input_ids[1][kto.loss_mask[1]][-1]) == eos
