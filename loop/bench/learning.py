@@ -8,15 +8,17 @@ A synthetic rater wants short, finished answers: an answer is *approved* when it
    answers are a tie — the rater has nothing left to prefer; of two unapproved ones the finished, then the shorter
    wins); in the poisoned round (`--poison-round`) every non-tie label is flipped;
 3. waits while loop trains on its own schedule: the scheduler's threshold (set once at the start through
-   `POST /api/scheduler/config`) fires on the new comparisons, the eval guard measures before and after, and a
-   regression is rolled back automatically. Nothing here calls /api/train.
+   `POST /api/scheduler/config`, with the pre-write direction limit `--max-conflict-t`) fires on the new
+   comparisons; the worker rejects an update that pulls back what was learned before writing it, the eval guard
+   measures before and after, and a regression is rolled back automatically. Nothing here calls /api/train.
 Printed per round: approval of fresh answers, their mean length, held-out preference accuracy and canary
 perplexity (the guard's figures, after the run, from `GET /api/runs/{id}`), how many held-out pairs judged the run
 ("eval n": only those older than its batch), the run's mean change of their margins log p(chosen) - log p(rejected)
 per answer token ("dm/tok", nats) and that mean in standard errors ("t": the guard rolls back below
--max_margin_t), the run's status, wall time.
+-max_margin_t), the pre-write direction figure ("agree t": per-tensor t of the update against the weights' change
+since the base; rejected below -max_conflict_t), the run's status, wall time.
 Target: approval from its starting level to ≥ 90 % within `--rounds` rounds, canary perplexity up by ≤ 5 %, and
-the poisoned round rolled back.
+the poisoned round stopped: rejected before the write or rolled back after it.
 
     loop bench learning                      # starts its own `loop serve` (vLLM + worker) in a temp dir
     loop bench learning --url http://127.0.0.1:8000 --token …   # against a running loop (changes its thresholds)
@@ -286,7 +288,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--url", help="a running loop (default: start one)")
     p.add_argument("--token", default=os.environ.get("LOOP_ADMIN_TOKEN"), help="its admin token")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per round (2 answers each)")
+    # 32: a round's batch then holds 12-20 pairs, enough for the pre-write direction check to tell a poisoned batch
+    # from a good one (with 16 prompts, 4-10 pairs, it could not: see loop/worker/agreement.py)
+    p.add_argument("--prompts", type=int, default=32, help="prompts per round (2 answers each)")
     p.add_argument("--max-words", type=int, default=25, help="the rater approves finished answers this short")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
@@ -300,12 +304,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     # scheduler's max-wait trigger fires once the oldest untrained pair has waited this long.
     p.add_argument("--max-wait", type=float, default=30.0, help="scheduler max_wait_s (seconds)")
     p.add_argument("--poison-round", type=int, default=3, help="this round's labels are flipped (-1: none)")
-    # Half the comparisons are held out: the guard judges a run only on held-out pairs older than its batch, and a
-    # 2-step update at lr 1e-5 moves each pair's margin mostly by noise (a good run measured +0.016 +- 0.045 nats
-    # per token over 21 pairs), so the poisoned round needs ~20 older pairs to be told from a good one; 0.3 gave 10.
-    p.add_argument("--holdout", type=float, default=0.5, help="held-out share for a started loop")
-    p.add_argument("--max-conflict-t", type=float, default=None,
-                   help="the scheduler's pre-write agreement limit (default: the service's, LOOP_MAX_CONFLICT_T)")
+    # A quarter held out: the after-the-write guard (accuracy, margins) still has 25-45 older pairs to measure,
+    # and three quarters of the picks train. (Half was needed while the held-out margins were the only poison test.)
+    p.add_argument("--holdout", type=float, default=0.25, help="held-out share for a started loop")
+    p.add_argument("--max-conflict-t", type=float, default=2.0,
+                   help="the scheduler's pre-write direction limit, max_conflict_t (the service's default: unset)")
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is met after the poison")
     p.add_argument("--seed", type=int, default=0)

@@ -9,12 +9,12 @@ update back along `acc`: cosine below zero, the per-tensor dots strongly negativ
 cosine is negative and t < -max_conflict_t. Measured on the fp32 `delta` and the live weights, neither stochastic
 rounding nor bf16 arithmetic (which blur the after-the-write margins the guard reads from vLLM) enters.
 
-What it is NOT (measured, so the limit is off by default — `max_conflict_t` unset: every scheduled run records
-the figures, nothing is rejected): a reliable detector of a poisoned batch of FRESH pairs at the size of
-`loop bench learning`'s rounds (SmolLM2-135M, lr 2e-5, 2 steps, 4-10 pairs a batch). Offline on two runs the
-per-tensor t of 5 good runs was +0.56 ... +2.11 and of the 2 poisoned ones -7.33 and -4.74; live, over four more
-runs, good rounds read -4.46 ... +7.62 (two of 14 below -3) and poisoned ones -3.98, -0.62, -0.16 and +6.70. The
-per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
+How far it can be trusted depends on the batch (measured in `loop bench learning`, SmolLM2-135M, lr 2e-5, 2
+steps a run; so the limit is off by default — `max_conflict_t` unset: every scheduled run records the figures,
+nothing is rejected). With 4-10 fresh pairs a batch (16 prompts a round) it is NOT a reliable detector: good
+rounds read -4.46 ... +7.62 (two of 14 below -3), poisoned ones -3.98, -0.62, -0.16 and +6.70. With 12-20 pairs
+(32 prompts a round) the 8 good rounds of two runs read +1.71 ... +8.21 and the 2 poisoned ones -7.44 and -2.34.
+The per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
 little direction with what earlier rounds wrote; the DPO implicit reward of the live weights against the base,
 per pair of the batch, did not separate poisoned from good batches either (offline, same runs). Asking trusted
 pairs instead — the first-order change of their per-token margins under `delta`, t over pairs — gave good runs
