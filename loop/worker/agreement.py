@@ -11,9 +11,11 @@ rounding nor bf16 arithmetic (which blur the after-the-write margins the guard r
 
 How far it can be trusted depends on the batch (measured in `loop bench learning`, SmolLM2-135M, lr 2e-5, 2
 steps a run; so the limit is off by default — `max_conflict_t` unset: every scheduled run records the figures,
-nothing is rejected). With 4-10 fresh pairs a batch (16 prompts a round) it is NOT a reliable detector: good
-rounds read -4.46 ... +7.62 (two of 14 below -3), poisoned ones -3.98, -0.62, -0.16 and +6.70. With 12-20 pairs
-(32 prompts a round) the 8 good rounds of two runs read +1.71 ... +8.21 and the 2 poisoned ones -7.44 and -2.34.
+nothing is rejected). With 16 prompts a round (the first batches ~10 pairs) it is NOT a reliable detector: good
+rounds read -4.46 ... +7.62 (two of 14 below -3), poisoned ones -3.98, -0.62, -0.16 and +6.70. With 32 prompts a
+round (a first batch of ~20 pairs; later batches are small, 1-8 pairs, once most answers please the rater) the
+14 good rounds of four runs read -0.85 ... +8.79 and the 4 poisoned ones -7.44, -7.39, -2.34, -2.32: what seems
+to matter is how well the first kept runs define the learned direction, not the size of the judged batch.
 The per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
 little direction with what earlier rounds wrote; the DPO implicit reward of the live weights against the base,
 per pair of the batch, did not separate poisoned from good batches either (offline, same runs). Asking trusted
