@@ -178,12 +178,20 @@ class Bench:
     def _wait_for_run(self, after: int) -> dict[str, Any] | None:
         """Wait until the scheduler has started a run after `after` and finished judging it."""
         deadline = time.monotonic() + self.args.run_timeout
+        idle_since = None
         while time.monotonic() < deadline:
             sched = self._call("GET", "/api/scheduler")
             items = self._call("GET", "/api/runs", params={"limit": 1})["items"]
             if items and items[0]["id"] > after and sched["running_run_id"] is None \
                     and items[0]["status"] not in ("queued", "running"):
                 return self._call("GET", f"/api/runs/{items[0]['id']}")
+            untrained = sched.get("untrained") or {}
+            if sched["running_run_id"] is None and not (untrained.get("pairs") or untrained.get("examples")):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 10:  # every pick a tie or held out: nothing to train this round
+                    return None
+            else:
+                idle_since = None
             if sched.get("last_error") and not items:
                 print(f"  scheduler: {sched['last_error']}", file=sys.stderr)
             time.sleep(1.0)
