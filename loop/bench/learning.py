@@ -296,8 +296,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--url", help="a running loop (default: start one)")
     p.add_argument("--token", default=os.environ.get("LOOP_ADMIN_TOKEN"), help="its admin token")
     p.add_argument("--rounds", type=int, default=10)
-    # 32: a round's batch then holds 12-20 pairs, enough for the pre-write direction check to tell a poisoned batch
-    # from a good one (with 16 prompts, 4-10 pairs, it could not: see loop/worker/agreement.py)
+    # 32: the first round trains on ~20 pairs, which defines the learned direction well enough for the pre-write
+    # check to tell the poisoned round from good ones (with 16 prompts, ~10 pairs, it could not: loop/worker/agreement.py)
     p.add_argument("--prompts", type=int, default=32, help="prompts per round (2 answers each)")
     p.add_argument("--max-words", type=int, default=25, help="the rater approves finished answers this short")
     p.add_argument("--max-tokens", type=int, default=64)
