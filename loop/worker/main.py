@@ -175,6 +175,7 @@ class Worker:
     def train(self, msg: p.Train) -> p.Msg:
         import torch
 
+        from loop.worker import agreement
         from loop.worker.objectives import encode_examples, encode_pairs, train_step
         from loop.worker.update import check_updates
 
@@ -197,10 +198,10 @@ class Worker:
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.args.lr
             if msg.lowmem:
-                direction = self._direction(msg)
+                direction = agreement.for_step(msg.base_weights, msg.step, self.names)
                 check, d_norm, n_tensors, result = self._prepare_lowmem(msg, direction)
                 if check.ok and direction is not None:
-                    conflict = self._judge_direction(msg, direction, result.metrics)
+                    conflict = agreement.judge(direction, msg.max_conflict_t, result.metrics, msg.run_id)
                     if conflict:
                         check.ok, check.reason, n_tensors = False, conflict, 0
                         self._lowmem.drop()
@@ -212,10 +213,10 @@ class Worker:
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
                 check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
-                if check.ok and (direction := self._direction(msg)) is not None:
+                if check.ok and (direction := agreement.for_step(msg.base_weights, msg.step, self.names)) is not None:
                     for prm, d in deltas.items():
                         direction.observe(prm, d)
-                    conflict = self._judge_direction(msg, direction, result.metrics)
+                    conflict = agreement.judge(direction, msg.max_conflict_t, result.metrics, msg.run_id)
                     if conflict:
                         check.ok, check.reason = False, conflict
                 d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
@@ -236,31 +237,6 @@ class Worker:
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
-
-    def _direction(self, msg: p.Train) -> Any:
-        """The check of step 1's update against the change since `msg.base_weights` (loop/worker/agreement.py)."""
-        if not msg.base_weights or msg.step != 1:
-            return None
-        from loop.worker.agreement import BaseWeights, DirectionCheck
-
-        try:
-            return DirectionCheck(BaseWeights(msg.base_weights), self.names)
-        except (OSError, ValueError) as e:  # no readable base: train unchecked, say so
-            log.warning("run %d: cannot read the base weights %s (%s); the update is not checked against them",
-                        msg.run_id, msg.base_weights, e)
-            return None
-
-    def _judge_direction(self, msg: p.Train, direction: Any, metrics: dict[str, Any]) -> str | None:
-        """The direction figures into the step's metrics; why the update must not be written, or None."""
-        from loop.worker.agreement import verdict
-
-        found = direction.result()
-        direction.base.close()
-        metrics.update(found.metrics())
-        log.info("run %d: update vs change since the base: cosine %+.4f, per-tensor t %s, %d of %d tensors back "
-                 "(%.0f ms)", msg.run_id, found.cosine, f"{found.t:+.2f}" if found.t is not None else "-",
-                 found.n_down, found.n_tensors, found.ms)
-        return verdict(found, max_conflict_t=msg.max_conflict_t) if msg.max_conflict_t is not None else None
 
     def _prepare_lowmem(self, msg: p.Train, direction: Any = None) -> tuple[Any, float, int, Any]:
         """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""
