@@ -62,7 +62,7 @@ class BaseWeights:
             from safetensors import safe_open
 
             with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-                self.files = {name: folder / "model.safetensors" for name in f}
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         else:
             raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
         self._open: dict[Path, Any] = {}
