@@ -14,7 +14,7 @@ steps a run; so the limit is off by default — `max_conflict_t` unset: every sc
 nothing is rejected). With 16 prompts a round (the first batches ~10 pairs) it is NOT a reliable detector: good
 rounds read -4.46 ... +7.62 (two of 14 below -3), poisoned ones -3.98, -0.62, -0.16 and +6.70. With 32 prompts a
 round (a first batch of ~20 pairs; later batches are small, 1-8 pairs, once most answers please the rater) the
-14 good rounds of four runs read -0.85 ... +8.79 and the 4 poisoned ones -7.44, -7.39, -2.34, -2.32: what seems
+18 good rounds of five runs read -0.85 ... +8.96 and the 5 poisoned ones -9.68, -7.44, -7.39, -2.34, -2.32: what seems
 to matter is how well the first kept runs define the learned direction, not the size of the judged batch.
 The per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
 little direction with what earlier rounds wrote; the DPO implicit reward of the live weights against the base,
