@@ -102,8 +102,8 @@ class Settings(BaseSettings):
                                          "base model (loop/worker/agreement.py); with this set, reject the batch "
                                          "when the cosine is negative and the per-tensor dot products lie more "
                                          "than this many standard errors below zero. Unset (default): measure and "
-                                         "record only — at small batch sizes the figure is not a reliable poison "
-                                         "detector (measured, see agreement.py).")
+                                         "record only — when the first kept runs trained on ~10 pairs the figure "
+                                         "was not a reliable poison detector (measured, see agreement.py).")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     json_logs: bool = True

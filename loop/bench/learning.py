@@ -76,7 +76,7 @@ class Round:
     eval_pairs: int | None = None  # held-out pairs that judged the run (older than its batch)
     dmargin: float | None = None  # the run's mean change of the held-out margins per answer token, nats
     t: float | None = None  # that mean in standard errors (the guard's margin criterion)
-    agree_t: float | None = None  # before the write: the update's predicted effect on trusted margins, in SEs
+    agree_t: float | None = None  # before the write: per-tensor t of the update against the change since the base
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 

@@ -129,8 +129,9 @@ class TrainingRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     # queued | running | succeeded | failed | refused | rejected | rolled_back
-    # (refused: the update was not finite or over the cap — feedback released; rejected: the eval guard judged it
-    # would undo trusted preferences before it was written — feedback stays consumed, never retried)
+    # (refused: the update was not finite or over the cap — feedback released; rejected: the worker's direction check
+    # (loop/worker/agreement.py) judged, before the write, that it would undo what the kept runs taught — feedback
+    # stays consumed, never retried)
     trigger: Mapped[str] = mapped_column(String(16), default="manual")  # manual | scheduler
     objective: Mapped[str] = mapped_column(String(16), default="dpo")  # dpo | kto | mixed
     batch: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -29,9 +29,11 @@ second seed of `loop bench learning` the held-out t read -1.60 for a good round 
 Pairs of rolled-back runs never judge.
 
 A poisoned batch is first met before the write, in the worker (loop/worker/agreement.py: the update's direction
-against the weights' change since the base model, measured on the exact fp32 update): in `loop bench learning`
-that check told poisoned rounds from good ones where the margin test below could not (its t values overlapped
-for one small update). The test below stays as the second line, after the write.
+against the weights' change since the base model, measured on the exact fp32 update; its limit `max_conflict_t`
+is off by default): in `loop bench learning`, once the first rounds trained on ~20 pairs, that check told
+poisoned rounds from good ones where the margin test below could not (its t values overlap for one small update:
+over session 3 it rolled back 8 of ~36 good rounds and caught 3 of 7 poisoned ones). The test below stays as the
+second line, after the write.
 
 `verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
 least `min_pairs` held-out pairs (fewer are noise):
