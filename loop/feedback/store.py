@@ -7,7 +7,13 @@ group commit) because they are the hot path; comparisons are rarer and written o
 - an idempotency key seen before: the same body → 200 with the stored row, a different body → 409;
 - a rater's new rating of a response (new comparison of a pair) marks their older ones `is_current = False`;
   history is kept, the latest counts.
-Outcomes are plain values, not exceptions, so one bad item in a batch never fails its neighbours.
+Outcomes are plain values, not exceptions, so one bad item in a batch never fails its neighbours. A 201 / 200
+outcome exists only once the transaction that holds (or read) its row has committed; a transaction that fails
+(the commit refused, the disk full, the database gone) gives 503 `storage_unavailable`: nothing of it was
+stored, and a retry with the same idempotency key is safe. `write_ratings` returns exactly one outcome per item,
+in order.
+
+Tests: tests/unit/test_feedback.py, tests/unit/test_feedback_writer.py, tests/faults/test_acknowledged.py.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ class RatingInput:
 class Outcome:
     """What happened to one submitted item: HTTP status, the stored object (as JSON), or an error message."""
 
-    status: int  # 201 created, 200 replay, 404 unknown response, 409 key reused with another body, 422 bad pair
+    status: int  # 201 created, 200 replay, 404 unknown response, 409 key reused with another body, 422 bad pair,
+    #              503 the transaction failed (nothing stored, retry), 500 unknown (see writer.RatingWriter)
     body: dict[str, Any] | None = None
     error: str | None = None
     code: str | None = None
@@ -89,23 +96,38 @@ def _key_reused(key: str, kind: str) -> Outcome:
                               "send a new key for a new submission", code="idempotency_key_reused")
 
 
+def storage_unavailable(kind: str, exc: BaseException) -> Outcome:
+    """The transaction holding this item failed, so nothing of it is stored: the client may retry."""
+    return Outcome(503, error=f"the {kind} was not stored: the database did not commit it ({type(exc).__name__}); "
+                              "retry in a moment with the same idempotency key (a retry of a submission that "
+                              "turns out stored answers 200 with it)", code="storage_unavailable")
+
+
 def write_ratings(sessions: sessionmaker[Session], items: list[RatingInput]) -> list[Outcome]:
-    """Store a batch of ratings in one transaction; if the batch fails as a whole, retry item by item."""
+    """Store a batch of ratings in one transaction; if that fails, retry item by item (one transaction each).
+
+    Never raises: returns exactly one outcome per item, in order, and an outcome that says stored (201 / 200)
+    only after its transaction committed."""
     try:
         with sessions() as s, s.begin():
-            return _write_batch(s, items)
-    except Exception:  # noqa: BLE001 - e.g. a concurrent writer took a key: isolate the culprit
+            outcomes = _write_batch(s, items)
+        return outcomes  # reached only when the commit succeeded
+    except Exception as exc:  # noqa: BLE001 - e.g. a commit refused, or one item's row breaks a constraint
         if len(items) == 1:
-            raise
+            log.warning("storing a rating failed", exc_info=True)
+            return [storage_unavailable("rating", exc)]
         log.warning("rating batch of %d failed; retrying one by one", len(items), exc_info=True)
-        out: list[Outcome] = []
-        for item in items:
-            try:
-                with sessions() as s, s.begin():
-                    out.extend(_write_batch(s, [item]))
-            except Exception as exc:  # noqa: BLE001 - report per item
-                out.append(Outcome(500, error=f"storing the rating failed: {exc}", code="storage_error"))
-        return out
+    return [_write_one(sessions, item) for item in items]
+
+
+def _write_one(sessions: sessionmaker[Session], item: RatingInput) -> Outcome:
+    try:
+        with sessions() as s, s.begin():
+            (outcome,) = _write_batch(s, [item])
+        return outcome  # reached only when the commit succeeded
+    except Exception as exc:  # noqa: BLE001 - reported for this item alone
+        log.warning("storing a rating failed", exc_info=True)
+        return storage_unavailable("rating", exc)
 
 
 def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
@@ -150,7 +172,7 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
                  "idempotency_key": items[i].idempotency_key, "held_out": False, "created_at": now,
                  "is_current": last[(items[i].response_id, items[i].rater)] == i} for i in new]
         result = s.execute(insert(Rating).returning(Rating.id, sort_by_parameter_order=True), rows)
-        for i, row, (new_id,) in zip(new, rows, result.all()):
+        for i, row, (new_id,) in zip(new, rows, result.all(), strict=True):
             body = {"id": new_id, "response_id": row["response_id"], "rater": row["rater"],
                     "thumb": INT_TO_THUMB.get(row["thumb"] or 0), "score": row["score"], "comment": row["comment"],
                     "tags": row["tags"], "is_current": row["is_current"], "created_at": iso(now)}
@@ -176,16 +198,22 @@ class ComparisonInput:
 
 
 def write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
+    """Store one comparison in its own transaction. Never raises: a failed transaction is a 503 outcome."""
     try:
-        return _write_comparison(sessions, item)
-    except IntegrityError:
-        if not item.idempotency_key:
-            raise
-        # Two retries raced on the same key and the other one committed first: now it reads as a replay.
-        return _write_comparison(sessions, item)
+        try:
+            return _write_comparison(sessions, item)
+        except IntegrityError:
+            if not item.idempotency_key:
+                raise
+            # Two retries raced on the same key and the other one committed first: now it reads as a replay.
+            return _write_comparison(sessions, item)
+    except Exception as exc:  # noqa: BLE001 - the commit (or the database) failed: nothing stored
+        log.warning("storing a comparison failed", exc_info=True)
+        return storage_unavailable("comparison", exc)
 
 
 def _write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
+    # A `return` inside the block hands its outcome back only once the block's commit has succeeded.
     with sessions() as s, s.begin():
         if item.idempotency_key:
             prior = s.scalar(select(Comparison).where(Comparison.idempotency_key == item.idempotency_key))

@@ -5,7 +5,12 @@ on two cores that dominates. Here each request appends its rating to a pending l
 single flusher (started on demand, gone when idle, so nothing lingers at shutdown) takes everything pending,
 writes it in one transaction on a worker thread (the event loop keeps accepting requests meanwhile, which
 fills the next batch) and resolves each future with its own outcome. Durability before the 201: a future is
-resolved only after the transaction that holds its row has committed.
+resolved only after the transaction that holds its row has committed. A waiter always gets an outcome, never an
+exception and never a neighbour's: should `write_ratings` break its one-outcome-per-item contract (raise, or
+return a list of another length), every waiter of that batch gets a 500 `storage_outcome_unknown` rather than a
+guess.
+
+Tests: tests/unit/test_feedback_writer.py, tests/faults/test_acknowledged.py.
 
     writer = RatingWriter(sessions)
     outcome = await writer.submit(RatingInput(...))   # Outcome(status=201, body={...})
@@ -21,6 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from loop.feedback.store import Outcome, RatingInput, write_ratings
 
 log = logging.getLogger("loop.feedback")
+
+# Which of the batch's rows were committed is not known here, so no waiter may be told either way.
+OUTCOME_UNKNOWN = Outcome(500, error="storing the rating failed and whether it was stored is unknown; retry with "
+                                     "the same idempotency key (a stored rating answers 200 with it)",
+                          code="storage_outcome_unknown")
 
 
 class RatingWriter:
@@ -51,14 +61,15 @@ class RatingWriter:
             items = [item for item, _ in batch]
             try:
                 outcomes = await asyncio.to_thread(write_ratings, self._sessions, items)
-            except Exception as exc:  # noqa: BLE001 - every waiter hears about it; the flusher carries on
+            except Exception:  # noqa: BLE001 - every waiter hears about it; the flusher carries on
                 log.exception("writing %d ratings failed", len(items))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+                outcomes = [OUTCOME_UNKNOWN] * len(items)
+            if len(outcomes) != len(items):
+                log.error("write_ratings gave %d outcomes for %d ratings; failing the whole batch",
+                          len(outcomes), len(items))
+                outcomes = [OUTCOME_UNKNOWN] * len(items)
             self.batches += 1
             self.written += sum(1 for o in outcomes if o.status == 201)
-            for (_, fut), outcome in zip(batch, outcomes):
+            for (_, fut), outcome in zip(batch, outcomes, strict=True):
                 if not fut.done():
                     fut.set_result(outcome)

@@ -1,11 +1,15 @@
-"""Ratings and comparisons over HTTP on a real database: storage, idempotency, supersession, bad input."""
+"""Ratings and comparisons over HTTP on a real database: storage, idempotency, supersession, bad input, and what
+a write whose commit fails answers (503 `storage_unavailable`, nothing stored, the retry stores it once).
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_feedback.py (tests/faults/ drives the same under load).
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from feedback_support import add_response, app, client, db_url, sessions  # noqa: F401 - fixtures
@@ -84,7 +88,7 @@ async def test_bad_ratings_are_4xx_that_say_what_to_fix(client: httpx.AsyncClien
         assert r.status_code == 422, (bad, r.text)
         assert word in r.json()["error"]["message"], r.json()
     r = await client.post("/api/ratings", content=b'{"response_id": ', headers={"content-type": "application/json"})
-    assert r.status_code == 422 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = await client.post("/api/ratings", json={"response_id": rid, "thumb": "up", "idempotency_key": "a"},
                           headers={"Idempotency-Key": "b"})
     assert r.status_code == 422 and "differ" in r.json()["error"]["message"]
@@ -172,9 +176,79 @@ async def test_concurrent_comparison_retries_give_one_row(client: httpx.AsyncCli
     assert count(sessions, Comparison) == 1
 
 
+def refuse_commits(sessions: sessionmaker[Session], n: int) -> list[int]:
+    """The next `n` commits on this database raise, as a full disk or a lost connection does; returns a counter."""
+    refused = [0]
+
+    def on_commit(_conn) -> None:  # noqa: ANN001 - SQLAlchemy Connection
+        if refused[0] < n:
+            refused[0] += 1
+            raise OSError(28, "No space left on device (injected)")
+
+    event.listen(sessions.kw["bind"], "commit", on_commit)
+    return refused
+
+
+def assert_storage_unavailable(r: httpx.Response, kind: str) -> None:
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "code", "param"}
+    assert (err["type"], err["code"]) == ("service_unavailable", "storage_unavailable")
+    assert f"the {kind} was not stored" in err["message"] and "same idempotency key" in err["message"]
+
+
+async def test_rating_whose_commit_fails_is_503_and_its_retry_stores_one_row(client: httpx.AsyncClient,
+                                                                              sessions) -> None:
+    rid = add_response(sessions)
+    body = {"response_id": rid, "thumb": "down", "comment": "wrong", "idempotency_key": "r-1"}
+    refused = refuse_commits(sessions, 1)
+    r = await client.post("/api/ratings", json=body)
+    assert refused == [1]
+    assert_storage_unavailable(r, "rating")
+    assert count(sessions, Rating) == 0
+    retry = await client.post("/api/ratings", json=body)
+    assert retry.status_code == 201 and retry.json()["comment"] == "wrong"
+    assert (await client.post("/api/ratings", json=body)).json()["id"] == retry.json()["id"]
+    assert count(sessions, Rating) == 1
+
+
+async def test_batch_whose_commits_fail_answers_each_rating_with_its_own_outcome(client: httpx.AsyncClient,
+                                                                                  sessions) -> None:
+    ids = [add_response(sessions) for _ in range(6)]
+    refuse_commits(sessions, 3)  # the batch's commit, then the first two ratings' own commits
+    replies = await asyncio.gather(*(client.post("/api/ratings", json={"response_id": i, "score": n + 1,
+                                                                       "rater": f"r{n}"})
+                                     for n, i in enumerate(ids)))
+    acknowledged = {}
+    for n, r in enumerate(replies):
+        if r.status_code == 201:  # its own rating, not a neighbour's
+            assert (r.json()["response_id"], r.json()["score"]) == (ids[n], n + 1)
+            acknowledged[r.json()["id"]] = (ids[n], n + 1)
+        else:
+            assert_storage_unavailable(r, "rating")
+    assert 3 <= len(acknowledged) < 6  # each refused commit costs at most one rating
+    with sessions() as s:
+        assert {row.id: (row.response_id, row.score) for row in s.scalars(select(Rating))} == acknowledged
+
+
+async def test_comparison_whose_commit_fails_is_503_and_its_retry_stores_one_row(client: httpx.AsyncClient,
+                                                                                  sessions) -> None:
+    a, b = add_response(sessions), add_response(sessions)
+    body = {"response_a_id": a, "response_b_id": b, "winner": "tie", "idempotency_key": "c-1"}
+    refuse_commits(sessions, 1)
+    r = await client.post("/api/comparisons", json=body)
+    assert_storage_unavailable(r, "comparison")
+    assert count(sessions, Comparison) == 0
+    retry = await client.post("/api/comparisons", json=body)
+    assert retry.status_code == 201 and retry.json()["winner"] == "tie"
+    assert count(sessions, Comparison) == 1
+
+
 def test_openapi_documents_the_rating_body(app) -> None:
     op = app.openapi()["paths"]["/api/ratings"]["post"]
     schema = op["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["response_id"]
     assert {"type": "integer", "minimum": 1, "maximum": 10} in schema["properties"]["score"]["anyOf"]
-    assert set(op["responses"]) >= {"200", "201"}
+    assert set(op["responses"]) >= {"200", "201", "503"}
+    assert "storage_unavailable" in op["responses"]["503"]["description"]

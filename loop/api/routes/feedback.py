@@ -4,6 +4,11 @@ POST /api/ratings is the hot path: it skips the per-request database session and
 app's `RatingWriter` (group commit; the reply waits for the commit). Idempotency keys come in the body
 (`idempotency_key`) or the `Idempotency-Key` header; a replay gets 200 and the stored object, the same key with
 another body 409.
+
+A 2xx means the row is committed (and, on SQLite with `synchronous=FULL` or PostgreSQL, on disk). A write whose
+transaction failed answers 503 `storage_unavailable` with Retry-After: nothing was stored, retry with the same
+idempotency key. Should the outcome of a rating be unknown (a broken batch), 500 `storage_outcome_unknown` says
+so; the same retry is safe. Tests: tests/unit/test_feedback.py, tests/faults/test_acknowledged.py.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from loop.api.deps import SessionDep
-from loop.api.errors import Conflict, LoopError, NotFound
-from loop.api.schemas import ComparisonIn, ComparisonOut, ComparisonPage, RatingIn, RatingOut, RatingPage, Winner
+from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
+from loop.api.schemas import MAX_ID, ComparisonIn, ComparisonOut, ComparisonPage, RatingIn, RatingOut, RatingPage, \
+    Winner
 from loop.api.state import LoopState
 from loop.feedback import ComparisonInput, Outcome, RatingInput, RatingWriter, write_comparison
 from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
@@ -49,6 +55,20 @@ def _key(body_key: str | None, header_key: str | None) -> str | None:
     return body_key or header_key
 
 
+# Seconds a client waits before retrying a write the database did not commit: long enough for a busy
+# database to catch up, short enough that a person rating in the UI does not notice.
+RETRY_AFTER_S = 1
+
+
+STORAGE_UNAVAILABLE_DOC = {"description": "`storage_unavailable`: the database did not commit the write, nothing "
+                                          "was stored; retry after Retry-After seconds with the same idempotency key"}
+
+
+class StorageOutcomeUnknown(LoopError):
+    status_code = 500
+    type = "server_error"
+
+
 def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
     if outcome.status == 201:
         metrics = getattr(request.app.state, "metrics", None)
@@ -60,13 +80,19 @@ def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
         raise NotFound(outcome.error or "not found", code=outcome.code)
     if outcome.status == 409:
         raise Conflict(outcome.error or "conflict", code=outcome.code, param="idempotency_key")
+    if outcome.status == 503:
+        raise Unavailable(outcome.error or "storage unavailable", code=outcome.code,
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+    if outcome.status >= 500:
+        raise StorageOutcomeUnknown(outcome.error or "storing failed", code=outcome.code)
     raise LoopError(outcome.error or "failed", status_code=outcome.status, code=outcome.code)
 
 
 @router.post("/ratings", status_code=201, response_model=RatingOut,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": RatingIn.model_json_schema()}}}},
-             responses={200: {"model": RatingOut, "description": "a replay of an idempotency key"}})
+             responses={200: {"model": RatingOut, "description": "a replay of an idempotency key"},
+                        503: STORAGE_UNAVAILABLE_DOC})
 async def create_rating(request: Request) -> JSONResponse:
     """Rate a response: thumb and/or score 1..10, comment, tags. A rater's new rating supersedes their older.
 
@@ -85,7 +111,8 @@ async def create_rating(request: Request) -> JSONResponse:
 
 
 @router.post("/comparisons", status_code=201, response_model=ComparisonOut,
-             responses={200: {"model": ComparisonOut, "description": "a replay of an idempotency key"}})
+             responses={200: {"model": ComparisonOut, "description": "a replay of an idempotency key"},
+                        503: STORAGE_UNAVAILABLE_DOC})
 async def create_comparison(body: ComparisonIn, request: Request,
                             idempotency_key: IdemHeader = None) -> JSONResponse:
     """Record which of two answers to the same prompt is better: a, b, tie or both_bad."""
@@ -96,7 +123,7 @@ async def create_comparison(body: ComparisonIn, request: Request,
 
 
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID)]
 
 
 @router.get("/ratings", response_model=RatingPage)
