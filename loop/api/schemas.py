@@ -1,7 +1,10 @@
 """Pydantic models for the feedback API's request bodies and replies (the shapes in the OpenAPI schema).
 
 Bodies forbid unknown fields, so a typo (`scroe`) is a 422 that names the field instead of a silently ignored
-value. Replies mirror docs/api-contract: times are ISO-8601 UTC strings.
+value. Replies mirror docs/api-contract: times are ISO-8601 UTC strings. Ids and names (response ids, rater,
+tags, idempotency keys) refuse NUL (U+0000) with a 422: PostgreSQL cannot store or compare one; free text
+(comments) may hold it (loop.db.models.NulSafeText). Integers a client sends are bounded by their column
+(`MAX_ID`, 64-bit).
 """
 
 from __future__ import annotations
@@ -10,11 +13,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loop.db.models import MAX_ID
+
+__all__ = ["MAX_ID"]  # re-exported for routes that bound query integers
+
 Thumb = Literal["up", "down"]
 Winner = Literal["a", "b", "tie", "both_bad"]
 
 MAX_TAGS = 32
 MAX_TAG_LEN = 64
+
+
+def no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL character (U+0000)")
+    return value
 
 
 class RatingIn(BaseModel):
@@ -37,9 +50,15 @@ class RatingIn(BaseModel):
             tag = tag.strip()
             if not tag or len(tag) > MAX_TAG_LEN:
                 raise ValueError(f"each tag must be 1..{MAX_TAG_LEN} characters after trimming, got {tag!r}")
+            no_nul(tag)
             if tag not in out:
                 out.append(tag)
         return out
+
+    @field_validator("response_id", "rater", "idempotency_key")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return no_nul(value)
 
     @model_validator(mode="after")
     def _something_to_say(self) -> "RatingIn":
@@ -69,6 +88,11 @@ class ComparisonIn(BaseModel):
     rater: str = Field("anonymous", min_length=1, max_length=200)
     comment: str | None = Field(None, max_length=10_000)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("response_a_id", "response_b_id", "rater", "idempotency_key")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return no_nul(value)
 
     @model_validator(mode="after")
     def _two_different(self) -> "ComparisonIn":

@@ -8,10 +8,17 @@ response) and `Comparison` (an A/B pick between two responses to the same prompt
 Ratings and comparisons are append-only: a rater who changes their mind adds a new row and the older one is
 marked `is_current = False`, so the latest counts and the history is kept.
 Schema changes go through Alembic (migrations/); never edit a migration that has shipped.
+
+Counters that grow with use (ids, weight versions) are 64-bit (`Id`: BIGINT, plain INTEGER on SQLite, which is
+64-bit there and must stay INTEGER to be the rowid); the API refuses values outside that range (`MAX_ID`).
+Free text that vLLM or a client produces is `NulSafeText`: PostgreSQL's text cannot hold U+0000, which a model can
+generate, and SQLite's LIKE stops at one, so it is stored escaped and read back exactly (JSON columns need nothing:
+the serializer writes NUL as the escape `\\u0000`, which PostgreSQL's `json` type keeps).
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,9 +33,49 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Id = BigInteger().with_variant(Integer, "sqlite")
+MAX_ID = 2**63 - 1  # the largest value an `Id` column (BIGINT, SQLite INTEGER) holds
+
+
+# NUL escaping: ESC is U+FFFF, a Unicode noncharacter (never assigned, so text is all but certain
+# not to contain it). ESC becomes ESC "e" and NUL becomes ESC "0"; text with neither is stored unchanged, so
+# searches (LIKE) and rows written before this existed read as they always did.
+_ESC = "\uffff"
+_NUL_ESCAPED = re.compile(_ESC + "([0e])")
+_UNESCAPE = {"0": "\x00", "e": _ESC}
+
+
+def escape_nul(text: str) -> str:
+    if _ESC in text:
+        text = text.replace(_ESC, _ESC + "e")
+    return text.replace("\x00", _ESC + "0") if "\x00" in text else text
+
+
+def unescape_nul(text: str) -> str:
+    if _ESC not in text:
+        return text
+    return _NUL_ESCAPED.sub(lambda m: _UNESCAPE.get(m.group(1), m.group(0)), text)
+
+
+class NulSafeText(TypeDecorator[str]):
+    """TEXT that holds any Python str, NUL included, on every backend (stored escaped: see escape_nul; one
+    representation everywhere, so a database moved between backends reads the same). Comparisons and LIKE
+    patterns against the column are escaped the same way, so they still match."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return escape_nul(value) if value is not None else value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return unescape_nul(value) if value is not None else value
 
 
 def utcnow() -> datetime:
@@ -50,15 +97,15 @@ class Response(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     endpoint: Mapped[str] = mapped_column(String(16))  # "chat" | "completion"
     model: Mapped[str] = mapped_column(String(200), index=True)
-    weight_version: Mapped[int] = mapped_column(Integer, index=True)
+    weight_version: Mapped[int] = mapped_column(Id, index=True)
     # The request as the client sent it (messages or prompt + sampling parameters).
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     # Chat: the messages that formed the prompt; completion: [{"role": "user", "content": prompt}]-free raw prompt.
     messages: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
-    prompt_text: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt_text: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
     # Canonical identity of the conversation before this answer (sha256 hex): pairs are built within one hash.
     prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
-    completion: Mapped[str] = mapped_column(Text, default="")
+    completion: Mapped[str] = mapped_column(NulSafeText, default="")
     prompt_token_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     completion_token_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     completion_logprobs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
@@ -69,19 +116,19 @@ class Response(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)  # client left mid-stream
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
 
 
 class Rating(Base):
     __tablename__ = "ratings"
     __table_args__ = (Index("ix_ratings_response_rater", "response_id", "rater"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     response_id: Mapped[str] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"), index=True)
     rater: Mapped[str] = mapped_column(String(200), default="anonymous", index=True)
     thumb: Mapped[int | None] = mapped_column(Integer, nullable=True)  # +1 up, -1 down
     score: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1..10
-    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    comment: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
     tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
@@ -92,12 +139,12 @@ class Rating(Base):
 class Comparison(Base):
     __tablename__ = "comparisons"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     response_a_id: Mapped[str] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"), index=True)
     response_b_id: Mapped[str] = mapped_column(ForeignKey("responses.id", ondelete="CASCADE"), index=True)
     winner: Mapped[str] = mapped_column(String(16))  # "a" | "b" | "tie" | "both_bad"
     rater: Mapped[str] = mapped_column(String(200), default="anonymous", index=True)
-    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    comment: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
     held_out: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -109,26 +156,29 @@ class WeightVersion(Base):
 
     __tablename__ = "weight_versions"
 
-    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))  # "initial" | "train" | "restore" | "rollback"
-    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    parent_version: Mapped[int | None] = mapped_column(Id, nullable=True)
+    run_id: Mapped[int | None] = mapped_column(Id, nullable=True)
     checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="live")  # "live" | "superseded" | "rolled_back"
+    # "live" | "superseded" | "rolled_back" | "lost" (not durable when vLLM reloaded from disk: loop/durability.py)
+    status: Mapped[str] = mapped_column(String(16), default="live")
     eval: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    note: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
     load_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the vLLM load these weights live in
 
 
 class TrainingRun(Base):
     __tablename__ = "training_runs"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    # queued | running | succeeded | failed | refused | rejected | rolled_back
+    # queued | running | succeeded | failed | refused | rejected | rolled_back | lost
+    # (lost: its version was not durable when vLLM reloaded from disk, or vLLM died before serving it — feedback
+    # released, see loop/durability.py)
     # (refused: the update was not finite or over the cap — feedback released; rejected: the worker's direction check
     # (loop/worker/agreement.py) judged, before the write, that it would undo what the kept runs taught — feedback
     # stays consumed, never retried)
@@ -137,9 +187,9 @@ class TrainingRun(Base):
     batch: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # final figures
     history: Mapped[list[Any]] = mapped_column(JSON, default=list)  # per-step figures
-    version_before: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    version_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    version_before: Mapped[int | None] = mapped_column(Id, nullable=True)
+    version_after: Mapped[int | None] = mapped_column(Id, nullable=True)
+    error: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
 
 
 class RunFeedback(Base):
@@ -151,7 +201,7 @@ class RunFeedback(Base):
         UniqueConstraint("comparison_id", name="uq_run_feedback_comparison"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
     rating_id: Mapped[int | None] = mapped_column(ForeignKey("ratings.id", ondelete="CASCADE"), nullable=True)
     comparison_id: Mapped[int | None] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), nullable=True)

@@ -1,7 +1,8 @@
 """The scheduler: turns new feedback into weight updates on its own, one run at a time, guarded.
 
 An asyncio task in the API process (`Scheduler(state)`, started by `loop serve` when `scheduler_enabled`). Every
-`poll_s` it counts the trainable feedback (loop/scheduler/batches.py: not consumed, not held out) and starts a run
+`poll_s` it counts the trainable feedback (loop/scheduler/batches.py: not consumed, not held out; the count is
+reused until the feedback changes, loop/readcache.py, so ticks and polled status stay cheap) and starts a run
 when one of three triggers fires, recording which one and why on the run (`trigger="scheduler"`,
 `batch["scheduler"]["reason"]`):
 - threshold: at least `min_pairs` pairs/examples wait;
@@ -32,20 +33,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from sqlalchemy import delete, select
 
+from loop import pairs
 from loop.db.models import RunFeedback, SchedulerState, TrainingRun, WeightVersion
+from loop.readcache import ReadCache
 from loop.scheduler import batches
 from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_tokenizer, verdict
 
 log = logging.getLogger("loop.scheduler")
 
 STATE_KEY = "scheduler"
-TERMINAL = ("succeeded", "failed", "refused", "rejected", "rolled_back")
+TERMINAL = ("succeeded", "failed", "refused", "rejected", "rolled_back", "lost")
 # Runtime-adjustable thresholds: name → (Settings field, type)
 TUNABLE: dict[str, tuple[str, type]] = {
     "interval_s": ("scheduler_interval_s", float),
@@ -58,6 +62,61 @@ TUNABLE: dict[str, tuple[str, type]] = {
     "max_margin_t": ("max_margin_t", float), "max_conflict_t": ("max_conflict_t", float),
     "guard_enabled": ("guard_enabled", bool),
 }
+# The range each number may take, as pydantic's gt/ge/le (POST /api/scheduler/config declares its fields with
+# them). Durations stop at 1e10 s (~300 years: "never"); a later time would not fit a timestamp.
+LIMITS: dict[str, dict[str, float]] = {
+    "interval_s": {"gt": 0, "le": 1e10}, "min_pairs": {"ge": 1, "le": 1_000_000}, "max_wait_s": {"gt": 0, "le": 1e10},
+    "batch_size": {"ge": 1, "le": 4096}, "steps": {"ge": 1, "le": 100}, "learning_rate": {"gt": 0, "le": 1.0},
+    "max_accuracy_drop": {"ge": 0, "le": 1}, "max_perplexity_rise": {"ge": 0, "le": 1000},
+    "max_margin_t": {"ge": 0, "le": 1000}, "max_conflict_t": {"ge": 0, "le": 1000},
+}
+_TIMES = ("next_interval_at", "paused_at", "last_run_at")  # stored epoch seconds
+
+
+def check_tunable(name: str, value: Any) -> Any:
+    """`value` as the type of threshold `name`, or ValueError saying what range it must be in."""
+    if name not in TUNABLE:
+        raise ValueError(f"unknown scheduler setting {name!r}; known: {sorted(TUNABLE)}")
+    kind = TUNABLE[name][1]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
+        raise ValueError(f"{name} must be a finite {kind.__name__}, not {value!r}")
+    lim = LIMITS[name]
+    if ("gt" in lim and not value > lim["gt"]) or ("ge" in lim and not value >= lim["ge"]) \
+            or ("le" in lim and not value <= lim["le"]):
+        bounds = ", ".join(f"{'>' if k == 'gt' else '>=' if k == 'ge' else '<='} {v:g}" for k, v in lim.items())
+        raise ValueError(f"{name} must be {bounds}, not {value!r}")
+    return kind(value)
+
+
+def _sane_state(stored: dict[str, Any]) -> dict[str, Any]:
+    """The stored state with anything a route could not use (a threshold out of range or not finite, a time that
+    is no timestamp) dropped, each with a warning: a bad row must not break the scheduler or its routes."""
+    state = dict(stored)
+    overrides = state.get("overrides")
+    if not isinstance(overrides, dict):
+        if overrides is not None:
+            log.warning("ignoring stored scheduler overrides %r: not an object", overrides)
+        overrides = {}
+    kept = {}
+    for name, value in overrides.items():
+        try:
+            kept[name] = check_tunable(name, value)
+        except ValueError as exc:
+            log.warning("ignoring the stored scheduler setting %s=%r (%s); using the configured value", name,
+                        value, exc)
+    state["overrides"] = kept
+    for key in _TIMES:
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= 1e11):
+            log.warning("ignoring the stored scheduler time %s=%r: not a timestamp", key, value)
+            state.pop(key)
+    return state
 
 
 def _iso(ts: float | None) -> str | None:
@@ -80,6 +139,7 @@ class Scheduler:
         self._requested: str | None = None  # "run now" asked through the API (admin)
         self.last_error: str | None = None
         self.last_decision: str | None = None
+        self._pool_cache: ReadCache[batches.Pool] = ReadCache()
         self._persisted = self._load()
         if self._persisted.get("next_interval_at") is None:
             self._save(next_interval_at=self.clock() + self.config()["interval_s"])
@@ -88,7 +148,11 @@ class Scheduler:
     def _load(self) -> dict[str, Any]:
         with self.state.sessions() as s:
             row = s.get(SchedulerState, STATE_KEY)
-            return dict(row.value) if row is not None else {}
+            value = row.value if row is not None else {}
+        if not isinstance(value, dict):
+            log.warning("ignoring the stored scheduler state %r: not an object", value)
+            value = {}
+        return _sane_state(value)
 
     def _save(self, **changes: Any) -> None:
         self._persisted.update(changes)
@@ -121,7 +185,8 @@ class Scheduler:
         return self.config_from(self._persisted.get("overrides", {}))
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        """Change thresholds at runtime (persisted; survives restarts). Unknown names raise ValueError."""
+        """Change thresholds at runtime (persisted; survives restarts). Unknown names, values of the wrong type,
+        not finite or outside LIMITS raise ValueError, and nothing changes."""
         unknown = sorted(set(changes) - set(TUNABLE))
         if unknown:
             raise ValueError(f"unknown scheduler setting(s) {unknown}; known: {sorted(TUNABLE)}")
@@ -130,7 +195,7 @@ class Scheduler:
             if value is None:
                 overrides.pop(name, None)
             else:
-                overrides[name] = TUNABLE[name][1](value)
+                overrides[name] = check_tunable(name, value)
         update: dict[str, Any] = {"overrides": overrides}
         if "interval_s" in changes:  # a new interval starts counting now
             update["next_interval_at"] = self.clock() + self.config_from(overrides)["interval_s"]
@@ -177,6 +242,14 @@ class Scheduler:
         with self.state.sessions() as s:
             return batches.collect(s, holdout_fraction=self.settings.holdout_fraction)
 
+    def _waiting(self) -> batches.Pool:
+        """What waits, for deciding and for status: the pool as `_pool` builds it, reused until a rating,
+        comparison, consumption or held-out mark changes it (pairs.inputs_key), so a tick or a polled status
+        costs a few indexed reads while nothing new came in. Read-only: a run builds its batch from a fresh pool."""
+        with self.state.sessions() as s:
+            return self._pool_cache.get(lambda: pairs.inputs_key(s),
+                                        lambda: batches.collect(s, holdout_fraction=self.settings.holdout_fraction))
+
     def _busy(self) -> bool:
         return self._lock.locked() or bool(getattr(self.state.trainer, "busy", False))
 
@@ -215,7 +288,7 @@ class Scheduler:
             return None
         cfg = self.config()
         now = self.clock()
-        pool = await asyncio.to_thread(self._pool)
+        pool = await asyncio.to_thread(self._waiting)
         counts = pool.counts()
         waiting = counts["pairs"] + counts["examples"]
         oldest = pool.oldest()
@@ -237,7 +310,7 @@ class Scheduler:
             self.last_decision = f"waiting: {waiting} items < {cfg['min_pairs']}"
             return None
         self.last_decision = f"{trigger}: {reason}"
-        return await self.run_once(trigger, reason, pool=pool)
+        return await self.run_once(trigger, reason)
 
     # ------------------------------------------------------------------ one run
     async def _ensure_guard(self) -> EvalGuard | None:
@@ -399,7 +472,7 @@ class Scheduler:
         counts: dict[str, Any] = {}
         oldest = None
         try:
-            pool = self._pool()
+            pool = self._waiting()
             counts = pool.counts()
             oldest = pool.oldest()
         except Exception as exc:  # noqa: BLE001 - status must answer even if the DB hiccups

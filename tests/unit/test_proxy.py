@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 
 from loop.api.app import create_app
 from loop.config import Settings
@@ -66,7 +66,7 @@ async def proxied(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
         state = app.state.loop
         await state.vllm.aclose()
         state.vllm = VLLMClient("http://fake", 0.3, transport=httpx.ASGITransport(fake_vllm(seen)))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://loop") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1") as client:
             yield SimpleNamespace(client=client, state=state, seen=seen, app=app)
 
 
@@ -127,8 +127,9 @@ async def test_slow_upstream_gives_504(proxied) -> None:  # noqa: ANN001
 
 async def test_starting_supervisor_gives_503_with_progress(proxied) -> None:  # noqa: ANN001
     proxied.state.supervisor = SimpleNamespace(state="starting", describe=lambda: "vLLM is starting (12 s)",
-                                               restarts=0, url="u", model_path="p", log_path="l",
-                                               last_error=None, elapsed_s=lambda: 12.0)
+                                               restarts=0, recent_restarts=0, address="unix:/s", socket_path="/s",
+                                               settings=SimpleNamespace(vllm_restart_limit=3, vllm_restart_window_s=600),
+                                               model_path="p", log_path="l", last_error=None, elapsed_s=lambda: 12.0)
     r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 503 and r.json()["error"]["message"] == "vLLM is starting (12 s)"
     h = await proxied.client.get("/health")
@@ -155,9 +156,34 @@ async def test_candidates_validation_and_answer(proxied) -> None:  # noqa: ANN00
 
 async def test_every_request_is_counted_by_route_template_and_status(proxied) -> None:  # noqa: ANN001
     await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
-    await proxied.client.post("/v1/chat/completions", content=b"{")
+    await proxied.client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
     await proxied.client.get("/no/such/thing")
     text = (await proxied.client.get("/metrics")).text
     assert 'loop_requests_total{route="/v1/chat/completions",status="200"} 1.0' in text
     assert 'loop_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
     assert 'route="/no/such/thing"' not in text  # raw paths never become labels
+
+
+async def test_a_reply_that_cannot_be_stored_is_not_given_an_id_that_names_nothing(proxied) -> None:  # noqa: ANN001
+    from sqlalchemy import event
+
+    def refuse(conn) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device (injected commit failure)")
+
+    event.listen(proxied.state.engine, "commit", refuse)
+    try:
+        r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        assert r.headers["retry-after"] == "1"
+        s = await proxied.client.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+        events = [line[6:] for line in s.text.splitlines() if line.startswith("data: ")]
+        assert "[DONE]" not in events and json.loads(events[-1])["error"]["code"] == "storage_unavailable"
+    finally:
+        event.remove(proxied.state.engine, "commit", refuse)
+    fresh = create_engine(proxied.state.settings.db_url)  # a new connection: only what was committed
+    try:
+        with fresh.connect() as conn:
+            assert conn.execute(select(Response.id)).all() == []
+    finally:
+        fresh.dispose()

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from loop.api.state import LoopState
+from loop.db.models import MAX_ID
 from loop.pairs import PairFilters, preference_pairs, trl_preference, trl_unpaired, unpaired_examples
 
 router = APIRouter(prefix="/api/export", tags=["export"])
@@ -52,7 +53,7 @@ def _response(state: LoopState, kind: str, f: PairFilters, fmt: Format) -> Strea
 @router.get("/preference.jsonl", response_class=StreamingResponse)
 def export_preference(request: Request, format: Format = "conversational", since: datetime | None = None,
                       until: datetime | None = None, model: str | None = None,
-                      weight_version: Annotated[int | None, Query(ge=0)] = None, rater: str | None = None,
+                      weight_version: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, rater: str | None = None,
                       untrained_only: bool = False, include_held_out: bool = False) -> StreamingResponse:
     """Preference pairs (A/B picks and differently rated answers to one prompt) as TRL preference JSONL."""
     f = _filters(since, until, model, weight_version, rater, untrained_only, include_held_out)
@@ -62,7 +63,7 @@ def export_preference(request: Request, format: Format = "conversational", since
 @router.get("/unpaired.jsonl", response_class=StreamingResponse)
 def export_unpaired(request: Request, format: Format = "conversational", since: datetime | None = None,
                     until: datetime | None = None, model: str | None = None,
-                    weight_version: Annotated[int | None, Query(ge=0)] = None, rater: str | None = None,
+                    weight_version: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, rater: str | None = None,
                     untrained_only: bool = False, include_held_out: bool = False) -> StreamingResponse:
     """Single thumbs / scores as TRL unpaired preference JSONL (label true = desirable)."""
     f = _filters(since, until, model, weight_version, rater, untrained_only, include_held_out)

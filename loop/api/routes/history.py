@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query
 from loop.api.deps import SessionDep
 from loop.api.errors import LoopError, NotFound
 from loop.api.schemas import ResponseDetail, ResponsePage
+from loop.db.models import MAX_ID
 from loop.feedback.queries import RatingFilter, ResponseFilters, ResponseSort, list_responses, response_detail
 
 router = APIRouter(prefix="/api", tags=["history"])
@@ -26,11 +27,11 @@ def get_responses(
     tag: Annotated[str | None, Query(max_length=64)] = None,
     rater: str | None = None,
     model: str | None = None,
-    weight_version: Annotated[int | None, Query(ge=0)] = None,
+    weight_version: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     q: Annotated[str | None, Query(max_length=500, description="text in the prompt or the completion")] = None,
     sort: ResponseSort = "-created_at",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> dict[str, Any]:
     """Logged responses, filtered, sorted and paginated."""
     if min_score is not None and max_score is not None and min_score > max_score:

@@ -11,12 +11,15 @@ the reply is stripped back to what the client asked for. Every choice becomes on
   client leaves early — once, in a background task, marked `truncated`.
 - The weight version is read when vLLM's first token arrives: the trainer bumps it while vLLM is paused, so a
   token that arrives after the bump was made by the new weights.
+- Bodies are checked as every route's are (loop.api.errors.check_json_body: UTF-8, nesting depth) and `n` /
+  `best_of` are capped by the max_n setting (400 `n_too_large`): each choice holds the engine and becomes a row.
 Hot path: one pooled client, msgspec for JSON, no per-request allocations beyond the rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,12 +35,14 @@ from starlette.responses import Response as HTTPResponse
 from starlette.responses import StreamingResponse
 
 from loop.api.deps import StateDep
-from loop.api.errors import LoopError, Unavailable, UpstreamTimeout, error_body
+from loop.api.errors import LoopError, Unavailable, UpstreamTimeout, check_json_body, error_body
 from loop.api.state import LoopState
 from loop.db.models import Response
 from loop.vllm.capture import Capture, RequestInfo, Wants, augment, new_response_id, prompt_hash, strip_choice, \
     strip_top, to_row
 from loop.vllm.client import VLLMUnreachable
+
+log = logging.getLogger("loop.proxy")
 
 router = APIRouter(tags=["proxy"])
 
@@ -50,6 +55,7 @@ JSON = "application/json"
 def _parse(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise LoopError("the request body is empty; send a JSON object", code="invalid_json")
+    check_json_body(raw)  # not UTF-8, or nested too deep: the same 400 as every other route
     try:
         body = _decode(raw)
     except msgspec.DecodeError as exc:
@@ -60,11 +66,8 @@ def _parse(raw: bytes) -> dict[str, Any]:
 
 
 def _request_info(state: LoopState, body: dict[str, Any], endpoint: str) -> RequestInfo:
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise LoopError(f"n must be a positive integer, got {n!r}", param="n")
+    n = _choices(body, "n", state.settings.max_n)
+    _choices(body, "best_of", state.settings.max_n)
     body.setdefault("model", state.settings.model_name)
     info = RequestInfo(endpoint=endpoint, request=dict(body), model=str(body["model"]), group_id=uuid.uuid4().hex,
                        stream=bool(body.get("stream")), n=n)
@@ -85,6 +88,19 @@ def _request_info(state: LoopState, body: dict[str, Any], endpoint: str) -> Requ
         else:
             raise LoopError("prompt must be a non-empty string (or a list of strings / token ids)", param="prompt")
     return info
+
+
+def _choices(body: dict[str, Any], name: str, max_n: int) -> int:
+    """`n` / `best_of`: a positive integer no larger than the max_n setting (each choice holds the engine)."""
+    value = body.get(name)
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LoopError(f"{name} must be a positive integer, got {value!r}", param=name, code="invalid_n")
+    if value > max_n:
+        raise LoopError(f"{name} is {value}, above this loop's limit of {max_n} choices per request; ask for at most "
+                        f"{max_n} (the limit is the max_n setting, LOOP_MAX_N)", param=name, code="n_too_large")
+    return value
 
 
 def _ensure_up(state: LoopState) -> None:
@@ -171,7 +187,13 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
         choice["loop_weight_version"] = version
         strip_choice(choice, wants, stream=False)
     if rows:
-        await run_in_threadpool(_store, state, rows)
+        try:
+            await run_in_threadpool(_store, state, rows)
+        except Exception as exc:  # noqa: BLE001 - the ids would name rows that do not exist: no reply is better
+            log.error("storing %d generated choices failed: %s", len(rows), exc)
+            raise Unavailable("the answer was generated but could not be stored (the database refused the write), "
+                              "so it is not returned; nothing was stored — retry the request",
+                              code="storage_unavailable", headers={"Retry-After": "1"}) from exc
         _count(request, rows)
     strip_top(data, wants, stream=False)
     if ids:
@@ -306,7 +328,14 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
         # Whole stream received: store before [DONE], so a client that rates right after finds the rows.
         st.store_started = True
         rows = st.rows(truncated=st.error is not None)
-        await run_in_threadpool(_store, state, rows)
+        try:
+            await run_in_threadpool(_store, state, rows)
+        except Exception as exc:  # noqa: BLE001 - the ids sent name rows that do not exist: say so, no [DONE]
+            log.error("storing %d streamed choices failed: %s", len(rows), exc)
+            yield b"data: " + _encode(error_body(
+                "the answer could not be stored (the database refused the write): its loop_response_id cannot be "
+                "rated; retry the request", "service_unavailable", "storage_unavailable")) + b"\n\n"
+            return
         _count(request, rows)
         metrics.proxied(info.endpoint, stream=True, latency_s=time.perf_counter() - t0, ttft_s=st.ttft_ms / 1000)
         yield b"data: [DONE]\n\n"

@@ -13,17 +13,18 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from loop.api.deps import AdminDep, SessionDep, StateDep
 from loop.api.errors import LoopError, NotFound, Unavailable
-from loop.db.models import RunFeedback, TrainingRun, WeightVersion
+from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
+from loop.scheduler.scheduler import LIMITS
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
-STATUSES = ("queued", "running", "succeeded", "failed", "refused", "rejected", "rolled_back")
+STATUSES = ("queued", "running", "succeeded", "failed", "refused", "rejected", "rolled_back", "lost")
 
 
 def _iso(dt: Any) -> str | None:
@@ -58,7 +59,7 @@ def _version(session: Any, v: int | None) -> dict[str, Any] | None:
 @router.get("/runs")
 def list_runs(session: SessionDep, status: str | None = None, trigger: str | None = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+              offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> dict[str, Any]:
     stmt = select(TrainingRun)
     if status is not None:
         if status not in STATUSES:
@@ -73,7 +74,8 @@ def list_runs(session: SessionDep, status: str | None = None, trigger: str | Non
 
 
 @router.get("/runs/{run_id}")
-def get_run(run_id: int, session: SessionDep) -> dict[str, Any]:
+def get_run(run_id: Annotated[int, Path(ge=1, le=MAX_ID, description="a run id from GET /api/runs")],
+            session: SessionDep) -> dict[str, Any]:
     run = session.get(TrainingRun, run_id)
     if run is None:
         raise NotFound(f"training run {run_id} does not exist; GET /api/runs lists them", code="run_not_found")
@@ -135,24 +137,28 @@ async def scheduler_run_now(state: StateDep) -> dict[str, Any]:
 
 
 class SchedulerConfig(BaseModel):
-    """Thresholds to change at runtime (persisted). Leave a field out to keep it; `null` resets it."""
+    """Thresholds to change at runtime (persisted). Leave a field out to keep it; `null` resets it. The ranges are
+    the scheduler's own (loop.scheduler.scheduler.LIMITS); numbers must be finite."""
 
-    model_config = ConfigDict(extra="forbid")
-    interval_s: float | None = Field(None, gt=0)
-    min_pairs: int | None = Field(None, ge=1)
-    max_wait_s: float | None = Field(None, gt=0)
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    steps: int | None = Field(None, ge=1, le=100)
-    learning_rate: float | None = Field(None, gt=0, le=1.0)
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
-    max_perplexity_rise: float | None = Field(None, ge=0)
-    max_margin_t: float | None = Field(None, ge=0)
-    max_conflict_t: float | None = Field(None, ge=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    interval_s: float | None = Field(None, **LIMITS["interval_s"])
+    min_pairs: int | None = Field(None, **LIMITS["min_pairs"])
+    max_wait_s: float | None = Field(None, **LIMITS["max_wait_s"])
+    batch_size: int | None = Field(None, **LIMITS["batch_size"])
+    steps: int | None = Field(None, **LIMITS["steps"])
+    learning_rate: float | None = Field(None, **LIMITS["learning_rate"])
+    max_accuracy_drop: float | None = Field(None, **LIMITS["max_accuracy_drop"])
+    max_perplexity_rise: float | None = Field(None, **LIMITS["max_perplexity_rise"])
+    max_margin_t: float | None = Field(None, **LIMITS["max_margin_t"])
+    max_conflict_t: float | None = Field(None, **LIMITS["max_conflict_t"])
     guard_enabled: bool | None = None
 
 
 @router.post("/scheduler/config", dependencies=[AdminDep])
 async def scheduler_config(body: SchedulerConfig, state: StateDep) -> dict[str, Any]:
     sched = scheduler_of(state)
-    sched.configure(**body.model_dump(exclude_unset=True))
+    try:
+        sched.configure(**body.model_dump(exclude_unset=True))
+    except ValueError as exc:  # the model checks the same ranges; this keeps the two from drifting into a 500
+        raise LoopError(str(exc), status_code=422, code="invalid_scheduler_config") from exc
     return await asyncio.to_thread(sched.describe)

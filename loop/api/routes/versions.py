@@ -9,16 +9,17 @@ which makes a NEW version (kind "restore", parent v). The work is `loop.training
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from sqlalchemy import select
 
 from loop.api.deps import AdminDep, SessionDep, StateDep
 from loop.api.errors import Unavailable, UpstreamTimeout
 from loop.api.routes.train import trainer_of
 from loop.control import WorkerError, WorkerTimeout
-from loop.db.models import WeightVersion
+from loop.db.models import MAX_ID, WeightVersion
+from loop.durability import durable
 
 router = APIRouter(prefix="/api", tags=["versions"])
 
@@ -32,7 +33,7 @@ def _utc(t: datetime | None) -> str | None:
 def version_json(v: WeightVersion) -> dict[str, Any]:
     return {"version": v.version, "created_at": _utc(v.created_at), "kind": v.kind,
             "parent_version": v.parent_version, "run_id": v.run_id, "checkpoint_path": v.checkpoint_path,
-            "status": v.status, "eval": v.eval, "note": v.note}
+            "status": v.status, "durable": durable(v), "eval": v.eval, "note": v.note}
 
 
 @router.get("/versions")
@@ -54,7 +55,8 @@ async def checkpoint(state: StateDep) -> dict[str, Any]:
 
 
 @router.post("/versions/{version}/restore", dependencies=[AdminDep])
-async def restore(version: int, state: StateDep) -> dict[str, Any]:
+async def restore(version: Annotated[int, Path(ge=0, le=MAX_ID, description="a version from GET /api/versions")],
+                  state: StateDep) -> dict[str, Any]:
     trainer = trainer_of(state)
     try:
         new = await trainer.restore(version)
