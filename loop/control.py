@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from loop.config import Settings, private_dir
+from loop.logs import open_private_log
 from loop.worker import protocol as p
 
 log = logging.getLogger("loop.control")
@@ -113,9 +114,7 @@ class WorkerControl:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.endpoint)
         os.chmod(self.socket_path, 0o600)
-        logs = self.settings.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(logs / "worker.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self._log_file = open_private_log(self.settings.log_dir / "worker.log")  # kept open for the child's lifetime
         await self._spawn()
         self._tasks = [asyncio.create_task(self._receive(), name="worker-recv"),
                        asyncio.create_task(self._watchdog(), name="worker-watchdog")]

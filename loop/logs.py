@@ -2,18 +2,21 @@
 
 `setup_logging(settings)` configures the root logger once per process; uvicorn's loggers go through the same
 handler (its own log config is switched off by `loop serve`). Extra fields passed with `extra={...}` end up in
-the JSON object.
+the JSON object. `open_private_log(path)` opens the log files loop's children write (vLLM's, the worker's)
+private to us: they can hold prompts and answers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from loop.config import Settings
+from loop.config import Settings, tighten
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -51,3 +54,12 @@ def setup_logging(settings: Settings) -> None:
         logger.propagate = True
     # httpx logs every request at INFO: that is the proxy's hot path.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def open_private_log(path: Path) -> BinaryIO:
+    """Open `path` for appending as a 0600 file in a 0700 folder (an existing, more open one is tightened)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tighten(path.parent, 0o700)
+    log_file = open(path, "ab", opener=lambda name, flags: os.open(name, flags, 0o600))  # noqa: SIM115 - returned
+    tighten(path, 0o600)
+    return log_file

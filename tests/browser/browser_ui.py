@@ -1,4 +1,5 @@
-"""Helpers for the browser tests: one page on the service (`UI`), screenshots, error and dialog capture.
+"""Helpers for the browser tests: one page on the service (`UI`), screenshots, error, CSP-violation and dialog
+capture.
 
 Kept out of conftest.py so test modules can import them (`from browser_ui import UI, open_ui`).
 """
@@ -44,6 +45,9 @@ def open_ui(browser: Browser, base: str, **context_args: Any) -> tuple[UI, Brows
     page = context.new_page()
     ui = UI(page=page, base=base)
     page.on("pageerror", lambda exc: ui.page_errors.append(str(exc)))
+    # A Content-Security-Policy violation throws nothing: the browser only reports it on the console.
+    page.on("console", lambda msg: ui.page_errors.append(msg.text)
+            if msg.type == "error" and "Content Security Policy" in msg.text else None)
 
     def on_dialog(dialog: Any) -> None:
         ui.dialogs.append(f"{dialog.type}: {dialog.message}")
