@@ -2,11 +2,13 @@
 
 tests/conftest.py imports these fixtures, so tests/e2e and tests/browser share the one service.
 
-`loop_service` starts `python -m loop.cli serve` on free ports with a temporary data dir, the default model
-(SmolLM2-135M-Instruct) and a 1 GiB KV cache, waits until /health says ready, and tears the whole thing down
+`loop_service` starts `python -m loop.cli serve` on a free port with a temporary data dir, the default model
+(SmolLM2-135M-Instruct) and a 1 GiB KV cache (vLLM on its private Unix socket: `Service.vllm_address`, reach it
+with `Service.vllm()`), waits until /health says ready, and tears the whole thing down
 (process groups: loop's, then vLLM's, found through its pid file) at the end of the session. Every e2e test in
 the repo uses it; `loop_factory` starts extra, vLLM-less `loop serve` instances (e.g. pointed at a closed port
-or with a tiny timeout) that attach with --vllm-url.
+or with a tiny timeout) that attach with --vllm-url (`--vllm-url`, `service.vllm_address` shares the session's
+vLLM).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from support import free_port, wait_for
+from support import free_port, vllm_client, wait_for
 
 START_TIMEOUT_S = float(os.environ.get("LOOP_TEST_START_TIMEOUT_S", "300"))
 
@@ -35,13 +38,17 @@ class Service:
     data_dir: Path
     db_url: str
     model: str
-    vllm_url: str
+    vllm_address: str  # /health's vllm.address: unix:/…/run/vllm.sock for the managed vLLM
     log_path: Path  # loop serve's own output (vLLM's is data_dir/logs/vllm.log)
     proc: subprocess.Popen = field(repr=False)
 
     @property
     def vllm_log_path(self) -> Path:
         return self.data_dir / "logs" / "vllm.log"
+
+    def vllm(self, timeout: float = 300.0) -> httpx.Client:
+        """A client for vLLM itself (over its Unix socket), bypassing loop."""
+        return vllm_client(self.vllm_address, timeout=timeout)
 
     @property
     def vllm_pid_path(self) -> Path:
@@ -96,7 +103,7 @@ def start_loop(data_dir: Path, *args: str, env: dict[str, str] | None = None,
     models = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0).models.list() if wait else None
     model = models.data[0].id if models else ""
     return Service(url=url, admin_token=token, data_dir=data_dir, db_url=f"sqlite:///{data_dir / 'loop.db'}",
-                   model=model, vllm_url=health["vllm"]["url"], log_path=log_path, proc=proc)
+                   model=model, vllm_address=health["vllm"]["address"], log_path=log_path, proc=proc)
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +112,7 @@ def loop_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     # The scheduler never trains on its own here (other tests' feedback stays theirs); tests/e2e/test_loop_e2e.py
     # lowers the thresholds at runtime through POST /api/scheduler/config and puts them back.
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9", "LOOP_SCHEDULER_MAX_WAIT_S": "1e9"}
-    service = start_loop(data_dir, "--vllm-port", str(free_port()), env=never)
+    service = start_loop(data_dir, env=never)
     try:
         yield service
     finally:

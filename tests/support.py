@@ -1,11 +1,16 @@
-"""Plain helpers shared by tests (free ports, waiting for a URL); import as `from support import ...`."""
+"""Plain helpers shared by tests (free ports, waiting for a URL, a client for vLLM's socket, a fake vLLM);
+import as `from support import ...`."""
 
 from __future__ import annotations
 
 import socket
+import sys
 import time
+from pathlib import Path
 
 import httpx
+
+from loop.vllm.client import sync_client
 
 
 def free_port() -> int:
@@ -31,3 +36,63 @@ def wait_for(url: str, timeout: float, *, ok_statuses: tuple[int, ...] = (200,),
             last = repr(exc)
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s: {last}")
+
+
+def vllm_client(address: str, timeout: float = 300.0) -> httpx.Client:
+    """A client for vLLM itself, bypassing loop: `address` is /health's `vllm.address` (`unix:/…/vllm.sock` for
+    the managed vLLM, which has no TCP port), e.g. `vllm_client(service.vllm_address).post("/v1/completions")`."""
+    return sync_client(address, timeout=timeout)
+
+
+# argv: socket path, start delay, mode (serve | crash). While serving, GET /health answers 503 when the file
+# "<socket>.sick" exists (an engine core that died under a living API process), GET /is_paused reports whether
+# "<socket>.paused" exists.
+FAKE_VLLM = """
+import http.server, os, socketserver, sys, time
+path, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+print("fake vllm loading", flush=True)
+time.sleep(delay)
+if mode == "crash":
+    print("RuntimeError: CUDA out of memory (fake)", flush=True)
+    sys.exit(3)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/is_paused":
+            body = b'{"is_paused": %s}' % (b"true" if os.path.exists(path + ".paused") else b"false")
+            self.send_response(200)
+        elif os.path.exists(path + ".sick"):
+            body = b'{"error": {"message": "EngineCore died (fake)"}}'
+            self.send_response(503)
+        else:
+            body = b"{}"
+            self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def address_string(self): return "unix"
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+S(path, H).serve_forever()
+"""
+
+
+def wait_for_socket(path: Path, timeout: float) -> None:
+    """Wait until a server accepts connections on the Unix socket `path`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def fake_vllm_command(folder: Path, socket_path: Path, *, delay: float = 0.0, mode: str = "serve") -> list[str]:
+    """The command of a stand-in vLLM on the Unix socket `socket_path` (its script is written into `folder`)."""
+    script = folder / "fake_vllm.py"
+    script.write_text(FAKE_VLLM)
+    return [sys.executable, str(script), str(socket_path), str(delay), mode]

@@ -260,7 +260,7 @@ def started_loop(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     with keep or tempfile.TemporaryDirectory(prefix="loop-bench-learning-") as data_dir:
         port = free_port()
         cmd = [sys.executable, "-m", "loop.cli", "serve", "--port", str(port), "--data-dir", data_dir,
-               "--vllm-port", str(free_port()), "--log-level", "warning"]
+               "--log-level", "warning"]
         env = {**os.environ, "LOOP_HOLDOUT_FRACTION": str(args.holdout), "LOOP_SCHEDULER_MIN_PAIRS": "1000000",
                "LOOP_CPU_KV_CACHE_GIB": os.environ.get("LOOP_CPU_KV_CACHE_GIB", "1")}
         print(f"starting loop serve on :{port} (vLLM + training worker) …", file=sys.stderr)

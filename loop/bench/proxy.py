@@ -4,11 +4,12 @@ The same N chat requests go straight to vLLM and through loop, interleaved in on
 so drift — other load, thermal — hits both sides equally). Every request asks for exactly `--max-tokens` tokens
 (`ignore_eos`, greedy) so both sides do the same work. Prints p50 / p99 / mean for both and the added latency.
 
-Without `--loop-url` it starts `loop serve` itself on free ports with a temporary data dir (and vLLM with it,
-unless `--vllm-url` attaches to a running one), and stops it afterwards.
+Without `--loop-url` it starts `loop serve` itself on a free port with a temporary data dir (and vLLM with it,
+on its private Unix socket, unless `--vllm-url` attaches to a running one), and stops it afterwards. vLLM's
+address is `unix:/path` or `http://host:port` (as /health's `vllm.address` reports it).
 
     loop bench proxy -n 50 --max-tokens 16
-    loop bench proxy --vllm-url http://127.0.0.1:8001 -n 100
+    loop bench proxy --vllm-url unix:/run/vllm/sock -n 100
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import httpx
 
 from loop.bench import stop_group
+from loop.vllm.client import sync_client
 
 
 def free_port() -> int:
@@ -67,25 +69,25 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None)
 
 @contextlib.contextmanager
 def started_loop(vllm_url: str | None, model: str | None, timeout: float) -> Iterator[tuple[str, str]]:
-    """Start `loop serve` on free ports; yield (loop url, vLLM url)."""
+    """Start `loop serve` on a free port; yield (loop url, vLLM's address)."""
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as data_dir:
         port = free_port()
         cmd = [sys.executable, "-m", "loop.cli", "serve", "--port", str(port), "--data-dir", data_dir,
                "--no-worker", "--log-level", "warning"]
-        cmd += ["--vllm-url", vllm_url] if vllm_url else ["--vllm-port", str(free_port())]
+        cmd += ["--vllm-url", vllm_url] if vllm_url else []
         if model:
             cmd += ["--model", model]
         print(f"starting loop serve on :{port}{'' if vllm_url else ' (with vLLM)'} …", file=sys.stderr)
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             health = wait_healthy(f"http://127.0.0.1:{port}", timeout, proc)
-            yield f"http://127.0.0.1:{port}", health["vllm"]["url"]
+            yield f"http://127.0.0.1:{port}", health["vllm"]["address"]
         finally:
             stop_group(proc)
 
 
-def run_bench(loop_url: str, vllm_url: str, n: int, max_tokens: int, warmup: int = 3) -> dict[str, Stats]:
-    direct = httpx.Client(base_url=vllm_url, timeout=600)
+def run_bench(loop_url: str, vllm_address: str, n: int, max_tokens: int, warmup: int = 3) -> dict[str, Stats]:
+    direct = sync_client(vllm_address, timeout=600)
     proxied = httpx.Client(base_url=loop_url, timeout=600)
     model = direct.get("/v1/models").json()["data"][0]["id"]
 
@@ -140,8 +142,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--requests", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--vllm-url", help="attach to this vLLM instead of starting one")
-    p.add_argument("--loop-url", help="attach to this running loop (then --vllm-url is read from its /health)")
+    p.add_argument("--vllm-url", help="attach to this vLLM (unix:/path/to/sock or http://host:port) instead of "
+                                      "starting one")
+    p.add_argument("--loop-url", help="attach to this running loop (then vLLM's address is read from its /health)")
     p.add_argument("--model", help="model for a started loop serve (default: LOOP_MODEL / smollm2)")
     p.add_argument("--start-timeout", type=float, default=600)
     p.set_defaults(func=main)
@@ -153,10 +156,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.loop_url:
         health = wait_healthy(args.loop_url.rstrip("/"), args.start_timeout)
-        stats = run_bench(args.loop_url.rstrip("/"), args.vllm_url or health["vllm"]["url"], args.requests,
+        stats = run_bench(args.loop_url.rstrip("/"), args.vllm_url or health["vllm"]["address"], args.requests,
                           args.max_tokens)
     else:
-        with started_loop(args.vllm_url, args.model, args.start_timeout) as (loop_url, vllm_url):
-            stats = run_bench(loop_url, vllm_url, args.requests, args.max_tokens)
+        with started_loop(args.vllm_url, args.model, args.start_timeout) as (loop_url, vllm_address):
+            stats = run_bench(loop_url, vllm_address, args.requests, args.max_tokens)
     print(report(stats, args.requests, args.max_tokens))
     return 0

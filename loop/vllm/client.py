@@ -1,7 +1,9 @@
 """The one HTTP client loop uses to talk to vLLM.
 
-One pooled `httpx.AsyncClient` per app (keep-alive connections on loopback, no per-request client creation:
-that would cost a TCP handshake per proxied request). The proxy uses the raw helpers (`post`, `stream`, `get`);
+One pooled `httpx.AsyncClient` per app (keep-alive connections, no per-request client creation: that would cost
+a handshake per proxied request). vLLM's address is either `unix:/path/to/sock` (the managed vLLM listens only
+on a Unix socket in loop's 0700 run dir: its dev routes /pause, /collective_rpc, ... have no authentication, so
+no TCP port may reach them) or an `http(s)://` URL (an external vLLM attached with --vllm-url). The proxy uses the raw helpers (`post`, `stream`, `get`);
 the trainer uses the control calls, which need vLLM started with `VLLM_SERVER_DEV_MODE=1` (the supervisor sets
 it): `POST /pause?mode=wait|keep|abort`, `POST /resume`, `GET /is_paused`, `POST /reset_prefix_cache`.
 
@@ -16,6 +18,28 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+
+UNIX_PREFIX = "unix:"
+SOCKET_BASE_URL = "http://vllm"  # the host part is only a label: the transport connects to the socket
+
+
+def parse_address(address: str) -> tuple[str, str | None]:
+    """(base URL, Unix socket path or None) for `unix:/path` or `http(s)://host:port`."""
+    if address.startswith(UNIX_PREFIX):
+        path = address[len(UNIX_PREFIX):].removeprefix("//")
+        if not path.startswith("/"):
+            raise ValueError(f"a Unix socket address needs an absolute path (unix:/path/to/sock), got {address!r}")
+        return SOCKET_BASE_URL, path
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/"), None
+    raise ValueError(f"vLLM's address must be unix:/path/to/sock or start with http:// or https://, got {address!r}")
+
+
+def sync_client(address: str, timeout: float = 60.0) -> httpx.Client:
+    """A blocking client for the same address (benchmarks, tests, one-off scripts)."""
+    base_url, socket_path = parse_address(address)
+    transport = httpx.HTTPTransport(uds=socket_path) if socket_path else None
+    return httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
 
 class VLLMError(Exception):
@@ -46,11 +70,14 @@ def error_message(response: httpx.Response) -> str:
 
 
 class VLLMClient:
-    """Async client for one vLLM server at `base_url` (e.g. http://127.0.0.1:8001)."""
+    """Async client for one vLLM server at `address` (`unix:/run/dir/vllm.sock` or `http://127.0.0.1:8001`)."""
 
-    def __init__(self, base_url: str, timeout: float, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, address: str, timeout: float, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """`transport` is for unit tests (an ASGI fake vLLM); leave it None otherwise."""
-        self.base_url = base_url.rstrip("/")
+        self.address = address.rstrip("/")
+        self.base_url, self.socket_path = parse_address(self.address)
+        if transport is None and self.socket_path is not None:
+            transport = httpx.AsyncHTTPTransport(uds=self.socket_path)
         self.timeout = timeout
         # The read timeout bounds the wait between two bytes; the proxy bounds whole requests itself.
         self._http = httpx.AsyncClient(
@@ -68,13 +95,13 @@ class VLLMClient:
             return await self._http.post(path, content=content, headers={"content-type": "application/json"},
                                          timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
 
     async def get(self, path: str, *, timeout: float | None = None) -> httpx.Response:
         try:
             return await self._http.get(path, timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
 
     @asynccontextmanager
     async def stream(self, path: str, content: bytes) -> AsyncIterator[httpx.Response]:
@@ -84,7 +111,7 @@ class VLLMClient:
         try:
             response = await self._http.send(request, stream=True)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
         try:
             yield response
         finally:
@@ -93,11 +120,18 @@ class VLLMClient:
     # --- status and control (supervisor, health, trainer) ---
     async def health(self, timeout: float = 5.0) -> bool:
         """True when vLLM answers GET /health with 200."""
+        return await self.health_problem(timeout) is None
+
+    async def health_problem(self, timeout: float = 5.0) -> str | None:
+        """None when vLLM answers GET /health with 200, else what went wrong. vLLM's API process answers
+        non-200 when its engine core died while the API process lives on."""
         try:
             response = await self._http.get("/health", timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        except httpx.HTTPError as exc:
+            return f"no answer from vLLM at {self.address} to GET /health ({type(exc).__name__}: {exc})"
+        if response.status_code == 200:
+            return None
+        return f"vLLM at {self.address} answered {response.status_code} to GET /health: {error_message(response)[:200]}"
 
     async def _control(self, method: str, path: str, params: dict[str, Any] | None = None,
                        timeout: float | None = None) -> Any:
@@ -105,7 +139,7 @@ class VLLMClient:
             response = await self._http.request(method, path, params=params,
                                                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise VLLMUnreachable(f"cannot reach vLLM at {self.base_url}: {exc}") from exc
+            raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
         if response.status_code == 404:
             raise VLLMError(404, f"{path} not found: start vLLM with VLLM_SERVER_DEV_MODE=1 (loop serve does)")
         if response.status_code >= 400:
@@ -126,8 +160,8 @@ class VLLMClient:
     async def resume(self) -> None:
         await self._control("POST", "/resume")
 
-    async def is_paused(self) -> bool:
-        data = await self._control("GET", "/is_paused", timeout=10.0)
+    async def is_paused(self, timeout: float = 10.0) -> bool:
+        data = await self._control("GET", "/is_paused", timeout=timeout)
         return bool(data.get("is_paused")) if isinstance(data, dict) else False
 
     async def reset_prefix_cache(self) -> None:

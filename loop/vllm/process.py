@@ -1,15 +1,25 @@
-"""vLLM as a supervised child process.
+"""vLLM as a supervised child process, reachable only by loop.
 
 `VLLMSupervisor.start()` launches `python -m vllm.entrypoints.openai.api_server` in its own process group and
 returns at once: the API listens meanwhile and answers 503 with progress ("vLLM is starting (12 s)"). A
 background task polls vLLM's /health, prints progress to stderr, and once it is ready calls every registered
-ready-callback (the training worker re-attaches there). If vLLM dies, the state becomes "restarting" and it is
-started again with exponential backoff, at most `settings.vllm_restart_limit` times; then "failed". vLLM's
+ready-callback (the training worker re-attaches there). While ready it keeps probing /health: vLLM's API process
+answers non-200 when its engine core died underneath it, and after `UNHEALTHY_AFTER` failed probes in a row it
+is restarted like a crash. A crash (or such a restart) is retried with exponential backoff, at most
+`settings.vllm_restart_limit` times within `settings.vllm_restart_window_s` (older crashes no longer count); past
+that, or when vLLM cannot be started at all, the state becomes "failed" and `on_failed(reason)` is called
+(`loop serve` then shuts down and exits non-zero, so a process manager restarts the whole service). vLLM's
 output goes to data_dir/logs/vllm.log; `last_error` carries its tail so /health and 503s can say why.
 
+Only loop reaches vLLM: it listens on a Unix socket in the 0700 run dir (`--uds`, no TCP port), because its dev
+routes (/pause, /collective_rpc, ...) answer anyone who can connect and vLLM's --api-key does not guard them.
+Its internal ZMQ sockets and temporary files go to a private folder there too (VLLM_RPC_BASE_PATH, TMPDIR).
 The child gets VLLM_SERVER_DEV_MODE=1 (pause/resume/reset_prefix_cache), LOOP_RUNTIME_DIR (where the loop
 plugin writes the weight handles), on the CPU VLLM_CPU_KVCACHE_SPACE and --enforce-eager; never
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments, which breaks CUDA IPC export of the weights.
+
+Tests: tests/unit/test_process.py (a fake vLLM on a Unix socket), tests/e2e/test_zz_supervisor.py and
+tests/e2e/test_vllm_private_e2e.py (the real one).
 """
 
 from __future__ import annotations
@@ -18,20 +28,32 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
+import stat
 import sys
+import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from loop.config import Settings
+from loop.config import Settings, private_dir
+from loop.logs import open_private_log
 from loop.vllm.client import VLLMClient
 
 ReadyCallback = Callable[[], Awaitable[None]]
+FailedCallback = Callable[[str], None]
 
 POLL_S = 0.5
 PROGRESS_EVERY_S = 5.0
 MAX_BACKOFF_S = 30.0
+WATCH_S = 2.0  # how often a ready vLLM's /health is probed
+PROBE_TIMEOUT_S = 10.0
+UNHEALTHY_AFTER = 3  # failed probes in a row before a ready vLLM is restarted
+# AF_UNIX paths (vLLM's socket, its ZMQ ipc:// sockets: a 36-character name in the tmp dir) hold 107 bytes.
+MAX_SOCKET_PATH = 107
+RPC_NAME_LEN = 37
 
 
 def _say(message: str) -> None:
@@ -39,8 +61,10 @@ def _say(message: str) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: own process group, and SIGTERM if loop itself dies (no orphaned vLLM)."""
+    """In the child, before exec: own process group, files (its socket too) for its owner only, and SIGTERM if
+    loop itself dies (no orphaned vLLM)."""
     os.setsid()
+    os.umask(0o077)
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -91,12 +115,15 @@ def pick_device(setting: str) -> str:
 class VLLMSupervisor:
     """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None) -> None:
+        """`on_failed(reason)` is called once vLLM cannot be brought back (state "failed")."""
         self.settings = settings
         self.state: str = "stopped"  # starting | ready | restarting | failed | stopped
         self.last_error: str | None = None
-        self.restarts = 0
-        self.url = f"http://127.0.0.1:{settings.vllm_port}"
+        self.restarts = 0  # every restart since loop started (crashes and reloads)
+        self.socket_path = settings.vllm_socket
+        self.address = f"unix:{self.socket_path}"
+        self.tmp_dir = settings.runtime_dir / "tmp"  # vLLM's ZMQ sockets and temporary files (see _private_tmp)
         self.model_path: str | None = None  # set before a restart to load another folder (e.g. a checkpoint)
         self.log_path = settings.data_dir / "logs" / "vllm.log"
         self.pid_path = settings.runtime_dir / "vllm.pid"
@@ -104,12 +131,16 @@ class VLLMSupervisor:
         self.attempt_started: float = time.monotonic()
         self.ready_in_s: float | None = None
         self.exit_reason = ""
+        self.unhealthy: str | None = None  # the last failed /health probe while ready (None: the last one passed)
+        self._crashes: deque[float] = deque()  # when counted restarts happened (monotonic), newest last
+        self._reload_reason: str | None = None
+        self._on_failed = on_failed
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._callbacks: list[ReadyCallback] = []
         self._ready = asyncio.Event()
         self._stopping = False
-        self._client = VLLMClient(self.url, timeout=10.0)
+        self._client = VLLMClient(self.address, timeout=10.0)
 
     # --- public API ---
     def add_ready_callback(self, fn: ReadyCallback) -> None:
@@ -120,21 +151,34 @@ class VLLMSupervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
+    @property
+    def recent_restarts(self) -> int:
+        """Restarts after a crash within the last `vllm_restart_window_s` (what the limit counts)."""
+        horizon = time.monotonic() - self.settings.vllm_restart_window_s
+        while self._crashes and self._crashes[0] < horizon:
+            self._crashes.popleft()
+        return len(self._crashes)
+
     def elapsed_s(self) -> float:
         return time.monotonic() - self.attempt_started
 
     def describe(self) -> str:
         """One sentence on why vLLM cannot serve right now (for 503 messages)."""
+        s = self.settings
         if self.state == "starting":
             return f"vLLM is starting ({self.elapsed_s():.0f} s); retry shortly"
+        if self.state == "restarting" and self.exit_reason.startswith("reload: "):
+            return f"vLLM is restarting ({self.exit_reason}, {self.elapsed_s():.0f} s); retry shortly"
         if self.state == "restarting":
             err = error_line(self.last_error or "")
             return (f"vLLM crashed ({self.exit_reason}{': ' + err if err else ''}); restarting "
-                    f"(attempt {self.restarts}/{self.settings.vllm_restart_limit}, {self.elapsed_s():.0f} s)")
+                    f"(attempt {self.recent_restarts}/{s.vllm_restart_limit} within {s.vllm_restart_window_s:g} s, "
+                    f"{self.elapsed_s():.0f} s)")
         if self.state == "failed" and self.restarts == 0:
             return f"vLLM did not start: {last_meaningful_line(self.last_error or '')}; see {self.log_path}"
         if self.state == "failed":
-            return (f"vLLM failed ({self.exit_reason}) and was not restarted again after {self.restarts} restarts: "
+            return (f"vLLM failed ({self.exit_reason}) and was not restarted again: {self.recent_restarts} restarts "
+                    f"within {s.vllm_restart_window_s:g} s (the limit is {s.vllm_restart_limit}): "
                     f"{last_meaningful_line(self.last_error or '')}; see {self.log_path}")
         if self.state == "stopped":
             return "vLLM is stopped"
@@ -155,18 +199,34 @@ class VLLMSupervisor:
         from loop.model_cache import resolve_model
 
         try:
+            self._check_socket_paths()
+            self.tmp_dir = self._private_tmp()
             if self.model_path is None:
                 self.model_path = await asyncio.to_thread(resolve_model, self.settings.model,
                                                           self.settings.cache_dir)
             if self.device is None:
                 self.device = await asyncio.to_thread(pick_device, self.settings.device)
         except Exception as exc:  # noqa: BLE001 - reported through /health and 503s
-            self.last_error = f"could not prepare vLLM's start: {exc}"
-            self.state = "failed"
-            self._ready.set()
-            _say(self.last_error)
+            self._fail(f"could not prepare vLLM's start: {exc}")
             return False
         return True
+
+    def _check_socket_paths(self) -> None:
+        length = len(os.fsencode(self.socket_path))
+        if length > MAX_SOCKET_PATH:
+            raise ValueError(f"the data dir {self.settings.data_dir} is too long for vLLM's Unix socket "
+                             f"{self.socket_path} ({length} bytes, at most {MAX_SOCKET_PATH}); choose a shorter "
+                             "--data-dir")
+
+    def _private_tmp(self) -> Path:
+        """The run dir's tmp/ folder, or, where vLLM's ipc:// names would not fit under it, a fresh private
+        (0700, unguessable) folder in the system's temp dir, removed again by stop()."""
+        inside = self.settings.runtime_dir / "tmp"
+        if len(os.fsencode(inside)) + RPC_NAME_LEN <= MAX_SOCKET_PATH:
+            return private_dir(inside)
+        if self.tmp_dir.parent != self.settings.runtime_dir and self.tmp_dir.is_dir():
+            return self.tmp_dir  # made by an earlier start of this supervisor
+        return Path(tempfile.mkdtemp(prefix="loop-vllm-"))
 
     async def wait_ready(self, timeout: float) -> None:
         """Return once vLLM is ready; TimeoutError after `timeout` s, RuntimeError if it failed for good."""
@@ -182,8 +242,11 @@ class VLLMSupervisor:
                 await asyncio.wait_for(self._ready.wait(), timeout=min(remaining, 1.0))
 
     async def reload(self, reason: str) -> None:
-        """Restart vLLM now, loading `model_path` afresh (its live weights can no longer be trusted)."""
+        """Restart vLLM now, loading `model_path` afresh (its live weights can no longer be trusted). A reload
+        asked for is not a crash: it does not count against the restart limit."""
         _say(f"restarting vLLM: {reason}")
+        self._reload_reason = reason
+        self.exit_reason = f"reload: {reason}"
         self.state = "restarting"
         self._ready.clear()
         await self._kill()  # _run sees the exit and starts it again
@@ -197,13 +260,15 @@ class VLLMSupervisor:
                 await self._task
         await self._kill()
         await self._client.aclose()
+        if self.tmp_dir.parent != self.settings.runtime_dir:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.state = "stopped"
 
     # --- internals ---
     def command(self) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_path),
-               "--served-model-name", s.model_name, "--host", "127.0.0.1", "--port", str(s.vllm_port),
+               "--served-model-name", s.model_name, "--uds", str(self.socket_path),
                "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
         if self.device == "cpu" or s.enforce_eager:
             cmd.append("--enforce-eager")
@@ -216,6 +281,9 @@ class VLLMSupervisor:
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env["LOOP_RUNTIME_DIR"] = str(self.settings.runtime_dir)
         env["PYTHONUNBUFFERED"] = "1"
+        # vLLM's ZMQ ipc:// sockets default to /tmp, where any local user could connect to them
+        env["VLLM_RPC_BASE_PATH"] = str(self.tmp_dir)
+        env["TMPDIR"] = str(self.tmp_dir)
         if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             del env["PYTORCH_CUDA_ALLOC_CONF"]  # breaks CUDA IPC export of the weights
         if self.device == "cpu":
@@ -223,33 +291,47 @@ class VLLMSupervisor:
         return env
 
     async def _spawn(self) -> asyncio.subprocess.Process:
-        with open(self.log_path, "ab") as log:
+        private_dir(self.settings.runtime_dir)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # left by a vLLM that did not exit cleanly: binding would fail
+        with open_private_log(self.log_path) as log:
             log.write(f"\n===== loop: starting vLLM at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                       f"{' '.join(self.command())}\n".encode())
             log.flush()
             proc = await asyncio.create_subprocess_exec(*self.command(), stdin=asyncio.subprocess.DEVNULL,
                                                         stdout=log, stderr=asyncio.subprocess.STDOUT,
                                                         env=self.child_env(), preexec_fn=_die_with_parent)
-        self.pid_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pid_path.write_text(f"{proc.pid}\n")
         return proc
+
+    def _fail(self, message: str, *, last_error: str | None = None) -> None:
+        """vLLM cannot be brought back: say so, and tell whoever asked (loop serve exits)."""
+        self.last_error = last_error or message
+        self.state = "failed"
+        self._ready.set()
+        _say(message)
+        if self._on_failed is not None:
+            try:
+                self._on_failed(self.describe())
+            except Exception as exc:  # noqa: BLE001 - the failure is reported already
+                _say(f"on_failed callback failed: {exc!r}")
 
     async def _run(self) -> None:
         if not await self._prepare():
             return
         while not self._stopping:
             self.attempt_started = time.monotonic()
-            _say(f"starting vLLM (model {self.model_path}, {self.device}) on {self.url}; log: {self.log_path}")
+            _say(f"starting vLLM (model {self.model_path}, {self.device}) on {self.address}; log: {self.log_path}")
             try:
                 self._proc = await self._spawn()
             except OSError as exc:
-                self.last_error = f"could not start vLLM: {exc}"
-                self.state = "failed"
-                _say(self.last_error)
+                self._fail(f"could not start vLLM: {exc}")
                 return
             ready = await self._wait_healthy(self._proc)
+            unhealthy = None
             if ready:
                 self.ready_in_s = self.elapsed_s()
+                self._private_socket()
                 self.state = "ready"
                 self._ready.set()
                 _say(f"vLLM ready in {self.ready_in_s:.0f} s")
@@ -258,26 +340,67 @@ class VLLMSupervisor:
                         await fn()
                     except Exception as exc:  # noqa: BLE001 - one bad callback must not stop supervision
                         _say(f"ready callback {getattr(fn, '__qualname__', fn)} failed: {exc!r}")
-                await self._proc.wait()
+                unhealthy = await self._watch(self._proc)
             if self._stopping:
                 return
+            self.state = "restarting"  # until decided otherwise below: nothing is sent to a dying vLLM meanwhile
+            self._ready.clear()
             code = self._proc.returncode
-            self.exit_reason = exit_description(code)
+            reload_reason, self._reload_reason = self._reload_reason, None
+            self.exit_reason = (f"its engine stopped answering: {unhealthy}" if unhealthy
+                                else f"reload: {reload_reason}" if reload_reason else exit_description(code))
             self.last_error = f"vLLM exited ({self.exit_reason})\n{tail(self.log_path)}"
-            if self.restarts >= self.settings.vllm_restart_limit:
-                self.state = "failed"
-                self._ready.set()
-                _say(f"vLLM exited ({self.exit_reason}) and the restart limit ({self.settings.vllm_restart_limit}) is "
-                     f"reached; giving up. Last lines of {self.log_path}:\n{tail(self.log_path, 10)}")
-                return
+            await self._kill()  # its other processes (EngineCore, workers) too
             self.restarts += 1
+            if reload_reason is not None:
+                self.state = "restarting"
+                self.attempt_started = time.monotonic()
+                continue
+            if self.recent_restarts >= self.settings.vllm_restart_limit:
+                self.restarts -= 1  # not restarted after all
+                self._fail(f"vLLM exited ({self.exit_reason}) and the restart limit ({self.settings.vllm_restart_limit}"
+                           f" within {self.settings.vllm_restart_window_s:g} s) is reached; giving up. Last lines of "
+                           f"{self.log_path}:\n{tail(self.log_path, 10)}", last_error=self.last_error)
+                return
+            self._crashes.append(time.monotonic())
             self.state = "restarting"
             self.attempt_started = time.monotonic()
-            backoff = min(MAX_BACKOFF_S, 2.0 ** (self.restarts - 1))
+            backoff = min(MAX_BACKOFF_S, 2.0 ** (self.recent_restarts - 1))
             _say(f"vLLM exited ({self.exit_reason}) {error_line(self.last_error)}; restarting in {backoff:.0f} s "
-                 f"(attempt {self.restarts}/{self.settings.vllm_restart_limit})")
-            await self._kill()  # its other processes (EngineCore, workers) too
+                 f"(attempt {self.recent_restarts}/{self.settings.vllm_restart_limit} within "
+                 f"{self.settings.vllm_restart_window_s:g} s)")
             await asyncio.sleep(backoff)
+
+    def _private_socket(self) -> None:
+        """vLLM created its socket under our umask; make sure it is ours alone whatever the umask was."""
+        with contextlib.suppress(OSError):
+            st = self.socket_path.stat()
+            if stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(self.socket_path, 0o600)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> str | None:
+        """While vLLM is ready: return None when its process exits, or the last probe's failure once /health
+        failed `UNHEALTHY_AFTER` times in a row (its API process lives on, its engine does not)."""
+        failures = 0
+        self.unhealthy = None
+        try:
+            while proc.returncode is None and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout=WATCH_S)
+                if proc.returncode is not None or self._stopping:
+                    return None
+                problem = await self._client.health_problem(timeout=PROBE_TIMEOUT_S)
+                if problem is None:
+                    failures, self.unhealthy = 0, None
+                    continue
+                failures += 1
+                self.unhealthy = problem
+                _say(f"vLLM failed a health probe ({failures}/{UNHEALTHY_AFTER}): {problem}")
+                if failures >= UNHEALTHY_AFTER:
+                    return problem
+            return None
+        finally:
+            self.unhealthy = None
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
         """Poll /health until 200 (True) or the process exits (False); print progress meanwhile."""
@@ -312,5 +435,6 @@ class VLLMSupervisor:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), timeout=5.0)
-        with contextlib.suppress(OSError):
-            self.pid_path.unlink()
+        for path in (self.pid_path, self.socket_path):
+            with contextlib.suppress(OSError):
+                path.unlink()

@@ -267,7 +267,7 @@ def test_restart_keeps_schedule_pause_and_consumed_marks(api: Api, loop_service:
     src.backup(dst)
     src.close()
     dst.close()
-    second = loop_factory("--vllm-url", loop_service.vllm_url, "--no-worker")
+    second = loop_factory("--vllm-url", loop_service.vllm_address, "--no-worker")
     again = httpx.get(f"{second.url}/api/scheduler", timeout=60).json()
     assert again["paused"] is True
     assert again["thresholds"]["interval_s"] == 1234 and again["thresholds"]["min_pairs"] == 1000

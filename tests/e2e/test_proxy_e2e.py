@@ -192,7 +192,8 @@ def test_models_health_and_metrics(loop_service, openai_client) -> None:  # noqa
     assert [m.id for m in openai_client.models.list().data] == [loop_service.model]
     h = httpx.get(f"{loop_service.url}/health").json()
     assert h["status"] == "ok" and h["database"] == "ok" and h["vllm"]["state"] == "ready"
-    assert h["vllm"]["managed"] is True and h["vllm"]["url"] == loop_service.vllm_url
+    assert h["vllm"]["managed"] is True and h["vllm"]["address"] == loop_service.vllm_address
+    assert h["vllm"]["address"] == f"unix:{h['vllm']['socket']}" and h["problems"] == [] and h["serving"] is True
     text = httpx.get(f"{loop_service.url}/metrics").text
     assert 'loop_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "loop_completion_tokens_total" in text and "loop_proxy_latency_seconds_bucket" in text
@@ -211,7 +212,7 @@ def test_vllm_down_gives_503_with_reason(loop_factory) -> None:  # noqa: ANN001
 
 
 def test_slow_vllm_gives_504(loop_service, loop_factory) -> None:  # noqa: ANN001
-    svc = loop_factory("--vllm-url", loop_service.vllm_url, "--request-timeout-s", "0.5",
+    svc = loop_factory("--vllm-url", loop_service.vllm_address, "--request-timeout-s", "0.5",
                        "--served-model-name", loop_service.model)
     body = {"model": loop_service.model, "messages": HI, "max_tokens": 1500, "ignore_eos": True}
     r = httpx.post(f"{svc.url}/v1/chat/completions", json=body, timeout=60)

@@ -92,8 +92,9 @@ class Api:
         def logp(answer: str) -> float:
             ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
             ids = prompt + ans
-            r = httpx.post(f"{self.s.vllm_url}/v1/completions", timeout=300, json={
-                "model": self.s.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+            with self.s.vllm() as direct:
+                r = direct.post("/v1/completions", json={
+                    "model": self.s.model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
             assert r.status_code == 200, r.text
             lps = r.json()["choices"][0]["prompt_logprobs"]
             return sum(lps[i][str(ids[i])]["logprob"] for i in range(len(prompt), len(ids)))

@@ -1,10 +1,13 @@
-"""Metrics, JSON logs, the CLI's settings precedence and the vLLM client's control calls (against a fake)."""
+"""Metrics, JSON logs, the CLI's settings precedence and the vLLM client: its control calls (against a fake),
+vLLM's address (`unix:/path` for a socket, or a URL) and talking over a Unix socket."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +17,8 @@ from loop.cli import build_parser
 from loop.cli.serve import settings_from_args
 from loop.logs import JsonFormatter
 from loop.metrics import Metrics
-from loop.vllm.client import VLLMClient, VLLMError, VLLMUnreachable
+from loop.vllm.client import VLLMClient, VLLMError, VLLMUnreachable, parse_address, sync_client
+from support import fake_vllm_command, wait_for_socket
 
 
 def test_metrics_have_their_own_registry_and_render() -> None:
@@ -41,10 +45,13 @@ def test_json_log_lines_carry_extra_fields() -> None:
 
 def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     monkeypatch.setenv("LOOP_PORT", "7000")
-    monkeypatch.setenv("LOOP_VLLM_PORT", "7001")
+    monkeypatch.setenv("LOOP_VLLM_RESTART_WINDOW_S", "60")
     args = build_parser().parse_args(["serve", "--port", "9000", "--data-dir", str(tmp_path)])
     s = settings_from_args(args)
-    assert s.port == 9000 and s.vllm_port == 7001 and s.data_dir == tmp_path
+    assert s.port == 9000 and s.vllm_restart_window_s == 60 and s.data_dir == tmp_path
+    assert s.vllm_address == f"unix:{tmp_path / 'run' / 'vllm.sock'}"  # the managed vLLM: no TCP port
+    args = build_parser().parse_args(["serve", "--vllm-restart-window-s", "30", "--vllm-url", "unix:/s/v.sock"])
+    assert settings_from_args(args).vllm_restart_window_s == 30 and settings_from_args(args).vllm_address == "unix:/s/v.sock"
     assert s.train_mode == "atomic"
     monkeypatch.setenv("LOOP_TRAIN_MODE", "hogwild")
     assert settings_from_args(build_parser().parse_args(["serve", "--train-mode", "lowmem"])).train_mode == "lowmem"
@@ -55,7 +62,44 @@ def test_bad_flag_value_exits_with_a_message(capsys: pytest.CaptureFixture[str])
     args = argparse.Namespace(vllm_url="localhost:8001")
     with pytest.raises(SystemExit) as exc:
         settings_from_args(args)
-    assert exc.value.code == 2 and "must start with http://" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must start with http://, https:// or unix:/" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--vllm-port", "8001"])  # gone: the managed vLLM has no port
+
+
+def test_vllm_addresses() -> None:
+    assert parse_address("unix:/run/loop/vllm.sock") == ("http://vllm", "/run/loop/vllm.sock")
+    assert parse_address("unix:///run/x.sock") == ("http://vllm", "/run/x.sock")
+    assert parse_address("http://127.0.0.1:8001/") == ("http://127.0.0.1:8001", None)
+    for bad in ("unix:relative.sock", "127.0.0.1:8001"):
+        with pytest.raises(ValueError, match="unix:/path/to/sock"):
+            parse_address(bad)
+
+
+async def test_client_talks_to_vllm_over_a_unix_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "v.sock"
+    proc = subprocess.Popen(fake_vllm_command(tmp_path, sock))
+    try:
+        wait_for_socket(sock, 20)
+        client = VLLMClient(f"unix:{sock}", 5)
+        assert client.socket_path == str(sock) and await client.health() is True
+        assert await client.is_paused() is False
+        (tmp_path / "v.sock.paused").touch()
+        assert await client.is_paused() is True
+        (tmp_path / "v.sock.sick").touch()
+        problem = await client.health_problem()
+        assert problem is not None and "answered 503" in problem and "EngineCore died (fake)" in problem
+        await client.aclose()
+        with sync_client(f"unix:{sock}") as direct:
+            assert direct.get("/is_paused").json() == {"is_paused": True}
+    finally:
+        proc.kill()
+        proc.wait()
+    gone = VLLMClient(f"unix:{sock}", 2)
+    assert await gone.health() is False and "no answer" in (await gone.health_problem() or "")
+    with pytest.raises(VLLMUnreachable, match=f"unix:{sock}"):
+        await gone.resume()
+    await gone.aclose()
 
 
 def test_cli_lists_its_commands() -> None:
