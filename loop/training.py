@@ -14,7 +14,9 @@ exactly the apply.
   `settings.train_mode == "hogwild"` skips the pause. A refused update (NaN/inf/over the cap) ends the run as
   "refused": weights untouched, version unchanged, feedback released. A failed run releases its feedback too.
 - Checkpoints, restore, the version records and the recovery of an unfinished apply are in loop/versions.py
-  (the `Versions` mixin); every `settings.checkpoint_every` versions a checkpoint happens by itself.
+  (the `Versions` mixin). Every kept version is made durable in the background, outside the pause
+  (loop/durability.py: `settings.checkpoint_every`, 1 by default). A run is `succeeded` only when vLLM still
+  serves its version at the end; otherwise it is `lost` and its feedback goes back to the queue.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import delete, select
@@ -32,8 +34,9 @@ from sqlalchemy import delete, select
 from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
 from loop.api.state import LoopState
 from loop.control import WorkerControl, WorkerTimeout, WorkerUnavailable
-from loop.db.models import Comparison, Rating, RunFeedback, TrainingRun
-from loop.versions import Versions
+from loop.db.models import MAX_ID, Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
+from loop.durability import LOST, Flusher, durable, mark_lost
+from loop.versions import CHECKPOINT_TIMEOUT_S, Versions
 from loop.worker import protocol as p
 
 log = logging.getLogger("loop.training")
@@ -58,13 +61,18 @@ class ExampleIn(BaseModel):
     cut: bool = Field(False, description="the completion was cut off (max_tokens): no end-of-sequence token")
 
 
+FeedbackId = Annotated[int, Field(ge=1, le=MAX_ID)]  # a rating/comparison id: the column's 64-bit range
+
+
 class TrainRequest(BaseModel):
     """Body of POST /api/train; the scheduler builds the same object."""
 
     pairs: list[PairIn] = Field(default_factory=list)
     examples: list[ExampleIn] = Field(default_factory=list)
-    rating_ids: list[int] = Field(default_factory=list, description="feedback to train on (KTO examples or pairs)")
-    comparison_ids: list[int] = Field(default_factory=list, description="A/B picks to train on (DPO pairs)")
+    rating_ids: list[FeedbackId] = Field(default_factory=list, max_length=100_000,
+                                         description="feedback to train on (KTO examples or pairs)")
+    comparison_ids: list[FeedbackId] = Field(default_factory=list, max_length=100_000,
+                                             description="A/B picks to train on (DPO pairs)")
     steps: int = Field(1, ge=1, le=100)
     learning_rate: float | None = Field(None, gt=0, le=1.0)
     beta: float | None = Field(None, gt=0)
@@ -103,6 +111,7 @@ class Trainer(Versions):
         self._task: asyncio.Task[None] | None = None
         self._loaded_path: str | None = None  # the folder vLLM loaded (a checkpoint, or the base model)
         self.held_paused: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
+        self.durability = Flusher(self.checkpoint, state.settings.checkpoint_every)
         self.control.on_progress.append(self._on_progress)
         self.control.on_hello.append(self._on_worker_hello)
         if self.control.hello is not None:  # the worker said hello before the trainer existed
@@ -120,12 +129,21 @@ class Trainer(Versions):
         supervisor.add_ready_callback(self._on_vllm_ready)
 
     async def stop(self) -> None:
+        """A clean shutdown: end the run in progress, then make the live version durable before vLLM goes."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
+        await self.durability.stop()
+        if not self.live_is_durable():
+            try:
+                version, path = await asyncio.wait_for(self.durability.flush(), CHECKPOINT_TIMEOUT_S)
+                log.info("shutting down: version %d made durable in %s", version, path)
+            except Exception as exc:  # noqa: BLE001 - say what will be lost, then go on stopping
+                log.error("shutting down: the live version %d could not be made durable (%s); it will be lost",
+                          self.state.weight_version, exc)
 
     async def wait(self, timeout: float | None = None) -> None:
         """Wait for the current run (if any) to end."""
@@ -148,9 +166,10 @@ class Trainer(Versions):
             state = "idle" if not self.busy else "training"
         if self.held_paused:
             state = "held"
-        return {"state": state, "held_paused": self.held_paused, "run_id": self.run_id, "step": self.step, "losses": list(self.losses),
-                "metrics": dict(self.metrics), "last_error": self.last_error,
-                "weight_version": self.state.weight_version, "worker": worker}
+        return {"state": state, "held_paused": self.held_paused, "run_id": self.run_id, "step": self.step,
+                "losses": list(self.losses), "metrics": dict(self.metrics), "last_error": self.last_error,
+                "weight_version": self.state.weight_version, "worker": worker,
+                "durability": {**self.durability.describe(), "live_durable": self.live_is_durable()}}
 
     def _require_worker(self, *, restoring: bool = False) -> None:
         if self.held_paused and not restoring:
@@ -177,6 +196,9 @@ class Trainer(Versions):
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
+        if self.phase == "restoring":
+            raise Conflict("a version is being restored; start the run after it (GET /api/train/status)",
+                           code="restore_in_progress")
         self._require_worker()
         objective, pairs, examples, rating_ids, comparison_ids = await asyncio.to_thread(self._resolve, request)
         run_id = await asyncio.to_thread(self._create_run, request, trigger, objective, pairs, examples,
@@ -210,6 +232,14 @@ class Trainer(Versions):
                 if taken_r or taken_c:
                     raise Conflict(f"already trained on: ratings {sorted(taken_r)}, comparisons {sorted(taken_c)}; "
                                    "feedback is never trained on twice", code="feedback_consumed")
+                stale_r = set(s.scalars(select(Rating.id).where(Rating.id.in_(want_r), Rating.is_current.is_(False))))
+                stale_c = set(s.scalars(select(Comparison.id).where(Comparison.id.in_(want_c),
+                                                                    Comparison.is_current.is_(False))))
+                if stale_r or stale_c:
+                    raise Conflict(f"superseded feedback: ratings {sorted(stale_r)}, comparisons {sorted(stale_c)} were "
+                                   "replaced by a newer verdict of the same rater; send the current ids "
+                                   "(GET /api/responses/{id} lists each item's feedback with is_current)",
+                                   code="feedback_superseded")
                 filters = PairFilters(untrained_only=True, include_held_out=True)
                 if req.feedback_inline:  # built by loop/scheduler/batches.py from exactly these ids
                     used_r, used_c, want_r, want_c = set(want_r), set(want_c), set(), set()
@@ -271,6 +301,11 @@ class Trainer(Versions):
             run.metrics = dict(self.metrics)
             run.history = history if history is not None else run.history
             run.version_after = version_after if version_after is not None else run.version_before
+            if status == "succeeded" and version_after is not None:
+                live = s.get(WeightVersion, version_after)
+                if live is not None and live.status == LOST:  # vLLM reloaded from disk meanwhile (durability.py)
+                    run.status, run.error = LOST, f"{live.note}; its feedback is back in the queue"
+                    status = LOST
             if status not in ("succeeded", "rejected"):  # release the feedback: a later run may use it
                 s.execute(delete(RunFeedback).where(RunFeedback.run_id == run_id))
             s.commit()
@@ -312,12 +347,19 @@ class Trainer(Versions):
                 if reason is not None:
                     self._refused(run_id, reason, history)
                     return
-                if self.settings.checkpoint_every and version_after % self.settings.checkpoint_every == 0:
-                    await self.checkpoint()
+                self.durability.changed(version_after)
+            gone = await self._not_served()
+            if gone is not None:  # vLLM died after the write: this version never reached a user
+                await asyncio.to_thread(mark_lost, self.state.sessions, version_after, run_id, gone)
+                self.last_error = f"run {run_id}: {gone}"
+                return
             await asyncio.to_thread(self._finish_run, run_id, "succeeded", history=history,
                                     version_after=version_after)
         except asyncio.CancelledError:
-            await asyncio.to_thread(self._finish_run, run_id, "failed", error="cancelled (loop is stopping)",
+            # loop is stopping: steps already written are served (and made durable by stop()), so they count
+            applied = version_after is not None
+            await asyncio.to_thread(self._finish_run, run_id, "succeeded" if applied else "failed",
+                                    error=f"stopped after step {self.step} of {req.steps} (loop is stopping)",
                                     history=history, version_after=version_after)
             raise
         except Exception as e:  # noqa: BLE001 - any failure ends the run, releases feedback, is shown in status
@@ -327,6 +369,27 @@ class Trainer(Versions):
                                     version_after=version_after)
         finally:
             self.phase = "idle"
+
+    async def _not_served(self) -> str | None:
+        """Why the version just written is not what vLLM serves (it died or reloaded meanwhile), or None."""
+        sup = self.state.supervisor
+        hello = self.control.hello
+        with self.state.sessions() as s:
+            row = s.get(WeightVersion, self.state.weight_version)
+        if row is not None and hello is not None and row.load_id and hello.load_id != row.load_id:
+            return f"vLLM reloaded its weights (load {hello.load_id}) before version {row.version} was served"
+        for attempt in range(3):  # a busy engine may miss one health check; a dead one misses all three
+            if sup is not None and sup.state != "ready":
+                return f"vLLM stopped before the new version was served ({sup.describe()})"
+            if await self.state.vllm.health(timeout=5.0):
+                return None
+            await asyncio.sleep(1.0 * (attempt + 1))
+        return "vLLM did not answer /health after the write; the new version was never served"
+
+    def live_is_durable(self) -> bool:
+        with self.state.sessions() as s:
+            row = s.get(WeightVersion, self.state.weight_version)
+            return row is not None and durable(row)
 
     def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:
         """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (it would

@@ -29,6 +29,7 @@ from loop.api.errors import Conflict, NotFound
 from loop.api.state import LoopState
 from loop.control import WorkerControl, WorkerTimeout
 from loop.db.models import WeightVersion
+from loop.durability import LOST, is_durable, reconcile
 from loop.worker import protocol as p
 
 log = logging.getLogger("loop.training")
@@ -42,6 +43,7 @@ class Versions:
     """Checkpoint / restore / version bookkeeping; the attributes below are the Trainer's."""
 
     state: LoopState
+    settings: Any
     control: WorkerControl
     metrics: dict[str, Any]
     phase: str
@@ -84,6 +86,7 @@ class Versions:
                 reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
                 assert isinstance(reply, p.Restored)
                 await self.state.vllm.reset_prefix_cache()  # cached prefixes were computed on other weights
+                await asyncio.to_thread(reconcile, self.state.sessions, version, why)
                 await asyncio.to_thread(self._new_version, "restore", version, None,
                                         path if newest is not None else None,
                                         f"{why}; restored from version {version}")
@@ -140,6 +143,19 @@ class Versions:
         return version
 
     # ------------------------------------------------------------ checkpoints and restore
+
+    def _restorable_path(self, row: WeightVersion) -> str | None:
+        """The folder holding version `row`'s weights: its checkpoint, or for version 0 (never pruned away: it
+        is the model the service started from) the base model folder."""
+        if is_durable(row.checkpoint_path):
+            return row.checkpoint_path
+        if row.version == 0:
+            from loop.model_cache import base_model_dir
+
+            base = base_model_dir(self.settings)
+            if base and is_durable(base):
+                return base
+        return None
 
     def _newest_checkpoint(self) -> tuple[int, str] | None:
         with self.state.sessions() as s:
@@ -230,13 +246,14 @@ class Versions:
         if row is None:
             raise NotFound(f"weight version {version} does not exist; GET /api/versions lists them",
                            code="version_not_found")
-        if not row.checkpoint_path or not (Path(row.checkpoint_path) / "model.safetensors").is_file():
-            raise Conflict(f"weight version {version} has no checkpoint to restore from; checkpoint a version "
-                           "first (POST /api/checkpoint writes the live one)", code="no_checkpoint")
+        path = self._restorable_path(row)
+        if path is None:
+            why = " (its weights were lost: " + row.note + ")" if row.status == LOST and row.note else ""
+            raise Conflict(f"weight version {version} has no checkpoint to restore from{why}; checkpoint a "
+                           "version first (POST /api/checkpoint writes the live one)", code="no_checkpoint")
         if self.busy:
             raise Conflict(f"run {self.run_id} is in progress; restore after it ends", code="run_in_progress")
         self._require_worker(restoring=True)
-        path = row.checkpoint_path
 
         async def work(t: dict[str, float]) -> bool:
             reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
@@ -247,7 +264,7 @@ class Versions:
             self.held_paused = None  # known weights again: the resume below lets vLLM serve
             return True
 
-        self.phase = "restoring"
+        self.phase = "restoring"  # from here on no run starts (Trainer.run answers 409) until the restore ends
         try:
             async with self.state.weights_lock:
                 timings = await self._paused(work, atomic=True)
@@ -271,6 +288,10 @@ class Versions:
             if ckpt_version is None and self.state.weight_version == 0:
                 return  # the base model, never trained
             parent = ckpt_version if ckpt_version is not None else 0
+            reason = f"vLLM (re)started from {loaded or 'the base model'}"
+            if supervisor is not None and supervisor.exit_reason:
+                reason += f" (its last exit: {supervisor.exit_reason})"
+            await asyncio.to_thread(reconcile, self.state.sessions, parent, reason)
             await asyncio.to_thread(self._new_version, "restore", parent, None,
                                     loaded if ckpt_version is not None else None,
                                     f"vLLM (re)started from {loaded or 'the base model'}")

@@ -25,7 +25,6 @@ import argparse
 import logging
 import os
 import queue
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -33,21 +32,12 @@ from typing import Any
 
 from loop.worker import protocol as p
 from loop.worker.channel import Channel
+from loop.worker.checkpoint import write_folder
 
 log = logging.getLogger("loop.worker")
 
 # Files of a model folder that are not weights: copied into every checkpoint so it loads on its own.
-_SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
-_SKIP_NAMES = {"loop.json", "PINNED"}  # PINNED: loop/versions.py marks a checkpoint kept on request
 OPTIMIZER_DIR, OPTIMIZER_FILE = "optimizer", "optimizer.safetensors"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Worker:
@@ -314,37 +304,22 @@ class Worker:
     def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
         import json
 
-        from safetensors.torch import save_file
-
         t0 = time.perf_counter()
-        final = Path(msg.path)
-        if final.exists():
-            return p.Error(req=msg.req, message=f"checkpoint folder {final} already exists; not overwriting it")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
         src = Path(self.meta["model_path"])
-        for f in src.iterdir():  # config, tokenizer, generation config, chat template
-            if f.is_file() and not f.name.endswith(_SKIP_SUFFIXES) and f.name not in _SKIP_NAMES:
-                shutil.copy2(f, tmp / f.name)
-        # bf16 views are contiguous row slices; .contiguous() copies only the odd one out
-        tensors = {k: v.detach().contiguous() for k, v in self.hf_state().items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
-        # In a subfolder: vLLM loads every *.safetensors at the top of a model folder as weights
-        (tmp / OPTIMIZER_DIR).mkdir()
-        self.opt.save(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
-        _fsync_path(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
-        info = {"version": msg.version, "load_id": self.meta["load_id"], "source_model": str(src),
-                "optimizer": self.args.optimizer, "created_unix": time.time(), **msg.meta}
-        (tmp / "loop.json").write_text(json.dumps(info, indent=1))
-        for f in tmp.iterdir():
-            _fsync_path(f)
-        _fsync_path(tmp)
-        os.rename(tmp, final)  # atomic: the folder is complete or absent
-        _fsync_path(final.parent)
-        files = sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file())
+
+        def extra(tmp: Path) -> None:
+            # In a subfolder: vLLM loads every *.safetensors at the top of a model folder as weights
+            (tmp / OPTIMIZER_DIR).mkdir()
+            self.opt.save(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
+            info = {"version": msg.version, "load_id": self.meta["load_id"], "source_model": str(src),
+                    "optimizer": self.args.optimizer, "created_unix": time.time(), **msg.meta}
+            (tmp / "loop.json").write_text(json.dumps(info, indent=1))
+
+        final = Path(msg.path)
+        try:
+            files = write_folder(final, src, self.hf_state(), extra)
+        except FileExistsError as exc:
+            return p.Error(req=msg.req, message=str(exc))
         return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=files)
 
     def restore(self, msg: p.Restore) -> p.Msg:

@@ -9,90 +9,16 @@ trained on twice; hogwild skips the pause; checkpoint/restore record versions; b
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from loop.api.errors import Conflict, LoopError, NotFound
-from loop.api.state import LoopState
-from loop.config import Settings
-from loop.control import WorkerControl
-from loop.db.models import Comparison, Response, RunFeedback, TrainingRun, WeightVersion
-from loop.db.session import make_engine, make_sessionmaker, migrate
-from loop.training import Trainer, TrainRequest
+from loop.db.models import Comparison, RunFeedback, TrainingRun, WeightVersion
+from loop.training import TrainRequest
 from loop.worker import protocol as p
-
-FAKE = str(Path(__file__).with_name("fake_worker.py"))
-PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
-
-
-class FakeVLLM:
-    def __init__(self, state: LoopState | None = None) -> None:
-        self.calls: list[str] = []
-        self.state = state
-        self.fail_reset = False
-
-    async def pause(self, mode: str = "wait") -> None:
-        self.calls.append(f"pause:{mode}")
-
-    async def reset_prefix_cache(self) -> None:
-        self.calls.append("reset")
-        if self.fail_reset:
-            raise RuntimeError("reset failed")
-
-    async def resume(self) -> None:
-        # the version must already be bumped when vLLM serves again
-        self.calls.append(f"resume@v{self.state.weight_version if self.state else '?'}")
-
-    async def aclose(self) -> None:
-        pass
-
-
-async def make(tmp_path: Path, **settings_kw: Any) -> tuple[Trainer, LoopState, FakeVLLM]:
-    settings = Settings(data_dir=tmp_path, worker_heartbeat_s=0.2, worker_timeout_s=3.0, **settings_kw)
-    settings.ensure_dirs()
-    migrate(settings.db_url)
-    engine = make_engine(settings.db_url)
-    vllm = FakeVLLM()
-    state = LoopState(settings=settings, engine=engine, sessions=make_sessionmaker(engine), admin_token="t" * 16,
-                      vllm=vllm)  # type: ignore[arg-type]
-    vllm.state = state
-    state.load_weight_version()
-    endpoint = f"ipc://{settings.runtime_dir / 'worker.sock'}"
-    state.worker = WorkerControl(settings, command=[sys.executable, FAKE, endpoint, "0.2"])
-    await state.worker.start()
-    await state.worker.wait_ready(30)
-    state.trainer = Trainer(state)
-    return state.trainer, state, vllm
-
-
-async def finish(trainer: Trainer, run_id: int) -> TrainingRun:
-    await trainer.wait(30)
-    with trainer.state.sessions() as s:
-        run = s.get(TrainingRun, run_id)
-        assert run is not None
-        return run
-
-
-async def stop(state: LoopState) -> None:
-    await state.trainer.stop()
-    await state.worker.stop()
-    state.engine.dispose()
-
-
-def add_comparison(state: LoopState) -> int:
-    with state.sessions() as s:
-        for rid, text in (("resp-a", "4"), ("resp-b", "5")):
-            s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
-                           messages=[{"role": "user", "content": "2+2?"}], prompt_hash="h" * 64, completion=text))
-        s.flush()  # the comparison's foreign keys need the responses first
-        c = Comparison(response_a_id="resp-a", response_b_id="resp-b", winner="a")
-        s.add(c)
-        s.commit()
-        return c.id
+from training_support import PAIR, FakeSupervisor, add_comparison, finish, make, stop
 
 
 async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
@@ -218,14 +144,6 @@ async def test_dead_worker_gives_503(tmp_path: Path) -> None:
         await stop(state)
 
 
-class FakeSupervisor:
-    def __init__(self) -> None:
-        self.state, self.model_path, self.reloads = "ready", None, []
-
-    async def reload(self, reason: str) -> None:
-        self.reloads.append(reason)
-
-
 async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_vllm_serves(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
@@ -311,5 +229,19 @@ async def test_a_restarted_worker_is_given_the_newest_checkpoints_optimizer_stat
             assert asyncio.get_running_loop().time() < deadline, "the restarted worker got no optimizer state"
             await asyncio.sleep(0.1)
         assert record.read_text() == f"optimizer {path}\n"
+    finally:
+        await stop(state)
+
+
+async def test_superseded_feedback_is_refused_with_the_reason(tmp_path: Path) -> None:
+    trainer, state, _ = await make(tmp_path)
+    try:
+        old = add_comparison(state)
+        with state.sessions() as s:  # the rater changed their verdict: a newer comparison replaces it
+            s.get(Comparison, old).is_current = False
+            s.commit()
+        with pytest.raises(Conflict, match=f"comparisons \\[{old}\\] were replaced") as e:
+            await trainer.run(TrainRequest(comparison_ids=[old]))
+        assert e.value.code == "feedback_superseded"
     finally:
         await stop(state)

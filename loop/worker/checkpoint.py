@@ -1,0 +1,65 @@
+"""Writing a checkpoint folder: the live weights as an HF folder that vLLM and transformers load as they are.
+
+`write_folder(final, source, tensors, extra)` copies the source model's config, tokenizer and chat template, saves
+the tensors as one `model.safetensors`, lets `extra(tmp)` add files (the worker: optimizer state in a subfolder,
+`loop.json`), fsyncs every file and the folder, and renames the temporary folder into place, so a checkpoint is
+either complete or absent (a failed write removes its temporary folder; a crash half-way leaves only a
+`.name.tmp-*` folder, never a partial checkpoint). The worker (loop/worker/main.py)
+and `loop bench durable` both call it, so the bench measures what the service does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
+SKIP_NAMES = {"loop.json", "PINNED"}  # PINNED: loop/versions.py marks a checkpoint kept on request
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_folder(final: Path, source: Path, tensors: dict[str, Any],
+                 extra: Callable[[Path], None] | None = None) -> list[str]:
+    """Write `tensors` (HF names → tensors) as the checkpoint folder `final`; returns its files (relative)."""
+    if final.exists():
+        raise FileExistsError(f"checkpoint folder {final} already exists; not overwriting it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    try:
+        _fill(tmp, source, tensors, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing behind, and never a partial final
+        raise
+    os.rename(tmp, final)  # atomic: the folder is complete or absent
+    fsync_path(final.parent)
+    return sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file())
+
+
+def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Path], None] | None) -> None:
+    from safetensors.torch import save_file
+
+    for f in source.iterdir():  # config, tokenizer, generation config, chat template
+        if f.is_file() and not f.name.endswith(SKIP_SUFFIXES) and f.name not in SKIP_NAMES:
+            shutil.copy2(f, tmp / f.name)
+    # bf16 views are contiguous row slices; .contiguous() copies only the odd one out
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    if extra is not None:
+        extra(tmp)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_path(f)
+    for d in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+        fsync_path(d)
