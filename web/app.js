@@ -7,6 +7,7 @@
  */
 
 import {servedModel} from "./js/api.js";
+import {poller} from "./js/poll.js";
 import * as chat from "./js/chat.js";
 import * as compare from "./js/compare.js";
 import * as historyView from "./js/history.js";
@@ -81,7 +82,7 @@ function route() {
     if (link.dataset.view === name) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
-  cleanup = view.mount(main, {parts, query, showError, clearError, refreshHealth: pollHealth}) || null;
+  cleanup = view.mount(main, {parts, query, showError, clearError, refreshHealth: () => healthPoll.now()}) || null;
 }
 
 window.addEventListener("hashchange", route);
@@ -91,7 +92,9 @@ window.addEventListener("hashchange", route);
 const health = document.getElementById("health");
 const healthText = health.querySelector(".health-text");
 
-async function pollHealth() {
+/** One look at /health; resolves to {changed} for the poller (what the pill says moved). */
+async function checkHealth() {
+  const before = `${health.dataset.state}|${healthText.textContent}|${health.title}`;
   try {
     const h = await fetch("/health", {headers: {Accept: "application/json"}}).then((r) => r.json());
     const vllmState = (h.vllm && h.vllm.state) || "unknown";
@@ -103,6 +106,7 @@ async function pollHealth() {
     health.dataset.state = "down";
     healthText.textContent = "unreachable";
   }
+  return {changed: before !== `${health.dataset.state}|${healthText.textContent}|${health.title}`};
 }
 
 async function showModel() {
@@ -114,8 +118,8 @@ async function showModel() {
   }
 }
 
+// every 10 s while the tab is visible, backing off to 60 s while the pill stays the same
+const healthPoll = poller(checkHealth, {interval: 10000, max: 60000});
 if (!location.hash) history.replaceState(null, "", "#/chat");
 route();
-pollHealth();
-setInterval(pollHealth, 10000);
 showModel();

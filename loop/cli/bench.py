@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import direction, ingest, learning, memory, proxy, update
+from loop.bench import direction, durable, ingest, learning, memory, proxy, reads, update
 
-BENCHES = [proxy, ingest, learning, update, memory, direction]
+BENCHES = [proxy, ingest, reads, learning, update, durable, memory, direction]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001

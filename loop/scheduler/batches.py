@@ -233,6 +233,7 @@ def mark_held_out(session: Session, fraction: float) -> int:
             marked += len(held)
     if marked:
         session.commit()
+        pairs.note_held_out_marked()
     return marked
 
 

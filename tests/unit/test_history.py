@@ -57,6 +57,26 @@ async def test_filters(client: httpx.AsyncClient, sessions) -> None:
     assert await ids(client, until=(now - timedelta(days=1)).replace(tzinfo=None).isoformat()) == [old]
 
 
+async def test_rater_filter_finds_answers_the_rater_only_compared(client: httpx.AsyncClient, sessions) -> None:
+    a = add_response(sessions, prompt="Name a colour", completion="red")
+    b = add_response(sessions, prompt="Name a colour", completion="blue")
+    rated = add_response(sessions, prompt="Name a fruit", completion="pear")
+    untouched = add_response(sessions, prompt="Name a tree", completion="oak")
+    r = await client.post("/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "b",
+                                                    "rater": "cat"})
+    assert r.status_code == 201, r.text
+    await rate(client, rated, thumb="up", rater="dan")
+    assert set(await ids(client, rater="cat")) == {a, b}  # both sides of the pick, though cat rated nothing
+    assert await ids(client, rater="dan") == [rated]
+    await rate(client, a, score=3, rater="dan")
+    assert set(await ids(client, rater="dan")) == {rated, a}  # rated and compared answers are listed once each
+    await client.post("/api/comparisons", json={"response_a_id": b, "response_b_id": a, "winner": "a", "rater": "dan"})
+    page = (await client.get("/api/responses", params={"rater": "dan"})).json()
+    assert sorted(x["id"] for x in page["items"]) == sorted({rated, a, b}) and page["total"] == 3
+    assert untouched not in await ids(client, rater="cat") + await ids(client, rater="dan")
+    assert await ids(client, rater="nobody") == []
+
+
 async def test_sort_and_pages(client: httpx.AsyncClient, sessions) -> None:
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     rows = [add_response(sessions, created_at=t0 + timedelta(minutes=i), completion=str(i)) for i in range(7)]

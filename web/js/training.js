@@ -6,15 +6,22 @@
  * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
  * vendored in web/vendor/uplot), and the weight-version timeline with eval figures, checkpoint and restore.
  * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
- * "… not available" in its card; the rest of the page keeps working. Cards refresh every few seconds while open.
+ * "… not available" in its card; the rest of the page keeps working.
+ *
+ * Refresh (web/js/poll.js; nothing while the tab is hidden): the trainer and scheduler cards every 2 s while a
+ * run is in progress, otherwise every 4 s, backing off to 12 s while nothing changes; the feedback, runs and
+ * versions cards every 10 s, backing off to 60 s, and at once when the trainer or scheduler cards show a change
+ * (a run started or ended, a new weight version, new feedback waiting).
  */
 
 import {adminToken, api, isMissingRoute, setAdminToken} from "./api.js";
 import {empty, field, fmtNum, fmtTime, h, kvList, replace, setStatus, statusLine} from "./dom.js";
 import {metricSeries, runChart} from "./charts.js";
+import {poller} from "./poll.js";
+
+const BUSY_STATES = new Set(["training", "applying"]);
 
 export function mount(main, {showError, clearError, refreshHealth}) {
-  const timers = [];
   const charts = [];
   let selectedRun = null;
   let disposed = false;
@@ -69,16 +76,18 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       versionsBody),
     dialog.el));
 
-  // --- loaders; each card fails on its own
+  // --- loaders; each card fails on its own. Each resolves to the data it showed (null after an error).
   async function load(body, path, render, name) {
     try {
       const data = await api(path);
       if (!disposed) render(data);
+      return data;
     } catch (err) {
-      if (disposed) return;
+      if (disposed) return null;
       if (isMissingRoute(err)) replace(body, empty(`${name} not available on this server.`));
       else if (err.status === 503) replace(body, empty(err.message)); // a part that is not running: say so calmly
       else replace(body, h("p", {class: "error-text", text: `${name}: ${err.message}`}));
+      return null;
     }
   }
 
@@ -276,16 +285,33 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       async () => { await loadVersions(); refreshHealth(); });
   }
 
-  const refreshAll = () => Promise.all([loadStatus(), loadStats(), loadSched(), loadRuns(), loadVersions()]);
-  refreshAll();
-  timers.push(setInterval(() => { loadStatus(); loadSched(); }, 3000));
-  timers.push(setInterval(() => { loadStats(); loadRuns(); loadVersions(); }, 10000));
+  // --- refresh: the trainer and scheduler cards are the heartbeat; the other cards follow what it sees change
+  let beatKey = null;
+  let detailsKey = null;
+  const details = poller(async () => {
+    const key = JSON.stringify(await Promise.all([loadStats(), loadRuns(), loadVersions()]));
+    const changed = key !== detailsKey;
+    detailsKey = key;
+    return {changed};
+  }, {interval: 10000, max: 60000});
+  const beat = poller(async () => {
+    const [st, sc] = await Promise.all([loadStatus(), loadSched()]);
+    const busy = BUSY_STATES.has(st && st.state) || (sc && sc.state) === "training";
+    const progress = st ? [st.step, (st.losses || []).length, st.held_paused, st.last_error] : null;
+    const events = JSON.stringify([st && [st.state, st.run_id, st.weight_version],
+      sc && [sc.state, sc.paused, sc.running_run_id, sc.untrained, sc.last_run_id, sc.last_error]]);
+    if (beatKey !== null && events !== beatKey.events) details.now(); // a run began or ended, feedback came in
+    const changed = beatKey === null || events !== beatKey.events || JSON.stringify(progress) !== beatKey.progress;
+    beatKey = {events, progress: JSON.stringify(progress)};
+    return {changed, busy};
+  }, {interval: 4000, max: 12000, fast: 2000});
   const onResize = () => { for (const c of [...charts, ...trend.charts]) c.fit(); if (live.chart) live.chart.fit(); };
   window.addEventListener("resize", onResize);
 
   return () => {
     disposed = true;
-    timers.forEach(clearInterval);
+    beat.stop();
+    details.stop();
     window.removeEventListener("resize", onResize);
     for (const c of charts.splice(0)) c.destroy();
     if (live.chart) live.chart.destroy();
