@@ -175,6 +175,14 @@ class Flusher:
             self.pending = None
         return result
 
+    async def idle(self, timeout: float) -> None:
+        """Wait until nothing is pending (tests; a caller that needs the live version on disk uses flush())."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.pending is not None or (self._task is not None and not self._task.done()):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"version {self.pending} still not durable after {timeout:g} s")
+            await asyncio.sleep(0.02)
+
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()

@@ -113,6 +113,7 @@ async def test_checkpoint_and_restore_make_versions(tmp_path: Path) -> None:
         assert await trainer.checkpoint() == (0, path)  # already there: not written twice
         run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR], steps=2)))
         assert run.status == "succeeded"
+        await trainer.durability.idle(10)  # every 2nd version is written in the background (loop/durability.py)
         with state.sessions() as s:
             v1, v2 = s.get(WeightVersion, 1), s.get(WeightVersion, 2)
             assert v1.checkpoint_path is None and v2.checkpoint_path == str(tmp_path / "checkpoints" / "v000002")
