@@ -143,6 +143,22 @@ class Fixture:
         assert c.status_code == 201, c.text
         return ids, c.json()["id"]
 
+    def restarts(self) -> tuple[int, int]:
+        """(vLLM restarts, worker restarts) as loop counts them."""
+        health = self.http.get("/health").json()
+        return int(health["vllm"].get("restarts", 0)), int(self.status()["worker"]["restarts"])
+
+    def wait_noticed(self, kind: str, before: tuple[int, int], timeout: float = 120) -> None:
+        """Until loop has noticed the kill (a restart counted): /health may say ok for a moment after it."""
+        deadline = time.monotonic() + timeout
+        index = 0 if kind == "vllm" else 1
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                if self.restarts()[index] > before[index]:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"loop did not notice the {kind} kill in {timeout:.0f} s\n{self.svc.log_tail()}")
+
     def pids(self) -> dict[str, int | None]:
         vllm_pid = int(self.svc.vllm_pid_path.read_text()) if self.svc.vllm_pid_path.exists() else None
         return {"api": self.svc.proc.pid, "vllm": vllm_pid, "worker": self.status()["worker"]["pid"]}
@@ -209,10 +225,11 @@ def test_kill9_at_random_moments_loses_no_acknowledged_rating_and_no_served_upda
                 handle_files.add(f.read_text())
             r = fx.http.post("/api/train", json={"comparison_ids": [comparison], "steps": 2}, headers=fx.admin)
             assert r.status_code == 202, r.text
-            delay = rng.uniform(0.0, 6.0)
+            delay = rng.uniform(0.0, 15.0)  # from mid-step to after the run and its background checkpoint
             time.sleep(delay)
             target = pids[kind]
             assert target, f"no {kind} process to kill: {pids}"
+            counted = fx.restarts()
             doomed = [target] + (group_of(pids["vllm"]) if kind in ("vllm", "api") and pids["vllm"] else [])
             if kind == "api":
                 doomed.append(pids["worker"])  # the worker and vLLM follow their parent
@@ -226,6 +243,7 @@ def test_kill9_at_random_moments_loses_no_acknowledged_rating_and_no_served_upda
                 raters.retarget(svc.url)
             else:
                 wait_gone([target])
+                fx.wait_noticed(kind, counted)
             fx.wait_ready()
             if kind != "api":
                 wait_gone([p for p in doomed if p])
