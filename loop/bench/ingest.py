@@ -21,21 +21,18 @@ import contextlib
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 
-from loop.bench import stop_group
+from loop.bench import started_api
 
-from loop.bench.proxy import Stats, free_port
+from loop.bench.proxy import Stats
 
 RESPONSES = 500  # distinct responses the ratings spread over
 
@@ -68,29 +65,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
-def started_api(data_dir: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    env = {**os.environ, "LOOP_DATA_DIR": str(data_dir), "LOOP_LOG_LEVEL": "warning", "LOOP_WORKER_ENABLED": "false"}
-    env.pop("LOOP_DATABASE_URL", None)
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loop.bench.ingest:bench_app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the loop API exited with code {proc.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/api/stats", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the loop API on {url} did not answer within 120 s")
-            time.sleep(0.3)
-        yield url, proc.pid
-    finally:
-        stop_group(proc)
+def started_ingest_api(data_dir: Path) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    return started_api("loop.bench.ingest:bench_app", data_dir, "/api/stats")
 
 
 @dataclass
@@ -174,7 +150,7 @@ async def drive(url: str, ids: list[str], n: int, concurrency: int, tag: str) ->
 def raw_sqlite_rate(db_path: Path, ids: list[str], n: int) -> float:
     """The bare engine: one INSERT + COMMIT per rating on the same schema and pragmas."""
     conn = sqlite3.connect(db_path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
         conn.execute(f"PRAGMA {pragma}")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
     t0 = time.perf_counter()
@@ -212,7 +188,7 @@ def run(n: int, concurrency: int, warmup: int) -> dict[str, float | int | dict[i
         raw_dir = Path(tmp) / "raw"
         ids = seed(f"sqlite:///{data_dir / 'loop.db'}", RESPONSES)
         raw_ids = seed(f"sqlite:///{raw_dir / 'loop.db'}", RESPONSES)
-        with started_api(data_dir) as (url, pid):
+        with started_ingest_api(data_dir) as (url, pid):
             if warmup:
                 _run(drive(url, ids, warmup, concurrency, "warmup"))
             cpu0 = cpu_seconds(pid)

@@ -30,19 +30,17 @@ import os
 import random
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 
-from loop.bench import stop_group
-from loop.bench.proxy import free_port
+from loop.bench import started_api
 
 RATERS = 40
 HOLDOUT_FRACTION = 0.1  # the setting's default: the split the scheduler would mark
@@ -147,30 +145,9 @@ def seed(db_path: Path, n_ratings: int, *, seed_: int = 0) -> dict[str, int]:
     return {"responses": n_resp, "ratings": n_ratings, "comparisons": n_comp, "consumed": len(consumed)}
 
 
-@contextlib.contextmanager
-def started_api(data_dir: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "LOOP_DATA_DIR": str(data_dir), "LOOP_LOG_LEVEL": "warning", "LOOP_WORKER_ENABLED": "false",
-           "LOOP_HOLDOUT_FRACTION": str(HOLDOUT_FRACTION)}
-    env.pop("LOOP_DATABASE_URL", None)
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loop.bench.reads:bench_app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log", "--loop", "uvloop", "--http", "httptools"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the loop API exited with code {proc.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/api/runs?limit=1", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the loop API on {url} did not answer within 120 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        stop_group(proc)
+def started_reads_api(data_dir: Path) -> contextlib.AbstractContextManager[tuple[str, int]]:
+    return started_api("loop.bench.reads:bench_app", data_dir, "/api/runs?limit=1",
+                       {"LOOP_HOLDOUT_FRACTION": str(HOLDOUT_FRACTION)})
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -270,7 +247,7 @@ def run(n_ratings: int, *, repeats: int = 10, n_pollers: int = 4, duration: floa
         t0 = time.perf_counter()
         sizes = seed(data_dir / "loop.db", n_ratings)
         seed_s = time.perf_counter() - t0
-        with started_api(data_dir) as url:
+        with started_reads_api(data_dir) as (url, _pid):
             ERRORS.clear()
             figures = asyncio.run(measure(url, n_responses=sizes["responses"], repeats=repeats, n_pollers=n_pollers,
                                           duration=duration))

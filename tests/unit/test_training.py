@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from loop.api.errors import Conflict, LoopError, NotFound
-from loop.db.models import Comparison, RunFeedback, TrainingRun, WeightVersion
+from loop.db.models import Comparison, RunFeedback, WeightVersion
 from loop.training import TrainRequest
 from loop.worker import protocol as p
 from training_support import PAIR, FakeSupervisor, add_comparison, finish, make, stop
