@@ -139,6 +139,7 @@ class Flusher:
         self._task: asyncio.Task[None] | None = None
         self.last_error: str | None = None
         self.pending: int | None = None  # the version waiting to be written
+        self.writing = False  # a checkpoint is being written right now
         self.written: list[tuple[int, str]] = []
 
     def changed(self, version: int) -> None:
@@ -153,6 +154,7 @@ class Flusher:
         while self.pending is not None:
             self._wake.clear()
             want = self.pending
+            self.writing = True
             try:
                 version, path = await self._checkpoint()
             except asyncio.CancelledError:
@@ -163,6 +165,8 @@ class Flusher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), RETRY_S)
                 continue
+            finally:
+                self.writing = False
             self.last_error = None
             self.written.append((version, path))
             if self.pending == want or (self.pending is not None and version >= self.pending):
@@ -183,7 +187,12 @@ class Flusher:
                 raise TimeoutError(f"version {self.pending} still not durable after {timeout:g} s")
             await asyncio.sleep(0.02)
 
-    async def stop(self) -> None:
+    async def stop(self, finish_write_s: float = 0.0) -> None:
+        """Stop the background task; a write in flight is first given `finish_write_s` to end (cancelling it
+        would leave the worker writing a folder that the next checkpoint of the same version then collides with)."""
+        deadline = asyncio.get_running_loop().time() + finish_write_s
+        while self.writing and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -131,12 +131,15 @@ class Trainer(Versions):
     async def stop(self) -> None:
         """A clean shutdown: end the run in progress, then make the live version durable before vLLM goes."""
         if self._task is not None and not self._task.done():
+            deadline = time.monotonic() + APPLY_TIMEOUT_S
+            while self.phase == "applying" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # an apply runs to its end: its version is recorded, then written
             self._task.cancel()
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
-        await self.durability.stop()
+        await self.durability.stop(CHECKPOINT_TIMEOUT_S)
         if not self.live_is_durable():
             try:
                 version, path = await asyncio.wait_for(self.durability.flush(), CHECKPOINT_TIMEOUT_S)

@@ -6,7 +6,8 @@ Train stages a fake update, Apply applies it (or refuses a poisoned one); the "w
 that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
 A Train whose base_weights path ends in "undone" (with max_conflict_t set) is refused as a conflict (what
 loop/worker/agreement.py does to an update that would undo what the kept runs taught).
-FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway).
+FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway); FAKE_WORKER_CHECKPOINT_S
+makes every checkpoint take that long.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def main() -> None:
         elif isinstance(msg, p.Checkpoint):
             if msg.path.startswith("sleep:"):
                 time.sleep(float(msg.path[6:]))
+            elif os.path.exists(msg.path):  # as the real writer: never overwrite a checkpoint folder
+                ch.send(p.Error(req=msg.req, message=f"checkpoint folder {msg.path} already exists"))
+                continue
             else:
+                time.sleep(float(os.environ.get("FAKE_WORKER_CHECKPOINT_S", "0")))
                 os.makedirs(msg.path)
                 with open(os.path.join(msg.path, "model.safetensors"), "w") as f:
                     f.write(f"v{version}")

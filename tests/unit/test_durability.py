@@ -181,3 +181,17 @@ async def test_a_run_and_a_restore_never_interleave(tmp_path: Path) -> None:
         assert await restoring == state.weight_version
     finally:
         await stop(state)
+
+
+async def test_a_stop_during_a_background_write_lets_it_finish_instead_of_colliding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_WORKER_CHECKPOINT_S", "1.0")
+    trainer, state, _ = await make(tmp_path)
+    try:
+        await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        await until(lambda: trainer.durability.writing)
+        await trainer.stop()  # SIGTERM while version 1 is being written
+        assert trainer.live_is_durable() and trainer.durability.last_error is None
+        assert Path(checkpoint_of(state, 1), "model.safetensors").read_text() == "v1"
+    finally:
+        await stop(state)
