@@ -55,6 +55,9 @@ class Settings(BaseSettings):
                                     "vllm_restart_window_s before giving up (loop serve then exits with code 4).")
     vllm_restart_window_s: float = Field(600.0, gt=0, description="Crashes older than this no longer count "
                                          "against vllm_restart_limit.")
+    vllm_api_key: str | None = Field(None, description="Bearer token loop sends to an attached vLLM (--vllm-url) "
+                                     "started with --api-key. It guards only vLLM's /v1 routes, not /pause or "
+                                     "/collective_rpc: attach over a private Unix socket (unix:/path) instead.")
     request_timeout_s: float = Field(300.0, gt=0, description="Upper bound for one proxied request to vLLM.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(16, ge=1, le=1024, description="Most choices (`n`, `best_of`) one /v1 request may ask "
@@ -274,6 +277,9 @@ def tighten(path: Path, mode: int) -> None:
             log.warning("%s is open to others (mode %o) and could not be made private: %s", path, current, exc)
             return
         log.warning("%s was open to others (mode %o); made it private (%o)", path, current, current & mode)
+
+
+SECRET_ENV = ("LOOP_ADMIN_TOKEN", "LOOP_VLLM_API_KEY")  # never passed on to vLLM or the worker
 
 
 def private_dir(path: Path) -> Path:

@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from loop.config import Settings, private_dir
+from loop.config import SECRET_ENV, Settings, private_dir
 from loop.logs import open_private_log
 from loop.worker import protocol as p
 
@@ -199,7 +199,8 @@ class WorkerControl:
         self.hello = None
         self._ready.clear()
         env = dict(os.environ if self._env is None else self._env)
-        env.pop("LOOP_ADMIN_TOKEN", None)  # the worker never needs it
+        for name in SECRET_ENV:  # the worker never needs them
+            env.pop(name, None)
         self._proc = await asyncio.create_subprocess_exec(
             *self._command, stdin=asyncio.subprocess.DEVNULL, stdout=self._log_file, stderr=self._log_file,
             start_new_session=True, env=env)

@@ -70,7 +70,8 @@ async def _start(settings: Settings, *, manage: bool, on_fatal: FatalCallback | 
     engine = make_engine(settings.db_url)
     state = LoopState(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
                       admin_token=settings.resolved_admin_token(),
-                      vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s))
+                      vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s,
+                                                api_key=settings.vllm_api_key))
     state.load_weight_version()
     if manage:
         if settings.worker_enabled:  # the training worker: it waits for vLLM's weight-handle file by itself

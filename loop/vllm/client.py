@@ -72,8 +72,10 @@ def error_message(response: httpx.Response) -> str:
 class VLLMClient:
     """Async client for one vLLM server at `address` (`unix:/run/dir/vllm.sock` or `http://127.0.0.1:8001`)."""
 
-    def __init__(self, address: str, timeout: float, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        """`transport` is for unit tests (an ASGI fake vLLM); leave it None otherwise."""
+    def __init__(self, address: str, timeout: float, *, transport: httpx.AsyncBaseTransport | None = None,
+                 api_key: str | None = None) -> None:
+        """`transport` is for unit tests (an ASGI fake vLLM); leave it None otherwise. `api_key`: sent as a bearer
+        token on every request (an attached vLLM started with --api-key; it guards only its /v1 routes)."""
         self.address = address.rstrip("/")
         self.base_url, self.socket_path = parse_address(self.address)
         if transport is None and self.socket_path is not None:
@@ -84,7 +86,7 @@ class VLLMClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60),
-            headers={"user-agent": "loop"},
+            headers={"user-agent": "loop", **({"authorization": f"Bearer {api_key}"} if api_key else {})},
             transport=transport,
         )
 

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from loop.config import Settings, private_dir
+from loop.config import SECRET_ENV, Settings, private_dir
 from loop.logs import open_private_log
 from loop.vllm.client import VLLMClient
 
@@ -277,7 +277,7 @@ class VLLMSupervisor:
         return cmd + list(s.vllm_args)
 
     def child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env["LOOP_RUNTIME_DIR"] = str(self.settings.runtime_dir)
         env["PYTHONUNBUFFERED"] = "1"

@@ -181,6 +181,8 @@ async def test_a_reload_does_not_count_against_the_limit(tmp_path: Path) -> None
 
 def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("LOOP_ADMIN_TOKEN", "a" * 32)
+    monkeypatch.setenv("LOOP_VLLM_API_KEY", "k" * 32)
     settings = Settings(data_dir=tmp_path, cpu_kv_cache_gib=1.5, vllm_args=["--seed", "1"],
                         served_model_name="smol")
     sup = VLLMSupervisor(settings)
@@ -195,6 +197,7 @@ def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     env = sup.child_env()
     assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
     assert env["LOOP_RUNTIME_DIR"] == str(settings.runtime_dir) and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    assert "LOOP_ADMIN_TOKEN" not in env and "LOOP_VLLM_API_KEY" not in env  # secrets stay with the API
     assert env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == str(settings.runtime_dir / "tmp")
     sup.device = "cuda"
     assert "--enforce-eager" not in sup.command() and "--gpu-memory-utilization" in sup.command()

@@ -151,3 +151,23 @@ def test_bench_stats_and_report() -> None:
     text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103),
                    "diff": Stats(0.002, 0.003, 0.002)}, 10, 8)
     assert "mean +3.00 %" in text and "+2.0 ms" in text
+
+
+async def test_an_attached_vllm_with_an_api_key_gets_it_on_every_request() -> None:
+    import httpx
+
+    from loop.vllm.client import VLLMClient
+
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={})
+
+    client = VLLMClient("http://vllm.internal:8001", 5.0, transport=httpx.MockTransport(handler), api_key="k" * 20)
+    try:
+        await client.post("/v1/chat/completions", b"{}")
+        await client.get("/health")
+    finally:
+        await client.aclose()
+    assert seen == [f"Bearer {'k' * 20}"] * 2
