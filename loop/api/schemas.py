@@ -9,6 +9,7 @@ tags, idempotency keys) refuse NUL (U+0000) with a 422: PostgreSQL cannot store 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -193,3 +194,5 @@ class Stats(BaseModel):
     unpaired_available: int
     untrained_pairs: int
     untrained_unpaired: int
+    as_of: datetime = Field(description="when these figures were computed")
+    fresh: bool = Field(description="false only with stale_ok=true while newer feedback is being counted")

@@ -468,12 +468,20 @@ class Scheduler:
         await asyncio.to_thread(self._record_eval, run_id, before, after, rollback)
 
     # ------------------------------------------------------------------ status
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, stale_ok: bool = False) -> dict[str, Any]:
+        """The status. With `stale_ok` (the UI's timers) the untrained counts never wait for the pool to be
+        rebuilt: while that runs in the background they are the previous ones, `untrained_fresh: false`."""
         cfg = self.config()
         counts: dict[str, Any] = {}
-        oldest = None
+        oldest = as_of = None
+        fresh = True
         try:
-            pool = self._waiting()
+            with self.state.sessions() as s:
+                read = self._pool_cache.read(
+                    lambda: pairs.inputs_key(s),
+                    lambda: batches.collect(s, holdout_fraction=self.settings.holdout_fraction),
+                    stale_ok=stale_ok, refresh=self._waiting)
+            pool, as_of, fresh = read.value, read.as_of, read.fresh
             counts = pool.counts()
             oldest = pool.oldest()
         except Exception as exc:  # noqa: BLE001 - status must answer even if the DB hiccups
@@ -501,6 +509,8 @@ class Scheduler:
             "last_reason": p.get("last_reason"),
             "last_decision": self.last_decision,
             "last_error": self.last_error,
+            "untrained_as_of": datetime.fromtimestamp(as_of, timezone.utc).isoformat() if as_of else None,
+            "untrained_fresh": fresh,
         }
 
 

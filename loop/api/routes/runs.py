@@ -108,8 +108,13 @@ def scheduler_of(state: Any) -> Any:
 
 
 @router.get("/scheduler")
-async def scheduler_status(state: StateDep) -> dict[str, Any]:
-    return await asyncio.to_thread(scheduler_of(state).describe)
+async def scheduler_status(
+        state: StateDep,
+        stale_ok: Annotated[bool, Query(description="answer at once with the last untrained counts while newer "
+                                                    "feedback is being counted (untrained_fresh: false)")] = False,
+) -> dict[str, Any]:
+    sched = scheduler_of(state)
+    return await asyncio.to_thread(lambda: sched.describe(stale_ok=stale_ok))
 
 
 @router.post("/scheduler/pause", dependencies=[AdminDep])

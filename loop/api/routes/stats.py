@@ -6,7 +6,8 @@ in SQL (`pairs.count_available`); "untrained" leaves out feedback a run already 
 The web UI polls this from every open Training view, and every figure reads all feedback, so the answer is
 cached per app (loop/readcache.py) under a key that moves with every write it depends on (a rating, comparison,
 response, consumption or held-out mark; the day; `days`): a repeated request costs a few indexed reads and
-gives what a fresh computation would. Tests: `.venv/bin/python -m pytest -q tests/unit/test_export.py
+gives what a fresh computation would. `?stale_ok=true` (the UI's timers) never waits for a recomputation: while
+one runs in the background it answers the previous figures with `fresh: false` and their `as_of`. Tests: `.venv/bin/python -m pytest -q tests/unit/test_export.py
 tests/unit/test_stats_counts.py`.
 """
 
@@ -71,17 +72,30 @@ def stats_key(s: Session, days: int) -> tuple[Any, ...]:
     return (days, date.today(), s.scalar(select(func.count()).select_from(Response)), *pairs.inputs_key(s))
 
 
-def _stats_cache(request: Request) -> ReadCache[dict[str, Any]]:
+def _stats_cache(request: Request, days: int) -> ReadCache[dict[str, Any]]:
+    """One cache per `days` (a stale answer must be for the days asked), a handful kept."""
     app_state = request.app.state
     with _cache_lock:
-        if getattr(app_state, "stats_cache", None) is None:
-            app_state.stats_cache = ReadCache()
-        return app_state.stats_cache
+        caches = getattr(app_state, "stats_caches", None)
+        if caches is None or (days not in caches and len(caches) >= 8):
+            caches = app_state.stats_caches = {}
+        return caches.setdefault(days, ReadCache())
 
 
 @router.get("/stats", response_model=Stats)
 def get_stats(request: Request, s: SessionDep,
-              days: Annotated[int, Query(ge=1, le=3650, description="days in by_day")] = 30) -> dict[str, Any]:
+              days: Annotated[int, Query(ge=1, le=3650, description="days in by_day")] = 30,
+              stale_ok: Annotated[bool, Query(description="answer at once with the last figures while newer "
+                                                          "feedback is being counted (fresh: false)")] = False,
+              ) -> dict[str, Any]:
     """Totals (ratings/comparisons count every row, history included), per-day counts, current ratings'
     thumbs and score distribution, and the training data available."""
-    return _stats_cache(request).get(lambda: stats_key(s, days), lambda: stats(s, days))
+    cache = _stats_cache(request, days)
+    sessions = request.app.state.loop.sessions
+
+    def refresh() -> None:
+        with sessions() as own:
+            cache.get(lambda: stats_key(own, days), lambda: stats(own, days))
+
+    read = cache.read(lambda: stats_key(s, days), lambda: stats(s, days), stale_ok=stale_ok, refresh=refresh)
+    return {**read.value, "as_of": datetime.fromtimestamp(read.as_of, timezone.utc), "fresh": read.fresh}
