@@ -31,8 +31,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import delete, select
 
-from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
-from loop.api.state import LoopState
+from loop.errors import Conflict, Invalid, NotFound, Unavailable
+from loop.state import LoopState
 from loop.control import WorkerControl, WorkerTimeout, WorkerUnavailable
 from loop.db.models import MAX_ID, Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
 from loop.durability import LOST, Flusher, durable, mark_lost
@@ -263,12 +263,12 @@ class Trainer(Versions):
                             used_r |= set(ex.rating_ids)
         objective = req.objective or ("dpo" if pairs else "kto")
         if objective == "dpo" and not pairs:
-            raise LoopError("no preference pairs in this batch: DPO needs pairs (inline, A/B comparisons with a "
-                            "winner, or two responses to one prompt rated differently)", status_code=422,
-                            code="empty_batch")
+            raise Invalid("no preference pairs in this batch: DPO needs pairs (inline, A/B comparisons with a "
+                            "winner, or two responses to one prompt rated differently)",
+                          code="empty_batch")
         if objective == "kto" and not examples:
-            raise LoopError("no examples in this batch: KTO needs examples (inline, or thumbs/scores on responses)",
-                            status_code=422, code="empty_batch")
+            raise Invalid("no examples in this batch: KTO needs examples (inline, or thumbs/scores on responses)",
+                          code="empty_batch")
         return objective, pairs, examples, sorted(used_r), sorted(used_c)
 
     def _create_run(self, req: TrainRequest, trigger: str, objective: str, pairs: list[p.Pair],

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from loop.api.errors import Conflict, NotFound
-from loop.api.state import LoopState
+from loop.errors import Conflict, NotFound
+from loop.state import LoopState
 from loop.control import WorkerControl, WorkerTimeout
 from loop.db.models import WeightVersion
 from loop.durability import LOST, is_durable, reconcile

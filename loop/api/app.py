@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from loop.api.errors import BodySizeLimit, RequestContext, install_error_handlers
 from loop.api.security import BrowserGuard
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.config import Settings
 from loop.db.session import make_engine, make_sessionmaker, migrate
 

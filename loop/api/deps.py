@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from loop.api.errors import LoopError
-from loop.api.state import LoopState
+from loop.api.errors import ApiError
+from loop.state import LoopState
 
 
 def get_state(request: Request) -> LoopState:
@@ -35,11 +35,11 @@ def require_admin(state: StateDep, authorization: Annotated[str | None, Header()
     if authorization and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
     if not given:
-        raise LoopError("this route needs the admin token: send 'Authorization: Bearer <token>' "
+        raise ApiError("this route needs the admin token: send 'Authorization: Bearer <token>' "
                         "(the token is LOOP_ADMIN_TOKEN, or the file admin_token in the data dir)",
                         status_code=401, code="admin_token_missing", headers={"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(given.encode(), state.admin_token.encode()):
-        raise LoopError("the admin token is wrong", status_code=403, code="admin_token_wrong")
+        raise ApiError("the admin token is wrong", status_code=403, code="admin_token_wrong")
 
 
 AdminDep = Depends(require_admin)

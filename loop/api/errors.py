@@ -24,6 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loop import errors as domain
+from loop.errors import Conflict, Invalid, LoopError, NotFound, Unavailable, UpstreamTimeout
+
 log = logging.getLogger("loop.api")
 
 # Deeper than any OpenAI request (tool schemas included) nests; a parser recursing through thousands of levels
@@ -36,43 +39,36 @@ _JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.S)
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-class LoopError(Exception):
-    """An error with an HTTP status and a message that says what to fix."""
+class ApiError(domain.LoopError):
+    """An error of the HTTP surface itself (a missing token, a body that is not JSON), with its status."""
 
-    status_code = 400
-    type = "invalid_request_error"
-
-    def __init__(self, message: str, *, status_code: int | None = None, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status_code is not None:
-            self.status_code = status_code
-        self.code = code
-        self.param = param
+    def __init__(self, message: str, *, status_code: int = 400, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code, param=param)
+        self.status_code = status_code
         self.headers = headers
 
 
-class NotFound(LoopError):
-    status_code = 404
-    type = "not_found_error"
+# The domain's errors (loop/errors.py) as HTTP: status and the OpenAI-style error type.
+_HTTP: list[tuple[type[domain.LoopError], int, str]] = [
+    (domain.NotFound, 404, "not_found_error"), (domain.Conflict, 409, "conflict_error"),
+    (domain.Unavailable, 503, "service_unavailable"), (domain.UpstreamTimeout, 504, "timeout_error"),
+    (domain.Invalid, 422, "invalid_request_error")]
+_TYPES = {404: "not_found_error", 409: "conflict_error", 500: "server_error", 503: "service_unavailable",
+          504: "timeout_error"}
 
 
-class Conflict(LoopError):
-    status_code = 409
-    type = "conflict_error"
-
-
-class Unavailable(LoopError):
-    """vLLM or the worker cannot serve right now (down, restarting, paused)."""
-
-    status_code = 503
-    type = "service_unavailable"
-
-
-class UpstreamTimeout(LoopError):
-    status_code = 504
-    type = "timeout_error"
+def http_of(exc: domain.LoopError) -> tuple[int, str, dict[str, str] | None]:
+    """(status, error type, headers) for a LoopError."""
+    headers = getattr(exc, "headers", None)
+    if exc.retry_after_s is not None:
+        headers = {**(headers or {}), "Retry-After": str(max(1, round(exc.retry_after_s)))}
+    if isinstance(exc, ApiError):
+        return exc.status_code, _TYPES.get(exc.status_code, "invalid_request_error"), headers
+    for kind, status, type_ in _HTTP:
+        if isinstance(exc, kind):
+            return status, type_, headers
+    return 400, "invalid_request_error", headers
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -112,7 +108,7 @@ def json_body_problem(raw: bytes) -> str | None:
 
 
 def invalid_json(message: str) -> LoopError:
-    return LoopError(message, code="invalid_json")
+    return ApiError(message, code="invalid_json")
 
 
 def check_json_body(raw: bytes) -> None:
@@ -145,8 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoopError)
     async def _loop_error(_: Request, exc: LoopError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status_code,
-                            headers=exc.headers)
+        status, type_, headers = http_of(exc)
+        return JSONResponse(error_body(exc.message, type_, exc.code, exc.param), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

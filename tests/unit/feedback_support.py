@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from loop.api.errors import install_error_handlers
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.config import Settings
 from loop.db.models import Response
 from loop.db.session import make_engine, make_sessionmaker, migrate

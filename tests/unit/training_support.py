@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.config import Settings
 from loop.control import WorkerControl
 from loop.db.models import Comparison, Response, TrainingRun

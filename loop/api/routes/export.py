@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.db.models import MAX_ID
 from loop.pairs import PairFilters, preference_pairs, trl_preference, trl_unpaired, unpaired_examples
 

@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from loop.api.deps import SessionDep
-from loop.api.errors import Conflict, LoopError, NotFound, Unavailable
+from loop.api.errors import ApiError, Conflict, NotFound, Unavailable
 from loop.api.schemas import MAX_ID, ComparisonIn, ComparisonOut, ComparisonPage, RatingIn, RatingOut, RatingPage, \
     Winner
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.feedback import ComparisonInput, Outcome, RatingInput, RatingWriter, write_comparison
 from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
 from loop.feedback.store import THUMB_TO_INT
@@ -46,10 +46,10 @@ def rating_writer(state: LoopState) -> RatingWriter:
 
 def _key(body_key: str | None, header_key: str | None) -> str | None:
     if header_key is not None and not 1 <= len(header_key) <= 200:
-        raise LoopError(f"the Idempotency-Key header must be 1..200 characters, got {len(header_key)}",
+        raise ApiError(f"the Idempotency-Key header must be 1..200 characters, got {len(header_key)}",
                         status_code=422, code="invalid_idempotency_key", param="Idempotency-Key")
     if body_key and header_key and body_key != header_key:
-        raise LoopError(f"the Idempotency-Key header ({header_key!r}) and the body's idempotency_key "
+        raise ApiError(f"the Idempotency-Key header ({header_key!r}) and the body's idempotency_key "
                         f"({body_key!r}) differ; send one of them", status_code=422, code="idempotency_key_mismatch",
                         param="idempotency_key")
     return body_key or header_key
@@ -64,9 +64,9 @@ STORAGE_UNAVAILABLE_DOC = {"description": "`storage_unavailable`: the database d
                                           "was stored; retry after Retry-After seconds with the same idempotency key"}
 
 
-class StorageOutcomeUnknown(LoopError):
-    status_code = 500
-    type = "server_error"
+class StorageOutcomeUnknown(ApiError):
+    def __init__(self, message: str, **kw: object) -> None:
+        super().__init__(message, status_code=500, **kw)  # type: ignore[arg-type]
 
 
 def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
@@ -82,10 +82,10 @@ def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
         raise Conflict(outcome.error or "conflict", code=outcome.code, param="idempotency_key")
     if outcome.status == 503:
         raise Unavailable(outcome.error or "storage unavailable", code=outcome.code,
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
+                          retry_after_s=RETRY_AFTER_S)
     if outcome.status >= 500:
         raise StorageOutcomeUnknown(outcome.error or "storing failed", code=outcome.code)
-    raise LoopError(outcome.error or "failed", status_code=outcome.status, code=outcome.code)
+    raise ApiError(outcome.error or "failed", status_code=outcome.status, code=outcome.code)
 
 
 @router.post("/ratings", status_code=201, response_model=RatingOut,

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response as HTTPResponse
 
 from loop.api.deps import StateDep
-from loop.api.state import LoopState
+from loop.state import LoopState
 from loop.vllm.client import VLLMError, VLLMUnreachable
 from loop.vllm.process import UNHEALTHY_AFTER, last_meaningful_line
 

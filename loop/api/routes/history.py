@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from loop.api.deps import SessionDep
-from loop.api.errors import LoopError, NotFound
+from loop.api.errors import ApiError, NotFound
 from loop.api.schemas import ResponseDetail, ResponsePage
 from loop.db.models import MAX_ID
 from loop.feedback.queries import RatingFilter, ResponseFilters, ResponseSort, list_responses, response_detail
@@ -35,7 +35,7 @@ def get_responses(
 ) -> dict[str, Any]:
     """Logged responses, filtered, sorted and paginated."""
     if min_score is not None and max_score is not None and min_score > max_score:
-        raise LoopError(f"min_score ({min_score}) is above max_score ({max_score}); swap them", status_code=422,
+        raise ApiError(f"min_score ({min_score}) is above max_score ({max_score}); swap them", status_code=422,
                         param="min_score")
     f = ResponseFilters(since=since, until=until, rating=rating, min_score=min_score, max_score=max_score, tag=tag,
                         rater=rater, model=model, weight_version=weight_version, q=q)

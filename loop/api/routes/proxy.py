@@ -35,8 +35,8 @@ from starlette.responses import Response as HTTPResponse
 from starlette.responses import StreamingResponse
 
 from loop.api.deps import StateDep
-from loop.api.errors import LoopError, Unavailable, UpstreamTimeout, check_json_body, error_body
-from loop.api.state import LoopState
+from loop.api.errors import ApiError, Unavailable, UpstreamTimeout, check_json_body, error_body
+from loop.state import LoopState
 from loop.db.models import Response
 from loop.vllm.capture import Capture, RequestInfo, Wants, augment, new_response_id, prompt_hash, strip_choice, \
     strip_top, to_row
@@ -54,14 +54,14 @@ JSON = "application/json"
 # --- request parsing -------------------------------------------------------------------------------------------
 def _parse(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
-        raise LoopError("the request body is empty; send a JSON object", code="invalid_json")
+        raise ApiError("the request body is empty; send a JSON object", code="invalid_json")
     check_json_body(raw)  # not UTF-8, or nested too deep: the same 400 as every other route
     try:
         body = _decode(raw)
     except msgspec.DecodeError as exc:
-        raise LoopError(f"the body is not valid JSON ({exc}); send a JSON object", code="invalid_json") from exc
+        raise ApiError(f"the body is not valid JSON ({exc}); send a JSON object", code="invalid_json") from exc
     if not isinstance(body, dict):
-        raise LoopError(f"the body must be a JSON object, not {type(body).__name__}", code="invalid_json")
+        raise ApiError(f"the body must be a JSON object, not {type(body).__name__}", code="invalid_json")
     return body
 
 
@@ -74,7 +74,7 @@ def _request_info(state: LoopState, body: dict[str, Any], endpoint: str) -> Requ
     if endpoint == "chat":
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m for m in msgs):
-            raise LoopError("messages must be a non-empty list of objects like {\"role\": \"user\", \"content\": "
+            raise ApiError("messages must be a non-empty list of objects like {\"role\": \"user\", \"content\": "
                             "\"...\"}", param="messages")
         info.messages = msgs
     else:
@@ -86,7 +86,7 @@ def _request_info(state: LoopState, body: dict[str, Any], endpoint: str) -> Requ
         elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             info.prompts = list(prompt)
         else:
-            raise LoopError("prompt must be a non-empty string (or a list of strings / token ids)", param="prompt")
+            raise ApiError("prompt must be a non-empty string (or a list of strings / token ids)", param="prompt")
     return info
 
 
@@ -96,9 +96,9 @@ def _choices(body: dict[str, Any], name: str, max_n: int) -> int:
     if value is None:
         return 1
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise LoopError(f"{name} must be a positive integer, got {value!r}", param=name, code="invalid_n")
+        raise ApiError(f"{name} must be a positive integer, got {value!r}", param=name, code="invalid_n")
     if value > max_n:
-        raise LoopError(f"{name} is {value}, above this loop's limit of {max_n} choices per request; ask for at most "
+        raise ApiError(f"{name} is {value}, above this loop's limit of {max_n} choices per request; ask for at most "
                         f"{max_n} (the limit is the max_n setting, LOOP_MAX_N)", param=name, code="n_too_large")
     return value
 
@@ -106,18 +106,18 @@ def _choices(body: dict[str, Any], name: str, max_n: int) -> int:
 def _ensure_up(state: LoopState) -> None:
     sup = state.supervisor
     if sup is not None and sup.state != "ready":
-        raise Unavailable(sup.describe(), code=f"vllm_{sup.state}", headers={"Retry-After": "5"})
+        raise Unavailable(sup.describe(), code=f"vllm_{sup.state}", retry_after_s=5)
     held = getattr(state.trainer, "held_paused", None)
     if held:  # vLLM would queue the request behind a pause that only an operator ends: say so now
-        raise Unavailable(held, code="vllm_held", headers={"Retry-After": "30"})
+        raise Unavailable(held, code="vllm_held", retry_after_s=30)
 
 
 def _unreachable(state: LoopState, exc: Exception) -> Unavailable:
     sup = state.supervisor
     if sup is not None and sup.state != "ready":
-        return Unavailable(sup.describe(), code=f"vllm_{sup.state}", headers={"Retry-After": "5"})
+        return Unavailable(sup.describe(), code=f"vllm_{sup.state}", retry_after_s=5)
     hint = "" if sup is not None else " — is it running? (attached with --vllm-url)"
-    return Unavailable(f"{exc}{hint}", code="vllm_unreachable", headers={"Retry-After": "5"})
+    return Unavailable(f"{exc}{hint}", code="vllm_unreachable", retry_after_s=5)
 
 
 def _timeout(state: LoopState) -> UpstreamTimeout:
@@ -193,7 +193,7 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
             log.error("storing %d generated choices failed: %s", len(rows), exc)
             raise Unavailable("the answer was generated but could not be stored (the database refused the write), "
                               "so it is not returned; nothing was stored — retry the request",
-                              code="storage_unavailable", headers={"Retry-After": "1"}) from exc
+                              code="storage_unavailable", retry_after_s=1) from exc
         _count(request, rows)
     strip_top(data, wants, stream=False)
     if ids:
@@ -421,7 +421,7 @@ class CandidatesReply(BaseModel):
              summary="n sampled answers to one prompt, for an A/B comparison")
 async def candidates(req: CandidatesRequest, request: Request, state: StateDep) -> CandidatesReply:
     if not all("role" in m for m in req.messages):
-        raise LoopError("every message needs a role, e.g. {\"role\": \"user\", \"content\": \"...\"}",
+        raise ApiError("every message needs a role, e.g. {\"role\": \"user\", \"content\": \"...\"}",
                         param="messages")
     body: dict[str, Any] = {"model": state.settings.model_name, "messages": req.messages,
                             "temperature": req.temperature, "max_tokens": req.max_tokens, "n": req.n}

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from loop.api.deps import AdminDep, SessionDep, StateDep
-from loop.api.errors import LoopError, NotFound, Unavailable
+from loop.api.errors import ApiError, NotFound, Unavailable
 from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
 from loop.scheduler.scheduler import LIMITS
 
@@ -63,7 +63,7 @@ def list_runs(session: SessionDep, status: str | None = None, trigger: str | Non
     stmt = select(TrainingRun)
     if status is not None:
         if status not in STATUSES:
-            raise LoopError(f"status must be one of {', '.join(STATUSES)}, not {status!r}", status_code=422,
+            raise ApiError(f"status must be one of {', '.join(STATUSES)}, not {status!r}", status_code=422,
                             code="invalid_status", param="status")
         stmt = stmt.where(TrainingRun.status == status)
     if trigger is not None:
@@ -135,7 +135,7 @@ async def scheduler_resume(state: StateDep) -> dict[str, Any]:
 async def scheduler_run_now(state: StateDep) -> dict[str, Any]:
     sched = scheduler_of(state)
     if sched.paused:
-        raise LoopError("the scheduler is paused; resume it first (POST /api/scheduler/resume)", status_code=409,
+        raise ApiError("the scheduler is paused; resume it first (POST /api/scheduler/resume)", status_code=409,
                         code="scheduler_paused")
     sched.request_run()
     return await asyncio.to_thread(sched.describe)
@@ -165,5 +165,5 @@ async def scheduler_config(body: SchedulerConfig, state: StateDep) -> dict[str, 
     try:
         sched.configure(**body.model_dump(exclude_unset=True))
     except ValueError as exc:  # the model checks the same ranges; this keeps the two from drifting into a 500
-        raise LoopError(str(exc), status_code=422, code="invalid_scheduler_config") from exc
+        raise ApiError(str(exc), status_code=422, code="invalid_scheduler_config") from exc
     return await asyncio.to_thread(sched.describe)

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from loop.api.deps import AdminDep, StateDep, require_admin
-from loop.api.errors import LoopError, Unavailable, UpstreamTimeout
+from loop.api.errors import ApiError, Unavailable, UpstreamTimeout
 from loop.control import WorkerError, WorkerTimeout
 from loop.training import Trainer, TrainRequest
 from loop.worker import protocol as p
@@ -53,7 +53,7 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
         except WorkerError as e:
             raise Unavailable(str(e), code="worker_unavailable") from e
         if not isinstance(reply, p.Status):
-            raise LoopError(f"unexpected worker reply {type(reply).__name__}", status_code=500)
+            raise ApiError(f"unexpected worker reply {type(reply).__name__}", status_code=500)
         out["checksum"] = reply.checksum
         out["checksum_version"] = version  # the version these bytes are
     return out
