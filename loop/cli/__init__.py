@@ -11,9 +11,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loop.cli import bench, db, serve
-from loop.cli import feedback  # loop feedback export / stats
-from loop.cli import runs  # loop runs / versions / rollback / scheduler
+from loop.cli import (
+    bench,
+    db,
+    feedback,  # loop feedback export / stats
+    runs,  # loop runs / versions / rollback / scheduler
+    serve,
+)
 
 COMMANDS = [serve, db, bench, runs, feedback]  # one module per command; each has register(subparsers)
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from loop.bench import direction, durable, ingest, learning, memory, proxy, reads, update
+from loop.bench import (
+    direction,
+    durable,
+    ingest,
+    learning,
+    memory,
+    proxy,
+    reads,
+    update,
+)
 
 BENCHES = [proxy, ingest, reads, learning, update, durable, memory, direction]
 

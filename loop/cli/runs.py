@@ -5,7 +5,8 @@
     loop versions                                       weight versions with their eval figures
     loop rollback 3 [--yes]                             write version 3's checkpoint back into the live weights
     loop scheduler status|pause|resume|run              the scheduler (run = train on what waits, now)
-    loop scheduler config --min-pairs 4 --interval-s 60 change thresholds at runtime (persisted)
+    loop scheduler config --min-pairs 4 --interval-s 60 change thresholds at runtime (persisted; every tunable of
+                                                        loop/scheduler/tunables.py is a flag)
 
 Every command talks to a running `loop serve` (`--url`, default $LOOP_URL or http://127.0.0.1:8000). Admin
 commands send the token from `--token`, $LOOP_ADMIN_TOKEN, or the file `admin_token` in the data dir
@@ -23,6 +24,10 @@ from typing import Any
 
 import httpx
 
+from loop.cli.flags import add_model_flags, given
+from loop.paths import default_data_dir
+from loop.scheduler.tunables import TunableChanges
+
 
 def _token(args: argparse.Namespace) -> str | None:
     if args.token:
@@ -32,9 +37,7 @@ def _token(args: argparse.Namespace) -> str | None:
     if args.data_dir:
         data_dir = Path(args.data_dir)
     else:
-        from loop.config import _default_data_dir
-
-        data_dir = Path(os.environ["LOOP_DATA_DIR"]) if os.environ.get("LOOP_DATA_DIR") else _default_data_dir()
+        data_dir = Path(os.environ["LOOP_DATA_DIR"]) if os.environ.get("LOOP_DATA_DIR") else default_data_dir()
     path = data_dir / "admin_token"
     return path.read_text().strip() if path.is_file() else None
 
@@ -159,10 +162,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     if args.action == "status":
         data = _call(args, "GET", "/api/scheduler")
     elif args.action == "config":
-        body = {k: getattr(args, k) for k in ("interval_s", "min_pairs", "max_wait_s", "batch_size", "steps",
-                                              "learning_rate", "max_accuracy_drop", "max_perplexity_rise",
-                                              "max_margin_t")
-                if getattr(args, k) is not None}
+        body = given(args, TunableChanges.model_fields)
         if not body:
             raise ApiError("`loop scheduler config` needs at least one setting, e.g. --min-pairs 4")
         data = _call(args, "POST", "/api/scheduler/config", admin=True, json=body)
@@ -222,9 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
     p = sub.add_parser("scheduler", help="the automatic trainer: status, pause, resume, run now, config")
     p.add_argument("action", choices=["status", "pause", "resume", "run", "config"])
-    for flag, typ in (("--interval-s", float), ("--min-pairs", int), ("--max-wait-s", float), ("--batch-size", int),
-                      ("--steps", int), ("--learning-rate", float), ("--max-accuracy-drop", float),
-                      ("--max-perplexity-rise", float), ("--max-margin-t", float)):
-        p.add_argument(flag, type=typ, help="(config) new value")
+    add_model_flags(p.add_argument_group("config: new values (loop/scheduler/tunables.py; the server's settings "
+                                         "apply to those left out)"), TunableChanges, show_default=False)
     _common(p)
     p.set_defaults(func=_wrap(cmd_scheduler))

@@ -27,7 +27,7 @@ from loop.config import Settings
 from loop.db.models import Response
 from loop.db.session import make_engine, migrate
 from loop.scheduler import Scheduler
-from loop.scheduler.scheduler import TUNABLE
+from loop.scheduler.tunables import SETTING
 from loop.vllm.client import VLLMClient
 
 MODEL = "m"
@@ -314,8 +314,8 @@ async def test_a_bad_stored_scheduler_setting_is_ignored_with_a_warning_and_no_r
                 assert r.status_code == 200, r.text
                 assert r.json()["thresholds"]["batch_size"] == 3  # the sane override is kept
                 thresholds = r.json()["thresholds"]
-                if name in TUNABLE:  # back to the configured value
-                    assert thresholds[name] == getattr(settings, TUNABLE[name][0])
+                if name in SETTING:  # back to the configured value
+                    assert thresholds[name] == getattr(settings, SETTING[name])
                 else:
                     assert name not in thresholds
                 for path in ("/api/scheduler/pause", "/api/scheduler/resume", "/api/scheduler/run"):

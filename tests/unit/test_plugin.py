@@ -14,12 +14,18 @@ import plugin
 
 
 def test_runtime_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """LOOP_RUNTIME_DIR, else <data dir>/run as Settings has it (tests/unit/test_settings_sources.py checks that
+    the two agree); XDG_RUNTIME_DIR plays no part, so a hand-started vLLM and `loop serve --vllm-url` meet."""
     monkeypatch.setenv("LOOP_RUNTIME_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("LOOP_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     assert plugin.runtime_dir() == tmp_path / "explicit"
     monkeypatch.delenv("LOOP_RUNTIME_DIR")
-    assert plugin.runtime_dir() == tmp_path / "xdg" / "loop"
-    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert plugin.runtime_dir() == tmp_path / "data" / "run"
+    monkeypatch.delenv("LOOP_DATA_DIR")
+    assert plugin.runtime_dir() == tmp_path / "xdg-data" / "loop" / "run"
+    monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert plugin.runtime_dir() == tmp_path / ".local" / "share" / "loop" / "run"
 
