@@ -1,14 +1,23 @@
-"""What the running API holds: settings, database, the vLLM client and the supervised parts.
+"""The composition root: every part the running service holds, typed, started and stopped in one place.
 
-One `LoopState` lives on `app.state.loop`. Routes reach it through `deps.StateDep`; nothing is a module global.
-Optional parts (`supervisor`, `worker`, `trainer`, `scheduler`) are None when not running (attached vLLM,
-worker disabled, unit tests).
+One `LoopState` lives on `app.state.loop`: loop/api/app.py builds it (`LoopState.open(settings)`), calls
+`start()` when the app starts and `stop()` when it stops; routes reach its parts through loop/api/deps.py and
+domain code (the trainer, the scheduler) gets it passed in. Nothing is a module global. The supervised parts
+(`supervisor`, `worker`, `trainer`, `scheduler`) are None when not running (attached vLLM, worker disabled,
+`manage=False`, unit tests). Two parts always exist, because requests leave work behind them: the rating writer
+(group commit, loop.feedback.writer) and `stream_stores`, the tasks that store a stream's rows after its client
+left. `stop()` gives both their outcome before anything else goes: every queued rating is committed and
+acknowledged or answered with its documented error, every stream store is awaited (bounded, then logged).
+
+Tests: tests/unit/test_state_shutdown.py (and every test that builds the app).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +26,57 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loop.config import Settings
 from loop.db.models import WeightVersion
+from loop.feedback.writer import RatingWriter
 
 if TYPE_CHECKING:
+    from loop.scheduler.scheduler import Scheduler
+    from loop.training import Trainer, WorkerControl
     from loop.vllm.client import VLLMClient
+    from loop.vllm.process import VLLMSupervisor
+
+log = logging.getLogger("loop.state")
+
+# How long stop() waits for the rating writer and for the stream stores, each. Both are single transactions of
+# a few rows; a database that cannot commit them in this time will not commit them before the process exits.
+DRAIN_TIMEOUT_S = 10.0
+
+
+class BackgroundTasks:
+    """Tasks that outlive the request that started them. A failure is logged (nobody awaits them otherwise);
+    `close()` awaits those still running, up to a bound, then logs and cancels the rest."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: a background task failed", self.name, exc_info=task.exception())
+
+    async def close(self, timeout_s: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._tasks:  # a task may spawn another as it ends: wait for those too, within the same bound
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=left)
+        if self._tasks:
+            pending = set(self._tasks)
+            log.error("shutting down: %d %s still running after %g s; cancelling them", len(pending), self.name,
+                      timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
 
 
 @dataclass
@@ -28,16 +85,37 @@ class LoopState:
     engine: Engine
     sessions: sessionmaker[Session]
     admin_token: str
-    vllm: "VLLMClient"
-    supervisor: Any = None  # loop.vllm.process.VLLMSupervisor
-    worker: Any = None  # loop.control.WorkerControl
-    trainer: Any = None  # loop.training.Trainer
-    scheduler: Any = None  # loop.scheduler.Scheduler
+    vllm: VLLMClient
+    supervisor: VLLMSupervisor | None = None
+    worker: WorkerControl | None = None
+    trainer: Trainer | None = None
+    scheduler: Scheduler | None = None
     weight_version: int = 0
     # Held while weights change (apply, restore, rollback): one change at a time.
     weights_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started_at: float = field(default_factory=time.time)
-    extras: dict[str, Any] = field(default_factory=dict)
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
+    rating_writer: RatingWriter = field(init=False)
+    stream_stores: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("stream stores"))
+
+    def __post_init__(self) -> None:
+        self.rating_writer = RatingWriter(self.sessions)
+
+    @classmethod
+    def open(cls, settings: Settings) -> LoopState:
+        """The database (migrated), the vLLM client and the live version; no supervised part yet."""
+        from loop.db.session import make_engine, make_sessionmaker, migrate
+        from loop.vllm.client import VLLMClient
+
+        settings.ensure_dirs()
+        migrate(settings.db_url)
+        engine = make_engine(settings.db_url)
+        state = cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
+                    admin_token=settings.resolved_admin_token(),
+                    vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s,
+                                    api_key=settings.vllm_api_key))
+        state.load_weight_version()
+        return state
 
     def load_weight_version(self) -> int:
         """Read the live version from the database (creating version 0 on first start)."""
@@ -49,3 +127,49 @@ class LoopState:
                 latest = 0
         self.weight_version = int(latest)
         return self.weight_version
+
+    async def start(self, *, manage: bool, on_fatal: Callable[[str], None] | None = None) -> None:
+        """With `manage` (as under `loop serve`): build and start the supervised parts, in this order: the
+        trainer and its worker (the worker waits for vLLM's weight-handle file by itself), vLLM's supervisor
+        (unless `vllm_url` attaches to a running vLLM; the trainer picks the newest checkpoint and records
+        restarts), the worker, then the scheduler. `on_fatal(reason)`: vLLM cannot be brought back."""
+        if not manage:
+            return
+        settings = self.settings
+        if settings.worker_enabled:
+            from loop.training import Trainer, WorkerControl
+
+            self.worker = WorkerControl(settings)
+            self.trainer = Trainer(self)
+        if settings.vllm_url is None:
+            from loop.vllm.process import VLLMSupervisor
+
+            self.supervisor = VLLMSupervisor(settings, on_failed=on_fatal)
+            if self.trainer is not None:
+                self.trainer.prepare_supervisor(self.supervisor)
+            await self.supervisor.start()
+        if self.worker is not None:
+            await self.worker.start()
+        from loop.scheduler import (
+            Scheduler,  # turns feedback into runs; idle without a trainer
+        )
+
+        self.scheduler = Scheduler(self)
+        await self.scheduler.start()
+
+    async def stop(self) -> None:
+        """Stop every part; a part that fails to stop is logged and the rest still stop. What requests left
+        behind goes first (ratings queued in the writer, streams' rows being stored), then the scheduler, the
+        trainer, the worker and vLLM, then the vLLM client and the database."""
+        leftovers = (self.rating_writer.close(self.drain_timeout_s), self.stream_stores.close(self.drain_timeout_s))
+        for done in await asyncio.gather(*leftovers, return_exceptions=True):
+            if isinstance(done, BaseException):
+                log.error("shutting down: draining failed", exc_info=done)
+        for part in (self.scheduler, self.trainer, self.worker, self.supervisor):
+            if part is not None:
+                try:
+                    await part.stop()
+                except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
+                    log.exception("stopping %s failed", type(part).__name__)
+        await self.vllm.aclose()
+        self.engine.dispose()

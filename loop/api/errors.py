@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loop import errors as domain
-from loop.errors import Conflict, Invalid, LoopError, NotFound, Unavailable, UpstreamTimeout
+from loop.errors import LoopError
 
 log = logging.getLogger("loop.api")
 
@@ -52,8 +52,8 @@ class ApiError(domain.LoopError):
 # The domain's errors (loop/errors.py) as HTTP: status and the OpenAI-style error type.
 _HTTP: list[tuple[type[domain.LoopError], int, str]] = [
     (domain.NotFound, 404, "not_found_error"), (domain.Conflict, 409, "conflict_error"),
-    (domain.Unavailable, 503, "service_unavailable"), (domain.UpstreamTimeout, 504, "timeout_error"),
-    (domain.Invalid, 422, "invalid_request_error")]
+    (domain.UpstreamTimeout, 504, "timeout_error"), (domain.Unavailable, 503, "service_unavailable"),
+    (domain.Invalid, 422, "invalid_request_error")]  # first match wins: a timeout is also unavailable
 _TYPES = {404: "not_found_error", 409: "conflict_error", 500: "server_error", 503: "service_unavailable",
           504: "timeout_error"}
 

@@ -1,7 +1,7 @@
 """Pydantic models for the feedback API's request bodies and replies (the shapes in the OpenAPI schema).
 
 Bodies forbid unknown fields, so a typo (`scroe`) is a 422 that names the field instead of a silently ignored
-value. Replies mirror docs/api-contract: times are ISO-8601 UTC strings. Ids and names (response ids, rater,
+value. In replies, times are ISO-8601 UTC strings. Ids and names (response ids, rater,
 tags, idempotency keys) refuse NUL (U+0000) with a 422: PostgreSQL cannot store or compare one; free text
 (comments) may hold it (loop.db.models.NulSafeText). Integers a client sends are bounded by their column
 (`MAX_ID`, 64-bit).

@@ -3,17 +3,18 @@
 Ratings are written in batches (`write_ratings`, called by `writer.RatingWriter`, one transaction per batch:
 group commit) because they are the hot path; comparisons are rarer and written one at a time
 (`write_comparison`). Both follow the same rules:
-- unknown response id → 404 naming it;
-- an idempotency key seen before: the same body → 200 with the stored row, a different body → 409;
+- unknown response id → `not_found`, naming it;
+- an idempotency key seen before: the same body → `replayed` with the stored row, a different body → `conflict`;
 - a rater's new rating of a response (new comparison of a pair) marks their older ones `is_current = False`;
   history is kept, the latest counts.
-Outcomes are plain values, not exceptions, so one bad item in a batch never fails its neighbours. A 201 / 200
-outcome exists only once the transaction that holds (or read) its row has committed; a transaction that fails
-(the commit refused, the disk full, the database gone) gives 503 `storage_unavailable`: nothing of it was
-stored, and a retry with the same idempotency key is safe. `write_ratings` returns exactly one outcome per item,
-in order.
+Outcomes are plain values of a `kind` (no HTTP here: loop/api/routes/feedback.py maps kinds to statuses), not
+exceptions, so one bad item in a batch never fails its neighbours. A `created` / `replayed` outcome exists only
+once the transaction that holds (or read) its row has committed; a transaction that fails (the commit refused,
+the disk full, the database gone) gives `unavailable` (`storage_unavailable`): nothing of it was stored, and a
+retry with the same idempotency key is safe. `write_ratings` returns exactly one outcome per item, in order.
 
-Tests: tests/unit/test_feedback.py, tests/unit/test_feedback_writer.py, tests/faults/test_acknowledged.py.
+Tests: tests/unit/test_outcomes.py, tests/unit/test_feedback.py, tests/unit/test_feedback_writer.py,
+tests/faults/test_acknowledged.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
@@ -63,14 +64,20 @@ class RatingInput:
         return cls(r.response_id, r.rater, r.thumb, r.score, r.comment, tuple(r.tags or ()), r.idempotency_key)
 
 
+OutcomeKind = Literal["created", "replayed", "not_found", "conflict", "invalid", "unavailable", "unknown"]
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one submitted item: HTTP status, the stored object (as JSON), or an error message."""
+    """What happened to one submitted item: its kind, the stored object (as JSON), or a message that says what to
+    do. Kinds: `created` (stored now), `replayed` (stored before under this idempotency key), `not_found` (a response
+    id that does not exist), `conflict` (the key was used for another body), `invalid` (a comparison of answers to
+    different prompts), `unavailable` (the transaction failed: nothing stored, retry), `unknown` (whether it was
+    stored is not known: see writer.RatingWriter)."""
 
-    status: int  # 201 created, 200 replay, 404 unknown response, 409 key reused with another body, 422 bad pair,
-    #              503 the transaction failed (nothing stored, retry), 500 unknown (see writer.RatingWriter)
+    kind: OutcomeKind
     body: dict[str, Any] | None = None
-    error: str | None = None
+    message: str | None = None
     code: str | None = None
 
 
@@ -86,28 +93,33 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
 
 
 def _unknown(response_id: str) -> Outcome:
-    return Outcome(404, error=f"response {response_id!r} not found; use an id from a loop reply "
-                              "(the `id` / `loop_response_id` field or the X-Loop-Response-Id header)",
+    return Outcome("not_found", message=f"response {response_id!r} not found; use an id from a loop reply "
+                                        "(the `id` / `loop_response_id` field or the X-Loop-Response-Id header)",
                    code="response_not_found")
 
 
 def _key_reused(key: str, kind: str) -> Outcome:
-    return Outcome(409, error=f"idempotency key {key!r} was already used for a different {kind}; "
-                              "send a new key for a new submission", code="idempotency_key_reused")
+    return Outcome("conflict", message=f"idempotency key {key!r} was already used for a different {kind}; "
+                                       "send a new key for a new submission", code="idempotency_key_reused")
 
 
 def storage_unavailable(kind: str, exc: BaseException) -> Outcome:
     """The transaction holding this item failed, so nothing of it is stored: the client may retry."""
-    return Outcome(503, error=f"the {kind} was not stored: the database did not commit it ({type(exc).__name__}); "
-                              "retry in a moment with the same idempotency key (a retry of a submission that "
-                              "turns out stored answers 200 with it)", code="storage_unavailable")
+    return not_stored(kind, f"the database did not commit it ({type(exc).__name__})")
+
+
+def not_stored(kind: str, why: str) -> Outcome:
+    """An `unavailable` outcome: nothing of the item was stored (`why`), so a retry with the same key is safe."""
+    return Outcome("unavailable", message=f"the {kind} was not stored: {why}; retry in a moment with the same "
+                                          "idempotency key (a retry of a submission that turns out stored answers "
+                                          "200 with it)", code="storage_unavailable")
 
 
 def write_ratings(sessions: sessionmaker[Session], items: list[RatingInput]) -> list[Outcome]:
     """Store a batch of ratings in one transaction; if that fails, retry item by item (one transaction each).
 
-    Never raises: returns exactly one outcome per item, in order, and an outcome that says stored (201 / 200)
-    only after its transaction committed."""
+    Never raises: returns exactly one outcome per item, in order, and an outcome that says stored (`created` /
+    `replayed`) only after its transaction committed."""
     try:
         with sessions() as s, s.begin():
             outcomes = _write_batch(s, items)
@@ -144,7 +156,7 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
         key = it.idempotency_key
         if key and key in stored:
             same = RatingInput.of_row(stored[key]).same_as(it)
-            outcomes[i] = Outcome(200, rating_json(stored[key])) if same else _key_reused(key, "rating")
+            outcomes[i] = Outcome("replayed", rating_json(stored[key])) if same else _key_reused(key, "rating")
         elif key and key in first_with_key:  # a retry that arrived in the same batch as the original
             j = first_with_key[key]
             if items[j].same_as(it):
@@ -176,11 +188,11 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
             body = {"id": new_id, "response_id": row["response_id"], "rater": row["rater"],
                     "thumb": INT_TO_THUMB.get(row["thumb"] or 0), "score": row["score"], "comment": row["comment"],
                     "tags": row["tags"], "is_current": row["is_current"], "created_at": iso(now)}
-            outcomes[i] = Outcome(201, body)
+            outcomes[i] = Outcome("created", body)
     for i, j in replays:
         first = outcomes[j]
-        outcomes[i] = Outcome(200, first.body) if first and first.status == 201 else first
-    return [o if o is not None else Outcome(500, error="internal: no outcome") for o in outcomes]
+        outcomes[i] = Outcome("replayed", first.body) if first and first.kind == "created" else first
+    return [o if o is not None else Outcome("unknown", message="internal: no outcome") for o in outcomes]
 
 
 @dataclass(frozen=True)
@@ -198,7 +210,7 @@ class ComparisonInput:
 
 
 def write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) -> Outcome:
-    """Store one comparison in its own transaction. Never raises: a failed transaction is a 503 outcome."""
+    """Store one comparison in its own transaction. Never raises: a failed transaction is `unavailable`."""
     try:
         try:
             return _write_comparison(sessions, item)
@@ -218,7 +230,7 @@ def _write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) ->
         if item.idempotency_key:
             prior = s.scalar(select(Comparison).where(Comparison.idempotency_key == item.idempotency_key))
             if prior is not None:
-                return Outcome(200, comparison_json(prior)) if item.same_as(prior) \
+                return Outcome("replayed", comparison_json(prior)) if item.same_as(prior) \
                     else _key_reused(item.idempotency_key, "comparison")
         found = {r.id: r for r in s.scalars(select(Response).where(
             Response.id.in_([item.response_a_id, item.response_b_id])))}
@@ -227,9 +239,9 @@ def _write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) ->
                 return _unknown(rid)
         a, b = found[item.response_a_id], found[item.response_b_id]
         if a.prompt_hash != b.prompt_hash:
-            return Outcome(422, error=f"responses {a.id!r} and {b.id!r} answer different prompts; compare two "
-                                      "answers to the same prompt (POST /api/candidates gives such a pair)",
-                           code="different_prompts")
+            return Outcome("invalid", message=f"responses {a.id!r} and {b.id!r} answer different prompts; compare "
+                                              "two answers to the same prompt (POST /api/candidates gives such a "
+                                              "pair)", code="different_prompts")
         # The rater's earlier verdicts on the same pair (either order) no longer count.
         s.execute(update(Comparison).where(
             Comparison.is_current.is_(True), Comparison.rater == item.rater,
@@ -241,4 +253,4 @@ def _write_comparison(sessions: sessionmaker[Session], item: ComparisonInput) ->
                          held_out=False, created_at=datetime.now(timezone.utc))
         s.add(row)
         s.flush()
-        return Outcome(201, comparison_json(row))
+        return Outcome("created", comparison_json(row))

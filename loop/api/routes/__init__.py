@@ -1,6 +1,16 @@
 """All routers, in the order they are mounted. One module per resource."""
 
-from loop.api.routes import export, feedback, health, history, proxy, runs, stats, train, versions
+from loop.api.routes import (
+           export,
+           feedback,
+           health,
+           history,
+           proxy,
+           runs,
+           stats,
+           train,
+           versions,
+)
 
 ROUTERS = [health.router, proxy.router, feedback.router, history.router, export.router, stats.router, train.router,
            versions.router, runs.router]

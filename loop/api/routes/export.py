@@ -18,9 +18,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from loop.state import LoopState
 from loop.db.models import MAX_ID
-from loop.pairs import PairFilters, preference_pairs, trl_preference, trl_unpaired, unpaired_examples
+from loop.pairs import (
+    PairFilters,
+    preference_pairs,
+    trl_preference,
+    trl_unpaired,
+    unpaired_examples,
+)
+from loop.state import LoopState
 
 router = APIRouter(prefix="/api/export", tags=["export"])
 

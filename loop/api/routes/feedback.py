@@ -1,14 +1,16 @@
 """Feedback routes: rate a response, compare two, list ratings and comparisons.
 
 POST /api/ratings is the hot path: it skips the per-request database session and hands the rating to the
-app's `RatingWriter` (group commit; the reply waits for the commit). Idempotency keys come in the body
-(`idempotency_key`) or the `Idempotency-Key` header; a replay gets 200 and the stored object, the same key with
-another body 409.
+app's `RatingWriter` (`LoopState.rating_writer`: group commit; the reply waits for the commit; drained when the
+app stops). Idempotency keys come in the body (`idempotency_key`) or the `Idempotency-Key` header; a replay gets
+200 and the stored object, the same key with another body 409.
 
 A 2xx means the row is committed (and, on SQLite with `synchronous=FULL` or PostgreSQL, on disk). A write whose
 transaction failed answers 503 `storage_unavailable` with Retry-After: nothing was stored, retry with the same
 idempotency key. Should the outcome of a rating be unknown (a broken batch), 500 `storage_outcome_unknown` says
-so; the same retry is safe. Tests: tests/unit/test_feedback.py, tests/faults/test_acknowledged.py.
+so; the same retry is safe. The store answers outcomes of a kind (loop.feedback.store.Outcome); `_reply` is the
+one place that turns them into statuses. Tests: tests/unit/test_feedback.py, tests/unit/test_outcomes.py,
+tests/faults/test_acknowledged.py.
 """
 
 from __future__ import annotations
@@ -23,25 +25,27 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from loop.api.deps import SessionDep
-from loop.api.errors import ApiError, Conflict, NotFound, Unavailable
-from loop.api.schemas import MAX_ID, ComparisonIn, ComparisonOut, ComparisonPage, RatingIn, RatingOut, RatingPage, \
-    Winner
-from loop.state import LoopState
-from loop.feedback import ComparisonInput, Outcome, RatingInput, RatingWriter, write_comparison
+from loop.api.errors import ApiError
+from loop.api.schemas import (
+    MAX_ID,
+    ComparisonIn,
+    ComparisonOut,
+    ComparisonPage,
+    RatingIn,
+    RatingOut,
+    RatingPage,
+    Winner,
+)
+from loop.errors import Conflict, Invalid, NotFound, Unavailable
+from loop.feedback import ComparisonInput, Outcome, RatingInput, write_comparison
 from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
 from loop.feedback.store import THUMB_TO_INT
+from loop.state import LoopState
 
 router = APIRouter(prefix="/api", tags=["feedback"])
 
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200,
                                           description="Same as the body's idempotency_key.")]
-
-
-def rating_writer(state: LoopState) -> RatingWriter:
-    writer = state.extras.get("rating_writer")
-    if writer is None:
-        writer = state.extras["rating_writer"] = RatingWriter(state.sessions)
-    return writer
 
 
 def _key(body_key: str | None, header_key: str | None) -> str | None:
@@ -70,22 +74,27 @@ class StorageOutcomeUnknown(ApiError):
 
 
 def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
-    if outcome.status == 201:
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            getattr(metrics, kind)()
-    if outcome.status in (200, 201):
-        return JSONResponse(outcome.body, status_code=outcome.status)
-    if outcome.status == 404:
-        raise NotFound(outcome.error or "not found", code=outcome.code)
-    if outcome.status == 409:
-        raise Conflict(outcome.error or "conflict", code=outcome.code, param="idempotency_key")
-    if outcome.status == 503:
-        raise Unavailable(outcome.error or "storage unavailable", code=outcome.code,
-                          retry_after_s=RETRY_AFTER_S)
-    if outcome.status >= 500:
-        raise StorageOutcomeUnknown(outcome.error or "storing failed", code=outcome.code)
-    raise ApiError(outcome.error or "failed", status_code=outcome.status, code=outcome.code)
+    """The store's outcome as HTTP: created 201, replayed 200, not_found 404, conflict 409 (the idempotency key),
+    invalid 422, unavailable 503 with Retry-After, unknown 500."""
+    match outcome.kind:
+        case "created":
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                getattr(metrics, kind)()
+            return JSONResponse(outcome.body, status_code=201)
+        case "replayed":
+            return JSONResponse(outcome.body, status_code=200)
+        case "not_found":
+            raise NotFound(outcome.message or "not found", code=outcome.code)
+        case "conflict":
+            raise Conflict(outcome.message or "conflict", code=outcome.code, param="idempotency_key")
+        case "invalid":
+            raise Invalid(outcome.message or "invalid", code=outcome.code)
+        case "unavailable":
+            raise Unavailable(outcome.message or "storage unavailable", code=outcome.code,
+                              retry_after_s=RETRY_AFTER_S)
+        case _:
+            raise StorageOutcomeUnknown(outcome.message or "storing failed", code=outcome.code)
 
 
 @router.post("/ratings", status_code=201, response_model=RatingOut,
@@ -102,12 +111,12 @@ async def create_rating(request: Request) -> JSONResponse:
         body = RatingIn.model_validate_json(await request.body())
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    state: LoopState = request.app.state.loop  # not StateDep: a sync dependency costs a thread hop per request
+    state: LoopState = request.app.state.loop  # not a dependency: resolving one costs more than the write
     item = RatingInput(response_id=body.response_id, rater=body.rater,
                        thumb=THUMB_TO_INT[body.thumb] if body.thumb else None, score=body.score,
                        comment=body.comment, tags=tuple(body.tags),
                        idempotency_key=_key(body.idempotency_key, request.headers.get("idempotency-key")))
-    return _reply(await rating_writer(state).submit(item), request, "rating")
+    return _reply(await state.rating_writer.submit(item), request, "rating")
 
 
 @router.post("/comparisons", status_code=201, response_model=ComparisonOut,

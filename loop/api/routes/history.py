@@ -8,10 +8,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from loop.api.deps import SessionDep
-from loop.api.errors import ApiError, NotFound
+from loop.api.errors import ApiError
 from loop.api.schemas import ResponseDetail, ResponsePage
 from loop.db.models import MAX_ID
-from loop.feedback.queries import RatingFilter, ResponseFilters, ResponseSort, list_responses, response_detail
+from loop.errors import NotFound
+from loop.feedback.queries import (
+    RatingFilter,
+    ResponseFilters,
+    ResponseSort,
+    list_responses,
+    response_detail,
+)
 
 router = APIRouter(prefix="/api", tags=["history"])
 

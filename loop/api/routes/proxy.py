@@ -8,7 +8,8 @@ the reply is stripped back to what the client asked for. Every choice becomes on
 - Non-stream: the rows are written (in a thread, off the event loop) before the reply leaves.
 - Stream: loop waits for vLLM's first chunk before answering (so a vLLM error or timeout still gets a proper
   status), then relays chunks; the rows are written when vLLM ends the stream, before `[DONE]`, or — when the
-  client leaves early — once, in a background task, marked `truncated`.
+  client leaves early — once, in a background task (`LoopState.stream_stores`, awaited when the app stops), marked
+  `truncated`.
 - The weight version is read when vLLM's first token arrives: the trainer bumps it while vLLM is paused, so a
   token that arrives after the bump was made by the new weights.
 - Bodies are checked as every route's are (loop.api.errors.check_json_body: UTF-8, nesting depth) and `n` /
@@ -35,11 +36,21 @@ from starlette.responses import Response as HTTPResponse
 from starlette.responses import StreamingResponse
 
 from loop.api.deps import StateDep
-from loop.api.errors import ApiError, Unavailable, UpstreamTimeout, check_json_body, error_body
-from loop.state import LoopState
+from loop.api.errors import ApiError, check_json_body, error_body
 from loop.db.models import Response
-from loop.vllm.capture import Capture, RequestInfo, Wants, augment, new_response_id, prompt_hash, strip_choice, \
-    strip_top, to_row
+from loop.errors import Unavailable, UpstreamTimeout
+from loop.state import LoopState
+from loop.vllm.capture import (
+    Capture,
+    RequestInfo,
+    Wants,
+    augment,
+    new_response_id,
+    prompt_hash,
+    strip_choice,
+    strip_top,
+    to_row,
+)
 from loop.vllm.client import VLLMUnreachable
 
 log = logging.getLogger("loop.proxy")
@@ -296,7 +307,6 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
     st.version = state.weight_version  # the first token is here
     st.ttft_ms = (time.perf_counter() - t0) * 1000
     metrics = request.app.state.metrics
-    tasks: set[asyncio.Task[None]] = state.extras.setdefault("proxy_tasks", set())
 
     async def body_iter() -> AsyncIterator[bytes]:
         payload = first
@@ -350,9 +360,7 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
             _count(request, rows)
 
     def finish() -> None:
-        task = asyncio.ensure_future(abandon())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        state.stream_stores.spawn(abandon())  # awaited at shutdown: LoopState.stop
 
     return _LoggedStream(body_iter(), finish, headers=_headers(st.ids, st.version))
 

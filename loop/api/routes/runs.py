@@ -14,13 +14,13 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from loop.api.deps import AdminDep, SessionDep, StateDep
-from loop.api.errors import ApiError, NotFound, Unavailable
+from loop.api.deps import AdminDep, SchedulerDep, SessionDep, StateDep, scheduler_of
+from loop.api.errors import ApiError
 from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
-from loop.scheduler.scheduler import LIMITS
+from loop.errors import NotFound
+from loop.scheduler.tunables import TunableChanges
 
 router = APIRouter(prefix="/api", tags=["runs"])
 
@@ -100,13 +100,6 @@ def get_run(run_id: Annotated[int, Path(ge=1, le=MAX_ID, description="a run id f
     }
 
 
-def scheduler_of(state: Any) -> Any:
-    if state.scheduler is None:
-        raise Unavailable("the scheduler is not running in this loop (start it with `loop serve`)",
-                          code="scheduler_unavailable")
-    return state.scheduler
-
-
 @router.get("/scheduler")
 async def scheduler_status(
         state: StateDep,
@@ -118,22 +111,19 @@ async def scheduler_status(
 
 
 @router.post("/scheduler/pause", dependencies=[AdminDep])
-async def scheduler_pause(state: StateDep) -> dict[str, Any]:
-    sched = scheduler_of(state)
+async def scheduler_pause(sched: SchedulerDep) -> dict[str, Any]:
     sched.pause()
     return await asyncio.to_thread(sched.describe)
 
 
 @router.post("/scheduler/resume", dependencies=[AdminDep])
-async def scheduler_resume(state: StateDep) -> dict[str, Any]:
-    sched = scheduler_of(state)
+async def scheduler_resume(sched: SchedulerDep) -> dict[str, Any]:
     sched.resume()
     return await asyncio.to_thread(sched.describe)
 
 
 @router.post("/scheduler/run", status_code=202, dependencies=[AdminDep])
-async def scheduler_run_now(state: StateDep) -> dict[str, Any]:
-    sched = scheduler_of(state)
+async def scheduler_run_now(sched: SchedulerDep) -> dict[str, Any]:
     if sched.paused:
         raise ApiError("the scheduler is paused; resume it first (POST /api/scheduler/resume)", status_code=409,
                         code="scheduler_paused")
@@ -141,26 +131,9 @@ async def scheduler_run_now(state: StateDep) -> dict[str, Any]:
     return await asyncio.to_thread(sched.describe)
 
 
-class SchedulerConfig(BaseModel):
-    """Thresholds to change at runtime (persisted). Leave a field out to keep it; `null` resets it. The ranges are
-    the scheduler's own (loop.scheduler.scheduler.LIMITS); numbers must be finite."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    interval_s: float | None = Field(None, **LIMITS["interval_s"])
-    min_pairs: int | None = Field(None, **LIMITS["min_pairs"])
-    max_wait_s: float | None = Field(None, **LIMITS["max_wait_s"])
-    batch_size: int | None = Field(None, **LIMITS["batch_size"])
-    steps: int | None = Field(None, **LIMITS["steps"])
-    learning_rate: float | None = Field(None, **LIMITS["learning_rate"])
-    max_accuracy_drop: float | None = Field(None, **LIMITS["max_accuracy_drop"])
-    max_perplexity_rise: float | None = Field(None, **LIMITS["max_perplexity_rise"])
-    max_margin_t: float | None = Field(None, **LIMITS["max_margin_t"])
-    max_conflict_t: float | None = Field(None, **LIMITS["max_conflict_t"])
-    guard_enabled: bool | None = None
-
-
 @router.post("/scheduler/config", dependencies=[AdminDep])
-async def scheduler_config(body: SchedulerConfig, state: StateDep) -> dict[str, Any]:
+async def scheduler_config(body: TunableChanges, state: StateDep) -> dict[str, Any]:  # type: ignore[valid-type]
+    """Change thresholds at runtime (loop/scheduler/tunables.py: the settings' own ranges, finite numbers)."""
     sched = scheduler_of(state)
     try:
         sched.configure(**body.model_dump(exclude_unset=True))

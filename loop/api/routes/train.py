@@ -12,30 +12,19 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from loop.api.deps import AdminDep, StateDep, require_admin
-from loop.api.errors import ApiError, Unavailable, UpstreamTimeout
-from loop.control import WorkerError, WorkerTimeout
-from loop.training import Trainer, TrainRequest
+from loop.api.deps import AdminDep, StateDep, require_admin, trainer_of
+from loop.api.errors import ApiError
+from loop.training import TrainRequest
 from loop.worker import protocol as p
 
 router = APIRouter(prefix="/api", tags=["training"])
 
 
-def trainer_of(state: Any) -> Trainer:
-    if state.trainer is None:
-        raise Unavailable("training is not running in this loop (started with the worker disabled, or without "
-                          "`loop serve` managing vLLM)", code="training_disabled")
-    return state.trainer
-
-
 @router.post("/train", status_code=202, dependencies=[AdminDep])
 async def start_training(body: TrainRequest, state: StateDep) -> dict[str, int]:
     trainer = trainer_of(state)
-    try:
-        run_id = await trainer.run(body)
-    except WorkerError as e:
-        raise Unavailable(str(e), code="worker_unavailable") from e
-    return {"run_id": run_id}
+    handle = await trainer.run(body)  # a worker error is a loop.errors.Unavailable: 503 worker_unavailable
+    return {"run_id": handle.id}
 
 
 @router.get("/train/status")
@@ -44,14 +33,9 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
     out = trainer.describe()
     if checksum:
         require_admin(state, request.headers.get("authorization"), request.headers.get("x-loop-admin-token"))
-        try:
-            async with state.weights_lock:  # a hash of weights half-way through an apply would mean nothing
-                reply = await trainer.control.call(p.Ping(checksum=True), timeout=300)
-                version = state.weight_version
-        except WorkerTimeout as e:
-            raise UpstreamTimeout(str(e)) from e
-        except WorkerError as e:
-            raise Unavailable(str(e), code="worker_unavailable") from e
+        async with state.weights_lock:  # a hash of weights half-way through an apply would mean nothing
+            reply = await trainer.control.call(p.Ping(checksum=True), timeout=300)
+            version = state.weight_version
         if not isinstance(reply, p.Status):
             raise ApiError(f"unexpected worker reply {type(reply).__name__}", status_code=500)
         out["checksum"] = reply.checksum

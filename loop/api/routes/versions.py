@@ -14,12 +14,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 
-from loop.api.deps import AdminDep, SessionDep, StateDep
-from loop.api.errors import Unavailable, UpstreamTimeout
-from loop.api.routes.train import trainer_of
-from loop.control import WorkerError, WorkerTimeout
+from loop.api.deps import AdminDep, SessionDep, StateDep, TrainerDep, trainer_of
 from loop.db.models import MAX_ID, WeightVersion
-from loop.durability import durable
+from loop.training.versions import durable
 
 router = APIRouter(prefix="/api", tags=["versions"])
 
@@ -43,14 +40,8 @@ def list_versions(state: StateDep, session: SessionDep) -> dict[str, Any]:
 
 
 @router.post("/checkpoint", dependencies=[AdminDep])
-async def checkpoint(state: StateDep) -> dict[str, Any]:
-    trainer = trainer_of(state)
-    try:
-        version, path = await trainer.checkpoint(pinned=True)
-    except WorkerTimeout as e:
-        raise UpstreamTimeout(str(e)) from e
-    except WorkerError as e:
-        raise Unavailable(str(e), code="worker_unavailable") from e
+async def checkpoint(trainer: TrainerDep) -> dict[str, Any]:
+    version, path = await trainer.checkpoint(pinned=True)  # worker errors: 503 worker_unavailable / 504
     return {"version": version, "path": path}
 
 
@@ -58,10 +49,5 @@ async def checkpoint(state: StateDep) -> dict[str, Any]:
 async def restore(version: Annotated[int, Path(ge=0, le=MAX_ID, description="a version from GET /api/versions")],
                   state: StateDep) -> dict[str, Any]:
     trainer = trainer_of(state)
-    try:
-        new = await trainer.restore(version)
-    except WorkerTimeout as e:
-        raise UpstreamTimeout(str(e)) from e
-    except WorkerError as e:
-        raise Unavailable(str(e), code="worker_unavailable") from e
+    new = await trainer.restore(version)
     return {"version": new, "restored_from": version}
