@@ -1,4 +1,5 @@
-"""Batch building: which feedback the scheduler trains on next, and which is kept back for eval.
+"""Batch building, the one place a batch is made: the scheduler's (`collect` → `build_batch`), a manual run's
+(`resolve`: inline pairs/examples plus feedback ids, as POST /api/train sends them), and the eval set.
 
 Built on `loop/pairs.py` (the one place that turns feedback into pairs and examples); this module adds what a
 training run needs on top (each rule is stated again by a test in tests/unit/test_batches.py):
@@ -21,9 +22,14 @@ training run needs on top (each rule is stated again by a test in tests/unit/tes
   feedback is never trained on (pairs.py skips it) and its pairs are the eval guard's set. Deterministic: a
   restart or a rebuild gives the same split. The eval set of a run holds only held-out pairs whose feedback
   is older than anything in the run's batch (`held_out_pairs(created_before=...)`, see loop/scheduler/guard.py).
-- Long conversations: with a tokenizer, the oldest turns (after a leading system message) are dropped until the
-  templated prompt fits `max_prompt_tokens`; the last turn and the rated answer are always kept. The worker
-  truncates by tokens again (`encode_pairs`' max_len) as a last resort.
+- Token ids: the items carry the ids vLLM produced for their stored responses (`pairs.load_prompts`), which
+  the worker trains as they are (loop/worker/tokens.py); inline pairs and rows without ids carry text only.
+- Long conversations: with a tokenizer, the oldest turns are dropped until the templated prompt fits
+  `max_prompt_tokens` (loop/worker/tokens.py's rule; the worker applies it again to the whole row); stored
+  prompt ids that fit keep the prompt whole, and are left off a prompt that lost turns.
+- Cheap to poll: the pool (`collect`, on every scheduler tick) reads ids, verdicts, answer texts and times only;
+  prompts are read for the items a batch takes.
+Tests: `.venv/bin/python -m pytest -q tests/unit/test_batches.py`.
 """
 
 from __future__ import annotations
@@ -36,61 +42,34 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased
 
 from loop import pairs
 from loop.db.models import Comparison, Rating, Response, RunFeedback
-
-Prompt = str | list[dict[str, str]]
-
-
-@dataclass
-class Item:
-    """One training (or eval) item with the feedback it came from."""
-
-    kind: str  # "pair" | "example"
-    prompt: Prompt
-    prompt_hash: str
-    chosen: str = ""  # pair
-    rejected: str = ""  # pair
-    completion: str = ""  # example
-    label: bool = True  # example
-    chosen_cut: bool = False  # cut off by max_tokens: no end token is trained after it (pairs.was_cut)
-    rejected_cut: bool = False
-    cut: bool = False  # example
-    source: str = ""  # "comparison" | "ratings" | "both_bad" | "rating"
-    rating_ids: tuple[int, ...] = ()
-    comparison_ids: tuple[int, ...] = ()
-    raters: tuple[str, ...] = ()
-    created_at: datetime | None = None  # the oldest feedback behind it
-    held_out: bool = False
-    weight: float = 1.0
-
-    def key(self) -> tuple[Any, ...]:
-        if self.kind == "pair":
-            return ("pair", self.prompt_hash, self.chosen, self.rejected)
-        return ("example", self.prompt_hash, self.completion, self.label)
+from loop.errors import Conflict, Invalid, NotFound
+from loop.pairs import Item
+from loop.worker import tokens
+from loop.worker.protocol import Example, Pair, Prompt
 
 
 @dataclass
 class Batch:
+    """What one run trains on: DPO pairs or KTO examples, and the feedback ids the run consumes."""
+
     objective: str  # "dpo" | "kto"
     items: list[Item]
     rating_ids: list[int] = field(default_factory=list)
     comparison_ids: list[int] = field(default_factory=list)
 
-    def request(self) -> dict[str, Any]:
-        """The body for the Trainer / `POST /api/train`."""
-        body: dict[str, Any] = {"objective": self.objective, "rating_ids": self.rating_ids,
-                                "comparison_ids": self.comparison_ids, "feedback_inline": True}
-        if self.objective == "dpo":
-            body["pairs"] = [{"prompt": i.prompt, "chosen": i.chosen, "rejected": i.rejected,
-                              "chosen_cut": i.chosen_cut, "rejected_cut": i.rejected_cut} for i in self.items]
-        else:
-            body["examples"] = [{"prompt": i.prompt, "completion": i.completion, "label": i.label, "cut": i.cut}
-                                for i in self.items]
-        return body
+    @property
+    def pairs(self) -> list[Pair]:
+        return [i.pair for i in self.items if i.kind == "pair"]
+
+    @property
+    def examples(self) -> list[Example]:
+        return [i.example for i in self.items if i.kind == "example"]
 
     def oldest(self) -> datetime | None:
         """When the oldest feedback in the batch was given."""
@@ -131,20 +110,6 @@ def _oldest(*times: datetime | None) -> datetime | None:
     return min(known) if known else None
 
 
-def worker_prompt(prompt: pairs.Prompt) -> Prompt:
-    """The conversation before the answer in the worker's `Pair.prompt` shape: {role, content} strings, or the
-    raw completion prompt."""
-    if prompt.messages:
-        out = []
-        for m in pairs.prompt_messages(prompt):
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI content parts: keep the text parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            out.append({"role": str(m.get("role") or "user"), "content": str(content or "")})
-        return out
-    return prompt.text or ""
-
-
 def dedupe(items: Iterable[Item]) -> list[Item]:
     """Merge items with the same key into the first one seen (its feedback ids grow)."""
     seen: dict[tuple[Any, ...], Item] = {}
@@ -183,19 +148,11 @@ def select_balanced(items: Sequence[Item], limit: int) -> list[Item]:
 
 
 def truncate_prompt(prompt: Prompt, tokenizer: Any, max_tokens: int) -> Prompt:
-    """Drop the oldest turns (keeping a leading system message and the last turn) until the prompt fits."""
+    """Drop the oldest turns until the prompt fits (loop/worker/tokens.py's rule, which the worker applies again
+    to the whole row); a plain-text prompt is left to the worker's token cut."""
     if tokenizer is None or isinstance(prompt, str) or len(prompt) <= 1:
         return prompt
-
-    def n_tokens(msgs: list[dict[str, str]]) -> int:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    msgs = list(prompt)
-    head = [msgs.pop(0)] if msgs[0].get("role") == "system" and len(msgs) > 1 else []
-    while len(msgs) > 1 and n_tokens(head + msgs) > max_tokens:
-        msgs.pop(0)
-    return head + msgs
+    return tokens.drop_turns(tokenizer, prompt, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- database
@@ -250,41 +207,35 @@ def _feedback_meta(session: Session, rating_ids: set[int], comparison_ids: set[i
     return meta
 
 
-def _both_bad(session: Session, *, untrained_only: bool, held_out: bool) -> list[tuple[Comparison, Response, Response]]:
+def _both_bad(session: Session, *, untrained_only: bool) -> list[Item]:
+    """Each answer of a current, not held-out "both bad" pick as a KTO negative (prompts not loaded)."""
     a, b = aliased(Response), aliased(Response)
-    stmt = (select(Comparison, a, b).join(a, a.id == Comparison.response_a_id).join(b, b.id == Comparison.response_b_id)
+    stmt = (select(Comparison.id, Comparison.rater, Comparison.created_at, *pairs._answer_cols(a),
+                   *pairs._answer_cols(b))
+            .join(a, a.id == Comparison.response_a_id).join(b, b.id == Comparison.response_b_id)
             .where(Comparison.is_current.is_(True), Comparison.winner == "both_bad",
-                   Comparison.held_out.is_(held_out)).order_by(Comparison.id))
+                   Comparison.held_out.is_(False)).order_by(Comparison.id))
     if untrained_only:
         stmt = stmt.where(Comparison.id.not_in(
             select(RunFeedback.comparison_id).where(RunFeedback.comparison_id.is_not(None))))
-    return [tuple(row) for row in session.execute(stmt)]  # type: ignore[misc]
+    return [pairs.example_item("both_bad", answer, False, comparison_ids=(row[0],), raters=(row[1],),
+                               created_at=_aware(row[2]) if row[2] is not None else None)
+            for row in session.execute(stmt) for answer in (tuple(row[3:8]), tuple(row[8:13]))]
 
 
-def _items(session: Session, *, untrained_only: bool, include_held_out: bool) -> list[Item]:
-    f = pairs.PairFilters(untrained_only=untrained_only, include_held_out=include_held_out)
-    items = [_pair_item(p) for p in pairs.preference_pairs(session, f)]
-    items += [Item(kind="example", prompt=worker_prompt(e.prompt), prompt_hash=e.prompt.prompt_hash,
-                   completion=e.completion, label=e.label, source="rating", rating_ids=e.rating_ids, cut=e.cut)
-              for e in pairs.unpaired_examples(session, f)]
-    for c, ra, rb in _both_bad(session, untrained_only=untrained_only, held_out=False):
-        for r in (ra, rb):
-            items.append(Item(kind="example", prompt=worker_prompt(pairs.Prompt.of(r)), prompt_hash=r.prompt_hash,
-                              completion=r.completion, label=False, source="both_bad", comparison_ids=(c.id,),
-                              cut=pairs.was_cut(r)))
-    meta = _feedback_meta(session, {r for i in items for r in i.rating_ids},
-                          {c for i in items for c in i.comparison_ids})
-    for item in items:
-        keys = [("rating", r) for r in item.rating_ids] + [("comparison", c) for c in item.comparison_ids]
-        item.raters = tuple(meta[k][0] for k in keys if k in meta)
-        item.created_at = _oldest(*(meta[k][1] for k in keys if k in meta))
+def _items(session: Session, *, untrained_only: bool) -> list[Item]:
+    """Trainable items (not held out) from ids, verdicts and times only: prompts are loaded for a chosen batch."""
+    f = pairs.PairFilters(untrained_only=untrained_only)
+    items = list(pairs.preference_pairs(session, f, prompts=False))
+    items += pairs.unpaired_examples(session, f, prompts=False)
+    items += _both_bad(session, untrained_only=untrained_only)
     return dedupe(items)
 
 
 def collect(session: Session, *, holdout_fraction: float) -> Pool:
     """Current feedback not yet consumed by any run and not held out, as training items (split persisted first)."""
     mark_held_out(session, holdout_fraction)
-    return Pool(train=_items(session, untrained_only=True, include_held_out=False))
+    return Pool(train=_items(session, untrained_only=True))
 
 
 def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
@@ -299,10 +250,12 @@ def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
     mark_held_out(session, holdout_fraction)
     held_r = set(session.scalars(select(Rating.id).where(Rating.held_out.is_(True))))
     held_c = set(session.scalars(select(Comparison.id).where(Comparison.held_out.is_(True))))
-    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
+    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True), prompts=False)
              if held_r.intersection(p.rating_ids) or held_c.intersection(p.comparison_ids)]
-    found = _older_than(session, found, created_before)
-    return [_pair_item(p, held_out=True) for p in found[:limit]]
+    found = _older_than(session, found, created_before)[:limit]
+    for item in found:
+        item.held_out = True
+    return pairs.load_prompts(session, found)
 
 
 def trained_pairs(session: Session, *, limit: int, created_before: datetime | None = None) -> list[Item]:
@@ -311,18 +264,18 @@ def trained_pairs(session: Session, *, limit: int, created_before: datetime | No
 
     Why: a flipped-label batch contradicts exactly what earlier batches taught, so it pulls the margins of the
     pairs the model has fitted down hard, while a good batch from the same rater leaves them be or raises them.
-    Unseen held-out pairs alone move little either way in one small update (see guard.py): a single round's t on
-    them ranged from -1.6 for a good round to -0.7 for a poisoned one across seeds of `loop bench learning`."""
+    Unseen held-out pairs alone move little either way in one small update (the measurements document has the
+    figures)."""
     from loop.db.models import TrainingRun
 
     kept = (select(RunFeedback).join(TrainingRun, TrainingRun.id == RunFeedback.run_id)
             .where(TrainingRun.status == "succeeded"))
     runs_r = {f.rating_id for f in session.scalars(kept) if f.rating_id is not None}
     runs_c = {f.comparison_id for f in session.scalars(kept) if f.comparison_id is not None}
-    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True))
+    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True), prompts=False)
              if (p.rating_ids or p.comparison_ids) and set(p.rating_ids) <= runs_r and set(p.comparison_ids) <= runs_c]
     found = _older_than(session, found, created_before)
-    return [_pair_item(p, held_out=False) for p in reversed(found[-limit:])] if limit > 0 else []
+    return pairs.load_prompts(session, list(reversed(found[-limit:]))) if limit > 0 else []
 
 
 def eval_pairs(session: Session, settings: Any, *, created_before: datetime | None = None) -> list[Item]:
@@ -333,14 +286,14 @@ def eval_pairs(session: Session, settings: Any, *, created_before: datetime | No
     return held + trained_pairs(session, limit=settings.eval_replay_pairs, created_before=created_before)
 
 
-def _older_than(session: Session, found: list[pairs.Pair], created_before: datetime | None) -> list[pairs.Pair]:
+def _older_than(session: Session, found: list[Item], created_before: datetime | None) -> list[Item]:
     """The pairs whose feedback is all older than `created_before` (all of them when it is None)."""
     if created_before is None:
         return found
     cutoff = _aware(created_before)
     meta = _feedback_meta(session, {r for p in found for r in p.rating_ids}, {c for p in found for c in p.comparison_ids})
 
-    def newest(p: pairs.Pair) -> datetime | None:
+    def newest(p: Item) -> datetime | None:
         keys = [("rating", r) for r in p.rating_ids] + [("comparison", c) for c in p.comparison_ids]
         times = [meta[k][1] for k in keys if k in meta]
         return max(times) if times else None
@@ -348,22 +301,97 @@ def _older_than(session: Session, found: list[pairs.Pair], created_before: datet
     return [p for p in found if (t := newest(p)) is not None and t < cutoff]
 
 
-def _pair_item(p: pairs.Pair, *, held_out: bool = False) -> Item:
-    return Item(kind="pair", prompt=worker_prompt(p.prompt), prompt_hash=p.prompt.prompt_hash, chosen=p.chosen,
-                rejected=p.rejected, source=p.source, rating_ids=p.rating_ids, comparison_ids=p.comparison_ids,
-                held_out=held_out, chosen_cut=p.chosen_cut, rejected_cut=p.rejected_cut)
-
-
-def build_batch(pool: Pool, *, limit: int, tokenizer: Any = None, max_prompt_tokens: int = 768) -> Batch | None:
-    """The next batch: DPO pairs when any wait (the stronger signal), else KTO examples; None when empty."""
-    pairs = [i for i in pool.train if i.kind == "pair"]
+def build_batch(session: Session, pool: Pool, *, limit: int, tokenizer: Any = None,
+                max_prompt_tokens: int = 768) -> Batch | None:
+    """The next batch: DPO pairs when any wait (the stronger signal), else KTO examples; None when empty. Only
+    the chosen items' prompts are read."""
+    pair_items = [i for i in pool.train if i.kind == "pair"]
     examples = [i for i in pool.train if i.kind == "example"]
-    objective, candidates = ("dpo", pairs) if pairs else ("kto", examples)
+    objective, candidates = ("dpo", pair_items) if pair_items else ("kto", examples)
     if not candidates:
         return None
-    chosen = select_balanced(candidates, limit)
+    chosen = pairs.load_prompts(session, select_balanced(candidates, limit))
     for item in chosen:
-        item.prompt = truncate_prompt(item.prompt, tokenizer, max_prompt_tokens)
-    return Batch(objective=objective, items=chosen,
-                 rating_ids=sorted({r for i in chosen for r in i.rating_ids}),
-                 comparison_ids=sorted({c for i in chosen for c in i.comparison_ids}))
+        item.data = _cut_prompt(item.data, tokenizer, max_prompt_tokens)
+    return _batch(objective, chosen)
+
+
+def _cut_prompt(data: Pair | Example, tokenizer: Any, max_tokens: int) -> Pair | Example:
+    """`truncate_prompt` for a batch item: stored prompt ids within `max_tokens` keep the prompt whole; when old
+    turns are dropped the stored ids (of the whole conversation) go too, and the kept text is tokenised."""
+    if data.prompt_ids is not None and len(data.prompt_ids) <= max_tokens:
+        return data
+    prompt = truncate_prompt(data.prompt, tokenizer, max_tokens)
+    if prompt == data.prompt:
+        return data
+    return msgspec.structs.replace(data, prompt=prompt, prompt_ids=None)
+
+
+def _batch(objective: str, items: list[Item]) -> Batch:
+    return Batch(objective=objective, items=items, rating_ids=sorted({r for i in items for r in i.rating_ids}),
+                 comparison_ids=sorted({c for i in items for c in i.comparison_ids}))
+
+
+# ---------------------------------------------------------------------------------------------- manual runs
+
+
+def check_feedback(session: Session, rating_ids: Iterable[int], comparison_ids: Iterable[int]) -> None:
+    """Raise unless every id names current feedback no run consumed: NotFound `feedback_not_found`, Conflict
+    `feedback_consumed` or `feedback_superseded`."""
+    want_r, want_c = set(rating_ids), set(comparison_ids)
+    if not (want_r or want_c):
+        return
+    have_r = set(session.scalars(select(Rating.id).where(Rating.id.in_(want_r))))
+    have_c = set(session.scalars(select(Comparison.id).where(Comparison.id.in_(want_c))))
+    if want_r - have_r or want_c - have_c:
+        raise NotFound(f"unknown feedback: ratings {sorted(want_r - have_r)}, comparisons "
+                       f"{sorted(want_c - have_c)}", code="feedback_not_found")
+    taken_r = set(session.scalars(select(RunFeedback.rating_id).where(RunFeedback.rating_id.in_(want_r))))
+    taken_c = set(session.scalars(select(RunFeedback.comparison_id).where(RunFeedback.comparison_id.in_(want_c))))
+    if taken_r or taken_c:
+        raise Conflict(f"already trained on: ratings {sorted(taken_r)}, comparisons {sorted(taken_c)}; "
+                       "feedback is never trained on twice", code="feedback_consumed")
+    stale_r = set(session.scalars(select(Rating.id).where(Rating.id.in_(want_r), Rating.is_current.is_(False))))
+    stale_c = set(session.scalars(select(Comparison.id).where(Comparison.id.in_(want_c),
+                                                              Comparison.is_current.is_(False))))
+    if stale_r or stale_c:
+        raise Conflict(f"superseded feedback: ratings {sorted(stale_r)}, comparisons {sorted(stale_c)} were "
+                       "replaced by a newer verdict of the same rater; send the current ids "
+                       "(GET /api/responses/{id} lists each item's feedback with is_current)",
+                       code="feedback_superseded")
+
+
+def resolve(session: Session, *, objective: str | None = None, pairs_in: Sequence[Pair] = (),
+            examples_in: Sequence[Example] = (), rating_ids: Iterable[int] = (),
+            comparison_ids: Iterable[int] = ()) -> Batch:
+    """A manual run's batch (`POST /api/train`): the inline pairs/examples plus what the named feedback yields.
+
+    Feedback ids give every pair whose feedback is all among them (unless `objective` is "kto"), and examples
+    when `objective` is "kto", or None and no pair was found; held-out feedback may be named. The batch consumes
+    the ids of the items it took (a named rating that yields nothing is not consumed). Objective None: "dpo" when
+    there are pairs, else "kto". Raises `check_feedback`'s errors, and Invalid `empty_batch` when the objective
+    has nothing to train on."""
+    want_r, want_c = set(rating_ids), set(comparison_ids)
+    items = [Item(x, source="inline") for x in pairs_in] + [Item(x, source="inline") for x in examples_in]
+    if want_r or want_c:
+        check_feedback(session, want_r, want_c)
+        f = pairs.PairFilters(untrained_only=True, include_held_out=True)
+        if objective != "kto":
+            items += [i for i in pairs.preference_pairs(session, f, prompts=False)
+                      if (i.rating_ids or i.comparison_ids) and set(i.rating_ids) <= want_r
+                      and set(i.comparison_ids) <= want_c]
+        if objective == "kto" or (objective is None and not any(i.kind == "pair" for i in items)):
+            items += [i for i in pairs.unpaired_examples(session, f, prompts=False)
+                      if i.rating_ids and set(i.rating_ids) <= want_r]
+        pairs.load_prompts(session, items)
+    has_pairs = any(i.kind == "pair" for i in items)
+    objective = objective or ("dpo" if has_pairs else "kto")
+    if objective == "dpo" and not has_pairs:
+        raise Invalid("no preference pairs in this batch: DPO needs pairs (inline, A/B comparisons with a "
+                      "winner, or two responses to one prompt rated differently)", code="empty_batch")
+    kind = "pair" if objective == "dpo" else "example"
+    chosen = [i for i in items if i.kind == kind]
+    if not chosen:
+        raise Invalid("no examples in this batch: KTO needs examples (inline, or thumbs/scores on responses)",
+                      code="empty_batch")
+    return _batch(objective, chosen)

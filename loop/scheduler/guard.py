@@ -1,62 +1,21 @@
 """The eval guard: measure what vLLM actually serves before and after an update, and say when to roll back.
 
-Two figures, both read through vLLM's own OpenAI API (`POST /v1/completions` with token-id prompts,
-`prompt_logprobs=0`, `max_tokens=1`), so they describe the weights vLLM is serving right now — not a copy in the
-trainer that might differ (stale prepacked linears, a missed prefix-cache reset, a half-applied update):
-
-- preference accuracy on held-out pairs: the share of pairs where log p(chosen | prompt) > log p(rejected | prompt)
-  (sums over the answer tokens; a tie counts one half) — and, after an update, how the update moved each pair's
-  margin log p(chosen) - log p(rejected) (DPO's implicit reward with the pre-update weights as reference): summed
-  (`mean_reward_margin`, nats), the share that grew (`reward_accuracy`) and, the judged figure, per answer token
-  (`mean_token_margin_change`, and `margin_change_t`: that mean in standard errors). The held-out slice is
-  feedback never trained on (see `batches.is_held_out`).
-- perplexity on a fixed canary set (`canary.jsonl`: short general texts written for this project): a broad
-  damage detector — an update that wrecks the language model raises it even when the preference looks fine.
-
-Which pairs judge an update (the scheduler's choice, `batches.held_out_pairs(created_before=...)`): only held-out
-pairs whose feedback is OLDER than everything in the run's batch and than the previous scheduled batch: the set is
-frozen when the batch's feedback began to be collected (`Scheduler._eval_cutoff`). Why: feedback collected
-together with a batch comes from the same session and rater, so it shares the batch's mistakes — in `loop bench
-learning` ~5 of the 14 held-out pairs measured for the poisoned round were that round's own flipped labels, and
-they voted for the poison. Judging an update on earlier feedback asks the question that matters: does the update
-undo preferences we already trusted? (The first runs of a fresh service have no older held-out pairs; they are
-judged on perplexity alone, see `min_pairs`.)
-
-Beside the held-out pairs the scheduler replays up to `eval_replay_pairs` pairs that KEPT runs learned from
-(`batches.trained_pairs`, same freezing): a flipped-label batch contradicts exactly what earlier batches taught, so
-it pulls those fitted margins down hard, while unseen pairs move little either way in one small update (with a
-second seed of `loop bench learning` the held-out t read -1.60 for a good round and -0.68 for the poisoned one).
-Pairs of rolled-back runs never judge.
-
-A poisoned batch is first met before the write, in the worker (loop/worker/agreement.py: the update's direction
-against the weights' change since the base model, measured on the exact fp32 update; its limit `max_conflict_t`
-is off by default): in `loop bench learning`, once the first rounds trained on ~20 pairs, that check told
-poisoned rounds from good ones where the margin test below could not (its t values overlap for one small update:
-over session 3 it rolled back 8 of ~36 good rounds and caught 3 of 7 poisoned ones). The test below stays as the
-second line, after the write.
-
-`verdict(before, after, ...)` returns the reason to roll back, or None. Preference criteria, each only with at
-least `min_pairs` held-out pairs (fewer are noise):
-- the margins moved the wrong way: the mean per-token margin change lies more than `max_margin_t` standard errors
-  below zero (a one-sided t test). Why this figure (measured in `loop bench learning`, lr 1e-5 x 2 steps):
-  * raw accuracy is blind to a mild poison: summed log-probs favour the shorter answer by many nats, so a
-    short-answer rater's pairs read ~100 % before and after a poisoned round; the margins move a fraction of a
-    nat and rarely cross zero;
-  * each pair's margin change is mostly noise (APOLLO-Mini's random projections, 2 small steps): a good run moved
-    21 unseen pairs by +0.26 +- 1.2 nats summed and +0.016 +- 0.045 nats per token, 40 % of them the wrong way.
-    A bare majority or a fixed nats floor therefore rolled back a good run (5 of 6 pairs down, -0.41 nats),
-    while a test against the spread only fires when the drop is large for the number of pairs measured;
-  * per token, not summed: an update that shifts every token's log-prob a little (DPO moves the likelihood of
-    all sampled text) moves a summed margin by that shift times the length difference of the two answers — for
-    a length-preferring rater that is the very thing judged. Per token that shift cancels; in the measurement
-    above the mean grew from 0.21 to 0.36 standard deviations of a pair.
-  * the threshold (`max_margin_t`, default 1.0): in two 8-round benchmark runs the 12 good runs judged on >= 5
-    pairs measured t = +0.85 +- 0.7 (lowest -0.66), the two poisoned rounds -1.67 and -1.52 (21-22 pairs); 1.0
-    sits in that gap, ~2.5 spreads below the good runs (a good run is rolled back well under 1 % of the time).
-- raw held-out accuracy fell by more than `max_accuracy_drop` (absolute).
-And always: canary perplexity rose by more than `max_perplexity_rise` (relative), or is not finite.
-
-Try it by hand against a running vLLM:
+What: two figures read through vLLM's own completions API (token-id prompts, `prompt_logprobs=0`,
+`max_tokens=1`), so they describe the weights vLLM serves right now, not a copy that might differ:
+- on the eval pairs (`batches.eval_pairs`: held-out pairs plus pairs kept runs learned from, all older than the
+  run's batch): log p(answer | prompt) of both answers, scored on exactly the token ids the worker trains
+  (loop/worker/tokens.py: the ids vLLM produced when the pair carries them, else the tokenised text); from
+  them the accuracy (ties count one half) and, after an update, the margin change
+  log p(chosen) - log p(rejected) summed (`mean_reward_margin`), the share that grew (`reward_accuracy`) and per
+  answer token (`mean_token_margin_change`, and `margin_change_t`: that mean in standard errors);
+- perplexity on a fixed canary set (`canary.jsonl`): a broad damage detector.
+`verdict(before, after, ...)` returns the reason to roll back, or None: with at least `min_pairs` pairs, the
+per-token margin change lies more than `max_margin_t` standard errors below zero (one-sided t test; per token, so
+a shift of every token's log-prob does not read as a preference for the shorter answer), or the accuracy fell by
+more than `max_accuracy_drop`; and always, canary perplexity rose by more than `max_perplexity_rise` or is not
+finite.
+Why these criteria and thresholds, with the benchmark figures behind them: the measurements document.
+Tests: `.venv/bin/python -m pytest -q tests/unit/test_guard.py`. By hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
 """
 
@@ -71,6 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loop.stats import t_statistic
+from loop.worker import tokens
+from loop.worker.protocol import Pair
 
 CANARY_PATH = Path(__file__).with_name("canary.jsonl")
 
@@ -81,17 +42,6 @@ class PostClient(Protocol):
     async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> Any: ...
 
     async def get(self, path: str, *, timeout: float | None = None) -> Any: ...
-
-
-@dataclass(frozen=True)
-class EvalPair:
-    """One held-out preference: the prompt (text or chat messages) and two answers, the first preferred."""
-
-    prompt: str | list[dict[str, str]]
-    chosen: str
-    rejected: str
-    chosen_cut: bool = False  # cut off by max_tokens: scored without the end token, as it is trained
-    rejected_cut: bool = False
 
 
 @dataclass
@@ -161,11 +111,13 @@ class EvalGuard:
     """Measures held-out preference accuracy and canary perplexity through vLLM's completions API."""
 
     def __init__(self, client: PostClient, tokenizer: Any, *, model_name: str | None = None,
-                 max_len: int = 2048, canary: Sequence[str] | None = None, timeout: float = 300.0) -> None:
+                 max_len: int = 2048, canary: Sequence[str] | None = None, timeout: float = 300.0,
+                 train_max_len: int = tokens.DEFAULT_MAX_LEN) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_len = max_len
+        self.max_len = max_len  # vLLM's context: a scored prompt leaves room for the one token it generates
+        self.train_max_len = train_max_len  # the runs' max_len: pairs are cut exactly as the worker cuts them
         self.canary = list(canary) if canary is not None else load_canary()
         self.timeout = timeout
         self._canary_ids = [self._encode_text(t) for t in self.canary]
@@ -175,26 +127,11 @@ class EvalGuard:
         ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         return ids[: self.max_len - 1]
 
-    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        # The chat template as text, then tokens: the same string vLLM's chat endpoint would have built.
-        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def answer_ids(self, answer: str, cut: bool = False) -> list[int]:
-        ids = list(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return ids + ([eos] if eos is not None and not cut else [])
-
-    def _join(self, prompt: list[int], answer: list[int]) -> tuple[list[int], int]:
-        """prompt + answer, keeping the answer whole: long prompts lose their oldest tokens."""
-        room = self.max_len - 1 - len(answer)
-        if room < 1:
-            answer = answer[: self.max_len - 2]
-            room = 1
-        prompt = prompt[-room:]
-        return prompt + answer, len(prompt)
+    def rows(self, pair: Pair) -> list[tuple[list[int], int]]:
+        """(prompt + answer ids, where the answer starts) for the chosen and the rejected answer: the worker's
+        rows for this pair (tokens.encode_pair), within vLLM's context."""
+        enc = tokens.encode_pair(self.tokenizer, pair, min(self.train_max_len, self.max_len - 1))
+        return [(enc.prompt + answer, len(enc.prompt)) for answer in enc.answers]
 
     # ------------------------------------------------------------------ vLLM
     async def _model(self) -> str:
@@ -237,16 +174,14 @@ class EvalGuard:
         return out
 
     # ------------------------------------------------------------------ figures
-    async def measure(self, pairs: Sequence[EvalPair], before: EvalFigures | None = None) -> EvalFigures:
+    async def measure(self, pairs: Sequence[Pair], before: EvalFigures | None = None) -> EvalFigures:
         """Figures for the live weights; with `before` (the same pairs, measured before an update), also the
         update's reward accuracy."""
         t0 = time.perf_counter()
         prompts: list[list[int]] = []
         starts: list[int] = []
         for pair in pairs:
-            p = self.prompt_ids(pair.prompt)
-            for answer, cut in ((pair.chosen, pair.chosen_cut), (pair.rejected, pair.rejected_cut)):
-                ids, start = self._join(p, self.answer_ids(answer, cut))
+            for ids, start in self.rows(pair):
                 prompts.append(ids)
                 starts.append(start)
         n_canary = len(self._canary_ids)
@@ -299,7 +234,7 @@ if __name__ == "__main__":  # manual check against a running vLLM
     async def _main() -> None:
         client = VLLMClient(sys.argv[1], timeout=300.0)
         guard = EvalGuard(client, load_tokenizer(sys.argv[2]))
-        pair = EvalPair([{"role": "user", "content": "What is 2+2?"}], "2+2 is 4.", "Bananas are yellow fish.")
+        pair = Pair([{"role": "user", "content": "What is 2+2?"}], "2+2 is 4.", "Bananas are yellow fish.")
         print(json.dumps((await guard.measure([pair])).to_dict(), indent=1))
         await client.aclose()
 

@@ -1,7 +1,8 @@
 """The training worker process: an HF model made of views into vLLM's live weights, trained in place.
 
-Started and supervised by the API (`loop/control.py`); by hand:
-    python -m loop.worker.main --socket ipc://<runtime_dir>/worker.sock --runtime-dir <runtime_dir>
+Started and supervised by the API (`loop/control.py`) with one argument, its config as JSON (every field of
+`WorkerConfig` in loop/worker/config.py, which `worker_command(settings, endpoint)` writes; no defaults here):
+    python -m loop.worker.main '{"endpoint": "ipc://<runtime_dir>/worker.sock", "runtime_dir": "<runtime_dir>", ...}'
 
 What it does, in order:
 1. Connects its DEALER (`channel.py`: heartbeats from an I/O thread, so a long backward never looks dead) and
@@ -21,10 +22,10 @@ What it does, in order:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 from loop.worker import protocol as p
 from loop.worker.channel import Channel
 from loop.worker.checkpoint import write_folder
+from loop.worker.config import WorkerConfig
 
 log = logging.getLogger("loop.worker")
 
@@ -41,10 +43,10 @@ OPTIMIZER_DIR, OPTIMIZER_FILE = "optimizer", "optimizer.safetensors"
 
 
 class Worker:
-    def __init__(self, args: argparse.Namespace, channel: Channel) -> None:
-        self.args = args
+    def __init__(self, config: WorkerConfig, channel: Channel) -> None:
+        self.config = config
         self.ch = channel
-        self.runtime_dir = Path(args.runtime_dir)
+        self.runtime_dir = Path(config.runtime_dir)
         self.model: Any = None
         self.tokenizer: Any = None
         self.opt: Any = None
@@ -79,7 +81,7 @@ class Worker:
         from transformers import AutoTokenizer
 
         from loop.worker.apollo import make_optimizer, trainable_parameters
-        from loop.worker.handles import HandleError, read_handles, attach
+        from loop.worker.handles import HandleError, attach, read_handles
         from loop.worker.views import build_model, views_alias
 
         self.ch.state = "waiting"
@@ -103,7 +105,8 @@ class Worker:
         self.model, self.meta = model, meta
         self.trainable = trainable_parameters(model)
         self.names = {prm: name for name, prm in self.trainable}
-        self.opt = make_optimizer(self.args.optimizer, [prm for _, prm in self.trainable], lr=self.args.lr)
+        self.opt = make_optimizer(self.config.optimizer, [prm for _, prm in self.trainable],
+                                  lr=self.config.learning_rate)
         if old_state is not None:
             try:
                 self.opt.load_state_dict(old_state)
@@ -121,7 +124,7 @@ class Worker:
         torch.set_grad_enabled(True)
         self.ch.send(p.Hello(pid=os.getpid(), load_id=meta["load_id"], model_path=meta["model_path"],
                              architecture=meta["architecture"], device=meta["device"], n_params=n_params,
-                             n_trainable=n_train, optimizer=self.args.optimizer))
+                             n_trainable=n_train, optimizer=self.config.optimizer))
 
     def ensure_attached(self) -> None:
         if self.current_load_id() != self.meta.get("load_id"):
@@ -178,15 +181,13 @@ class Worker:
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":
-                    batch = encode_pairs(self.tokenizer, [(x.prompt, x.chosen, x.rejected, x.chosen_cut,
-                                                           x.rejected_cut) for x in msg.pairs], msg.max_len)
+                    batch = encode_pairs(self.tokenizer, msg.pairs, msg.max_len)
                 else:
-                    batch = encode_examples(self.tokenizer, [(x.prompt, x.completion, x.label, x.cut)
-                                                             for x in msg.examples], msg.max_len)
+                    batch = encode_examples(self.tokenizer, msg.examples, msg.max_len)
                 batch = batch.to(next(self.model.parameters()).device)  # tokenised on the host; CUDA views
                 self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
             for group in self.opt.param_groups:
-                group["lr"] = msg.lr if msg.lr is not None else self.args.lr
+                group["lr"] = msg.lr if msg.lr is not None else self.config.learning_rate
             if msg.lowmem:
                 direction = agreement.for_step(msg.base_weights, msg.step, self.names)
                 check, d_norm, n_tensors, result = self._prepare_lowmem(msg, direction)
@@ -202,7 +203,7 @@ class Worker:
                 deltas = result.deltas
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
-                check = check_updates(deltas, self.args.max_update_ratio, names=self.names)
+                check = check_updates(deltas, self.config.max_update_ratio, names=self.names)
                 if check.ok and (direction := agreement.for_step(msg.base_weights, msg.step, self.names)) is not None:
                     for prm, d in deltas.items():
                         direction.observe(prm, d)
@@ -233,7 +234,7 @@ class Worker:
         from loop.worker.lowmem import PausedBackward
 
         if self._lowmem is None or self._lowmem.model is not self.model or self._lowmem.opt is not self.opt:
-            self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.args.max_update_ratio,
+            self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.config.max_update_ratio,
                                           names=self.names)
         prep = self._lowmem.prepare(self._run["batch"], objective=msg.objective, beta=msg.beta,
                                     ref_logps=self._run["ref"], inject_nan=msg.inject_nan,
@@ -270,7 +271,7 @@ class Worker:
             have = f"run {self._staged[0]}" if self._staged else "nothing"
             return p.Error(req=msg.req, message=f"no staged update for run {msg.run_id} (staged: {have}); train first")
         run_id, values, check = self._staged
-        cap = msg.max_update_ratio if msg.max_update_ratio is not None else self.args.max_update_ratio
+        cap = msg.max_update_ratio if msg.max_update_ratio is not None else self.config.max_update_ratio
         if check.ok and max(check.global_ratio, check.max_tensor_ratio) > cap:
             check.ok, check.reason = False, (f"update norm ratio {max(check.global_ratio, check.max_tensor_ratio):.3g}"
                                              f" exceeds the cap {cap:g}; nothing was written")
@@ -312,7 +313,7 @@ class Worker:
             (tmp / OPTIMIZER_DIR).mkdir()
             self.opt.save(tmp / OPTIMIZER_DIR / OPTIMIZER_FILE)
             info = {"version": msg.version, "load_id": self.meta["load_id"], "source_model": str(src),
-                    "optimizer": self.args.optimizer, "created_unix": time.time(), **msg.meta}
+                    "optimizer": self.config.optimizer, "created_unix": time.time(), **msg.meta}
             (tmp / "loop.json").write_text(json.dumps(info, indent=1))
 
         final = Path(msg.path)
@@ -363,10 +364,10 @@ class Worker:
         return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
 
 
-def serve(args: argparse.Namespace) -> int:
-    ch = Channel(args.socket, args.heartbeat_s)
+def serve(config: WorkerConfig) -> int:
+    ch = Channel(config.endpoint, config.heartbeat_s)
     ch.start()  # heartbeats start before the slow imports and the attach
-    worker = Worker(args, ch)
+    worker = Worker(config, ch)
     worker.attach()
     inbox = ch.messages()
     pending: queue.Queue[p.Msg] = queue.Queue()
@@ -405,17 +406,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loop.worker.main", description=__doc__.splitlines()[0])
-    ap.add_argument("--socket", required=True, help="the API's ROUTER endpoint, ipc://<runtime_dir>/worker.sock")
-    ap.add_argument("--runtime-dir", required=True, help="where vLLM's loop plugin writes weights-tp<rank>.json")
-    ap.add_argument("--heartbeat-s", type=float, default=1.0)
-    ap.add_argument("--optimizer", default="apollo-mini", choices=["apollo", "apollo-mini", "adamw", "sgd"])
-    ap.add_argument("--lr", type=float, default=5e-6)
-    ap.add_argument("--max-update-ratio", type=float, default=0.05)
-    ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
-    return serve(args)
+    """`python -m loop.worker.main <WorkerConfig as JSON>`; exit code 2 for anything else."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) != 1:
+            raise ValueError(f"expected one argument, the worker config as JSON (loop/worker/config.py), got {argv!r}")
+        config = WorkerConfig.decode(argv[0])
+    except ValueError as exc:
+        print(f"python -m loop.worker.main: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
+    return serve(config)
 
 
 if __name__ == "__main__":

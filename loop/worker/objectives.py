@@ -1,19 +1,17 @@
 """Preference objectives: tokenisation of rated answers, sequence log-probs, DPO and KTO, one training step.
 
-What: `encode_pairs` / `encode_examples` turn (prompt, answer) feedback into padded batches whose loss mask
-covers only the answer tokens; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al.
-2023) and `kto_loss` (Ethayarajh et al. 2024); `train_step` computes reference log-probs with the current
+What: `encode_pairs` / `encode_examples` turn the wire's pairs and examples into padded batches (token ids by
+the one rule in loop/worker/tokens.py, which the eval guard scores too) whose loss mask covers only the
+answers; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al. 2023) and `kto_loss` (Ethayarajh et al. 2024); `train_step` computes reference log-probs with the current
 (pre-update) weights, runs forward + backward and returns the optimizer's staged deltas WITHOUT applying them:
 the worker applies them later, under vLLM's pause (loop/worker/update.py).
 
 Choices:
 - The reference policy is the pre-update model itself (computed under no_grad before the step): no second
   model copy, which is what makes training beside a serving vLLM fit in memory.
-- Prompts are rendered with the tokenizer's chat template (add_generation_prompt=True) and the answer + EOS
-  appended, as vLLM saw them — no EOS after an answer that was cut off by max_tokens (`*_cut`): it did not end
-  there, and a preference for it must not teach the model to end answers at that length. Long prompts are cut from the LEFT: whole earlier turns first, then tokens,
-  always keeping the system message and the rated answer (an answer longer than the budget is cut at its end).
-  Chosen and rejected share one prompt truncation, so DPO compares answers to the same context.
+- Tokens: loop/worker/tokens.py (the ids vLLM produced when a pair carries them, else the chat template or raw
+  prompt as vLLM saw it and EOS unless the answer was cut off; prompts cut from the left; chosen and rejected
+  share one prompt cut).
 - Log-probs never materialise B x L x vocab logits: the decoder's hidden states are gathered at answer
   positions only and projected through lm_head in chunks under activation checkpointing, in fp32.
 - Dropout is switched off (disable_dropout) so the reference and the policy agree at step start.
@@ -34,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loop.worker import tokens
 from loop.worker.apollo import StagedOptimizer
-
-Prompt = str | Sequence[dict[str, str]]
+from loop.worker.protocol import Example, Pair
 
 
 @dataclass
@@ -90,54 +88,7 @@ class StepResult:
     n_tokens: int
 
 
-# --- tokenisation -------------------------------------------------------------------------------------------
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation))
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if generation else "")
-
-
-def _prompt_ids(tokenizer: Any, prompt: Prompt, budget: int) -> tuple[list[int], bool]:
-    """Token ids of the rendered prompt, cut from the left to <= budget; returns (ids, truncated)."""
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if not msgs:
-        raise ValueError("a prompt needs at least one message")
-    system = msgs[:1] if msgs[0].get("role") == "system" else []
-    turns = msgs[len(system):]
-    ids = _ids(tokenizer, _render(tokenizer, msgs, True))
-    if len(ids) <= budget:
-        return ids, False
-    while len(turns) > 1:  # drop whole earlier turns first, so the kept context starts at a user turn
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0].get("role") != "user":
-            turns = turns[1:]
-        ids = _ids(tokenizer, _render(tokenizer, system + turns, True))
-        if len(ids) <= budget:
-            return ids, True
-    text = _render(tokenizer, system + turns, True)
-    sys_text = _render(tokenizer, system, False) if system else ""
-    if not text.startswith(sys_text):
-        sys_text = ""
-    sys_ids = _ids(tokenizer, sys_text) if sys_text else []
-    rest = _ids(tokenizer, text[len(sys_text):])
-    keep = budget - len(sys_ids)
-    if keep < 1:  # the system message alone is over budget: keep the end of the prompt
-        return rest[-budget:], True
-    return sys_ids + rest[-keep:], True
-
-
-def _answer_ids(tokenizer: Any, answer: str, cut: bool = False) -> list[int]:
-    """The answer's tokens + EOS — unless it was cut off (max_tokens): it did not end there, so no EOS."""
-    ids = _ids(tokenizer, answer)
-    if tokenizer.eos_token_id is not None and not cut:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
-
-
+# --- tokenisation (the rule itself: loop/worker/tokens.py) ---------------------------------------------------
 def _pad(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rows of (ids, prompt_len) -> input_ids, attention_mask, loss_mask (answer tokens only)."""
     width = max(len(ids) for ids, _ in rows)
@@ -151,51 +102,32 @@ def _pad(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, 
     return input_ids, attn, loss
 
 
-def _budgets(max_len: int, answers: list[list[int]], prompt_len_hint: int) -> tuple[list[list[int]], int]:
-    """Cap answers so a prompt keeps at least a few tokens; return (answers, prompt budget)."""
-    min_prompt = min(prompt_len_hint, max(1, max_len // 4))
-    cap = max_len - min_prompt
-    answers = [a[:cap] for a in answers]
-    return answers, max_len - max(len(a) for a in answers)
-
-
 def _pad_id(tokenizer: Any) -> int:
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pid or 0)
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[Any, ...]], max_len: int) -> PairBatch:
-    """(prompt, chosen, rejected[, chosen_cut, rejected_cut]) -> PairBatch of chosen rows then rejected rows.
-    A cut-off answer (max_tokens) gets no EOS (see _answer_ids)."""
+def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_len: int) -> PairBatch:
+    """Pairs -> PairBatch of chosen rows then rejected rows, tokenised by `tokens.encode_pair`."""
     if not pairs:
-        raise ValueError("encode_pairs needs at least one (prompt, chosen, rejected) pair")
+        raise ValueError("encode_pairs needs at least one pair")
     chosen, rejected, trunc = [], [], []
-    for prompt, good, bad, *cuts in pairs:
-        cut_good, cut_bad = (bool(cuts[0]), bool(cuts[1])) if cuts else (False, False)
-        whole = [_answer_ids(tokenizer, good, cut_good), _answer_ids(tokenizer, bad, cut_bad)]
-        full, _ = _prompt_ids(tokenizer, prompt, 10**9)
-        answers, budget = _budgets(max_len, whole, len(full))
-        p_ids, cut = _prompt_ids(tokenizer, prompt, budget)
-        trunc.append(cut or answers != whole)
-        chosen.append((p_ids + answers[0], len(p_ids)))
-        rejected.append((p_ids + answers[1], len(p_ids)))
+    for pair in pairs:
+        enc = tokens.encode_pair(tokenizer, pair, max_len)
+        trunc.append(enc.truncated)
+        chosen.append((enc.prompt + enc.answers[0], len(enc.prompt)))
+        rejected.append((enc.prompt + enc.answers[1], len(enc.prompt)))
     ids, attn, loss = _pad(chosen + rejected, _pad_id(tokenizer))
     return PairBatch(ids, attn, loss, len(pairs), trunc)
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[tuple[Any, ...]], max_len: int) -> KTOBatch:
-    """(prompt, completion, desirable[, cut]) -> KTOBatch; row i's KL twin is prompt i with completion i+1."""
+def encode_examples(tokenizer: Any, examples: Sequence[Example], max_len: int) -> KTOBatch:
+    """Examples -> KTOBatch (`tokens.encode_example`); row i's KL twin is prompt i with completion i+1."""
     if not examples:
-        raise ValueError("encode_examples needs at least one (prompt, completion, label) example")
-    prompts, answers, trunc = [], [], []
-    for prompt, completion, _, *cuts in examples:
-        whole = _answer_ids(tokenizer, completion, bool(cuts[0]) if cuts else False)
-        full, _ = _prompt_ids(tokenizer, prompt, 10**9)
-        (ans,), budget = _budgets(max_len, [whole], len(full))
-        p_ids, cut = _prompt_ids(tokenizer, prompt, budget)
-        trunc.append(cut or len(ans) < len(whole))
-        prompts.append(p_ids)
-        answers.append(ans)
+        raise ValueError("encode_examples needs at least one example")
+    encoded = [tokens.encode_example(tokenizer, ex, max_len) for ex in examples]
+    prompts = [e.prompt for e in encoded]
+    answers = [e.answers[0] for e in encoded]
     n = len(examples)
     rows = [(prompts[i] + answers[i], len(prompts[i])) for i in range(n)]
     kl_rows = []
@@ -206,8 +138,8 @@ def encode_examples(tokenizer: Any, examples: Sequence[tuple[Any, ...]], max_len
     pad = _pad_id(tokenizer)
     ids, attn, loss = _pad(rows, pad)
     kids, kattn, kloss = _pad(kl_rows, pad)
-    labels = torch.tensor([bool(e[2]) for e in examples], dtype=torch.bool)
-    return KTOBatch(ids, attn, loss, labels, kids, kattn, kloss, trunc)
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.bool)
+    return KTOBatch(ids, attn, loss, labels, kids, kattn, kloss, [e.truncated for e in encoded])
 
 
 # --- log-probs and losses -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The messages between the API (ZMQ ROUTER, `loop/control.py`) and the training worker (DEALER, `main.py`).
+"""The messages between the API (ZMQ ROUTER, `loop/training/worker.py`) and the training worker (DEALER, `main.py`).
 
 Every message is a msgspec Struct in one tagged union (`Message`), encoded with msgpack: the tag field `"type"`
 names the class, so the receiver decodes straight into the right Struct and rejects anything else. Nothing is
@@ -7,7 +7,7 @@ ever unpickled from the socket — a peer that sends garbage gets a decode error
 Requests from the API carry a `req` number; the worker's reply carries the same `req`, so `WorkerControl.call`
 can match replies to waiting callers. Unsolicited worker messages (`Hello`, `Heartbeat`, `Progress`) have `req=0`.
 
-Conversation (see DESIGN.md "The update, step by step"):
+Conversation (docs/design.md, "The update, step by step"):
     API → Train(run_id, step, …batch…)       worker: reference log-probs, forward, backward, optimizer maths
                                               (+ base_weights: the update's direction vs the change since the base)
     API ← TrainDone(metrics, update stats)    staged deltas wait in the worker; vLLM kept serving meanwhile
@@ -33,25 +33,38 @@ class Msg(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=
 
 
 # ---------------------------------------------------------------- data carried by Train
+# The one shape of a pair and of an example, from loop/pairs.py (which wraps each in an `Item` with the feedback
+# ids) through the scheduler and the eval guard to the worker.
+# The `*_ids` fields are the token ids vLLM produced for a stored response (pairs.load_prompts fills them): when
+# present they are trained and scored as they are (loop/worker/tokens.py); None (inline text pairs, rows stored
+# without ids, two answers whose stored prompts differ) means the text is tokenised. Defaults are left off the
+# wire, so a text pair encodes as it did before the ids existed.
+
+Prompt = str | list[dict[str, str]]  # chat messages as {role, content} text (pairs.prompt_of), or a raw prompt
 
 
-class Pair(msgspec.Struct, forbid_unknown_fields=True):
+class Pair(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One preference: the prompt (plain text or chat messages) and two answers, the first preferred."""
 
-    prompt: str | list[dict[str, str]]
+    prompt: Prompt
     chosen: str
     rejected: str
     chosen_cut: bool = False  # cut off by max_tokens: encoded without the end-of-sequence token
     rejected_cut: bool = False
+    prompt_ids: list[int] | None = None  # the prompt as vLLM tokenised it (identical for both answers)
+    chosen_ids: list[int] | None = None  # the sampled ids, EOS included when the answer stopped by itself
+    rejected_ids: list[int] | None = None
 
 
-class Example(msgspec.Struct, forbid_unknown_fields=True):
+class Example(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One unpaired judgement (a thumb): KTO's input."""
 
-    prompt: str | list[dict[str, str]]
+    prompt: Prompt
     completion: str
     label: bool
     cut: bool = False
+    prompt_ids: list[int] | None = None
+    completion_ids: list[int] | None = None
 
 
 # ---------------------------------------------------------------- worker → API, unsolicited

@@ -3,6 +3,8 @@
 What is checked, each through vLLM's or loop's public HTTP API:
 - a few DPO steps raise log p(chosen) − log p(rejected) as vLLM itself computes it (prompt log-probs of token-id
   prompts on /v1/completions) and change the greedy answer; responses after the update carry the new version;
+  the token ids stored with those responses are vLLM's (EOS last exactly when the answer stopped by itself) and a
+  batch built from them sends them as they are;
 - a poisoned (NaN) update is refused: weights bit-identical (the worker's checksum), version unchanged;
 - the worker SIGKILLed mid-training: serving goes on, the worker comes back, the weights are the old ones
   (checksum), the run failed and released its feedback, which then trains normally — once (never twice);
@@ -153,7 +155,7 @@ def test_bad_requests_say_what_to_fix(api: Api) -> None:
 
 
 def test_dpo_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
-    rejected, version_before, _ = api.greedy(PROMPT)
+    rejected, version_before, rejected_id = api.greedy(PROMPT)
     SHARED["rejected"] = rejected
     before = api.margin(tokenizer, PROMPT, CHOSEN, rejected)
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": rejected}], steps=2, learning_rate=2e-4)
@@ -178,6 +180,38 @@ def test_dpo_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
         v = s.get(WeightVersion, version)
         assert v.kind == "train" and v.run_id == run_id and v.parent_version == version - 1 and v.status == "live"
     SHARED["trained_version"] = version
+    _stored_ids_are_what_a_batch_sends(api, tokenizer, resp_id, rejected_id)
+
+
+def _stored_ids_are_what_a_batch_sends(api: Api, tokenizer: Any, chosen_id: str, rejected_id: str) -> None:
+    """The ids the proxy stored are vLLM's: the templated prompt, the sampled answer (ending with EOS when it
+    stopped by itself, without one when max_tokens cut it); a scheduled batch built from the two rows sends them
+    as they are, and the worker's rule trains them verbatim. Builds no feedback (other tests' pools stay theirs)."""
+    from loop import pairs
+    from loop.scheduler import batches
+    from loop.worker import protocol, tokens
+
+    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    with Session(api.engine) as s:
+        rows = [s.get(Response, rid) for rid in (chosen_id, rejected_id)]
+        for row in rows:
+            ids = row.completion_token_ids
+            assert row.prompt_token_ids == prompt_ids, row.prompt_token_ids
+            assert tokenizer.decode(ids, skip_special_tokens=True) == row.completion
+            assert (ids[-1] == eos) == (row.finish_reason == "stop"), (row.finish_reason, ids[-3:])
+            assert row.finish_reason == "stop" or len(ids) == 24
+        assert any(row.finish_reason == "stop" for row in rows)  # an answer that ended by itself was checked
+        item = pairs.Item(protocol.Pair(prompt="", chosen=rows[0].completion, rejected=rows[1].completion),
+                          response_ids=(chosen_id, rejected_id), prompt_loaded=False)
+        batch = batches.build_batch(s, batches.Pool(train=[item]), limit=1, tokenizer=tokenizer)
+    assert batch is not None
+    (pair,) = batch.pairs
+    assert (pair.prompt, pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == (
+        PROMPT, prompt_ids, rows[0].completion_token_ids, rows[1].completion_token_ids)
+    enc = tokens.encode_pair(tokenizer, pair)
+    assert (enc.prompt, enc.answers) == (prompt_ids, [rows[0].completion_token_ids, rows[1].completion_token_ids])
 
 
 def test_nan_update_refused_with_weights_bit_identical(api: Api) -> None:

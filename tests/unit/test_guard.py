@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from loop.scheduler.guard import EvalFigures, EvalGuard, EvalPair, GuardError, load_canary, t_statistic, verdict
+from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_canary, t_statistic, verdict
+from loop.worker.protocol import Pair
 
 
 class CharTokenizer:
@@ -22,6 +23,9 @@ class CharTokenizer:
 
     def apply_chat_template(self, msgs: list[dict[str, str]], add_generation_prompt: bool, tokenize: bool) -> str:
         return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + ("assistant: " if add_generation_prompt else "")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i in (1, 3)))
 
 
 class FakeResponse:
@@ -64,9 +68,9 @@ class FakeVLLM:
 async def test_accuracy_margins_perplexity_and_the_updates_reward_accuracy() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc", "xyz"])
-    pairs = [EvalPair([{"role": "user", "content": "q"}], "abc", "xyz"),  # chosen more likely: right
-             EvalPair("plain prompt", "zz", "a"),  # chosen less likely: wrong
-             EvalPair("p", "ab", "ba")]  # equal: half
+    pairs = [Pair([{"role": "user", "content": "q"}], "abc", "xyz"),  # chosen more likely: right
+             Pair("plain prompt", "zz", "a"),  # chosen less likely: wrong
+             Pair("p", "ab", "ba")]  # equal: half
     before = await guard.measure(pairs)
     assert before.n_pairs == 3 and before.accuracy == pytest.approx((1 + 0 + 0.5) / 3)
     assert before.reward_accuracy is None  # nothing to compare with yet
@@ -90,16 +94,54 @@ async def test_accuracy_margins_perplexity_and_the_updates_reward_accuracy() -> 
 async def test_long_prompts_lose_their_oldest_tokens_not_the_answer() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"], max_len=32)
-    fig = await guard.measure([EvalPair("q" * 500, "abc", "xyz")])
+    fig = await guard.measure([Pair("q" * 500, "abc", "xyz")])
     assert fig.accuracy == 1.0 and fig.mean_margin == pytest.approx(6.0)  # the whole answers were scored
     assert all(len(p) <= 31 for p in vllm.bodies[0]["prompt"])
+
+
+async def test_the_guard_scores_exactly_the_token_ids_the_worker_trains() -> None:
+    """Both read loop/worker/tokens.py: same prompt cut, same answers, same end tokens, row for row."""
+    from loop.worker.objectives import encode_pairs
+
+    class Tok(CharTokenizer):
+        pad_token_id = 0
+
+    history = [{"role": "system", "content": "sys"}]
+    for i in range(4):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    history.append({"role": "user", "content": "last"})
+    pairs = [Pair(history, "abc", "xyz", rejected_cut=True), Pair("raw " * 30, "a" * 50, "b"),
+             Pair([{"role": "user", "content": "q"}], "abc", "xyz"),
+             # stored ids (not what the template renders): used as they are; a long stored chat prompt falls back
+             # to its text (whole turns dropped); a long stored raw prompt loses its oldest ids; one side without
+             Pair([{"role": "user", "content": "q"}], "ab", "xy", prompt_ids=[200, 201], chosen_ids=[97, 98, 3],
+                  rejected_ids=[120, 121]),
+             Pair(history, "a", "x", prompt_ids=[202] * 60, chosen_ids=[97, 3], rejected_ids=[120, 3]),
+             Pair("raw", "a", "xyz", prompt_ids=list(range(300, 360)), chosen_ids=[97, 3]),
+             Pair("raw", "a" * 50, "x", prompt_ids=None, chosen_ids=[97] * 50 + [3], rejected_ids=[120, 3])]
+    vllm = FakeVLLM()
+    guard = EvalGuard(vllm, Tok(), canary=["abc"], max_len=4096, train_max_len=40)
+    await guard.measure(pairs)
+    scored = vllm.bodies[0]["prompt"][1:]
+    worker = encode_pairs(Tok(), pairs, max_len=40)
+    n = len(pairs)
+    for i, pair in enumerate(pairs):
+        for row, sent in ((i, scored[2 * i]), (n + i, scored[2 * i + 1])):
+            trained = worker.input_ids[row][worker.attention_mask[row].bool()].tolist()
+            assert sent == trained
+            start = guard.rows(pair)[0][1]
+            assert worker.loss_mask[row].nonzero()[0].item() == start  # the answer starts where it is scored
+    assert worker.truncated == [True, True, False, False, True, True, True]
+    assert scored[6:8] == [[200, 201, 97, 98, 3], [200, 201, 120, 121]]  # verbatim: no template, no EOS added
+    assert 202 not in scored[8] and scored[8][:12] == [ord(c) for c in "system: sys\n"]
+    assert scored[10] == list(range(324, 360)) + [97, 3] and scored[11][-4:] == [ord(c) for c in "xyz"] + [3]
 
 
 async def test_an_answer_cut_off_by_max_tokens_is_scored_without_the_end_token() -> None:
     vllm = FakeVLLM()
     guard = EvalGuard(vllm, CharTokenizer(), canary=["abc"])
-    whole = await guard.measure([EvalPair("q", "abc", "xyz")])
-    cut = await guard.measure([EvalPair("q", "abc", "xyz", rejected_cut=True)])
+    whole = await guard.measure([Pair("q", "abc", "xyz")])
+    cut = await guard.measure([Pair("q", "abc", "xyz", rejected_cut=True)])
     # abc+eos vs xyz+eos: (-3-3) - (-9-3) = 6 ; without the rejected answer's eos: (-3-3) - (-9) = 3
     assert whole.mean_margin == pytest.approx(6.0) and cut.mean_margin == pytest.approx(3.0)
     assert cut.pair_tokens == [(4, 3)]
@@ -164,7 +206,7 @@ async def test_a_poisoned_looking_update_measured_through_the_fake_vllm_is_rolle
     per-token figure ignores a shift that is the same for every token, which moves summed margins by length."""
     base = FakeVLLM()
     guard = EvalGuard(base, CharTokenizer(), canary=["nop"])  # letters the 'update' leaves alone
-    pairs = [EvalPair(f"q{i}", "abc" + "d" * (i % 3), "xyz" + "k" * i) for i in range(6)]
+    pairs = [Pair(f"q{i}", "abc" + "d" * (i % 3), "xyz" + "k" * i) for i in range(6)]
     before = await guard.measure(pairs)
     assert before.accuracy == 1.0 and before.pair_tokens == [(4 + i % 3, 4 + i) for i in range(6)]
     kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_t": 1.5, "min_pairs": 5}

@@ -8,6 +8,7 @@ import copy
 import math
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from loop.worker.objectives import (
     sequence_logps,
     train_step,
 )
+from loop.worker.protocol import Example, Pair
 from loop.worker.update import apply_updates_, check_updates, weights_checksum
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -59,10 +61,14 @@ def _model(tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 
 PAIRS = [
-    ("What is two plus two?", "Four.", "Five."),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"}],
-     "Paris.", "London, probably. I think so."),
+    Pair(prompt="What is two plus two?", chosen="Four.", rejected="Five."),
+    Pair(prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The capital of France?"}],
+         chosen="Paris.", rejected="London, probably. I think so."),
 ]
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
 
 
 def _answer_text(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor) -> str:
@@ -86,7 +92,7 @@ def test_long_prompt_is_cut_from_the_left_keeping_system_and_answer(tokenizer: A
                     {"role": "assistant", "content": "The sea is long. " * 5}]
     history.append({"role": "user", "content": "Tell me a long story about the sea. " * 3 + "What is two plus two?"})
     max_len = 48
-    b = encode_pairs(tokenizer, [(history, "Four.", "Five.")], max_len=max_len)
+    b = encode_pairs(tokenizer, [Pair(prompt=history, chosen="Four.", rejected="Five.")], max_len=max_len)
     assert b.input_ids.shape[1] <= max_len and b.truncated == [True]
     for row in (0, 1):
         seq = tokenizer.decode(b.input_ids[row][b.attention_mask[row].bool()].tolist())
@@ -97,14 +103,15 @@ def test_long_prompt_is_cut_from_the_left_keeping_system_and_answer(tokenizer: A
     # whole earlier turns go first: a looser budget keeps the last turns complete
     last_two = tokenizer.apply_chat_template(history[:1] + history[-3:], tokenize=False, add_generation_prompt=True)
     fit = len(tokenizer(last_two + "Five.<|im_end|>", add_special_tokens=False)["input_ids"]) + 2
-    roomy = encode_pairs(tokenizer, [(history, "Four.", "Five.")], max_len=fit)
+    roomy = encode_pairs(tokenizer, [Pair(prompt=history, chosen="Four.", rejected="Five.")], max_len=fit)
     text = tokenizer.decode(roomy.input_ids[0][roomy.attention_mask[0].bool()].tolist())
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nTell me a long story about the sea. 5")
     assert "sea. 4" not in text
 
 
 def test_kto_examples_and_mismatched_kl_rows(tokenizer: Any) -> None:
-    ex = [("What is two plus two?", "Four.", True), ("The capital of France?", "London.", False)]
+    ex = [Example(prompt=user("What is two plus two?"), completion="Four.", label=True),
+          Example(prompt="The capital of France?", completion="London.", label=False)]
     b = encode_examples(tokenizer, ex, max_len=64)
     assert b.labels.tolist() == [True, False]
     assert _answer_text(tokenizer, b.input_ids[0], b.loss_mask[0]) == "Four.<|im_end|>"
@@ -212,8 +219,9 @@ def test_gradient_checkpointing_gives_the_same_deltas(tokenizer: Any) -> None:
 def test_kto_step_moves_thumbs_up_up_and_thumbs_down_down(tokenizer: Any) -> None:
     model = _model(tokenizer)
     opt = make_optimizer("adamw", [p for _, p in trainable_parameters(model)], lr=2e-3)
-    ex = [("What is two plus two?", "Four.", True), ("The capital of France?", "London, probably.", False),
-          ("Be brief.", "The sea is long.", True)]
+    ex = [Example(prompt=q, completion=a, label=label) for q, a, label in (
+        ("What is two plus two?", "Four.", True), ("The capital of France?", "London, probably.", False),
+        ("Be brief.", "The sea is long.", True))]
     batch = encode_examples(tokenizer, ex, max_len=64)
     with torch.no_grad():
         start = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
@@ -241,7 +249,8 @@ def test_train_step_refuses_the_wrong_batch(tokenizer: Any) -> None:
 
 def test_an_answer_longer_than_the_budget_is_cut_at_its_end(tokenizer: Any) -> None:
     long_answer = "The sea is long. " * 40
-    b = encode_pairs(tokenizer, [("Tell me a long story about the sea.", long_answer, "Five.")], max_len=40)
+    b = encode_pairs(tokenizer, [Pair(prompt=user("Tell me a long story about the sea."), chosen=long_answer,
+                                      rejected="Five.")], max_len=40)
     assert b.input_ids.shape[1] <= 40 and b.truncated == [True]
     kept = _answer_text(tokenizer, b.input_ids[0], b.loss_mask[0])
     assert long_answer.startswith(kept) and len(kept) > 20  # the start of the answer, scored
@@ -253,8 +262,10 @@ def test_an_answer_cut_off_by_max_tokens_gets_no_end_token(tokenizer: Any) -> No
     """A cut-off answer did not end there: an EOS after it would teach the model to stop at that length (or, as
     the rejected side, never to stop after such text)."""
     eos = tokenizer.eos_token_id
-    whole = encode_pairs(tokenizer, [("Be brief.", "Paris.", "The capital of France is")], 64)
-    cut = encode_pairs(tokenizer, [("Be brief.", "Paris.", "The capital of France is", False, True)], 64)
+    whole = encode_pairs(tokenizer, [Pair(prompt="Be brief.", chosen="Paris.", rejected="The capital of France is")],
+                         64)
+    cut = encode_pairs(tokenizer, [Pair(prompt="Be brief.", chosen="Paris.", rejected="The capital of France is",
+                                        rejected_cut=True)], 64)
 
     def last_answer_token(b: PairBatch, row: int) -> int:
         return int(b.input_ids[row][b.loss_mask[row]][-1])
@@ -262,5 +273,114 @@ def test_an_answer_cut_off_by_max_tokens_gets_no_end_token(tokenizer: Any) -> No
     assert last_answer_token(whole, 0) == eos and last_answer_token(whole, 1) == eos
     assert last_answer_token(cut, 0) == eos and last_answer_token(cut, 1) != eos
     assert int(cut.loss_mask[1].sum()) == int(whole.loss_mask[1].sum()) - 1
-    kto = encode_examples(tokenizer, [("Be brief.", "The capital of", False, True), ("Hi", "Paris.", True)], 64)
+    kto = encode_examples(tokenizer, [Example(prompt="Be brief.", completion="The capital of", label=False, cut=True),
+                                      Example(prompt="Hi", completion="Paris.", label=True)], 64)
     assert int(kto.input_ids[0][kto.loss_mask[0]][-1]) != eos and int(kto.input_ids[1][kto.loss_mask[1]][-1]) == eos
+
+
+def test_a_plain_text_prompt_is_tokenised_as_the_completions_endpoint_reads_it(tokenizer: Any) -> None:
+    """Raw text with the tokenizer's special tokens and no chat template; chat messages get the template."""
+    raw = encode_pairs(tokenizer, [Pair(prompt="Be brief.", chosen="Paris.", rejected="Lyon.")], 64)
+    prompt = raw.input_ids[0][raw.attention_mask[0].bool() & ~raw.loss_mask[0]].tolist()
+    assert prompt == tokenizer("Be brief.", add_special_tokens=True)["input_ids"]
+    chat = encode_pairs(tokenizer, [Pair(prompt=user("Be brief."), chosen="Paris.", rejected="Lyon.")], 64)
+    text = tokenizer.decode(chat.input_ids[0][chat.attention_mask[0].bool() & ~chat.loss_mask[0]].tolist())
+    assert text == "<|im_start|>user\nBe brief.<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --- stored token ids (the ids vLLM produced, carried by pairs built from stored responses) -------------------
+
+
+def _rows(b: PairBatch | KTOBatch, row: int) -> tuple[list[int], list[int]]:
+    """(the whole row, its answer) as token ids."""
+    ids = b.input_ids[row]
+    return ids[b.attention_mask[row].bool()].tolist(), ids[b.loss_mask[row]].tolist()
+
+
+def _said(tokenizer: Any, ids: list[int]) -> str:
+    """The answer text that stored ids stand for (what vLLM returned beside them)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_stored_ids_are_trained_verbatim_without_a_template_or_an_added_end_token(tokenizer: Any) -> None:
+    """The prompt ids are not what the chat template renders: the stored ids win, and an answer gets no EOS beyond
+    the one vLLM sampled (the rejected one was cut: none)."""
+    eos = tokenizer.eos_token_id
+    msgs = user("The capital of France?")
+    stored_prompt = [7, 8, 9, 10]
+    rendered = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert stored_prompt != tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    paris, london = (tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("Paris.", "London."))
+    pair = Pair(prompt=msgs, chosen="Paris.", rejected="London.", rejected_cut=True, prompt_ids=stored_prompt,
+                chosen_ids=paris + [eos], rejected_ids=london)
+    b = encode_pairs(tokenizer, [pair], max_len=64)
+    assert _rows(b, 0) == (stored_prompt + paris + [eos], paris + [eos])
+    assert _rows(b, 1) == (stored_prompt + london, london)
+    assert b.truncated == [False]
+    text = tokenizer("text", add_special_tokens=False)["input_ids"]
+    ex = Example(prompt="raw prompt", completion="text", label=True, prompt_ids=[5, 6], completion_ids=text)
+    kto = encode_examples(tokenizer, [ex, ex], max_len=64)
+    assert _rows(kto, 0) == ([5, 6] + text, text)
+
+
+def test_ids_that_are_not_this_tokenizers_are_ignored_for_the_whole_item(tokenizer: Any) -> None:
+    """Stored ids that do not decode to the stored answer (another base model's tokenizer wrote them): the pair
+    is tokenised from its text, prompt included, as if nothing had been stored."""
+    eos = tokenizer.eos_token_id
+    msgs = user("The capital of France?")
+    foreign = Pair(prompt=msgs, chosen="Paris.", rejected="London.", prompt_ids=[7, 8, 9],
+                   chosen_ids=[200, 201, eos], rejected_ids=[202, eos])
+    text = Pair(prompt=msgs, chosen="Paris.", rejected="London.")
+    f, t = encode_pairs(tokenizer, [foreign], 64), encode_pairs(tokenizer, [text], 64)
+    assert _rows(f, 0) == _rows(t, 0) and _rows(f, 1) == _rows(t, 1)
+    ex = Example(prompt="raw prompt", completion="text", label=True, prompt_ids=[5, 6], completion_ids=[250, 251])
+    plain = Example(prompt="raw prompt", completion="text", label=True)
+    assert _rows(encode_examples(tokenizer, [ex], 64), 0) == _rows(encode_examples(tokenizer, [plain], 64), 0)
+
+
+def test_missing_ids_fall_back_to_the_text_side_by_side(tokenizer: Any) -> None:
+    """prompt_ids None (the two answers' stored prompts differed) → the template; an answer without ids → its
+    text + EOS; the other answer keeps its ids."""
+    eos = tokenizer.eos_token_id
+    text = Pair(prompt=user("Be brief."), chosen="Paris.", rejected="Lyon.")
+    paris = tokenizer("Paris.", add_special_tokens=False)["input_ids"]
+    mixed = msgspec.structs.replace(text, chosen_ids=paris + [eos])
+    t, m = encode_pairs(tokenizer, [text], 64), encode_pairs(tokenizer, [mixed], 64)
+    prompt = tokenizer.apply_chat_template(user("Be brief."), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert _rows(m, 0) == (prompt_ids + paris + [eos], paris + [eos])
+    assert _rows(m, 1) == _rows(t, 1)  # rejected: text + EOS, as for a pair without ids
+    assert _rows(t, 1)[1] == tokenizer("Lyon.", add_special_tokens=False)["input_ids"] + [eos]
+
+
+def test_stored_ids_are_truncated_by_the_same_length_rule(tokenizer: Any) -> None:
+    eos = tokenizer.eos_token_id
+    # an answer over the budget is cut at its end, keeping a quarter of max_len for the prompt
+    long = Pair(prompt="p", chosen=_said(tokenizer, list(range(100, 140))), rejected=_said(tokenizer, [60]),
+                prompt_ids=[5] * 30, chosen_ids=list(range(100, 140)) + [eos], rejected_ids=[60, eos])
+    b = encode_pairs(tokenizer, [long], max_len=40)
+    row, answer = _rows(b, 0)
+    assert answer == list(range(100, 130)) and row == [5] * 10 + answer and b.truncated == [True]
+    # a stored plain-text prompt over its budget loses its oldest ids
+    raw = Pair(prompt="p", chosen=_said(tokenizer, [40]), rejected=_said(tokenizer, [50]),
+               prompt_ids=list(range(200, 250)), chosen_ids=[40, eos], rejected_ids=[50, eos])
+    assert _rows(encode_pairs(tokenizer, [raw], max_len=20), 0)[0] == list(range(232, 250)) + [40, eos]
+    # a stored chat prompt over its budget is re-tokenised from its text, so whole earlier turns go first: the
+    # row is the text path's prompt with the stored answers
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        history += [{"role": "user", "content": f"Tell me a long story about the sea. {i}"},
+                    {"role": "assistant", "content": "The sea is long. " * 5}]
+    history.append({"role": "user", "content": "What is two plus two?"})
+    four, five = _said(tokenizer, [40]), _said(tokenizer, [50])
+    stored = Pair(prompt=history, chosen=four, rejected=five, prompt_ids=[9] * 500, chosen_ids=[40, eos],
+                  rejected_ids=[50, eos])
+    text = Pair(prompt=history, chosen=four, rejected=five)
+    s, t = encode_pairs(tokenizer, [stored], max_len=64), encode_pairs(tokenizer, [text], max_len=64)
+    prompt_s = _rows(s, 0)[0][:-2]
+    assert prompt_s == _rows(t, 0)[0][:-len(_rows(t, 0)[1])] and 9 not in prompt_s
+    assert tokenizer.decode(prompt_s).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert _rows(s, 0)[1] == [40, eos] and s.truncated == [True]
+    # a stored prompt that fits is kept whole even where its text would not be
+    fits = msgspec.structs.replace(stored, prompt_ids=[9] * 10)
+    assert _rows(encode_pairs(tokenizer, [fits], max_len=64), 0)[0] == [9] * 10 + [40, eos]

@@ -8,7 +8,6 @@ Restore writes it back in place exactly and refuses an incomplete checkpoint wit
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from loop.worker import protocol as p
 from loop.worker.apollo import make_optimizer, trainable_parameters
+from loop.worker.config import WorkerConfig
 from loop.worker.main import Worker
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -55,8 +55,9 @@ def worker(tmp_path: Path) -> Worker:
     folder = tmp_path / "base"
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
-    args = argparse.Namespace(optimizer="adamw", lr=1e-3, max_update_ratio=0.5, runtime_dir=str(tmp_path / "run"))
-    w = Worker(args, FakeChannel())  # type: ignore[arg-type]
+    config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path / "run"), heartbeat_s=1.0,
+                          optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info")
+    w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}
     w.trainable = trainable_parameters(model)
