@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from loop.bench import started_api
-
 from loop.bench.proxy import Stats
 
 RESPONSES = 500  # distinct responses the ratings spread over

@@ -35,7 +35,12 @@ import torch
 from torch import nn
 
 from loop.worker.apollo import make_optimizer, trainable_parameters
-from loop.worker.objectives import PairBatch, dpo_loss, enable_gradient_checkpointing, train_step
+from loop.worker.objectives import (
+    PairBatch,
+    dpo_loss,
+    enable_gradient_checkpointing,
+    train_step,
+)
 from loop.worker.update import apply_updates_
 
 MODES = ("apollo-mini-per-layer", "apollo-mini-staged", "hf-adamw")

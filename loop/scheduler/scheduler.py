@@ -23,7 +23,8 @@ Runs never overlap (one lock; a manual run in progress also defers the scheduler
    `rolled_back`. Eval figures are stored on the WeightVersion rows (`eval`).
    Feedback consumed by a rolled-back run stays consumed: a poisoned batch is not retried.
 State (paused, the interval clock, last run, runtime threshold overrides) lives in the `scheduler_state` table,
-so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin).
+so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin;
+one model of them, derived from Settings: loop/scheduler/tunables.py).
 
 Unit tests with a fake trainer: `.venv/bin/pytest tests/unit/test_scheduler.py`.
 """
@@ -33,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -43,55 +43,21 @@ from sqlalchemy import delete, select
 from loop import pairs
 from loop.db.models import RunFeedback, SchedulerState, TrainingRun, WeightVersion
 from loop.readcache import ReadCache
-from loop.scheduler import batches
-from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_tokenizer, verdict
+from loop.scheduler import batches, tunables
+from loop.scheduler.guard import (
+    EvalFigures,
+    EvalGuard,
+    GuardError,
+    load_tokenizer,
+    verdict,
+)
+from loop.training.versions import VersionRecords
 
 log = logging.getLogger("loop.scheduler")
 
 STATE_KEY = "scheduler"
 TERMINAL = ("succeeded", "failed", "refused", "rejected", "rolled_back", "lost")
-# Runtime-adjustable thresholds: name → (Settings field, type)
-TUNABLE: dict[str, tuple[str, type]] = {
-    "interval_s": ("scheduler_interval_s", float),
-    "min_pairs": ("scheduler_min_pairs", int),
-    "max_wait_s": ("scheduler_max_wait_s", float),
-    "batch_size": ("batch_size", int),
-    "steps": ("scheduler_steps", int),
-    "learning_rate": ("learning_rate", float),
-    "max_accuracy_drop": ("max_accuracy_drop", float), "max_perplexity_rise": ("max_perplexity_rise", float),
-    "max_margin_t": ("max_margin_t", float), "max_conflict_t": ("max_conflict_t", float),
-    "guard_enabled": ("guard_enabled", bool),
-}
-# The range each number may take, as pydantic's gt/ge/le (POST /api/scheduler/config declares its fields with
-# them). Durations stop at 1e10 s (~300 years: "never"); a later time would not fit a timestamp.
-LIMITS: dict[str, dict[str, float]] = {
-    "interval_s": {"gt": 0, "le": 1e10}, "min_pairs": {"ge": 1, "le": 1_000_000}, "max_wait_s": {"gt": 0, "le": 1e10},
-    "batch_size": {"ge": 1, "le": 4096}, "steps": {"ge": 1, "le": 100}, "learning_rate": {"gt": 0, "le": 1.0},
-    # a limit set out of reach (e.g. 1e9) is how a check is switched off for one experiment: allow it, finite
-    "max_accuracy_drop": {"ge": 0, "le": 1}, "max_perplexity_rise": {"ge": 0, "le": 1e12},
-    "max_margin_t": {"ge": 0, "le": 1e12}, "max_conflict_t": {"ge": 0, "le": 1e12},
-}
 _TIMES = ("next_interval_at", "paused_at", "last_run_at")  # stored epoch seconds
-
-
-def check_tunable(name: str, value: Any) -> Any:
-    """`value` as the type of threshold `name`, or ValueError saying what range it must be in."""
-    if name not in TUNABLE:
-        raise ValueError(f"unknown scheduler setting {name!r}; known: {sorted(TUNABLE)}")
-    kind = TUNABLE[name][1]
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, not {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (kind is int and value != int(value)):
-        raise ValueError(f"{name} must be a finite {kind.__name__}, not {value!r}")
-    lim = LIMITS[name]
-    if ("gt" in lim and not value > lim["gt"]) or ("ge" in lim and not value >= lim["ge"]) \
-            or ("le" in lim and not value <= lim["le"]):
-        bounds = ", ".join(f"{'>' if k == 'gt' else '>=' if k == 'ge' else '<='} {v:g}" for k, v in lim.items())
-        raise ValueError(f"{name} must be {bounds}, not {value!r}")
-    return kind(value)
 
 
 def _sane_state(stored: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +72,7 @@ def _sane_state(stored: dict[str, Any]) -> dict[str, Any]:
     kept = {}
     for name, value in overrides.items():
         try:
-            kept[name] = check_tunable(name, value)
+            kept[name] = tunables.check(name, value)
         except ValueError as exc:
             log.warning("ignoring the stored scheduler setting %s=%r (%s); using the configured value", name,
                         value, exc)
@@ -187,16 +153,17 @@ class Scheduler:
 
     def configure(self, **changes: Any) -> dict[str, Any]:
         """Change thresholds at runtime (persisted; survives restarts). Unknown names, values of the wrong type,
-        not finite or outside LIMITS raise ValueError, and nothing changes."""
-        unknown = sorted(set(changes) - set(TUNABLE))
+        not finite or outside the settings' ranges (loop/scheduler/tunables.py) raise ValueError, and nothing
+        changes; None resets a threshold to its setting."""
+        unknown = sorted(set(changes) - set(tunables.SETTING))
         if unknown:
-            raise ValueError(f"unknown scheduler setting(s) {unknown}; known: {sorted(TUNABLE)}")
+            raise ValueError(f"unknown scheduler setting(s) {unknown}; known: {sorted(tunables.SETTING)}")
         overrides = dict(self._persisted.get("overrides", {}))
         for name, value in changes.items():
             if value is None:
                 overrides.pop(name, None)
             else:
-                overrides[name] = check_tunable(name, value)
+                overrides[name] = tunables.check(name, value)
         update: dict[str, Any] = {"overrides": overrides}
         if "interval_s" in changes:  # a new interval starts counting now
             update["next_interval_at"] = self.clock() + self.config_from(overrides)["interval_s"]
@@ -205,7 +172,7 @@ class Scheduler:
         return self.config()
 
     def config_from(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        return {name: overrides.get(name, getattr(self.settings, field)) for name, (field, _) in TUNABLE.items()}
+        return tunables.effective(self.settings, overrides).model_dump()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -331,12 +298,17 @@ class Scheduler:
             if pool is None:
                 pool = await asyncio.to_thread(self._pool)
             tokenizer = guard.tokenizer if guard is not None else None
-            batch = batches.build_batch(pool, limit=cfg["batch_size"], tokenizer=tokenizer,
-                                        max_prompt_tokens=self.settings.max_prompt_tokens)
+
+            def build(chosen_from: batches.Pool) -> batches.Batch | None:  # reads the chosen items' prompts
+                with self.state.sessions() as s:
+                    return batches.build_batch(s, chosen_from, limit=cfg["batch_size"], tokenizer=tokenizer,
+                                               max_prompt_tokens=self.settings.max_prompt_tokens)
+
+            batch = await asyncio.to_thread(build, pool)
             if batch is None:
                 return None
             before: EvalFigures | None = None
-            eval_items: list[batches.Item] = []
+            eval_items: list[pairs.Item] = []
             built_at = datetime.now(timezone.utc)  # wall clock, like the feedback rows' created_at
             eval_set: dict[str, Any] = {}
             if guard is not None:
@@ -350,18 +322,23 @@ class Scheduler:
                 await self.state.trainer.checkpoint()  # rollback restores it (the live one's is reused if it has one)
             from loop.training import TrainRequest
 
-            request = TrainRequest(**batch.request(), steps=cfg["steps"], learning_rate=cfg["learning_rate"])
+            request = TrainRequest(objective=batch.objective, rating_ids=batch.rating_ids,
+                                   comparison_ids=batch.comparison_ids, steps=cfg["steps"],
+                                   learning_rate=cfg["learning_rate"])
             started = self.clock()
-            from loop.model_cache import base_model_dir  # the direction check's base (loop/worker/agreement.py)
-            run_id = int(await self.state.trainer.run(
-                request, trigger="scheduler", base_weights=base_model_dir(self.settings) if guard is not None else None,
-                max_conflict_t=cfg["max_conflict_t"]))
+            from loop.model_cache import (
+                base_model_dir,  # the direction check's base (loop/worker/agreement.py)
+            )
+            handle = await self.state.trainer.run(
+                request, batch=batch, trigger="scheduler", base_weights=base_model_dir(self.settings) if guard is not None else None,
+                max_conflict_t=cfg["max_conflict_t"])
+            run_id = handle.id
             self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id
             try:
                 await asyncio.to_thread(self._annotate, run_id, {"trigger": trigger, "reason": reason,
                                                                  **batch.summary(), **eval_set})
-                status = await self._wait_run(run_id)
+                status = await handle.finished(self.run_timeout_s)
                 if status == "succeeded" and guard is not None and before is not None:
                     try:
                         after = await guard.measure([_eval_pair(i) for i in eval_items], before=before)
@@ -386,24 +363,9 @@ class Scheduler:
         times = [t for t in (batch.oldest(), _parse(self._persisted.get("last_batch_at"))) if t is not None]
         return min(times) if times else built_at
 
-    def _eval_items(self, created_before: datetime | None = None) -> list[batches.Item]:
+    def _eval_items(self, created_before: datetime | None = None) -> list[pairs.Item]:
         with self.state.sessions() as s:
             return batches.eval_pairs(s, self.settings, created_before=created_before)
-
-    async def _wait_run(self, run_id: int) -> str:
-        deadline = time.monotonic() + self.run_timeout_s
-        while True:
-            status = await asyncio.to_thread(self._run_status, run_id)
-            if status in TERMINAL:
-                return status
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} still {status} after {self.run_timeout_s:.0f} s")
-            await asyncio.sleep(0.2)
-
-    def _run_status(self, run_id: int) -> str:
-        with self.state.sessions() as s:
-            run = s.get(TrainingRun, run_id)
-            return run.status if run is not None else "failed"
 
     def _annotate(self, run_id: int, info: dict[str, Any]) -> None:
         with self.state.sessions() as s:
@@ -415,6 +377,8 @@ class Scheduler:
 
     def _record_eval(self, run_id: int, before: EvalFigures, after: EvalFigures | None,
                      rollback: dict[str, Any] | None) -> None:
+        """The run's eval figures and verdict, and (through the version records, in the same transaction) the
+        figures of the versions it measured and the rollback's marks."""
         with self.state.sessions() as s:
             run = s.get(TrainingRun, run_id)
             if run is None:
@@ -423,27 +387,16 @@ class Scheduler:
             metrics["eval_before"] = before.to_dict()
             if after is not None:
                 metrics["eval_after"] = after.to_dict()
-            for version, figures in ((run.version_before, before), (run.version_after, after)):
-                if version is None or figures is None:
-                    continue
-                wv = s.get(WeightVersion, version)
-                if wv is not None:
-                    wv.eval = {**(wv.eval or {}), **figures.to_dict(), "run_id": run_id, "measured_at": _iso(self.clock())}
+            measured_at = _iso(self.clock())
+            VersionRecords.note_eval(s, run.version_before, before.to_dict(), run_id, measured_at)
+            VersionRecords.note_eval(s, run.version_after, after.to_dict() if after is not None else None, run_id,
+                                     measured_at)
             if rollback is not None:
                 metrics["rollback"] = rollback
                 run.status = "rolled_back"
                 run.error = f"rolled back by the eval guard: {rollback['reason']}"
-                if run.version_after is not None and (wv := s.get(WeightVersion, run.version_after)) is not None:
-                    wv.status = "rolled_back"
-                    wv.note = rollback["reason"]
-                restored = rollback.get("restored_version")
-                if restored is not None and (nv := s.get(WeightVersion, restored)) is not None:
-                    nv.kind = "rollback"
-                    nv.note = f"rollback of run {run_id}: {rollback['reason']}"
-                    if run.version_before is not None:
-                        before_row = s.get(WeightVersion, run.version_before)
-                        if before_row is not None and before_row.eval:
-                            nv.eval = dict(before_row.eval)
+                VersionRecords.note_rollback(s, run_id, run.version_after, rollback.get("restored_version"),
+                                             run.version_before, rollback["reason"])
             run.metrics = metrics
             s.commit()
 
@@ -514,11 +467,8 @@ class Scheduler:
         }
 
 
-def _eval_pair(item: batches.Item) -> Any:
-    from loop.scheduler.guard import EvalPair
-
-    return EvalPair(prompt=item.prompt, chosen=item.chosen, rejected=item.rejected, chosen_cut=item.chosen_cut,
-                    rejected_cut=item.rejected_cut)
+def _eval_pair(item: pairs.Item) -> Any:
+    return item.pair
 
 
 def _parse(iso: str | None) -> datetime | None:

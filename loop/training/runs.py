@@ -1,22 +1,19 @@
-"""Training runs, seen from the API process: bookkeeping in the database, the worker over ZMQ, vLLM paused for
-exactly the apply.
+"""Training runs: the trainer that holds the other parts of loop/training and carries one run at a time.
 
-`Trainer(state)` is created by `create_app` when the worker is enabled. One run at a time:
-- `await run(request)` validates the batch, records a `TrainingRun` (status running, version_before) and the
-  feedback it consumes in `run_feedback` (unique per feedback item: nothing is trained on twice) and starts the
-  run as a background task; it returns the run id at once (the route answers 202).
-- Each step: the worker computes a staged update (`Train`) while vLLM keeps serving; then, under
-  `state.weights_lock`: `vllm.pause(mode="wait")` → worker `Apply` (finite + ratio check, in-place write) →
-  `vllm.reset_prefix_cache()` → new `WeightVersion` row and `state.weight_version += 1` → `vllm.resume()`, the
-  resume in a `finally` so vLLM is never left paused. The figures of each part land in the run's metrics.
-  `settings.train_mode == "lowmem"` keeps it atomic with ~0.2x the memory: the worker only measures the update
-  in `Train` and writes it in `Apply` by a second backward (loop/worker/lowmem.py), so the pause is longer.
-  `settings.train_mode == "hogwild"` skips the pause. A refused update (NaN/inf/over the cap) ends the run as
-  "refused": weights untouched, version unchanged, feedback released. A failed run releases its feedback too.
-- Checkpoints, restore, the version records and the recovery of an unfinished apply are in loop/versions.py
-  (the `Versions` mixin). Every kept version is made durable in the background, outside the pause
-  (loop/durability.py: `settings.checkpoint_every`, 1 by default). A run is `succeeded` only when vLLM still
-  serves its version at the end; otherwise it is `lost` and its feedback goes back to the queue.
+`Trainer(state)` is created by `create_app` when the worker is enabled.
+- `await run(request)` resolves the batch, records a `TrainingRun` (status running, version_before) and the
+  feedback it consumes in `run_feedback` (unique per feedback item: nothing is trained on twice), starts the run in
+  the background and returns a `RunHandle` at once (the route answers 202; the scheduler awaits `handle.finished()`).
+- Each step: the worker computes a staged update (`Train`) while vLLM keeps serving; then the live weights change
+  (loop/training/weights.py: pause → worker `Apply` → new version → reset → resume). `train_mode` "lowmem" keeps it
+  atomic with a fraction of the memory (the worker writes by a second backward inside the pause, so the pause is
+  longer); "hogwild" skips the pause. A refused update (NaN/inf/over the cap) ends the run "refused": weights
+  untouched, version unchanged, feedback released; "rejected" (it would undo what kept runs taught) keeps the
+  feedback consumed. A failed run releases its feedback.
+- Every kept version is made durable in the background (loop/training/checkpoints.py); a run is `succeeded` only
+  when vLLM still serves its version at the end, otherwise it is `lost` and its feedback goes back to the queue.
+
+Run the tests: .venv/bin/python -m pytest tests/unit/training/
 """
 
 from __future__ import annotations
@@ -26,17 +23,22 @@ import contextlib
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
-from loop.errors import Conflict, Invalid, NotFound, Unavailable
+from loop.config import Objective, TrainMode, TrainParams
+from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
+from loop.errors import Conflict, NotFound, Unavailable
+from loop.scheduler import batches
+from loop.scheduler.batches import Batch
 from loop.state import LoopState
-from loop.control import WorkerControl, WorkerTimeout, WorkerUnavailable
-from loop.db.models import MAX_ID, Comparison, Rating, RunFeedback, TrainingRun, WeightVersion
-from loop.durability import LOST, Flusher, durable, mark_lost
-from loop.versions import CHECKPOINT_TIMEOUT_S, Versions
+from loop.training.checkpoints import CHECKPOINT_TIMEOUT_S, Checkpoints, Flusher
+from loop.training.recovery import Recovery
+from loop.training.versions import LOST, VersionRecords
+from loop.training.weights import LiveWeights
+from loop.training.worker import WorkerControl, WorkerTimeout, WorkerUnavailable
 from loop.worker import protocol as p
 
 log = logging.getLogger("loop.training")
@@ -76,15 +78,14 @@ class TrainRequest(BaseModel):
     steps: int = Field(1, ge=1, le=100)
     learning_rate: float | None = Field(None, gt=0, le=1.0)
     beta: float | None = Field(None, gt=0)
-    objective: Literal["dpo", "kto"] | None = None
+    objective: Objective | None = None
     max_len: int = Field(1024, ge=16, le=32768)
-    train_mode: Literal["atomic", "lowmem", "hogwild"] | None = Field(
+    train_mode: TrainMode | None = Field(
         None, description="how this run's updates are written (default: LOOP_TRAIN_MODE): atomic stages them and "
         "pauses vLLM for a copy; lowmem pauses vLLM for a second backward pass instead (~0.2x the weight bytes "
         "extra rather than 1x); hogwild writes without a pause")
     debug_inject_nan: bool = Field(False, description="testing only: poison the update to see it refused")
-    feedback_inline: bool = Field(False, description="the inline pairs/examples ARE the given feedback ids (the "
-                                  "scheduler's built batch): record the ids as consumed, derive nothing from them")
+
 
     @model_validator(mode="after")
     def _not_empty(self) -> "TrainRequest":
@@ -97,7 +98,26 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class Trainer(Versions):
+class RunHandle:
+    """A started run: its id, and `await finished()` for its final status (the scheduler judges the outcome)."""
+
+    def __init__(self, run_id: int, task: asyncio.Task[None], status: Any) -> None:
+        self.id = run_id
+        self._task = task
+        self._status = status
+
+    async def finished(self, timeout: float | None = None) -> str:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        return await asyncio.to_thread(self._status, self.id)
+
+    def __int__(self) -> int:
+        return self.id
+
+
+class Trainer:
+    """Runs, holding the live weights, the version records, the checkpoints and the recovery, each one job."""
+
     def __init__(self, state: LoopState, control: WorkerControl | None = None) -> None:
         self.state = state
         self.settings = state.settings
@@ -109,24 +129,30 @@ class Trainer(Versions):
         self.metrics: dict[str, Any] = {}
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
-        self._loaded_path: str | None = None  # the folder vLLM loaded (a checkpoint, or the base model)
-        self.held_paused: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
+        self.weights = LiveWeights(state)
+        self.versions = VersionRecords(state, lambda: self.control.hello.load_id if self.control.hello else None)
+        self.checkpoints = Checkpoints(state, self.control, self.weights, self.versions)
+        self.recovery = Recovery(state, self.control, self.weights, self.versions, self.checkpoints)
         self.durability = Flusher(self.checkpoint, state.settings.checkpoint_every)
         self.control.on_progress.append(self._on_progress)
-        self.control.on_hello.append(self._on_worker_hello)
+        self.control.on_hello.append(self.recovery.worker_hello)
         if self.control.hello is not None:  # the worker said hello before the trainer existed
             with contextlib.suppress(RuntimeError):  # no running loop (a test building it by hand)
-                self._on_worker_hello(self.control.hello)
+                self.recovery.worker_hello(self.control.hello)
+
+    @property
+    def held_paused(self) -> str | None:
+        return self.weights.held
 
     # ------------------------------------------------------------ lifecycle
 
     def prepare_supervisor(self, supervisor: Any) -> None:
         """Before vLLM starts: load the newest checkpoint, and learn about every (re)start."""
-        newest = self._newest_checkpoint()
+        newest = self.versions.newest_checkpoint()
         if newest is not None:
             supervisor.model_path = newest[1]
             log.info("vLLM will load the newest checkpoint, version %d: %s", *newest)
-        supervisor.add_ready_callback(self._on_vllm_ready)
+        supervisor.add_ready_callback(self.recovery.vllm_ready)
 
     async def stop(self) -> None:
         """A clean shutdown: end the run in progress, then make the live version durable before vLLM goes."""
@@ -157,6 +183,9 @@ class Trainer(Versions):
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def live_is_durable(self) -> bool:
+        return self.versions.live_is_durable()
+
     def describe(self) -> dict[str, Any]:
         worker = self.control.describe()
         if worker["state"] in ("dead", "failed"):
@@ -174,6 +203,40 @@ class Trainer(Versions):
                 "weight_version": self.state.weight_version, "worker": worker,
                 "durability": {**self.durability.describe(), "live_durable": self.live_is_durable()}}
 
+    # ------------------------------------------------------------ checkpoints and restore
+
+    async def checkpoint(self, *, pinned: bool = False) -> tuple[int, str]:
+        """Write the live weights as a checkpoint (or return the live version's existing one). pinned (POST
+        /api/checkpoint): never pruned; the automatic ones (rollback points, `checkpoint_every`) are."""
+        self._require_worker()
+        self.phase = "checkpointing" if self.phase == "idle" else self.phase
+        try:
+            return await self.checkpoints.write(pinned=pinned)
+        finally:
+            self.phase = "idle" if self.phase == "checkpointing" else self.phase
+
+    async def restore(self, version: int) -> int:
+        """Write version `version`'s weights back into the live weights; returns the new live version."""
+        row = await asyncio.to_thread(self.versions.get, version)
+        if row is None:
+            raise NotFound(f"weight version {version} does not exist; GET /api/versions lists them",
+                           code="version_not_found")
+        path = self.checkpoints.restorable_path(row)
+        if path is None:
+            why = " (its weights were lost: " + row.note + ")" if row.status == LOST and row.note else ""
+            raise Conflict(f"weight version {version} has no checkpoint to restore from{why}; checkpoint a "
+                           "version first (POST /api/checkpoint writes the live one)", code="no_checkpoint")
+        if self.busy:
+            raise Conflict(f"run {self.run_id} is in progress; restore after it ends", code="run_in_progress")
+        self._require_worker(restoring=True)
+        self.phase = "restoring"  # from here on no run starts (run() answers 409) until the restore ends
+        try:
+            timings = await self.checkpoints.restore(version, path)
+        finally:
+            self.phase = "idle"
+        log.info("restored version %d as version %d (%s)", version, self.state.weight_version, timings)
+        return self.state.weight_version
+
     def _require_worker(self, *, restoring: bool = False) -> None:
         if self.held_paused and not restoring:
             raise Unavailable(self.held_paused, code="weights_held")
@@ -188,14 +251,15 @@ class Trainer(Versions):
 
     # ------------------------------------------------------------ runs
 
-    async def run(self, request: TrainRequest, *, trigger: str = "manual", base_weights: str | None = None,
-                  max_conflict_t: float | None = None) -> int:
-        """Record and start a run; returns its id at once (the run goes on in the background).
+    async def run(self, request: TrainRequest, *, batch: Batch | None = None, trigger: str = "manual",
+                  base_weights: str | None = None, max_conflict_t: float | None = None) -> RunHandle:
+        """Record and start a run; returns its handle at once (the run goes on in the background).
 
-        `base_weights` (the scheduler's runs: the base model folder): the worker measures whether step 1's update
-        goes on with the weights' change since that base or pulls it back, before writing it; with
-        `max_conflict_t` an update that pulls back is rejected (loop/worker/agreement.py) and its feedback stays
-        consumed."""
+        The batch is `batch` when the caller built it (the scheduler, loop/scheduler/batches.py: its feedback is
+        checked again here, since time passed), else what `request` names (`batches.resolve`). `base_weights`
+        (the scheduler's runs: the base model folder): the worker measures whether step 1's update goes on with
+        the weights' change since that base or pulls it back, before writing it; with `max_conflict_t` an update
+        that pulls back is rejected (loop/worker/agreement.py) and its feedback stays consumed."""
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
@@ -203,86 +267,38 @@ class Trainer(Versions):
             raise Conflict("a version is being restored; start the run after it (GET /api/train/status)",
                            code="restore_in_progress")
         self._require_worker()
-        objective, pairs, examples, rating_ids, comparison_ids = await asyncio.to_thread(self._resolve, request)
-        run_id = await asyncio.to_thread(self._create_run, request, trigger, objective, pairs, examples,
-                                         rating_ids, comparison_ids)
+        batch = await asyncio.to_thread(self._resolve, request, batch)
+        run_id = await asyncio.to_thread(self._create_run, request, trigger, batch)
         self.run_id, self.step, self.losses, self.metrics, self.last_error = run_id, 0, [], {}, None
-        self._task = asyncio.create_task(self._execute(run_id, request, objective, pairs, examples, base_weights,
-                                                       max_conflict_t), name=f"train-run-{run_id}")
-        return run_id
+        self._task = asyncio.create_task(self._execute(run_id, request, batch, base_weights, max_conflict_t),
+                                         name=f"train-run-{run_id}")
+        return RunHandle(run_id, self._task, self._run_status)
 
-    def _resolve(self, req: TrainRequest) -> tuple[str, list[p.Pair], list[p.Example], list[int], list[int]]:
-        """Inline data plus feedback ids → the batch (DPO pairs or KTO examples) and the ids it consumes."""
-        pairs = [p.Pair(prompt=x.prompt, chosen=x.chosen, rejected=x.rejected, chosen_cut=x.chosen_cut,
-                        rejected_cut=x.rejected_cut) for x in req.pairs]
-        examples = [p.Example(prompt=x.prompt, completion=x.completion, label=x.label, cut=x.cut)
-                    for x in req.examples]
-        used_r: set[int] = set()
-        used_c: set[int] = set()
-        if req.rating_ids or req.comparison_ids:
-            from loop.pairs import PairFilters, preference_pairs, prompt_messages, unpaired_examples
+    def _run_status(self, run_id: int) -> str:
+        with self.state.sessions() as s:
+            run = s.get(TrainingRun, run_id)
+            return run.status if run is not None else "failed"
 
-            want_r, want_c = set(req.rating_ids), set(req.comparison_ids)
-            with self.state.sessions() as s:
-                have_r = set(s.scalars(select(Rating.id).where(Rating.id.in_(want_r))))
-                have_c = set(s.scalars(select(Comparison.id).where(Comparison.id.in_(want_c))))
-                if want_r - have_r or want_c - have_c:
-                    raise NotFound(f"unknown feedback: ratings {sorted(want_r - have_r)}, comparisons "
-                                   f"{sorted(want_c - have_c)}", code="feedback_not_found")
-                taken_r = set(s.scalars(select(RunFeedback.rating_id).where(RunFeedback.rating_id.in_(want_r))))
-                taken_c = set(s.scalars(select(RunFeedback.comparison_id)
-                                        .where(RunFeedback.comparison_id.in_(want_c))))
-                if taken_r or taken_c:
-                    raise Conflict(f"already trained on: ratings {sorted(taken_r)}, comparisons {sorted(taken_c)}; "
-                                   "feedback is never trained on twice", code="feedback_consumed")
-                stale_r = set(s.scalars(select(Rating.id).where(Rating.id.in_(want_r), Rating.is_current.is_(False))))
-                stale_c = set(s.scalars(select(Comparison.id).where(Comparison.id.in_(want_c),
-                                                                    Comparison.is_current.is_(False))))
-                if stale_r or stale_c:
-                    raise Conflict(f"superseded feedback: ratings {sorted(stale_r)}, comparisons {sorted(stale_c)} were "
-                                   "replaced by a newer verdict of the same rater; send the current ids "
-                                   "(GET /api/responses/{id} lists each item's feedback with is_current)",
-                                   code="feedback_superseded")
-                filters = PairFilters(untrained_only=True, include_held_out=True)
-                if req.feedback_inline:  # built by loop/scheduler/batches.py from exactly these ids
-                    used_r, used_c, want_r, want_c = set(want_r), set(want_c), set(), set()
-                if req.objective != "kto" and (want_r or want_c):
-                    for item in preference_pairs(s, filters):
-                        ids_r, ids_c = set(item.rating_ids), set(item.comparison_ids)
-                        if (ids_r or ids_c) and ids_r <= want_r and ids_c <= want_c:
-                            pairs.append(p.Pair(prompt=prompt_messages(item.prompt), chosen=item.chosen,
-                                                rejected=item.rejected, chosen_cut=item.chosen_cut,
-                                                rejected_cut=item.rejected_cut))
-                            used_r |= ids_r
-                            used_c |= ids_c
-                if (want_r or want_c) and (req.objective == "kto" or (req.objective is None and not pairs)):
-                    for ex in unpaired_examples(s, filters):
-                        if ex.rating_ids and set(ex.rating_ids) <= want_r:
-                            examples.append(p.Example(prompt=prompt_messages(ex.prompt), completion=ex.completion,
-                                                      label=ex.label, cut=ex.cut))
-                            used_r |= set(ex.rating_ids)
-        objective = req.objective or ("dpo" if pairs else "kto")
-        if objective == "dpo" and not pairs:
-            raise Invalid("no preference pairs in this batch: DPO needs pairs (inline, A/B comparisons with a "
-                            "winner, or two responses to one prompt rated differently)",
-                          code="empty_batch")
-        if objective == "kto" and not examples:
-            raise Invalid("no examples in this batch: KTO needs examples (inline, or thumbs/scores on responses)",
-                          code="empty_batch")
-        return objective, pairs, examples, sorted(used_r), sorted(used_c)
+    def _resolve(self, req: TrainRequest, built: Batch | None) -> Batch:
+        with self.state.sessions() as s:
+            if built is not None:
+                batches.check_feedback(s, built.rating_ids, built.comparison_ids)
+                return built
+            return batches.resolve(s, objective=req.objective,
+                                   pairs_in=[p.Pair(**x.model_dump()) for x in req.pairs],
+                                   examples_in=[p.Example(**x.model_dump()) for x in req.examples],
+                                   rating_ids=req.rating_ids, comparison_ids=req.comparison_ids)
 
-    def _create_run(self, req: TrainRequest, trigger: str, objective: str, pairs: list[p.Pair],
-                    examples: list[p.Example], rating_ids: list[int], comparison_ids: list[int]) -> int:
+    def _create_run(self, req: TrainRequest, trigger: str, batch: Batch) -> int:
         from sqlalchemy.exc import IntegrityError
 
-        batch = {"n_pairs": len(pairs) if objective == "dpo" else 0,
-                 "n_examples": len(examples) if objective == "kto" else 0, "rating_ids": rating_ids,
-                 "comparison_ids": comparison_ids, "steps": req.steps,
-                 "learning_rate": req.learning_rate or self.settings.learning_rate,
-                 "beta": req.beta or self.settings.dpo_beta, "optimizer": self.settings.optimizer,
-                 "train_mode": req.train_mode or self.settings.train_mode, "inline": bool(req.pairs or req.examples)}
+        objective, rating_ids, comparison_ids = batch.objective, batch.rating_ids, batch.comparison_ids
+        record = {"n_pairs": len(batch.pairs) if objective == "dpo" else 0,
+                  "n_examples": len(batch.examples) if objective == "kto" else 0, "rating_ids": rating_ids,
+                  "comparison_ids": comparison_ids, "steps": req.steps,
+                  **self._params(req)._asdict(), "inline": bool(req.pairs or req.examples)}
         with self.state.sessions() as s:
-            run = TrainingRun(status="running", trigger=trigger, objective=objective, batch=batch,
+            run = TrainingRun(status="running", trigger=trigger, objective=objective, batch=record,
                               version_before=self.state.weight_version)
             s.add(run)
             s.flush()
@@ -313,25 +329,26 @@ class Trainer(Versions):
                 s.execute(delete(RunFeedback).where(RunFeedback.run_id == run_id))
             s.commit()
 
+    def _params(self, req: TrainRequest) -> TrainParams:
+        return self.settings.train_params(learning_rate=req.learning_rate, beta=req.beta, train_mode=req.train_mode)
+
     def _on_progress(self, msg: p.Progress) -> None:
         if msg.run_id == self.run_id:
             self.step = msg.step
             self.losses.append(msg.loss)
 
-    async def _execute(self, run_id: int, req: TrainRequest, objective: str, pairs: list[p.Pair],
-                       examples: list[p.Example], base_weights: str | None = None,
+    async def _execute(self, run_id: int, req: TrainRequest, batch: Batch, base_weights: str | None = None,
                        max_conflict_t: float | None = None) -> None:
         history: list[Any] = []
         version_after: int | None = None
-        lr = req.learning_rate or self.settings.learning_rate
-        beta = req.beta or self.settings.dpo_beta
-        mode = req.train_mode or self.settings.train_mode
+        params = self._params(req)
+        lr, beta, mode = params.learning_rate, params.beta, params.train_mode
         try:
             for step in range(1, req.steps + 1):
                 self.phase = "training"
                 done = await self.control.call(
-                    p.Train(run_id=run_id, objective=objective, pairs=pairs if objective == "dpo" else [],
-                            examples=examples if objective == "kto" else [], step=step, steps=req.steps, lr=lr,
+                    p.Train(run_id=run_id, objective=batch.objective, pairs=batch.pairs, examples=batch.examples,
+                            step=step, steps=req.steps, lr=lr,
                             beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
                             lowmem=mode == "lowmem", base_weights=base_weights or "", max_conflict_t=max_conflict_t),
                     timeout=TRAIN_TIMEOUT_S)
@@ -353,7 +370,7 @@ class Trainer(Versions):
                 self.durability.changed(version_after)
             gone = await self._not_served()
             if gone is not None:  # vLLM died after the write: this version never reached a user
-                await asyncio.to_thread(mark_lost, self.state.sessions, version_after, run_id, gone)
+                await asyncio.to_thread(self.versions.mark_lost, version_after, run_id, gone)
                 self.last_error = f"run {run_id}: {gone}"
                 return
             await asyncio.to_thread(self._finish_run, run_id, "succeeded", history=history,
@@ -389,11 +406,6 @@ class Trainer(Versions):
             await asyncio.sleep(1.0 * (attempt + 1))
         return "vLLM did not answer /health after the write; the new version was never served"
 
-    def live_is_durable(self) -> bool:
-        with self.state.sessions() as s:
-            row = s.get(WeightVersion, self.state.weight_version)
-            return row is not None and durable(row)
-
     def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:
         """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (it would
         undo what the kept runs taught): the feedback stays consumed, so a poisoned batch is not tried again."""
@@ -401,34 +413,7 @@ class Trainer(Versions):
         self.metrics["refused_reason"] = reason
         self._finish_run(run_id, status, error=reason, history=history)
 
-    # ------------------------------------------------------------ the atomic apply
-
-    async def _paused(self, work: Any, *, atomic: bool) -> dict[str, float]:
-        """Run `await work()` with vLLM paused (atomic) and its prefix cache reset after; resume in `finally`."""
-        t: dict[str, float] = {}
-        vllm = self.state.vllm
-        paused = False
-        t0 = time.perf_counter()
-        try:
-            if atomic:
-                await vllm.pause(mode="wait")
-                paused = True
-                t["pause_ms"] = (time.perf_counter() - t0) * 1000
-            if await work(t):
-                t1 = time.perf_counter()
-                await vllm.reset_prefix_cache()
-                t["reset_ms"] = (time.perf_counter() - t1) * 1000
-        finally:
-            if paused and not self.held_paused:
-                t2 = time.perf_counter()
-                try:
-                    await vllm.resume()
-                except Exception:  # noqa: BLE001 - vLLM died or is being restarted: a new one starts unpaused
-                    if self.state.supervisor is None or self.state.supervisor.state == "ready":
-                        raise
-                t["resume_ms"] = (time.perf_counter() - t2) * 1000
-            t["total_ms"] = (time.perf_counter() - t0) * 1000
-        return t
+    # ------------------------------------------------------------ the apply
 
     async def _apply(self, run_id: int, mode: str) -> tuple[int, str | None]:
         """Apply the staged update; returns (live version, refusal reason or None)."""
@@ -441,7 +426,8 @@ class Trainer(Versions):
                 reply = await self.control.call(p.Apply(run_id=run_id),
                                                 timeout=TRAIN_TIMEOUT_S if mode == "lowmem" else APPLY_TIMEOUT_S)
             except (WorkerUnavailable, WorkerTimeout) as e:  # it may have stopped halfway through the weights
-                await self._recover_torn(run_id, e)
+                self.metrics["torn_apply"] = str(e)
+                await self.recovery.torn_apply(run_id, e)
                 raise
             t["apply_rtt_ms"] = (time.perf_counter() - t1) * 1000
             if isinstance(reply, p.Refused):
@@ -450,11 +436,10 @@ class Trainer(Versions):
             assert isinstance(reply, p.Applied)
             t["apply_ms"] = reply.ms
             t3 = time.perf_counter()
-            await asyncio.to_thread(self._new_version, "train", self.state.weight_version, run_id, None, None)
+            await asyncio.to_thread(self.versions.new, "train", self.state.weight_version, run_id, None, None)
             t["record_ms"] = (time.perf_counter() - t3) * 1000
             return True
 
-        async with self.state.weights_lock:
-            timings = await self._paused(work, atomic=mode != "hogwild")
+        timings = await self.weights.change(work, atomic=mode != "hogwild")
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
         return self.state.weight_version, (refused[0] if refused else None)

@@ -1,43 +1,41 @@
-"""Durable learning: which weight versions survive a restart, and what happens to the ones that do not.
+"""The version records: one owner of every `WeightVersion` row, and what a reload from disk does to them.
+
+Every weight version loop served is a row: `new()` records the next one as live (the others superseded) and makes
+it the one responses carry (`state.weight_version`); checkpoints add their folder (`set_checkpoint`); the eval
+guard's figures and rollbacks are noted here too (`note_eval`, `note_rollback`), so nothing else writes these rows.
 
 A version is *durable* once its weights are on disk: its `checkpoint_path` names a complete checkpoint folder
-(written to a temporary folder, fsync'd and renamed by the worker), or it is version 0, whose weights are the
-model folder the service started from. Anything else lives only in vLLM's memory and is gone when vLLM is.
+(written to a temporary folder, fsync'd and renamed by the worker), or it is version 0, whose weights are the model
+folder the service started from. When vLLM (re)loads a version from disk after a crash or a restart,
+`reconcile(...)` marks every version since it that was not durable `lost` (with why), every run whose training is
+not in the served weights `lost`, and puts their feedback back in the queue (its `run_feedback` rows are deleted)
+— never left consumed. A deliberate restore (POST /api/versions/{v}/restore, the guard's rollback) is not a
+reload: what it undoes stays consumed, as the operator or the guard meant.
 
-Two parts, one job each:
-- `Flusher`: after every kept version, make it durable soon, in the background and outside vLLM's pause (the
-  checkpoint reads the live weights while vLLM keeps serving; the next update waits for it, since the weights must
-  not change under the writer). `settings.checkpoint_every` = N makes every N-th version durable (1, the default:
-  every one; 0: only on request and at a clean shutdown — for models whose checkpoint takes minutes).
-- `reconcile(...)`: when vLLM (re)loaded a version from disk after a crash or a restart, every version since it
-  that was not durable is marked `lost` (with why), every run whose training is not in the served weights is
-  marked `lost`, and its feedback goes back to the queue (its `run_feedback` rows are deleted) — never left
-  consumed. A deliberate restore (POST /api/versions/{v}/restore, the guard's rollback) is not a reload: what it
-  undoes stays consumed, as the operator or the guard meant.
-
-Run the tests: .venv/bin/python -m pytest tests/unit/test_durability.py
+Run the tests: .venv/bin/python -m pytest tests/unit/training/test_durability.py
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loop.db.models import RunFeedback, TrainingRun, WeightVersion
 
-log = logging.getLogger("loop.durability")
+if TYPE_CHECKING:
+    from loop.state import LoopState
 
-# A run whose training is not in the served weights any more: its feedback was released.
+log = logging.getLogger("loop.training")
+
+# A version (or run) whose weights are not in what vLLM serves any more; a lost run's feedback was released.
 LOST = "lost"
-RETRY_S = 5.0  # a failed background write is tried again after this long (the worker may be restarting)
 
 
 def is_durable(checkpoint_path: str | None) -> bool:
@@ -125,79 +123,98 @@ def mark_lost(sessions: sessionmaker[Session], version: int, run_id: int | None,
             s.execute(delete(RunFeedback).where(RunFeedback.run_id == run.id))
 
 
-class Flusher:
-    """Makes the live version durable soon after it changes, in a background task.
+class VersionRecords:
+    """The `WeightVersion` rows and the live version number; `load_id()` names the weights vLLM has loaded now
+    (the worker's hello), stamped on every new version so a later reload is recognised."""
 
-    `checkpoint()` is the trainer's: it writes the live version (or reuses its folder) under the weights lock,
-    never inside vLLM's pause. `changed(version)` is called after every new version; `flush()` writes now
-    (a clean shutdown), whatever the policy says."""
+    def __init__(self, state: LoopState, load_id: Callable[[], str | None]) -> None:
+        self.state = state
+        self._load_id = load_id
 
-    def __init__(self, checkpoint: Callable[[], Awaitable[tuple[int, str]]], every: int) -> None:
-        self._checkpoint = checkpoint
-        self.every = every
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.last_error: str | None = None
-        self.pending: int | None = None  # the version waiting to be written
-        self.writing = False  # a checkpoint is being written right now
-        self.written: list[tuple[int, str]] = []
+    @property
+    def live(self) -> int:
+        return self.state.weight_version
 
-    def changed(self, version: int) -> None:
-        if self.every and version % self.every == 0:
-            self.pending = version
-            self._wake.set()
-            if self._task is None or self._task.done():
-                with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
-                    self._task = asyncio.get_running_loop().create_task(self._loop(), name="durability")
+    def get(self, version: int) -> WeightVersion | None:
+        with self.state.sessions() as s:
+            return s.get(WeightVersion, version)
 
-    async def _loop(self) -> None:
-        while self.pending is not None:
-            self._wake.clear()
-            want = self.pending
-            self.writing = True
-            try:
-                version, path = await self._checkpoint()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - retried: the worker or vLLM may be coming back
-                self.last_error = f"making version {want} durable failed: {exc}"
-                log.warning("%s; trying again in %.0f s", self.last_error, RETRY_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RETRY_S)
-                continue
-            finally:
-                self.writing = False
-            self.last_error = None
-            self.written.append((version, path))
-            if self.pending == want or (self.pending is not None and version >= self.pending):
-                self.pending = None
+    def new(self, kind: str, parent: int | None, run_id: int | None, checkpoint_path: str | None,
+            note: str | None) -> int:
+        """Record the next version as live (the others superseded) and make it the one responses carry."""
+        with self.state.sessions() as s:
+            version = self.state.weight_version + 1
+            s.execute(update(WeightVersion).where(WeightVersion.status == "live").values(status="superseded"))
+            s.add(WeightVersion(version=version, kind=kind, parent_version=parent, run_id=run_id,
+                                checkpoint_path=checkpoint_path, status="live", note=note, load_id=self._load_id()))
+            s.commit()
+        self.state.weight_version = version
+        return version
 
-    async def flush(self) -> tuple[int, str]:
-        """Write the live version now (or return its existing checkpoint)."""
-        result = await self._checkpoint()
-        if self.pending is not None and result[0] >= self.pending:
-            self.pending = None
-        return result
+    def live_is_durable(self) -> bool:
+        row = self.get(self.state.weight_version)
+        return row is not None and durable(row)
 
-    async def idle(self, timeout: float) -> None:
-        """Wait until nothing is pending (tests; a caller that needs the live version on disk uses flush())."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.pending is not None or (self._task is not None and not self._task.done()):
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"version {self.pending} still not durable after {timeout:g} s")
-            await asyncio.sleep(0.02)
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """(version, folder) of every version that names a checkpoint, newest first."""
+        with self.state.sessions() as s:
+            rows = s.execute(select(WeightVersion.version, WeightVersion.checkpoint_path)
+                             .where(WeightVersion.checkpoint_path.is_not(None))
+                             .order_by(WeightVersion.version.desc())).all()
+        return [(int(v), str(path)) for v, path in rows]
 
-    async def stop(self, finish_write_s: float = 0.0) -> None:
-        """Stop the background task; a write in flight is first given `finish_write_s` to end (cancelling it
-        would leave the worker writing a folder that the next checkpoint of the same version then collides with)."""
-        deadline = asyncio.get_running_loop().time() + finish_write_s
-        while self.writing and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+    def newest_checkpoint(self) -> tuple[int, str] | None:
+        for version, path in self.checkpoints():
+            if is_durable(path):
+                return version, path
+        return None
 
-    def describe(self) -> dict[str, object]:
-        return {"every": self.every, "pending_version": self.pending, "last_error": self.last_error,
-                "written": len(self.written)}
+    def version_of_checkpoint(self, path: str) -> int | None:
+        """The newest version whose checkpoint is `path` (what vLLM serves after loading that folder)."""
+        with self.state.sessions() as s:
+            return s.scalar(select(WeightVersion.version).where(WeightVersion.checkpoint_path == path)
+                            .order_by(WeightVersion.version.desc()).limit(1))
+
+    def set_checkpoint(self, version: int, path: str) -> None:
+        with self.state.sessions() as s:
+            s.execute(update(WeightVersion).where(WeightVersion.version == version).values(checkpoint_path=path))
+            s.commit()
+
+    def forget_checkpoints(self, paths: list[str]) -> None:
+        """The folders are about to be deleted: the versions lose their path first (a crash then leaves folders,
+        never dangling paths)."""
+        with self.state.sessions() as s:
+            s.execute(update(WeightVersion).where(WeightVersion.checkpoint_path.in_(paths))
+                      .values(checkpoint_path=None))
+            s.commit()
+
+    def reconcile(self, served: int, reason: str) -> Reconciled:
+        return reconcile(self.state.sessions, served, reason)
+
+    def mark_lost(self, version: int, run_id: int | None, reason: str) -> None:
+        mark_lost(self.state.sessions, version, run_id, reason)
+
+    @staticmethod
+    def note_eval(s: Session, version: int | None, figures: dict[str, Any] | None, run_id: int,
+                  measured_at: str | None) -> None:
+        """The eval guard measured `version` (in the caller's transaction, beside the run's own record)."""
+        if version is None or figures is None:
+            return
+        wv = s.get(WeightVersion, version)
+        if wv is not None:
+            wv.eval = {**(wv.eval or {}), **figures, "run_id": run_id, "measured_at": measured_at}
+
+    @staticmethod
+    def note_rollback(s: Session, run_id: int, undone: int | None, restored: int | None, before: int | None,
+                      reason: str) -> None:
+        """The guard undid run `run_id`: its version `undone` is rolled back, and the version `restored` (a restore
+        of `before`) is the rollback, carrying `before`'s eval figures."""
+        if undone is not None and (wv := s.get(WeightVersion, undone)) is not None:
+            wv.status = "rolled_back"
+            wv.note = reason
+        if restored is not None and (nv := s.get(WeightVersion, restored)) is not None:
+            nv.kind = "rollback"
+            nv.note = f"rollback of run {run_id}: {reason}"
+            before_row = s.get(WeightVersion, before) if before is not None else None
+            if before_row is not None and before_row.eval:
+                nv.eval = dict(before_row.eval)

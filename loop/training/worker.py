@@ -14,7 +14,7 @@ file 0600: only our user can talk to the process that holds vLLM's weights) and 
   failures (a worker that never says hello counts as one) the state stays "failed".
 - `describe()` is what `/health` and `/api/train/status` show.
 
-Run its tests: `.venv/bin/pytest tests/unit/test_control.py`.
+Run its tests: `.venv/bin/pytest tests/unit/training/test_control.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,22 +33,31 @@ import zmq
 import zmq.asyncio
 
 from loop.config import SECRET_ENV, Settings, private_dir
+from loop.errors import Unavailable, UpstreamTimeout
 from loop.logs import open_private_log
 from loop.worker import protocol as p
+from loop.worker.config import worker_command
 
-log = logging.getLogger("loop.control")
+log = logging.getLogger("loop.training.worker")
 
 
-class WorkerError(Exception):
-    """Base of everything `call` raises."""
+class WorkerError(Unavailable):
+    """Base of everything `call` raises: to a caller, training is unavailable (`worker_unavailable`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="worker_unavailable")
 
 
 class WorkerUnavailable(WorkerError):
     """The worker is dead, restarting, not started yet, or has given up."""
 
 
-class WorkerTimeout(WorkerError):
+class WorkerTimeout(WorkerError, UpstreamTimeout):
     """The worker did not answer within the call's timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = "worker_timeout"
 
 
 class WorkerFailed(WorkerError):
@@ -58,14 +66,6 @@ class WorkerFailed(WorkerError):
     def __init__(self, message: str, traceback: str = "") -> None:
         super().__init__(message)
         self.traceback = traceback
-
-
-def worker_command(settings: Settings, endpoint: str) -> list[str]:
-    """The worker's command line: everything it needs from the settings, nothing secret."""
-    return [sys.executable, "-m", "loop.worker.main", "--socket", endpoint,
-            "--runtime-dir", str(settings.runtime_dir), "--heartbeat-s", str(settings.worker_heartbeat_s),
-            "--optimizer", settings.optimizer, "--lr", str(settings.learning_rate),
-            "--max-update-ratio", str(settings.max_update_ratio), "--log-level", settings.log_level]
 
 
 class WorkerControl:

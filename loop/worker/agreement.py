@@ -9,20 +9,11 @@ update back along `acc`: cosine below zero, the per-tensor dots strongly negativ
 cosine is negative and t < -max_conflict_t. Measured on the fp32 `delta` and the live weights, neither stochastic
 rounding nor bf16 arithmetic (which blur the after-the-write margins the guard reads from vLLM) enters.
 
-How far it can be trusted depends on how much the first kept runs trained on (measured in `loop bench learning`, SmolLM2-135M, lr 2e-5, 2
-steps a run; so the limit is off by default — `max_conflict_t` unset: every scheduled run records the figures,
-nothing is rejected). With 16 prompts a round (the first batches ~10 pairs) it is NOT a reliable detector: good
-rounds read -4.46 ... +7.62 (two of 14 below -3), poisoned ones -3.98, -0.62, -0.16 and +6.70. With 32 prompts a
-round (a first batch of ~20 pairs; later batches are small, 1-8 pairs, once most answers please the rater) the
-18 good rounds of five runs read -0.85 ... +8.96 and the 5 poisoned ones -9.68, -7.44, -7.39, -2.34, -2.32: what seems
-to matter is how well the first kept runs define the learned direction, not the size of the judged batch.
-The per-tensor t is not calibrated (tensors are correlated; a few dominate), and a handful of fresh pairs shares
-little direction with what earlier rounds wrote; the DPO implicit reward of the live weights against the base,
-per pair of the batch, did not separate poisoned from good batches either (offline, same runs). Asking trusted
-pairs instead — the first-order change of their per-token margins under `delta`, t over pairs — gave good runs
-+0.89, +0.51, -0.41, +2.70 and poisoned ones -1.32, -0.27. Switch it on (`max_conflict_t` 2, as `loop bench
-learning` does) once the first kept runs trained on ~20 pairs or more, or where re-rated pairs are the threat:
-exactly reversed pairs are caught (tests/e2e/test_loop_e2e.py: t -12.9 on 4-8 pairs).
+How far it can be trusted depends on how much the first kept runs trained on: with first batches of ~10 pairs
+it misses poisoned batches and rejects good ones, from ~20 pairs on it separates them (figures in
+docs/measurements.md, "pre-write direction check"). The per-tensor t is not calibrated (tensors are correlated),
+so the limit is off by default (`max_conflict_t` unset: every scheduled run records the figures, nothing is
+rejected); exactly reversed pairs are caught (tests/e2e/test_loop_e2e.py).
 
 Cost: one pass over the base weights from disk (page cache after the first run) in row chunks, so the extra
 memory is one chunk in fp32, never a second copy of the model. Works in both train modes: atomic measures the

@@ -7,7 +7,7 @@ other request to the main thread through a queue. The main thread's replies reac
 inproc PAIR socket, which also wakes its poll at once (no reply waits for a poll tick: Apply runs while vLLM is
 paused, every millisecond counts). ZMQ sockets are not thread-safe, so each socket has exactly one user thread.
 
-The DEALER's identity is `w<pid>`: the API (`loop/control.py`) ignores frames from any process but the one it
+The DEALER's identity is `w<pid>`: the API (`loop/training/worker.py`) ignores frames from any process but the one it
 spawned last. The thread also exits the process when its parent (the API) is gone, so a crashed `loop serve`
 leaves no orphan holding vLLM's weights.
 

@@ -1,9 +1,8 @@
 """The low-memory atomic apply: a dry backward while vLLM serves, the real one while it is paused.
 
 Why: the default atomic apply (`train_mode=atomic`) stages the new value of every trained weight before the
-pause, so the pause covers only a copy (~1.06x the floor of one pass over the weights) — but the staged values
-cost 1x the trained weight bytes (0.93x measured on a 7B model). On a card where that does not fit beside vLLM,
-`train_mode=lowmem` keeps the per-layer mode's memory (one gradient alive at a time, ~0.2x) and stays atomic:
+pause, so the pause covers only a copy — but the staged values cost as many bytes as the trained weights. On a
+card where that does not fit beside vLLM, `train_mode=lowmem` keeps the per-layer mode's memory (one gradient alive at a time) and stays atomic:
 no generation ever runs on a half-written update, and a non-finite or oversized update is refused before
 anything is written. The price is a longer pause: vLLM waits for one backward pass instead of one copy.
 

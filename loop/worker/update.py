@@ -7,7 +7,8 @@ Why stochastic rounding: bf16 keeps 8 significant bits, so adding an update smal
 weight (~0.2-0.4 % of its magnitude) with round-to-nearest returns the weight unchanged; with the small
 learning rates of online preference tuning that is most updates, and training silently stops. Stochastic
 rounding rounds up with probability equal to the remainder's fraction of an ulp, so the expected weight is
-the exact sum and small updates accumulate over steps, without an fp32 master copy (DESIGN.md, "Zero-copy").
+the exact sum and small updates accumulate over steps, without an fp32 master copy
+(docs/design.md, "Zero-copy weights").
 How (bf16): the sum is formed in fp32; bf16 is the top 16 bits of an fp32, so adding 16 uniform random bits
 to the fp32 bit pattern and truncating the low 16 bits rounds up exactly with that probability (a carry into
 the exponent is the correct round-up to the next binade). fp16 uses the neighbour-interpolation form; fp32

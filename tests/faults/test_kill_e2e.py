@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from loop.db.models import Rating, RunFeedback, TrainingRun, WeightVersion
-from loop.durability import lineage
+from loop.training.versions import lineage
 from service import Service, _stop, start_loop
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,18 @@ class Clock:
         return self.t
 
 
+class FakeHandle:
+    """loop.training.RunHandle's interface: the id, and the final status once the run ended."""
+
+    def __init__(self, state: "State", run_id: int, done: "asyncio.Future[None]") -> None:
+        self.state, self.id, self._done = state, run_id, done
+
+    async def finished(self, timeout: float | None = None) -> str:
+        await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        with self.state.sessions() as s:
+            return s.get(TrainingRun, self.id).status
+
+
 class FakeTrainer:
     """Records the run and its feedback like loop.training.Trainer, and 'applies' by adding a version."""
 
@@ -35,27 +47,35 @@ class FakeTrainer:
         self.state = state
         self.busy = False
         self.requests: list[Any] = []
+        self.batches: list[Any] = []  # the Batch the scheduler built, handed over with each request
         self.restored: list[int] = []
         self.checkpoints = 0
         self.fail = False
         self.reject = False  # the worker's direction check says the update would undo what was learned
         self.checks: list[tuple[str | None, float | None]] = []  # (base_weights, max_conflict_t) per run
 
-    async def run(self, request: Any, *, trigger: str = "manual", base_weights: str | None = None,
-                  max_conflict_t: float | None = None) -> int:
+    async def run(self, request: Any, *, batch: Any = None, trigger: str = "manual", base_weights: str | None = None,
+                  max_conflict_t: float | None = None) -> "FakeHandle":
         self.requests.append(request)
+        self.batches.append(batch)
         self.checks.append((base_weights, max_conflict_t))
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=request.objective,
-                              version_before=self.state.weight_version, batch={"n": len(request.pairs)})
+                              version_before=self.state.weight_version, batch={"n": len(batch.items) if batch else len(request.pairs)})
             s.add(run)
             s.flush()
             s.add_all([RunFeedback(run_id=run.id, comparison_id=c) for c in request.comparison_ids])
             s.add_all([RunFeedback(run_id=run.id, rating_id=r) for r in request.rating_ids])
             s.commit()
             run_id = run.id
-        asyncio.get_running_loop().call_soon(self._finish, run_id)
-        return run_id
+        done = asyncio.get_running_loop().create_future()
+
+        def finish() -> None:
+            self._finish(run_id)
+            done.set_result(None)
+
+        asyncio.get_running_loop().call_soon(finish)
+        return FakeHandle(self.state, run_id, done)
 
     def _finish(self, run_id: int) -> None:
         with self.state.sessions() as s:
@@ -118,7 +138,6 @@ class State:
     trainer: Any = None
     supervisor: Any = None
     vllm: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @pytest.fixture

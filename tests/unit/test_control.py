@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loop.config import Settings
-from loop.control import WorkerControl, WorkerFailed, WorkerTimeout, WorkerUnavailable
+from loop.training.worker import WorkerControl, WorkerFailed, WorkerTimeout, WorkerUnavailable
 from loop.worker import protocol as p
 
 FAKE = str(Path(__file__).with_name("fake_worker.py"))

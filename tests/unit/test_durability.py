@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from loop.api.errors import Conflict
+from loop.errors import Conflict
 from loop.db.models import RunFeedback, TrainingRun, WeightVersion
-from loop.durability import lineage, reconcile
+from loop.training.versions import lineage, reconcile
 from loop.training import TrainRequest
 from loop.worker import protocol as p
 from training_support import PAIR, FakeSupervisor, add_pair, finish, make, stop
@@ -89,7 +89,7 @@ async def test_a_reload_from_disk_loses_what_was_not_durable_and_requeues_its_fe
         supervisor = FakeSupervisor()  # vLLM crashed and came back from the newest checkpoint
         supervisor.model_path, supervisor.exit_reason = durable_path, "killed by SIGKILL"
         state.supervisor = supervisor
-        await trainer._on_vllm_ready()
+        await trainer.recovery.vllm_ready()
 
         with state.sessions() as s:
             versions = {v.version: v for v in s.scalars(select(WeightVersion))}

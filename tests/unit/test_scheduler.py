@@ -29,7 +29,7 @@ async def test_threshold_trigger_starts_a_run_and_records_why(state: State) -> N
     assert run.trigger == "scheduler" and run.status == "succeeded"
     assert run.batch["scheduler"]["trigger"] == "threshold"
     assert "3 untrained items" in run.batch["scheduler"]["reason"]
-    assert len(state.trainer.requests[0].pairs) == 3 and ids[0] in state.trainer.requests[0].comparison_ids
+    assert len(state.trainer.batches[0].pairs) == 3 and ids[0] in state.trainer.requests[0].comparison_ids
     # consumed: nothing waits now, so the next tick does nothing
     assert await sched.tick() is None
     assert sched.describe()["untrained"] == {"pairs": 0, "examples": 0}

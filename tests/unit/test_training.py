@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from loop.api.errors import Conflict, LoopError, NotFound
+from loop.errors import Conflict, LoopError, NotFound, Unavailable
 from loop.db.models import Comparison, RunFeedback, WeightVersion
 from loop.training import TrainRequest
 from loop.worker import protocol as p
@@ -24,10 +24,11 @@ from training_support import PAIR, FakeSupervisor, add_comparison, finish, make,
 async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
     trainer, state, vllm = await make(tmp_path)
     try:
-        run_id = await trainer.run(TrainRequest(pairs=[PAIR], steps=2))
+        handle = await trainer.run(TrainRequest(pairs=[PAIR], steps=2))
+        run_id = handle.id
         with pytest.raises(Conflict, match="still in progress"):
             await trainer.run(TrainRequest(pairs=[PAIR]))
-        run = await finish(trainer, run_id)
+        run = await finish(trainer, handle)
         assert run.status == "succeeded" and (run.version_before, run.version_after) == (0, 2)
         assert vllm.calls == ["pause:wait", "reset", "resume@v1", "pause:wait", "reset", "resume@v2"]
         assert {"pause_ms", "apply_ms", "reset_ms", "resume_ms", "total_ms"} <= set(run.metrics)
@@ -133,13 +134,13 @@ async def test_checkpoint_and_restore_make_versions(tmp_path: Path) -> None:
         await stop(state)
 
 
-async def test_dead_worker_gives_503(tmp_path: Path) -> None:
+async def test_dead_worker_is_unavailable(tmp_path: Path) -> None:
     trainer, state, _ = await make(tmp_path)
     try:
         await state.worker.restart("test")
-        with pytest.raises(LoopError) as e:
+        with pytest.raises(Unavailable) as e:
             await trainer.run(TrainRequest(pairs=[PAIR]))
-        assert e.value.status_code == 503 and "dead" in e.value.message
+        assert e.value.code == "worker_unavailable" and "dead" in e.value.message
         await asyncio.wait_for(state.worker.wait_ready(30), 30)
     finally:
         await stop(state)
@@ -166,7 +167,7 @@ async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_v
 
 async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loop.api.errors import Unavailable
+    from loop.errors import Unavailable
 
     monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
     trainer, state, vllm = await make(tmp_path)  # no checkpoint; the fake's model folder has no weights file
@@ -244,5 +245,24 @@ async def test_superseded_feedback_is_refused_with_the_reason(tmp_path: Path) ->
         with pytest.raises(Conflict, match=f"comparisons \\[{old}\\] were replaced") as e:
             await trainer.run(TrainRequest(comparison_ids=[old]))
         assert e.value.code == "feedback_superseded"
+    finally:
+        await stop(state)
+
+
+async def test_a_batch_the_scheduler_built_is_trained_as_built_and_its_feedback_checked_again(tmp_path: Path) -> None:
+    from loop.scheduler import batches
+
+    trainer, state, _ = await make(tmp_path)
+    try:
+        cid = add_comparison(state)
+        with state.sessions() as s:
+            built = batches.build_batch(s, batches.collect(s, holdout_fraction=0.0), limit=8)
+        assert built is not None and built.comparison_ids == [cid]
+        request = TrainRequest(objective=built.objective, comparison_ids=built.comparison_ids)
+        run = await finish(trainer, await trainer.run(request, batch=built))
+        assert run.status == "succeeded" and run.batch["n_pairs"] == 1 and run.batch["comparison_ids"] == [cid]
+        with pytest.raises(Conflict, match="already trained on") as e:  # the same batch again: consumed meanwhile
+            await trainer.run(request, batch=built)
+        assert e.value.code == "feedback_consumed"
     finally:
         await stop(state)

@@ -10,10 +10,10 @@ from typing import Any
 
 from loop.state import LoopState
 from loop.config import Settings
-from loop.control import WorkerControl
+from loop.training.worker import WorkerControl
 from loop.db.models import Comparison, Response, TrainingRun
 from loop.db.session import make_engine, make_sessionmaker, migrate
-from loop.training import Trainer
+from loop.training import RunHandle, Trainer
 
 FAKE = str(Path(__file__).with_name("fake_worker.py"))
 PAIR = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
@@ -63,11 +63,12 @@ async def make(tmp_path: Path, **settings_kw: Any) -> tuple[Trainer, LoopState, 
     return state.trainer, state, vllm
 
 
-async def finish(trainer: Trainer, run_id: int) -> TrainingRun:
-    await trainer.wait(30)
+async def finish(trainer: Trainer, handle: RunHandle) -> TrainingRun:
+    """The run's record once its handle says it ended (and the status the handle gave is the record's)."""
+    status = await handle.finished(30)
     with trainer.state.sessions() as s:
-        run = s.get(TrainingRun, run_id)
-        assert run is not None
+        run = s.get(TrainingRun, handle.id)
+        assert run is not None and run.status == status
         return run
 
 
