@@ -11,14 +11,9 @@ before `load_model` is enough) with one that leaves the weight where it is and s
 `layer.cpu_linear = F.linear(x, layer.weight, bias)`. Non-2-D weights (MoE experts, causal-conv) still go through
 vLLM's original dispatch: they are not trained by loop.
 
-Cost, measured with `python -m plugin.cpu_gemm` (vLLM's own dispatch vs F.linear on SmolLM2-135M's Linear shapes,
-bf16, best of 30 interleaved rounds; 2-core AVX-512-BF16 machine shared with other vLLMs, load average ~13):
-per-layer matmuls are 2.3-2.5x slower at M=1 (decode: qkv 0.013 -> 0.032 ms, gate_up 0.033 -> 0.077 ms) and
-0.9-1.4x at M=64 (prefill); the LM head (576 -> 49152, the largest matmul) is unchanged at M=1 (18.6 vs 18.5 ms)
-and 1.2x at M=64. Summed over 30 layers + head, one decode step's matmuls go from ~21 ms to ~24 ms: ~1.15x
-for this model. fp32 timings were too noisy under that load to quote. For small models the slowdown is minor next to
-the value of seeing the update; a large CPU deployment could instead keep the packing and re-run it after every
-update through `collective_rpc`.
+Cost: F.linear is slower than the prepacked kernels on decode-sized matmuls (`python -m plugin.cpu_gemm` measures
+it; figures in docs/measurements.md). For small models that is minor next to the value of seeing the update; a
+large CPU deployment could instead keep the packing and re-run it after every update through `collective_rpc`.
 """
 
 from __future__ import annotations

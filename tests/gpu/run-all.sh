@@ -30,7 +30,7 @@ mem() {  # P2 beside a serving vLLM, and the largest-model check: loop bench mem
 for s in "$@"; do
   case $s in
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
-    e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_zz_supervisor.py ;;
+    e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
     p1)       step p1 $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --repeats 5 --json-out "$out/p1.json" ;;
     p1-small) step p1-small $py -m loop.cli bench update --model smollm2 --repeats 5 --gpu-memory-utilization 0.3 ;;

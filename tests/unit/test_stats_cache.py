@@ -102,8 +102,15 @@ def test_a_stale_ok_read_answers_the_last_value_at_once_while_one_background_ref
     assert cache.computed == 2
 
 
+def _settled(cache: ReadCache) -> None:
+    deadline = time.monotonic() + 10
+    while cache._refreshing:
+        assert time.monotonic() < deadline, "the background refresh never ended"
+        time.sleep(0.01)
+
+
 def test_a_failed_background_refresh_keeps_the_old_value_and_the_next_read_tries_again() -> None:
-    cache: ReadCache[int] = ReadCache()
+    cache: ReadCache[int] = ReadCache(refresh_duty=1.0)  # no pause between refreshes
     cache.get(lambda: 1, lambda: 10)
     attempts: list[int] = []
 
@@ -111,16 +118,38 @@ def test_a_failed_background_refresh_keeps_the_old_value_and_the_next_read_tries
         attempts.append(1)
         raise RuntimeError("database hiccup")
 
+    def working() -> None:
+        cache.get(lambda: 2, lambda: 20)
+
     assert cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=broken).value == 10
-    deadline = time.monotonic() + 10
-    while cache._refreshing and time.monotonic() < deadline:
-        time.sleep(0.01)
-    r = cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=lambda: cache.get(lambda: 2, lambda: 20))
+    _settled(cache)
+    r = cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=working)  # tries again, in the background
     assert r.value == 10 and not r.fresh and attempts == [1]
-    deadline = time.monotonic() + 10
-    while not cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=lambda: None).fresh:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _settled(cache)
+    r = cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=working)
+    assert (r.value, r.fresh) == (20, True)
+
+
+def test_background_refreshes_take_at_most_their_share_of_the_time() -> None:
+    clock = Clock()
+    cache: ReadCache[int] = ReadCache(clock=clock, refresh_duty=0.25)
+    cache.get(lambda: 1, lambda: 10)
+    started: list[float] = []
+
+    def slow() -> None:  # takes 1 s on the cache's clock
+        started.append(clock.t)
+        clock.t += 1.0
+
+    cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=slow)
+    _settled(cache)
+    clock.t += 2.9  # 1 s of work at a quarter of the time: the next may start 3 s after it ended
+    cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=slow)
+    _settled(cache)
+    assert len(started) == 1
+    clock.t += 0.2
+    cache.read(lambda: 2, lambda: 20, stale_ok=True, refresh=slow)
+    _settled(cache)
+    assert len(started) == 2
 
 
 async def stats(client: httpx.AsyncClient) -> dict:
