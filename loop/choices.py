@@ -2,7 +2,7 @@
 
 Settings (loop/config.py, which re-exports them), the CLI's choices, TrainRequest and the worker's config all use
 these aliases. They live apart from loop/config.py because the training worker decodes its config with them and
-must not import pydantic to do so (an idle worker stays small). Tests: tests/unit/test_settings_sources.py.
+must not import pydantic to do so (an idle worker stays small). Tests: tests/unit/config/test_settings_sources.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ config (loop/worker/config.py), the scheduler's runtime tunables (loop/scheduler
 defaults) and the folder rule the vLLM plugin shares (loop/paths.py). A run's learning rate, beta and train mode
 fall back to these settings in one place, `Settings.train_params`. The object is passed explicitly
 (`create_app(settings)`), never imported as a module global, so tests can build as many differently configured
-apps as they like. Tests: tests/unit/test_settings_sources.py, tests/unit/test_security.py.
+apps as they like. Tests: tests/unit/config/test_settings_sources.py, tests/unit/api/test_security.py.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ left out unless asked for. Order is deterministic: comparison pairs by compariso
 `count_available` counts what `preference_pairs` / `unpaired_examples` would yield with aggregate SQL (the
 figures `GET /api/stats` shows, without walking every pair in Python), and `inputs_key` is a cheap key that
 changes whenever anything these functions read changes (loop/readcache.py caches on it). Tests:
-`.venv/bin/python -m pytest -q tests/unit/test_pairs.py tests/unit/test_stats_counts.py`.
+`.venv/bin/python -m pytest -q tests/unit/feedback/test_pairs.py tests/unit/feedback/test_stats_counts.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Settings (loop/config.py) takes its folder defaults from here, and the vLLM plug
 inside vLLM without loop's settings, finds the runtime dir with the same rule from the environment. So a `vllm
 serve` with the plugin installed and a `loop serve --vllm-url` agree on where the weight handles are without any
 configuration. Standard library only: the plugin imports this in every vLLM process.
-Tests: tests/unit/test_settings_sources.py (Settings and the plugin agree), tests/unit/test_plugin.py.
+Tests: tests/unit/config/test_settings_sources.py (Settings and the plugin agree), tests/unit/vllm/test_plugin.py.
 """
 
 from __future__ import annotations

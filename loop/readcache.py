@@ -13,7 +13,7 @@ computed, so under continuous writes a poll costs the key's few indexed reads in
 Everyone else gets the exact answer.
 
 Callers run `get` / `read` in a worker thread (they may block on the database), never on the event loop.
-Tests: `.venv/bin/python -m pytest -q tests/unit/test_stats_cache.py`.
+Tests: `.venv/bin/python -m pytest -q tests/unit/api/test_stats_cache.py`.
 """
 
 from __future__ import annotations

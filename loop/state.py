@@ -9,7 +9,7 @@ domain code (the trainer, the scheduler) gets it passed in. Nothing is a module 
 left. `stop()` gives both their outcome before anything else goes: every queued rating is committed and
 acknowledged or answered with its documented error, every stream store is awaited (bounded, then logged).
 
-Tests: tests/unit/test_state_shutdown.py (and every test that builds the app).
+Tests: tests/unit/api/test_state_shutdown.py (and every test that builds the app).
 """
 
 from __future__ import annotations

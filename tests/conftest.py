@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service import loop_factory, loop_service, openai_client  # noqa: F401 - fixtures shared by e2e and browser tests
-from support import free_port
+from tests.service import loop_factory, loop_service, openai_client  # noqa: F401 - fixtures shared by e2e and browser tests
+from tests.support import free_port
 
 
 @pytest.fixture

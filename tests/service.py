@@ -26,7 +26,7 @@ import httpx
 import openai
 import pytest
 
-from support import free_port, vllm_client, wait_for
+from tests.support import free_port, vllm_client, wait_for
 
 START_TIMEOUT_S = float(os.environ.get("LOOP_TEST_START_TIMEOUT_S", "300"))
 

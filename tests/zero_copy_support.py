@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from support import free_port, wait_for
+from tests.support import free_port, wait_for
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 CHAT = "Write one sentence about the sea."

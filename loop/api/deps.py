@@ -4,7 +4,7 @@ not running in this loop. A route with nothing to validate declares the part (`t
 with a body or parameters calls `trainer_of(state)` / `scheduler_of(state)` in its body instead, because FastAPI
 resolves dependencies before it validates, and a bad request must get its 422 whether or not the part runs.
 
-Tests: tests/unit/test_runs_api.py, tests/unit/test_security.py and every route test.
+Tests: tests/unit/api/test_runs_api.py, tests/unit/api/test_security.py and every route test.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ JSON that does not fit the route's schema (the field is named in `param`), other
 
 Every response carries `X-Request-Id` (the client's own when it sent a sane one, else a new one). An unexpected
 exception is logged with its traceback under that id and answered 500 in the same shape, naming the id, so a
-user's report finds the traceback. Tests: tests/unit/test_errors.py, tests/faults/test_fuzz.py.
+user's report finds the traceback. Tests: tests/unit/api/test_errors.py, tests/faults/test_fuzz.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ in are closed here, in one pure ASGI middleware (no BaseHTTPMiddleware: it would
 Every response carries a strict Content-Security-Policy (the UI in web/ loads only its own files and uses no
 inline script or style), X-Frame-Options: DENY, X-Content-Type-Options: nosniff and Referrer-Policy: no-referrer.
 
-Tests: tests/unit/test_security.py (in-process), tests/e2e/test_access_e2e.py (a real `loop serve`).
+Tests: tests/unit/api/test_security.py (in-process), tests/e2e/test_access_e2e.py (a real `loop serve`).
 """
 
 from __future__ import annotations

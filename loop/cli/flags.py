@@ -3,7 +3,7 @@ scheduler's tunables. A field `max_model_len` is the flag `--max-model-len`; its
 field's description, its LOOP_* variable and its default) come from the field, so a new setting is a new flag with
 no CLI code. Booleans get `--x` / `--no-x`; lists take one string (comma-separated where the setting splits commas
 itself, else shell words: `--vllm-args "--seed 1"`). A flag that is not given leaves the value to the environment
-and the defaults. Tests: tests/unit/test_cli_flags.py.
+and the defaults. Tests: tests/unit/config/test_cli_flags.py.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ once the transaction that holds (or read) its row has committed; a transaction t
 the disk full, the database gone) gives `unavailable` (`storage_unavailable`): nothing of it was stored, and a
 retry with the same idempotency key is safe. `write_ratings` returns exactly one outcome per item, in order.
 
-Tests: tests/unit/test_outcomes.py, tests/unit/test_feedback.py, tests/unit/test_feedback_writer.py,
+Tests: tests/unit/api/test_outcomes.py, tests/unit/feedback/test_feedback.py, tests/unit/feedback/test_feedback_writer.py,
 tests/faults/test_acknowledged.py.
 """
 

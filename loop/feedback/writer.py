@@ -13,7 +13,7 @@ of that batch gets `unknown` (`storage_outcome_unknown`) rather than a guess.
 stored, retry) and waits for the queued ones to be written; past its bound, queued ratings not yet handed to the
 database are `unavailable` and the batch being written is `unknown`. No waiter is ever left without an outcome.
 
-Tests: tests/unit/test_feedback_writer.py, tests/unit/test_state_shutdown.py, tests/faults/test_acknowledged.py.
+Tests: tests/unit/feedback/test_feedback_writer.py, tests/unit/api/test_state_shutdown.py, tests/faults/test_acknowledged.py.
 
     writer = RatingWriter(sessions)
     outcome = await writer.submit(RatingInput(...))   # Outcome(kind="created", body={...})

@@ -2,7 +2,7 @@
 (`resolve`: inline pairs/examples plus feedback ids, as POST /api/train sends them), and the eval set.
 
 Built on `loop/pairs.py` (the one place that turns feedback into pairs and examples); this module adds what a
-training run needs on top (each rule is stated again by a test in tests/unit/test_batches.py):
+training run needs on top (each rule is stated again by a test in tests/unit/scheduler/test_batches.py):
 - A/B winner a/b → DPO pair; responses to the same prompt (same `prompt_hash`) rated differently → DPO pair;
   single thumbs / clear scores → KTO examples (all from pairs.py).
 - tie → nothing: the rater saw no difference, so there is no direction to train in.
@@ -29,7 +29,7 @@ training run needs on top (each rule is stated again by a test in tests/unit/tes
   prompt ids that fit keep the prompt whole, and are left off a prompt that lost turns.
 - Cheap to poll: the pool (`collect`, on every scheduler tick) reads ids, verdicts, answer texts and times only;
   prompts are read for the items a batch takes.
-Tests: `.venv/bin/python -m pytest -q tests/unit/test_batches.py`.
+Tests: `.venv/bin/python -m pytest -q tests/unit/scheduler/test_batches.py`.
 """
 
 from __future__ import annotations

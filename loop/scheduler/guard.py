@@ -15,7 +15,7 @@ a shift of every token's log-prob does not read as a preference for the shorter 
 more than `max_accuracy_drop`; and always, canary perplexity rose by more than `max_perplexity_rise` or is not
 finite.
 Why these criteria and thresholds, with the benchmark figures behind them: the measurements document.
-Tests: `.venv/bin/python -m pytest -q tests/unit/test_guard.py`. By hand against a running vLLM:
+Tests: `.venv/bin/python -m pytest -q tests/unit/scheduler/test_guard.py`. By hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
 """
 

@@ -26,7 +26,7 @@ State (paused, the interval clock, last run, runtime threshold overrides) lives 
 so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin;
 one model of them, derived from Settings: loop/scheduler/tunables.py).
 
-Unit tests with a fake trainer: `.venv/bin/pytest tests/unit/test_scheduler.py`.
+Unit tests with a fake trainer: `.venv/bin/pytest tests/unit/scheduler/test_scheduler.py`.
 """
 
 from __future__ import annotations

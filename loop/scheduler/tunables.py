@@ -6,7 +6,7 @@ is a Settings field under a shorter name (SETTING below) and takes that field's 
 default, so a range is declared once (loop/config.py) and holds alike at start-up, on the API and for a value
 stored by an earlier run. Numbers must be finite. `Tunables` is the effective set; `TunableChanges` is a change
 (a field left out is kept, `null` resets it to the setting).
-Tests: tests/unit/test_settings_sources.py, tests/unit/test_scheduler.py, tests/unit/test_errors.py.
+Tests: tests/unit/config/test_settings_sources.py, tests/unit/scheduler/test_scheduler.py, tests/unit/api/test_errors.py.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ The child gets VLLM_SERVER_DEV_MODE=1 (pause/resume/reset_prefix_cache), LOOP_RU
 plugin writes the weight handles), on the CPU VLLM_CPU_KVCACHE_SPACE and --enforce-eager; never
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments, which breaks CUDA IPC export of the weights.
 
-Tests: tests/unit/test_process.py (a fake vLLM on a Unix socket), tests/e2e/test_supervisor_e2e.py and
+Tests: tests/unit/vllm/test_process.py (a fake vLLM on a Unix socket), tests/e2e/test_supervisor_e2e.py and
 tests/e2e/test_vllm_private_e2e.py (the real one).
 """
 

@@ -20,7 +20,7 @@ memory is one chunk in fp32, never a second copy of the model. Works in both tra
 staged deltas; lowmem measures each delta in its dry-backward hook. Nothing learned yet (the first run, or a
 base folder without the tensor) means nothing to contradict: no verdict.
 
-Unit tests: .venv/bin/pytest tests/unit/test_agreement.py
+Unit tests: .venv/bin/pytest tests/unit/worker/test_agreement.py
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ Embeddings and lm_head are frozen by default (trainable_parameters): with a 150k
 state alone would be ~0.6x the weight bytes, and preference tuning moves them little. If trained, they get
 the same low-rank APOLLO state as other matrices.
 
-Run the tests: .venv/bin/pytest tests/unit/test_apollo.py
+Run the tests: .venv/bin/pytest tests/unit/worker/test_apollo.py
 """
 
 from __future__ import annotations

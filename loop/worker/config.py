@@ -4,7 +4,7 @@
 JSON being a `WorkerConfig`. The worker (loop/worker/main.py) decodes it with msgspec and has no defaults of its
 own, so a setting cannot drift between the API and the worker. Nothing secret is in it (argv is visible to every
 local user; loop/config.py SECRET_FIELDS are never passed on). Imports no pydantic: the worker stays small.
-Tests: tests/unit/test_settings_sources.py (round trip; defaults equal Settings').
+Tests: tests/unit/config/test_settings_sources.py (round trip; defaults equal Settings').
 """
 
 from __future__ import annotations

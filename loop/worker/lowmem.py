@@ -20,7 +20,7 @@ How, per step:
    as NaN. Then the optimizer state is committed.
 3. `drop()` frees the graph and forgets the staged state (a refused or abandoned step).
 
-Run the tests: .venv/bin/pytest tests/unit/test_lowmem.py
+Run the tests: .venv/bin/pytest tests/unit/worker/test_lowmem.py
 """
 
 from __future__ import annotations

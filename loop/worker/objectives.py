@@ -18,7 +18,7 @@ Choices:
 - KTO's reference point z0 is estimated from mismatched pairs (prompt i with completion i+1 of the batch, as
   in the paper's implementation): z0 = max(0, mean(log pi(y_j|x_i) - log ref(y_j|x_i))), detached.
 
-Run the tests: .venv/bin/pytest tests/unit/test_objectives.py
+Run the tests: .venv/bin/pytest tests/unit/worker/test_objectives.py
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@
   is no longer exactly what vLLM saw, and counts as truncated); a stored plain-text prompt loses its oldest ids.
   Chosen and rejected share one prompt cut, so DPO compares answers to the same context.
 
-Tests: `.venv/bin/python -m pytest -q tests/unit/test_objectives.py tests/unit/test_guard.py`.
+Tests: `.venv/bin/python -m pytest -q tests/unit/worker/test_objectives.py tests/unit/scheduler/test_guard.py`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ params get a plain add_.
 
 The work is done one tensor at a time, so the extra memory is one tensor's fp32 size; contiguous bf16 CUDA
 weights take the fused one-pass kernel in sr_triton.py instead.
-Run the tests: .venv/bin/pytest tests/unit/test_update.py
+Run the tests: .venv/bin/pytest tests/unit/worker/test_update.py
 """
 
 from __future__ import annotations

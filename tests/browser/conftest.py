@@ -23,7 +23,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
-from browser_ui import UI, open_ui
+from tests.browser.browser_ui import UI, open_ui
 
 
 CHROMIUM = os.environ.get("LOOP_TEST_CHROMIUM", "/usr/bin/chromium")

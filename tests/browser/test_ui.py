@@ -20,7 +20,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from browser_ui import UI, open_ui
+from tests.browser.browser_ui import UI, open_ui
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -3,7 +3,7 @@ could send — a CORS simple request (text/plain, no preflight) to rate or to ch
 DNS name — is refused and leaves nothing behind; the UI page carries the security headers; the data dir is
 private to the user running loop.
 
-In-process detail of each rule: tests/unit/test_security.py and tests/unit/test_private_files.py.
+In-process detail of each rule: tests/unit/api/test_security.py and tests/unit/api/test_private_files.py.
 """
 
 from __future__ import annotations

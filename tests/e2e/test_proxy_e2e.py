@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from loop.db.models import Response
-from support import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import pytest
 from loop.model_cache import resolve_model
 from loop.worker.handles import read_handles
 from loop.worker.views import views_alias
-from zero_copy_support import (
+from tests.zero_copy_support import (
     PROMPT, VLLM, attach_model, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 

@@ -32,12 +32,12 @@ from fastapi import FastAPI
 from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from feedback_support import ADMIN, add_response, db_url, sessions  # noqa: F401 - fixtures
+from tests.unit.feedback_support import ADMIN, add_response, db_url, sessions  # noqa: F401 - fixtures
 from loop.api.app import create_app
 from loop.config import Settings
 from loop.db.models import Comparison, Rating
 from loop.db.session import make_engine, make_sessionmaker, migrate
-from support import free_port
+from tests.support import free_port
 
 SEED = 10
 CLIENTS = 50

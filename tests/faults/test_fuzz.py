@@ -2,7 +2,7 @@
 5xx, and every error it answers is in the documented shape `{"error": {"message", "type", "code", "param"}}`.
 
 The app is `create_app(settings, manage=False)` with a real scheduler object (no loop task) and the vLLM client
-pointed at an in-process fake vLLM (tests/unit/test_errors.py's `fake_vllm`, through `VLLMClient(transport=...)`);
+pointed at an in-process fake vLLM (tests/unit/api/test_errors.py's `fake_vllm`, through `VLLMClient(transport=...)`);
 the /v1 routes, which take raw JSON, also get bodies from a JSON strategy of their own. Training itself is not
 running (manage=False): its routes answer the documented 503 `training_disabled`, the one 5xx allowed here.
 Runs on SQLite and PostgreSQL (marker `postgres`), with and without the admin token; seeded (derandomized) and
@@ -24,12 +24,12 @@ from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 from starlette.testclient import TestClient
 
-from feedback_support import ADMIN, add_response, db_url  # noqa: F401 - fixture (tests/unit, via conftest)
+from tests.unit.feedback_support import ADMIN, add_response, db_url  # noqa: F401 - fixture (tests/unit, via conftest)
 from loop.api.app import create_app
 from loop.config import Settings
 from loop.scheduler import Scheduler
 from loop.vllm.client import VLLMClient
-from test_errors import MODEL, fake_vllm
+from tests.unit.api.test_errors import MODEL, fake_vllm
 
 MAX_EXAMPLES = 150  # per backend and token: the whole file stays well under two minutes on 2 cores
 ALLOWED_5XX = {(503, "training_disabled")}  # documented: manage=False starts no worker

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from loop.db.models import Rating, RunFeedback, TrainingRun, WeightVersion
 from loop.training.versions import lineage
-from service import Service, _stop, start_loop
+from tests.service import Service, _stop, start_loop
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import torch
 
 from loop.worker.handles import attach, read_handles
 from loop.worker.views import views_alias
-from zero_copy_support import (
+from tests.zero_copy_support import (
     PROMPT, VLLM, attach_model, greedy, hf_prompt_logprobs, perturb_linears, restore, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 

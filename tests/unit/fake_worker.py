@@ -1,4 +1,4 @@
-"""A tiny stand-in for the training worker, for tests/unit/test_control.py.
+"""A tiny stand-in for the training worker, for tests/unit/training/test_control.py.
 
 It speaks the real protocol through the real `Channel` (heartbeat thread included) but does no maths:
 Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter

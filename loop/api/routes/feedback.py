@@ -9,7 +9,7 @@ A 2xx means the row is committed (and, on SQLite with `synchronous=FULL` or Post
 transaction failed answers 503 `storage_unavailable` with Retry-After: nothing was stored, retry with the same
 idempotency key. Should the outcome of a rating be unknown (a broken batch), 500 `storage_outcome_unknown` says
 so; the same retry is safe. The store answers outcomes of a kind (loop.feedback.store.Outcome); `_reply` is the
-one place that turns them into statuses. Tests: tests/unit/test_feedback.py, tests/unit/test_outcomes.py,
+one place that turns them into statuses. Tests: tests/unit/feedback/test_feedback.py, tests/unit/api/test_outcomes.py,
 tests/faults/test_acknowledged.py.
 """
 

@@ -7,7 +7,7 @@ balancer and a person read the same thing:
   balancer should keep sending chat traffic; training waits.
 - "unavailable" (503): chat cannot be served: vLLM is starting, restarting, failed (then `loop serve` exits),
   unhealthy (its engine fails its health probe), held or paused outside a weight change, or the database is down.
-`vllm.state` says which; `vllm.last_error` says why. Tests: tests/unit/test_health.py, tests/e2e.
+`vllm.state` says which; `vllm.last_error` says why. Tests: tests/unit/api/test_health.py, tests/e2e.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ The web UI polls this from every open Training view, and every figure reads all 
 cached per app (loop/readcache.py) under a key that moves with every write it depends on (a rating, comparison,
 response, consumption or held-out mark; the day; `days`): a repeated request costs a few indexed reads and
 gives what a fresh computation would. `?stale_ok=true` (the UI's timers) never waits for a recomputation: while
-one runs in the background it answers the previous figures with `fresh: false` and their `as_of`. Tests: `.venv/bin/python -m pytest -q tests/unit/test_export.py
-tests/unit/test_stats_counts.py`.
+one runs in the background it answers the previous figures with `fresh: false` and their `as_of`. Tests: `.venv/bin/python -m pytest -q tests/unit/feedback/test_export.py
+tests/unit/feedback/test_stats_counts.py`.
 """
 
 from __future__ import annotations

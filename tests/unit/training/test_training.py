@@ -1,0 +1,268 @@
+"""The Trainer's protocol and bookkeeping, with a real SQLite file, real ZMQ and the fake worker process
+(tests/unit/fake_worker.py) — only vLLM is a fake here (it records pause / reset / resume).
+
+Specifies: pause → apply → reset → version bump → resume, in that order, resume even when a step in between
+fails; a refused update never pauses vLLM, leaves the version alone and releases the feedback; feedback is never
+trained on twice; hogwild skips the pause; checkpoint/restore record versions; bad requests map to 404/409/422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from loop.errors import Conflict, LoopError, NotFound, Unavailable
+from loop.db.models import Comparison, RunFeedback, WeightVersion
+from loop.training import TrainRequest
+from loop.worker import protocol as p
+from tests.unit.training_support import PAIR, FakeSupervisor, add_comparison, finish, make, stop
+
+
+async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        handle = await trainer.run(TrainRequest(pairs=[PAIR], steps=2))
+        run_id = handle.id
+        with pytest.raises(Conflict, match="still in progress"):
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        run = await finish(trainer, handle)
+        assert run.status == "succeeded" and (run.version_before, run.version_after) == (0, 2)
+        assert vllm.calls == ["pause:wait", "reset", "resume@v1", "pause:wait", "reset", "resume@v2"]
+        assert {"pause_ms", "apply_ms", "reset_ms", "resume_ms", "total_ms"} <= set(run.metrics)
+        with state.sessions() as s:
+            rows = s.scalars(select(WeightVersion).order_by(WeightVersion.version)).all()
+        assert [(v.version, v.kind, v.parent_version, v.run_id, v.status) for v in rows] == [
+            (0, "initial", None, None, "superseded"), (1, "train", 0, run_id, "superseded"),
+            (2, "train", 1, run_id, "live")]
+        assert state.weight_version == 2
+        assert trainer.describe()["state"] == "idle" and trainer.describe()["losses"] == [0.5, 0.5]
+    finally:
+        await stop(state)
+
+
+async def test_refused_update_keeps_version_and_releases_feedback_never_twice(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        cid = add_comparison(state)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid], debug_inject_nan=True)))
+        assert run.status == "refused" and run.error == "nan" and run.version_after == 0
+        assert vllm.calls == []  # a known-bad update never pauses serving
+        assert state.weight_version == 0 and "refused" in (trainer.describe()["last_error"] or "")
+        with state.sessions() as s:
+            assert s.scalars(select(RunFeedback)).all() == []
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid])))
+        assert run.status == "succeeded" and run.batch["comparison_ids"] == [cid] and run.objective == "dpo"
+        with state.sessions() as s:
+            assert [(f.run_id, f.comparison_id) for f in s.scalars(select(RunFeedback))] == [(run.id, cid)]
+        with pytest.raises(Conflict, match="already trained on"):
+            await trainer.run(TrainRequest(comparison_ids=[cid]))
+        with pytest.raises(NotFound, match="unknown feedback"):
+            await trainer.run(TrainRequest(comparison_ids=[cid + 100]))
+        with pytest.raises(LoopError, match="KTO needs examples"):
+            await trainer.run(TrainRequest(pairs=[PAIR], objective="kto"))
+    finally:
+        await stop(state)
+
+
+async def test_update_that_would_undo_what_was_learned_is_rejected_and_stays_consumed(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        cid = add_comparison(state)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid]), base_weights="/m/undone",
+                                                      max_conflict_t=3.0))
+        assert run.status == "rejected" and run.error == "conflict" and run.version_after == 0
+        assert run.metrics["agreement_t"] == -9.0 and "rejected" in (trainer.describe()["last_error"] or "")
+        assert vllm.calls == [] and state.weight_version == 0  # nothing written, serving never paused
+        with state.sessions() as s:  # a poisoned batch is not retried: its feedback stays consumed
+            assert [(f.run_id, f.comparison_id) for f in s.scalars(select(RunFeedback))] == [(run.id, cid)]
+        # measured only (no limit): the run goes on; the figures are recorded
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR]), base_weights="/m/undone"))
+        assert run.status == "succeeded" and run.metrics["agreement_cosine"] == -0.01
+    finally:
+        await stop(state)
+
+
+async def test_resume_even_when_reset_fails(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        vllm.fail_reset = True
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and "reset failed" in (run.error or "")
+        assert vllm.calls[-1].startswith("resume")  # never left paused
+        assert state.weight_version == 1  # the weights did change: the version says so
+    finally:
+        await stop(state)
+
+
+async def test_hogwild_skips_the_pause(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, train_mode="hogwild")
+    try:
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "succeeded" and vllm.calls == ["reset"]
+    finally:
+        await stop(state)
+
+
+async def test_checkpoint_and_restore_make_versions(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, checkpoint_every=2)
+    try:
+        version, path = await trainer.checkpoint()
+        assert version == 0 and Path(path).name == "v000000"
+        assert await trainer.checkpoint() == (0, path)  # already there: not written twice
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR], steps=2)))
+        assert run.status == "succeeded"
+        await trainer.durability.idle(10)  # every 2nd version is written in the background (loop/durability.py)
+        with state.sessions() as s:
+            v1, v2 = s.get(WeightVersion, 1), s.get(WeightVersion, 2)
+            assert v1.checkpoint_path is None and v2.checkpoint_path == str(tmp_path / "checkpoints" / "v000002")
+        with pytest.raises(Conflict, match="no checkpoint"):
+            await trainer.restore(1)
+        with pytest.raises(NotFound, match="does not exist"):
+            await trainer.restore(99)
+        vllm.calls.clear()
+        assert await trainer.restore(0) == 3
+        assert vllm.calls == ["pause:wait", "reset", "resume@v3"]
+        status = await state.worker.call(p.Ping(checksum=True), 5)
+        assert status.checksum == "v0"  # the fake worker's "weights" are back at version 0
+        with state.sessions() as s:
+            v3 = s.get(WeightVersion, 3)
+            assert (v3.kind, v3.parent_version, v3.checkpoint_path, v3.status) == ("restore", 0, path, "live")
+    finally:
+        await stop(state)
+
+
+async def test_dead_worker_is_unavailable(tmp_path: Path) -> None:
+    trainer, state, _ = await make(tmp_path)
+    try:
+        await state.worker.restart("test")
+        with pytest.raises(Unavailable) as e:
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        assert e.value.code == "worker_unavailable" and "dead" in e.value.message
+        await asyncio.wait_for(state.worker.wait_ready(30), 30)
+    finally:
+        await stop(state)
+
+
+async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_vllm_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        _, path = await trainer.checkpoint()  # version 0
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and "died" in (run.error or ""), run.error
+        # paused all along: the checkpoint went back in (and the prefix cache was reset) before vLLM resumed
+        assert vllm.calls == ["pause:wait", "reset", "resume@v1"]
+        with state.sessions() as s:
+            v = s.get(WeightVersion, 1)
+            assert v is not None and v.kind == "restore" and v.parent_version == 0 and v.checkpoint_path == path
+            assert "stopped while writing" in (v.note or "")
+        assert trainer.held_paused is None and trainer.describe()["state"] == "idle"
+    finally:
+        await stop(state)
+
+
+async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.errors import Unavailable
+
+    monkeypatch.setenv("FAKE_WORKER_DIE_IN_APPLY", "1")
+    trainer, state, vllm = await make(tmp_path)  # no checkpoint; the fake's model folder has no weights file
+    try:
+        state.supervisor = FakeSupervisor()  # type: ignore[assignment]
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed" and len(state.supervisor.reloads) == 1  # type: ignore[attr-defined]
+        assert "stopped while writing run" in state.supervisor.reloads[0]  # type: ignore[attr-defined]
+        assert trainer.held_paused is None
+
+        state.supervisor = None  # attached to someone else's vLLM (--vllm-url): nothing loop can restart
+        await trainer.control.wait_ready(30)
+        while not trainer.control.alive:
+            await asyncio.sleep(0.1)
+        vllm.calls.clear()
+        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        assert run.status == "failed"
+        assert vllm.calls == ["pause:wait"]  # never resumed on weights nobody knows
+        st = trainer.describe()
+        assert st["state"] == "held" and "kept paused" in st["held_paused"]
+        with pytest.raises(Unavailable, match="kept paused"):
+            await trainer.run(TrainRequest(pairs=[PAIR]))
+        # vLLM restarted from disk by its owner: a worker attaches to the NEW load and the hold is released
+        await trainer.control._on_hello(p.Hello(pid=1, load_id="reloaded", model_path="/fake"))  # noqa: SLF001
+        assert trainer.held_paused is None and trainer.describe()["state"] != "held"
+    finally:
+        await stop(state)
+
+
+async def test_automatic_checkpoints_pruned_to_the_newest_requested_ones_kept(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path, keep_checkpoints=2)
+    try:
+        _, pinned = await trainer.checkpoint(pinned=True)  # version 0, on request
+        paths = {}
+        for _ in range(4):  # versions 1..4, each checkpointed automatically (as the guard does)
+            await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+            paths[state.weight_version] = (await trainer.checkpoint())[1]
+        with state.sessions() as s:
+            kept = dict(s.execute(select(WeightVersion.version, WeightVersion.checkpoint_path)).all())
+        assert kept == {0: pinned, 1: None, 2: None, 3: paths[3], 4: paths[4]}
+        assert Path(pinned, "model.safetensors").is_file() and Path(paths[4], "model.safetensors").is_file()
+        assert not Path(paths[1]).exists() and not Path(paths[2]).exists()
+        with pytest.raises(Conflict, match="no checkpoint"):
+            await trainer.restore(1)
+        assert await trainer.restore(0) == 5  # the pinned one is still there to restore
+    finally:
+        await stop(state)
+
+
+async def test_a_restarted_worker_is_given_the_newest_checkpoints_optimizer_state(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "record.txt"
+    monkeypatch.setenv("FAKE_WORKER_RECORD", str(record))
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        assert not record.exists()  # no checkpoint yet: nothing to give
+        _, path = await trainer.checkpoint()
+        await trainer.control.restart("test: a crashed worker")
+        deadline = asyncio.get_running_loop().time() + 30
+        while not (record.exists() and record.read_text()):
+            assert asyncio.get_running_loop().time() < deadline, "the restarted worker got no optimizer state"
+            await asyncio.sleep(0.1)
+        assert record.read_text() == f"optimizer {path}\n"
+    finally:
+        await stop(state)
+
+
+async def test_superseded_feedback_is_refused_with_the_reason(tmp_path: Path) -> None:
+    trainer, state, _ = await make(tmp_path)
+    try:
+        old = add_comparison(state)
+        with state.sessions() as s:  # the rater changed their verdict: a newer comparison replaces it
+            s.get(Comparison, old).is_current = False
+            s.commit()
+        with pytest.raises(Conflict, match=f"comparisons \\[{old}\\] were replaced") as e:
+            await trainer.run(TrainRequest(comparison_ids=[old]))
+        assert e.value.code == "feedback_superseded"
+    finally:
+        await stop(state)
+
+
+async def test_a_batch_the_scheduler_built_is_trained_as_built_and_its_feedback_checked_again(tmp_path: Path) -> None:
+    from loop.scheduler import batches
+
+    trainer, state, _ = await make(tmp_path)
+    try:
+        cid = add_comparison(state)
+        with state.sessions() as s:
+            built = batches.build_batch(s, batches.collect(s, holdout_fraction=0.0), limit=8)
+        assert built is not None and built.comparison_ids == [cid]
+        request = TrainRequest(objective=built.objective, comparison_ids=built.comparison_ids)
+        run = await finish(trainer, await trainer.run(request, batch=built))
+        assert run.status == "succeeded" and run.batch["n_pairs"] == 1 and run.batch["comparison_ids"] == [cid]
+        with pytest.raises(Conflict, match="already trained on") as e:  # the same batch again: consumed meanwhile
+            await trainer.run(request, batch=built)
+        assert e.value.code == "feedback_consumed"
+    finally:
+        await stop(state)

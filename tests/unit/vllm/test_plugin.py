@@ -1,0 +1,89 @@
+"""The vLLM plugin: register() is idempotent and lazy, the runtime dir defaults are private paths, and the CPU
+GEMM patch makes vLLM's Linear layers see in-place weight writes (vLLM's own dispatch does not)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import plugin
+
+
+def test_runtime_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """LOOP_RUNTIME_DIR, else <data dir>/run as Settings has it (tests/unit/config/test_settings_sources.py checks that
+    the two agree); XDG_RUNTIME_DIR plays no part, so a hand-started vLLM and `loop serve --vllm-url` meet."""
+    monkeypatch.setenv("LOOP_RUNTIME_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("LOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    assert plugin.runtime_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("LOOP_RUNTIME_DIR")
+    assert plugin.runtime_dir() == tmp_path / "data" / "run"
+    monkeypatch.delenv("LOOP_DATA_DIR")
+    assert plugin.runtime_dir() == tmp_path / "xdg-data" / "loop" / "run"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert plugin.runtime_dir() == tmp_path / ".local" / "share" / "loop" / "run"
+
+
+REGISTER = r"""
+import sys, plugin
+plugin.register(); plugin.register()
+assert "vllm.v1.worker.gpu_worker" not in sys.modules          # cheap: nothing heavy imported yet
+from vllm.v1.worker import gpu_worker
+from vllm.v1.worker.cpu_worker import CPUWorker
+wrapped = gpu_worker.Worker.load_model
+assert wrapped._loop_wrapped and not getattr(wrapped.__wrapped__, "_loop_wrapped", False)  # wrapped once
+assert CPUWorker.load_model is wrapped                          # the CPU worker inherits the wrapped method
+print("ok")
+"""
+
+
+def test_register_is_idempotent_and_patches_the_worker_on_import() -> None:
+    out = subprocess.run([sys.executable, "-c", REGISTER], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_disabled_plugin_patches_nothing() -> None:
+    code = "import plugin; plugin.register()\nfrom vllm.v1.worker import gpu_worker\nprint(hasattr(gpu_worker.Worker.load_model, '_loop_wrapped'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "LOOP_PLUGIN_DISABLE": "1"})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stderr[-2000:]
+
+
+def _layer(n: int = 256, k: int = 128) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(n, k, dtype=torch.bfloat16), requires_grad=False)
+    return layer
+
+
+def test_cpu_gemm_patch_computes_from_the_live_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.layers import utils
+
+    from plugin import cpu_gemm
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    monkeypatch.setattr(cpu_gemm, "_patched", False)
+    monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", original)  # restored after the test
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+
+    packed = _layer()
+    original(packed, remove_weight=False)  # vLLM's own: computes from a private packed copy
+    y0 = packed.cpu_linear(x, packed.weight, None)
+    packed.weight.data.mul_(2)
+    stale = packed.cpu_linear(x, packed.weight, None)
+
+    cpu_gemm.keep_linear_weights_live()
+    live = _layer()
+    utils.dispatch_cpu_unquantized_gemm(live, remove_weight=True)
+    assert live.weight.numel() == 128 * 256  # the weight stays (vLLM would have emptied it)
+    before = live.cpu_linear(x, live.weight, None)
+    live.weight.data.mul_(2)
+    after = live.cpu_linear(x, live.weight, None)
+    torch.testing.assert_close(after, 2 * before, rtol=2e-2, atol=1e-2)
+    if torch.equal(stale, y0):  # where vLLM packs (oneDNN / sgl kernels), its output ignored the write
+        assert not torch.equal(after, before)

@@ -1,0 +1,255 @@
+"""The supervisor's life cycle with a stand-in "vLLM" (a tiny real HTTP server process on a Unix socket, like the
+real one under `--uds`): ready callbacks, restart after a crash, giving up after the limit within the restart
+window (and telling `on_failed`), a crash older than the window no longer counting, restarting an engine that
+fails its health probe, killing the whole process group, the child's command and environment, and `loop serve`
+exiting with code 4 when vLLM cannot be brought back.
+
+Run: .venv/bin/python -m pytest -q tests/unit/vllm/test_process.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loop.config import Settings
+from loop.vllm.process import VLLMSupervisor, last_meaningful_line, tail
+from tests.support import fake_vllm_command, free_port
+
+class FakeSupervisor(VLLMSupervisor):
+    mode = "serve"
+
+    def command(self) -> list[str]:
+        return fake_vllm_command(self.settings.data_dir, self.socket_path, delay=0.3, mode=self.mode)
+
+
+def make(tmp_path: Path, failures: list[str] | None = None, **kw) -> FakeSupervisor:  # noqa: ANN003
+    settings = Settings(data_dir=tmp_path, vllm_start_timeout_s=30, **kw)
+    settings.ensure_dirs()
+    sup = FakeSupervisor(settings, on_failed=failures.append if failures is not None else None)
+    sup.model_path, sup.device = "fake-model", "cpu"
+    return sup
+
+
+async def until(predicate, timeout: float = 20.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loop.vllm.process.MAX_BACKOFF_S", 0.1)
+    monkeypatch.setattr("loop.vllm.process.WATCH_S", 0.1)
+
+
+async def test_start_ready_callback_crash_restart(tmp_path: Path) -> None:
+    sup = make(tmp_path, vllm_restart_limit=2)
+    calls: list[str] = []
+
+    async def on_ready() -> None:
+        calls.append(sup.state)
+
+    sup.add_ready_callback(on_ready)
+    await sup.start()
+    assert sup.state == "starting" and "starting" in sup.describe()
+    await sup.wait_ready(20)
+    assert calls == ["ready"] and sup.pid is not None and sup.pid_path.read_text().strip() == str(sup.pid)
+    assert sup.address == f"unix:{tmp_path / 'run' / 'vllm.sock'}" and sup.socket_path.is_socket()
+    first = sup.pid
+    os.killpg(first, signal.SIGKILL)
+    await until(lambda: sup.state == "restarting")
+    assert "crashed" in sup.describe() and "attempt 1/2 within 600 s" in sup.describe()
+    await sup.wait_ready(20)
+    assert sup.restarts == 1 and sup.recent_restarts == 1 and sup.pid != first and calls == ["ready", "ready"]
+    pid = sup.pid
+    await sup.stop()
+    assert sup.state == "stopped" and not sup.pid_path.exists() and not sup.socket_path.exists()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole group is gone
+
+
+async def test_the_socket_is_for_its_owner_only_even_under_a_loose_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        sup = make(tmp_path)
+        await sup.start()
+        await sup.wait_ready(20)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(sup.socket_path.stat().st_mode) & 0o077 == 0
+        assert stat.S_IMODE(sup.socket_path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sup.tmp_dir.stat().st_mode) == 0o700
+    finally:
+        await sup.stop()
+
+
+async def test_a_stale_socket_file_does_not_stop_the_start(tmp_path: Path) -> None:
+    sup = make(tmp_path)
+    sup.socket_path.parent.mkdir(parents=True, exist_ok=True)
+    sup.socket_path.write_text("left over by a vLLM that was killed")
+    await sup.start()
+    await sup.wait_ready(20)
+    assert sup.socket_path.is_socket()
+    await sup.stop()
+
+
+async def test_gives_up_after_the_restart_limit_with_the_log_reason(tmp_path: Path) -> None:
+    failures: list[str] = []
+    sup = make(tmp_path, failures, vllm_restart_limit=1)
+    sup.mode = "crash"
+    await sup.start()
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        await sup.wait_ready(20)
+    assert sup.state == "failed" and sup.restarts == 1
+    assert "fake vllm loading" in tail(sup.log_path)
+    assert len(failures) == 1 and "1 restarts within 600 s (the limit is 1)" in failures[0]
+    assert "CUDA out of memory" in failures[0]
+    await sup.stop()
+
+
+async def test_a_start_that_cannot_be_prepared_is_a_failure_too(tmp_path: Path) -> None:
+    failures: list[str] = []
+    sup = make(tmp_path, failures)
+    sup.model_path = None
+    sup.settings.model = str(tmp_path / "no-such-model")
+    await sup.start()
+    await until(lambda: sup.state == "failed")
+    assert len(failures) == 1 and "did not start" in failures[0] and "no-such-model" in failures[0]
+    await sup.stop()
+
+
+def test_crashes_older_than_the_window_no_longer_count(tmp_path: Path) -> None:
+    sup = make(tmp_path, vllm_restart_limit=2, vllm_restart_window_s=60)
+    now = time.monotonic()
+    sup._crashes.extend([now - 120, now - 61, now - 5])
+    assert sup.recent_restarts == 1  # the two older ones fell out of the window
+    sup._crashes.append(now)
+    assert sup.recent_restarts == 2
+
+
+async def test_with_a_short_window_crashes_are_restarted_past_the_limit(tmp_path: Path) -> None:
+    # each attempt lives > 0.3 s, so the previous crash is always older than the 0.2 s window
+    failures: list[str] = []
+    sup = make(tmp_path, failures, vllm_restart_limit=1, vllm_restart_window_s=0.2)
+    sup.mode = "crash"
+    await sup.start()
+    await until(lambda: sup.restarts >= 3 or sup.state == "failed", timeout=30)
+    assert sup.state != "failed" and sup.restarts >= 3 and failures == []
+    await sup.stop()
+
+
+async def test_an_engine_failing_its_health_probe_is_restarted(tmp_path: Path) -> None:
+    sup = make(tmp_path, vllm_restart_limit=2)
+    await sup.start()
+    await sup.wait_ready(20)
+    first = sup.pid
+    sick = Path(f"{sup.socket_path}.sick")
+    sick.touch()
+    await until(lambda: sup.unhealthy is not None)
+    assert sup.state == "ready" and "answered 503" in sup.unhealthy and "EngineCore died" in sup.unhealthy
+    await until(lambda: sup.state == "restarting")
+    assert "stopped answering" in sup.describe() and sup.recent_restarts == 1
+    sick.unlink()
+    await sup.wait_ready(20)
+    assert sup.pid != first and sup.restarts == 1 and sup.unhealthy is None
+    await sup.stop()
+
+
+async def test_a_reload_does_not_count_against_the_limit(tmp_path: Path) -> None:
+    failures: list[str] = []
+    sup = make(tmp_path, failures, vllm_restart_limit=0)
+    await sup.start()
+    await sup.wait_ready(20)
+    first = sup.pid
+    await sup.reload("weights torn")
+    assert sup.state == "restarting" and sup.describe().startswith("vLLM is restarting (reload: weights torn")
+    await sup.wait_ready(20)
+    assert sup.pid != first and sup.restarts == 1 and sup.recent_restarts == 0 and failures == []
+    await sup.stop()
+
+
+def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("LOOP_ADMIN_TOKEN", "a" * 32)
+    monkeypatch.setenv("LOOP_VLLM_API_KEY", "k" * 32)
+    settings = Settings(data_dir=tmp_path, cpu_kv_cache_gib=1.5, vllm_args=["--seed", "1"],
+                        served_model_name="smol")
+    sup = VLLMSupervisor(settings)
+    sup.model_path, sup.device = "/m", "cpu"
+    cmd = sup.command()
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == "/m" and cmd[cmd.index("--served-model-name") + 1] == "smol"
+    assert cmd[cmd.index("--uds") + 1] == str(tmp_path / "run" / "vllm.sock")
+    assert "--port" not in cmd and "--host" not in cmd  # no TCP listener at all
+    assert "--enforce-eager" in cmd and cmd[-2:] == ["--seed", "1"]
+    assert "--gpu-memory-utilization" not in cmd
+    env = sup.child_env()
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+    assert env["LOOP_RUNTIME_DIR"] == str(settings.runtime_dir) and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    assert "LOOP_ADMIN_TOKEN" not in env and "LOOP_VLLM_API_KEY" not in env  # secrets stay with the API
+    assert env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == str(settings.runtime_dir / "tmp")
+    sup.device = "cuda"
+    assert "--enforce-eager" not in sup.command() and "--gpu-memory-utilization" in sup.command()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in sup.child_env() or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+
+async def test_a_data_dir_too_long_for_unix_sockets_is_refused_with_the_reason(tmp_path: Path) -> None:
+    failures: list[str] = []
+    sup = make(tmp_path / ("d" * 90), failures)
+    await sup.start()
+    await until(lambda: sup.state == "failed")
+    assert "too long for vLLM's Unix socket" in failures[0] and "shorter --data-dir" in failures[0]
+    await sup.stop()
+
+
+async def test_where_ipc_names_would_not_fit_under_the_run_dir_a_private_temp_dir_is_used(tmp_path: Path) -> None:
+    # the socket still fits (<= 107 bytes), tmp/<36-character name> would not
+    room = 107 - len(os.fsencode(tmp_path / "x" / "run" / "vllm.sock")) + 1
+    sup = make(tmp_path / ("d" * room))
+    assert len(os.fsencode(sup.socket_path)) == 107
+    await sup.start()
+    await sup.wait_ready(20)
+    outside = sup.tmp_dir
+    assert outside.parent != sup.settings.runtime_dir and stat.S_IMODE(outside.stat().st_mode) == 0o700
+    assert sup.child_env()["VLLM_RPC_BASE_PATH"] == str(outside)
+    await sup.stop()
+    assert not outside.exists()
+
+
+def test_last_meaningful_line_prefers_errors() -> None:
+    assert last_meaningful_line("a\nValueError: bad\nshutting down\n") == "ValueError: bad"
+    assert last_meaningful_line("a\nb\n") == "b" and last_meaningful_line("") == "no output"
+
+
+SERVE_WITH_A_CRASHING_VLLM = """
+import sys
+import loop.vllm.process as process
+process.VLLMSupervisor.command = lambda self: [sys.executable, "-c", "print('ValueError: no such flag (fake)')"]
+from loop.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_with_code_4_when_vllm_cannot_be_brought_back(tmp_path: Path) -> None:
+    
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cmd = [sys.executable, "-c", SERVE_WITH_A_CRASHING_VLLM, "serve", "--model", str(model), "--device", "cpu",
+           "--no-worker", "--vllm-restart-limit", "0", "--port", str(free_port()),
+           "--data-dir", str(tmp_path / "data"), "--text-logs"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr[-3000:]
+    assert "vLLM cannot be brought back" in done.stderr and "no such flag (fake)" in done.stderr, done.stderr
+    assert "Application shutdown complete" in done.stderr or "Finished server process" in done.stderr
