@@ -8,7 +8,7 @@ reaches it); it waits on a pidfd of the worker, then unlinks.
 
     python -m plugin.reaper PID < spec.json      # spec: {"shm": [names], "handle_file": path, "load_id": id}
 
-Only stdlib, no torch: it starts in ~30 ms and holds no memory worth mentioning.
+Only stdlib, no torch: it starts fast and holds next to no memory.
 """
 
 from __future__ import annotations
