@@ -40,6 +40,7 @@ from loop.training.versions import LOST, VersionRecords
 from loop.training.weights import LiveWeights
 from loop.training.worker import WorkerControl, WorkerTimeout, WorkerUnavailable
 from loop.worker import protocol as p
+from loop.worker.tokens import DEFAULT_MAX_LEN
 
 log = logging.getLogger("loop.training")
 
@@ -79,13 +80,12 @@ class TrainRequest(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=1.0)
     beta: float | None = Field(None, gt=0)
     objective: Objective | None = None
-    max_len: int = Field(1024, ge=16, le=32768)
+    max_len: int = Field(DEFAULT_MAX_LEN, ge=16, le=32768, description="tokens per row (prompt + answer)")
     train_mode: TrainMode | None = Field(
         None, description="how this run's updates are written (default: LOOP_TRAIN_MODE): atomic stages them and "
         "pauses vLLM for a copy; lowmem pauses vLLM for a second backward pass instead (~0.2x the weight bytes "
         "extra rather than 1x); hogwild writes without a pause")
     debug_inject_nan: bool = Field(False, description="testing only: poison the update to see it refused")
-
 
     @model_validator(mode="after")
     def _not_empty(self) -> "TrainRequest":
