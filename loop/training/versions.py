@@ -149,7 +149,15 @@ class VersionRecords:
                                 checkpoint_path=checkpoint_path, status="live", note=note, load_id=self._load_id()))
             s.commit()
         self.state.weight_version = version
+        if checkpoint_path:
+            self._restart_from(checkpoint_path)
         return version
+
+    def _restart_from(self, path: str) -> None:
+        """The live version's weights are in `path`: a vLLM restart must load them — not the newest folder
+        written, which after a restore or a rollback holds the weights that were undone."""
+        if self.state.supervisor is not None:
+            self.state.supervisor.model_path = path
 
     def live_is_durable(self) -> bool:
         row = self.get(self.state.weight_version)
@@ -179,6 +187,8 @@ class VersionRecords:
         with self.state.sessions() as s:
             s.execute(update(WeightVersion).where(WeightVersion.version == version).values(checkpoint_path=path))
             s.commit()
+        if version == self.state.weight_version:
+            self._restart_from(path)
 
     def forget_checkpoints(self, paths: list[str]) -> None:
         """The folders are about to be deleted: the versions lose their path first (a crash then leaves folders,

@@ -266,3 +266,29 @@ async def test_a_batch_the_scheduler_built_is_trained_as_built_and_its_feedback_
         assert e.value.code == "feedback_consumed"
     finally:
         await stop(state)
+
+
+async def test_after_a_restore_a_vllm_restart_loads_the_restored_weights_not_the_newest_folder(
+        tmp_path: Path) -> None:
+    """A rollback restores v1 after v2 was checkpointed: the supervisor must reload v1's folder if vLLM dies, or
+    the undone (regressed) weights would come back and the rollback would be marked lost."""
+    trainer, state, _ = await make(tmp_path)  # every kept version is checkpointed in the background
+    supervisor = FakeSupervisor()
+    state.supervisor = supervisor
+    try:
+        await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))  # v1
+        await trainer.durability.idle(10)
+        await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))  # v2
+        await trainer.durability.idle(10)
+        v1_path, v2_path = (str(tmp_path / "checkpoints" / f"v{v:06d}") for v in (1, 2))
+        assert supervisor.model_path == v2_path
+        assert await trainer.restore(1) == 3
+        assert supervisor.model_path == v1_path  # the live version's weights
+        await trainer.recovery.vllm_ready()  # vLLM restarted from model_path: it serves the live version
+        with state.sessions() as s:
+            live = s.get(WeightVersion, state.weight_version)
+            assert (state.weight_version, live.status, live.checkpoint_path) == (3, "live", v1_path)
+            assert s.get(WeightVersion, 2).status == "superseded"  # nothing marked lost
+    finally:
+        state.supervisor = None
+        await stop(state)
