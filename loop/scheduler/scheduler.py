@@ -42,7 +42,7 @@ from sqlalchemy import delete, select
 
 from loop import pairs
 from loop.db.models import RunFeedback, SchedulerState, TrainingRun, WeightVersion
-from loop.readcache import ReadCache
+from loop.readcache import Read, ReadCache
 from loop.scheduler import batches, tunables
 from loop.scheduler.guard import (
     EvalFigures,
@@ -214,9 +214,14 @@ class Scheduler:
         """What waits, for deciding and for status: the pool as `_pool` builds it, reused until a rating,
         comparison, consumption or held-out mark changes it (pairs.inputs_key), so a tick or a polled status
         costs a few indexed reads while nothing new came in. Read-only: a run builds its batch from a fresh pool."""
+        return self._read_pool().value
+
+    def _read_pool(self, *, stale_ok: bool = False) -> Read[batches.Pool]:
+        """`_waiting`'s pool with when it was counted; `stale_ok`: the last one at once while a recount runs."""
         with self.state.sessions() as s:
-            return self._pool_cache.get(lambda: pairs.inputs_key(s),
-                                        lambda: batches.collect(s, holdout_fraction=self.settings.holdout_fraction))
+            return self._pool_cache.read(lambda: pairs.inputs_key(s),
+                                         lambda: batches.collect(s, holdout_fraction=self.settings.holdout_fraction),
+                                         stale_ok=stale_ok, refresh=self._waiting)
 
     def _busy(self) -> bool:
         return self._lock.locked() or bool(getattr(self.state.trainer, "busy", False))
@@ -429,11 +434,7 @@ class Scheduler:
         oldest = as_of = None
         fresh = True
         try:
-            with self.state.sessions() as s:
-                read = self._pool_cache.read(
-                    lambda: pairs.inputs_key(s),
-                    lambda: batches.collect(s, holdout_fraction=self.settings.holdout_fraction),
-                    stale_ok=stale_ok, refresh=self._waiting)
+            read = self._read_pool(stale_ok=stale_ok)
             pool, as_of, fresh = read.value, read.as_of, read.fresh
             counts = pool.counts()
             oldest = pool.oldest()

@@ -5,7 +5,8 @@
   vLLM restart at it (`supervisor.model_path`) and prunes the automatic ones beyond `settings.keep_checkpoints`
   (pinned ones, the live version's and anything outside the checkpoint folder, such as the base model, are kept).
 - `restore(version, path)` writes a version's folder back into the live weights under the pause, as a NEW version
-  (kind "restore", parent v) sharing that folder, so a later vLLM restart loads it too. Version 0 restores from the base model folder when its own checkpoint is gone.
+  (kind "restore", parent v) sharing that folder, so a later vLLM restart loads it too. Version 0 restores from
+  the base model folder when its own checkpoint is gone.
 - `Flusher`: after every kept version, make it durable soon, in the background and outside the pause (the next
   update waits for the writer, since the weights must not change under it). `settings.checkpoint_every` = N makes
   every N-th version durable (1, the default: every one; 0: only on request and at a clean shutdown — for models

@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loop.training.checkpoints import CHECKPOINT_TIMEOUT_S, Checkpoints
-from loop.training.versions import VersionRecords
+from loop.training.versions import VersionRecords, is_durable
 from loop.training.weights import LiveWeights
 from loop.training.worker import WorkerTimeout
 from loop.worker import protocol as p
@@ -57,7 +56,7 @@ class Recovery:
         base = self.control.hello.model_path if self.control.hello else None
         if newest is not None:
             version, path = newest
-        elif base and (Path(base) / "model.safetensors").is_file():
+        elif base and is_durable(base):
             version, path = 0, base  # nothing checkpointed yet: vLLM's own starting weights
         else:
             version, path = -1, ""

@@ -394,8 +394,7 @@ class Trainer:
         """Why the version just written is not what vLLM serves (it died or reloaded meanwhile), or None."""
         sup = self.state.supervisor
         hello = self.control.hello
-        with self.state.sessions() as s:
-            row = s.get(WeightVersion, self.state.weight_version)
+        row = await asyncio.to_thread(self.versions.get, self.state.weight_version)
         if row is not None and hello is not None and row.load_id and hello.load_id != row.load_id:
             return f"vLLM reloaded its weights (load {hello.load_id}) before version {row.version} was served"
         for attempt in range(3):  # a busy engine may miss one health check; a dead one misses all three
