@@ -28,12 +28,14 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     learning_rate: float  # of a Train request that sets none (the Trainer always sets it)
     max_update_ratio: float  # of an Apply request that sets none
     log_level: LogLevel
+    screen_budget_bytes: int  # most bytes of w_live - w_base a Screen keeps on the weights' device (screen.py)
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
         return cls(endpoint=endpoint, runtime_dir=str(settings.runtime_dir), heartbeat_s=settings.worker_heartbeat_s,
                    optimizer=settings.optimizer, learning_rate=settings.learning_rate,
-                   max_update_ratio=settings.max_update_ratio, log_level=settings.log_level)
+                   max_update_ratio=settings.max_update_ratio, log_level=settings.log_level,
+                   screen_budget_bytes=settings.screen_budget_bytes)
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

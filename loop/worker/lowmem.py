@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +81,8 @@ class PausedBackward:
         return [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
 
     def prepare(self, batch: PairBatch | KTOBatch, *, objective: str, beta: float, ref_logps: Any = None,
-                inject_nan: bool = False, observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Prepared:
-        """Forward + dry backward (graph kept); returns the check of the update apply() would write. `observe(param,
-        delta)` sees each delta before it is dropped (loop/worker/agreement.py measures its direction)."""
+                inject_nan: bool = False) -> Prepared:
+        """Forward + dry backward (graph kept); returns the check of the update apply() would write."""
         self.drop()
         loss, metrics, ref_logps = forward_loss(self.model, batch, objective=objective, beta=beta, ref_logps=ref_logps)
         norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, ||delta||, ||w||) on device
@@ -96,8 +94,6 @@ class PausedBackward:
                 first[0] = False
             norms.append((p, torch.linalg.vector_norm(d, dtype=torch.float32),
                           torch.linalg.vector_norm(p, dtype=torch.float32)))
-            if observe is not None:
-                observe(p, d)
 
         detach = self.opt.attach_per_layer(self._params(), measure)
         try:

@@ -9,7 +9,8 @@ What it does, in order:
    reports "waiting" until vLLM's loop plugin has written the handle file into the runtime dir.
 2. Attaches to vLLM's weights (`handles.attach`, no copy), builds the HF model on them (`views.build_model`),
    marks the trainable parameters and builds the staged optimizer; says `Hello`.
-3. Serves requests one at a time (protocol.py): `Train` computes a staged update — reference log-probs,
+3. Serves requests one at a time (protocol.py): `Screen` measures how each item of a batch pulls along what the
+   kept runs taught, writing nothing (loop/worker/screen.py); `Train` computes a staged update — reference log-probs,
    forward, backward, optimizer maths — while vLLM keeps serving; `Apply` (sent while the API holds vLLM paused)
    finds it checked (finite, ratio cap) and already rounded (stochastic rounding, done before the pause),
    copies it in place and commits the optimizer
@@ -147,6 +148,8 @@ class Worker:
                             checksum=self.checksum() if msg.checksum else "")
         if isinstance(msg, p.Train):
             return self.train(msg)
+        if isinstance(msg, p.Screen):
+            return self.screen(msg)
         if isinstance(msg, p.Apply):
             return self.apply(msg)
         if isinstance(msg, p.Discard):
@@ -168,7 +171,6 @@ class Worker:
     def train(self, msg: p.Train) -> p.Msg:
         import torch
 
-        from loop.worker import agreement
         from loop.worker.objectives import encode_examples, encode_pairs, train_step
         from loop.worker.update import check_updates
 
@@ -177,7 +179,6 @@ class Worker:
         self._drop_staged()
         self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
         t0 = time.perf_counter()
-        conflict: str | None = None  # why the update would undo what was learned (loop/worker/agreement.py)
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":
@@ -189,13 +190,7 @@ class Worker:
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.config.learning_rate
             if msg.lowmem:
-                direction = agreement.for_step(msg.base_weights, msg.step, self.names)
-                check, d_norm, n_tensors, result = self._prepare_lowmem(msg, direction)
-                if check.ok and direction is not None:
-                    conflict = agreement.judge(direction, msg.max_conflict_t, result.metrics, msg.run_id)
-                    if conflict:
-                        check.ok, check.reason, n_tensors = False, conflict, 0
-                        self._lowmem.drop()
+                check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
             else:
                 result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
                                     ref_logps=self._run["ref"], per_layer=True)
@@ -204,12 +199,6 @@ class Worker:
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
                 check = check_updates(deltas, self.config.max_update_ratio, names=self.names)
-                if check.ok and (direction := agreement.for_step(msg.base_weights, msg.step, self.names)) is not None:
-                    for prm, d in deltas.items():
-                        direction.observe(prm, d)
-                    conflict = agreement.judge(direction, msg.max_conflict_t, result.metrics, msg.run_id)
-                    if conflict:
-                        check.ok, check.reason = False, conflict
                 d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
                 self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
                 n_tensors = len(self._staged[1] or {})
@@ -223,13 +212,13 @@ class Worker:
                                     metrics=metrics))
             stats = p.UpdateStats(ok=check.ok, reason=check.reason or "", update_norm=d_norm,
                                   weight_norm=d_norm / check.global_ratio if check.global_ratio > 0 else 0.0,
-                                  ratio=check.global_ratio, n_tensors=n_tensors, conflict=conflict is not None)
+                                  ratio=check.global_ratio, n_tensors=n_tensors)
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
 
-    def _prepare_lowmem(self, msg: p.Train, direction: Any = None) -> tuple[Any, float, int, Any]:
+    def _prepare_lowmem(self, msg: p.Train) -> tuple[Any, float, int, Any]:
         """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""
         from loop.worker.lowmem import PausedBackward
 
@@ -237,12 +226,37 @@ class Worker:
             self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.config.max_update_ratio,
                                           names=self.names)
         prep = self._lowmem.prepare(self._run["batch"], objective=msg.objective, beta=msg.beta,
-                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan,
-                                    observe=direction.observe if direction is not None else None)
+                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan)
         if not prep.check.ok:
             self._lowmem.drop()
         self._staged = (msg.run_id, None, prep.check)
         return prep.check, prep.update_norm, len(self.trainable) if prep.check.ok else 0, prep
+
+    def screen(self, msg: p.Screen) -> p.Msg:
+        """Each item's pull along what the kept runs taught (loop/worker/screen.py); writes nothing."""
+        from loop.worker.screen import screen
+
+        wanted = msg.pairs if msg.objective == "dpo" else msg.examples
+        if not wanted:
+            return p.Error(req=msg.req, message=f"Screen with objective {msg.objective!r} needs "
+                                                f"{'pairs' if msg.objective == 'dpo' else 'examples'}; got none")
+        self.ch.state, self.ch.run_id, self.ch.step = "screening", msg.run_id, 0
+        try:
+            found = screen(self.model, self.tokenizer, self.trainable, base_weights=msg.base_weights,
+                           pairs=msg.pairs, examples=msg.examples, max_len=msg.max_len,
+                           budget_bytes=self.config.screen_budget_bytes)
+        finally:
+            self.ch.state = "idle"
+        if found.note:
+            log.info("run %d: screen measured nothing: %s", msg.run_id, found.note)
+        else:
+            down = sum(s < 0 for s in found.contributions)
+            log.info("run %d: screen: %d of %d items pull back along w_live - w_base (%d weights, %.0f%% of its "
+                     "norm^2 probed, %.0f ms)", msg.run_id, down, len(found.contributions), found.n_tensors,
+                     100 * found.probed_fraction, found.ms)
+        return p.Screened(req=msg.req, run_id=msg.run_id, contributions=found.contributions,
+                          n_tensors=found.n_tensors, probed_fraction=found.probed_fraction, ms=found.ms,
+                          note=found.note)
 
     @staticmethod
     def _new_values(deltas: dict[Any, Any]) -> dict[Any, Any]:

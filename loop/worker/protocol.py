@@ -8,10 +8,10 @@ Requests from the API carry a `req` number; the worker's reply carries the same 
 can match replies to waiting callers. Unsolicited worker messages (`Hello`, `Heartbeat`, `Progress`) have `req=0`.
 
 Conversation (docs/design.md, "The update, step by step"):
+    API → Screen(run_id, …batch…, base_weights)   worker: each item's pull along w_live - w_base (screen.py)
+    API ← Screened(contributions)             one s_i per pair then per example; nothing written
     API → Train(run_id, step, …batch…)       worker: reference log-probs, forward, backward, optimizer maths
-                                              (+ base_weights: the update's direction vs the change since the base)
     API ← TrainDone(metrics, update stats)    staged deltas wait in the worker; vLLM kept serving meanwhile
-                                              (update.ok False + conflict: the batch would undo what was learned)
     API → Apply(run_id)   (vLLM paused)       worker: finite/ratio check → in-place write (stochastic rounding)
     API ← Applied(checksum, ms) | Refused(reason)
     API → Discard(run_id)                     drop a staged update (the API decided not to apply it)
@@ -125,11 +125,20 @@ class Train(Msg, tag="train"):
     max_len: int = 1024
     inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
     lowmem: bool = False  # train_mode=lowmem: measure the update now, write it in Apply by a second backward
-    # The base model folder (the scheduler's runs): at step 1 the worker measures whether the staged update goes on
-    # with the weights' change since that base or pulls it back (loop/worker/agreement.py) and reports it; with
-    # `max_conflict_t` set it refuses an update that pulls back by more than that many standard errors.
-    base_weights: str = ""
-    max_conflict_t: float | None = None
+
+
+class Screen(Msg, tag="screen"):
+    """Measure, before training on it, how each item of a batch pulls along what the kept runs taught: the
+    direction v = w_live - w_base, `base_weights` being the base model folder (loop/worker/screen.py). Every pair
+    and then every example is measured; `objective` names the list Train would use, which must not be empty.
+    Reads the weights, writes nothing, leaves a staged update as it was."""
+
+    run_id: int
+    base_weights: str  # the base model folder (HF safetensors) whose weights w_base are
+    objective: Literal["dpo", "kto"] = "dpo"
+    pairs: list[Pair] = []
+    examples: list[Example] = []
+    max_len: int = 1024  # tokens per row, as Train's
 
 
 class Apply(Msg, tag="apply"):
@@ -181,7 +190,6 @@ class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
     weight_norm: float = 0.0
     ratio: float = 0.0
     n_tensors: int = 0
-    conflict: bool = False  # refused because it would undo what was learned since `Train.base_weights`
 
 
 class TrainDone(Msg, tag="train_done"):
@@ -191,6 +199,20 @@ class TrainDone(Msg, tag="train_done"):
     history: list[dict[str, float]] = []
     update: UpdateStats = msgspec.field(default_factory=lambda: UpdateStats(ok=False, reason="no update"))
     ms: float = 0.0
+
+
+class Screened(Msg, tag="screened"):
+    """s_i = <grad m_i, w_live - w_base> for each pair (m = log pi(chosen) - log pi(rejected)) and then each example
+    (m = +-log pi(completion), + for a thumb up), in the order sent: > 0 the item teaches more of what was learned,
+    < 0 it pulls back. Feed them to loop.stats.sign_flip_p. Empty, with `note` saying why, when nothing could be
+    measured (nothing learned yet, no readable base)."""
+
+    run_id: int
+    contributions: list[float]
+    n_tensors: int  # weights probed
+    probed_fraction: float  # share of ||w_live - w_base||^2 that the probed weights carry (screen budget)
+    ms: float
+    note: str = ""
 
 
 class Applied(Msg, tag="applied"):
@@ -234,8 +256,8 @@ class Error(Msg, tag="error"):
     traceback: str = ""
 
 
-Message = (Hello | Heartbeat | Progress | Ping | Train | Apply | Discard | Checkpoint | Restore | Shutdown
-           | Status | TrainDone | Applied | Refused | Discarded | CheckpointDone | Restored | Bye | Error)
+Message = (Hello | Heartbeat | Progress | Ping | Train | Screen | Apply | Discard | Checkpoint | Restore | Shutdown
+           | Status | TrainDone | Screened | Applied | Refused | Discarded | CheckpointDone | Restored | Bye | Error)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)

@@ -18,6 +18,10 @@ SAMPLES: list[p.Msg] = [
             pairs=[p.Pair(prompt=[{"role": "user", "content": "2+2?"}], chosen="4", rejected="5"),
                    p.Pair(prompt="plain text prompt", chosen="a", rejected="b")]),
     p.Train(req=2, run_id=5, objective="kto", examples=[p.Example(prompt="q", completion="a", label=False)]),
+    p.Screen(req=8, run_id=4, pairs=[p.Pair(prompt="q", chosen="a", rejected="b", chosen_ids=[5, 2])],
+             max_len=512, base_weights="/models/base"),
+    p.Screen(req=8, run_id=5, objective="kto", examples=[p.Example(prompt="q", completion="a", label=True)],
+             base_weights="/models/base"),
     p.Apply(req=3, run_id=4, max_update_ratio=0.01),
     p.Discard(req=4, run_id=4),
     p.Checkpoint(req=5, path="/x/ckpt-v3", version=3, meta={"run": "4"}),
@@ -26,6 +30,9 @@ SAMPLES: list[p.Msg] = [
     p.Status(req=9, pid=1, state="idle", checksum="abc"),
     p.TrainDone(req=1, run_id=4, step=2, metrics={"loss": 0.6}, history=[{"loss": 0.7}, {"loss": 0.6}],
                 update=p.UpdateStats(ok=True, update_norm=0.1, weight_norm=10.0, ratio=0.01, n_tensors=7)),
+    p.Screened(req=8, run_id=4, contributions=[0.5, -0.25], n_tensors=12, probed_fraction=0.75, ms=30.0),
+    p.Screened(req=8, run_id=5, contributions=[], n_tensors=0, probed_fraction=0.0, ms=1.0,
+               note="nothing learned yet: the live weights equal the base"),
     p.Applied(req=3, run_id=4, checksum="def", ms=2.5, checksum_before="abc"),
     p.Refused(req=3, run_id=4, reason="delta of model.layers.0.mlp.up_proj.weight is not finite"),
     p.Discarded(req=4, run_id=4),
@@ -64,3 +71,23 @@ def test_unknown_type_and_bad_fields_are_refused() -> None:
         p.decode(msgspec.msgpack.encode({"type": "apply", "run_id": 1, "extra": 1}))
     with pytest.raises(msgspec.ValidationError):
         p.decode(msgspec.msgpack.encode({"type": "train", "run_id": 1, "objective": "ppo"}))
+
+
+def test_screen_messages_refuse_unknown_and_missing_fields() -> None:
+    good = msgspec.msgpack.decode(p.encode(p.Screen(run_id=1, pairs=[p.Pair(prompt="q", chosen="a", rejected="b")],
+                                                    base_weights="/b")))
+    assert isinstance(p.decode(msgspec.msgpack.encode(good)), p.Screen)
+    with pytest.raises(msgspec.ValidationError):  # the old check's limit is not a Screen field
+        p.decode(msgspec.msgpack.encode({**good, "max_conflict_t": 2.0}))
+    with pytest.raises(msgspec.ValidationError):  # nor a Train field any more
+        p.decode(msgspec.msgpack.encode({"type": "train", "run_id": 1, "base_weights": "/b"}))
+    with pytest.raises(msgspec.ValidationError, match="base_weights"):
+        p.decode(msgspec.msgpack.encode({k: v for k, v in good.items() if k != "base_weights"}))
+    reply = {"type": "screened", "run_id": 1, "contributions": [1.0], "n_tensors": 1, "probed_fraction": 1.0,
+             "ms": 1.0}
+    assert p.decode(msgspec.msgpack.encode(reply)) == p.Screened(run_id=1, contributions=[1.0], n_tensors=1,
+                                                                   probed_fraction=1.0, ms=1.0)
+    with pytest.raises(msgspec.ValidationError):
+        p.decode(msgspec.msgpack.encode({**reply, "p_value": 0.5}))
+    with pytest.raises(msgspec.ValidationError):
+        p.decode(msgspec.msgpack.encode({**reply, "contributions": ["high"]}))

@@ -56,7 +56,8 @@ def worker(tmp_path: Path) -> Worker:
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path / "run"), heartbeat_s=1.0,
-                          optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info")
+                          optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info",
+                          screen_budget_bytes=1 << 30)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}
@@ -114,39 +115,6 @@ def test_update_over_the_cap_refused(worker: Worker, lowmem: bool) -> None:
     refused = worker.apply(p.Apply(req=2, run_id=1, max_update_ratio=1e-9))
     assert isinstance(refused, p.Refused) and "exceeds the cap" in refused.reason
     assert worker.checksum() == before
-
-
-def test_update_that_pulls_back_what_was_learned_is_refused_before_the_write(worker: Worker, lowmem: bool) -> None:
-    """Three applied steps teach chosen > rejected; the flipped batch's update points back towards the base.
-    APOLLO-Mini, the service's optimizer: its update is the current gradient scaled per channel (AdamW's first step
-    after three would still be mostly momentum, and go on forward)."""
-    worker.opt = make_optimizer("apollo-mini", [prm for _, prm in worker.trainable], lr=1e-3)
-    base = worker.meta["model_path"]  # the fixture saved the initial weights there
-    pairs = [PAIR, p.Pair(prompt="What is two plus two?", chosen="Four.", rejected="Five. Five.")]
-    flipped = [p.Pair(prompt=x.prompt, chosen=x.rejected, rejected=x.chosen) for x in pairs]
-    first = worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=pairs, base_weights=base, max_conflict_t=2.0))
-    assert first.update.ok and "agreement_t" not in first.metrics  # nothing learned yet: nothing to undo
-    assert first.metrics["agreement_cosine"] == 0.0
-    worker.apply(p.Apply(req=2, run_id=1))
-    for run in (2, 3):
-        worker.train(p.Train(lowmem=lowmem, req=run * 10, run_id=run, pairs=pairs))
-        assert isinstance(worker.apply(p.Apply(req=run * 10 + 1, run_id=run)), p.Applied)
-    learned = worker.checksum()
-    good = worker.train(p.Train(lowmem=lowmem, req=40, run_id=4, pairs=pairs, base_weights=base, max_conflict_t=2.0))
-    assert good.update.ok and good.metrics["agreement_cosine"] > 0 and good.metrics["agreement_t"] > 0, good.metrics
-    worker.train(p.Train(req=41, run_id=5, pairs=pairs))  # replaces run 4's staged update (never applied)
-    bad = worker.train(p.Train(lowmem=lowmem, req=50, run_id=6, pairs=flipped, base_weights=base, max_conflict_t=2.0))
-    assert not bad.update.ok and bad.update.conflict and bad.update.n_tensors == 0
-    assert bad.metrics["agreement_cosine"] < 0 and bad.metrics["agreement_t"] < -2.0
-    assert "would undo what the kept runs taught" in bad.update.reason
-    refused = worker.apply(p.Apply(req=51, run_id=6))
-    assert isinstance(refused, p.Refused) and worker.checksum() == learned
-    # without a limit it is measured only; a later step of a run is not measured again
-    measured = worker.train(p.Train(lowmem=lowmem, req=60, run_id=7, pairs=flipped, base_weights=base))
-    assert measured.update.ok and measured.metrics["agreement_cosine"] < 0
-    later = worker.train(p.Train(lowmem=lowmem, req=61, run_id=7, pairs=flipped, base_weights=base, step=2, steps=2,
-                                 max_conflict_t=2.0))
-    assert later.update.ok and "agreement_cosine" not in later.metrics
 
 
 def test_checkpoint_loads_in_hf_and_restores_in_place(worker: Worker, tmp_path: Path) -> None:

@@ -1,0 +1,273 @@
+"""The pre-write screen: does each item of a batch push the model further along what it has learned, or pull it back?
+
+What: the kept runs taught the model `v = w_live - w_base` (the base model folder's safetensors, read tensor by
+tensor, against the live weights). For every item of a batch the screen measures its pull along v,
+`s_i = <grad_w m_i, v>`, with m_i the quantity training raises: for a DPO pair log pi(chosen) - log pi(rejected),
+for a KTO example +log pi(completion) when the thumb is up and -log pi(completion) when it is down (sequence
+log-probs exactly as loop/worker/objectives.py computes them, ids by loop/worker/tokens.py). At a run's first
+step DPO's gradient is -beta/2 * grad m_i and KTO's is a negative multiple of grad m_i too, so m_i itself is the
+right quantity and the reference log-probs are not needed. s_i > 0: the item teaches more of what was learned;
+s_i < 0: it pulls the model back. Swapping a pair's answers (or flipping a thumb) negates s_i exactly, which is
+what makes `loop.stats.sign_flip_p` over the s_i an exact test of "these labels are independent of the learned
+trait" (its docstring says why): a batch of flipped labels has mostly negative s_i and a small p.
+
+How:
+- v is never a second copy of the model: `learned_direction` keeps at most `budget_bytes` of it on the weights'
+  device, in the weights' own dtype. When the trained tensors do not all fit it keeps the ones whose change is
+  largest per element (root mean square of v; ties by name), a choice that depends on the past only, so the test
+  stays exact for that subset; only its power changes. `probed_fraction` is the share of ||v||^2 they carry.
+  One pass over the base reads it in row chunks (the extra memory is one chunk in fp32) and keeps v while the
+  budget holds; a second pass reads only the chosen tensors it had to let go.
+- One forward + backward per distinct sequence (a micro-batch of one row: a pair is two sequences, so its s_i is
+  the difference of two exact per-sequence figures and a flipped pair gives exactly -s_i). A
+  post-accumulate-grad hook on each probed weight dots its gradient with its v (fp32, in chunks) and drops the
+  gradient at once, as loop/worker/lowmem.py drops them; the trained weights that are not probed stop requiring a
+  gradient for the duration, so their weight gradients are never computed. Nothing is written to the weights,
+  .grad is None afterwards (gradients found before are put back), and the optimizer is not touched: a staged
+  update, or a later Train of the same run, is exactly what it would have been without the screen.
+- Nothing learned yet (v == 0), no base given, or a base that cannot be read: nothing is measured, and `note`
+  says why (the caller then has nothing to judge).
+
+Run the tests: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_screen.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loop.worker import tokens
+from loop.worker.objectives import disable_dropout, sequence_logps
+from loop.worker.protocol import Example, Pair
+
+log = logging.getLogger("loop.worker")
+
+CHUNK = 1 << 24  # elements of one tensor handled at a time (64 MiB in fp32)
+
+
+class BaseWeights:
+    """Tensors of a model folder's safetensors (one file or an index of shards), read in row slices on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+        else:
+            raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+        self._open: dict[Path, Any] = {}
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        path = self.files.get(name)
+        return None if path is None else tuple(self._file(path).get_slice(name).get_shape())
+
+    def slice(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) of the tensor (its first dimension), or None if absent."""
+        path = self.files.get(name)
+        return None if path is None else self._file(path).get_slice(name)[start:stop]
+
+    def _file(self, path: Path) -> Any:
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), framework="pt")
+        return self._open[path]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+@dataclass
+class Direction:
+    """The probed part of v = w_live - w_base: weight -> its v (same shape, dtype and device)."""
+
+    v: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # of the probed weights, in the model's order
+    probed_fraction: float = 0.0  # share of ||v||^2 (over the trained tensors the base has) that is probed
+    note: str = ""  # why nothing is probed
+
+
+def _row_chunks(w: torch.Tensor) -> list[tuple[int, int]]:
+    rows = w.shape[0] if w.dim() > 0 else 1
+    per_row = max(1, w[0].numel()) if w.dim() > 1 else 1
+    step = max(1, CHUNK // per_row)
+    return [(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+
+@torch.no_grad()
+def _change(base: BaseWeights, name: str, w: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(||w - base||^2 as a device scalar, w - base in w's dtype if `keep`)."""
+    sq = torch.zeros((), dtype=torch.float64, device=w.device)
+    out = torch.empty_like(w) if keep else None
+    for start, stop in _row_chunks(w):
+        b = base.slice(name, start, stop)
+        assert b is not None
+        d = w[start:stop].float() - b.to(w.device).float().reshape(w[start:stop].shape)
+        sq += torch.linalg.vector_norm(d, dtype=torch.float64) ** 2
+        if out is not None:
+            out[start:stop] = d.to(w.dtype)
+    return sq, out
+
+
+def learned_direction(base: BaseWeights, trained: Sequence[tuple[str, torch.Tensor]], budget_bytes: int) -> Direction:
+    """v for the largest-change trained tensors that fit in `budget_bytes` (module docstring)."""
+    found: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, weight, ||v||^2 on the device)
+    held: dict[str, torch.Tensor] = {}
+    held_bytes = 0
+    for name, w in trained:
+        if base.shape(name) != tuple(w.shape):  # absent from the base, or another shape: not comparable
+            continue
+        size = w.numel() * w.element_size()
+        keep = held_bytes + size <= budget_bytes
+        sq, v = _change(base, name, w.detach(), keep)
+        found.append((name, w, sq))
+        if v is not None:
+            held[name], held_bytes = v, held_bytes + size
+    if not found:
+        return Direction(note="the base folder holds none of the trained tensors: nothing to compare with")
+    squares = torch.stack([sq.cpu() for _, _, sq in found]).tolist()  # one host sync for all
+    total = sum(squares)
+    if total == 0:
+        return Direction(note="nothing learned yet: the live weights equal the base")
+    order = sorted(range(len(found)), key=lambda i: (-squares[i] / found[i][1].numel(), found[i][0]))
+    chosen, room = set(), budget_bytes
+    for i in order:
+        name, w, _ = found[i]
+        size = w.numel() * w.element_size()
+        if squares[i] > 0 and size <= room:
+            chosen.add(i)
+            room -= size
+    if not chosen:
+        return Direction(note=f"the screen budget ({budget_bytes} bytes) holds none of the changed tensors")
+    keep_names = {found[i][0] for i in chosen}
+    for name in [n for n in held if n not in keep_names]:
+        del held[name]  # freed before the missing ones are read: never more than the budget at once
+    out = Direction(probed_fraction=sum(squares[i] for i in chosen) / total)
+    for i in sorted(chosen):
+        name, w, _ = found[i]
+        out.v[w] = held.pop(name) if name in held else _change(base, name, w.detach(), True)[1]  # type: ignore[assignment]
+        out.names.append(name)
+    return out
+
+
+@dataclass
+class ScreenResult:
+    contributions: list[float]  # s_i per pair, then per example, in the order sent
+    n_tensors: int
+    probed_fraction: float
+    ms: float
+    note: str = ""
+
+
+def _sequences(tokenizer: Any, pairs: Sequence[Pair], examples: Sequence[Example],
+               max_len: int) -> tuple[list[tuple[tuple[int, ...], int]], list[list[tuple[int, float]]]]:
+    """Distinct (ids, prompt length) rows, and per item the rows it sums with their signs."""
+    rows: dict[tuple[tuple[int, ...], int], int] = {}
+
+    def row(ids: list[int], plen: int) -> int:
+        return rows.setdefault((tuple(ids), plen), len(rows))
+
+    items: list[list[tuple[int, float]]] = []
+    for pair in pairs:
+        enc = tokens.encode_pair(tokenizer, pair, max_len)
+        items.append([(row(enc.prompt + enc.answers[0], len(enc.prompt)), 1.0),
+                      (row(enc.prompt + enc.answers[1], len(enc.prompt)), -1.0)])
+    for ex in examples:
+        enc = tokens.encode_example(tokenizer, ex, max_len)
+        items.append([(row(enc.prompt + enc.answers[0], len(enc.prompt)), 1.0 if ex.label else -1.0)])
+    return list(rows), items
+
+
+def directional_derivatives(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]],
+                            direction: Direction) -> list[float]:
+    """<grad log pi(row), v> for each (ids, prompt length) row: one forward + backward per row."""
+    probed = direction.v
+    device = next(model.parameters()).device  # where the worker puts its batches (the weights' device)
+    trained = [prm for prm in model.parameters() if prm.requires_grad]
+    stashed = {prm: prm.grad for prm in model.parameters() if prm.grad is not None}
+    acc: list[torch.Tensor] = []
+
+    def hook(prm: torch.Tensor) -> None:
+        g, v = prm.grad.reshape(-1), probed[prm].reshape(-1)  # type: ignore[union-attr]
+        for s in range(0, g.numel(), CHUNK):
+            acc[-1] += torch.dot(g[s:s + CHUNK].float(), v[s:s + CHUNK].float()).double()
+        prm.grad = None
+
+    was_training = model.training
+    handles = []
+    out: list[torch.Tensor] = []
+    try:
+        for prm in model.parameters():
+            prm.grad = None
+        for prm in trained:
+            if prm in probed:
+                handles.append(prm.register_post_accumulate_grad_hook(hook))
+            else:
+                prm.requires_grad_(False)
+        disable_dropout(model)
+        model.train()
+        with torch.enable_grad():
+            for ids, plen in rows:
+                acc.append(torch.zeros((), dtype=torch.float64, device=device))
+                input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+                loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                loss_mask[0, plen:] = True
+                logp = sequence_logps(model, input_ids, torch.ones_like(input_ids), loss_mask)
+                if logp.requires_grad:  # an answer of no tokens has no log-prob to move
+                    logp.sum().backward()
+                out.append(acc[-1])
+    finally:
+        for h in handles:
+            h.remove()
+        for prm in trained:
+            prm.requires_grad_(True)
+            prm.grad = None
+        for prm, g in stashed.items():
+            prm.grad = g
+        model.train(was_training)
+    return torch.stack(out).cpu().tolist() if out else []
+
+
+def screen(model: nn.Module, tokenizer: Any, trained: Sequence[tuple[str, torch.Tensor]], *, base_weights: str,
+           pairs: Sequence[Pair] = (), examples: Sequence[Example] = (), max_len: int = tokens.DEFAULT_MAX_LEN,
+           budget_bytes: int) -> ScreenResult:
+    """s_i for every pair, then every example (module docstring); empty with a note when nothing was learned."""
+    t0 = time.perf_counter()
+
+    def nothing(note: str) -> ScreenResult:
+        return ScreenResult([], 0, 0.0, (time.perf_counter() - t0) * 1000, note)
+
+    if not base_weights:
+        return nothing("no base weights given: nothing to compare with")
+    try:
+        base = BaseWeights(base_weights)
+    except (OSError, ValueError, KeyError) as e:
+        return nothing(f"cannot read the base weights {base_weights}: {e}")
+    try:
+        direction = learned_direction(base, trained, budget_bytes)
+    except (OSError, ValueError) as e:
+        return nothing(f"cannot read the base weights {base_weights}: {e}")
+    finally:
+        base.close()
+    if direction.note:
+        return nothing(direction.note)
+    rows, items = _sequences(tokenizer, pairs, examples, max_len)
+    per_row = directional_derivatives(model, rows, direction)
+    contributions = [sum(sign * per_row[r] for r, sign in item) for item in items]
+    n = len(direction.v)
+    direction.v.clear()
+    return ScreenResult(contributions, n, direction.probed_fraction, (time.perf_counter() - t0) * 1000)

@@ -1,0 +1,104 @@
+"""The sign-flip test of the pre-write screen (loop/stats.py `sign_flip_p`): exact for small n (checked against a
+hand enumeration), calibrated under symmetric nulls of several shapes (the rejection rate at alpha never exceeds
+alpha by more than binomial noise), powerful against a batch that all pulls back, and defined at the edges."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from loop.stats import sign_flip_p
+
+
+def by_hand(values: list[float]) -> float:
+    """P(sum of e_i |v_i| <= sum v_i) over all 2^n sign patterns, counted one by one."""
+    observed = sum(values)
+    patterns = list(itertools.product((1, -1), repeat=len(values)))
+    hits = sum(sum(e * abs(v) for e, v in zip(signs, values)) <= observed + 1e-12 for signs in patterns)
+    return hits / len(patterns)
+
+
+@pytest.mark.parametrize("values", [
+    [1.0], [-1.0], [2.0, -1.0], [-3.0, 1.0, 0.5], [0.4, -0.1, -0.2, 0.3, -0.25],
+    [1.0, -1.0, 1.0, -1.0],  # ties between patterns count as <= T
+    [-0.7, 1.3, -2.1, 0.2, -0.05, 0.9, -1.1],
+])
+def test_small_batches_are_exact(values: list[float]) -> None:
+    assert sign_flip_p(values) == pytest.approx(by_hand(values), abs=1e-15)
+
+
+def test_the_exact_values_of_small_cases() -> None:
+    assert sign_flip_p([-1.0]) == 0.5 and sign_flip_p([1.0]) == 1.0
+    assert sign_flip_p([2.0, -1.0]) == 0.75  # patterns: +3, +1, -1, -3; T = +1
+    assert sign_flip_p([-2.0, 1.0]) == 0.5  # T = -1: -1 and -3
+    assert sign_flip_p([1.0, -1.0]) == 0.75  # T = 0: +0 twice and -2
+
+
+def test_all_negative_is_the_smallest_p_the_batch_allows() -> None:
+    rng = random.Random(1)
+    assert sign_flip_p([-rng.uniform(0.1, 5) for _ in range(12)]) == 1 / 4096
+    assert sign_flip_p([rng.uniform(0.1, 5) for _ in range(12)]) == 1.0
+
+
+def test_large_batches_are_sampled_reproducibly_and_never_below_one_over_draws() -> None:
+    rng = random.Random(2)
+    values = [-rng.expovariate(1.0) for _ in range(40)]
+    assert sign_flip_p(values, draws=999, seed=7) == 1 / 1000  # (1 + 0) / (1 + draws)
+    mixed = [rng.gauss(0, 1) for _ in range(40)]
+    p = sign_flip_p(mixed, draws=2000, seed=3)
+    assert p == sign_flip_p(mixed, draws=2000, seed=3)
+    assert 0 < p <= 1 and p * 2001 == pytest.approx(round(p * 2001))  # (1 + hits) / (1 + draws)
+    # the sampled p estimates the exact one: 17 values, 2^17 patterns, checked against a near-exact sample
+    seventeen = [rng.gauss(-0.3, 1) for _ in range(17)]
+    assert sign_flip_p(seventeen, draws=200_000, seed=1) == pytest.approx(by_hand(seventeen), abs=0.005)
+
+
+def test_zeros_carry_no_sign_and_empty_means_nothing_to_judge() -> None:
+    assert sign_flip_p([]) == 1.0
+    assert sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+    assert sign_flip_p([0.0, -1.0, 0.0, -2.0]) == sign_flip_p([-1.0, -2.0]) == 0.25
+    # 20 entries but only 3 non-zero: still enumerated exactly
+    assert sign_flip_p([0.0] * 17 + [-1.0, -1.0, -1.0]) == 1 / 8
+
+
+def test_non_finite_values_and_no_draws_are_refused() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        sign_flip_p([1.0, math.nan])
+    with pytest.raises(ValueError, match="finite"):
+        sign_flip_p([-math.inf])
+    with pytest.raises(ValueError, match="draws"):
+        sign_flip_p([1.0] * 20, draws=0)
+
+
+NULLS = {  # symmetric about zero: each value's sign is a fair coin given its magnitude
+    "normal": lambda r: r.gauss(0, 1),
+    "cauchy": lambda r: math.tan(math.pi * (r.random() - 0.5)),  # heavy tails: one value can dominate the sum
+    "scaled": lambda r: r.choice((-1, 1)) * r.lognormvariate(0, 2),  # magnitudes over orders of magnitude
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NULLS))
+@pytest.mark.parametrize("n", [6, 12, 24, 64])
+def test_calibrated_under_symmetric_nulls(shape: str, n: int) -> None:
+    alpha, trials = 0.05, 400
+    rng = random.Random(f"{shape}-{n}")
+    draw = NULLS[shape]
+    rejected = sum(sign_flip_p([draw(rng) for _ in range(n)], draws=999, seed=t) <= alpha for t in range(trials))
+    noise = 3 * math.sqrt(alpha * (1 - alpha) / trials)
+    assert rejected / trials <= alpha + noise  # never above alpha by more than noise
+    # and not far below it either: the test uses its level (n=6 allows p in steps of 1/64, so 3/64 at most)
+    floor = (3 / 64 if n == 6 else alpha) - noise
+    assert rejected / trials >= floor
+
+
+def test_tied_magnitudes_stay_at_or_below_the_level() -> None:
+    """Values of a few magnitudes (many exact ties): the test is conservative, never liberal."""
+    rng = random.Random(5)
+    trials = 400
+    for n in (8, 30):
+        rejected = sum(sign_flip_p([rng.choice((-1, 1)) * rng.choice((1.0, 2.0)) for _ in range(n)],
+                                   draws=999, seed=t) <= 0.05 for t in range(trials))
+        assert rejected / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
