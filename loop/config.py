@@ -148,15 +148,38 @@ class Settings(BaseSettings):
                                      "falls by more than this (absolute, 0..1).")
     max_perplexity_rise: float = Field(0.05, ge=0, le=1e12, description="Roll back when canary perplexity rises by more "
                                        "than this share (0.05 = 5 %).")
-    max_margin_t: float = Field(1.0, ge=0, le=1e12, description="Roll back when the update moved the held-out pairs' "
-                                "log p(chosen) - log p(rejected) per answer token down by more than this many "
-                                "standard errors of the mean (a one-sided t test; see loop/scheduler/guard.py).")
-    max_conflict_t: float | None = Field(None, ge=0, le=1e12, description="Before writing a scheduled update, the "
-                                         "worker measures whether it pulls the weights back from their change "
-                                         "since the base model (loop/worker/agreement.py); with this set, reject "
-                                         "the batch when the cosine is negative and the per-tensor dot products "
-                                         "lie more than this many standard errors below zero. Unset (default): "
-                                         "measure and record only, as small early batches make the figure noisy.")
+    margin_alpha: float = Field(0.01, ge=0, lt=1, description="Roll back when the update moved the held-out "
+                                "pairs' log p(chosen) - log p(rejected) per answer token down at this significance "
+                                "level (an exact one-sided sign-flip test over the pairs; see loop/scheduler/guard.py). "
+                                "0 turns this criterion off.")
+    drift_enabled: bool = Field(True, description="After each kept scheduled run, measure how far the live weights "
+                                "are from the base model (KL on the canary, canary perplexity against the base's); "
+                                "past a limit the run is rolled back and the scheduler pauses (loop/scheduler/watch.py).")
+    max_drift_kl: float = Field(0.2, ge=0, le=1e12, description="The drift budget: estimated KL(base || live) on the "
+                                "canary, nats per token (loop/scheduler/health.py says how it is estimated).")
+    max_perplexity_vs_base: float = Field(0.05, ge=0, le=1e12, description="The drift budget on canary perplexity: "
+                                          "at most this share above the base model's (0.05 = 5 %).")
+    health_enabled: bool = Field(True, description="After each kept scheduled run, sample the live model on the "
+                                 "canary prompts and roll back when its answers got worse than the base model's "
+                                 "past the limits below (stutter, one opening for most answers, answers that never "
+                                 "end, lost diversity).")
+    max_stutter_rise: float = Field(0.10, ge=0, le=1, description="Most rise of the share of stuttering canary answers "
+                                    "over the base model's.")
+    max_collapse_rise: float = Field(0.15, ge=0, le=1, description="Most rise of the largest share of canary answers "
+                                     "that open the same way, over the base model's.")
+    max_unfinished_rise: float = Field(0.20, ge=0, le=1, description="Most rise of the share of canary answers cut by "
+                                       "max_tokens, over the base model's.")
+    max_distinct2_drop: float = Field(0.10, ge=0, le=1, description="Most fall of distinct-2 (distinct word pairs / "
+                                      "word pairs) of the canary answers below the base model's.")
+    screen_budget_bytes: int = Field(1 << 30, ge=0, le=1 << 50, description="Most bytes of the weights' change since "
+                                     "the base model that the screen keeps beside the model (on its device), the "
+                                     "most-changed tensors first: a smaller budget probes fewer weights (the test "
+                                     "stays exact, it sees less).")
+    poison_alpha: float = Field(0.01, ge=0, lt=1, description="Before a scheduled run trains, the worker measures "
+                                "how each item pulls along the weights' change since the base model; items whose "
+                                "pull is against it at this significance level (an exact sign-flip test, per rater "
+                                "and for the batch) are quarantined for an operator to re-queue or drop "
+                                "(loop/scheduler/screening.py). 0 turns the screen off.")
 
     log_level: LogLevel = Field("info", description="Log level of loop and of the worker.")
     json_logs: bool = Field(True, description="One JSON object per log line; off (--text-logs): plain text.")

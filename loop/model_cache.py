@@ -106,7 +106,7 @@ if __name__ == "__main__":
 
 def base_model_dir(settings: Any) -> str | None:
     """The local folder of the model the service started from (not a checkpoint vLLM restarted from), or None
-    (an HF id vLLM downloads itself): the worker checks updates against the weights' change since it."""
+    (an HF id vLLM downloads itself): the screen measures what was learned as the weights' change since it."""
     try:
         path = Path(resolve_model(settings.model, settings.cache_dir, progress=False))
     except ModelNotFound:

@@ -7,6 +7,8 @@
     loop scheduler status|pause|resume|run              the scheduler (run = train on what waits, now)
     loop scheduler config --min-pairs 4 --interval-s 60 change thresholds at runtime (persisted; every tunable of
                                                         loop/scheduler/tunables.py is a flag)
+    loop quarantine [list|show ID|requeue ID|drop ID]   feedback the screen held back (requeue/drop: admin)
+    loop raters signal                                  per rater: does their feedback pull against what was learned?
 
 Every command talks to a running `loop serve` (`--url`, default $LOOP_URL or http://127.0.0.1:8000). Admin
 commands send the token from `--token`, $LOOP_ADMIN_TOKEN, or the file `admin_token` in the data dir
@@ -105,6 +107,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
             if e:
                 print(f"  {when}: accuracy {_fmt(e.get('accuracy'))} on {e.get('n_pairs')} pairs, "
                       f"canary perplexity {_fmt(e.get('canary_perplexity'))}")
+        screen = (run.get("metrics") or {}).get("screen")
+        if screen:
+            print(f"  screen: p {_fmt(screen.get('p_value'), 4)} (level {screen.get('alpha')}) over {screen.get('n')} "
+                  f"items, {screen.get('quarantined')} quarantined{'; ' + screen['note'] if screen.get('note') else ''}")
         if run.get("rollback_reason"):
             print(f"  ROLLED BACK: {run['rollback_reason']}")
         elif run.get("error"):
@@ -180,6 +186,46 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    if args.action in ("show", "requeue", "drop") and args.id is None:
+        raise ApiError(f"`loop quarantine {args.action}` needs an id from `loop quarantine list`")
+    if args.action == "list":
+        data = _call(args, "GET", "/api/quarantine", params={"state": args.state} if args.state else {})
+    elif args.action == "show":
+        data = _call(args, "GET", f"/api/quarantine/{args.id}")
+    else:
+        body = {k: v for k, v in (("by", args.by), ("note", args.note)) if v is not None}
+        data = _call(args, "POST", f"/api/quarantine/{args.id}/{args.action}", admin=True, json=body)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    if args.action == "list":
+        _print_table([[q["id"], str(q["created_at"])[:19], q["run_id"], q["state"], q["scope"], q["n_items"],
+                       (q["evidence"] or {}).get("p_value"), q["reason"][:70]] for q in data["items"]],
+                     ["id", "created", "run", "state", "scope", "items", "p", "reason"])
+        print(f"{data['held']} held")
+        return 0
+    print(f"quarantine {data['id']} (run {data['run_id']}): {data['state']}, {data['scope']}")
+    print(f"  why: {data['reason']}")
+    print(f"  ratings {data['rating_ids']}, comparisons {data['comparison_ids']}")
+    if data.get("decided_at"):
+        print(f"  decided {data['decided_at']}{' by ' + data['decided_by'] if data.get('decided_by') else ''}"
+              f"{': ' + data['note'] if data.get('note') else ''}")
+    return 0
+
+
+def cmd_raters(args: argparse.Namespace) -> int:
+    data = _call(args, "GET", "/api/raters/signal", params={"runs": args.runs})
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    _print_table([[r["rater"], r["items"], r["down"], r["mean_contribution"], r["p_value"], r["quarantined"],
+                   "FLAGGED" if r["flagged"] else ""] for r in data["raters"]],
+                 ["rater", "items", "pulled back", "mean", "p", "quarantined", ""])
+    print(f"over the screens of {data['runs']} scheduled runs; flagged: p < {data['alpha']}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- wiring
 
 
@@ -226,3 +272,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                                          "apply to those left out)"), TunableChanges, show_default=False)
     _common(p)
     p.set_defaults(func=_wrap(cmd_scheduler))
+
+    p = sub.add_parser("quarantine", help="feedback the screen held back: list, show, requeue, drop")
+    p.add_argument("action", nargs="?", choices=["list", "show", "requeue", "drop"], default="list")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--state", choices=["held", "requeued", "dropped"], help="list only these")
+    p.add_argument("--by", help="who decides (recorded)")
+    p.add_argument("--note", help="why (recorded)")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_quarantine))
+
+    p = sub.add_parser("raters", help="per-rater signal: whose feedback pulls against what was learned")
+    p.add_argument("action", nargs="?", choices=["signal"], default="signal")
+    p.add_argument("--runs", type=int, default=200, help="the newest scheduled runs to read")
+    _common(p)
+    p.set_defaults(func=_wrap(cmd_raters))

@@ -3,7 +3,9 @@
 One row per generated choice (`Response`); feedback as `Rating` (thumbs / score / comment / tags on one
 response) and `Comparison` (an A/B pick between two responses to the same prompt); `TrainingRun` and
 `RunFeedback` (which feedback a run consumed: unique per feedback item, so nothing is trained on twice);
-`WeightVersion` (every state of the live weights, with its checkpoint and eval figures); `SchedulerState`.
+`WeightVersion` (every state of the live weights, with its checkpoint and eval figures); `Quarantine` (feedback a
+scheduled run's screen held back as contrary to what was learned, until an operator re-queues or drops it);
+`SchedulerState`.
 
 Ratings and comparisons are append-only: a rater who changes their mind adds a new row and the older one is
 marked `is_current = False`, so the latest counts and the history is kept.
@@ -179,9 +181,9 @@ class TrainingRun(Base):
     # queued | running | succeeded | failed | refused | rejected | rolled_back | lost
     # (lost: its version was not durable when vLLM reloaded from disk, or vLLM died before serving it — feedback
     # released, see loop/durability.py)
-    # (refused: the update was not finite or over the cap — feedback released; rejected: the worker's direction check
-    # (loop/worker/agreement.py) judged, before the write, that it would undo what the kept runs taught — feedback
-    # stays consumed, never retried)
+    # (refused: the update was not finite or over the cap — feedback released; rejected: the screen before training
+    # (loop/scheduler/screening.py) held the whole batch back as contrary to what the kept runs taught — its
+    # feedback stays consumed while quarantined, see Quarantine)
     trigger: Mapped[str] = mapped_column(String(16), default="manual")  # manual | scheduler
     objective: Mapped[str] = mapped_column(String(16), default="dpo")  # dpo | kto | mixed
     batch: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -205,6 +207,28 @@ class RunFeedback(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
     rating_id: Mapped[int | None] = mapped_column(ForeignKey("ratings.id", ondelete="CASCADE"), nullable=True)
     comparison_id: Mapped[int | None] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"), nullable=True)
+
+
+class Quarantine(Base):
+    """Feedback a scheduled run's screen held back: its items pulled against what the kept runs taught at the
+    screen's significance level (loop/scheduler/screening.py). While `held` the feedback stays consumed by the run
+    (RunFeedback), so no batch picks it up; `requeued` releases it to the queue (screened again with the next
+    batch); `dropped` keeps it out for good. `evidence` holds the figures the decision was made on."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    scope: Mapped[str] = mapped_column(NulSafeText)  # "batch" | "rater:<name>"
+    reason: Mapped[str] = mapped_column(NulSafeText)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    rating_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    comparison_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    state: Mapped[str] = mapped_column(String(16), default="held", index=True)  # held | requeued | dropped
+    decided_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
+    note: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
 
 
 class SchedulerState(Base):

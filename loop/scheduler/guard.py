@@ -7,13 +7,15 @@ What: two figures read through vLLM's own completions API (token-id prompts, `pr
   (loop/worker/tokens.py: the ids vLLM produced when the pair carries them, else the tokenised text); from
   them the accuracy (ties count one half) and, after an update, the margin change
   log p(chosen) - log p(rejected) summed (`mean_reward_margin`), the share that grew (`reward_accuracy`) and per
-  answer token (`mean_token_margin_change`, and `margin_change_t`: that mean in standard errors);
+  answer token (`mean_token_margin_change`, `margin_change_t`: that mean in standard errors, and
+  `margin_change_p`: the exact sign-flip p-value of the per-pair changes, loop.stats.sign_flip_p);
 - perplexity on a fixed canary set (`canary.jsonl`): a broad damage detector.
 `verdict(before, after, ...)` returns the reason to roll back, or None: with at least `min_pairs` pairs, the
-per-token margin change lies more than `max_margin_t` standard errors below zero (one-sided t test; per token, so
-a shift of every token's log-prob does not read as a preference for the shorter answer), or the accuracy fell by
-more than `max_accuracy_drop`; and always, canary perplexity rose by more than `max_perplexity_rise` or is not
-finite.
+per-token margin changes point down at significance `margin_alpha` (one-sided sign-flip test: under "the update
+did not move these preferences" each pair's change is as likely up as down, so an update that helped nothing is
+rolled back with probability at most `margin_alpha`; per token, so a shift of every token's log-prob does not
+read as a preference for the shorter answer), or the accuracy fell by more than `max_accuracy_drop`; and always,
+canary perplexity rose by more than `max_perplexity_rise` or is not finite.
 Why these criteria and thresholds, with the benchmark figures behind them: the measurements document.
 Tests: `.venv/bin/python -m pytest -q tests/unit/scheduler/test_guard.py`. By hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from loop.stats import t_statistic
+from loop.stats import sign_flip_p, t_statistic
 from loop.worker import tokens
 from loop.worker.protocol import Pair
 
@@ -58,6 +60,9 @@ class EvalFigures:
     # rejected), nats per token, and that mean in standard errors (t statistic; None below 2 pairs or no spread)
     mean_token_margin_change: float | None = None
     margin_change_t: float | None = None
+    margin_change_p: float | None = None  # one-sided sign-flip p-value that the per-token changes point down
+    drift: dict[str, Any] | None = None  # after a run: against the base model (watch.py)
+    health: dict[str, Any] | None = None  # after a run: the canary answers' figures (watch.py)
     pair_logps: list[tuple[float, float]] | None = None  # (log p(chosen), log p(rejected)) per pair
     pair_tokens: list[tuple[int, int]] | None = None  # answer tokens scored (chosen, rejected) per pair
 
@@ -84,16 +89,17 @@ def load_canary(path: Path = CANARY_PATH) -> list[str]:
 
 
 def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
-            max_perplexity_rise: float, min_pairs: int = 5, max_margin_t: float | None = None) -> str | None:
-    """Why the update must be rolled back, or None when it may stay. `max_margin_t` None: no margin criterion."""
+            max_perplexity_rise: float, min_pairs: int = 5, margin_alpha: float | None = None) -> str | None:
+    """Why the update must be rolled back, or None when it may stay. `margin_alpha` None or 0: no margin
+    criterion."""
     reasons = []
     judged = after.n_pairs >= min_pairs
-    t = after.margin_change_t
-    if judged and max_margin_t is not None and t is not None and t < -max_margin_t - 1e-9:
+    p = after.margin_change_p
+    if judged and margin_alpha and p is not None and p < margin_alpha:
         wrong = f", {1 - after.reward_accuracy:.0%} of them moved down" if after.reward_accuracy is not None else ""
         reasons.append(f"the update moved the held-out preferences the wrong way: per answer token the margin "
                        f"log p(chosen) - log p(rejected) changed by {after.mean_token_margin_change:+.4f} nats on "
-                       f"average, {t:+.2f} standard errors < -{max_margin_t:.2f} ({after.n_pairs} pairs{wrong}; "
+                       f"average (sign-flip test p = {p:.2g} < {margin_alpha:.2g}; {after.n_pairs} pairs{wrong}; "
                        f"summed over the answer {after.mean_reward_margin:+.3f} nats)")
     if judged and before.accuracy is not None and after.accuracy is not None:
         drop = before.accuracy - after.accuracy
@@ -216,7 +222,9 @@ class EvalGuard:
                            ms=(time.perf_counter() - t0) * 1000, reward_accuracy=share(rewards),
                            mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None,
                            mean_token_margin_change=(sum(per_token) / len(per_token)) if per_token else None,
-                           margin_change_t=t_statistic(per_token or []), pair_logps=logps, pair_tokens=lengths)
+                           margin_change_t=t_statistic(per_token or []),
+                           margin_change_p=sign_flip_p(per_token) if per_token else None,
+                           pair_logps=logps, pair_tokens=lengths)
 
 
 def load_tokenizer(model_dir: str) -> Any:

@@ -14,13 +14,16 @@ Runs never overlap (one lock; a manual run in progress also defers the scheduler
    measures the eval guard (held-out margins and accuracy, canary perplexity) on the live weights and makes sure
    the live version has a checkpoint to roll back to;
 2. hands the batch to the Trainer (records the run, marks the feedback consumed, applies atomically under vLLM's
-   pause, releases the feedback if the run fails) with the base model folder: the worker measures the update's
-   direction against the change since the base before writing it (loop/worker/agreement.py) and, past
-   `max_conflict_t`, rejects it — nothing written, status `rejected`, the feedback kept consumed (not retried);
-3. measures the same pairs again; when the update moved their margins the wrong way, accuracy fell or perplexity
-   rose past the limits (guard.verdict), restores the pre-update version in place (Trainer.restore, same pause
-   protocol), marks the run `rolled_back` with the reason and both figures, and the rolled-back version
-   `rolled_back`. Eval figures are stored on the WeightVersion rows (`eval`).
+   pause, releases the feedback if the run fails) with a screen (`poison_alpha` > 0): before training, the worker
+   measures how each item pulls along the weights' change since the base model, and the items that pull back at
+   that significance level, per rater and for the batch, are quarantined for an operator (re-queue or drop;
+   loop/scheduler/screening.py) — the rest trains, and if nothing is left the run is `rejected`;
+3. measures the same pairs again, and the live weights against the base model (loop/scheduler/watch.py: drift
+   and the canary answers' health); when the update moved their margins the wrong way, accuracy fell or perplexity
+   rose past the limits (guard.verdict), or the answers degenerated, restores the pre-update version in place
+   (Trainer.restore, same pause protocol), marks the run `rolled_back` with the reason and the figures, and the
+   rolled-back version `rolled_back`; past the drift budget it also pauses itself (drift only grows with further
+   runs) and says why. Eval figures are stored on the WeightVersion rows (`eval`).
    Feedback consumed by a rolled-back run stays consumed: a poisoned batch is not retried.
 State (paused, the interval clock, last run, runtime threshold overrides) lives in the `scheduler_state` table,
 so a restart keeps the schedule. Thresholds can be changed at runtime (`POST /api/scheduler/config`, admin;
@@ -38,10 +41,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from loop import pairs
-from loop.db.models import RunFeedback, SchedulerState, TrainingRun, WeightVersion
+from loop.db.models import SchedulerState, TrainingRun, WeightVersion
 from loop.readcache import Read, ReadCache
 from loop.scheduler import batches, tunables
 from loop.scheduler.guard import (
@@ -51,6 +54,9 @@ from loop.scheduler.guard import (
     load_tokenizer,
     verdict,
 )
+from loop.scheduler.health import DriftLimits, HealthLimits
+from loop.scheduler.watch import BaseWatch, Verdict
+from loop.training import quarantine
 from loop.training.versions import VersionRecords
 
 log = logging.getLogger("loop.scheduler")
@@ -91,11 +97,13 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Scheduler:
-    def __init__(self, state: Any, *, guard: EvalGuard | None = None, clock: Callable[[], float] = time.time,
-                 poll_s: float | None = None, run_timeout_s: float = 3600.0) -> None:
+    def __init__(self, state: Any, *, guard: EvalGuard | None = None, watch: BaseWatch | None = None,
+                 clock: Callable[[], float] = time.time, poll_s: float | None = None,
+                 run_timeout_s: float = 3600.0) -> None:
         self.state = state
         self.settings = state.settings
         self.guard = guard
+        self.watch = watch  # made beside the guard when the scheduler makes its own
         self.clock = clock
         self.poll_s = poll_s
         self.run_timeout_s = run_timeout_s
@@ -247,7 +255,7 @@ class Scheduler:
                 run.error = "interrupted: loop stopped during the run; its feedback was released"
                 if run.version_after is None:
                     run.version_after = run.version_before
-                s.execute(delete(RunFeedback).where(RunFeedback.run_id == run.id))
+                quarantine.release(s, run.id)
             s.commit()
             return [r.id for r in runs]
 
@@ -294,7 +302,24 @@ class Scheduler:
                 self.settings.model, self.settings.cache_dir, progress=False)
             tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
             self.guard = EvalGuard(self.state.vllm, tokenizer, max_len=self.settings.max_model_len)
+            if self.watch is None:
+                from loop.model_cache import base_model_dir
+
+                base = await asyncio.to_thread(base_model_dir, self.settings)
+                self.watch = BaseWatch(self.state.vllm, tokenizer, data_dir=self.settings.data_dir,
+                                       model=base or str(self.settings.model), max_len=self.settings.max_model_len)
         return self.guard if self.config()["guard_enabled"] else None
+
+    async def _watch_base(self, cfg: dict[str, Any]) -> BaseWatch | None:
+        """The base watch, with the base figures in hand if they can be had (measured now on version 0)."""
+        if self.watch is None or not (cfg["drift_enabled"] or cfg["health_enabled"]):
+            return None
+        try:
+            await self.watch.ensure_base(live_is_base=self.state.weight_version == 0)
+        except GuardError as exc:
+            self.watch.note = f"the base figures could not be measured: {exc}"
+            log.warning("%s", self.watch.note)
+        return self.watch if self.watch.ready else None
 
     async def run_once(self, trigger: str, reason: str, *, pool: batches.Pool | None = None) -> int | None:
         async with self._lock:
@@ -324,6 +349,7 @@ class Scheduler:
                                          "comparison_ids": sorted({c for i in eval_items for c in i.comparison_ids}),
                                          "rating_ids": sorted({r for i in eval_items for r in i.rating_ids})}}
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
+                await self._watch_base(cfg)
                 await self.state.trainer.checkpoint()  # rollback restores it (the live one's is reused if it has one)
             from loop.training import TrainRequest
 
@@ -331,12 +357,12 @@ class Scheduler:
                                    comparison_ids=batch.comparison_ids, steps=cfg["steps"],
                                    learning_rate=cfg["learning_rate"])
             started = self.clock()
-            from loop.model_cache import (
-                base_model_dir,  # the direction check's base (loop/worker/agreement.py)
-            )
-            handle = await self.state.trainer.run(
-                request, batch=batch, trigger="scheduler", base_weights=base_model_dir(self.settings) if guard is not None else None,
-                max_conflict_t=cfg["max_conflict_t"])
+            from loop.model_cache import base_model_dir  # the screen's base: what "learned" is measured from
+            from loop.training.runs import ScreenPolicy
+
+            base = await asyncio.to_thread(base_model_dir, self.settings)
+            screen = ScreenPolicy(base, cfg["poison_alpha"]) if base and cfg["poison_alpha"] > 0 else None
+            handle = await self.state.trainer.run(request, batch=batch, trigger="scheduler", screen=screen)
             run_id = handle.id
             self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id
@@ -347,6 +373,10 @@ class Scheduler:
                 if status == "succeeded" and guard is not None and before is not None:
                     try:
                         after = await guard.measure([_eval_pair(i) for i in eval_items], before=before)
+                        watch = await self._watch_base(cfg)
+                        if watch is not None:
+                            figures = await watch.measure()
+                            after.drift, after.health = (figures or {}).get("drift"), (figures or {}).get("health")
                     except GuardError as exc:  # cannot judge: keep the update, say so on the run
                         self.last_error = f"eval after run {run_id} failed: {exc}"
                         await asyncio.to_thread(self._record_eval, run_id, before, None, None)
@@ -405,10 +435,29 @@ class Scheduler:
             run.metrics = metrics
             s.commit()
 
+    def _watch_verdict(self, after: EvalFigures, cfg: dict[str, Any]) -> Verdict:
+        if self.watch is None or after.drift is None or after.health is None:
+            return Verdict()
+        s = self.settings
+        drift = (DriftLimits(max_perplexity_vs_base=cfg["max_perplexity_vs_base"], max_kl_per_token=cfg["max_drift_kl"])
+                 if cfg["drift_enabled"] else None)
+        health = (HealthLimits(max_stutter_rise=s.max_stutter_rise, max_collapse_rise=s.max_collapse_rise,
+                               max_unfinished_rise=s.max_unfinished_rise, max_distinct_2_drop=s.max_distinct2_drop)
+                  if cfg["health_enabled"] else None)
+        return self.watch.verdict({"drift": after.drift, "health": after.health}, drift, health)
+
     async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
-        why = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
-                      max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs,
-                      max_margin_t=cfg["max_margin_t"])
+        found = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
+                        max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs,
+                        margin_alpha=cfg["margin_alpha"])
+        watched = self._watch_verdict(after, cfg)
+        why = "; ".join(r for r in (found, watched.reason) if r) or None
+        if watched.drift:  # a total that every further run adds to: stop training until an operator decides
+            self.pause()
+            self.last_error = (f"training paused after run {run_id}: {watched.drift}. Raise the limit "
+                               f"(max_drift_kl / max_perplexity_vs_base in POST /api/scheduler/config) or turn "
+                               f"drift_enabled off, then resume")
+            log.warning("%s", self.last_error)
         if why is None:
             await asyncio.to_thread(self._record_eval, run_id, before, after, None)
             return

@@ -30,9 +30,13 @@ SETTING: dict[str, str] = {
     "learning_rate": "learning_rate",
     "max_accuracy_drop": "max_accuracy_drop",
     "max_perplexity_rise": "max_perplexity_rise",
-    "max_margin_t": "max_margin_t",
-    "max_conflict_t": "max_conflict_t",
+    "margin_alpha": "margin_alpha",
+    "poison_alpha": "poison_alpha",
     "guard_enabled": "guard_enabled",
+    "drift_enabled": "drift_enabled",
+    "max_drift_kl": "max_drift_kl",
+    "max_perplexity_vs_base": "max_perplexity_vs_base",
+    "health_enabled": "health_enabled",
 }
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 

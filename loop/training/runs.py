@@ -8,8 +8,9 @@
   (loop/training/weights.py: pause → worker `Apply` → new version → reset → resume). `train_mode` "lowmem" keeps it
   atomic with a fraction of the memory (the worker writes by a second backward inside the pause, so the pause is
   longer); "hogwild" skips the pause. A refused update (NaN/inf/over the cap) ends the run "refused": weights
-  untouched, version unchanged, feedback released; "rejected" (it would undo what kept runs taught) keeps the
-  feedback consumed. A failed run releases its feedback.
+  untouched, version unchanged, feedback released. A scheduled run is screened first (`ScreenPolicy`): items
+  that pull back what the kept runs taught are quarantined (loop/training/quarantine.py) and the rest trains;
+  "rejected" when nothing is left. A failed run releases its feedback (never what is quarantined).
 - Every kept version is made durable in the background (loop/training/checkpoints.py); a run is `succeeded` only
   when vLLM still serves its version at the end, otherwise it is `lost` and its feedback goes back to the queue.
 
@@ -20,21 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, model_validator
-from sqlalchemy import delete
 
 from loop.config import Objective, TrainMode, TrainParams
 from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
 from loop.errors import Conflict, NotFound, Unavailable
-from loop.scheduler import batches
+from loop.scheduler import batches, screening
 from loop.scheduler.batches import Batch
 from loop.state import LoopState
 from loop.training.checkpoints import CHECKPOINT_TIMEOUT_S, Checkpoints, Flusher
+from loop.training import quarantine
 from loop.training.recovery import Recovery
 from loop.training.versions import LOST, VersionRecords
 from loop.training.weights import LiveWeights
@@ -98,6 +100,14 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScreenPolicy:
+    """The screen a scheduled run goes through before training (loop/scheduler/screening.py)."""
+
+    base_weights: str  # the base model folder: the learned direction is w_live minus these weights
+    alpha: float = screening.DEFAULT_ALPHA
+
+
 class RunHandle:
     """A started run: its id, and `await finished()` for its final status (the scheduler judges the outcome)."""
 
@@ -123,7 +133,7 @@ class Trainer:
         self.settings = state.settings
         self.control: WorkerControl = control or state.worker
         self.run_id: int | None = None
-        self.phase = "idle"  # idle | training | applying | checkpointing | restoring
+        self.phase = "idle"  # idle | screening | training | applying | checkpointing | restoring
         self.step = 0
         self.losses: list[float] = []
         self.metrics: dict[str, Any] = {}
@@ -192,7 +202,7 @@ class Trainer:
             state = "dead"
         elif worker["state"] in ("starting", "waiting", "stopped"):
             state = "starting"
-        elif self.phase in ("training", "applying"):
+        elif self.phase in ("screening", "training", "applying"):
             state = self.phase
         else:
             state = "idle" if not self.busy else "training"
@@ -252,14 +262,15 @@ class Trainer:
     # ------------------------------------------------------------ runs
 
     async def run(self, request: TrainRequest, *, batch: Batch | None = None, trigger: str = "manual",
-                  base_weights: str | None = None, max_conflict_t: float | None = None) -> RunHandle:
+                  screen: ScreenPolicy | None = None) -> RunHandle:
         """Record and start a run; returns its handle at once (the run goes on in the background).
 
         The batch is `batch` when the caller built it (the scheduler, loop/scheduler/batches.py: its feedback is
-        checked again here, since time passed), else what `request` names (`batches.resolve`). `base_weights`
-        (the scheduler's runs: the base model folder): the worker measures whether step 1's update goes on with
-        the weights' change since that base or pulls it back, before writing it; with `max_conflict_t` an update
-        that pulls back is rejected (loop/worker/agreement.py) and its feedback stays consumed."""
+        checked again here, since time passed), else what `request` names (`batches.resolve`). `screen` (the
+        scheduler's runs): before training, the worker measures how each item pulls along the weights' change
+        since the base model, and the items that pull back at the policy's significance level are quarantined
+        (loop/scheduler/screening.py, loop/training/quarantine.py) — the rest trains; if nothing is left the run
+        is `rejected`."""
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
@@ -270,8 +281,7 @@ class Trainer:
         batch = await asyncio.to_thread(self._resolve, request, batch)
         run_id = await asyncio.to_thread(self._create_run, request, trigger, batch)
         self.run_id, self.step, self.losses, self.metrics, self.last_error = run_id, 0, [], {}, None
-        self._task = asyncio.create_task(self._execute(run_id, request, batch, base_weights, max_conflict_t),
-                                         name=f"train-run-{run_id}")
+        self._task = asyncio.create_task(self._execute(run_id, request, batch, screen), name=f"train-run-{run_id}")
         return RunHandle(run_id, self._task, self._run_status)
 
     def _run_status(self, run_id: int) -> str:
@@ -326,7 +336,7 @@ class Trainer:
                     run.status, run.error = LOST, f"{live.note}; its feedback is back in the queue"
                     status = LOST
             if status not in ("succeeded", "rejected"):  # release the feedback: a later run may use it
-                s.execute(delete(RunFeedback).where(RunFeedback.run_id == run_id))
+                quarantine.release(s, run_id)
             s.commit()
 
     def _params(self, req: TrainRequest) -> TrainParams:
@@ -337,20 +347,25 @@ class Trainer:
             self.step = msg.step
             self.losses.append(msg.loss)
 
-    async def _execute(self, run_id: int, req: TrainRequest, batch: Batch, base_weights: str | None = None,
-                       max_conflict_t: float | None = None) -> None:
+    async def _execute(self, run_id: int, req: TrainRequest, batch: Batch, screen: ScreenPolicy | None = None) -> None:
         history: list[Any] = []
         version_after: int | None = None
         params = self._params(req)
         lr, beta, mode = params.learning_rate, params.beta, params.train_mode
         try:
+            if screen is not None:
+                self.phase = "screening"
+                kept = await self._screen(run_id, req, batch, screen)
+                if kept is None:
+                    return
+                batch = kept
             for step in range(1, req.steps + 1):
                 self.phase = "training"
                 done = await self.control.call(
                     p.Train(run_id=run_id, objective=batch.objective, pairs=batch.pairs, examples=batch.examples,
                             step=step, steps=req.steps, lr=lr,
                             beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
-                            lowmem=mode == "lowmem", base_weights=base_weights or "", max_conflict_t=max_conflict_t),
+                            lowmem=mode == "lowmem"),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)
                 history = done.history
@@ -359,8 +374,7 @@ class Trainer:
                 self.metrics["update_norm"] = done.update.update_norm
                 if not done.update.ok:  # known bad: no need to pause vLLM to hear the worker refuse it
                     await self.control.call(p.Discard(run_id=run_id), timeout=APPLY_TIMEOUT_S)
-                    self._refused(run_id, done.update.reason, history,
-                                  status="rejected" if done.update.conflict else "refused")
+                    self._refused(run_id, done.update.reason, history)
                     return
                 self.phase = "applying"
                 version_after, reason = await self._apply(run_id, mode)
@@ -405,9 +419,39 @@ class Trainer:
             await asyncio.sleep(1.0 * (attempt + 1))
         return "vLLM did not answer /health after the write; the new version was never served"
 
+    async def _screen(self, run_id: int, req: TrainRequest, batch: Batch, screen: ScreenPolicy) -> Batch | None:
+        """The screen before training: the batch with the held-back items removed (they are quarantined, still
+        consumed by this run), or None when nothing is left (the run is then `rejected`)."""
+        reply = await self.control.call(
+            p.Screen(run_id=run_id, base_weights=screen.base_weights, objective=batch.objective, pairs=batch.pairs,
+                     examples=batch.examples, max_len=req.max_len), timeout=TRAIN_TIMEOUT_S)
+        assert isinstance(reply, p.Screened)
+        items = ([i for i in batch.items if i.kind == "pair"] + [i for i in batch.items if i.kind == "example"])
+        decision = screening.decide(items, reply.contributions, alpha=screen.alpha, note=reply.note, seed=run_id)
+        figures = decision.figures(items, reply.contributions, screen.alpha)
+        figures.update(ms=reply.ms, n_tensors=reply.n_tensors, probed_fraction=reply.probed_fraction)
+        self.metrics["screen"] = figures
+        held = decision.held_indices()
+        if not held:
+            return batch
+        reasons = "; ".join(h.reason for h in decision.held)
+
+        def record() -> None:
+            with self.state.sessions() as s, s.begin():
+                quarantine.hold(s, run_id, items, decision, figures)
+
+        await asyncio.to_thread(record)
+        log.warning("run %d: %d of %d items quarantined by the screen: %s", run_id, len(held), len(items), reasons)
+        kept = [item for i, item in enumerate(items) if i not in held]
+        if not kept:
+            await asyncio.to_thread(self._refused, run_id, f"{reasons}; nothing was trained, the feedback is "
+                                    "quarantined (GET /api/quarantine)", [], status="rejected")
+            return None
+        return dataclasses.replace(batch, items=kept)
+
     def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:
-        """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (it would
-        undo what the kept runs taught): the feedback stays consumed, so a poisoned batch is not tried again."""
+        """Nothing was written. refused (not finite, over the cap): the feedback is released; rejected (the
+        screen held the whole batch back): the feedback stays consumed while quarantined."""
         self.last_error = f"run {run_id}: update {status}: {reason}"
         self.metrics["refused_reason"] = reason
         self._finish_run(run_id, status, error=reason, history=history)

@@ -24,10 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loop.db.models import RunFeedback, TrainingRun, WeightVersion
+from loop.db.models import TrainingRun, WeightVersion
+from loop.training import quarantine
 
 if TYPE_CHECKING:
     from loop.state import LoopState
@@ -100,8 +101,7 @@ def reconcile(sessions: sessionmaker[Session], served: int, reason: str) -> Reco
             run.finished_at = run.finished_at or datetime.now(timezone.utc)
             run.error = (f"its weights (version {max(versions)}) were not durable when vLLM reloaded version "
                          f"{served}: {reason}; its feedback is back in the queue")
-            released = s.execute(delete(RunFeedback).where(RunFeedback.run_id == run.id))
-            out.released_feedback += released.rowcount or 0
+            out.released_feedback += quarantine.release(s, run.id)
             out.lost_runs.append(run.id)
     if out.lost_versions or out.lost_runs:
         log.warning("vLLM serves version %d again (%s): versions %s lost, runs %s lost, %d feedback items back in "
@@ -120,7 +120,7 @@ def mark_lost(sessions: sessionmaker[Session], version: int, run_id: int | None,
         if run is not None:
             run.status, run.error = LOST, f"{reason}; its feedback is back in the queue"
             run.finished_at = run.finished_at or datetime.now(timezone.utc)
-            s.execute(delete(RunFeedback).where(RunFeedback.run_id == run.id))
+            quarantine.release(s, run.id)
 
 
 class VersionRecords:

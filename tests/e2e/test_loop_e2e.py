@@ -29,7 +29,7 @@ HOLDOUT = Settings().holdout_fraction  # the shared service runs with the defaul
 
 NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
          "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
-         "max_margin_t": None, "max_conflict_t": None}
+         "margin_alpha": None, "poison_alpha": None}
 
 
 class Api:
@@ -192,45 +192,54 @@ def test_worker_killed_mid_run_releases_feedback_which_trains_once_later(api: Ap
     assert len(rows) == len(set(rows)) and all(rows.count(i) == 1 for i in ids)
 
 
-def test_batch_that_undoes_what_was_learned_is_rejected_before_the_write(api: Api, loop_service: Any) -> None:
+def test_batch_that_undoes_what_was_learned_is_quarantined_before_training(api: Api, loop_service: Any) -> None:
     """Two rounds teach "the shorter answer wins"; then another rater picks the other answer of the very same pairs
-    (flipped labels): that update would pull the weights back along what the two rounds wrote, and the worker's
-    direction check (loop/worker/agreement.py) rejects it before anything is written."""
-    # teaching runs are measured, not judged (a small batch's direction is noisy, see agreement.py)
-    api.config(min_pairs=4, interval_s=1e9, max_wait_s=1e9, steps=2, learning_rate=1e-4, guard_enabled=True,
-               max_perplexity_rise=10.0, max_accuracy_drop=1.0, max_margin_t=1e9, max_conflict_t=1e9)
+    (flipped labels): each flipped pair pulls back along what the two rounds wrote, and the screen (default level)
+    holds the batch in quarantine before anything trains. An operator sees it with the evidence and drops it."""
+    api.config(min_pairs=6, interval_s=1e9, max_wait_s=1e9, steps=2, learning_rate=1e-4, guard_enabled=True,
+               max_perplexity_rise=10.0, max_accuracy_drop=1.0, margin_alpha=0)
     api.rated.clear()
     for i in range(2):
         before = api.last_run_id()
-        api.comparisons(4, tag=f"teach-{i}")
+        api.comparisons(6, tag=f"teach-{i}")
         run = api.wait_run(before)
         assert run["status"] == "succeeded", run
-        assert "agreement_cosine" in run["metrics"]  # every scheduled run is measured
+        assert "screen" in run["metrics"]  # every scheduled run is screened (the first: nothing learned yet)
+    assert run["metrics"]["screen"]["quarantined"] == 0  # honest feedback passes
     live = api.call("GET", "/api/versions")["live"]
-    api.config(min_pairs=1000000, max_conflict_t=3.0)  # collect the flipped picks, then train on them in one run
+    api.config(min_pairs=1000000)  # collect the flipped picks, then train on them in one run
     flipped = []
     for a, b, winner in api.rated:
         c = api.call("POST", "/api/comparisons", json={"response_a_id": a, "response_b_id": b,
                                                         "winner": "b" if winner == "a" else "a", "rater": "e2e-flip"})
         if not is_held_out("comparison", c["id"], HOLDOUT):
             flipped.append(c["id"])
-    assert len(flipped) >= 3, "too many flipped picks fell in the held-out slice"
+    assert len(flipped) >= 8, "too many flipped picks fell in the held-out slice for a test at the 0.01 level"
     before = api.last_run_id()
     api.call("POST", "/api/scheduler/run")
     run = api.wait_run(before)
     assert run["status"] == "rejected", (run["status"], run["error"], run["metrics"])
-    assert "would undo what the kept runs taught" in run["error"]
-    assert run["metrics"]["agreement_cosine"] < 0 and run["metrics"]["agreement_t"] < -3.0
+    assert "pull the model back from what the kept runs taught" in run["error"]
+    screen = run["metrics"]["screen"]
+    assert screen["p_value"] < 0.01 and screen["quarantined"] == screen["n"] == len(flipped)
     assert run["version_after"] == run["version_before"] == live == api.call("GET", "/api/versions")["live"]
-    assert run["eval_before"] is not None and run["eval_after"] is None  # judged before the write: nothing to measure
-    assert set(flipped) <= set(run["consumed"]["comparison_ids"])  # consumed: a poisoned batch is not retried
+    assert run["eval_before"] is not None and run["eval_after"] is None  # stopped before training: nothing to measure
+    assert set(flipped) <= set(run["consumed"]["comparison_ids"])  # held: no batch picks it up
     assert api.call("GET", "/api/scheduler")["untrained"]["pairs"] == 0
+    held = [q for q in api.call("GET", "/api/quarantine", params={"state": "held"})["items"] if q["run_id"] == run["id"]]
+    assert len(held) == 1 and sorted(held[0]["comparison_ids"]) == sorted(flipped)
+    assert held[0]["evidence"]["p_value"] < 0.01 and len(held[0]["evidence"]["items"]) == len(flipped)
+    signal = {r["rater"]: r for r in api.call("GET", "/api/raters/signal")["raters"]}
+    assert signal["e2e-flip"]["flagged"] and signal["e2e-flip"]["down"] >= len(flipped) - 1
+    dropped = api.call("POST", f"/api/quarantine/{held[0]['id']}/drop", json={"by": "e2e", "note": "flipped"})
+    assert dropped["state"] == "dropped"
+    assert api.call("GET", "/api/scheduler")["untrained"]["pairs"] == 0  # dropped: never trained
 
 
 def test_forced_regression_is_rolled_back_in_place(api: Api, loop_service: Any) -> None:
-    # the pre-write direction check is set out of reach: this test is about the rollback after the write
+    # the screen is off: this test is about the rollback after the write
     api.config(min_pairs=2, interval_s=1e9, max_wait_s=1e9, steps=1, learning_rate=2e-3, guard_enabled=True,
-               max_perplexity_rise=0.05, max_conflict_t=1e9)
+               max_perplexity_rise=0.05, poison_alpha=0)
     before = api.last_run_id()
     api.comparisons(2, tag="poison")
     run = api.wait_run(before)

@@ -4,8 +4,9 @@ It speaks the real protocol through the real `Channel` (heartbeat thread include
 Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter
 (the checksum is "v<n>"). Checkpoint writes the counter into <path>/model.safetensors (a path "sleep:<s>" sleeps
 that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
-A Train whose base_weights path ends in "undone" (with max_conflict_t set) is refused as a conflict (what
-loop/worker/agreement.py does to an update that would undo what the kept runs taught).
+Screen answers one contribution per item (loop/worker/screen.py's s_i): -1 for an item whose chosen answer (or
+completion) contains "poison" (it pulls back what was learned), +1 otherwise; a base folder ending in "fresh"
+stands for nothing learned yet (no contributions, a note).
 FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway); FAKE_WORKER_CHECKPOINT_S
 makes every checkpoint take that long.
 """
@@ -37,12 +38,16 @@ def main() -> None:
             ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=0.5))
             staged = msg
             ch.state = "idle"
-            # a base folder named "*undone" stands for an update that would pull the weights back from it
-            conflict = msg.max_conflict_t is not None and msg.base_weights.endswith("undone")
-            metrics = {"loss": 0.5, **({"agreement_t": -9.0, "agreement_cosine": -0.01} if msg.base_weights else {})}
-            ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
-                                update=p.UpdateStats(ok=not (msg.inject_nan or conflict), conflict=conflict,
-                                                     reason="nan" if msg.inject_nan else "conflict" if conflict else "")))
+            with open(os.environ.get("FAKE_WORKER_RECORD", os.devnull), "a") as f:
+                f.write(f"train {[x.chosen for x in msg.pairs] + [x.completion for x in msg.examples]}\n")
+            ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5},
+                                update=p.UpdateStats(ok=not msg.inject_nan, reason="nan" if msg.inject_nan else "")))
+        elif isinstance(msg, p.Screen):
+            texts = [x.chosen for x in msg.pairs] + [x.completion for x in msg.examples]
+            fresh = msg.base_weights.endswith("fresh")
+            ch.send(p.Screened(req=msg.req, run_id=msg.run_id, n_tensors=3, probed_fraction=1.0, ms=1.0,
+                               contributions=[] if fresh else [-1.0 if "poison" in t else 1.0 for t in texts],
+                               note="nothing learned yet" if fresh else ""))
         elif isinstance(msg, p.Apply):
             if os.environ.get("FAKE_WORKER_DIE_IN_APPLY"):  # dies halfway through writing the weights
                 os._exit(9)

@@ -51,14 +51,14 @@ class FakeTrainer:
         self.restored: list[int] = []
         self.checkpoints = 0
         self.fail = False
-        self.reject = False  # the worker's direction check says the update would undo what was learned
-        self.checks: list[tuple[str | None, float | None]] = []  # (base_weights, max_conflict_t) per run
+        self.reject = False  # the screen holds the whole batch back (it pulls against what was learned)
+        self.screens: list[Any] = []  # the ScreenPolicy (or None) each run was given
 
-    async def run(self, request: Any, *, batch: Any = None, trigger: str = "manual", base_weights: str | None = None,
-                  max_conflict_t: float | None = None) -> "FakeHandle":
+    async def run(self, request: Any, *, batch: Any = None, trigger: str = "manual", screen: Any = None
+                  ) -> "FakeHandle":
         self.requests.append(request)
         self.batches.append(batch)
-        self.checks.append((base_weights, max_conflict_t))
+        self.screens.append(screen)
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=request.objective,
                               version_before=self.state.weight_version, batch={"n": len(batch.items) if batch else len(request.pairs)})
@@ -83,9 +83,9 @@ class FakeTrainer:
             if self.fail:
                 run.status, run.version_after = "failed", run.version_before
                 s.query(RunFeedback).filter(RunFeedback.run_id == run_id).delete()
-            elif self.reject and self.checks[-1][1] is not None and self.checks[-1][0]:
+            elif self.reject and self.screens[-1] is not None:
                 run.status, run.version_after = "rejected", run.version_before  # feedback stays consumed
-                run.error = "the update would undo trusted preferences"
+                run.error = "the batch: 12 of 12 items pull the model back from what the kept runs taught"
             else:
                 v = self._new_version(s, "train", run_id)
                 run.status, run.version_after = "succeeded", v

@@ -4,7 +4,9 @@
  * Shows the trainer's live status with the current run's loss per step (GET /api/train/status), the feedback
  * waiting to be learned (GET /api/stats),
  * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
- * vendored in web/vendor/uplot), and the weight-version timeline with eval figures, checkpoint and restore.
+ * vendored in web/vendor/uplot), the weight-version timeline with eval figures, checkpoint and restore, and the
+ * quarantine: feedback the screen before a run held back (GET /api/quarantine) with its evidence, to re-queue or
+ * drop, beside each rater's signal (GET /api/raters/signal).
  * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
  * "… not available" in its card; the rest of the page keeps working.
  *
@@ -52,6 +54,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const runsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
   const chartBody = h("div", {class: "card-body charts"});
   const versionsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const quarantineBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const signalBody = h("div", {class: "card-body"});
+  const quarantineStatus = statusLine();
   const actionStatus = statusLine();
   const schedStatus = statusLine();
   const liveChart = h("div", {class: "live-chart"});
@@ -74,6 +79,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     card("Weight versions", "c-versions",
       h("div", {class: "form-actions"}, h("button", {type: "button", class: "btn", text: "Checkpoint now", onclick: checkpoint})),
       versionsBody),
+    card("Quarantine", "c-quarantine", quarantineBody, quarantineStatus, signalBody),
     dialog.el));
 
   // --- loaders; each card fails on its own. Each resolves to the data it showed (null after an error).
@@ -98,6 +104,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const loadSched = () => load(schedBody, "/api/scheduler?stale_ok=true", renderSched, "Scheduler");
   const loadRuns = () => load(runsBody, "/api/runs", renderRuns, "Runs");
   const loadVersions = () => load(versionsBody, "/api/versions", renderVersions, "Versions");
+  const loadQuarantine = () => Promise.all([
+    load(quarantineBody, "/api/quarantine?state=held", renderQuarantine, "Quarantine"),
+    load(signalBody, "/api/raters/signal", renderSignal, "Rater signal")]);
 
   function renderStatus(s) {
     const losses = Array.isArray(s.losses) ? s.losses : [];
@@ -197,9 +206,11 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         replace(chartBody, empty(`Run ${id} has no steps recorded yet.`));
         return;
       }
+      const screen = (run.metrics || {}).screen;
       replace(chartBody, h("h3", {text: `Run ${id}, per step`}),
         run.error || run.rollback_reason ? h("p", {class: "error-text run-note",
-          text: run.rolled_back ? `Rolled back: ${run.rollback_reason || run.error}` : `Run ${run.status}: ${run.error}`}) : null);
+          text: run.rolled_back ? `Rolled back: ${run.rollback_reason || run.error}` : `Run ${run.status}: ${run.error}`}) : null,
+        screen ? h("p", {class: "muted run-screen", text: screenLine(screen)}) : null);
       for (const [name, values] of series.metrics) {
         const box = h("figure", {class: "chart", dataset: {metric: name}}, h("figcaption", {text: name}));
         chartBody.append(box);
@@ -257,6 +268,51 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     }
   }
 
+  function renderQuarantine(data) {
+    const items = data.items || [];
+    if (!items.length) {
+      replace(quarantineBody, empty("Nothing held back. Feedback that pulls against what the model has learned is held here before training."));
+      return;
+    }
+    replace(quarantineBody, h("ul", {class: "quarantine"}, items.map((q) => h("li", {dataset: {quarantine: String(q.id)}},
+      h("div", {class: "tl-head"},
+        h("strong", {text: q.scope === "batch" ? "Whole batch" : q.scope.replace(/^rater:/, "Rater ")}),
+        h("span", {class: "badge", text: `${q.n_items} items`}),
+        h("span", {class: "muted", text: `run ${q.run_id} · ${fmtTime(q.created_at)}`})),
+      h("p", {text: q.reason}),
+      h("details", {}, h("summary", {text: "Evidence"}), h("div", {class: "table-wrap"}, h("table", {},
+        h("thead", {}, h("tr", {}, ["Rater", "Contribution", "Feedback"].map((t) => h("th", {scope: "col", text: t})))),
+        h("tbody", {}, ((q.evidence || {}).items || []).map((it) => h("tr", {},
+          h("td", {text: it.group}), h("td", {text: fmtNum(it.contribution, 4)}),
+          h("td", {text: [...(it.comparison_ids || []).map((c) => `comparison ${c}`), ...(it.rating_ids || []).map((r) => `rating ${r}`)].join(", ")}))))))),
+      h("div", {class: "form-actions"},
+        h("button", {type: "button", class: "btn small", text: "Re-queue",
+          title: "Give this feedback back to the queue: a later batch trains on it (screened again)",
+          onclick: () => decide(q, "requeue")}),
+        h("button", {type: "button", class: "btn small ghost", text: "Drop",
+          title: "Keep this feedback out of training for good", onclick: () => decide(q, "drop")}))))));
+  }
+
+  function renderSignal(data) {
+    const raters = data.raters || [];
+    if (!raters.length) { replace(signalBody); return; }
+    replace(signalBody, h("h3", {text: "Rater signal"}),
+      h("p", {class: "muted", text: `Over the screens of the last ${data.runs} scheduled runs: how each rater's feedback pulls along what the model has learned. Flagged: p < ${data.alpha}.`}),
+      h("div", {class: "table-wrap"}, h("table", {class: "signal"},
+        h("thead", {}, h("tr", {}, ["Rater", "Items", "Pulled back", "p", "Quarantined", ""].map((t) => h("th", {scope: "col", text: t})))),
+        h("tbody", {}, raters.map((r) => h("tr", {class: r.flagged ? "flagged" : ""},
+          h("td", {text: r.rater}), h("td", {text: r.items}), h("td", {text: r.down}), h("td", {text: fmtNum(r.p_value, 3)}),
+          h("td", {text: r.quarantined}), h("td", {text: r.flagged ? "flagged" : ""})))))));
+  }
+
+  async function decide(q, action) {
+    const what = action === "requeue" ? "Give this feedback back to the queue? A later batch trains on it (screened again)."
+      : "Drop this feedback for good? It will never be trained on.";
+    if (!(await dialog.ask(what, action === "requeue" ? "Re-queue" : "Drop"))) return;
+    admin(`/api/quarantine/${q.id}/${action}`, {}, (r) => `Quarantined batch ${r.id} ${r.state}.`,
+      async () => { await Promise.all([loadQuarantine(), loadSched()]); }, quarantineStatus);
+  }
+
   // --- admin actions
   async function admin(path, body, okText, after, line = actionStatus) {
     clearError();
@@ -292,7 +348,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   let beatKey = null;
   let detailsKey = null;
   const details = poller(async () => {
-    const got = await Promise.all([loadStats(), loadRuns(), loadVersions()]);
+    const got = await Promise.all([loadStats(), loadRuns(), loadVersions(), loadQuarantine()]);
     const key = JSON.stringify(got);
     const changed = key !== detailsKey || (got[0] && got[0].fresh === false); // a recount is due: ask again soon
     detailsKey = key;
@@ -344,12 +400,28 @@ function confirmDialog() {
   };
 }
 
+/** One line on a run's screen: its test, and what it held back. */
+function screenLine(screen) {
+  if (screen.p_value === null || screen.p_value === undefined) return `Screen: ${screen.note || "nothing measured"}.`;
+  const held = screen.quarantined ? `${screen.quarantined} of ${screen.n} items quarantined` : `nothing held back of ${screen.n} items`;
+  return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}.`;
+}
+
 const EVAL_LABELS = {accuracy: "accuracy", mean_margin: "margin", canary_perplexity: "perplexity", n_pairs: "pairs"};
 
-/** The eval figures worth a glance, as [label, text]; bookkeeping fields (timings, ids, timestamps) left out. */
+/** The eval figures worth a glance, as [label, text]; bookkeeping fields (timings, ids, timestamps) left out.
+ * After a scheduled run they include the drift from the base model and the canary answers' health. */
 function evalFigures(evalData) {
   if (!evalData || typeof evalData !== "object") return [];
-  return Object.entries(EVAL_LABELS)
+  const out = Object.entries(EVAL_LABELS)
     .filter(([k]) => typeof evalData[k] === "number")
     .map(([k, label]) => [label, fmtNum(evalData[k], 4)]);
+  const drift = evalData.drift || {};
+  if (typeof drift.kl_per_token === "number") out.push(["KL vs base", fmtNum(drift.kl_per_token, 4)]);
+  if (typeof drift.perplexity_vs_base === "number") out.push(["perplexity vs base", `${(drift.perplexity_vs_base * 100).toFixed(1)} %`]);
+  const health = evalData.health || {};
+  for (const [k, label] of [["stutter_rate", "stutter"], ["collapse_share", "same opening"], ["unfinished_rate", "unfinished"]]) {
+    if (typeof health[k] === "number") out.push([label, `${Math.round(health[k] * 100)} %`]);
+  }
+  return out;
 }

@@ -6,6 +6,7 @@ from loop.api.routes import (
            health,
            history,
            proxy,
+           quarantine,
            runs,
            stats,
            train,
@@ -13,4 +14,4 @@ from loop.api.routes import (
 )
 
 ROUTERS = [health.router, proxy.router, feedback.router, history.router, export.router, stats.router, train.router,
-           versions.router, runs.router]
+           versions.router, runs.router, quarantine.router]

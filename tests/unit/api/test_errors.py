@@ -284,7 +284,8 @@ async def test_scheduler_config_refuses_non_finite_and_out_of_range_values(loop_
 
 
 BAD_STORED = [("interval_s", "Infinity"), ("interval_s", "NaN"), ("interval_s", "-1"), ("max_wait_s", "1e300"),
-              ("min_pairs", "1e30"), ("min_pairs", "\"eight\""), ("guard_enabled", "3"), ("bogus", "1")]
+              ("min_pairs", "1e30"), ("min_pairs", "\"eight\""), ("guard_enabled", "3"), ("bogus", "1"),
+              ("max_conflict_t", "2.0"), ("poison_alpha", "1.5")]  # a setting an older loop stored; out of range
 
 
 @pytest.mark.parametrize("name, value", BAD_STORED)

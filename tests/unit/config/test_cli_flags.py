@@ -82,9 +82,9 @@ def test_old_flags_keep_their_effect(tmp_path) -> None:  # noqa: ANN001
 
 def test_new_flags_cover_lists_booleans_and_paths(tmp_path) -> None:  # noqa: ANN001
     s = serve("--allowed-hosts", "Loop.LAN:8000, b.lan", "--no-scheduler-enabled", "--runtime-dir",
-              str(tmp_path / "r"), "--learning-rate", "1e-4", "--max-conflict-t", "2")
+              str(tmp_path / "r"), "--learning-rate", "1e-4", "--poison-alpha", "0.05")
     assert s.allowed_hosts == ["loop.lan", "b.lan"] and s.scheduler_enabled is False
-    assert s.runtime_dir == tmp_path / "r" and s.learning_rate == 1e-4 and s.max_conflict_t == 2.0
+    assert s.runtime_dir == tmp_path / "r" and s.learning_rate == 1e-4 and s.poison_alpha == 0.05
     assert serve("--worker-enabled").worker_enabled is True and serve("--no-enforce-eager").enforce_eager is False
 
 

@@ -132,7 +132,7 @@ def test_tunables_take_the_settings_defaults_ranges_and_descriptions() -> None:
 
 
 @pytest.mark.parametrize("name, bad", [("interval_s", 1e11), ("min_pairs", 0), ("batch_size", 4097),
-                                       ("steps", 101), ("learning_rate", 2.0), ("max_margin_t", -1.0)])
+                                       ("steps", 101), ("learning_rate", 2.0), ("margin_alpha", -1.0), ("margin_alpha", 1.0)])
 def test_a_value_out_of_range_is_refused_alike_at_start_up_and_at_run_time(name: str, bad: float) -> None:
     with pytest.raises(ValueError, match=name):
         tunables.check(name, bad)
@@ -143,7 +143,7 @@ def test_a_value_out_of_range_is_refused_alike_at_start_up_and_at_run_time(name:
 def test_every_setting_value_is_a_valid_tunable() -> None:
     """The ranges are shared: whatever Settings accepts, the scheduler's own check accepts too."""
     settings = Settings(scheduler_interval_s=1e10, scheduler_min_pairs=1_000_000, batch_size=4096,
-                        scheduler_steps=100, learning_rate=1.0, max_conflict_t=1e12)
+                        scheduler_steps=100, learning_rate=1.0, poison_alpha=0.999)
     for name, setting in tunables.SETTING.items():
         value = getattr(settings, setting)
         if value is not None:

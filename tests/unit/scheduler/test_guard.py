@@ -157,10 +157,10 @@ async def test_vllm_errors_raise_guard_error() -> None:
 
 
 def fig(acc: float | None, ppl: float, reward: float | None = None, n: int = 10,
-        t: float | None = None) -> EvalFigures:
+        p: float | None = None) -> EvalFigures:
     return EvalFigures(accuracy=acc, n_pairs=n, mean_margin=None, canary_perplexity=ppl, canary_tokens=1, ms=0,
                        reward_accuracy=reward, mean_reward_margin=0.0 if reward is not None else None,
-                       mean_token_margin_change=-0.01 if t is not None else None, margin_change_t=t)
+                       mean_token_margin_change=-0.01 if p is not None else None, margin_change_p=p)
 
 
 def test_verdict_limits() -> None:
@@ -168,7 +168,7 @@ def test_verdict_limits() -> None:
     assert verdict(fig(0.8, 10), fig(0.75, 10.4, 0.6), **kw) is None  # within every limit
     assert verdict(fig(0.8, 10), fig(0.9, 9, 1.0), **kw) is None  # better
     assert "accuracy fell from 0.800 to 0.600" in verdict(fig(0.8, 10), fig(0.6, 10), **kw)
-    # a majority of margins moving down is not enough on its own (5 of 6 did in a good run): see the t test below
+    # a majority of margins moving down is not enough on its own (5 of 6 did in a good run): see the test below
     assert verdict(fig(1.0, 10), fig(1.0, 10, 0.2), **kw) is None
     assert "perplexity rose" in verdict(fig(0.8, 10), fig(0.8, 10.6), **kw)
     assert "perplexity rose" in verdict(fig(None, 10), fig(None, float("inf")), **kw)
@@ -180,18 +180,19 @@ def test_verdict_limits() -> None:
     assert verdict(fig(1.0, 10, n=2), fig(0.0, 10, 0.0, n=2), min_pairs=2, **kw) is not None
 
 
-def test_verdict_rolls_back_when_the_margins_fell_by_more_than_max_margin_t_standard_errors() -> None:
-    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_t": 1.5}
-    # a mild poison: raw accuracy unchanged, half the margins each way, yet clearly down on average
-    why = verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, t=-2.4), **kw)
-    assert why is not None and "-2.40 standard errors < -1.50" in why and "10 pairs" in why
-    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.5, t=-2.4), **{**kw, "max_margin_t": None}) is None
-    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.8, t=+2.0), **kw) is None  # a good run
-    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.2, t=-1.2), **kw) is None  # noise: a majority alone is not enough
-    assert verdict(fig(0.9, 10), fig(0.9, 10, 0.5, t=-1.5), **kw) is None  # at the limit: kept
+def test_verdict_rolls_back_when_the_margins_fell_at_the_margin_alpha_level() -> None:
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "margin_alpha": 0.01}
+    # a mild poison: raw accuracy unchanged, yet the per-pair changes point down beyond chance
+    why = verdict(fig(1.0, 10), fig(1.0, 10.1, 0.2, p=0.001), **kw)
+    assert why is not None and "sign-flip test p = 0.001 < 0.01" in why and "10 pairs" in why
+    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.2, p=0.001), **{**kw, "margin_alpha": None}) is None
+    assert verdict(fig(1.0, 10), fig(1.0, 10.1, 0.2, p=0.001), **{**kw, "margin_alpha": 0.0}) is None
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.8, p=0.99), **kw) is None  # a good run
+    assert verdict(fig(0.9, 10), fig(0.9, 10.1, 0.3, p=0.2), **kw) is None  # noise: a majority alone is not enough
+    assert verdict(fig(0.9, 10), fig(0.9, 10, 0.5, p=0.01), **kw) is None  # at the level: kept
     # never judged on a handful of pairs
-    assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, t=-9.0), **kw) is None
-    assert "standard errors" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.0, n=5, t=-9.0), **kw)
+    assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, p=1e-6), **kw) is None
+    assert "sign-flip" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.0, n=5, p=1e-6), **kw)
 
 
 def test_t_statistic() -> None:
@@ -209,7 +210,7 @@ async def test_a_poisoned_looking_update_measured_through_the_fake_vllm_is_rolle
     pairs = [Pair(f"q{i}", "abc" + "d" * (i % 3), "xyz" + "k" * i) for i in range(6)]
     before = await guard.measure(pairs)
     assert before.accuracy == 1.0 and before.pair_tokens == [(4 + i % 3, 4 + i) for i in range(6)]
-    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "max_margin_t": 1.5, "min_pairs": 5}
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "margin_alpha": 0.05, "min_pairs": 5}
     for sign, rolled_back in ((+1, True), (-1, False), (0, False)):
         # sign +-1: letters of the rejected answers (x, y, z) gain 0.1 nats each, those of the chosen (a, b, c)
         # lose 0.1 (or the reverse); sign 0: every letter gains 0.05 nats (longer rejected answers gain more)

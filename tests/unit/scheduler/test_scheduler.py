@@ -186,7 +186,9 @@ class MarginGuard:
         return EvalFigures(accuracy=1.0 if pairs else None, n_pairs=len(pairs), mean_margin=None,
                            canary_perplexity=10.0, canary_tokens=100, ms=1.0,
                            reward_accuracy=0.5 if dm is not None else None, mean_reward_margin=dm,
-                           mean_token_margin_change=dm / 100 if dm is not None else None, margin_change_t=dm)
+                           mean_token_margin_change=dm / 100 if dm is not None else None, margin_change_t=dm,
+                           # the sign-flip p of a change dm "standard errors" down: tiny past -2, else not small
+                           margin_change_p=None if dm is None else 1e-3 if dm < -2 else 0.3)
 
 
 def _held(state: State, ids: list[int]) -> list[int]:
@@ -228,7 +230,7 @@ async def test_held_out_margins_moved_the_wrong_way_roll_back_and_a_good_run_sta
     state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5})
     guard = MarginGuard([-3.0, +2.0, -3.0])
     sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
-    sched.configure(min_pairs=1, max_margin_t=1.5)
+    sched.configure(min_pairs=1, margin_alpha=0.01)
     add_comparisons(state, 20)
     first = await sched.tick()  # too few pairs older than its batch to judge preferences: perplexity only
     add_comparisons(state, 12)
@@ -240,7 +242,7 @@ async def test_held_out_margins_moved_the_wrong_way_roll_back_and_a_good_run_sta
         assert s.get(TrainingRun, first).status == "succeeded"
         assert s.get(TrainingRun, good).status == "succeeded"
         run = s.get(TrainingRun, bad)
-        assert run.status == "rolled_back" and "-3.00 standard errors < -1.50" in run.error
+        assert run.status == "rolled_back" and "sign-flip test p = 0.001 < 0.01" in run.error
         assert run.metrics["eval_after"]["margin_change_t"] == -3.0
         assert run.metrics["rollback"]["reason"] in run.error
 
@@ -250,7 +252,7 @@ async def test_eval_set_replays_pairs_of_kept_runs_never_of_rolled_back_ones(sta
                                                        "eval_replay_pairs": 4})
     guard = MarginGuard([+0.3, -5.0, +0.3, +0.3])
     sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
-    sched.configure(min_pairs=1, max_margin_t=1.0)
+    sched.configure(min_pairs=1, margin_alpha=0.01)
     round1 = add_comparisons(state, 12)
     await sched.tick()  # kept
     round2 = add_comparisons(state, 12)
@@ -272,12 +274,12 @@ async def test_eval_set_replays_pairs_of_kept_runs_never_of_rolled_back_ones(sta
 
 async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_back(state: State) -> None:
     state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1})
-    sched = Scheduler(state, guard=MarginGuard([+0.3]), clock=Clock())  # type: ignore[arg-type]
-    sched.configure(min_pairs=1, max_conflict_t=2.5)
+    sched = Scheduler(state, guard=MarginGuard([+0.3, +0.3]), clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, poison_alpha=0.05)
     add_comparisons(state, 12)
     first = await sched.tick()
-    # every scheduled run hands the worker the model folder the service started from, and the limit
-    assert state.trainer.checks == [(str(state.settings.model), 2.5)]
+    # every scheduled run is screened against the model folder the service started from, at the level set
+    assert [(x.base_weights, x.alpha) for x in state.trainer.screens] == [(str(state.settings.model), 0.05)]
     add_comparisons(state, 12)
     state.trainer.reject = True
     second = await sched.tick()
@@ -290,8 +292,8 @@ async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_bac
     assert state.trainer.restored == [] and state.weight_version == 1
     assert await sched.tick() is None  # ... so the next tick does not train on it again
     assert sched.describe()["untrained"] == {"pairs": 0, "examples": 0}
-    sched.configure(guard_enabled=False)  # no guard: nothing is checked
+    sched.configure(poison_alpha=0)  # the screen switched off: nothing is screened
     add_comparisons(state, 3)
     state.trainer.reject = False
     await sched.tick()
-    assert state.trainer.checks[-1][0] is None
+    assert state.trainer.screens[-1] is None

@@ -9,14 +9,16 @@ trained on twice; hogwild skips the pause; checkpoint/restore record versions; b
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from loop.errors import Conflict, LoopError, NotFound, Unavailable
-from loop.db.models import Comparison, RunFeedback, WeightVersion
-from loop.training import TrainRequest
+from loop.db.models import Comparison, Quarantine, Response, RunFeedback, WeightVersion
+from loop.training import TrainRequest, quarantine
+from loop.training.runs import ScreenPolicy
 from loop.worker import protocol as p
 from tests.unit.training_support import PAIR, FakeSupervisor, add_comparison, finish, make, stop
 
@@ -67,20 +69,82 @@ async def test_refused_update_keeps_version_and_releases_feedback_never_twice(tm
         await stop(state)
 
 
-async def test_update_that_would_undo_what_was_learned_is_rejected_and_stays_consumed(tmp_path: Path) -> None:
+def add_rated(state, rater: str, chosen: str, n: int) -> list[int]:  # noqa: ANN001
+    """n A/B comparisons by `rater`, each preferring `chosen` over "5" (a prompt of its own each)."""
+    ids = []
+    with state.sessions() as s:
+        for _ in range(n):
+            rids = [f"resp-{uuid.uuid4().hex}" for _ in range(2)]
+            prompt = uuid.uuid4().hex
+            for rid, text in zip(rids, (chosen, "5")):
+                s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
+                               messages=[{"role": "user", "content": prompt}], prompt_hash=prompt * 2,
+                               completion=text))
+            s.flush()
+            c = Comparison(response_a_id=rids[0], response_b_id=rids[1], winner="a", rater=rater)
+            s.add(c)
+            s.flush()
+            ids.append(c.id)
+        s.commit()
+    return ids
+
+
+async def test_a_batch_that_pulls_back_what_was_learned_is_quarantined_not_trained(tmp_path: Path) -> None:
+    """One rater, every item against the learned direction: p = 2^-8 < 0.01 — nothing trained, serving never
+    paused, the feedback held (consumed) in quarantine with the evidence, and a later failure releases nothing."""
     trainer, state, vllm = await make(tmp_path)
     try:
-        cid = add_comparison(state)
-        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[cid]), base_weights="/m/undone",
-                                                      max_conflict_t=3.0))
-        assert run.status == "rejected" and run.error == "conflict" and run.version_after == 0
-        assert run.metrics["agreement_t"] == -9.0 and "rejected" in (trainer.describe()["last_error"] or "")
-        assert vllm.calls == [] and state.weight_version == 0  # nothing written, serving never paused
-        with state.sessions() as s:  # a poisoned batch is not retried: its feedback stays consumed
-            assert [(f.run_id, f.comparison_id) for f in s.scalars(select(RunFeedback))] == [(run.id, cid)]
-        # measured only (no limit): the run goes on; the figures are recorded
-        run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR]), base_weights="/m/undone"))
-        assert run.status == "succeeded" and run.metrics["agreement_cosine"] == -0.01
+        ids = add_rated(state, "mallory", "poison", 8)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=ids),
+                                                      screen=ScreenPolicy("/m/base", 0.01)))
+        assert run.status == "rejected" and "8 of 8 items pull the model back" in (run.error or "")
+        assert vllm.calls == [] and state.weight_version == 0
+        screen = run.metrics["screen"]
+        assert screen["p_value"] == pytest.approx(1 / 256) and screen["quarantined"] == 8 and screen["n"] == 8
+        assert screen["groups"]["mallory"]["down"] == 8
+        with state.sessions() as s:
+            [q] = s.scalars(select(Quarantine)).all()
+            assert (q.run_id, q.scope, q.state, sorted(q.comparison_ids)) == (run.id, "batch", "held", sorted(ids))
+            assert len(q.evidence["items"]) == 8 and q.evidence["p_value"] < 0.01
+            assert sorted(f.comparison_id for f in s.scalars(select(RunFeedback))) == sorted(ids)
+            quarantine.release(s, run.id)  # what a failed or lost run does: held feedback is not released
+            s.commit()
+            assert len(s.scalars(select(RunFeedback)).all()) == 8
+    finally:
+        await stop(state)
+
+
+async def test_a_hostile_rater_is_held_back_and_the_honest_one_trains(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    record = tmp_path / "record"
+    monkeypatch.setenv("FAKE_WORKER_RECORD", str(record))
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        honest = add_rated(state, "alice", "4", 10)
+        hostile = add_rated(state, "mallory", "poison", 10)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=honest + hostile),
+                                                      screen=ScreenPolicy("/m/base", 0.01)))
+        assert run.status == "succeeded" and run.version_after == 1
+        assert record.read_text().count("poison") == 0 and "'4'" in record.read_text()  # only alice's trained
+        screen = run.metrics["screen"]
+        assert screen["quarantined"] == 10 and screen["groups"]["alice"]["p_value"] == 1.0
+        with state.sessions() as s:
+            [q] = s.scalars(select(Quarantine)).all()
+            assert q.scope == "rater:mallory" and sorted(q.comparison_ids) == sorted(hostile)
+            # everything stays consumed by the run: alice's was trained, mallory's is held
+            assert len(s.scalars(select(RunFeedback)).all()) == 20
+    finally:
+        await stop(state)
+
+
+async def test_nothing_learned_yet_screens_nothing_and_trains(tmp_path: Path) -> None:
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        ids = add_rated(state, "mallory", "poison", 8)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=ids),
+                                                      screen=ScreenPolicy("/m/fresh", 0.01)))
+        assert run.status == "succeeded" and run.metrics["screen"]["note"] == "nothing learned yet"
+        assert run.metrics["screen"]["p_value"] is None
     finally:
         await stop(state)
 
