@@ -122,7 +122,8 @@ def read_run(rec: RoundRecord, run: dict[str, Any]) -> None:
 def base_from_run(base: Base, run: dict[str, Any]) -> None:
     """The first run's eval before its write describes the weights the bench started from."""
     before = run.get("eval_before") or {}
-    health = before.get("health") or {}
+    # the base model's answers are measured once and shown beside every later measurement (loop/scheduler/watch.py)
+    health = before.get("health") or ((run.get("eval_after") or {}).get("health") or {}).get("base") or {}
     base.perplexity = before.get("canary_perplexity")
     base.stutter, base.collapse = health.get("stutter_rate"), health.get("collapse_share")
 
@@ -130,7 +131,7 @@ def base_from_run(base: Base, run: dict[str, Any]) -> None:
 def kl_limit(thresholds: dict[str, Any], run: dict[str, Any] | None) -> float | None:
     """The drift limit in force, where the service says it: its scheduler thresholds, else the run's drift record."""
     for source in (thresholds, ((run or {}).get("eval_after") or {}).get("drift") or {}):
-        for key in ("max_kl_per_token", "kl_limit", "limit"):
+        for key in ("max_drift_kl", "max_kl_per_token", "kl_limit", "limit"):
             if isinstance(source.get(key), (int, float)) and not isinstance(source.get(key), bool):
                 return float(source[key])
     return None
