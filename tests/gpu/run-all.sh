@@ -4,7 +4,7 @@
 # and the summary line of each step goes to /tmp/gpu-out/summary.txt.
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
-#        durable-7b durable-small private faults
+#        durable-7b durable-small private faults screen
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -44,6 +44,7 @@ for s in "$@"; do
     durable-small) step durable-small $py -m loop.cli bench durable --model smollm2 --gpu-memory-utilization 0.3 --json-out "$out/durable-small.json" ;;
     private)  step private $py -m pytest -p no:cacheprovider tests/e2e/test_vllm_private_e2e.py tests/e2e/test_access_e2e.py -v ;;
     faults)   step faults $py -m pytest -p no:cacheprovider -s tests/faults/test_kill_e2e.py -v ;;
+    screen)   step screen $py -m pytest -p no:cacheprovider -m gpu tests/gpu/test_direction_gpu.py -v ;;
     dir-7b)   step dir-7b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-7b --dummy --device cuda ;;
     dir-14b)  step dir-14b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-14b --dummy --device cuda ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
