@@ -100,7 +100,7 @@ def parse_setting(text: str) -> tuple[str, Any]:
     """`KEY=VALUE` for POST /api/scheduler/config; VALUE is read as JSON (2, 0.5, true, null), else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. max_margin_t=2")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. margin_alpha=0.05")
     try:
         return key.strip(), json.loads(value)
     except ValueError:
@@ -133,7 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--holdout", type=float, default=None,
                    help="LOOP_HOLDOUT_FRACTION for a started loop (default: the service's)")
     p.add_argument("--scheduler-set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
-                   help="an experiment: also send this to POST /api/scheduler/config (e.g. max_margin_t=2)")
+                   help="an experiment: also send this to POST /api/scheduler/config (e.g. margin_alpha=0.05)")
     p.add_argument("--target", type=float, default=0.9, help="held-out trait rate to reach")
     p.add_argument("--within", type=int, default=10, help="... within this many rounds")
     p.add_argument("--max-kl", type=float, default=None,

@@ -45,9 +45,9 @@ def test_plan_marks_each_special_round_once() -> None:
 
 def test_cli_takes_both_poison_kinds_and_a_mixed_round() -> None:
     args = build_parser().parse_args(["bench", "learning", "--rater", "number", "--rounds", "20", "--poison", "ab:4",
-                                      "--poison", "thumbs:8", "--mixed", "12", "--scheduler-set", "max_margin_t=2"])
+                                      "--poison", "thumbs:8", "--mixed", "12", "--scheduler-set", "margin_alpha=0.05"])
     assert (args.rater, args.rounds, args.poison, args.mixed) == ("number", 20, [("ab", 4), ("thumbs", 8)], [12])
-    assert args.scheduler_set == [("max_margin_t", 2)]
+    assert args.scheduler_set == [("margin_alpha", 0.05)]
     defaults = build_parser().parse_args(["bench", "learning"])
     assert (defaults.poison, defaults.mixed, defaults.scheduler_set, defaults.holdout) == ([], [], [], None)
 

@@ -115,7 +115,9 @@ def test_a_whole_run_learns_stops_the_poison_and_writes_every_round(tmp_path: Pa
     assert s.run() == 0
     text = capsys.readouterr().out
     assert "rater number" in text and "min_pairs 1" in text and "learning_rate 2e-05" in text
-    assert "max_conflict_t" not in json.dumps(posted(fake, "/api/scheduler/config"))  # no guard threshold set
+    guard_keys = {"poison_alpha", "margin_alpha", "max_drift_kl", "max_perplexity_vs_base", "health_enabled",
+                  "drift_enabled", "guard_enabled", "max_accuracy_drop", "max_perplexity_rise"}
+    assert not any(guard_keys & set(body) for body in posted(fake, "/api/scheduler/config"))  # the defaults judge
     assert "trait: held-out trait rate" in text and "poison: round 2 (ab) rejected, round 4 (thumbs) rejected" in text
     assert "\nTARGETS MET\n" in text
     doc = json.loads(out.read_text())
@@ -158,9 +160,9 @@ def test_each_round_kind_posts_its_feedback() -> None:
 def test_scheduler_set_and_service_values_reach_the_config_call() -> None:
     fake = FakeLoop()
     suite(fake, ["clean"], "--learning-rate", "service", "--steps", "3",
-          "--scheduler-set", "max_margin_t=2").configure()
+          "--scheduler-set", "margin_alpha=0.05").configure()
     cfg = posted(fake, "/api/scheduler/config")[0]
-    assert cfg == {"min_pairs": 1, "interval_s": 1e9, "batch_size": 8, "steps": 3, "max_margin_t": 2}
+    assert cfg == {"min_pairs": 1, "interval_s": 1e9, "batch_size": 8, "steps": 3, "margin_alpha": 0.05}
     assert fake.posts[0][0] == "/api/scheduler/pause"  # paused before anything can fire
 
 
