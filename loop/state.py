@@ -4,10 +4,13 @@ One `LoopState` lives on `app.state.loop`: loop/api/app.py builds it (`LoopState
 `start()` when the app starts and `stop()` when it stops; routes reach its parts through loop/api/deps.py and
 domain code (the trainer, the scheduler) gets it passed in. Nothing is a module global. The supervised parts
 (`supervisor`, `worker`, `trainer`, `scheduler`) are None when not running (attached vLLM, worker disabled,
-`manage=False`, unit tests). Two parts always exist, because requests leave work behind them: the rating writer
-(group commit, loop.feedback.writer) and `stream_stores`, the tasks that store a stream's rows after its client
-left. `stop()` gives both their outcome before anything else goes: every queued rating is committed and
-acknowledged or answered with its documented error, every stream store is awaited (bounded, then logged).
+`manage=False`, unit tests). Three parts always exist, because requests leave work behind them: the rating writer
+(group commit, loop.feedback.writer), the response writer (the proxy's rows, journaled before the reply and
+committed after it: loop.feedback.responses; `open()` first replays what a previous process left in the journal)
+and `stream_stores`, the tasks that store a stream's rows after its client left. `stop()` gives them their
+outcome before anything else goes: every queued rating is committed and acknowledged or answered with its
+documented error, every stream store is awaited (bounded, then logged), then the response rows are committed
+(bounded; what is left stays in the journal for the next start).
 
 Tests: tests/unit/api/test_state_shutdown.py (and every test that builds the app).
 """
@@ -19,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
@@ -26,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loop.config import Settings
 from loop.db.models import WeightVersion
+from loop.feedback.responses import JOURNAL_NAME, ResponseWriter, replay_journal
 from loop.feedback.writer import RatingWriter
 
 if TYPE_CHECKING:
@@ -95,11 +100,15 @@ class LoopState:
     weights_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started_at: float = field(default_factory=time.time)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
+    # The response writer's journal (None: rows wait only in memory for their commit).
+    response_journal: Path | None = None
+    response_writer: ResponseWriter = field(init=False)
     rating_writer: RatingWriter = field(init=False)
     stream_stores: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("stream stores"))
 
     def __post_init__(self) -> None:
-        self.rating_writer = RatingWriter(self.sessions)
+        self.response_writer = ResponseWriter(self.sessions, self.response_journal)
+        self.rating_writer = RatingWriter(self.sessions, responses=self.response_writer)
 
     @classmethod
     def open(cls, settings: Settings) -> LoopState:
@@ -110,7 +119,9 @@ class LoopState:
         settings.ensure_dirs()
         migrate(settings.db_url)
         engine = make_engine(settings.db_url)
-        state = cls(settings=settings, engine=engine, sessions=make_sessionmaker(engine),
+        sessions, journal = make_sessionmaker(engine), settings.data_dir / JOURNAL_NAME
+        replay_journal(sessions, journal)  # rows a killed process served but did not commit
+        state = cls(settings=settings, engine=engine, sessions=sessions, response_journal=journal,
                     admin_token=settings.resolved_admin_token(),
                     vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s,
                                     api_key=settings.vllm_api_key))
@@ -165,6 +176,10 @@ class LoopState:
         for done in await asyncio.gather(*leftovers, return_exceptions=True):
             if isinstance(done, BaseException):
                 log.error("shutting down: draining failed", exc_info=done)
+        try:  # after the stream stores: they hand it their rows
+            await self.response_writer.close(self.drain_timeout_s)
+        except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
+            log.exception("shutting down: committing the response rows failed")
         for part in (self.scheduler, self.trainer, self.worker, self.supervisor):
             if part is not None:
                 try:

@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -96,3 +97,31 @@ def fake_vllm_command(folder: Path, socket_path: Path, *, delay: float = 0.0, mo
     script = folder / "fake_vllm.py"
     script.write_text(FAKE_VLLM)
     return [sys.executable, str(script), str(socket_path), str(delay), mode]
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on a free local port in a thread (real HTTP for route and CLI tests)."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ServedApp":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+

@@ -30,7 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from loop.bench.train import _PeakMemory, load_model, synthetic_pairs
     from loop.model_cache import resolve_model
     from loop.worker.apollo import trainable_parameters
-    from loop.worker.screen import BaseWeights, directional_derivatives, learned_direction
+    from loop.worker.screen import (
+        BaseWeights,
+        directional_derivatives,
+        learned_direction,
+    )
 
     path = args.model if args.dummy else resolve_model(args.model, Path(args.cache_dir).expanduser(), progress=True)
     model = load_model(path, device=args.device, random_init=args.dummy)

@@ -13,6 +13,11 @@ of that batch gets `unknown` (`storage_outcome_unknown`) rather than a guess.
 stored, retry) and waits for the queued ones to be written; past its bound, queued ratings not yet handed to the
 database are `unavailable` and the batch being written is `unknown`. No waiter is ever left without an outcome.
 
+A rating may arrive the moment the proxy's reply did, before that response's row is committed (the proxy
+journals it and commits it after the reply: loop.feedback.responses). With a `ResponseWriter`, `submit` first
+waits (at most `RESPONSE_WAIT_S`) for such a pending row; when it is still not committed after that, the rating
+is `unavailable` (retry), never `not_found`.
+
 Tests: tests/unit/feedback/test_feedback_writer.py, tests/unit/api/test_state_shutdown.py, tests/faults/test_acknowledged.py.
 
     writer = RatingWriter(sessions)
@@ -23,10 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from loop.feedback.store import Outcome, RatingInput, not_stored, write_ratings
+
+if TYPE_CHECKING:
+    from loop.feedback.responses import ResponseWriter
 
 log = logging.getLogger("loop.feedback")
 
@@ -35,11 +44,17 @@ OUTCOME_UNKNOWN = Outcome("unknown", message="storing the rating failed and whet
                                              "with the same idempotency key (a stored rating answers 200 with it)",
                           code="storage_outcome_unknown")
 SHUTTING_DOWN = not_stored("rating", "loop is shutting down")
+# How long a rating waits for its response's row to be committed: a healthy database commits in milliseconds;
+# past this the database is refusing writes and the client is better told to retry.
+RESPONSE_WAIT_S = 5.0
 
 
 class RatingWriter:
-    def __init__(self, sessions: sessionmaker[Session], *, max_batch: int = 512) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, max_batch: int = 512,
+                 responses: ResponseWriter | None = None, response_wait_s: float = RESPONSE_WAIT_S) -> None:
         self._sessions = sessions
+        self._responses = responses
+        self._response_wait_s = response_wait_s
         self._max_batch = max_batch
         self._pending: list[tuple[RatingInput, asyncio.Future[Outcome]]] = []
         self._writing: list[tuple[RatingInput, asyncio.Future[Outcome]]] = []  # the batch in the database now
@@ -51,6 +66,13 @@ class RatingWriter:
     async def submit(self, item: RatingInput) -> Outcome:
         if self._closed:
             return SHUTTING_DOWN
+        responses = self._responses
+        if responses is not None and responses.pending(item.response_id):
+            if not await responses.settled([item.response_id], self._response_wait_s):
+                return not_stored("rating", f"response {item.response_id!r} was served but its row is not committed "
+                                            "yet (the database is refusing writes)")
+            if self._closed:
+                return SHUTTING_DOWN
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
         if self._flusher is None or self._flusher.done():

@@ -357,7 +357,9 @@ class Scheduler:
                                    comparison_ids=batch.comparison_ids, steps=cfg["steps"],
                                    learning_rate=cfg["learning_rate"])
             started = self.clock()
-            from loop.model_cache import base_model_dir  # the screen's base: what "learned" is measured from
+            from loop.model_cache import (
+                base_model_dir,  # the screen's base: what "learned" is measured from
+            )
             from loop.training.runs import ScreenPolicy
 
             base = await asyncio.to_thread(base_model_dir, self.settings)

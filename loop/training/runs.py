@@ -35,8 +35,8 @@ from loop.errors import Conflict, NotFound, Unavailable
 from loop.scheduler import batches, screening
 from loop.scheduler.batches import Batch
 from loop.state import LoopState
-from loop.training.checkpoints import CHECKPOINT_TIMEOUT_S, Checkpoints, Flusher
 from loop.training import quarantine
+from loop.training.checkpoints import CHECKPOINT_TIMEOUT_S, Checkpoints, Flusher
 from loop.training.recovery import Recovery
 from loop.training.versions import LOST, VersionRecords
 from loop.training.weights import LiveWeights

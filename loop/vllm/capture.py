@@ -5,7 +5,8 @@ Pure functions and one small accumulator, no I/O, so they are unit-tested withou
   prompt) and returns `Wants`: what the client itself asked for, so `strip_*` can remove the rest again.
 - `prompt_hash(...)` is the identity of "the conversation before the answer" (sha256 of canonical JSON):
   two answers with the same hash are answers to the same prompt, so they can be compared and paired.
-- `Capture` collects one choice (from a whole reply or from stream chunks) and turns it into a `Response` row.
+- `Capture` collects one choice (from a whole reply or from stream chunks); `row_values` turns it into a
+  `responses` row (column values: what loop.feedback.responses journals and inserts), `to_row` into an ORM object.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from loop.db.models import Response
+from loop.db.models import Response, utcnow
 
 
 def new_response_id() -> str:
@@ -152,26 +153,38 @@ class RequestInfo:
     prompts: list[Any] = field(default_factory=list)  # completions: one entry per prompt
     n: int = 1
     prompt_text: str | None = None  # chat: rendered by vLLM's chat template
+    _chat_hash: str | None = field(default=None, repr=False)  # every choice of a chat request shares it
 
     def prompt_for(self, index: int) -> tuple[str | None, str]:
         """(prompt_text, prompt_hash) for choice `index`."""
         if self.endpoint == "chat":
-            return self.prompt_text, prompt_hash(self.messages or [])
+            if self._chat_hash is None:
+                self._chat_hash = prompt_hash(self.messages or [])
+            return self.prompt_text, self._chat_hash
         prompt = self.prompts[min(index // max(self.n, 1), len(self.prompts) - 1)] if self.prompts else ""
         text = prompt if isinstance(prompt, str) else None
         return text, prompt_hash(prompt)
 
 
+def row_values(info: RequestInfo, cap: Capture, *, weight_version: int, latency_ms: float, ttft_ms: float | None,
+               truncated: bool = False, error: str | None = None,
+               prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
+    """One `responses` row as column values (what the response writer journals and inserts)."""
+    prompt_text, phash = info.prompt_for(cap.index)
+    ptids = cap.prompt_token_ids if cap.prompt_token_ids is not None else prompt_token_ids
+    return {
+        "id": cap.response_id, "group_id": info.group_id, "choice_index": cap.index, "created_at": utcnow(),
+        "endpoint": info.endpoint, "model": info.model, "weight_version": weight_version, "request": info.request,
+        "messages": info.messages, "prompt_text": prompt_text, "prompt_hash": phash, "completion": "".join(cap.text),
+        "prompt_token_ids": ptids, "completion_token_ids": list(cap.token_ids),
+        "completion_logprobs": list(cap.logprobs) if cap.has_logprobs else None,
+        "finish_reason": cap.finish_reason, "prompt_tokens": len(ptids or []), "completion_tokens": len(cap.token_ids),
+        "latency_ms": latency_ms, "ttft_ms": ttft_ms, "stream": info.stream, "truncated": truncated, "error": error}
+
+
 def to_row(info: RequestInfo, cap: Capture, *, weight_version: int, latency_ms: float, ttft_ms: float | None,
            truncated: bool = False, error: str | None = None,
            prompt_token_ids: list[int] | None = None) -> Response:
-    prompt_text, phash = info.prompt_for(cap.index)
-    ptids = cap.prompt_token_ids if cap.prompt_token_ids is not None else prompt_token_ids
-    return Response(
-        id=cap.response_id, group_id=info.group_id, choice_index=cap.index, endpoint=info.endpoint,
-        model=info.model, weight_version=weight_version, request=info.request, messages=info.messages,
-        prompt_text=prompt_text, prompt_hash=phash, completion="".join(cap.text),
-        prompt_token_ids=ptids, completion_token_ids=list(cap.token_ids),
-        completion_logprobs=list(cap.logprobs) if cap.has_logprobs else None,
-        finish_reason=cap.finish_reason, prompt_tokens=len(ptids or []), completion_tokens=len(cap.token_ids),
-        latency_ms=latency_ms, ttft_ms=ttft_ms, stream=info.stream, truncated=truncated, error=error)
+    """The same row as an ORM object."""
+    return Response(**row_values(info, cap, weight_version=weight_version, latency_ms=latency_ms, ttft_ms=ttft_ms,
+                                 truncated=truncated, error=error, prompt_token_ids=prompt_token_ids))

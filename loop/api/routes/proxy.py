@@ -5,16 +5,22 @@ the reply is stripped back to what the client asked for. Every choice becomes on
 (`resp-<hex>`) the client gets as the reply's `id`, as `loop_response_id` on each choice and in the
 `X-Loop-Response-Id` header, so any OpenAI client can rate it afterwards.
 
-- Non-stream: the rows are written (in a thread, off the event loop) before the reply leaves.
+Storage is off the reply path (the contract, and why, is loop.feedback.responses'): before the reply (or the
+stream's `[DONE]`) leaves, its rows are appended to the response journal, a `write()` of a few microseconds; the
+`ResponseWriter` commits them right after, in batches. Should the journal refuse the write, the rows are committed
+before the reply instead, and should that fail too the request answers 503 `storage_unavailable` with no id.
+- Non-stream: the reply leaves as soon as vLLM's answer is rewritten (ids added, loop's extras stripped).
 - Stream: loop waits for vLLM's first chunk before answering (so a vLLM error or timeout still gets a proper
-  status), then relays chunks; the rows are written when vLLM ends the stream, before `[DONE]`, or — when the
-  client leaves early — once, in a background task (`LoopState.stream_stores`, awaited when the app stops), marked
-  `truncated`.
+  status), then relays each chunk as it comes; the rows are journaled when vLLM ends the stream, before `[DONE]`,
+  or — when the client leaves early — once, in a background task (`LoopState.stream_stores`, awaited when the
+  app stops), marked `truncated`.
+- /api/candidates waits for its rows' commit before answering: the comparison a person makes next must find them.
 - The weight version is read when vLLM's first token arrives: the trainer bumps it while vLLM is paused, so a
   token that arrives after the bump was made by the new weights.
 - Bodies are checked as every route's are (loop.api.errors.check_json_body: UTF-8, nesting depth) and `n` /
   `best_of` are capped by the max_n setting (400 `n_too_large`): each choice holds the engine and becomes a row.
-Hot path: one pooled client, msgspec for JSON, no per-request allocations beyond the rows.
+Hot path: one pooled client, msgspec for JSON, no database round trip, no thread hop.
+Tests: tests/unit/api/test_proxy.py, tests/unit/feedback/test_response_writer.py, tests/e2e/test_proxy_e2e.py.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from starlette.responses import StreamingResponse
 
 from loop.api.deps import StateDep
 from loop.api.errors import ApiError, check_json_body, error_body
-from loop.db.models import Response
 from loop.errors import Unavailable, UpstreamTimeout
+from loop.feedback.responses import Row, insert_responses
 from loop.state import LoopState
 from loop.vllm.capture import (
     Capture,
@@ -47,9 +53,9 @@ from loop.vllm.capture import (
     augment,
     new_response_id,
     prompt_hash,
+    row_values,
     strip_choice,
     strip_top,
-    to_row,
 )
 from loop.vllm.client import VLLMUnreachable
 
@@ -153,16 +159,21 @@ def _headers(ids: list[str], version: int) -> dict[str, str]:
     return {"X-Loop-Response-Id": ",".join(ids), "X-Loop-Weight-Version": str(version)}
 
 
-def _store(state: LoopState, rows: list[Response]) -> None:
-    with state.sessions() as session:
-        session.add_all(rows)
-        session.commit()
+# How long /api/candidates waits for its rows' commit before answering anyway (they are journaled by then).
+CANDIDATES_COMMIT_WAIT_S = 5.0
 
 
-def _count(request: Request, rows: list[Response]) -> None:
+async def _store(request: Request, state: LoopState, rows: list[Row]) -> None:
+    """Hand `rows` to the response writer (journaled now, committed after the reply). When the journal refuses
+    them, commit them here, before the reply; raises when that fails too."""
+    try:
+        state.response_writer.submit(rows)
+    except OSError as exc:
+        log.error("journaling %d response rows failed (%s); committing them before the reply", len(rows), exc)
+        await run_in_threadpool(insert_responses, state.sessions, rows, skip_stored=True)
     metrics = request.app.state.metrics
     for row in rows:
-        metrics.stored(row.prompt_tokens, row.completion_tokens, truncated=row.truncated)
+        metrics.stored(row["prompt_tokens"], row["completion_tokens"], truncated=row["truncated"])
 
 
 # --- non-stream ------------------------------------------------------------------------------------------------
@@ -192,20 +203,19 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
     for rid, choice in zip(ids, choices, strict=True):
         cap = Capture(rid, int(choice.get("index", 0)))
         cap.add(choice, info.endpoint)
-        rows.append(to_row(info, cap, weight_version=version, latency_ms=latency_ms, ttft_ms=None,
-                           prompt_token_ids=top_ptids))
+        rows.append(row_values(info, cap, weight_version=version, latency_ms=latency_ms, ttft_ms=None,
+                               prompt_token_ids=top_ptids))
         choice["loop_response_id"] = rid
         choice["loop_weight_version"] = version
         strip_choice(choice, wants, stream=False)
     if rows:
         try:
-            await run_in_threadpool(_store, state, rows)
+            await _store(request, state, rows)
         except Exception as exc:  # noqa: BLE001 - the ids would name rows that do not exist: no reply is better
             log.error("storing %d generated choices failed: %s", len(rows), exc)
-            raise Unavailable("the answer was generated but could not be stored (the database refused the write), "
-                              "so it is not returned; nothing was stored — retry the request",
-                              code="storage_unavailable", retry_after_s=1) from exc
-        _count(request, rows)
+            raise Unavailable("the answer was generated but could not be stored (neither the response journal nor "
+                              "the database took the write), so it is not returned; nothing was stored — retry "
+                              "the request", code="storage_unavailable", retry_after_s=1) from exc
     strip_top(data, wants, stream=False)
     if ids:
         data["id"] = ids[0]
@@ -245,11 +255,11 @@ class _StreamState:
         self.store_started = False
         self.error: str | None = None
 
-    def rows(self, *, truncated: bool) -> list[Response]:
+    def rows(self, *, truncated: bool) -> list[Row]:
         latency_ms = (time.perf_counter() - self.t0) * 1000
-        return [to_row(self.info, cap, weight_version=self.version, latency_ms=latency_ms, ttft_ms=self.ttft_ms,
-                       truncated=truncated, error=self.error, prompt_token_ids=self.prompt_token_ids)
-                for cap in self.caps]
+        return [row_values(self.info, cap, weight_version=self.version, latency_ms=latency_ms,
+                           ttft_ms=self.ttft_ms, truncated=truncated, error=self.error,
+                           prompt_token_ids=self.prompt_token_ids) for cap in self.caps]
 
     def transform(self, chunk: dict[str, Any]) -> None:
         """Record one chunk and rewrite it for the client (ids, weight version, stripped extras)."""
@@ -335,18 +345,18 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
         if payload is None:
             st.error = st.error or "vLLM ended the stream without [DONE]"
             return
-        # Whole stream received: store before [DONE], so a client that rates right after finds the rows.
+        # Whole stream received: journal before [DONE] (see the module docstring for what that promises).
         st.store_started = True
         rows = st.rows(truncated=st.error is not None)
         try:
-            await run_in_threadpool(_store, state, rows)
+            await _store(request, state, rows)
         except Exception as exc:  # noqa: BLE001 - the ids sent name rows that do not exist: say so, no [DONE]
             log.error("storing %d streamed choices failed: %s", len(rows), exc)
             yield b"data: " + _encode(error_body(
-                "the answer could not be stored (the database refused the write): its loop_response_id cannot be "
-                "rated; retry the request", "service_unavailable", "storage_unavailable")) + b"\n\n"
+                "the answer could not be stored (neither the response journal nor the database took the write): "
+                "its loop_response_id cannot be rated; retry the request", "service_unavailable",
+                "storage_unavailable")) + b"\n\n"
             return
-        _count(request, rows)
         metrics.proxied(info.endpoint, stream=True, latency_s=time.perf_counter() - t0, ttft_s=st.ttft_ms / 1000)
         yield b"data: [DONE]\n\n"
 
@@ -355,9 +365,7 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
         await stack.aclose()
         if not st.store_started:
             st.store_started = True
-            rows = st.rows(truncated=True)
-            await run_in_threadpool(_store, state, rows)
-            _count(request, rows)
+            await _store(request, state, st.rows(truncated=True))
 
     def finish() -> None:
         state.stream_stores.spawn(abandon())  # awaited at shutdown: LoopState.stop
@@ -441,6 +449,7 @@ async def candidates(req: CandidatesRequest, request: Request, state: StateDep) 
         data, ids, version = await complete(request, state, "/v1/chat/completions", body, info, wants)
     except _UpstreamError as exc:
         return _passthrough(exc.response, exc.content)  # type: ignore[return-value]
+    await state.response_writer.settled(ids, CANDIDATES_COMMIT_WAIT_S)
     cands = [Candidate(response_id=c["loop_response_id"], content=(c.get("message") or {}).get("content") or "",
                        finish_reason=c.get("finish_reason")) for c in data.get("choices") or []]
     return CandidatesReply(prompt_hash=prompt_hash(req.messages), weight_version=version, candidates=cands)

@@ -29,7 +29,14 @@ from typing import Any
 import httpx
 
 from loop.bench.learning.raters import RATERS, Rater, make_rater, words
-from loop.bench.learning.targets import Base, Limits, RoundRecord, Target, judge, verdict
+from loop.bench.learning.targets import (
+    Base,
+    Limits,
+    RoundRecord,
+    Target,
+    judge,
+    verdict,
+)
 
 PROMPTS = [
     "What is the capital of France?", "Name a fruit that is yellow.", "What colour is the sky on a clear day?",

@@ -10,8 +10,6 @@ pulling back.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import event, select
 
 from loop.api.app import create_app
@@ -27,7 +24,7 @@ from loop.cli import main as cli_main
 from loop.config import Settings
 from loop.db.models import Comparison, Quarantine, Response, RunFeedback, TrainingRun
 from loop.db.session import make_engine, migrate
-from tests.support import free_port
+from tests.support import ServedApp
 from tests.unit.feedback_support import db_url  # noqa: F401 - fixture
 
 ADMIN = "q" * 32
@@ -78,39 +75,18 @@ def seed(settings: Settings) -> dict[str, Any]:
     return out
 
 
-class Server:
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings, manage=False)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture
-def served(db_url: str, tmp_path: Path) -> Iterator[tuple[Server, dict[str, Any]]]:  # noqa: F811 - fixture
+def served(db_url: str, tmp_path: Path) -> Iterator[tuple[ServedApp, dict[str, Any]]]:  # noqa: F811 - fixture
     settings = Settings(data_dir=tmp_path, database_url=db_url, admin_token=ADMIN, vllm_url="http://fake",
                         worker_enabled=False, scheduler_enabled=False)
     settings.ensure_dirs()
     migrate(settings.db_url)
     ids = seed(settings)
-    with Server(settings) as server:
+    with ServedApp(create_app(settings, manage=False)) as server:
         yield server, ids
 
 
-def _consumed(server: Server) -> set[int]:
+def _consumed(server: ServedApp) -> set[int]:
     with server.app.state.loop.sessions() as s:
         return set(s.scalars(select(RunFeedback.comparison_id)))
 
@@ -118,7 +94,7 @@ def _consumed(server: Server) -> set[int]:
 AUTH = {"authorization": f"Bearer {ADMIN}"}
 
 
-def test_list_show_requeue_drop(served: tuple[Server, dict[str, Any]]) -> None:
+def test_list_show_requeue_drop(served: tuple[ServedApp, dict[str, Any]]) -> None:
     server, ids = served
     listed = httpx.get(f"{server.url}/api/quarantine").json()
     assert listed["held"] == 2 and [q["id"] for q in listed["items"]] == [ids["q2"], ids["q1"]]
@@ -139,7 +115,7 @@ def test_list_show_requeue_drop(served: tuple[Server, dict[str, Any]]) -> None:
     assert httpx.get(f"{server.url}/api/quarantine", params={"state": "held"}).json()["items"] == []
 
 
-def test_errors_say_what_was_wrong(served: tuple[Server, dict[str, Any]]) -> None:
+def test_errors_say_what_was_wrong(served: tuple[ServedApp, dict[str, Any]]) -> None:
     server, ids = served
     assert httpx.post(f"{server.url}/api/quarantine/{ids['q1']}/requeue").status_code == 401
     missing = httpx.post(f"{server.url}/api/quarantine/999999/requeue", headers=AUTH)
@@ -152,7 +128,7 @@ def test_errors_say_what_was_wrong(served: tuple[Server, dict[str, Any]]) -> Non
     assert _consumed(server) == set(ids["cids"])  # nothing changed
 
 
-def test_two_operators_at_once_one_decision(served: tuple[Server, dict[str, Any]]) -> None:
+def test_two_operators_at_once_one_decision(served: tuple[ServedApp, dict[str, Any]]) -> None:
     server, ids = served
 
     def act(action: str) -> int:
@@ -167,7 +143,7 @@ def test_two_operators_at_once_one_decision(served: tuple[Server, dict[str, Any]
     assert (state, held_back) in (("requeued", set()), ("dropped", set(ids["cids"][3:7])))
 
 
-def test_a_failed_commit_keeps_the_batch_held(served: tuple[Server, dict[str, Any]]) -> None:
+def test_a_failed_commit_keeps_the_batch_held(served: tuple[ServedApp, dict[str, Any]]) -> None:
     server, ids = served
     engine = server.app.state.loop.engine
 
@@ -184,7 +160,7 @@ def test_a_failed_commit_keeps_the_batch_held(served: tuple[Server, dict[str, An
     assert _consumed(server) == set(ids["cids"])
 
 
-def test_rater_signal_flags_the_account_that_pulls_back(served: tuple[Server, dict[str, Any]]) -> None:
+def test_rater_signal_flags_the_account_that_pulls_back(served: tuple[ServedApp, dict[str, Any]]) -> None:
     server, ids = served
     data = httpx.get(f"{server.url}/api/raters/signal").json()
     by = {r["rater"]: r for r in data["raters"]}
@@ -193,7 +169,7 @@ def test_rater_signal_flags_the_account_that_pulls_back(served: tuple[Server, di
     assert by["mallory"]["p_value"] == pytest.approx(1 / 128) and data["alpha"] == 0.01
 
 
-def test_cli(served: tuple[Server, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli(served: tuple[ServedApp, dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     server, ids = served
     common = ["--url", server.url, "--token", ADMIN]
     assert cli_main(["quarantine", "list", *common]) == 0

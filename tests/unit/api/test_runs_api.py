@@ -4,17 +4,14 @@ with those routers, the scheduler with a fake trainer and a scripted guard, a re
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from tests.unit.scheduler_support import ScriptedGuard, State, add_comparisons, state  # noqa: F401 - fixture
-from tests.support import free_port
+from tests.support import ServedApp
 
 from loop.api.errors import install_error_handlers
 from loop.cli import main as cli_main
@@ -23,14 +20,16 @@ from loop.scheduler.scheduler import Scheduler
 TOKEN = "k" * 32
 
 
-class Server:
-    def __init__(self, st: State) -> None:
-        from loop.api.routes import runs, versions
+class Server(ServedApp):
+    """The runs and versions routers on a bare app, remembering the event loop the scheduler's coroutines run in."""
 
+    def __init__(self, st: State) -> None:
         from contextlib import asynccontextmanager
 
+        from loop.api.routes import runs, versions
+
         @asynccontextmanager
-        async def lifespan(_: FastAPI):  # noqa: ANN202 - remember the loop the scheduler's coroutines must run in
+        async def lifespan(_: FastAPI):  # noqa: ANN202
             self.loop = asyncio.get_running_loop()
             yield
 
@@ -41,22 +40,7 @@ class Server:
         st.admin_token = TOKEN  # type: ignore[attr-defined]
         st.weights_lock = asyncio.Lock()  # type: ignore[attr-defined]
         app.state.loop = st
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        super().__init__(app)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from loop.scheduler.guard import GuardError
+from tests.unit.scheduler.test_guard import FakeResponse
 from loop.scheduler.health import (
     Answer,
     Drift,
@@ -50,16 +51,6 @@ def softmax_log(logits: list[float]) -> list[float]:
 
 def exact_kl(p_log: list[float], q_log: list[float]) -> float:
     return sum(math.exp(a) * (a - b) for a, b in zip(p_log, q_log))
-
-
-class FakeResponse:
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status_code = status
-        self._body = body
-        self.text = json.dumps(body)
-
-    def json(self) -> dict[str, Any]:
-        return self._body
 
 
 class FakeVLLM:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from loop.stats import sign_flip_p
 from loop.worker import protocol as p
+from tests.unit.worker_support import tiny_llama, tiny_tokenizer
 from loop.worker import screen as screen_module
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.config import WorkerConfig
@@ -28,8 +29,6 @@ from loop.worker.main import Worker
 from loop.worker.objectives import encode_examples, encode_pairs
 from loop.worker.screen import BaseWeights, learned_direction
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOPICS = ["the sea", "a cat", "the moon", "bread", "rain", "a song", "the road", "snow", "a clock", "the forest",
           "a lamp", "the river"]
 # The trait: a cheerful answer is preferred to a gloomy one.
@@ -51,24 +50,9 @@ class FakeChannel:
 
 def make_worker(folder: Path, dtype: torch.dtype = torch.float32, lr: float = 3e-3) -> Worker:
     """A worker on a tiny Llama whose initial weights are saved in `folder` (the base)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [f"Tell me about {t}. I love {t}! Lovely! I hate {t}. Awful." for t in TOPICS] + ["user assistant"]
-    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(
-        vocab_size=300, show_progress=False, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|im_start|>")
-    fast.chat_template = CHATML
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    fast = tiny_tokenizer(corpus)
+    model = tiny_llama(fast, dtype=dtype)
     if not folder.exists():
         model.save_pretrained(folder)
         fast.save_pretrained(folder)

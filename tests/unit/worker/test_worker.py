@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from loop.worker import protocol as p
+from tests.unit.worker_support import tiny_llama, tiny_tokenizer
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.config import WorkerConfig
 from loop.worker.main import Worker
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PAIR = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
 
 
@@ -35,23 +34,8 @@ class FakeChannel:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Worker:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["What is two plus two? Four. Five.", "user assistant"] * 4, trainers.BpeTrainer(
-        vocab_size=300, show_progress=False, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                   bos_token="<|im_start|>")
-    fast.chat_template = CHATML
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    fast = tiny_tokenizer(["What is two plus two? Four. Five.", "user assistant"])
+    model = tiny_llama(fast, dtype=torch.bfloat16)
     folder = tmp_path / "base"
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
