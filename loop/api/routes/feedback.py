@@ -39,7 +39,8 @@ from loop.api.schemas import (
 from loop.errors import Conflict, Invalid, NotFound, Unavailable
 from loop.feedback import ComparisonInput, Outcome, RatingInput, write_comparison
 from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
-from loop.feedback.store import THUMB_TO_INT
+from loop.feedback.store import THUMB_TO_INT, not_stored
+from loop.feedback.writer import RESPONSE_WAIT_S
 from loop.state import LoopState
 
 router = APIRouter(prefix="/api", tags=["feedback"])
@@ -128,6 +129,10 @@ async def create_comparison(body: ComparisonIn, request: Request,
     state: LoopState = request.app.state.loop
     item = ComparisonInput(body.response_a_id, body.response_b_id, body.winner, body.rater, body.comment,
                            _key(body.idempotency_key, idempotency_key))
+    # Answers served a moment ago may still wait for their commit (loop.feedback.responses): wait, as ratings do.
+    if not await state.response_writer.settled((item.response_a_id, item.response_b_id), RESPONSE_WAIT_S):
+        return _reply(not_stored("comparison", "a response it names was served but its row is not committed yet "
+                                               "(the database is refusing writes)"), request, "comparison")
     return _reply(await run_in_threadpool(write_comparison, state.sessions, item), request, "comparison")
 
 

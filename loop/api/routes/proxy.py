@@ -389,14 +389,16 @@ class _LoggedStream(StreamingResponse):
 
 
 # --- routes ----------------------------------------------------------------------------------------------------
+# The two hot routes read the state off the app rather than through a dependency: FastAPI's dependency
+# resolution is per-request work that buys nothing here.
 @router.post("/v1/chat/completions", summary="OpenAI chat completions, forwarded to vLLM and logged")
-async def chat_completions(request: Request, state: StateDep) -> HTTPResponse:
-    return await _proxy(request, state, "chat", "/v1/chat/completions")
+async def chat_completions(request: Request) -> HTTPResponse:
+    return await _proxy(request, request.app.state.loop, "chat", "/v1/chat/completions")
 
 
 @router.post("/v1/completions", summary="OpenAI text completions, forwarded to vLLM and logged")
-async def completions(request: Request, state: StateDep) -> HTTPResponse:
-    return await _proxy(request, state, "completion", "/v1/completions")
+async def completions(request: Request) -> HTTPResponse:
+    return await _proxy(request, request.app.state.loop, "completion", "/v1/completions")
 
 
 @router.get("/v1/models", summary="The served model (vLLM's list)")

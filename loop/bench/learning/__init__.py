@@ -121,11 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--max-words", type=int, default=25, help="the short rater approves finished answers this short")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.9)
-    # 2e-5 and 2 steps a run: what the earlier learning runs measured (docs/measurements.md); the service's own
-    # default learning rate is smaller, for feedback that is not one rater's single trait
-    p.add_argument("--learning-rate", type=_rate_or_service, default=2e-5,
+    # the service's own learning rate and steps by default (the targets are for default settings); the
+    # earlier learning runs used 2e-5 and 2 steps (docs/measurements.md)
+    p.add_argument("--learning-rate", type=_rate_or_service, default=SERVICE,
                    help=f"the scheduler's learning_rate ({SERVICE!r}: leave the service's)")
-    p.add_argument("--steps", type=_steps_or_service, default=2, help=f"steps per run ({SERVICE!r}: the service's)")
+    p.add_argument("--steps", type=_steps_or_service, default=SERVICE, help=f"steps per run ({SERVICE!r}: the service's)")
     p.add_argument("--poison", type=parse_poison, action="append", default=[], metavar="KIND:N",
                    help="ab:N flips round N's A/B picks; thumbs:N rates round N with flipped thumbs (repeatable)")
     p.add_argument("--mixed", type=parse_round, action="append", default=[], metavar="N",

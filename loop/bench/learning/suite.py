@@ -280,11 +280,18 @@ class Suite:
         rec.rated_rate = sum(self.rater.approve(c) for c in fresh) / len(fresh)
         last, quarantined = self._last_run_id(), self.quarantine_count()
         self.rate(kind, groups)
-        self._call("POST", "/api/scheduler/resume")
-        try:
-            run = self._wait_for_run(after=last)
-        finally:
-            self._call("POST", "/api/scheduler/pause")
+        sched = self._call("GET", "/api/scheduler")
+        run = None
+        if sched.get("paused_by") not in (None, "operator"):  # loop stopped training itself (the drift budget)
+            rec.status = "paused"
+            rec.notes.append(f"not trained: {sched.get('paused_reason') or 'the scheduler paused itself'}")
+        else:
+            self._call("POST", "/api/scheduler/resume")
+            try:
+                run = self._wait_for_run(after=last)
+            finally:
+                if not self._call("GET", "/api/scheduler").get("paused"):
+                    self._call("POST", "/api/scheduler/pause")
         if run is not None:
             if self.last_run is None:
                 base_from_run(self.base, run)

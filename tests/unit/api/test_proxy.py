@@ -70,7 +70,9 @@ async def proxied(tmp_path: Path) -> AsyncIterator[SimpleNamespace]:
             yield SimpleNamespace(client=client, state=state, seen=seen, app=app)
 
 
-def stored(state, rid: str) -> Response:  # noqa: ANN001
+async def stored(state, rid: str) -> Response:  # noqa: ANN001
+    """The row as committed: the reply does not wait for the commit (loop.feedback.responses), so wait for it."""
+    await state.response_writer.drain()
     with state.sessions() as s:
         return s.scalars(select(Response).where(Response.id == rid)).one()
 
@@ -86,7 +88,7 @@ async def test_non_stream_stores_every_choice_and_strips_extras(proxied) -> None
     assert data["prompt_token_ids"] is None and data["prompt_text"] is None
     sent = proxied.seen[-1]
     assert sent["logprobs"] is True and sent["return_token_ids"] is True and sent["model"] == "m"
-    row = stored(proxied.state, ids[1])
+    row = await stored(proxied.state, ids[1])
     assert (row.completion, row.completion_token_ids, row.completion_logprobs) == ("ab1", [7, 8], [-0.1, -0.2])
     assert row.prompt_token_ids == [1, 2] and row.prompt_text == "P" and row.choice_index == 1
 
@@ -95,7 +97,7 @@ async def test_weight_version_is_read_when_the_answer_arrives(proxied) -> None: 
     proxied.state.weight_version = 7
     r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.headers["x-loop-weight-version"] == "7" and r.json()["choices"][0]["loop_weight_version"] == 7
-    assert stored(proxied.state, r.json()["id"]).weight_version == 7
+    assert (await stored(proxied.state, r.json()["id"])).weight_version == 7
 
 
 async def test_stream_is_stored_before_done(proxied) -> None:  # noqa: ANN001
@@ -107,7 +109,7 @@ async def test_stream_is_stored_before_done(proxied) -> None:  # noqa: ANN001
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["id"] == rid for c in chunks) and "prompt_token_ids" not in chunks[0]
     assert all("token_ids" not in ch for c in chunks for ch in c["choices"])
-    row = stored(proxied.state, rid)
+    row = await stored(proxied.state, rid)
     assert row.completion == "ab" and row.completion_token_ids == [7, 8] and row.completion_logprobs == [-0.5, -0.5]
     assert row.stream and not row.truncated and row.prompt_tokens == 2 and row.finish_reason == "stop"
 
@@ -164,19 +166,55 @@ async def test_every_request_is_counted_by_route_template_and_status(proxied) ->
     assert 'route="/no/such/thing"' not in text  # raw paths never become labels
 
 
-async def test_a_reply_that_cannot_be_stored_is_not_given_an_id_that_names_nothing(proxied) -> None:  # noqa: ANN001
+async def test_the_reply_does_not_wait_for_the_database_and_a_rating_right_after_it_finds_the_row(
+        proxied) -> None:  # noqa: ANN001
     from sqlalchemy import event
 
     def refuse(conn) -> None:  # noqa: ANN001
         raise OSError(28, "No space left on device (injected commit failure)")
 
     event.listen(proxied.state.engine, "commit", refuse)
-    try:
+    try:  # the database refuses every commit: the answers still leave, journaled
         r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
-        assert r.headers["retry-after"] == "1"
         s = await proxied.client.post("/v1/chat/completions",
                                       json={"messages": [{"role": "user", "content": "x"}], "stream": True})
+        assert r.status_code == 200 and s.text.rstrip().endswith("data: [DONE]")
+        ids = [r.json()["id"], s.headers["x-loop-response-id"]]
+        assert all(proxied.state.response_writer.pending(i) for i in ids)
+        journal = proxied.state.settings.data_dir / "responses.journal"
+        assert all(i.encode() in journal.read_bytes() for i in ids)  # would survive the process dying now
+        rating = asyncio.create_task(proxied.client.post("/api/ratings", json={"response_id": ids[0], "thumb": "up"}))
+        await asyncio.sleep(0.3)
+        assert not rating.done()  # waits for the row: neither 404 nor a rating of nothing
+    finally:
+        event.remove(proxied.state.engine, "commit", refuse)
+    assert (await asyncio.wait_for(rating, 10)).status_code == 201
+    assert [(await stored(proxied.state, i)).completion for i in ids] == ["ab0", "ab"]
+    assert journal.read_bytes() == b""
+
+
+async def test_a_reply_whose_rows_neither_the_journal_nor_the_database_take_gets_no_id(
+        proxied, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from sqlalchemy import event
+
+    def full_disk(rows) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device (injected journal failure)")
+
+    def refuse(conn) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device (injected commit failure)")
+
+    monkeypatch.setattr(proxied.state.response_writer, "submit", full_disk)
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200  # the journal refused: committed before the reply instead
+    with proxied.state.sessions() as s:  # no drain: it is there already
+        assert s.get(Response, r.json()["id"]) is not None
+    event.listen(proxied.state.engine, "commit", refuse)
+    try:
+        r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y"}]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable"
+        assert r.headers["retry-after"] == "1" and "x-loop-response-id" not in r.headers
+        s = await proxied.client.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": "y"}], "stream": True})
         events = [line[6:] for line in s.text.splitlines() if line.startswith("data: ")]
         assert "[DONE]" not in events and json.loads(events[-1])["error"]["code"] == "storage_unavailable"
     finally:
@@ -184,6 +222,33 @@ async def test_a_reply_that_cannot_be_stored_is_not_given_an_id_that_names_nothi
     fresh = create_engine(proxied.state.settings.db_url)  # a new connection: only what was committed
     try:
         with fresh.connect() as conn:
-            assert conn.execute(select(Response.id)).all() == []
+            assert len(conn.execute(select(Response.id)).all()) == 1
     finally:
         fresh.dispose()
+
+
+async def test_candidates_answer_after_their_rows_are_committed(proxied) -> None:  # noqa: ANN001
+    r = await proxied.client.post("/api/candidates", json={"messages": [{"role": "user", "content": "x"}]})
+    ids = [c["response_id"] for c in r.json()["candidates"]]
+    with proxied.state.sessions() as s:  # no drain: the comparison a person makes next must find both
+        assert [s.get(Response, i) is not None for i in ids] == [True, True]
+
+
+async def test_a_comparison_sent_before_its_responses_are_committed_waits_for_them(proxied) -> None:  # noqa: ANN001
+    from sqlalchemy import event
+
+    def refuse(conn) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device (injected commit failure)")
+
+    event.listen(proxied.state.engine, "commit", refuse)
+    try:
+        r = await proxied.client.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": "x"}], "n": 2})
+        a, b = r.headers["x-loop-response-id"].split(",")
+        pick = asyncio.create_task(proxied.client.post(
+            "/api/comparisons", json={"response_a_id": a, "response_b_id": b, "winner": "a"}))
+        await asyncio.sleep(0.3)
+        assert not pick.done()  # waiting for the rows, not answering 404
+    finally:
+        event.remove(proxied.state.engine, "commit", refuse)
+    assert (await asyncio.wait_for(pick, 10)).status_code == 201

@@ -2,7 +2,8 @@
 
 A rating queued in the writer when the app stops is committed and acknowledged; a rating that arrives after is
 refused as not stored (503, retry); a commit that does not come back within the bound is answered `unknown`,
-never dropped. A stream's rows that are being stored in the background when the app stops are stored. The
+never dropped. A stream's rows that are being stored in the background when the app stops are stored (committed
+by the response writer before the database goes). The
 supervised parts start in their order and stop in reverse, after those leftovers, each even when another fails.
 The app here is the real one (`create_app(settings, manage=False)`) and its real lifespan; commits and stores are
 slowed down so that the stop happens while they are in flight.
@@ -27,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session
 
-import loop.api.routes.proxy as proxy_module
+import loop.feedback.responses as responses_module
 from tests.unit.feedback_support import add_response
 from loop.api.app import create_app
 from loop.config import Settings
@@ -143,13 +144,13 @@ def vllm_that_breaks_off() -> FastAPI:
 
 async def test_a_stream_store_pending_when_the_app_stops_completes(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    store = proxy_module._store
+    insert = responses_module.insert_responses
 
-    def slow_store(state, rows_) -> None:  # noqa: ANN001
+    def slow_insert(sessions, rows_, **kw) -> int:  # noqa: ANN001, ANN003
         time.sleep(0.5)
-        store(state, rows_)
+        return insert(sessions, rows_, **kw)
 
-    monkeypatch.setattr(proxy_module, "_store", slow_store)
+    monkeypatch.setattr(responses_module, "insert_responses", slow_insert)
     app = create_app(settings_for(tmp_path), manage=False)
     async with app.router.lifespan_context(app):
         state: LoopState = app.state.loop
@@ -159,7 +160,8 @@ async def test_a_stream_store_pending_when_the_app_stops_completes(tmp_path: Pat
             r = await client.post("/v1/chat/completions",
                                   json={"messages": [{"role": "user", "content": "x"}], "stream": True})
         assert r.status_code == 200 and "[DONE]" not in r.text
-        assert len(state.stream_stores) == 1  # the rows are being stored, after the reply
+        await asyncio.sleep(0.1)  # the client left: its stream store journals the rows ...
+        assert len(state.response_writer) == 1  # ... and their commit is under way as the app stops
     stored = rows(tmp_path, Response)
     assert [(row.id, row.completion, row.truncated) for row in stored] == [(r.headers["x-loop-response-id"], "half",
                                                                             True)]

@@ -28,6 +28,7 @@ class FakeLoop:
         self.pending: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
         self.paused = False
+        self.paused_by: str | None = None  # "drift": loop paused itself; the bench must not resume it
         self.kept = 0
         self.seeds: list[int] = []
         self.n = 0
@@ -52,7 +53,9 @@ class FakeLoop:
         if path == "/api/scheduler/config":
             return httpx.Response(200, json={"thresholds": {**body, "max_kl_per_token": 0.05}})
         if path == "/api/scheduler":
-            return httpx.Response(200, json={"running_run_id": None, "untrained": {"pairs": 0, "examples": 0}})
+            return httpx.Response(200, json={"running_run_id": None, "untrained": {"pairs": 0, "examples": 0},
+                                             "paused": self.paused or self.paused_by is not None,
+                                             "paused_by": self.paused_by, "paused_reason": self.paused_by})
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake-model"}]})
         if path == "/api/candidates":
@@ -114,7 +117,8 @@ def test_a_whole_run_learns_stops_the_poison_and_writes_every_round(tmp_path: Pa
     s = suite(fake, ["clean", "ab", "clean", "thumbs", "clean", "clean"], "--rater", "number", "--json", str(out))
     assert s.run() == 0
     text = capsys.readouterr().out
-    assert "rater number" in text and "min_pairs 1" in text and "learning_rate 2e-05" in text
+    assert "rater number" in text and "min_pairs 1" in text
+    assert not any("learning_rate" in body or "steps" in body for body in posted(fake, "/api/scheduler/config"))
     guard_keys = {"poison_alpha", "margin_alpha", "max_drift_kl", "max_perplexity_vs_base", "health_enabled",
                   "drift_enabled", "guard_enabled", "max_accuracy_drop", "max_perplexity_rise"}
     assert not any(guard_keys & set(body) for body in posted(fake, "/api/scheduler/config"))  # the defaults judge
@@ -164,6 +168,16 @@ def test_scheduler_set_and_service_values_reach_the_config_call() -> None:
     cfg = posted(fake, "/api/scheduler/config")[0]
     assert cfg == {"min_pairs": 1, "interval_s": 1e9, "batch_size": 8, "steps": 3, "margin_alpha": 0.05}
     assert fake.posts[0][0] == "/api/scheduler/pause"  # paused before anything can fire
+
+
+def test_a_round_after_loop_paused_itself_is_not_trained_and_says_why() -> None:
+    fake = FakeLoop()
+    s = suite(fake, ["clean"])
+    s.configure()
+    fake.paused_by = "drift"
+    rec = s.round(1, "clean")
+    assert rec.status == "paused" and rec.run_id is None and "not trained: drift" in rec.notes[0]
+    assert "/api/scheduler/resume" not in [path for path, _ in fake.posts]  # the bench leaves loop's pause alone
 
 
 def test_quarantine_is_counted_where_the_service_lists_it() -> None:

@@ -131,6 +131,9 @@ async def test_the_scheduler_rolls_back_a_degenerate_run_and_pauses_past_the_dri
         run = s.get(TrainingRun, drifted)
         assert run.status == "rolled_back" and "KL" in run.error
     assert sched.paused and "training paused after run" in (sched.last_error or "")
+    status = sched.describe()
+    assert status["paused_by"] == "drift" and "KL" in status["paused_reason"]
     add_comparisons(state, 4)
     assert await sched.tick() is None  # paused: nothing trains until an operator resumes
-    assert sched.describe()["paused"] is True
+    sched.resume()
+    assert sched.describe()["paused_by"] is None and sched.describe()["paused_reason"] is None

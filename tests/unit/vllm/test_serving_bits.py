@@ -150,7 +150,11 @@ def test_bench_stats_and_report() -> None:
     assert s.p50 == pytest.approx(0.25) and s.p99 == pytest.approx(0.4) and s.mean == pytest.approx(0.25)
     text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103),
                    "diff": Stats(0.002, 0.003, 0.002)}, 10, 8)
-    assert "mean +3.00 %" in text and "+2.0 ms" in text
+    assert "mean +3.00 %" in text and "+2.0 ms" in text and "TTFT" not in text  # whole replies only (--no-stream)
+    text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103), "diff": Stats(0.002, 0.003, 0.002),
+                   "vllm_ttft": Stats(0.05, 0.06, 0.05), "loop_ttft": Stats(0.0515, 0.06, 0.052),
+                   "ttft_diff": Stats(0.001, 0.002, 0.001)}, 10, 8)
+    assert "added TTFT: p50 +1.5 ms; paired median +1.0 ms = +2.00 % of vLLM's TTFT p50" in text
 
 
 async def test_an_attached_vllm_with_an_api_key_gets_it_on_every_request() -> None:
