@@ -150,9 +150,10 @@ export function mount(main, {showError, clearError, refreshHealth}) {
 
   function renderSched(s) {
     const paused = Boolean(s.paused) || s.state === "paused";
-    const pairs = Object.entries(s).filter(([, v]) => v === null || ["string", "number", "boolean"].includes(typeof v))
+    const pairs = Object.entries(s).filter(([k, v]) => k !== "paused_reason" && (v === null || ["string", "number", "boolean"].includes(typeof v)))
       .slice(0, 10).map(([k, v]) => [k.replace(/_/g, " "), typeof v === "string" && /\d{4}-\d\d-\d\dT/.test(v) ? fmtTime(v) : fmtNum(v)]);
     replace(schedBody, kvList(pairs),
+      paused && s.paused_reason ? h("p", {class: "error-text paused-reason", text: s.paused_reason}) : null,
       h("div", {class: "form-actions"},
         h("button", {type: "button", class: "btn", text: paused ? "Resume" : "Pause",
           onclick: () => admin(`/api/scheduler/${paused ? "resume" : "pause"}`, {}, paused ? "Scheduler resumed." : "Scheduler paused.", loadSched, schedStatus)}),
