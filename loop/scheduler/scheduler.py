@@ -202,7 +202,23 @@ class Scheduler:
     def _poll_interval(self) -> float:
         return self.poll_s if self.poll_s is not None else max(0.2, min(5.0, self.config()["interval_s"] / 2))
 
+    async def _measure_base_early(self) -> None:
+        """The base figures (drift, generation health) while version 0 is still served, before any run (a manual
+        one through the API included) changes the weights; a failure here is retried before the first run."""
+        if self.state.trainer is None or self.state.weight_version != 0:
+            return
+        try:
+            cfg = self.config()
+            if await self._ensure_guard() is None and not (cfg["drift_enabled"] or cfg["health_enabled"]):
+                return
+            async with self._lock:
+                if self.state.weight_version == 0 and not getattr(self.state.trainer, "busy", False):
+                    await self._watch_base(cfg)
+        except Exception as exc:  # noqa: BLE001 - vLLM may still be starting: the first run tries again
+            log.info("base figures not measured at start-up (%s); the first scheduled run measures them", exc)
+
     async def _loop(self) -> None:
+        await self._measure_base_early()
         while True:
             try:
                 await self.tick()
@@ -317,7 +333,8 @@ class Scheduler:
         if self.watch is None or not (cfg["drift_enabled"] or cfg["health_enabled"]):
             return None
         try:
-            await self.watch.ensure_base(live_is_base=self.state.weight_version == 0)
+            await self.watch.ensure_base(live_is_base=self.state.weight_version == 0,
+                                         still_base=lambda: self.state.weight_version == 0)
         except GuardError as exc:
             self.watch.note = f"the base figures could not be measured: {exc}"
             log.warning("%s", self.watch.note)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,9 @@ class BaseWatch:
     def ready(self) -> bool:
         return self.reference is not None and self.base_health is not None
 
-    async def ensure_base(self, *, live_is_base: bool) -> None:
-        """Have the base figures: from the file, else measured now if the base weights are served."""
+    async def ensure_base(self, *, live_is_base: bool, still_base: Callable[[], bool] | None = None) -> None:
+        """Have the base figures: from the file, else measured now if the base weights are served. `still_base`
+        is asked after measuring: figures taken while the weights changed are thrown away."""
         if self.ready:
             return
         if self.path.is_file():
@@ -92,6 +94,9 @@ class BaseWatch:
             return
         reference = await measure_reference(self.client, self.ids, model=self.model)
         health = await self.probe.measure()
+        if still_base is not None and not still_base():
+            self.note = "the weights changed while the base figures were measured; measured again later"
+            return
         self._save({"drift": reference.to_dict(), "health": asdict(health)})
         self.reference, self.base_health, self.note = reference, health, ""
         log.info("base figures measured: canary perplexity %.3f, %d answers (%s)", reference.perplexity,

@@ -69,6 +69,12 @@ async def test_figures_of_another_base_are_not_used_and_are_measured_again_on_th
     assert w.ready and json.loads((tmp_path / FIGURES_FILE).read_text())["drift"]["model"] == MODEL
 
 
+async def test_figures_taken_while_the_weights_changed_are_thrown_away(tmp_path: Path) -> None:
+    w = watch(tmp_path, FakeVLLM(answers=GOOD))
+    await w.ensure_base(live_is_base=True, still_base=lambda: False)  # a run wrote while the probes ran
+    assert not w.ready and "weights changed" in w.note and not (tmp_path / FIGURES_FILE).exists()
+
+
 async def test_a_corrupt_file_is_reported_not_fatal(tmp_path: Path) -> None:
     (tmp_path / FIGURES_FILE).write_text("{not json")
     w = watch(tmp_path, FakeVLLM(answers=GOOD))
@@ -100,7 +106,7 @@ class FakeWatch:
         self.verdicts = list(verdicts)
         self.bases: list[bool] = []
 
-    async def ensure_base(self, *, live_is_base: bool) -> None:
+    async def ensure_base(self, *, live_is_base: bool, still_base: Any = None) -> None:
         self.bases.append(live_is_base)
 
     async def measure(self) -> dict[str, Any]:
@@ -137,3 +143,14 @@ async def test_the_scheduler_rolls_back_a_degenerate_run_and_pauses_past_the_dri
     assert await sched.tick() is None  # paused: nothing trains until an operator resumes
     sched.resume()
     assert sched.describe()["paused_by"] is None and sched.describe()["paused_reason"] is None
+
+
+async def test_the_base_figures_are_taken_at_start_up_while_version_0_is_served(state: State) -> None:
+    w = FakeWatch([])
+    sched = Scheduler(state, guard=MarginGuard([]), watch=w, clock=Clock())  # type: ignore[arg-type]
+    state.weight_version = 0
+    await sched._measure_base_early()
+    assert w.bases == [True]
+    state.weight_version = 3  # started from a later version: nothing to measure the base on
+    await sched._measure_base_early()
+    assert w.bases == [True]
