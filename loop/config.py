@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body the API accepts (413 above).")
     max_n: int = Field(16, ge=1, le=1024, description="Most choices (`n`, `best_of`) one /v1 request may ask "
                        "for: every choice holds the engine and becomes a stored row.")
+    capture_logprobs: bool = Field(False, description="Ask vLLM for the sampled tokens' log-probs on every /v1 "
+                                   "request and store them, also when the client did not ask. vLLM's per-token "
+                                   "log-prob work then lands on every reply's latency; training computes its own "
+                                   "reference log-probs, so it is off: a client's own logprobs are stored anyway.")
 
     # --- storage ---
     data_dir: Path = Field(default_factory=default_data_dir, description="Database, logs, checkpoints and the "

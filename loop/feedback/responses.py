@@ -13,7 +13,9 @@ The contract, for every id loop puts in a reply (`id`, `loop_response_id`, `X-Lo
    should that fail too, the request answers 503 `storage_unavailable` and no id is handed out.
 2. The `ResponseWriter` commits journaled rows in batches (one transaction each) right after the reply, and
    retries a failed commit with backoff until it succeeds or the app stops; commits are idempotent (an id
-   already stored is skipped), so a retry after an unknown outcome never duplicates a row.
+   already stored is skipped), so a retry after an unknown outcome never duplicates a row. The one exception is
+   a row the database itself rejects (IntegrityError / DataError: no retry can store it): its batch is retried
+   row by row, and that row alone is logged by id and dropped rather than holding up every row behind it.
 3. Within the process, a row waiting for its commit is `pending`: whoever looks a response up right after the
    reply (a rating, a comparison) first awaits `settled(ids)`, bounded, so a rating sent the moment the reply
    arrived finds its row instead of a 404; when the database keeps refusing past the bound, the rating is told
@@ -42,6 +44,7 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import insert, select
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from loop.db.models import Response
@@ -52,6 +55,9 @@ JOURNAL_NAME = "responses.journal"
 # Backoff between commit retries: quick at first (a busy database), then at most every few seconds.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 2.0
+
+# What the database says about a row's own content: retrying the same row cannot help.
+REJECTED = (IntegrityError, DataError)
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -103,7 +109,15 @@ def replay_journal(sessions: sessionmaker[Session], path: Path) -> int:
             log.warning("%s line %d is not a response row (%s); skipped", path, number, exc)
             continue
         rows[row["id"]] = row
-    inserted = insert_responses(sessions, list(rows.values()), skip_stored=True) if rows else 0
+    try:
+        inserted = insert_responses(sessions, list(rows.values()), skip_stored=True) if rows else 0
+    except REJECTED:  # one row the database will never take must not keep the others (or loop) from starting
+        inserted = 0
+        for one in rows.values():
+            try:
+                inserted += insert_responses(sessions, [one], skip_stored=True)
+            except REJECTED as exc:
+                log.error("the database rejects journaled response %s (%s); dropped", one["id"], exc)
     if inserted:
         log.warning("recovered %d response rows from %s (journaled, not yet committed when loop last stopped)",
                     inserted, path)
@@ -135,6 +149,7 @@ class ResponseWriter:
         self._closed = False
         self.committed = 0  # figures for tests and metrics
         self.failures = 0
+        self.rejected: list[str] = []  # ids of rows the database refused for their content
 
     def pending(self, response_id: str) -> bool:
         return response_id in self._pending
@@ -162,10 +177,10 @@ class ResponseWriter:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="loop-response-writer")
 
-    async def settled(self, ids: Iterable[str], timeout_s: float) -> bool:
-        """Wait (at most `timeout_s`) until none of `ids` is waiting for its commit. True when none is: each is
-        either committed or was never a pending row of this process."""
-        futs = {self._pending[i] for i in ids if i in self._pending}
+    async def settled(self, ids: Iterable[str] | None, timeout_s: float) -> bool:
+        """Wait (at most `timeout_s`) until none of `ids` (None: of the rows pending now) is waiting for its
+        commit. True when none is: each is either committed or was never a pending row of this process."""
+        futs = set(self._pending.values()) if ids is None else {self._pending[i] for i in ids if i in self._pending}
         if not futs:
             return True
         await asyncio.wait(futs, timeout=timeout_s)
@@ -195,11 +210,21 @@ class ResponseWriter:
 
     async def _flush(self) -> None:
         delay = RETRY_FIRST_S
-        retry = False
+        retry = one_by_one = False
         while self._queue:
-            batch = self._queue[:self._max_batch]
+            batch = self._queue[:1 if one_by_one else self._max_batch]
             try:
                 await asyncio.to_thread(insert_responses, self._sessions, batch, skip_stored=retry)
+            except REJECTED as exc:
+                self.failures += 1
+                if len(batch) > 1:  # find the row the database refuses: the others go in one by one
+                    one_by_one = retry = True
+                    continue
+                log.error("the database rejects response %s (%s: %s); dropped", batch[0]["id"], type(exc).__name__,
+                          exc)
+                self.rejected.append(batch[0]["id"])
+                self._done(batch)
+                continue
             except Exception as exc:  # noqa: BLE001 - kept queued and journaled: retried, never dropped
                 self.failures += 1
                 log.error("committing %d response rows failed (%s: %s); retrying in %g s", len(batch),
@@ -209,16 +234,20 @@ class ResponseWriter:
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             delay, retry = RETRY_FIRST_S, False
-            del self._queue[:len(batch)]
             self.committed += len(batch)
-            for row in batch:
-                fut = self._pending.pop(row["id"], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            if self._fd is not None:
-                self._uncommitted_journaled -= len(batch)
-                if self._uncommitted_journaled == 0 and not self._queue:
-                    self._truncate()
+            self._done(batch)
+
+    def _done(self, batch: list[Row]) -> None:
+        """`batch` (the queue's head) is settled: committed, or rejected by the database."""
+        del self._queue[:len(batch)]
+        for row in batch:
+            fut = self._pending.pop(row["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        if self._fd is not None:
+            self._uncommitted_journaled -= len(batch)
+            if self._uncommitted_journaled == 0 and not self._queue:
+                self._truncate()
 
     def _truncate(self) -> None:
         """Every journaled row is committed: empty the journal (appends go to its new end)."""

@@ -1,8 +1,8 @@
 """What the proxy asks vLLM for, what it records from vLLM's answers, and what it hands back to the client.
 
 Pure functions and one small accumulator, no I/O, so they are unit-tested without a server:
-- `augment(body, endpoint)` adds what loop needs to the request (per-token log-probs, token ids, the rendered
-  prompt) and returns `Wants`: what the client itself asked for, so `strip_*` can remove the rest again.
+- `augment(body, endpoint)` adds what loop needs to the request (token ids, the rendered prompt and, when
+  asked to, per-token log-probs) and returns `Wants`: what the client itself asked for, so `strip_*` can remove the rest again.
 - `prompt_hash(...)` is the identity of "the conversation before the answer" (sha256 of canonical JSON):
   two answers with the same hash are answers to the same prompt, so they can be compared and paired.
 - `Capture` collects one choice (from a whole reply or from stream chunks); `row_values` turns it into a
@@ -56,16 +56,21 @@ class Wants:
     prompt_text: bool
 
 
-def augment(body: dict[str, Any], endpoint: str) -> Wants:
-    """Add per-token log-probs, token ids and (chat) the rendered prompt to `body`, in place."""
+def augment(body: dict[str, Any], endpoint: str, *, logprobs: bool = True) -> Wants:
+    """Add token ids, (chat) the rendered prompt and, with `logprobs`, per-token log-probs to `body`, in place.
+
+    Token ids and the prompt text cost vLLM next to nothing; log-probs cost it work for every generated token, on
+    the reply's path, which is why the proxy asks for them only when the capture_logprobs setting says so (a
+    client that asks for log-probs itself gets them, and they are stored)."""
     if endpoint == "chat":
         wants = Wants(bool(body.get("logprobs")), bool(body.get("return_token_ids")),
                       bool(body.get("return_prompt_text")))
-        body["logprobs"] = True
+        if logprobs:
+            body["logprobs"] = True
         body["return_prompt_text"] = True
     else:
         wants = Wants(body.get("logprobs") is not None, bool(body.get("return_token_ids")), False)
-        if body.get("logprobs") is None:
+        if logprobs and body.get("logprobs") is None:
             body["logprobs"] = 0  # the sampled token's log-prob only
     body["return_token_ids"] = True
     return wants

@@ -49,7 +49,7 @@ def chat_hash(messages: list[dict]) -> str:
                           .encode()).hexdigest()
 
 
-def test_chat_non_stream_is_stored_with_tokens_and_logprobs(loop_service, openai_client) -> None:  # noqa: ANN001
+def test_chat_non_stream_is_stored_with_tokens(loop_service, openai_client) -> None:  # noqa: ANN001
     raw = openai_client.chat.completions.with_raw_response.create(model=loop_service.model, messages=HI,
                                                                   max_tokens=12, temperature=0)
     reply = raw.parse()
@@ -65,8 +65,7 @@ def test_chat_non_stream_is_stored_with_tokens_and_logprobs(loop_service, openai
     assert row.endpoint == "chat" and row.stream is False and row.truncated is False
     assert row.completion == reply.choices[0].message.content
     assert row.completion_tokens == reply.usage.completion_tokens == len(row.completion_token_ids)
-    assert len(row.completion_logprobs) == row.completion_tokens
-    assert all(lp <= 0 for lp in row.completion_logprobs)
+    assert row.completion_logprobs is None  # neither the client nor LOOP_CAPTURE_LOGPROBS asked vLLM for them
     assert row.prompt_tokens == reply.usage.prompt_tokens == len(row.prompt_token_ids)
     assert row.weight_version == version
     assert row.prompt_hash == chat_hash(HI)
@@ -83,6 +82,7 @@ def test_logprobs_and_token_ids_given_only_when_asked(loop_service, openai_clien
     assert len(content) == reply.usage.completion_tokens
     [row] = rows(loop_service, id=reply.id)
     assert [round(c.logprob, 4) for c in content] == [round(x, 4) for x in row.completion_logprobs]
+    assert all(lp <= 0 for lp in row.completion_logprobs)
     assert reply.choices[0].model_extra["token_ids"] == row.completion_token_ids
     assert reply.model_extra["prompt_token_ids"] == row.prompt_token_ids
 
@@ -101,7 +101,7 @@ def test_chat_stream_is_stored_when_it_ends(loop_service, openai_client) -> None
     [row] = rows(loop_service, id=rid)  # journaled before [DONE], committed right after
     assert row.stream is True and row.truncated is False
     assert row.completion == "".join(text)
-    assert len(row.completion_logprobs) == len(row.completion_token_ids) == row.completion_tokens > 0
+    assert row.completion_logprobs is None and len(row.completion_token_ids) == row.completion_tokens > 0
     assert row.prompt_tokens > 0 and row.ttft_ms is not None and row.ttft_ms <= row.latency_ms
 
 
@@ -112,10 +112,12 @@ def test_completions_stream_and_not(loop_service) -> None:  # noqa: ANN001
     [row] = rows(loop_service, id=reply.id)
     assert row.endpoint == "completion" and row.prompt_text == "The capital of France is"
     assert row.completion == reply.choices[0].text
-    assert len(row.completion_logprobs) == row.completion_tokens == reply.usage.completion_tokens
+    assert len(row.completion_token_ids) == row.completion_tokens == reply.usage.completion_tokens
+    assert row.completion_logprobs is None
     assert row.prompt_hash == hashlib.sha256(json.dumps("The capital of France is").encode()).hexdigest()
     with_lp = client.completions.create(model=loop_service.model, prompt="One, two,", max_tokens=4, logprobs=1)
     assert len(with_lp.choices[0].logprobs.token_logprobs) == with_lp.usage.completion_tokens
+    assert len(rows(loop_service, id=with_lp.id)[0].completion_logprobs) == with_lp.usage.completion_tokens
     chunks = list(client.completions.create(model=loop_service.model, prompt="Once upon", max_tokens=5,
                                             stream=True))
     rid = chunks[0].id

@@ -1,11 +1,15 @@
-"""History routes: list and filter responses (with their rating summaries), and one response in full."""
+"""History routes: list and filter responses (with their rating summaries), and one response in full.
+
+Both read what was served before the read: a proxied answer's row is committed just after its reply
+(loop.feedback.responses), so they first wait, briefly, for rows still pending.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from loop.api.deps import SessionDep
 from loop.api.errors import ApiError
@@ -22,8 +26,17 @@ from loop.feedback.queries import (
 
 router = APIRouter(prefix="/api", tags=["history"])
 
+# A healthy database commits a pending row in milliseconds; past this, answer with what is committed.
+READ_WAIT_S = 2.0
 
-@router.get("/responses", response_model=ResponsePage)
+
+async def served_rows_committed(request: Request) -> None:
+    """The asked-for response (or, for a list, every row pending now) is committed, or READ_WAIT_S has passed."""
+    rid = request.path_params.get("response_id")
+    await request.app.state.loop.response_writer.settled([rid] if rid else None, READ_WAIT_S)
+
+
+@router.get("/responses", response_model=ResponsePage, dependencies=[Depends(served_rows_committed)])
 def get_responses(
     s: SessionDep,
     since: Annotated[datetime | None, Query(description="ISO-8601; created at or after")] = None,
@@ -50,7 +63,8 @@ def get_responses(
     return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
-@router.get("/responses/{response_id}", response_model=ResponseDetail)
+@router.get("/responses/{response_id}", response_model=ResponseDetail,
+            dependencies=[Depends(served_rows_committed)])
 def get_response(response_id: str, s: SessionDep) -> dict[str, Any]:
     """One response with everything stored about it, its ratings (history included, newest first) and comparisons."""
     detail = response_detail(s, response_id)

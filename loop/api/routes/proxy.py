@@ -1,7 +1,8 @@
 """The OpenAI-compatible logging proxy: /v1/chat/completions, /v1/completions, /v1/models, /api/candidates.
 
-Requests are forwarded to vLLM with per-token log-probs and token ids added (`loop.vllm.capture.augment`);
-the reply is stripped back to what the client asked for. Every choice becomes one `responses` row whose id
+Requests are forwarded to vLLM with token ids and the rendered prompt added, and per-token log-probs when the
+capture_logprobs setting asks for them (`loop.vllm.capture.augment`: vLLM's log-prob work is per generated token
+and on the reply's path); the reply is stripped back to what the client asked for. Every choice becomes one `responses` row whose id
 (`resp-<hex>`) the client gets as the reply's `id`, as `loop_response_id` on each choice and in the
 `X-Loop-Response-Id` header, so any OpenAI client can rate it afterwards.
 
@@ -231,7 +232,7 @@ class _UpstreamError(Exception):
 async def _proxy(request: Request, state: LoopState, endpoint: str, path: str) -> HTTPResponse:
     body = _parse(await request.body())
     info = _request_info(state, body, endpoint)
-    wants = augment(body, endpoint)
+    wants = augment(body, endpoint, logprobs=state.settings.capture_logprobs)
     try:
         if info.stream:
             response = await _open_stream(request, state, path, body, info, wants)
@@ -446,7 +447,7 @@ async def candidates(req: CandidatesRequest, request: Request, state: StateDep) 
     if req.rater:
         body["user"] = req.rater
     info = _request_info(state, body, "chat")
-    wants = augment(body, "chat")
+    wants = augment(body, "chat", logprobs=state.settings.capture_logprobs)
     try:
         data, ids, version = await complete(request, state, "/v1/chat/completions", body, info, wants)
     except _UpstreamError as exc:

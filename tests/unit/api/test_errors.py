@@ -267,6 +267,7 @@ async def test_nul_in_prompts_and_comments_round_trips(loop_app) -> None:  # noq
 
 async def test_nul_is_stored_escaped_so_no_backend_sees_one(loop_app) -> None:  # noqa: ANN001
     rid = (await loop_app.client.post("/v1/chat/completions", json=chat("say nul"))).json()["id"]
+    await loop_app.state.response_writer.drain()  # committed just after the reply (loop.feedback.responses)
     with loop_app.state.sessions() as s:
         raw = s.execute(text("SELECT completion FROM responses WHERE id = :i"), {"i": rid}).scalar()
     assert raw == "before\uffff0after \uffffe0 and \uffffee"

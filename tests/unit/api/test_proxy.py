@@ -87,10 +87,17 @@ async def test_non_stream_stores_every_choice_and_strips_extras(proxied) -> None
     assert all(c["logprobs"] is None and c["token_ids"] is None for c in data["choices"])
     assert data["prompt_token_ids"] is None and data["prompt_text"] is None
     sent = proxied.seen[-1]
-    assert sent["logprobs"] is True and sent["return_token_ids"] is True and sent["model"] == "m"
+    assert "logprobs" not in sent and sent["return_token_ids"] is True and sent["model"] == "m"
     row = await stored(proxied.state, ids[1])
     assert (row.completion, row.completion_token_ids, row.completion_logprobs) == ("ab1", [7, 8], [-0.1, -0.2])
     assert row.prompt_token_ids == [1, 2] and row.prompt_text == "P" and row.choice_index == 1
+
+
+async def test_with_logprobs_capture_vllm_is_asked_for_them_and_the_client_still_gets_none(proxied) -> None:  # noqa: ANN001
+    proxied.state.settings.capture_logprobs = True
+    r = await proxied.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert proxied.seen[-1]["logprobs"] is True and r.json()["choices"][0]["logprobs"] is None
+    assert (await stored(proxied.state, r.json()["id"])).completion_logprobs == [-0.1, -0.2]
 
 
 async def test_weight_version_is_read_when_the_answer_arrives(proxied) -> None:  # noqa: ANN001
@@ -252,3 +259,24 @@ async def test_a_comparison_sent_before_its_responses_are_committed_waits_for_th
     finally:
         event.remove(proxied.state.engine, "commit", refuse)
     assert (await asyncio.wait_for(pick, 10)).status_code == 201
+
+
+async def test_history_shows_an_answer_served_before_the_read_even_while_its_commit_is_pending(
+        proxied) -> None:  # noqa: ANN001
+    from sqlalchemy import event
+
+    def refuse(conn) -> None:  # noqa: ANN001
+        raise OSError(28, "No space left on device (injected commit failure)")
+
+    event.listen(proxied.state.engine, "commit", refuse)
+    try:
+        rid = (await proxied.client.post("/v1/chat/completions",
+                                         json={"messages": [{"role": "user", "content": "x"}]})).json()["id"]
+        one = asyncio.create_task(proxied.client.get(f"/api/responses/{rid}"))
+        listed = asyncio.create_task(proxied.client.get("/api/responses"))
+        await asyncio.sleep(0.3)
+        assert not one.done() and not listed.done()  # waiting for the commit, not answering 404 / an empty page
+    finally:
+        event.remove(proxied.state.engine, "commit", refuse)
+    assert (await asyncio.wait_for(one, 10)).json()["completion"] == "ab0"
+    assert [i["id"] for i in (await asyncio.wait_for(listed, 10)).json()["items"]] == [rid]

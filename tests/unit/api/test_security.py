@@ -118,6 +118,7 @@ async def test_a_text_plain_chat_completion_never_reaches_vllm_and_is_not_logged
     assert_error(r, 415, "unsupported_media_type", "application/json")
     assert loop.seen == [] and count(loop.state, Response) == 0
     ok = await loop.client.post("/v1/chat/completions", content=CHAT, headers={"content-type": "application/json"})
+    await loop.state.response_writer.drain()  # committed just after the reply (loop.feedback.responses)
     assert ok.status_code == 200 and len(loop.seen) == 1 and count(loop.state, Response) == 1
 
 

@@ -198,3 +198,17 @@ async def test_a_rating_whose_response_cannot_be_committed_is_told_to_retry_not_
     outcome = await ratings.submit(RatingInput(r["id"], rater="a", thumb=1))  # the client's retry
     assert outcome.kind == "created"
     await ratings.close(1.0)
+
+
+async def test_a_row_the_database_rejects_is_dropped_alone_and_holds_up_nothing(sessions, tmp_path: Path) -> None:
+    journal = tmp_path / "responses.journal"
+    writer = ResponseWriter(sessions, journal)
+    good, bad, later = row(completion="a"), {**row(), "prompt_hash": None}, row(completion="c")  # NOT NULL column
+    writer.submit([good, bad])
+    writer.submit([later])
+    assert await writer.settled(None, 5.0)
+    assert stored(sessions) == {good["id"]: "a", later["id"]: "c"} and writer.rejected == [bad["id"]]
+    assert journal.read_bytes() == b""
+    journal.write_bytes(responses_module._journal_line(bad) + responses_module._journal_line(row(completion="d")))
+    assert replay_journal(sessions, journal) == 1  # the start-up replay is not stopped by it either
+    await writer.close(1.0)

@@ -19,6 +19,19 @@ def test_augment_chat_asks_for_logprobs_ids_and_prompt_but_remembers_what_client
     assert wants2.logprobs and wants2.token_ids and body2["top_logprobs"] == 3
 
 
+def test_augment_without_logprobs_capture_asks_only_for_ids_and_prompt_and_keeps_the_clients_own() -> None:
+    body = {"messages": []}
+    wants = augment(body, "chat", logprobs=False)
+    assert "logprobs" not in body and body["return_token_ids"] is True and body["return_prompt_text"] is True
+    assert not wants.logprobs
+    body = {"messages": [], "logprobs": True}
+    assert augment(body, "chat", logprobs=False).logprobs and body["logprobs"] is True
+    body = {"prompt": "x"}
+    assert not augment(body, "completion", logprobs=False).logprobs and "logprobs" not in body
+    body = {"prompt": "x", "logprobs": 1}
+    assert augment(body, "completion", logprobs=False).logprobs and body["logprobs"] == 1
+
+
 def test_augment_completions_keeps_client_logprobs_count() -> None:
     body = {"prompt": "x"}
     assert not augment(body, "completion").logprobs and body["logprobs"] == 0
