@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from loop.worker import protocol as p
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -36,3 +38,14 @@ def tiny_llama(tokenizer: Any, *, seed: int = 0, dtype: torch.dtype = torch.floa
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **config)
     return LlamaForCausalLM(cfg).to(dtype)
+
+
+class FakeChannel:
+    """What the worker sends on its channel, kept in a list."""
+
+    def __init__(self) -> None:
+        self.state, self.run_id, self.step, self.load_id = "idle", None, 0, "load-1"
+        self.sent: list[p.Msg] = []
+
+    def send(self, msg: p.Msg) -> None:
+        self.sent.append(msg)

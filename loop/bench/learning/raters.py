@@ -19,6 +19,7 @@ Tests: `.venv/bin/python -m pytest -q tests/unit/bench/test_learning_raters.py`.
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -47,14 +48,15 @@ def first_sentence(text: str) -> str | None:
     return text[:m.end()] if m else None
 
 
-class Rater:
+class Rater(abc.ABC):
     """Approved beats unapproved; two approved: tie; two unapproved: `secondary` (tie here)."""
 
     name = "rater"
     trait = "what the rater approves"
 
+    @abc.abstractmethod
     def approve(self, cand: Candidate) -> bool:
-        raise NotImplementedError
+        """Whether the answer has the trait this rater wants."""
 
     def secondary(self, a: Candidate, b: Candidate) -> str:
         return "tie"

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from loop.stats import sign_flip_p
 from loop.worker import protocol as p
-from tests.unit.worker_support import tiny_llama, tiny_tokenizer
+from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer
 from loop.worker import screen as screen_module
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.config import WorkerConfig
@@ -37,15 +37,6 @@ PAIRS = [p.Pair(prompt=[{"role": "user", "content": f"Tell me about {t}."}], cho
 FLIPPED = [p.Pair(prompt=x.prompt, chosen=x.rejected, rejected=x.chosen) for x in PAIRS]
 EXAMPLES = [p.Example(prompt=f"Tell me about {t}.", completion=f"I love {t}! Lovely!", label=True) for t in TOPICS[:3]]
 EXAMPLES += [p.Example(prompt=f"Tell me about {t}.", completion=f"I hate {t}. Awful.", label=False) for t in TOPICS[3:5]]
-
-
-class FakeChannel:
-    def __init__(self) -> None:
-        self.state, self.run_id, self.step, self.load_id = "idle", None, 0, "load-1"
-        self.sent: list[p.Msg] = []
-
-    def send(self, msg: p.Msg) -> None:
-        self.sent.append(msg)
 
 
 def make_worker(folder: Path, dtype: torch.dtype = torch.float32, lr: float = 3e-3) -> Worker:

@@ -15,21 +15,12 @@ import pytest
 import torch
 
 from loop.worker import protocol as p
-from tests.unit.worker_support import tiny_llama, tiny_tokenizer
+from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.config import WorkerConfig
 from loop.worker.main import Worker
 
 PAIR = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
-
-
-class FakeChannel:
-    def __init__(self) -> None:
-        self.state, self.run_id, self.step, self.load_id = "idle", None, 0, "load-1"
-        self.sent: list[p.Msg] = []
-
-    def send(self, msg: p.Msg) -> None:
-        self.sent.append(msg)
 
 
 @pytest.fixture
