@@ -51,7 +51,7 @@ class HealthError(GuardError):
 
 
 class StaleReference(HealthError):
-    """The drift reference was measured on another model, canary, tokenizer or k: it cannot be compared."""
+    """The drift reference belongs to another model, canary, tokenizer or k: it cannot be compared."""
 
 
 # ---------------------------------------------------------------------------------------------- vLLM requests
@@ -110,7 +110,7 @@ class DriftReference:
         if self.format != REFERENCE_FORMAT:
             problems.append(f"it has format {self.format}, this loop reads format {REFERENCE_FORMAT}")
         if self.model != model:
-            problems.append(f"it was measured on model {self.model!r}, the base model now is {model!r}")
+            problems.append(f"it belongs to model {self.model!r}, the base model now is {model!r}")
         if self.canary_hash != canary_hash(ids):
             problems.append("its canary token ids differ from the current canary's (another canary file or "
                             "tokenizer)")

@@ -215,7 +215,7 @@ class Scheduler:
                 if self.state.weight_version == 0 and not getattr(self.state.trainer, "busy", False):
                     await self._watch_base(cfg)
         except Exception as exc:  # noqa: BLE001 - vLLM may still be starting: the first run tries again
-            log.info("base figures not measured at start-up (%s); the first scheduled run measures them", exc)
+            log.info("base figures not taken at start-up (%s); the first scheduled run takes them", exc)
 
     async def _loop(self) -> None:
         await self._measure_base_early()

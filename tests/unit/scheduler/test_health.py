@@ -207,7 +207,7 @@ async def test_the_same_weights_drift_zero_and_a_shift_drifts_by_its_kl() -> Non
 async def test_a_stale_reference_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
     ref = await measure_reference(FakeVLLM(), IDS, model=MODEL, model_name="m")
     vllm = FakeVLLM()
-    with pytest.raises(StaleReference, match=r"measured on model '/models/base', the base model now is "
+    with pytest.raises(StaleReference, match=r"belongs to model '/models/base', the base model now is "
                                              r"'/models/other'.*version 0"):
         await measure_drift(vllm, ref, IDS, model="/models/other")
     with pytest.raises(StaleReference, match="canary token ids differ"):
