@@ -58,7 +58,7 @@ async def test_the_same_weights_drift_zero_from_their_own_reference(loop_service
         assert 0 <= drift.kl_per_token < SAME_WEIGHTS_KL, drift
         assert abs(drift.perplexity_vs_base) < SAME_WEIGHTS_PPL, drift
         assert drift.tokens == reference.tokens and 0.5 < drift.top_k_mass <= 1.0 and drift.missing_share < 0.01
-        with pytest.raises(StaleReference, match="measured on model"):
+        with pytest.raises(StaleReference, match="belongs to model"):
             await measure_drift(client, reference, ids, model=model_path + "-other")
     finally:
         await client.aclose()
