@@ -83,8 +83,11 @@ class Api:
         r = self.http.post("/v1/chat/completions", json={"model": self.s.model, "messages": messages,
                                                           "temperature": 0, "max_tokens": 24})
         assert r.status_code == 200, r.text
-        return (r.json()["choices"][0]["message"]["content"], int(r.headers["x-loop-weight-version"]),
-                r.headers["x-loop-response-id"].split(",")[0])
+        rid = r.headers["x-loop-response-id"].split(",")[0]
+        # the row is committed just after the reply (loop/feedback/responses.py): the API's read waits for it,
+        # and the tests below read the database directly
+        assert self.http.get(f"/api/responses/{rid}").status_code == 200
+        return r.json()["choices"][0]["message"]["content"], int(r.headers["x-loop-weight-version"]), rid
 
     def margin(self, tokenizer: Any, messages: list[dict[str, str]], chosen: str, rejected: str) -> float:
         """log p(chosen) − log p(rejected) as the served vLLM computes it (prompt log-probs, token-id prompts)."""
