@@ -12,6 +12,7 @@ from typing import Literal
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 TrainMode = Literal["atomic", "lowmem", "hogwild"]  # how an update is written into the live weights
+PauseMode = Literal["keep", "wait"]  # what vLLM does with in-flight requests while an update is written
 Optimizer = Literal["apollo", "apollo-mini", "adamw", "sgd"]  # loop/worker/apollo.py make_optimizer
 Objective = Literal["dpo", "kto"]  # pairs (DPO) or single rated examples (KTO)
 LogLevel = Literal["debug", "info", "warning", "error"]

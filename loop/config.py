@@ -22,7 +22,15 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from loop.choices import Device, DType, LogLevel, Objective, Optimizer, TrainMode
+from loop.choices import (
+    Device,
+    DType,
+    LogLevel,
+    Objective,
+    Optimizer,
+    PauseMode,
+    TrainMode,
+)
 from loop.paths import default_cache_dir, default_data_dir, run_dir
 
 __all__ = ["Device", "DType", "LogLevel", "Objective", "Optimizer", "SECRET_ENV", "SECRET_FIELDS", "Settings",
@@ -114,6 +122,19 @@ class Settings(BaseSettings):
         "serves and copies them in a short pause (1x the trained weight bytes extra); lowmem is atomic too with "
         "one layer's gradient at a time extra, but vLLM pauses for a second backward pass; hogwild writes while "
         "serving (generations may see a half-written update).")
+    pause_mode: PauseMode = Field(
+        "keep", description="What vLLM does with the answers in flight while an atomic or lowmem update is "
+        "written: keep freezes them and, after the write, recomputes their keys and values on the new weights (the "
+        "pause lasts the write, whatever the answers' length; a response that spans an update records both "
+        "versions); wait lets them finish on the old weights first (the pause lasts as long as the longest answer "
+        "in flight).")
+    train_share: float | None = Field(None, gt=0, le=1, description="The trainer's share of the device while "
+                                      "vLLM has requests running or waiting (read from vLLM's /metrics): below 1 the "
+                                      "worker rests between decoder layers so serving keeps the rest "
+                                      "(loop/worker/pacing.py); with vLLM idle it trains flat out; 1: never yields. "
+                                      "Unset: 0.15 on a GPU, where the two time-slice the card, and 1 on the CPU, "
+                                      "where the worker trains on the cores vLLM does not compute on instead. The "
+                                      "apply inside vLLM's pause is never paced.")
     worker_enabled: bool = Field(True, description="Start the training worker (needs the loop plugin in vLLM).")
     optimizer: Optimizer = Field("apollo-mini", description="The training worker's optimizer.")
     learning_rate: float = Field(5e-6, gt=0, le=1.0, description="Step size of a run that sets none (POST "

@@ -39,7 +39,7 @@ import msgspec
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from loop.db.models import Comparison, Rating, Response, RunFeedback
+from loop.db.models import Comparison, Rating, Response, RunFeedback, generated_with
 from loop.feedback.queries import in_time_range
 from loop.vllm.capture import normalise_messages
 from loop.worker.protocol import Example, Pair, Prompt
@@ -130,7 +130,7 @@ def _response_conds(resp: Any, f: PairFilters) -> list[Any]:
     if f.model is not None:
         conds.append(resp.model == f.model)
     if f.weight_version is not None:
-        conds.append(resp.weight_version == f.weight_version)
+        conds.append(generated_with(resp, f.weight_version))
     return conds
 
 

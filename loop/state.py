@@ -98,6 +98,10 @@ class LoopState:
     weight_version: int = 0
     # Held while weights change (apply, restore, rollback): one change at a time.
     weights_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # What serving sees of a change (LiveWeights sets both): while one is under way, the version vLLM made its
+    # tokens with until it paused (the record may already say the next one); each finished change counts once.
+    changing_from: int | None = None
+    changes_done: int = 0
     started_at: float = field(default_factory=time.time)
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     # The response writer's journal (None: rows wait only in memory for their commit).
@@ -109,6 +113,11 @@ class LoopState:
     def __post_init__(self) -> None:
         self.response_writer = ResponseWriter(self.sessions, self.response_journal)
         self.rating_writer = RatingWriter(self.sessions, responses=self.response_writer)
+
+    def serving_version(self) -> int:
+        """The version a token that reaches loop now was generated with: during a change vLLM is paused (or, in
+        hogwild, mid-write), so what arrives was made before it began."""
+        return self.weight_version if self.changing_from is None else self.changing_from
 
     @classmethod
     def open(cls, settings: Settings) -> LoopState:

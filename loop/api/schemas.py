@@ -125,7 +125,9 @@ class ResponseSummary(BaseModel):
     id: str
     created_at: str
     model: str
-    weight_version: int
+    weight_version: int = Field(description="The first weight version that generated it.")
+    weight_version_last: int = Field(description="The last: higher than the first when an update landed while it "
+                                     "was generated (it continued on the new weights).")
     endpoint: str
     prompt_preview: str
     completion: str

@@ -5,7 +5,12 @@ so drift — other load, thermal — hits both sides equally). Every request ask
 (`ignore_eos`, greedy) so both sides do the same work. Each prompt is sent twice per side: once whole (latency
 until the full reply) and once streamed (time to the first `data:` event, TTFT). Prints p50 / p99 / mean for
 both sides and the added latency and TTFT, also as paired differences (same prompt, back to back), which are
-robust to load that drifts during the run. `--no-stream` measures whole replies only.
+robust to load that drifts during the run. `--no-stream` measures whole replies only. The targets (issue 13):
+added p50 latency and TTFT at most 1 % of vLLM's on a CPU, at most 2 ms on a GPU.
+
+`--dummy` starts vLLM with random weights of the model folder's real size (`--load-format dummy`) and no
+tokenizer (the GPU configs in loop/bench/configs ship none), so its requests go to /v1/completions with token-id
+prompts (`--endpoint completions`, which also works with a real model).
 
 Without `--loop-url` it starts `loop serve` itself on a free port with a temporary data dir (and vLLM with it,
 on its private Unix socket, unless `--vllm-url` attaches to a running one), and stops it afterwards. vLLM's
@@ -13,19 +18,21 @@ address is `unix:/path` or `http://host:port` (as /health's `vllm.address` repor
 
     loop bench proxy -n 50 --max-tokens 16
     loop bench proxy --vllm-url unix:/run/vllm/sock -n 100
+    loop bench proxy --model loop/bench/configs/qwen2-7b --dummy --gpu-memory-utilization 0.2 -n 200 --max-tokens 16
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -71,8 +78,9 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None)
 
 
 @contextlib.contextmanager
-def started_loop(vllm_url: str | None, model: str | None, timeout: float) -> Iterator[tuple[str, str]]:
-    """Start `loop serve` on a free port; yield (loop url, vLLM's address)."""
+def started_loop(vllm_url: str | None, model: str | None, timeout: float,
+                 serve_args: Sequence[str] = ()) -> Iterator[tuple[str, str]]:
+    """Start `loop serve` (with `serve_args`) on a free port; yield (loop url, vLLM's address)."""
     with tempfile.TemporaryDirectory(prefix="loop-bench-") as data_dir:
         port = free_port()
         cmd = [sys.executable, "-m", "loop.cli", "serve", "--port", str(port), "--data-dir", data_dir,
@@ -80,6 +88,7 @@ def started_loop(vllm_url: str | None, model: str | None, timeout: float) -> Ite
         cmd += ["--vllm-url", vllm_url] if vllm_url else []
         if model:
             cmd += ["--model", model]
+        cmd += list(serve_args)
         print(f"starting loop serve on :{port}{'' if vllm_url else ' (with vLLM)'} …", file=sys.stderr)
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
@@ -89,11 +98,23 @@ def started_loop(vllm_url: str | None, model: str | None, timeout: float) -> Ite
             stop_group(proc)
 
 
-def _ttft(client: httpx.Client, body: dict) -> float:
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def request_body(endpoint: str, model: str, i: int, max_tokens: int, prompt_tokens: int) -> dict:
+    """Request `i`: exactly `max_tokens` greedy tokens; chat sends a short message, completions token ids (no
+    tokenizer needed). The prompt differs per `i` in its last part only."""
+    common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if endpoint == "chat":
+        return {**common, "messages": [{"role": "user", "content": f"Count to ten. ({i})"}]}
+    return {**common, "prompt": [100 + k for k in range(prompt_tokens - 1)] + [1000 + i % 1000]}
+
+
+def _ttft(client: httpx.Client, body: dict, path: str = PATHS["chat"]) -> float:
     """Seconds from sending a streamed request to its first `data:` event (the stream is read to its end)."""
     t0 = time.perf_counter()
     first = None
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if first is None and line.startswith("data:"):
@@ -104,18 +125,18 @@ def _ttft(client: httpx.Client, body: dict) -> float:
 
 
 def run_bench(loop_url: str, vllm_address: str, n: int, max_tokens: int, warmup: int = 3,
-              stream: bool = True) -> dict[str, Stats]:
+              stream: bool = True, endpoint: str = "chat", prompt_tokens: int = 32) -> dict[str, Stats]:
     direct = sync_client(vllm_address, timeout=600)
     proxied = httpx.Client(base_url=loop_url, timeout=600)
     model = direct.get("/v1/models").json()["data"][0]["id"]
+    path = PATHS[endpoint]
 
     def body(i: int) -> dict:
-        return {"model": model, "messages": [{"role": "user", "content": f"Count to ten. ({i})"}],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        return request_body(endpoint, model, i, max_tokens, prompt_tokens)
 
     def timed(client: httpx.Client, i: int) -> float:
         t0 = time.perf_counter()
-        r = client.post("/v1/chat/completions", json=body(i))
+        r = client.post(path, json=body(i))
         dt = time.perf_counter() - t0
         r.raise_for_status()
         return dt
@@ -124,7 +145,7 @@ def run_bench(loop_url: str, vllm_address: str, n: int, max_tokens: int, warmup:
         for client in (direct, proxied):
             timed(client, -1 - i)
             if stream:
-                _ttft(client, body(-1 - i))
+                _ttft(client, body(-1 - i), path)
     times: dict[str, list[float]] = {"vllm": [], "loop": [], "vllm_ttft": [], "loop_ttft": []}
     for i in range(n):
         order = [("vllm", direct), ("loop", proxied)] if i % 2 == 0 else [("loop", proxied), ("vllm", direct)]
@@ -132,7 +153,7 @@ def run_bench(loop_url: str, vllm_address: str, n: int, max_tokens: int, warmup:
             times[name].append(timed(client, i))
         if stream:
             for name, client in order:
-                times[f"{name}_ttft"].append(_ttft(client, body(i)))
+                times[f"{name}_ttft"].append(_ttft(client, body(i), path))
         if (i + 1) % 10 == 0:
             print(f"… {i + 1}/{n}", file=sys.stderr)
     direct.close()
@@ -145,28 +166,43 @@ def run_bench(loop_url: str, vllm_address: str, n: int, max_tokens: int, warmup:
     return stats
 
 
-def report(stats: dict[str, Stats], n: int, max_tokens: int) -> str:
+def _added(loop_s: float, vllm_s: float) -> str:
+    return f"{(loop_s - vllm_s) * 1000:+.1f} ms ({(loop_s / vllm_s - 1) * 100:+.2f} %)"
+
+
+def report(stats: dict[str, Stats], n: int, max_tokens: int, endpoint: str = "chat") -> str:
     v, lp = stats["vllm"], stats["loop"]
-    lines = [f"proxy overhead: {n} chat requests × {max_tokens} tokens each, interleaved",
-             f"{'':8}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
+    lines = [f"proxy overhead: {n} {endpoint} requests × {max_tokens} tokens each, interleaved",
+             f"whole replies: {'':1}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
     for name, s in (("vLLM", v), ("loop", lp)):
-        lines.append(f"{name:8}{s.p50 * 1000:10.1f}{s.p99 * 1000:10.1f}{s.mean * 1000:10.1f}")
-    added = (lp.mean / v.mean - 1) * 100
-    added50 = (lp.p50 / v.p50 - 1) * 100
-    lines.append(f"added latency: mean {added:+.2f} %  p50 {added50:+.2f} %  "
-                 f"({(lp.mean - v.mean) * 1000:+.1f} ms per request; target: ≤ 1 % on a CPU, ≤ 2 ms on a GPU)")
+        lines.append(f"{name:15}{s.p50 * 1000:10.1f}{s.p99 * 1000:10.1f}{s.mean * 1000:10.1f}")
+    lines.append(f"added latency: p50 {_added(lp.p50, v.p50)}, mean {_added(lp.mean, v.mean)}")
     if "diff" in stats:
         d = stats["diff"]
-        lines.append(f"paired (loop − vLLM, same prompt back to back): median {d.p50 * 1000:+.1f} ms "
-                     f"= {d.p50 / v.p50 * 100:+.2f} % of vLLM's p50")
+        lines.append(f"  paired (loop − vLLM, same prompt back to back): median {d.p50 * 1000:+.1f} ms "
+                     f"({d.p50 / v.p50 * 100:+.2f} % of vLLM's p50)")
     if "ttft_diff" in stats:
         vt, lt, dt = stats["vllm_ttft"], stats["loop_ttft"], stats["ttft_diff"]
-        lines.append(f"stream time to first token: {'':2}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+        lines.append(f"stream TTFT:   {'':1}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
         for name, s in (("vLLM", vt), ("loop", lt)):
-            lines.append(f"{name:8}{s.p50 * 1000:10.1f}{s.p99 * 1000:10.1f}{s.mean * 1000:10.1f}")
-        lines.append(f"added TTFT: p50 {(lt.p50 - vt.p50) * 1000:+.1f} ms; paired median {dt.p50 * 1000:+.1f} ms "
-                     f"= {dt.p50 / vt.p50 * 100:+.2f} % of vLLM's TTFT p50")
+            lines.append(f"{name:15}{s.p50 * 1000:10.1f}{s.p99 * 1000:10.1f}{s.mean * 1000:10.1f}")
+        lines.append(f"added TTFT: p50 {_added(lt.p50, vt.p50)}; paired median {dt.p50 * 1000:+.1f} ms "
+                     f"({dt.p50 / vt.p50 * 100:+.2f} % of vLLM's TTFT p50)")
+    lines.append("targets: added p50 latency and time to first token ≤ 1 % of vLLM's on a CPU, ≤ 2 ms on a GPU")
     return "\n".join(lines)
+
+
+def as_json(stats: dict[str, Stats], n: int, max_tokens: int, endpoint: str) -> dict:
+    """The figures in milliseconds, for --json-out."""
+    out: dict = {"requests": n, "max_tokens": max_tokens, "endpoint": endpoint,
+                 "ms": {k: {"p50": s.p50 * 1000, "p99": s.p99 * 1000, "mean": s.mean * 1000} for k, s in stats.items()}}
+    v, lp = stats["vllm"], stats["loop"]
+    out["added_p50_ms"], out["added_p50_pct"] = (lp.p50 - v.p50) * 1000, (lp.p50 / v.p50 - 1) * 100
+    if "ttft_diff" in stats:
+        vt, lt = stats["vllm_ttft"], stats["loop_ttft"]
+        out["added_ttft_p50_ms"], out["added_ttft_p50_pct"] = (lt.p50 - vt.p50) * 1000, (lt.p50 / vt.p50 - 1) * 100
+        out["paired_ttft_ms"] = stats["ttft_diff"].p50 * 1000
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -178,9 +214,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                                       "starting one")
     p.add_argument("--loop-url", help="attach to this running loop (then vLLM's address is read from its /health)")
     p.add_argument("--model", help="model for a started loop serve (default: LOOP_MODEL / smollm2)")
+    p.add_argument("--dummy", action="store_true",
+                   help="random weights of the model's real size and no tokenizer (vLLM --load-format dummy "
+                        "--skip-tokenizer-init); implies --endpoint completions")
+    p.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of the GPU for a started loop serve")
+    p.add_argument("--endpoint", choices=sorted(PATHS), help="chat (default) or completions (token-id prompts)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of --endpoint completions")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="measure whole replies only (no streamed requests, no TTFT)")
+    p.add_argument("--json-out", help="also write the figures (milliseconds) as JSON here")
     p.set_defaults(func=main)
 
 
@@ -188,12 +231,27 @@ def main(args: argparse.Namespace) -> int:
     if args.requests < 1:
         print("loop: -n must be at least 1", file=sys.stderr)
         return 2
+    if args.dummy and (args.vllm_url or args.loop_url):
+        print("loop: --dummy starts vLLM with random weights; leave out --vllm-url and --loop-url", file=sys.stderr)
+        return 2
+    if args.dummy and args.endpoint == "chat":
+        print("loop: --dummy starts vLLM without a tokenizer, so chat cannot be served; use --endpoint completions "
+              "(the default with --dummy)", file=sys.stderr)
+        return 2
+    endpoint = args.endpoint or ("completions" if args.dummy else "chat")
+    serve_args = ["--vllm-args", "--load-format dummy --skip-tokenizer-init"] if args.dummy else []
+    if args.gpu_memory_utilization is not None:
+        serve_args += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    bench = dict(stream=args.stream, endpoint=endpoint, prompt_tokens=args.prompt_tokens)
     if args.loop_url:
         health = wait_healthy(args.loop_url.rstrip("/"), args.start_timeout)
         stats = run_bench(args.loop_url.rstrip("/"), args.vllm_url or health["vllm"]["address"], args.requests,
-                          args.max_tokens, stream=args.stream)
+                          args.max_tokens, **bench)
     else:
-        with started_loop(args.vllm_url, args.model, args.start_timeout) as (loop_url, vllm_address):
-            stats = run_bench(loop_url, vllm_address, args.requests, args.max_tokens, stream=args.stream)
-    print(report(stats, args.requests, args.max_tokens))
+        with started_loop(args.vllm_url, args.model, args.start_timeout, serve_args) as (loop_url, vllm_address):
+            stats = run_bench(loop_url, vllm_address, args.requests, args.max_tokens, **bench)
+    print(report(stats, args.requests, args.max_tokens, endpoint))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(as_json(stats, args.requests, args.max_tokens, endpoint), f, indent=1)
     return 0

@@ -98,17 +98,17 @@ def seed(db_path: Path, n_ratings: int, *, seed_: int = 0) -> dict[str, int]:
         group = k // 2
         messages = [{"role": "user", "content": f"Question {group}: say something about topic {group % 997}."}]
         tokens = [rng.randrange(50000) for _ in range(64)]
-        rows.append((rid, f"grp-{k:032x}", 0, at(k, n_resp), "chat", "bench", 0,
+        rows.append((rid, f"grp-{k:032x}", 0, at(k, n_resp), "chat", "bench", 0, 0,
                      json.dumps({"model": "bench", "messages": messages}), json.dumps(messages), None,
                      f"{group:064x}", f"Answer {k}: " + "words " * rng.randrange(10, 60),
                      json.dumps(list(range(32))), json.dumps(tokens),
                      json.dumps([round(-rng.random(), 4) for _ in tokens]),
                      "length" if k % 17 == 0 else "stop", 32, 64, 120.0, 15.0, 0, 0, None))
     conn.executemany("INSERT INTO responses (id, group_id, choice_index, created_at, endpoint, model, weight_version, "
-                     "request, messages, prompt_text, prompt_hash, completion, prompt_token_ids, "
+                     "weight_version_last, request, messages, prompt_text, prompt_hash, completion, prompt_token_ids, "
                      "completion_token_ids, completion_logprobs, finish_reason, prompt_tokens, completion_tokens, "
                      "latency_ms, ttft_ms, stream, truncated, error) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     rows = []
     for i in range(n_ratings):
         k = rng.randrange(n_resp)

@@ -37,6 +37,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    and_,
+    or_,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -88,6 +90,10 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
 
 
+def _same_as_first_version(context: Any) -> Any:
+    return context.get_current_parameters()["weight_version"]
+
+
 class Response(Base):
     """One generated choice, as vLLM produced it and as loop served it."""
 
@@ -99,7 +105,10 @@ class Response(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     endpoint: Mapped[str] = mapped_column(String(16))  # "chat" | "completion"
     model: Mapped[str] = mapped_column(String(200), index=True)
+    # The versions that generated it: the first, and the last when an update landed while it was generated (the
+    # pause keeps in-flight answers and continues them on the new weights); equal for most responses.
     weight_version: Mapped[int] = mapped_column(Id, index=True)
+    weight_version_last: Mapped[int] = mapped_column(Id, index=True, default=_same_as_first_version)
     # The request as the client sent it (messages or prompt + sampling parameters).
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     # Chat: the messages that formed the prompt; completion: [{"role": "user", "content": prompt}]-free raw prompt.
@@ -119,6 +128,14 @@ class Response(Base):
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)  # client left mid-stream
     error: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
+
+
+def generated_with(resp: Any, version: int) -> Any:
+    """`resp` (the Response entity or an alias of it) was generated, at least in part, with `version`: its first
+    version, or a later one up to its last when an update landed while it was generated. The first branch is the
+    common case and an index lookup; the second only reads rows that started before `version`."""
+    return or_(resp.weight_version == version,
+               and_(resp.weight_version < version, resp.weight_version_last >= version))
 
 
 class Rating(Base):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, String, and_, cast, exists, func, or_, select, union
 from sqlalchemy.orm import Session
 
-from loop.db.models import Comparison, Rating, Response
+from loop.db.models import Comparison, Rating, Response, generated_with
 from loop.feedback.store import comparison_json, iso, rating_json
 
 RatingFilter = Literal["up", "down", "rated", "unrated"]
@@ -93,7 +93,7 @@ def response_conditions(f: ResponseFilters) -> list[Any]:
     if f.model is not None:
         conds.append(Response.model == f.model)
     if f.weight_version is not None:
-        conds.append(Response.weight_version == f.weight_version)
+        conds.append(generated_with(Response, f.weight_version))
     if f.rating == "up":
         conds.append(_current(Rating.thumb == 1))
     elif f.rating == "down":
@@ -170,6 +170,7 @@ def summaries(s: Session, rows: list[Response]) -> list[dict[str, Any]]:
         a = agg[r.id]
         mean = round(sum(a["scores"]) / len(a["scores"]), 3) if a["scores"] else None
         out.append({"id": r.id, "created_at": iso(r.created_at), "model": r.model, "weight_version": r.weight_version,
+                    "weight_version_last": r.weight_version_last,
                     "endpoint": r.endpoint, "prompt_preview": prompt_preview(r), "completion": r.completion,
                     "finish_reason": r.finish_reason, "latency_ms": r.latency_ms,
                     "completion_tokens": r.completion_tokens, "truncated": bool(r.truncated),

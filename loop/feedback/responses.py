@@ -88,6 +88,7 @@ def _row_from_line(line: bytes) -> Row:
         raise ValueError("not a response row")
     if isinstance(row.get("created_at"), str):
         row["created_at"] = datetime.fromisoformat(row["created_at"])
+    row.setdefault("weight_version_last", row.get("weight_version"))  # journaled before the column existed
     return row
 
 

@@ -210,7 +210,7 @@ class Trainer:
             state = "held"
         return {"state": state, "held_paused": self.held_paused, "run_id": self.run_id, "step": self.step,
                 "losses": list(self.losses), "metrics": dict(self.metrics), "last_error": self.last_error,
-                "weight_version": self.state.weight_version, "worker": worker,
+                "weight_version": self.state.weight_version, "worker": worker, "pause_mode": self.settings.pause_mode,
                 "durability": {**self.durability.describe(), "live_durable": self.live_is_durable()}}
 
     # ------------------------------------------------------------ checkpoints and restore

@@ -2,10 +2,18 @@
 
 Every change — a run's apply, a restore, the guard's rollback, the repair of a torn apply — goes through
 `change(work, atomic=...)`: under `state.weights_lock` (one change at a time; a checkpoint takes the same lock so
-the weights do not move under its writer), vLLM is paused (`pause(mode="wait")`, unless the run is hogwild), `work`
-writes and records the new version, the prefix cache is reset (cached prefixes were computed on the old weights),
-and vLLM resumes in a `finally`, so it is never left paused — unless the weights are *held*: after a torn apply
-with nothing to restore from, vLLM stays paused (`held` says why) until a restore or a reload makes them whole.
+the weights do not move under its writer), vLLM is paused (unless the run is hogwild), `work` writes and records
+the new version, the prefix cache is reset (cached prefixes were computed on the old weights), and vLLM resumes in a
+`finally`, so it is never left paused — unless the weights are *held*: after a torn apply with nothing to restore
+from, vLLM stays paused (`held` says why) until a restore or a reload makes them whole.
+
+The pause mode is the `pause_mode` setting. `keep` (the default) freezes in-flight requests where they are, so the
+pause lasts the write whatever the answers' length; the reset then preempts them (`reset_running_requests`): their
+keys and values are dropped and recomputed from their tokens on the new weights when vLLM resumes, so every token
+after the change is the new weights' answer to the same text, never a mix of old cache and new weights. `wait`
+lets them finish on the old weights first, which makes the pause as long as the longest answer in flight.
+While a change is under way `state.changing_from` names the version serving had, so the proxy can record which
+versions a response spans (`LoopState.serving_version`).
 
 Run the tests: .venv/bin/python -m pytest tests/unit/training/test_training.py
 """
@@ -28,6 +36,7 @@ class LiveWeights:
         self.state = state
         self.held: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
         self.held_load: str | None = None  # the load id whose weights were left half written
+        self._changing = False
 
     async def change(self, work: Work, *, atomic: bool) -> dict[str, float]:
         """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings."""
@@ -39,9 +48,11 @@ class LiveWeights:
         vllm = self.state.vllm
         paused = False
         t0 = time.perf_counter()
+        self._changing = True
+        self.state.changing_from = self.state.weight_version
         try:
             if atomic:
-                await vllm.pause(mode="wait")
+                await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True
                 t["pause_ms"] = (time.perf_counter() - t0) * 1000
             if await work(t):
@@ -49,16 +60,21 @@ class LiveWeights:
                 await vllm.reset_prefix_cache()
                 t["reset_ms"] = (time.perf_counter() - t1) * 1000
         finally:
-            if paused and not self.held:
-                t2 = time.perf_counter()
-                try:
-                    await vllm.resume()
-                except Exception:  # noqa: BLE001 - vLLM died or is being restarted: a new one starts unpaused
-                    supervisor = self.state.supervisor
-                    if supervisor is None or supervisor.state == "ready":
-                        raise
-                t["resume_ms"] = (time.perf_counter() - t2) * 1000
-            t["total_ms"] = (time.perf_counter() - t0) * 1000
+            try:
+                if paused and not self.held:
+                    t2 = time.perf_counter()
+                    try:
+                        await vllm.resume()
+                    except Exception:  # noqa: BLE001 - vLLM died or is being restarted: a new one starts unpaused
+                        supervisor = self.state.supervisor
+                        if supervisor is None or supervisor.state == "ready":
+                            raise
+                    t["resume_ms"] = (time.perf_counter() - t2) * 1000
+                t["total_ms"] = (time.perf_counter() - t0) * 1000
+            finally:
+                self._changing = False
+                if not self.held:  # held: vLLM stays paused, serving has not moved on yet
+                    self._settled()
         return t
 
     def hold(self, why: str, load_id: str | None) -> None:
@@ -67,3 +83,9 @@ class LiveWeights:
 
     def release(self) -> None:
         self.held = self.held_load = None
+        if not self._changing:  # a reloaded vLLM serves again; inside a change, its end settles it
+            self._settled()
+
+    def _settled(self) -> None:
+        self.state.changing_from = None
+        self.state.changes_done += 1

@@ -172,14 +172,16 @@ class RequestInfo:
 
 
 def row_values(info: RequestInfo, cap: Capture, *, weight_version: int, latency_ms: float, ttft_ms: float | None,
-               truncated: bool = False, error: str | None = None,
-               prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
-    """One `responses` row as column values (what the response writer journals and inserts)."""
+               truncated: bool = False, error: str | None = None, prompt_token_ids: list[int] | None = None,
+               weight_version_last: int | None = None) -> dict[str, Any]:
+    """One `responses` row as column values (what the response writer journals and inserts). `weight_version` is
+    the first version that generated it, `weight_version_last` the last (the same when left out)."""
     prompt_text, phash = info.prompt_for(cap.index)
     ptids = cap.prompt_token_ids if cap.prompt_token_ids is not None else prompt_token_ids
     return {
         "id": cap.response_id, "group_id": info.group_id, "choice_index": cap.index, "created_at": utcnow(),
-        "endpoint": info.endpoint, "model": info.model, "weight_version": weight_version, "request": info.request,
+        "endpoint": info.endpoint, "model": info.model, "weight_version": weight_version,
+        "weight_version_last": weight_version if weight_version_last is None else weight_version_last, "request": info.request,
         "messages": info.messages, "prompt_text": prompt_text, "prompt_hash": phash, "completion": "".join(cap.text),
         "prompt_token_ids": ptids, "completion_token_ids": list(cap.token_ids),
         "completion_logprobs": list(cap.logprobs) if cap.has_logprobs else None,

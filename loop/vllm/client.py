@@ -167,8 +167,14 @@ class VLLMClient:
         return bool(data.get("is_paused")) if isinstance(data, dict) else False
 
     async def reset_prefix_cache(self) -> None:
-        """Drop cached KV blocks: they were computed with the old weights."""
-        await self._control("POST", "/reset_prefix_cache")
+        """Drop cached KV blocks: they were computed with the old weights. Requests frozen by a `keep` pause are
+        preempted with them (`reset_running_requests`): vLLM recomputes their keys and values from their tokens
+        when it resumes. vLLM answers `{"success": false}` when blocks stay held; that is an error here, since
+        resuming would serve the stale cache."""
+        data = await self._control("POST", "/reset_prefix_cache", params={"reset_running_requests": "true"})
+        if isinstance(data, dict) and data.get("success") is False:
+            raise VLLMError(409, "vLLM could not reset its prefix cache (blocks still held), so cached keys and "
+                            "values of the old weights would be served")
 
     async def models(self) -> dict[str, Any]:
         """vLLM's GET /v1/models answer."""

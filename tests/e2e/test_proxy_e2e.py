@@ -249,6 +249,6 @@ def test_bench_proxy_prints_figures(loop_service) -> None:  # noqa: ANN001
     out = subprocess.run([sys.executable, "-m", "loop.cli", "bench", "proxy", "--loop-url", loop_service.url,
                           "-n", "2", "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "added latency: mean" in out.stdout and "paired" in out.stdout and "added TTFT" in out.stdout
+    assert "added latency: p50" in out.stdout and "paired" in out.stdout and "added TTFT: p50" in out.stdout
     vllm_line = next(line for line in out.stdout.splitlines() if line.startswith("vLLM"))
     assert float(vllm_line.split()[1]) > 0

@@ -381,6 +381,88 @@ def test_worker_killed_inside_the_lowmem_apply_restores_a_known_version(api: Api
     assert (text, version) == (greedy, live + 1)
 
 
+def test_an_answer_in_flight_continues_on_the_new_weights(api: Api) -> None:
+    """pause_mode=keep (the default): an update lands while answers stream. They are neither drained first nor
+    cut: each goes on, and every token after the switch is what the new weights answer to the text so far (vLLM
+    recomputed its keys and values on them) — the same tokens a fresh request for that text gets from vLLM now.
+    Each chunk says which version it came from; the stored row keeps the first and the last.
+    Answers are streamed one after another while the run trains, so one is in flight when the update lands; one
+    at a time, so the fresh request is computed as the answer was (batch of one, no prefix cache: cache_salt)."""
+    import threading
+
+    import msgspec
+
+    assert api.status()["pause_mode"] == "keep"
+
+    def stream(out: list[tuple[dict[str, str], list[dict[str, Any]]]]) -> None:
+        body = {"model": api.s.model, "messages": OTHER, "temperature": 0, "max_tokens": 300, "ignore_eos": True,
+                "stream": True, "return_token_ids": True}
+        chunks: list[dict[str, Any]] = []
+        with api.http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            out.append((dict(r.headers), chunks))
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append({"done": True} if line == "data: [DONE]" else msgspec.json.decode(line[6:]))
+
+    def version(c: dict[str, Any]) -> int:
+        return c["choices"][0]["loop_weight_version"]
+
+    spanning = []
+    for _attempt in range(3):  # the update may land between two answers: then try again
+        v0 = api.status()["weight_version"]
+        answers: list[tuple[dict[str, str], list[dict[str, Any]]]] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def keep_streaming() -> None:
+            try:
+                while not stop.is_set():
+                    stream(answers)  # noqa: B023 - this attempt's list
+            except BaseException as e:  # noqa: BLE001 - reported by the test thread
+                errors.append(e)  # noqa: B023
+
+        r = api.train(pairs=[{"prompt": OTHER, "chosen": "Blue.", "rejected": "Red."}], steps=1, learning_rate=2e-4)
+        assert r.status_code == 202, r.text
+        reader = threading.Thread(target=keep_streaming)
+        reader.start()
+        run = api.wait_run(r.json()["run_id"])
+        stop.set()
+        reader.join(600)
+        assert not errors, errors
+        assert run.status == "succeeded", (run.status, run.error)
+        v1 = run.version_after
+        assert v1 == v0 + 1
+        for headers, chunks in answers:
+            assert chunks[-1] == {"done": True} and not any("error" in c for c in chunks[:-1]), chunks[-3:]
+            versions = [version(c) for c in chunks[:-1] if c.get("choices")]
+            assert versions == sorted(versions) and set(versions) <= {v0, v1}, versions
+            if versions[0] == v0 and versions[-1] == v1:
+                spanning.append((headers, chunks[:-1]))
+        if spanning:
+            break
+    assert len(spanning) == 1, f"no answer was in flight when the update landed, in 3 runs ({len(answers)} answers)"
+    headers, chunks = spanning[0]
+    before = [t for c in chunks if c.get("choices") and version(c) == v0 for t in c["choices"][0].get("token_ids") or []]
+    after = [t for c in chunks if c.get("choices") and version(c) == v1 for t in c["choices"][0].get("token_ids") or []]
+    assert before and after and len(before) + len(after) == 300
+    rid = headers["x-loop-response-id"]
+    assert api.http.get(f"/api/responses/{rid}").status_code == 200  # committed
+    with Session(api.engine) as s:
+        row = s.get(Response, rid)
+        assert (row.weight_version, row.weight_version_last) == (v0, v1)
+        assert row.completion_token_ids == before + after and row.error is None
+        prompt_ids = list(row.prompt_token_ids)
+    with api.s.vllm() as direct:  # the new weights' own continuation of the text as it stood at the switch
+        fresh = direct.post("/v1/completions", json={
+            "model": api.s.model, "prompt": prompt_ids + before, "max_tokens": min(8, len(after)), "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "cache_salt": f"fresh-{rid}"})
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json()["choices"][0]["token_ids"] == after[:8]
+    in_span = api.http.get("/api/responses", params={"weight_version": v1}).json()["items"]
+    assert rid in {i["id"] for i in in_span}
+
+
 def test_checkpoint_then_vllm_restart_serves_the_same_weights(api: Api) -> None:
     r = api.http.post("/api/checkpoint", headers=api.admin)
     assert r.status_code == 200, r.text

@@ -117,6 +117,7 @@ export function isMissingRoute(err) {
 
 /**
  * Stream a chat completion. Calls onEvent({type: "start", responseId, weightVersion}) once headers arrive,
+ * (weightVersion: the version the latest chunk arrived under; firstVersion: the first token's)
  * onEvent({type: "delta", text, responseId, weightVersion, finishReason}) per chunk, and resolves with
  * {content, responseId, weightVersion, finishReason} when the stream ends.
  */
@@ -139,6 +140,7 @@ export async function streamChat(body, onEvent, {signal} = {}) {
     weightVersion: parseVersion(response.headers.get("X-Loop-Weight-Version")),
     finishReason: null,
   };
+  result.firstVersion = result.weightVersion;  // the first token's; weightVersion follows the chunks
   onEvent({type: "start", ...result});
 
   const reader = response.body.getReader();
@@ -167,7 +169,7 @@ export async function streamChat(body, onEvent, {signal} = {}) {
       if (!choice) continue;
       const text = (choice.delta && choice.delta.content) || "";
       result.responseId = choice.loop_response_id || parsed.id || result.responseId;
-      const v = parseVersion(choice.loop_weight_version);
+      const v = parseVersion(choice.loop_weight_version);  // the version this chunk arrived under
       if (v !== null) result.weightVersion = v;
       if (choice.finish_reason) result.finishReason = choice.finish_reason;
       result.content += text;

@@ -95,8 +95,12 @@ export function mount(main, {showError, clearError}) {
   function metaParts(msg) {
     const parts = [];
     if (msg.weightVersion !== null && msg.weightVersion !== undefined) {
-      parts.push(h("span", {class: "badge version", title: "Weight version that produced this answer",
-        text: `weights v${msg.weightVersion}`}));
+      const first = msg.firstVersion ?? msg.weightVersion;
+      const spanned = first !== msg.weightVersion;
+      parts.push(h("span", {class: "badge version",
+        title: spanned ? `An update landed while this answer was generated: it began with weights v${first} and continued on v${msg.weightVersion}`
+          : "Weight version that produced this answer",
+        text: spanned ? `weights v${first}→${msg.weightVersion}` : `weights v${msg.weightVersion}`}));
     }
     if (msg.responseId) {
       parts.push(h("a", {class: "resp-id", href: `#/history/${encodeURIComponent(msg.responseId)}`,
@@ -149,6 +153,7 @@ export function mount(main, {showError, clearError}) {
       const result = await streamChat(body, (event) => {
         answer.responseId = event.responseId;
         answer.weightVersion = event.weightVersion;
+        answer.firstVersion = event.firstVersion;
         answer.content = event.content;
         answer.el.body.textContent = event.content;
         replace(answer.el.meta, metaParts(answer));

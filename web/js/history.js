@@ -163,11 +163,25 @@ function ratingSummary(r) {
   return parts;
 }
 
+/** "v4", or "v4→5" for a response an update landed in (generated first with v4, finished with v5). */
+function versionSpan(r) {
+  return spanned(r) ? `v${r.weight_version}→${r.weight_version_last}` : `v${r.weight_version}`;
+}
+
+function spanned(r) {
+  return r.weight_version_last !== undefined && r.weight_version_last !== r.weight_version;
+}
+
+function spanTitle(r) {
+  return spanned(r) ? `generated with weights v${r.weight_version} to v${r.weight_version_last}` : `weights v${r.weight_version}`;
+}
+
 function renderItem(item) {
   return h("li", {class: "resp-item", dataset: {responseId: item.id}},
     h("div", {class: "resp-top"},
       h("time", {datetime: item.created_at, text: fmtTime(item.created_at)}),
-      h("span", {class: "badge version", text: `v${item.weight_version}`}),
+      h("span", {class: "badge version", text: versionSpan(item),
+        title: spanTitle(item)}),
       ratingSummary(item.rating),
       (item.tags || []).map((t) => h("span", {class: "chip", text: t}))),
     h("a", {class: "resp-prompt", href: `#/history/${encodeURIComponent(item.id)}`,
@@ -212,7 +226,7 @@ async function showDetail(root, id, {showError, clearError}, myToken, current) {
       ["Id", h("code", {text: resp.id})],
       ["Created", fmtTime(resp.created_at)],
       ["Model", resp.model],
-      ["Weight version", `v${resp.weight_version}`],
+      ["Weight version", `${versionSpan(resp)}${spanned(resp) ? " (an update landed while it was generated: it continued on the new weights)" : ""}`],
       ["Endpoint", resp.endpoint],
       ["Finish reason", resp.finish_reason],
       ["Latency", resp.latency_ms !== undefined && resp.latency_ms !== null ? `${fmtNum(resp.latency_ms)} ms` : "—"],

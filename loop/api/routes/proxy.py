@@ -16,17 +16,23 @@ before the reply instead, and should that fail too the request answers 503 `stor
   or — when the client leaves early — once, in a background task (`LoopState.stream_stores`, awaited when the
   app stops), marked `truncated`.
 - /api/candidates waits for its rows' commit before answering: the comparison a person makes next must find them.
-- The weight version is read when vLLM's first token arrives: the trainer bumps it while vLLM is paused, so a
-  token that arrives after the bump was made by the new weights.
+- Weight versions: a response records the first and the last version that generated it (they differ when an
+  update lands while it is generated: the pause keeps answers in flight and continues them on the new weights).
+  Each is `LoopState.serving_version()` when the token arrives — during a change that is still the old version,
+  whatever the record says, since vLLM is paused. A non-stream request sent during a change waits in vLLM's queue
+  and starts after it (`_first_version`). Each streamed chunk carries the version it arrived under.
 - Bodies are checked as every route's are (loop.api.errors.check_json_body: UTF-8, nesting depth) and `n` /
   `best_of` are capped by the max_n setting (400 `n_too_large`): each choice holds the engine and becomes a row.
-Hot path: one pooled client, msgspec for JSON, no database round trip, no thread hop.
-Tests: tests/unit/api/test_proxy.py, tests/unit/feedback/test_response_writer.py, tests/e2e/test_proxy_e2e.py.
+Hot path: one pooled client (a finished stream is read to its end, after [DONE]: its connection is reused),
+msgspec for JSON, no database round trip, no thread hop.
+Tests: tests/unit/api/test_proxy.py, tests/unit/api/test_proxy_stream.py, tests/unit/feedback/test_response_writer.py,
+tests/e2e/test_proxy_e2e.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -183,6 +189,7 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
     """Forward a non-stream request, store its choices, return (client reply, response ids, weight version)."""
     _ensure_up(state)
     t0 = time.perf_counter()
+    sent = _span_start(state)
     try:
         async with asyncio.timeout(state.settings.request_timeout_s):
             upstream = await state.vllm.post(path, _encode(body))
@@ -190,7 +197,8 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
         raise _timeout(state) from exc
     except VLLMUnreachable as exc:
         raise _unreachable(state, exc) from exc
-    version = state.weight_version
+    last = state.serving_version()
+    version = _first_version(state, sent, last)
     latency_ms = (time.perf_counter() - t0) * 1000
     if upstream.status_code >= 400:
         raise _UpstreamError(upstream, upstream.content)
@@ -204,10 +212,11 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
     for rid, choice in zip(ids, choices, strict=True):
         cap = Capture(rid, int(choice.get("index", 0)))
         cap.add(choice, info.endpoint)
-        rows.append(row_values(info, cap, weight_version=version, latency_ms=latency_ms, ttft_ms=None,
-                               prompt_token_ids=top_ptids))
+        rows.append(row_values(info, cap, weight_version=version, weight_version_last=last, latency_ms=latency_ms,
+                               ttft_ms=None, prompt_token_ids=top_ptids))
         choice["loop_response_id"] = rid
         choice["loop_weight_version"] = version
+        choice["loop_weight_version_last"] = last
         strip_choice(choice, wants, stream=False)
     if rows:
         try:
@@ -222,6 +231,20 @@ async def complete(request: Request, state: LoopState, path: str, body: dict[str
         data["id"] = ids[0]
     request.app.state.metrics.proxied(info.endpoint, stream=False, latency_s=latency_ms / 1000)
     return data, ids, version
+
+
+def _span_start(state: LoopState) -> tuple[int, int, bool]:
+    return state.serving_version(), state.changes_done, state.changing_from is not None
+
+
+def _first_version(state: LoopState, sent: tuple[int, int, bool], last: int) -> int:
+    """The first version that generated a non-stream answer sent at `sent` (`_span_start`) and received under
+    `last`. Sent during a change, it waited in vLLM's queue: when that change is the only one to have ended since,
+    every token came after it. Otherwise the version serving at send (a lower bound when several changes passed)."""
+    version, done, changing = sent
+    if changing and state.changes_done == done + 1:
+        return last
+    return version
 
 
 class _UpstreamError(Exception):
@@ -250,7 +273,8 @@ class _StreamState:
         self.info, self.wants, self.t0 = info, wants, t0
         self.ids = [new_response_id() for _ in range(n_choices)]
         self.caps = [Capture(rid, i) for i, rid in enumerate(self.ids)]
-        self.version = 0
+        self.version = 0  # the first token's
+        self.version_last = 0  # the latest chunk's
         self.ttft_ms: float | None = None
         self.prompt_token_ids: list[int] | None = None
         self.store_started = False
@@ -258,12 +282,15 @@ class _StreamState:
 
     def rows(self, *, truncated: bool) -> list[Row]:
         latency_ms = (time.perf_counter() - self.t0) * 1000
-        return [row_values(self.info, cap, weight_version=self.version, latency_ms=latency_ms,
+        return [row_values(self.info, cap, weight_version=self.version, weight_version_last=self.version_last,
+                           latency_ms=latency_ms,
                            ttft_ms=self.ttft_ms, truncated=truncated, error=self.error,
                            prompt_token_ids=self.prompt_token_ids) for cap in self.caps]
 
-    def transform(self, chunk: dict[str, Any]) -> None:
-        """Record one chunk and rewrite it for the client (ids, weight version, stripped extras)."""
+    def transform(self, chunk: dict[str, Any], version: int) -> None:
+        """Record one chunk, which arrived while `version` served, and rewrite it for the client (ids, weight
+        version, stripped extras)."""
+        self.version_last = version
         if self.info.endpoint == "chat":
             if chunk.get("prompt_token_ids") and self.prompt_token_ids is None:
                 self.prompt_token_ids = list(chunk["prompt_token_ids"])
@@ -274,10 +301,14 @@ class _StreamState:
             if 0 <= idx < len(self.caps):
                 self.caps[idx].add(choice, self.info.endpoint)
                 choice["loop_response_id"] = self.ids[idx]
-            choice["loop_weight_version"] = self.version
+            choice["loop_weight_version"] = self.version_last
             strip_choice(choice, self.wants, stream=True)
         strip_top(chunk, self.wants, stream=True)
         chunk["id"] = self.ids[0]
+
+
+# How long a finished stream's connection may take to end its answer before it is closed instead of reused.
+_DRAIN_S = 1.0
 
 
 async def _next_data(lines: AsyncIterator[str], deadline: float) -> str | None:
@@ -315,7 +346,7 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
         raise
     n_choices = info.n * max(len(info.prompts), 1)
     st = _StreamState(info, wants, n_choices, t0)
-    st.version = state.weight_version  # the first token is here
+    st.version = st.version_last = state.serving_version()  # the first token is here
     st.ttft_ms = (time.perf_counter() - t0) * 1000
     metrics = request.app.state.metrics
 
@@ -331,7 +362,7 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
                     err = chunk["error"]
                     st.error = str(err.get("message") if isinstance(err, dict) else err)
                 else:
-                    st.transform(chunk)
+                    st.transform(chunk, state.serving_version())
                 yield b"data: " + _encode(chunk) + b"\n\n"
             try:
                 payload = await _next_data(lines, deadline)
@@ -360,6 +391,12 @@ async def _open_stream(request: Request, state: LoopState, path: str, body: dict
             return
         metrics.proxied(info.endpoint, stream=True, latency_s=time.perf_counter() - t0, ttft_s=st.ttft_ms / 1000)
         yield b"data: [DONE]\n\n"
+        # Read vLLM's answer to its end (only the chunked terminator is left) before this response ends: a
+        # half-read response closes its connection, and the next stream would pay for a new one before vLLM sees it.
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in lines:
+                    pass
 
     async def abandon() -> None:
         """After the client left (or the stream broke): close vLLM's stream, store what arrived, once."""

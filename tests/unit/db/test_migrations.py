@@ -153,3 +153,27 @@ def test_downgrade_refuses_a_version_that_no_longer_fits_32_bits(postgres_url: s
     with pytest.raises(Exception, match="out of range"):
         downgrade(postgres_url, "0001")
     assert current_revision(postgres_url) == "0002"  # one transaction: nothing half-done
+
+
+# --- 0004: the last version a response was generated with ------------------------------------------------------
+def test_responses_stored_before_0004_spanned_one_version(db_url: str) -> None:
+    migrate(db_url, "0003")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO responses (id, group_id, choice_index, created_at, endpoint, model, weight_version, "
+                "request, prompt_hash, completion, prompt_tokens, completion_tokens, latency_ms, stream, truncated) "
+                "VALUES ('resp-old', 'grp-old', 0, CURRENT_TIMESTAMP, 'chat', 'm', :v, '{}', 'h', 'hi', 1, 1, 1.0, "
+                "false, false)"), {"v": BIG})
+        migrate(db_url, "0004")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT weight_version, weight_version_last FROM responses")).one() == (BIG, BIG)
+        with pytest.raises(Exception, match="(?i)null|constraint"):  # every row names its last version
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE responses SET weight_version_last = NULL"))
+        downgrade(db_url, "0003")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, weight_version FROM responses")).one() == ("resp-old", BIG)
+    finally:
+        engine.dispose()

@@ -58,7 +58,7 @@ async def test_every_kept_version_becomes_durable_in_the_background_without_a_pa
         assert run.status == "succeeded" and run.version_after == 1
         await until(lambda: checkpoint_of(state, 1) is not None)
         assert Path(checkpoint_of(state, 1), "model.safetensors").read_text() == "v1"
-        assert vllm.calls == ["pause:wait", "reset", "resume@v1"]  # the write added no pause
+        assert vllm.calls == ["pause:keep", "reset", "resume@v1"]  # the write added no pause
         assert trainer.live_is_durable() and trainer.describe()["durability"]["live_durable"]
     finally:
         await stop(state)

@@ -32,7 +32,7 @@ async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
             await trainer.run(TrainRequest(pairs=[PAIR]))
         run = await finish(trainer, handle)
         assert run.status == "succeeded" and (run.version_before, run.version_after) == (0, 2)
-        assert vllm.calls == ["pause:wait", "reset", "resume@v1", "pause:wait", "reset", "resume@v2"]
+        assert vllm.calls == ["pause:keep", "reset", "resume@v1", "pause:keep", "reset", "resume@v2"]
         assert {"pause_ms", "apply_ms", "reset_ms", "resume_ms", "total_ms"} <= set(run.metrics)
         with state.sessions() as s:
             rows = s.scalars(select(WeightVersion).order_by(WeightVersion.version)).all()
@@ -41,6 +41,45 @@ async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
             (2, "train", 1, run_id, "live")]
         assert state.weight_version == 2
         assert trainer.describe()["state"] == "idle" and trainer.describe()["losses"] == [0.5, 0.5]
+    finally:
+        await stop(state)
+
+
+async def test_a_change_tells_serving_which_version_made_what_arrives(tmp_path: Path) -> None:
+    """While the weights change, tokens reaching loop were made before vLLM paused: the serving version stays the
+    old one even once the record says the new one, and becomes the new one when the change ends (even a failed one)."""
+    from loop.training.weights import LiveWeights
+
+    _trainer, state, vllm = await make(tmp_path, pause_mode="wait")
+    try:
+        live = LiveWeights(state)
+        seen: list[tuple[int, int]] = []
+
+        async def work(t: dict[str, float]) -> bool:
+            seen.append((state.weight_version, state.serving_version()))
+            state.weight_version += 1  # what recording the new version does
+            seen.append((state.weight_version, state.serving_version()))
+            return True
+
+        await live.change(work, atomic=True)
+        assert seen == [(0, 0), (1, 0)] and vllm.calls == ["pause:wait", "reset", "resume@v1"]
+        assert state.serving_version() == 1 and state.changes_done == 1
+
+        async def broken(t: dict[str, float]) -> bool:
+            raise RuntimeError("the apply failed")
+
+        with pytest.raises(RuntimeError):
+            await live.change(broken, atomic=True)
+        assert state.changing_from is None and state.serving_version() == 1 and state.changes_done == 2
+
+        async def torn(t: dict[str, float]) -> bool:
+            live.hold("half written", "load-1")
+            return False
+
+        await live.change(torn, atomic=True)  # held: vLLM stays paused, serving has not moved on
+        assert state.changing_from == 1 and state.changes_done == 2
+        live.release()  # e.g. vLLM reloaded from disk
+        assert state.changing_from is None and state.changes_done == 3
     finally:
         await stop(state)
 
@@ -188,7 +227,7 @@ async def test_checkpoint_and_restore_make_versions(tmp_path: Path) -> None:
             await trainer.restore(99)
         vllm.calls.clear()
         assert await trainer.restore(0) == 3
-        assert vllm.calls == ["pause:wait", "reset", "resume@v3"]
+        assert vllm.calls == ["pause:keep", "reset", "resume@v3"]
         status = await state.worker.call(p.Ping(checksum=True), 5)
         assert status.checksum == "v0"  # the fake worker's "weights" are back at version 0
         with state.sessions() as s:
@@ -219,7 +258,7 @@ async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_v
         run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
         assert run.status == "failed" and "died" in (run.error or ""), run.error
         # paused all along: the checkpoint went back in (and the prefix cache was reset) before vLLM resumed
-        assert vllm.calls == ["pause:wait", "reset", "resume@v1"]
+        assert vllm.calls == ["pause:keep", "reset", "resume@v1"]
         with state.sessions() as s:
             v = s.get(WeightVersion, 1)
             assert v is not None and v.kind == "restore" and v.parent_version == 0 and v.checkpoint_path == path
@@ -249,7 +288,7 @@ async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
         vllm.calls.clear()
         run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
         assert run.status == "failed"
-        assert vllm.calls == ["pause:wait"]  # never resumed on weights nobody knows
+        assert vllm.calls == ["pause:keep"]  # never resumed on weights nobody knows
         st = trainer.describe()
         assert st["state"] == "held" and "kept paused" in st["held_paused"]
         with pytest.raises(Unavailable, match="kept paused"):
@@ -257,6 +296,7 @@ async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
         # vLLM restarted from disk by its owner: a worker attaches to the NEW load and the hold is released
         await trainer.control._on_hello(p.Hello(pid=1, load_id="reloaded", model_path="/fake"))  # noqa: SLF001
         assert trainer.held_paused is None and trainer.describe()["state"] != "held"
+        assert state.changing_from is None and state.serving_version() == state.weight_version
     finally:
         await stop(state)
 

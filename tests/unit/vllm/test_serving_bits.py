@@ -143,6 +143,27 @@ async def test_client_control_calls() -> None:
     await closed.aclose()
 
 
+async def test_prefix_reset_preempts_frozen_requests_and_a_refused_reset_is_an_error() -> None:
+    """After a keep pause the frozen requests hold KV blocks: the reset must preempt them (so they are recomputed on
+    the new weights), and vLLM's `{"success": false}` must not pass for a reset (the stale cache would be served)."""
+    fake = FastAPI()
+    calls: list[str] = []
+    answer = {"success": True}
+
+    @fake.post("/reset_prefix_cache")
+    async def reset(reset_running_requests: bool = Query(False)) -> dict:
+        calls.append(f"reset running={reset_running_requests}")
+        return answer
+
+    client = VLLMClient("http://fake", 5, transport=httpx.ASGITransport(fake))
+    await client.reset_prefix_cache()
+    assert calls == ["reset running=True"]
+    answer["success"] = False
+    with pytest.raises(VLLMError, match="could not reset its prefix cache"):
+        await client.reset_prefix_cache()
+    await client.aclose()
+
+
 def test_bench_stats_and_report() -> None:
     from loop.bench.proxy import Stats, report
 
@@ -150,11 +171,12 @@ def test_bench_stats_and_report() -> None:
     assert s.p50 == pytest.approx(0.25) and s.p99 == pytest.approx(0.4) and s.mean == pytest.approx(0.25)
     text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103),
                    "diff": Stats(0.002, 0.003, 0.002)}, 10, 8)
-    assert "mean +3.00 %" in text and "+2.0 ms" in text and "TTFT" not in text  # whole replies only (--no-stream)
+    assert "added latency: p50 +2.0 ms (+2.00 %), mean +3.0 ms (+3.00 %)" in text
+    assert "median +2.0 ms" in text and "TTFT" not in text  # whole replies only (--no-stream)
     text = report({"vllm": Stats(0.1, 0.2, 0.1), "loop": Stats(0.102, 0.2, 0.103), "diff": Stats(0.002, 0.003, 0.002),
                    "vllm_ttft": Stats(0.05, 0.06, 0.05), "loop_ttft": Stats(0.0515, 0.06, 0.052),
                    "ttft_diff": Stats(0.001, 0.002, 0.001)}, 10, 8)
-    assert "added TTFT: p50 +1.5 ms; paired median +1.0 ms = +2.00 % of vLLM's TTFT p50" in text
+    assert "added TTFT: p50 +1.5 ms (+3.00 %); paired median +1.0 ms (+2.00 % of vLLM's TTFT p50)" in text
 
 
 async def test_an_attached_vllm_with_an_api_key_gets_it_on_every_request() -> None:
