@@ -1,5 +1,5 @@
-"""Benchmarks that print figures: `loop bench proxy|ingest|reads|update|durable|memory|learning|direction` (one
-module each, registered in loop/cli/bench.py) and `python -m loop.bench.train` (training memory / throughput table)."""
+"""Benchmarks that print figures: `loop bench proxy|ingest|reads|update|durable|memory|learning|direction|serving`
+(one module each, registered in loop/cli/bench.py) and `python -m loop.bench.train` (training memory / throughput table)."""
 
 from __future__ import annotations
 

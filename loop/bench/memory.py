@@ -169,20 +169,32 @@ class FreeMemory:
 
 
 class Pauser:
-    """The atomic-apply protocol on vLLM: pause (waiting for in-flight requests), then reset + resume, always."""
+    """The atomic-apply protocol on vLLM: pause, write, reset the prefix cache, resume (always).
 
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
+    mode "wait" drains the requests in flight before the write (the pause grows with the answers' length);
+    "keep" freezes them (`clear_cache=false`), and the reset with `reset_running_requests=true` makes them
+    recompute their keys and values on the new weights when vLLM resumes."""
+
+    def __init__(self, client: httpx.Client, mode: str = "wait") -> None:
+        if mode not in ("wait", "keep"):
+            raise ValueError(f"pause mode must be 'wait' or 'keep', got {mode!r}")
+        self.client, self.mode = client, mode
 
     def run(self, write: Callable[[], Any]) -> float:
         """pause → write() → reset_prefix_cache → resume; returns the pause window in ms. Resumes even if write raises."""
+        keep = self.mode == "keep"
         t0 = time.perf_counter()
-        self.client.post("/pause?mode=wait").raise_for_status()
+        self.client.post("/pause", params={"mode": self.mode, **({"clear_cache": "false"} if keep else {})}).raise_for_status()
         try:
             write()
         finally:
-            self.client.post("/reset_prefix_cache").raise_for_status()
-            self.client.post("/resume").raise_for_status()
+            try:
+                r = self.client.post("/reset_prefix_cache", params={"reset_running_requests": "true"} if keep else None)
+                r.raise_for_status()
+                if keep and isinstance(r.json(), dict) and r.json().get("success") is False:
+                    raise RuntimeError("vLLM could not reset its prefix cache (blocks still held)")
+            finally:
+                self.client.post("/resume").raise_for_status()
         return (time.perf_counter() - t0) * 1e3
 
 

@@ -13,10 +13,11 @@ from loop.bench import (
     memory,
     proxy,
     reads,
+    serving,
     update,
 )
 
-BENCHES = [proxy, ingest, reads, learning, update, durable, memory, direction]
+BENCHES = [proxy, ingest, reads, learning, update, durable, memory, direction, serving]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001

@@ -29,13 +29,16 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_update_ratio: float  # of an Apply request that sets none
     log_level: LogLevel
     screen_budget_bytes: int  # most bytes of w_live - w_base a Screen keeps on the weights' device (screen.py)
+    vllm_address: str  # Settings.vllm_address: where the pacer reads vLLM's load (/metrics)
+    train_share: float | None  # Settings.train_share: the trainer's share while vLLM has work (None: by device)
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
         return cls(endpoint=endpoint, runtime_dir=str(settings.runtime_dir), heartbeat_s=settings.worker_heartbeat_s,
                    optimizer=settings.optimizer, learning_rate=settings.learning_rate,
                    max_update_ratio=settings.max_update_ratio, log_level=settings.log_level,
-                   screen_budget_bytes=settings.screen_budget_bytes)
+                   screen_budget_bytes=settings.screen_budget_bytes, vllm_address=settings.vllm_address,
+                   train_share=settings.train_share)
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

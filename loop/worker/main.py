@@ -15,8 +15,10 @@ What it does, in order:
    finds it checked (finite, ratio cap) and already rounded (stochastic rounding, done before the pause),
    copies it in place and commits the optimizer
    state (with `Train.lowmem` the update is only measured in `Train`, and `Apply` writes it by replaying the
-   backward: loop/worker/lowmem.py); `Discard` drops it (optimizer state as before); `Checkpoint` writes an HF folder atomically;
-   `Restore` copies a checkpoint back into the live weights through the same views.
+   backward: loop/worker/lowmem.py); `Train` and `Screen` rest between decoder layers while vLLM has work
+   (`train_share` < 1, loop/worker/pacing.py), `Apply` never does; `Discard` drops it (optimizer state as
+   before); `Checkpoint` writes an HF folder atomically; `Restore` copies a checkpoint back into the live
+   weights through the same views.
 4. Before each request, and every few idle seconds, compares the handle file's load id with its own: a new id
    means vLLM restarted (new memory), so it re-attaches, keeping the optimizer state.
 """
@@ -36,6 +38,7 @@ from loop.worker import protocol as p
 from loop.worker.channel import Channel
 from loop.worker.checkpoint import write_folder
 from loop.worker.config import WorkerConfig
+from loop.worker.pacing import Pacer, VLLMLoad, default_share, share_cpu_cores
 
 log = logging.getLogger("loop.worker")
 
@@ -57,6 +60,9 @@ class Worker:
         self._staged: tuple[int, dict[Any, Any] | None, Any] | None = None  # (run_id, new values, UpdateCheck)
         self._lowmem: Any = None  # loop.worker.lowmem.PausedBackward of train_mode=lowmem (values None above)
         self._run: dict[str, Any] = {}  # the current run's encoded batch, reference log-probs and history
+        # Train and Screen yield to serving while vLLM has work (train_share < 1); Apply never does
+        self.pacer = Pacer(1.0, lambda: False)  # set for the device at attach
+        self.cores = os.sched_getaffinity(0)  # on the CPU, each load's split starts from these
 
     # ------------------------------------------------------------ attach
 
@@ -101,6 +107,9 @@ class Worker:
         model = build_model(meta["model_path"], tensors,
                             packed_modules_mapping=meta.get("packed_modules_mapping") or None)
         views_alias(model, tensors)
+        if meta.get("device") == "cpu" and meta.get("pid"):
+            share_cpu_cores(int(meta["pid"]), self.cores)
+        self._pace(meta.get("device", "cpu"))
         model.train(False)  # no dropout: the DPO reference and the policy must see the same function
         old_state = self.opt.state_dict() if self.opt is not None else None
         self.model, self.meta = model, meta
@@ -125,7 +134,15 @@ class Worker:
         torch.set_grad_enabled(True)
         self.ch.send(p.Hello(pid=os.getpid(), load_id=meta["load_id"], model_path=meta["model_path"],
                              architecture=meta["architecture"], device=meta["device"], n_params=n_params,
-                             n_trainable=n_train, optimizer=self.config.optimizer))
+                             n_trainable=n_train, optimizer=self.config.optimizer, train_share=self.pacer.share))
+
+    def _pace(self, device: str) -> None:
+        share = self.config.train_share or default_share(device)
+        if share != self.pacer.share:
+            close = getattr(self.pacer.load, "close", None)
+            if close is not None:
+                close()
+            self.pacer = Pacer(share, VLLMLoad(self.config.vllm_address) if share < 1 else (lambda: False))
 
     def ensure_attached(self) -> None:
         if self.current_load_id() != self.meta.get("load_id"):
@@ -190,10 +207,12 @@ class Worker:
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.config.learning_rate
             if msg.lowmem:
-                check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
+                with self.pacer.active(self.model):
+                    check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
             else:
-                result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective, beta=msg.beta,
-                                    ref_logps=self._run["ref"], per_layer=True)
+                with self.pacer.active(self.model):
+                    result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective,
+                                        beta=msg.beta, ref_logps=self._run["ref"], per_layer=True)
                 self.model.zero_grad(set_to_none=True)
                 deltas = result.deltas
                 if msg.inject_nan and deltas:
@@ -242,9 +261,10 @@ class Worker:
                                                 f"{'pairs' if msg.objective == 'dpo' else 'examples'}; got none")
         self.ch.state, self.ch.run_id, self.ch.step = "screening", msg.run_id, 0
         try:
-            found = screen(self.model, self.tokenizer, self.trainable, base_weights=msg.base_weights,
-                           pairs=msg.pairs, examples=msg.examples, max_len=msg.max_len,
-                           budget_bytes=self.config.screen_budget_bytes)
+            with self.pacer.active(self.model):
+                found = screen(self.model, self.tokenizer, self.trainable, base_weights=msg.base_weights,
+                               pairs=msg.pairs, examples=msg.examples, max_len=msg.max_len,
+                               budget_bytes=self.config.screen_budget_bytes)
         finally:
             self.ch.state = "idle"
         if found.note:

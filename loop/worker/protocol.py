@@ -82,6 +82,7 @@ class Hello(Msg, tag="hello"):
     n_trainable: int = 0
     optimizer: str = ""
     checksum: str = ""
+    train_share: float = 1.0  # the pacer's share while vLLM has work (loop/worker/pacing.py), as resolved
 
 
 class Heartbeat(Msg, tag="heartbeat"):

@@ -4,7 +4,7 @@
 # and the summary line of each step goes to /tmp/gpu-out/summary.txt.
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
-#        durable-7b durable-small private faults screen
+#        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -41,12 +41,26 @@ for s in "$@"; do
     mem-24b)  mem mistral-24b 47.2 1 ;;
     mem-32b)  mem qwen2-32b 65.5 1 ;;
     durable-7b)    step durable-7b $py -m loop.cli bench durable --model loop/bench/configs/qwen2-7b --dummy --json-out "$out/durable-7b.json" ;;
+    proxy-7b) step proxy-7b $py -m loop.cli bench proxy --model loop/bench/configs/qwen2-7b --dummy \
+                --gpu-memory-utilization "$(util 15.2)" -n 200 --max-tokens 16 --start-timeout 900 --json-out "$out/proxy-7b.json" ;;
     durable-small) step durable-small $py -m loop.cli bench durable --model smollm2 --gpu-memory-utilization 0.3 --json-out "$out/durable-small.json" ;;
     private)  step private $py -m pytest -p no:cacheprovider tests/e2e/test_vllm_private_e2e.py tests/e2e/test_access_e2e.py -v ;;
     faults)   step faults $py -m pytest -p no:cacheprovider -s tests/faults/test_kill_e2e.py -v ;;
+    in-flight) step in-flight $py -m pytest -p no:cacheprovider tests/e2e/test_training_e2e.py -v -k "in_flight or checkpoint_of" ;;
     screen)   step screen $py -m pytest -p no:cacheprovider -m gpu tests/gpu/test_direction_gpu.py -v ;;
     dir-7b)   step dir-7b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-7b --dummy --device cuda ;;
     dir-14b)  step dir-14b $py -m loop.cli bench direction --model loop/bench/configs/qwen2-14b --dummy --device cuda ;;
+    # serving while training (vLLM and the trainer share the card: vLLM gets what mem-7b gives it)
+    serving-7b) step serving-7b $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" \
+                  --configs alone,staged-keep,staged-wait,lowmem-keep,hogwild,staged-keep@0.5,staged-keep@0.25,staged-keep@0.15 \
+                  --duration 20 --json-out "$out/serving-7b.json" ;;
+    mps-7b)   step mps-7b $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" --mps 30 --configs alone,staged-keep --duration 20 \
+                  --json-out "$out/mps-7b.json" ;;
+    serving-7b-long) step serving-7b-long $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
+                  --configs alone,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done

@@ -115,6 +115,10 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         s.run_id !== null && s.run_id !== undefined ? h("span", {class: "muted", text: ` run ${s.run_id}, step ${s.step ?? 0}`}) : null),
       kvList([
         ["Live weights", `v${s.weight_version ?? "?"}`],
+        ["Training share while serving", typeof s.train_share === "number"
+          ? (s.train_share >= 1 ? "100 % (never yields)" : `${Math.round(s.train_share * 100)} %`) : "—"],
+        ["Pause while writing", s.pause_mode === "keep" ? "keep (answers in flight continue on the new weights)"
+          : s.pause_mode === "wait" ? "wait (answers in flight finish first)" : "—"],
         ["Last loss", losses.length ? fmtNum(losses[losses.length - 1], 4) : "—"],
         ...Object.entries(s.metrics || {}).slice(0, 6).map(([k, v]) => [k, fmtNum(v, 4)]),
       ]),

@@ -31,6 +31,9 @@ async def start_training(body: TrainRequest, state: StateDep) -> dict[str, int]:
 async def training_status(state: StateDep, request: Request, checksum: bool = False) -> dict[str, Any]:
     trainer = trainer_of(state)
     out = trainer.describe()
+    # the worker's share of the device while vLLM has work, as it resolved it for its device (None: not attached)
+    hello = trainer.control.hello
+    out["train_share"] = hello.train_share if hello is not None else state.settings.train_share
     if checksum:
         require_admin(state, request.headers.get("authorization"), request.headers.get("x-loop-admin-token"))
         async with state.weights_lock:  # a hash of weights half-way through an apply would mean nothing

@@ -49,7 +49,8 @@ def make_worker(folder: Path, dtype: torch.dtype = torch.float32, lr: float = 3e
         fast.save_pretrained(folder)
     config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(folder / "run"), heartbeat_s=1.0,
                           optimizer="adamw", learning_rate=lr, max_update_ratio=1.0, log_level="info",
-                          screen_budget_bytes=1 << 30)
+                          screen_budget_bytes=1 << 30,
+                          vllm_address="unix:/nonexistent/vllm.sock", train_share=1.0)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}

@@ -32,7 +32,8 @@ def worker(tmp_path: Path) -> Worker:
     fast.save_pretrained(folder)
     config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path / "run"), heartbeat_s=1.0,
                           optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info",
-                          screen_budget_bytes=1 << 30)
+                          screen_budget_bytes=1 << 30,
+                          vllm_address="unix:/nonexistent/vllm.sock", train_share=1.0)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}
