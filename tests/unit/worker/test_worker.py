@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from loop.worker import protocol as p
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer
+from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
 from loop.worker.apollo import make_optimizer, trainable_parameters
-from loop.worker.config import WorkerConfig
 from loop.worker.main import Worker
 
 PAIR = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
@@ -30,10 +29,7 @@ def worker(tmp_path: Path) -> Worker:
     folder = tmp_path / "base"
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
-    config = WorkerConfig(endpoint="ipc://unused", runtime_dir=str(tmp_path / "run"), heartbeat_s=1.0,
-                          optimizer="adamw", learning_rate=1e-3, max_update_ratio=0.5, log_level="info",
-                          screen_budget_bytes=1 << 30,
-                          vllm_address="unix:/nonexistent/vllm.sock", train_share=1.0)
+    config = worker_config(tmp_path / "run")
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w.model, w.tokenizer = model, fast
     w.meta = {"model_path": str(folder), "load_id": "load-1"}
