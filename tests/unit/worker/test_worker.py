@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from loop.worker import protocol as p
-from tests.unit.worker_support import FakeChannel, tiny_llama, tiny_tokenizer, worker_config
-from loop.worker.apollo import make_optimizer, trainable_parameters
+from tests.unit.worker_support import FakeChannel, on_model, tiny_llama, tiny_tokenizer, worker_config
+from loop.worker.apollo import make_optimizer
 from loop.worker.main import Worker
 
 PAIR = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
@@ -31,12 +31,7 @@ def worker(tmp_path: Path) -> Worker:
     fast.save_pretrained(folder)
     config = worker_config(tmp_path / "run")
     w = Worker(config, FakeChannel())  # type: ignore[arg-type]
-    w.model, w.tokenizer = model, fast
-    w.meta = {"model_path": str(folder), "load_id": "load-1"}
-    w.trainable = trainable_parameters(model)
-    w.names = {prm: name for name, prm in w.trainable}
-    w.opt = make_optimizer("adamw", [prm for _, prm in w.trainable], lr=1e-3)
-    return w
+    return on_model(w, model, fast, folder)
 
 
 @pytest.fixture(params=[False, True], ids=["staged", "lowmem"])
