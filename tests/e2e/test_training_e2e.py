@@ -79,9 +79,9 @@ class Api:
             time.sleep(1)
         raise AssertionError(f"run {run_id} did not end in {timeout} s: {self.status()}\n{self.s.log_tail()}")
 
-    def greedy(self, messages: list[dict[str, str]]) -> tuple[str, int, str]:
+    def greedy(self, messages: list[dict[str, str]], max_tokens: int = 24) -> tuple[str, int, str]:
         r = self.http.post("/v1/chat/completions", json={"model": self.s.model, "messages": messages,
-                                                          "temperature": 0, "max_tokens": 24})
+                                                          "temperature": 0, "max_tokens": max_tokens})
         assert r.status_code == 200, r.text
         rid = r.headers["x-loop-response-id"].split(",")[0]
         # the row is committed just after the reply (loop/feedback/responses.py): the API's read waits for it,
@@ -159,6 +159,9 @@ def test_bad_requests_say_what_to_fix(api: Api) -> None:
 
 def test_dpo_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
     rejected, version_before, rejected_id = api.greedy(PROMPT)
+    # the base model's short answer, given room to end by itself (a trained one may not: greedy is deterministic on
+    # the base weights only), so the stored stop id is checked whatever the cut answers below do
+    _, _, ended_id = api.greedy(OTHER, max_tokens=512)
     SHARED["rejected"] = rejected
     before = api.margin(tokenizer, PROMPT, CHOSEN, rejected)
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": rejected}], steps=2, learning_rate=2e-4)
@@ -183,7 +186,7 @@ def test_dpo_steps_move_vllm_toward_chosen(api: Api, tokenizer: Any) -> None:
         v = s.get(WeightVersion, version)
         assert v.kind == "train" and v.run_id == run_id and v.parent_version == version - 1 and v.status == "live"
     SHARED["trained_version"] = version
-    _stored_ids_are_what_a_batch_sends(api, tokenizer, resp_id, rejected_id)
+    _stored_ids_are_what_a_batch_sends(api, tokenizer, resp_id, rejected_id, ended_id)
 
 
 def _stop_ids(tokenizer: Any, model_path: str) -> set[int]:
@@ -199,7 +202,8 @@ def _stop_ids(tokenizer: Any, model_path: str) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _stored_ids_are_what_a_batch_sends(api: Api, tokenizer: Any, chosen_id: str, rejected_id: str) -> None:
+def _stored_ids_are_what_a_batch_sends(api: Api, tokenizer: Any, chosen_id: str, rejected_id: str,
+                                       ended_id: str) -> None:
     """The ids the proxy stored are vLLM's: the templated prompt, the sampled answer (ending with EOS when it
     stopped by itself, without one when max_tokens cut it); a scheduled batch built from the two rows sends them
     as they are, and the worker's rule trains them verbatim. Builds no feedback (other tests' pools stay theirs)."""
@@ -207,21 +211,30 @@ def _stored_ids_are_what_a_batch_sends(api: Api, tokenizer: Any, chosen_id: str,
     from loop.scheduler import batches
     from loop.worker import protocol, tokens
 
-    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     stops = _stop_ids(tokenizer, api.http.get("/health").json()["vllm"]["model_path"])
+
+    def prompt_ids_of(messages: list[dict[str, str]]) -> list[int]:
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def check(row: Response, messages: list[dict[str, str]], max_tokens: int) -> None:
+        ids = row.completion_token_ids
+        assert row.prompt_token_ids == prompt_ids_of(messages), row.prompt_token_ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == row.completion
+        # vLLM stops on the generation config's end ids, which need not be the tokenizer's eos_token (the
+        # GGUF-converted SmolLM2 on CUDA vLLM ends turns with <|im_end|> while its tokenizer names another):
+        # the stored ids carry the one it sampled, which text + tokenizer.eos_token_id would have got wrong
+        assert (ids[-1] in stops) == (row.finish_reason == "stop"), (row.finish_reason, ids[-3:], stops)
+        assert row.finish_reason == "stop" or len(ids) == max_tokens
+
+    prompt_ids = prompt_ids_of(PROMPT)
     with Session(api.engine) as s:
         rows = [s.get(Response, rid) for rid in (chosen_id, rejected_id)]
         for row in rows:
-            ids = row.completion_token_ids
-            assert row.prompt_token_ids == prompt_ids, row.prompt_token_ids
-            assert tokenizer.decode(ids, skip_special_tokens=True) == row.completion
-            # vLLM stops on the generation config's end ids, which need not be the tokenizer's eos_token (the
-            # GGUF-converted SmolLM2 on CUDA vLLM ends turns with <|im_end|> while its tokenizer names another):
-            # the stored ids carry the one it sampled, which text + tokenizer.eos_token_id would have got wrong
-            assert (ids[-1] in stops) == (row.finish_reason == "stop"), (row.finish_reason, ids[-3:], stops)
-            assert row.finish_reason == "stop" or len(ids) == 24
-        assert any(row.finish_reason == "stop" for row in rows)  # an answer that ended by itself was checked
+            check(row, PROMPT, 24)
+        ended = s.get(Response, ended_id)
+        assert ended.finish_reason == "stop", (ended.finish_reason, ended.completion)  # an answer that ended itself
+        check(ended, OTHER, 512)
         item = pairs.Item(protocol.Pair(prompt="", chosen=rows[0].completion, rejected=rows[1].completion),
                           response_ids=(chosen_id, rejected_id), prompt_loaded=False)
         batch = batches.build_batch(s, batches.Pool(train=[item]), limit=1, tokenizer=tokenizer)
