@@ -4,7 +4,8 @@ The file lets another process of the same user (the training worker, loop/worker
 weight memory without a copy. It is plain JSON — readers never unpickle anything — with:
 
 - metadata: format/version, model path, architectures, HF config path, vLLM version, device kind, dtype,
-  tp rank/size, a fresh `load_id` per load, the pid, and the model class's `packed_modules_mapping`;
+  tp rank/size, a fresh `load_id` per load, the pid, and `layout`: where vLLM's own loader put every HF tensor
+  (loop/layout.py; `layout_error` says why when it could not be derived);
 - `storages`: every DISTINCT untyped storage once (tied embeddings: `lm_head` and `embed_tokens` share one), with
   its share handle — CPU: the shared-memory file name and torch_shm_manager socket (file_system sharing);
   CUDA: the `_share_cuda_()` IPC tuple, byte fields as hex;
@@ -40,7 +41,7 @@ import torch
 logger = logging.getLogger("vllm.loop_plugin")
 
 FORMAT = "loop-weight-handles"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the layout replaced the packed-modules mapping
 
 _shm_files: list[str] = []
 _handle_files: list[tuple[Path, str]] = []
@@ -71,9 +72,23 @@ def export_worker(worker: Any, runtime_dir: Path) -> Path:
         "tp_rank": tp_rank,
         "tp_size": tp_size,
         "pp_size": cfg.parallel_config.pipeline_parallel_size,
-        "packed_modules_mapping": {k: list(v) for k, v in getattr(type(model), "packed_modules_mapping", {}).items()},
+        **layout_meta(model, model_path),
     }
     return export_module(model, runtime_dir, tp_rank=tp_rank, meta=meta)
+
+
+def layout_meta(model: torch.nn.Module, model_path: str) -> dict[str, Any]:
+    """`layout`: where vLLM's loader puts every HF tensor (loop/layout.py), or `layout_error`: why it is unknown.
+    Derived before vLLM warms up, on the loaded model, whose weights it leaves as they are."""
+    from loop import layout
+
+    try:
+        derived = layout.derive(model, layout.hf_checkpoint_shapes(model_path))
+    except Exception as e:  # noqa: BLE001 - serving goes on; the worker reports why it cannot train
+        logger.exception("loop plugin: could not derive where vLLM keeps each weight")
+        return {"layout_error": f"{type(e).__name__}: {e}"}
+    logger.info("loop plugin: weight layout derived in %.0f ms: %s", derived.ms, derived.kinds())
+    return {"layout": derived.to_json()}
 
 
 def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0, meta: dict[str, Any] | None = None) -> Path:

@@ -66,11 +66,11 @@ def start_vllm(model: str, tmp: Path, *args: str, env: dict[str, str] | None = N
 def attach_model(vllm: VLLM):  # noqa: ANN201 - (HandleSet, tensors, HF model)
     """vLLM's handle file read, its tensors attached (no copy) and the HF model built on views of them."""
     from loop.worker.handles import attach, read_handles
-    from loop.worker.views import build_model
+    from loop.worker.views import build_model, layout_of
 
     hs = read_handles(vllm.runtime_dir, wait_s=30)
     tensors = attach(hs)
-    model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"])
+    model = build_model(hs.meta["model_path"], tensors, layout=layout_of(hs.meta))
     return hs, tensors, model
 
 

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     from loop.model_cache import resolve_model
     from loop.worker.checkpoint import write_folder
     from loop.worker.handles import attach, read_handles
-    from loop.worker.views import build_model
+    from loop.worker.views import build_model, layout_of
 
     cuda = torch.cuda.is_available()
     model_path = resolve_model(args.model, Settings().cache_dir)
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
             _wait(url, proc)
             hs = read_handles(rt, wait_s=60)
             model = build_model(hs.meta["model_path"], attach(hs),
-                                packed_modules_mapping=hs.meta["packed_modules_mapping"] or None)
+                                layout=layout_of(hs.meta))
             tensors = dict(model.named_parameters())
             served = hs.meta["model_path"]
             writes: list[float] = []

@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from loop.model_cache import resolve_model
     from loop.worker.handles import attach, read_handles
     from loop.worker.objectives import enable_gradient_checkpointing
-    from loop.worker.views import build_model, views_alias
+    from loop.worker.views import build_model, layout_of, views_alias
 
     modes = parse_modes(args.modes)
     cuda = torch.cuda.is_available()
@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             hs = read_handles(rt, wait_s=60)
             tensors = attach(hs)
-            model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"] or None)
+            model = build_model(hs.meta["model_path"], tensors, layout=layout_of(hs.meta))
             views_alias(model, tensors)  # raises if any parameter were a copy
             if args.grad_ckpt:
                 enable_gradient_checkpointing(model)

@@ -454,7 +454,7 @@ def measure(args: argparse.Namespace, url: str, rt: str) -> dict[str, Any]:
     from loop.bench.train import synthetic_pairs
     from loop.worker.handles import attach, read_handles
     from loop.worker.objectives import enable_gradient_checkpointing
-    from loop.worker.views import build_model, views_alias
+    from loop.worker.views import build_model, layout_of, views_alias
 
     configs = parse_configs(args.configs)
     cuda = torch.cuda.is_available()
@@ -467,7 +467,7 @@ def measure(args: argparse.Namespace, url: str, rt: str) -> dict[str, Any]:
 
         share_cpu_cores(int(hs.meta["pid"]), os.sched_getaffinity(0))
     tensors = attach(hs)
-    model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"] or None)
+    model = build_model(hs.meta["model_path"], tensors, layout=layout_of(hs.meta))
     views_alias(model, tensors)
     if args.grad_ckpt:
         enable_gradient_checkpointing(model)

@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     from loop.model_cache import resolve_model
     from loop.worker.handles import attach, read_handles
     from loop.worker.update import apply_updates_, stochastic_round, weights_checksum
-    from loop.worker.views import build_model
+    from loop.worker.views import build_model, layout_of
 
     cuda = torch.cuda.is_available()
     model_path = resolve_model(args.model, Settings().cache_dir)
@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             hs = read_handles(rt, wait_s=60)
             tensors = attach(hs)
-            model = build_model(hs.meta["model_path"], tensors, packed_modules_mapping=hs.meta["packed_modules_mapping"] or None)
+            model = build_model(hs.meta["model_path"], tensors, layout=layout_of(hs.meta))
             params = dict(model.named_parameters())
             weight_bytes = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
             gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(0)

@@ -165,7 +165,9 @@ class WorkerControl:
                 "last_error": self.last_error, "run_id": hb.run_id if hb else None, "step": hb.step if hb else 0,
                 "load_id": self.hello.load_id if self.hello else None,
                 "model_path": self.hello.model_path if self.hello else None,
-                "optimizer": self.hello.optimizer if self.hello else None}
+                "optimizer": self.hello.optimizer if self.hello else None,
+                # how vLLM's loader placed the model's weights: every one a view, or the worker refused to attach
+                "layout": dict(self.hello.layout) if self.hello else None}
 
     # ------------------------------------------------------------ requests
 

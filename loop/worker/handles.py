@@ -30,7 +30,7 @@ import msgspec
 import torch
 
 FORMAT = "loop-weight-handles"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _DTYPES = {
     "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
@@ -92,7 +92,8 @@ class RankHandles(msgspec.Struct, frozen=True):
     dtype: str = ""
     pp_size: int = 1
     created: float = 0.0
-    packed_modules_mapping: dict[str, list[str]] = {}
+    layout: dict[str, Any] | None = None  # loop/layout.py's Layout.to_json()
+    layout_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class HandleSet:
             "tp_size": r.tp_size,
             "vllm_version": r.vllm_version,
             "pid": r.pid,
-            "packed_modules_mapping": {k: list(v) for k, v in r.packed_modules_mapping.items()},
+            "layout": r.layout,
+            "layout_error": r.layout_error,
         }
 
 
@@ -272,7 +274,7 @@ def _map_shm(path: Path, nbytes: int) -> torch.UntypedStorage:
 
 def _main(argv: list[str]) -> int:
     hs = read_handles(argv[0] if argv else ".")
-    print({k: v for k, v in hs.meta.items() if k != "packed_modules_mapping"})
+    print({k: v for k, v in hs.meta.items() if k != "layout"})
     for r in hs.ranks:
         nbytes = sum(s.nbytes for s in r.storages)
         print(f"rank {r.tp_rank}: {len(r.params)} params in {len(r.storages)} storages, {nbytes / 2**20:.1f} MiB")

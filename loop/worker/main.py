@@ -89,7 +89,7 @@ class Worker:
 
         from loop.worker.apollo import make_optimizer, trainable_parameters
         from loop.worker.handles import HandleError, attach, read_handles
-        from loop.worker.views import build_model, views_alias
+        from loop.worker.views import build_model, layout_of, views_alias
 
         self.ch.state = "waiting"
         said = 0.0
@@ -104,8 +104,8 @@ class Worker:
         t0 = time.perf_counter()
         tensors = attach(handle_set)
         meta = handle_set.meta
-        model = build_model(meta["model_path"], tensors,
-                            packed_modules_mapping=meta.get("packed_modules_mapping") or None)
+        layout = layout_of(meta)
+        model = build_model(meta["model_path"], tensors, layout=layout)
         views_alias(model, tensors)
         if meta.get("device") == "cpu" and meta.get("pid"):
             share_cpu_cores(int(meta["pid"]), self.cores)
@@ -134,7 +134,8 @@ class Worker:
         torch.set_grad_enabled(True)
         self.ch.send(p.Hello(pid=os.getpid(), load_id=meta["load_id"], model_path=meta["model_path"],
                              architecture=meta["architecture"], device=meta["device"], n_params=n_params,
-                             n_trainable=n_train, optimizer=self.config.optimizer, train_share=self.pacer.share))
+                             n_trainable=n_train, optimizer=self.config.optimizer, train_share=self.pacer.share,
+                             layout=layout.kinds()))
 
     def _pace(self, device: str) -> None:
         share = self.config.train_share or default_share(device)

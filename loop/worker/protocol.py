@@ -83,6 +83,7 @@ class Hello(Msg, tag="hello"):
     optimizer: str = ""
     checksum: str = ""
     train_share: float = 1.0  # the pacer's share while vLLM has work (loop/worker/pacing.py), as resolved
+    layout: dict[str, int] = {}  # HF weights per treatment, as vLLM's loader placed them (loop/layout.py)
 
 
 class Heartbeat(Msg, tag="heartbeat"):

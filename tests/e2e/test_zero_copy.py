@@ -56,7 +56,13 @@ def test_attach_metadata_and_views(vllm: VLLM, hf) -> None:
     meta = hs.meta
     assert meta["architecture"] == "LlamaForCausalLM" and meta["device"] == "cpu" and meta["dtype"] == "float32"
     assert meta["tp_size"] == 1 and meta["vllm_version"] == "0.32.0" and Path(meta["model_path"]) == Path(vllm.model)
-    assert meta["packed_modules_mapping"]["qkv_proj"] == ["q_proj", "k_proj", "v_proj"]
+    # where vLLM's own loader put every HF tensor, derived in vLLM's process: all views, q/k/v inside the fused qkv
+    layout = meta["layout"]["tensors"]
+    assert {p["kind"] for p in layout.values()} == {"view"} and not meta["layout_error"]
+    assert set(layout) == {n for n, _ in model.named_parameters()}
+    q, k = (layout[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qk")
+    assert q["param"] == k["param"] == "model.layers.0.self_attn.qkv_proj.weight"
+    assert k["offset"] == q["shape"][0] * q["shape"][1] and k["stride"] == [k["shape"][1], 1]
     assert "model.layers.0.self_attn.qkv_proj.weight" in tensors
     # tied embeddings: vLLM lists lm_head and embed_tokens on one storage; HF gets one Parameter
     assert tensors["lm_head.weight"].data_ptr() == tensors["model.embed_tokens.weight"].data_ptr()

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.unit.worker.test_views import CONFIGS, fuse_like_vllm
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from loop.worker.apollo import make_optimizer, trainable_parameters
 from loop.worker.lowmem import PausedBackward
-from loop.worker.objectives import KTOBatch, PairBatch, enable_gradient_checkpointing, train_step
+from loop.worker.objectives import (
+    KTOBatch,
+    PairBatch,
+    enable_gradient_checkpointing,
+    train_step,
+)
 from loop.worker.update import weights_checksum
-from loop.worker.views import PACKED_MODULES, build_model
+from loop.worker.views import build_model
+from tests.unit.worker.test_views import CONFIGS
+from tests.vllm_like import vllm_layout
 
 
 def _fused(name: str, tmp_path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -26,11 +32,13 @@ def _fused(name: str, tmp_path: Path, dtype: torch.dtype = torch.float32) -> dic
     config = CONFIGS[name]()
     ref = AutoModelForCausalLM.from_config(config).to(dtype)
     config.save_pretrained(tmp_path)
-    return fuse_like_vllm(ref, PACKED_MODULES[config.architectures[0]])
+    return vllm_layout(ref)[0]
 
 
 def _model(tmp_path: Path, fused: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    model = build_model(str(tmp_path), fused)
+    # the layout depends on the config only: derived again from a model of the same config
+    layout = vllm_layout(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path)))[1]
+    model = build_model(str(tmp_path), fused, layout=layout)
     return model, [p for _, p in trainable_parameters(model)]
 
 

@@ -1,7 +1,8 @@
 """build_model on vLLM-style fused/padded tensors: same logits as the HF model, every parameter a view.
 
-A small helper fuses an HF state dict the way vLLM lays out its weights (qkv_proj, gate_up_proj, vocab rows padded
-to a multiple of 64, tied lm_head sharing embed_tokens' tensor) for tiny random configs of each supported family.
+The tensors are laid out as vLLM keeps them (tests/vllm_like.py: qkv_proj, gate_up_proj, vocab rows padded to a
+multiple of 64, tied lm_head sharing embed_tokens' tensor) for tiny random configs of each dense family, and the
+views come from the layout loop/layout.py derives by probing that stand-in's load_weights.
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
-from loop.worker.views import PACKED_MODULES, build_model, views_alias, vllm_shard_for
+from loop.layout import Placement
+from loop.worker.views import build_model, layout_of, views_alias
+from tests.vllm_like import vllm_layout
 
 COMMON = dict(
     vocab_size=100,  # vLLM would pad it to 128
@@ -32,49 +41,19 @@ CONFIGS = {
 }
 
 
-def fuse_like_vllm(model: torch.nn.Module, mapping: dict[str, list[str]], pad_to: int = 64) -> dict[str, torch.Tensor]:
-    """vLLM's layout of `model`'s weights: fused projections, padded vocab, tied lm_head = embed_tokens tensor."""
-    sd = dict(model.named_parameters(remove_duplicate=False))
-    out: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    for name in sd:
-        if name in done:
-            continue
-        parts = name.split(".")
-        hit = next(((i, fused) for i, p in enumerate(parts) for fused, subs in mapping.items() if p == subs[0]), None)
-        if hit is not None:
-            i, fused = hit
-            names = [".".join(parts[:i] + [s] + parts[i + 1 :]) for s in mapping[fused]]
-            out[".".join(parts[:i] + [fused] + parts[i + 1 :])] = torch.cat([sd[n].detach() for n in names]).clone()
-            done.update(names)
-        elif parts[-2] in ("embed_tokens", "lm_head"):
-            w = sd[name].detach()
-            rows = -(-w.shape[0] // pad_to) * pad_to
-            padded = torch.randn(rows, w.shape[1], dtype=w.dtype)  # garbage rows: must never be used
-            padded[: w.shape[0]] = w
-            out[name] = padded
-            done.add(name)
-        else:
-            out[name] = sd[name].detach().clone()
-            done.add(name)
-    if model.config.tie_word_embeddings:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # vLLM lists both, one storage
-    return out
-
-
 @pytest.fixture(params=sorted(CONFIGS))
 def family(request: pytest.FixtureRequest, tmp_path: Path):
     torch.manual_seed(0)
     config = CONFIGS[request.param]()
     ref = AutoModelForCausalLM.from_config(config).eval()
     config.save_pretrained(tmp_path)
-    fused = fuse_like_vllm(ref, PACKED_MODULES[config.architectures[0]])
-    return ref, fused, tmp_path
+    fused, layout = vllm_layout(ref)
+    return ref, fused, tmp_path, layout
 
 
 def test_logits_match_and_every_param_is_a_view(family) -> None:
-    ref, fused, path = family
-    model = build_model(str(path), fused)
+    ref, fused, path, layout = family
+    model = build_model(str(path), fused, layout=layout)
     ids = torch.randint(0, ref.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
@@ -84,8 +63,8 @@ def test_logits_match_and_every_param_is_a_view(family) -> None:
 
 
 def test_in_place_write_through_a_view_changes_the_fused_tensor(family) -> None:
-    ref, fused, path = family
-    model = build_model(str(path), fused)
+    ref, fused, path, layout = family
+    model = build_model(str(path), fused, layout=layout)
     attn = model.model.layers[1].self_attn
     q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
     qkv = fused["model.layers.1.self_attn.qkv_proj.weight"]
@@ -102,8 +81,8 @@ def test_in_place_write_through_a_view_changes_the_fused_tensor(family) -> None:
 
 
 def test_vocab_rows_sliced_and_tied_embeddings_are_one_parameter(family) -> None:
-    ref, fused, path = family
-    model = build_model(str(path), fused)
+    ref, fused, path, layout = family
+    model = build_model(str(path), fused, layout=layout)
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == ref.config.vocab_size and fused["model.embed_tokens.weight"].shape[0] == 128
     head = model.get_output_embeddings().weight
@@ -115,8 +94,8 @@ def test_vocab_rows_sliced_and_tied_embeddings_are_one_parameter(family) -> None
 
 
 def test_gradients_flow_into_views(family) -> None:
-    ref, fused, path = family
-    model = build_model(str(path), fused)
+    ref, fused, path, layout = family
+    model = build_model(str(path), fused, layout=layout)
     ids = torch.randint(0, ref.config.vocab_size, (1, 6))
     model(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -128,28 +107,44 @@ def test_gradients_flow_into_views(family) -> None:
 
 
 def test_views_alias_names_a_copied_parameter(family) -> None:
-    ref, fused, path = family
-    model = build_model(str(path), fused)
+    ref, fused, path, layout = family
+    model = build_model(str(path), fused, layout=layout)
     model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach().clone())
     with pytest.raises(ValueError, match="model.norm.weight"):
         views_alias(model, fused)
 
 
-def test_shape_mismatch_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_weight_that_is_not_a_view_is_refused_by_name(tmp_path: Path) -> None:
     config = CONFIGS["llama-tied"]()
     config.save_pretrained(tmp_path)
     ref = AutoModelForCausalLM.from_config(config)
-    fused = fuse_like_vllm(ref, PACKED_MODULES["LlamaForCausalLM"])
+    fused, layout = vllm_layout(ref)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    layout.tensors[q] = Placement("partial", param="model.layers.0.self_attn.qkv_proj.weight", shape=(32, 32),
+                                  reason="16 of 1024 elements land nowhere")
+    with pytest.raises(ValueError, match=f"{q}: partial \\(16 of 1024 elements land nowhere\\)"):
+        build_model(str(tmp_path), fused, layout=layout)
+    del layout.tensors[q]
+    with pytest.raises(ValueError, match=f"{q}: not in the layout"):
+        build_model(str(tmp_path), fused, layout=layout)
+
+
+def test_a_view_past_the_end_of_its_parameter_or_another_dtype_is_refused(tmp_path: Path) -> None:
+    config = CONFIGS["llama-tied"]()
+    config.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_config(config)
+    fused, layout = vllm_layout(ref)
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
-    fused[qkv] = fused[qkv][: fused[qkv].shape[0] // 2]  # what one tensor-parallel rank holds
-    with pytest.raises(ValueError, match="tensor parallel"):
-        build_model(str(tmp_path), fused)
+    fused[qkv] = fused[qkv][: fused[qkv].shape[0] // 2].clone()  # what one tensor-parallel rank holds
+    with pytest.raises(ValueError, match="cannot hold the layout's view"):
+        build_model(str(tmp_path), fused, layout=layout)
+    fused, layout = vllm_layout(ref)
     with pytest.raises(ValueError, match="cannot change dtype"):
-        build_model(str(tmp_path), fuse_like_vllm(ref, PACKED_MODULES["LlamaForCausalLM"]), dtype=torch.bfloat16)
+        build_model(str(tmp_path), fused, layout=layout, dtype=torch.bfloat16)
 
 
-def test_vllm_shard_for() -> None:
-    m = PACKED_MODULES["Qwen2ForCausalLM"]
-    assert vllm_shard_for("model.layers.3.self_attn.v_proj.bias", m) == ("model.layers.3.self_attn.qkv_proj.bias", 2)
-    assert vllm_shard_for("model.layers.0.mlp.up_proj.weight", m) == ("model.layers.0.mlp.gate_up_proj.weight", 1)
-    assert vllm_shard_for("model.norm.weight", m) == ("model.norm.weight", 0)
+def test_a_handle_file_without_a_layout_says_why() -> None:
+    with pytest.raises(ValueError, match="KeyError: boom"):
+        layout_of({"layout": None, "layout_error": "KeyError: boom"})
+    with pytest.raises(ValueError, match="carries no layout"):
+        layout_of({})
