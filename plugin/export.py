@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import stat
 import subprocess
@@ -77,18 +78,91 @@ def export_worker(worker: Any, runtime_dir: Path) -> Path:
     return export_module(model, runtime_dir, tp_rank=tp_rank, meta=meta)
 
 
+def _identity(model: torch.nn.Module, values: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Per parameter: address, shape, strides, dtype and (with `values`) an order-sensitive fingerprint of its
+    elements in flat order."""
+    return {n: (p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype, _fingerprint(p) if values else None)
+            for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+@torch.no_grad()
+def _fingerprint(t: torch.Tensor) -> tuple[float, bool]:
+    """(sum of each element times a weight that depends on its flat position, whether all elements are equal)."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    chunk = 1 << 24
+    for s in range(0, flat.numel(), chunk):
+        part = flat[s:s + chunk].double()
+        pos = torch.arange(s, s + part.numel(), dtype=torch.float64, device=flat.device).remainder_(65521).add_(1)
+        total += (part * pos).sum()
+    constant = flat.numel() < 2 or bool((flat == flat[0]).all())
+    return float(total), constant
+
+
+def note_loaded_layout(model: torch.nn.Module, model_path: str) -> None:
+    """Derive the layout as vLLM's loader left the weights, before any post-processing, and keep it (with each
+    parameter's storage, shape and strides then) on the model for `layout_meta`."""
+    from loop import layout
+
+    derived = layout.derive(model, *layout.hf_probe_inputs(model_path))
+    model._loop_layout = (derived, _identity(model, values=True))  # type: ignore[assignment]
+
+
 def layout_meta(model: torch.nn.Module, model_path: str) -> dict[str, Any]:
     """`layout`: where vLLM's loader puts every HF tensor (loop/layout.py), or `layout_error`: why it is unknown.
-    Derived before vLLM warms up, on the loaded model, whose weights it leaves as they are."""
+
+    Taken from `note_loaded_layout` when it ran (the plugin calls it between vLLM's load_weights and its
+    post-processing): a placement in a parameter that post-processing then re-laid (a new storage, shape or strides:
+    prepacked for a kernel, padded, quantised) no longer describes the live memory and becomes "transformed".
+    Otherwise derived now, on the loaded model, whose weights it leaves as they are."""
     from loop import layout
 
     try:
-        derived = layout.derive(model, layout.hf_checkpoint_shapes(model_path))
+        noted = getattr(model, "_loop_layout", None)
+        if noted is None:
+            derived = layout.derive(model, *layout.hf_probe_inputs(model_path))
+        else:
+            derived, before = noted
+            now = _identity(model, values=True)
+            for name, placed in derived.tensors.items():
+                if placed.param and not _same_memory(before.get(placed.param), now.get(placed.param)):
+                    derived.tensors[name] = layout.Placement(
+                        "transformed", param=placed.param, shape=placed.shape,
+                        reason=f"vLLM re-lays {placed.param} after loading it (a kernel's own format: "
+                               f"{_shape(before.get(placed.param))} -> {_shape(now.get(placed.param))}, the "
+                               "elements in another order)")
     except Exception as e:  # noqa: BLE001 - serving goes on; the worker reports why it cannot train
         logger.exception("loop plugin: could not derive where vLLM keeps each weight")
         return {"layout_error": f"{type(e).__name__}: {e}"}
     logger.info("loop plugin: weight layout derived in %.0f ms: %s", derived.ms, derived.kinds())
     return {"layout": derived.to_json()}
+
+
+def _same_memory(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """The same elements in the same flat order, so every placement (which counts elements) still holds: at the same
+    address (a reshape: the hybrid's conv1d weight loses its middle dimension), or copied in order elsewhere (the
+    same fingerprint; a parameter whose elements are all equal cannot show its order and counts as re-laid)."""
+    if a is None or b is None:
+        return False
+    (ptr_a, shape_a, stride_a, dtype_a, print_a), (ptr_b, shape_b, stride_b, dtype_b, print_b) = a, b
+    if dtype_a != dtype_b or math.prod(shape_a) != math.prod(shape_b):
+        return False
+    if not (_contiguous(shape_a, stride_a) and _contiguous(shape_b, stride_b)):
+        return (ptr_a, shape_a, stride_a) == (ptr_b, shape_b, stride_b)
+    return ptr_a == ptr_b or (print_a is not None and print_a == print_b and not print_a[1])
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expect = 1
+    for d, s in zip(reversed(shape), reversed(stride)):
+        if d != 1 and s != expect:
+            return False
+        expect *= d
+    return True
+
+
+def _shape(identity: tuple[Any, ...] | None) -> str:
+    return "gone" if identity is None else f"{list(identity[1])} strides {list(identity[2])} {identity[3]}"
 
 
 def export_module(model: torch.nn.Module, runtime_dir: Path, *, tp_rank: int = 0, meta: dict[str, Any] | None = None) -> Path:

