@@ -15,11 +15,12 @@ from loop.cli import (
     bench,
     db,
     feedback,  # loop feedback export / stats
+    layout,  # loop layout MODEL: where vLLM keeps each weight
     runs,  # loop runs / versions / rollback / scheduler
     serve,
 )
 
-COMMANDS = [serve, db, bench, runs, feedback]  # one module per command; each has register(subparsers)
+COMMANDS = [serve, db, bench, runs, feedback, layout]  # one module per command; each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
