@@ -323,14 +323,32 @@ def make_optimizer(name: str, params: Any, lr: float, **kw: Any) -> StagedOptimi
     raise ValueError(f"unknown optimizer {name!r}: use one of apollo, apollo-mini, adamw, sgd")
 
 
+def moe_routers(model: nn.Module) -> list[str]:
+    """Names of the mixture-of-experts routers' weights: a (num_experts, hidden) weight of a module named like a
+    router ("gate", "router"), num_experts read from the model's config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if isinstance(getattr(config, k, None), int)), None)
+    if not experts:
+        return []
+    hidden = getattr(config, "hidden_size", None)
+    return [name for name, p in model.named_parameters()
+            if p.dim() == 2 and p.shape[0] == experts and p.shape[1] == hidden
+            and name.rsplit(".", 2)[-2] in ("gate", "router")]
+
+
 def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> list[tuple[str, nn.Parameter]]:
-    """Set requires_grad (everything except input embeddings / lm_head unless train_embeddings) and return
-    the trainable (name, param) list, each tensor once (tied embeddings are one parameter)."""
+    """Set requires_grad (everything except input embeddings / lm_head unless train_embeddings, and the routers of a
+    mixture of experts) and return the trainable (name, param) list, each tensor once (tied embeddings are one
+    parameter). Routers stay frozen so that training on a handful of preferences does not move which experts
+    serve which tokens (vLLM's expert placement and load assume the routing they were sized for)."""
     frozen: set[int] = set()
     if not train_embeddings:
         for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
             if mod is not None:
                 frozen.update(id(p) for p in mod.parameters())
+    frozen.update(id(model.get_parameter(name)) for name in moe_routers(model))
     out: list[tuple[str, nn.Parameter]] = []
     for name, p in model.named_parameters():  # named_parameters already de-duplicates tied tensors
         p.requires_grad_(id(p) not in frozen)

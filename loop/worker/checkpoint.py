@@ -63,3 +63,48 @@ def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Pat
             fsync_path(f)
     for d in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
         fsync_path(d)
+
+
+def checkpoint_tensors(model: Any) -> dict[str, Any]:
+    """Checkpoint name -> tensor, as `save_pretrained` writes this model: each Parameter once (a tied lm_head is
+    left out) and, through transformers' own `revert_weight_conversion`, what transformers keeps fused in memory
+    split back into the checkpoint's tensors (a MoE layer's experts, one per expert)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(model, dict(model.named_parameters())))
+
+
+def restore_targets(model: Any, names: set[str]) -> dict[str, tuple[Any, Any]]:
+    """For checkpoint tensors that are not simply a parameter of the same name and shape: checkpoint name ->
+    (parameter, index of the parameter's element each checkpoint element restores, in the tensor's shape).
+
+    Learned exactly, without knowing the conversion: the parameters are given coded values (one distinct float64
+    per element), turned into checkpoint tensors by the same `revert_weight_conversion`, and each code read back.
+    One decoder layer at a time, so the codes cost at most one layer's elements in float64."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from loop.layout import layer_of
+
+    params = dict(model.named_parameters())
+    groups: dict[int | None, list[str]] = {}
+    for n in params:
+        groups.setdefault(layer_of(n), []).append(n)
+    out: dict[str, tuple[Any, Any]] = {}
+    for members in groups.values():
+        bases, total = {}, 0
+        for n in members:
+            bases[n], total = total, total + params[n].numel()
+        coded = {n: (torch.arange(params[n].numel(), dtype=torch.float64) + bases[n] + 1).reshape(params[n].shape)
+                 for n in members}
+        starts = torch.tensor([bases[n] for n in members])
+        for name, t in revert_weight_conversion(model, coded).items():
+            if name not in names:
+                continue
+            code = t.reshape(-1).to(torch.int64) - 1
+            which = torch.unique(torch.searchsorted(starts, code, right=True) - 1)
+            if which.numel() != 1:
+                raise ValueError(f"checkpoint tensor {name} mixes several parameters; it cannot be restored in place")
+            owner = members[int(which)]
+            out[name] = (params[owner], (code - bases[owner]).reshape(t.shape))
+    return out

@@ -36,7 +36,7 @@ from typing import Any
 
 from loop.worker import protocol as p
 from loop.worker.channel import Channel
-from loop.worker.checkpoint import write_folder
+from loop.worker.checkpoint import checkpoint_tensors, restore_targets, write_folder
 from loop.worker.config import WorkerConfig
 from loop.worker.pacing import Pacer, VLLMLoad, default_share, share_cpu_cores
 
@@ -334,8 +334,8 @@ class Worker:
     # ------------------------------------------------------------ checkpoints
 
     def hf_state(self) -> dict[str, Any]:
-        """HF names → live tensors (each Parameter once: a tied lm_head is left out, as HF itself saves it)."""
-        return dict(self.model.named_parameters())
+        """Checkpoint names → tensors, as `save_pretrained` writes this model (loop/worker/checkpoint.py)."""
+        return checkpoint_tensors(self.model)
 
     def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
         import json
@@ -385,11 +385,22 @@ class Worker:
                 if tuple(sl.get_shape()) != tuple(t.shape):
                     return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {sl.get_shape()}, "
                                                         f"the live model {tuple(t.shape)}; nothing was written")
+            params = dict(self.model.named_parameters())
+            direct = {n for n, t in live.items() if n in params and tuple(params[n].shape) == tuple(t.shape)}
+            try:
+                scatter = restore_targets(self.model, set(live) - direct)
+            except ValueError as e:
+                return p.Error(req=msg.req, message=f"checkpoint {folder}: {e}; nothing was written")
             self.ch.state = "restoring"
             try:
                 with torch.no_grad():
-                    for name, t in live.items():
-                        t.copy_(f.get_tensor(name))
+                    for name in live:
+                        value = f.get_tensor(name)
+                        if name in direct:
+                            params[name].copy_(value)
+                        else:  # a tensor transformers keeps fused with others: element by element, exactly
+                            prm, index = scatter[name]
+                            prm[torch.unravel_index(index.reshape(-1), prm.shape)] = value.reshape(-1).to(prm.dtype)
             finally:
                 self.ch.state = "idle"
         self._drop_staged()

@@ -9,6 +9,9 @@ reshaped tensors all come out of the probe as views. A tensor the probe found to
 (scattered, partial, replicated, transformed, absent) cannot be trained in place: `build_model` refuses, naming
 each such tensor and why, instead of training a copy vLLM would never see.
 
+A weight vLLM keeps in another dtype than the rest (a hybrid model's float32 `A_log` beside bfloat16 weights) stays
+in vLLM's dtype in the HF model too: the view is its memory, and the HF modules upcast such weights themselves.
+
 Tied embeddings become ONE Parameter (`lm_head.weight is model.embed_tokens.weight`), so an optimizer keeps one
 state for it. Writing into any HF parameter (`param.copy_(...)`, an optimizer step under `torch.no_grad()`)
 therefore writes vLLM's weights; `views_alias` asserts that every parameter really is such a view. Restoring an HF
@@ -54,10 +57,12 @@ def build_model(
 
     if not vllm_tensors:
         raise ValueError("vllm_tensors is empty: attach() found no parameters in the handle file")
-    have = {t.dtype for t in vllm_tensors.values()}
-    dtype = dtype or next(iter(have))
-    if have != {dtype}:
-        raise ValueError(f"vLLM's weights are {sorted(map(str, have))}; views cannot change dtype to {dtype}")
+    elements: dict[torch.dtype, int] = {}
+    for t in vllm_tensors.values():
+        elements[t.dtype] = elements.get(t.dtype, 0) + t.numel()
+    dtype = dtype or max(elements, key=lambda d: elements[d])
+    if dtype not in elements:
+        raise ValueError(f"vLLM's weights are {sorted(map(str, elements))}; views cannot change dtype to {dtype}")
     config = AutoConfig.from_pretrained(model_path)
     arch = (getattr(config, "architectures", None) or [""])[0]
     # Parameters on meta (no memory), buffers real (rotary inv_freq is computed from the config, not loaded).
@@ -73,7 +78,11 @@ def build_model(
     if tied:  # the head is the embedding: it has no tensor of its own in a checkpoint, nor a view
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         wanted.pop(f"{head}.weight", None)
-    model.load_state_dict(views(wanted, vllm_tensors, layout, arch), strict=False, assign=True)
+    found = views(wanted, vllm_tensors, layout, arch)
+    kept = {n: str(v.dtype).removeprefix("torch.") for n, v in found.items() if v.dtype != wanted[n].dtype}
+    if kept:  # e.g. a hybrid model's A_log, which vLLM keeps in float32 beside bfloat16 weights
+        logger.info("%d weights stay in vLLM's own dtype, not %s: %s", len(kept), dtype, sorted(kept.items())[:4])
+    model.load_state_dict(found, strict=False, assign=True)
     if tied:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         out.weight = inp.weight  # one Parameter: one optimizer state, one gradient

@@ -251,3 +251,22 @@ def test_cuda_bf16_per_layer_matches_full_and_state_stays_fp32() -> None:
         torch.testing.assert_close(full[pa], got[pb])
     opt_b.commit()
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt_b.state.values())
+
+
+@pytest.mark.parametrize("make", ["qwen3_moe", "llama4", "llama"])
+def test_mixture_of_experts_routers_are_frozen_and_everything_else_trains(make: str) -> None:
+    from transformers import AutoModelForCausalLM, Llama4TextConfig, LlamaConfig, Qwen3MoeConfig
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    config = {"qwen3_moe": lambda: Qwen3MoeConfig(**small, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+              "llama4": lambda: Llama4TextConfig(**small, num_local_experts=4, interleave_moe_layer_step=1,
+                                                 intermediate_size_mlp=48),
+              "llama": lambda: LlamaConfig(**small)}[make]()
+    model = AutoModelForCausalLM.from_config(config)
+    names = [n for n, _ in trainable_parameters(model)]
+    routers = [n for n, p in model.named_parameters() if p.dim() == 2 and p.shape == (4, 32)]
+    assert bool(routers) == (make != "llama") and not set(routers) & set(names)
+    assert all(not model.get_parameter(n).requires_grad for n in routers)
+    embed = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    assert set(names) == {n for n, p in model.named_parameters() if n not in routers and id(p) not in embed}

@@ -166,3 +166,36 @@ def test_restarted_worker_takes_the_optimizer_state_only(worker: Worker, tmp_pat
     moved = opt_state(worker)
     worker.restore(p.Restore(req=9, path=str(path), weights=False))  # a live optimizer is never overwritten
     assert all(torch.equal(opt_state(worker)[k], moved[k]) for k in moved)
+
+
+def test_a_mixture_of_experts_checkpoint_is_the_hub_layout_and_restores_into_the_fused_live_tensors(
+        tmp_path: Path) -> None:
+    """transformers keeps a MoE layer's experts fused in memory; a checkpoint holds them one per expert (what
+    vLLM's loader and from_pretrained read). The worker writes that layout and restores it in place."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    fast = tiny_tokenizer(["What is two plus two? Four. Five.", "user assistant"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2))
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    w = on_model(Worker(worker_config(tmp_path / "run"), FakeChannel()), model, fast, folder)  # type: ignore[arg-type]
+    assert any(".mlp.experts.gate_up_proj" in n for n, _ in model.named_parameters())  # fused in memory
+    path = tmp_path / "ckpt" / "v000001"
+    saved = w.checksum()
+    assert isinstance(w.write_checkpoint(p.Checkpoint(req=1, path=str(path), version=1)), p.CheckpointDone)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in keys and not any("gate_up_proj" in k for k in keys)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    live = dict(model.named_parameters())
+    assert all(torch.equal(prm, live[name]) for name, prm in hf.named_parameters())
+    w.train(p.Train(req=2, run_id=1, pairs=[PAIR]))
+    w.apply(p.Apply(req=3, run_id=1))
+    assert w.checksum() != saved
+    assert isinstance(w.restore(p.Restore(req=4, path=str(path))), p.Restored)
+    assert w.checksum() == saved  # written back through views into the fused tensors
