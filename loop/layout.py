@@ -42,6 +42,7 @@ import torch
 
 FORMAT_VERSION = 1
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_CHUNK = 1 << 26  # elements per slice when decoding: bounds the temporaries on a large embedding
 
 
 @dataclass
@@ -187,6 +188,7 @@ def _probe_group(model: torch.nn.Module, params: dict[str, torch.Tensor], member
             raise
         raise ValueError(f"vLLM's load_weights wrote a tensor of {sorted(shapes)[:3]}... outside the parameters "
                          f"of its own layer; the probe cannot place it: {e}") from e
+    del coded, probes  # the codes are in the scratch now: free them before decoding (an embedding is GBs in fp64)
     fast = _decode_views(scratch, shapes, bases)
     rest = {n: shp for n, shp in shapes.items() if n not in fast}
     slow = _decode(scratch, shapes, bases, total) if rest else {}  # every code decoded; only the rest's kept
@@ -226,10 +228,12 @@ def _decode_views(scratch: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
         by_ptr[s.data_ptr()] = pname
         flat = s.reshape(-1)
         held[pname] = int(torch.count_nonzero(flat))
-        at = torch.searchsorted(keys, flat).clamp_(max=len(keys) - 1)
-        hit = torch.nonzero(keys[at] == flat).reshape(-1)
-        for pos, val in zip(hit.tolist(), flat[hit].tolist()):
-            found[anchors[int(val)]].append((pname, pos))
+        for start in range(0, flat.numel(), _CHUNK):  # in slices: the temporaries of a whole embedding are GBs
+            part = flat[start:start + _CHUNK]
+            at = torch.searchsorted(keys, part).clamp_(max=len(keys) - 1)
+            hit = torch.nonzero(keys[at] == part).reshape(-1)
+            for pos, val in zip(hit.tolist(), part[hit].tolist()):
+                found[anchors[int(val)]].append((pname, start + pos))
     out: dict[str, Placement] = {}
     used: dict[str, int] = defaultdict(int)
     for name, shape in shapes.items():
@@ -243,12 +247,25 @@ def _decode_views(scratch: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
         if any(x < 0 for x in stride) or origin + sum((d - 1) * x for d, x in zip(shape, stride)) >= s.numel():
             continue
         view = torch.as_strided(s, shape, stride, s.storage_offset() + origin)
-        expect = torch.arange(_numel(shape), dtype=torch.float64, device=s.device).add_(bases[name] + 1).reshape(shape)
-        if torch.equal(view, expect):
+        if _holds_codes(view, bases[name] + 1):
             out[name] = Placement("view", param=pname, offset=origin, shape=shape, stride=stride)
             used[pname] += _numel(shape)
     crowded = {p for p, n in used.items() if n != held[p]}  # something beyond the views: let `_decode` say what
     return {n: p for n, p in out.items() if p.param not in crowded}
+
+
+def _holds_codes(view: torch.Tensor, first: int) -> bool:
+    """`view` holds first, first + 1, ... in row-major order; checked in slices of whole rows."""
+    if view.dim() == 0:
+        return bool(view == first)
+    per_row = _numel(tuple(view.shape[1:]))
+    step = max(1, _CHUNK // max(1, per_row))
+    for r0 in range(0, view.shape[0], step):
+        part = view[r0:r0 + step]
+        expect = torch.arange(part.numel(), dtype=torch.float64, device=view.device).add_(first + r0 * per_row)
+        if not torch.equal(part.reshape(-1), expect):
+            return False
+    return True
 
 
 def _decode(scratch: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], bases: dict[str, int],

@@ -69,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gradient checkpointing in every mode (default on)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the card")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (starts faster; the trainer's side is the same)")
     p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
     p.set_defaults(func=main)
 

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     p.add_argument("--no-route", action="store_true", help="skip vLLM's load_weights route (needs a second copy)")
+    p.add_argument("--lean", action="store_true",
+                   help="a model over a third of the card: draw each delta while staging instead of holding them all "
+                        "(skips the fused-apply row; implies --no-route)")
+    p.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (starts faster; no write path changes)")
     p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
     p.set_defaults(func=main)
 
@@ -57,7 +61,7 @@ def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespac
         cmd += ["--load-format", "dummy", "--skip-tokenizer-init"]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    else:
+    if not cuda or getattr(args, "eager", False):
         cmd += ["--enforce-eager"]
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
     env.update(VLLM_SERVER_DEV_MODE="1", LOOP_RUNTIME_DIR=runtime_dir, VLLM_CPU_KVCACHE_SPACE="1")
@@ -114,8 +118,14 @@ def _run(args: argparse.Namespace) -> int:
             params = dict(model.named_parameters())
             weight_bytes = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
             gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(0)
-            deltas = {p: (torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * 1e-4 * float(p.float().abs().mean() + 1e-6)).to(p.dtype)
-                      for p in params.values()}
+            if args.lean:
+                args.no_route = True
+
+            def delta(p: torch.Tensor) -> torch.Tensor:
+                scale = 1e-4 * float(p.abs().mean(dtype=torch.float32) + 1e-6)
+                return (torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * scale).to(p.dtype)
+
+            deltas = {} if args.lean else {p: delta(p) for p in params.values()}
             sync = torch.cuda.synchronize if cuda else (lambda: None)
             client = httpx.Client(base_url=url, timeout=120)
 
@@ -141,7 +151,8 @@ def _run(args: argparse.Namespace) -> int:
                 # What the worker does: w + delta rounded stochastically BEFORE the pause (vLLM keeps serving),
                 # so the pause covers one copy per tensor.
                 sync(); t = time.perf_counter()
-                values = {p: stochastic_round(p.float() + d.float(), p.dtype) for p, d in deltas.items()}
+                values = {p: stochastic_round(p.float() + (deltas[p] if deltas else delta(p)).float(), p.dtype)
+                          for p in params.values()}
                 sync(); res["stage"].append((time.perf_counter() - t) * 1e3)
                 t_all = time.perf_counter()
                 res["pause"].append(post("/pause?mode=wait"))
@@ -155,9 +166,10 @@ def _run(args: argparse.Namespace) -> int:
                 res["resume"].append(post("/resume"))
                 res["total"].append((time.perf_counter() - t_all) * 1e3)
                 # The alternative with no staging memory for values: the fused SR add inside the pause.
-                sync(); t = time.perf_counter()
-                apply_updates_(deltas, stochastic_rounding=True)
-                sync(); res["apply_fused"].append((time.perf_counter() - t) * 1e3)
+                if deltas:
+                    sync(); t = time.perf_counter()
+                    apply_updates_(deltas, stochastic_rounding=True)
+                    sync(); res["apply_fused"].append((time.perf_counter() - t) * 1e3)
             after = weights_checksum(params.items())
             route_bytes = 0
             if not args.no_route:
@@ -189,7 +201,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  loop atomic apply: pause {m['pause']:.1f} + apply {m['apply']:.1f} + reset {m['reset']:.1f} + resume {m['resume']:.1f}"
                   f" = {m['total']:.1f} ms  ({m['total'] / floor:.2f}x the floor), 0 bytes copied")
             print(f"  (staging w+delta with SR before the pause: {m['stage']:.1f} ms while vLLM serves; "
-                  f"the fused SR add inside the pause instead: {m['apply_fused']:.1f} ms)")
+                  f"the fused SR add inside the pause instead: "
+                  f"{'not measured (--lean)' if args.lean else format(m['apply_fused'], '.1f') + ' ms'})")
             if not args.no_route:
                 print(f"  vLLM load_weights route: pause {m['route_pause']:.1f} + load {m['route_load']:.1f} + reset {m['route_reset']:.1f}"
                       f" + resume {m['route_resume']:.1f} = {m['route_total']:.1f} ms  ({m['route_total'] / floor:.2f}x the floor), "

@@ -17,19 +17,13 @@ but vLLM permutes its q/k rows (no view expresses it): tests/unit/test_families.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer
 
-from loop.worker.apollo import moe_routers
-from loop.worker.views import views_alias
 from tests.families import make_tiny
-from tests.zero_copy_support import (
-    PROMPT, attach_model, greedy, hf_prompt_logprobs, start_vllm, token_ids, vllm_prompt_logprobs,
-)  # fmt: skip
+from tests.family_checks import prove_family
+from tests.zero_copy_support import start_vllm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]
 
@@ -45,39 +39,6 @@ PARITY = {"float32": 1e-4, "bfloat16": 0.15}
 RELAID_ON_CPU = {"qwen3_moe": ("w13_weight", "w2_weight"), "qwen3_5_moe": ("w13_weight", "w2_weight")}
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4")
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-ANSWERS = (" Berlin, of course.", " Madrid, I think.")
-
-
-def _logp(vllm, prompt: list[int], answer: list[int]) -> float:  # noqa: ANN001
-    lps = vllm_prompt_logprobs(vllm, prompt + answer)  # log-probs of tokens 1.. given the ones before
-    return sum(lps[len(prompt) - 1:])
-
-
-def _dpo_step(model: torch.nn.Module, prompt: list[int], chosen: list[int], rejected: list[int]) -> None:
-    from loop.worker.apollo import make_optimizer, trainable_parameters
-    from loop.worker.objectives import PairBatch, train_step
-    from loop.worker.update import apply_updates_, check_updates
-
-    rows = [prompt + chosen, prompt + rejected]
-    width = max(map(len, rows))
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    loss_mask = torch.zeros(2, width, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-        loss_mask[i, len(prompt):len(row)] = True
-    params = [p for _, p in trainable_parameters(model)]
-    opt = make_optimizer("apollo-mini", params, lr=1e-3)
-    step = train_step(model, opt, PairBatch(ids, mask, loss_mask, 1), objective="dpo", beta=0.1)
-    assert check_updates(step.deltas, 1.0).ok
-    with torch.no_grad():
-        apply_updates_(step.deltas)
-    opt.commit()
-
-
-def _fp32(model: torch.nn.Module) -> torch.nn.Module:
-    return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
 
 
 @pytest.mark.parametrize("family", sorted(RELAID_ON_CPU))
@@ -104,49 +65,5 @@ def test_experts_vllm_cpu_relays_after_loading_are_named_and_refused(family: str
 
 @pytest.mark.parametrize("family", SERVED_ON_CPU)
 def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Path) -> None:
-    folder = make_tiny(family, tmp_path / "model")
-    for d in ("live", "fresh"):
-        (tmp_path / d).mkdir()
     dtype = "bfloat16" if family in BF16_ONLY else "float32"
-    args = (*VLLM_ARGS, "--dtype", dtype)
-    vllm = start_vllm(str(folder), tmp_path / "live", *args, env=ENV)
-    try:
-        hs, tensors, model = attach_model(vllm)
-        kinds = {p["kind"] for p in hs.meta["layout"]["tensors"].values()}
-        assert kinds == {"view"}, hs.meta["layout"]
-        assert views_alias(model, tensors)
-        ids = token_ids(str(folder), PROMPT)
-        ours, theirs = hf_prompt_logprobs(_fp32(model), ids), vllm_prompt_logprobs(vllm, ids)
-        gap = max(abs(a - b) for a, b in zip(ours, theirs))
-        assert gap < PARITY[dtype]
-        routers = {n: p.detach().clone() for n, p in model.named_parameters() if n in moe_routers(model)}
-        assert bool(routers) == ("moe" in family)
-
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        chosen, rejected = (tok(a, add_special_tokens=False)["input_ids"] for a in ANSWERS)
-        before = _logp(vllm, ids, chosen) - _logp(vllm, ids, rejected)
-        _dpo_step(model, ids, chosen, rejected)
-        after = _logp(vllm, ids, chosen) - _logp(vllm, ids, rejected)
-        assert after > before + 0.1, (before, after)
-        ours, theirs = hf_prompt_logprobs(_fp32(model), ids), vllm_prompt_logprobs(vllm, ids)
-        gap_after = max(abs(a - b) for a, b in zip(ours, theirs))
-        assert gap_after < PARITY[dtype]  # vLLM computes from the memory written
-        for n, before_router in routers.items():  # the routers are frozen: which experts serve a token stays put
-            assert torch.equal(model.get_parameter(n).detach(), before_router), n
-
-        live_answer, live_lp = greedy(vllm)
-        from loop.worker.checkpoint import write_folder
-
-        write_folder(tmp_path / "ckpt", folder, dict(model.named_parameters()))
-    finally:
-        vllm.stop()
-    fresh = start_vllm(str(tmp_path / "ckpt"), tmp_path / "fresh", *args, env=ENV)
-    try:
-        answer, lp = greedy(fresh)
-    finally:
-        fresh.stop()
-    print(f"\n{family} ({dtype}): {len(hs.meta['layout']['tensors'])} weights, all views; parity {gap:.2g}, after "
-          f"the step {gap_after:.2g}; vLLM's margin {before:.3f} -> {after:.3f}; the checkpoint in a fresh vLLM: "
-          f"{'the same' if answer == live_answer else 'ANOTHER'} greedy answer")
-    assert answer == live_answer
-    assert max(abs(a - b) for a, b in zip(lp, live_lp)) < 1e-4  # the same weights, the same kernels: the same sums
+    prove_family(family, tmp_path, dtype=dtype, vllm_args=VLLM_ARGS, env=ENV, parity=PARITY[dtype])

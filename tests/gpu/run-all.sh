@@ -5,6 +5,7 @@
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
+#        families big-q35 big-moe
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -23,9 +24,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>
 # vLLM's share of the card for a model of W GB: its weights + 8 GB (KV cache, graphs, activations), at most 0.92
 util() { python3 -c "import torch; t = torch.cuda.mem_get_info()[1] / 1e9; print(round(min(0.92, ($1 + 8) / t), 3))"; }
 mem() {  # P2 beside a serving vLLM, and the largest-model check: loop bench memory on a dummy config
-  local name=$1 gb=$2 pairs=${3:-2}
+  local name=$1 gb=$2 pairs=${3:-2}; shift 3 2>/dev/null || shift $#
   step "mem-$name" $py -m loop.cli bench memory --model "loop/bench/configs/$name" --dummy --pairs "$pairs" --seq 1024 \
-    --gpu-memory-utilization "$(util "$gb")" --json-out "$out/mem-$name.json"
+    --gpu-memory-utilization "$(util "$gb")" --json-out "$out/mem-$name.json" "$@"
+}
+big() {  # P1 and P2 of a model over a third of the card: staged deltas drawn per tensor, vLLM eager (starts faster)
+  local name=$1 gb=$2
+  step "p1-$name" $py -m loop.cli bench update --model "loop/bench/configs/$name" --dummy --repeats 3 --lean --eager \
+    --gpu-memory-utilization "$(util "$gb")" --json-out "$out/p1-$name.json"
+  mem "$name" "$gb" 1 --modes lowmem,staged --steps 3 --eager
+}
+families() {  # tests/gpu/test_families_gpu.py in three streams on the one card (fixed KV caches: no profiling)
+  local f=tests/gpu/test_families_gpu.py t=test_a_family_trains_in_place_on_cuda_vllm i=0 pids=() rc=0 ids
+  for ids in "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3" "qwen3_5 qwen3_5_moe"; do
+    i=$((i + 1))
+    # shellcheck disable=SC2086
+    $py -m pytest -p no:cacheprovider -m gpu -v -s $(printf "$f::$t[%s] " $ids) \
+      $([ $i = 2 ] && echo "$f::test_a_family_whose_rows_vllm_permutes_is_refused_by_name") > "$out/families-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  grep -h -E "PASSED|FAILED|ERROR|all views|not views|passed|failed" "$out"/families-*.log
+  return $rc
 }
 for s in "$@"; do
   case $s in
@@ -60,7 +80,10 @@ for s in "$@"; do
                   --json-out "$out/mps-7b.json" ;;
     serving-7b-long) step serving-7b-long $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
-                  --configs alone,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
+                  --configs alone,staged-keep@0.15,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
+    families) step families families ;;
+    big-q35)  big qwen3_5-27b 53.8 ;;
+    big-moe)  big qwen3-30b-a3b 61.1 ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done
