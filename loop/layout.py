@@ -92,14 +92,28 @@ class Layout:
 ToCheckpoint = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
+def hf_from_config(config: Any, **kwargs: Any) -> torch.nn.Module:
+    """The Hugging Face model of the class the checkpoint names (`architectures`), so that its parameter names and
+    weight conversions are the checkpoint's own: a released multimodal checkpoint (Qwen3.5's
+    `...ForConditionalGeneration`) keeps its language model under `model.language_model` beside the image encoder,
+    where the text-only class would name another layout. A class transformers does not have: its causal LM."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls._from_config(config, **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def hf_meta_model(model_path: str) -> torch.nn.Module:
     """The Hugging Face model class of `model_path`, built on the meta device from its config (nothing read or
     allocated): its parameters are what the worker gives views to."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return hf_from_config(config)
 
 
 def hf_probe_inputs(model_path: str) -> tuple[dict[str, tuple[int, ...]], ToCheckpoint]:

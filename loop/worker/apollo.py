@@ -16,7 +16,9 @@ the paper's algorithm (the `apollo-torch` package is CC-BY-NC and is deliberatel
     W <- W - lr G~ - lr wd W                         (decoupled weight decay)
 APOLLO-Mini = rank 1 + tensor-wise scaling + alpha = sqrt(128). Moments are kept when the projection is
 regenerated (the paper does not reset them; the scaling factor is a ratio of norms, which is robust to the
-change of basis). Everything that is not a matrix, or whose rank would not be lower, gets plain AdamW.
+change of basis). A 3-D weight (a mixture of experts' fused E x m x n experts) is a stack of matrices: each
+expert gets its own low-rank state, scaling and limiter norm (Apollo._update_stacked), never AdamW's two fp32
+copies of every expert. Everything else that is not a matrix, or whose rank would not be lower, gets plain AdamW.
 
 The staged API (same for "apollo", "apollo-mini", "adamw", "sgd" via make_optimizer):
   deltas = opt.compute_updates()   # {param: delta to ADD}; params and committed state untouched
@@ -269,11 +271,12 @@ class Apollo(StagedOptimizer):
         return torch.randn(r, size, generator=gen, device=p.device, dtype=torch.float32) / math.sqrt(r)
 
     def _update(self, p, grad, state, group):  # type: ignore[no-untyped-def]
+        if grad.dim() == 3 and group["rank"] < min(grad.shape[-2:]):
+            return self._update_stacked(p, grad, state, group)
         b1, b2 = group["betas"]
-        g = grad.float()
-        m_, n_ = (g.shape if g.dim() == 2 else (0, 0))
-        if g.dim() != 2 or group["rank"] >= min(m_, n_):  # vectors, or no saving: plain AdamW
-            m, v, step, bc1, bc2 = _adam_moments(g, state, b1, b2)
+        m_, n_ = (grad.shape if grad.dim() == 2 else (0, 0))
+        if grad.dim() != 2 or group["rank"] >= min(m_, n_):  # vectors, or no saving: plain AdamW
+            m, v, step, bc1, bc2 = _adam_moments(grad.float(), state, b1, b2)
             upd = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
             delta = -group["lr"] * (upd + group["weight_decay"] * p.float())
             return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}
@@ -309,6 +312,58 @@ class Apollo(StagedOptimizer):
             delta = delta.add(p, alpha=-group["lr"] * group["weight_decay"])
         return delta, new
 
+    def _update_stacked(self, p, grad, state, group):  # type: ignore[no-untyped-def]
+        """A 3-D weight is a stack of independent matrices (a mixture's fused experts, E x m x n): each expert gets
+        the 2-D maths above with its own low-rank moments (E x r x n), scaling, bias correction and limiter norm,
+        so the state stays low-rank instead of AdamW's two fp32 copies of every expert, and nothing of the
+        weight's size is held in fp32. One projection per interval serves the whole stack (it is random either
+        way). An expert that got no gradient this step (no token was routed to it) is left as it was: zero
+        delta, its moments, count and limiter norm kept, as a separate Linear without a gradient would be."""
+        b1, b2 = group["betas"]
+        e, m_, n_ = grad.shape
+        step_no = int(state["step"].item()) + 1 if "step" in state else 1
+        r = group["rank"]
+        left = m_ <= n_
+        proj = self._projection(p, group, step_no, r, m_ if left else n_).to(grad.dtype)
+        low = (proj @ grad if left else grad @ proj.T).float()  # E x r x n  or  E x m x r
+        if "exp_avg" in state and state["exp_avg"].shape != low.shape:  # full-size AdamW moments: start afresh
+            state = {}
+        hit = low.flatten(1).abs().amax(1) > 0  # a routed expert's projected gradient is non-zero
+        hit3 = hit.view(e, 1, 1)
+        zeros = torch.zeros_like(low)
+        m_old, v_old = state.get("exp_avg", zeros), state.get("exp_avg_sq", zeros)
+        m = torch.where(hit3, m_old * b1 + low * (1 - b1), m_old)
+        v = torch.where(hit3, v_old * b2 + low.square() * (1 - b2), v_old)
+        hits = state["hits"] + hit if "hits" in state else hit.to(torch.int64)
+        t = hits.clamp(min=1).to(torch.float32).view(e, 1, 1)
+        low_upd = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+        tiny = torch.finfo(torch.float32).tiny
+        if group["scale_type"] == "tensor":
+            s = low_upd.norm(dim=(1, 2)) / (low.norm(dim=(1, 2)) + tiny)
+            s = torch.where(hit, s, 0.0)  # decayed moments over a zero gradient: the ratio would be inf
+            norm = group["scale"] * s * torch.linalg.vector_norm(grad, dim=(1, 2), dtype=torch.float32)
+            s = s.view(e, 1, 1)
+        else:
+            dim = 1 if left else 2
+            s = low_upd.norm(dim=dim) / (low.norm(dim=dim) + tiny)
+            s = torch.where(hit.view(e, 1), s, 0.0)
+            norm = group["scale"] * (s * torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32)).norm(dim=1)
+            s = s.unsqueeze(1) if left else s.unsqueeze(2)
+        coef = (-group["lr"] * group["scale"]) * s
+        prev = state.get("prev_norm")
+        new_prev = torch.where(hit, norm, prev) if prev is not None else norm
+        gamma = group["norm_growth_limit"]
+        if gamma is not None and prev is not None:
+            limit = gamma * prev
+            capped = hit & (prev > 0) & (norm > limit)  # prev == 0: the expert's first routed step, nothing to compare
+            coef = coef * torch.where(capped, limit / norm, 1.0).view(e, 1, 1)
+            new_prev = torch.where(capped, limit, new_prev)
+        delta = grad * coef.to(grad.dtype)
+        if group["weight_decay"]:
+            delta = delta.add(p * hit3.to(p.dtype), alpha=-group["lr"] * group["weight_decay"])
+        return delta, {"step": torch.tensor(step_no, dtype=torch.int64), "hits": hits, "exp_avg": m, "exp_avg_sq": v,
+                       "prev_norm": new_prev}
+
 
 def make_optimizer(name: str, params: Any, lr: float, **kw: Any) -> StagedOptimizer:
     """"apollo" | "apollo-mini" | "adamw" | "sgd" -> an optimizer with the staged API."""
@@ -338,12 +393,26 @@ def moe_routers(model: nn.Module) -> list[str]:
             and name.rsplit(".", 2)[-2] in ("gate", "router")]
 
 
+def beside_language_model(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of neither the language model (`get_decoder()`) nor the output head: e.g. the vision tower and
+    its projector of a released multimodal checkpoint, which the worker keeps frozen."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is model:
+        return []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    text = {id(p) for p in decoder.parameters()} | {id(p) for p in (head.parameters() if head is not None else ())}
+    return [p for p in model.parameters() if id(p) not in text]
+
+
 def trainable_parameters(model: nn.Module, train_embeddings: bool = False) -> list[tuple[str, nn.Parameter]]:
     """Set requires_grad (everything except input embeddings / lm_head unless train_embeddings, and the routers of a
     mixture of experts) and return the trainable (name, param) list, each tensor once (tied embeddings are one
     parameter). Routers stay frozen so that training on a handful of preferences does not move which experts
-    serve which tokens (vLLM's expert placement and load assume the routing they were sized for)."""
-    frozen: set[int] = set()
+    serve which tokens (vLLM's expert placement and load assume the routing they were sized for). So does
+    everything outside the language model and its output head (a multimodal checkpoint's image encoder and
+    projector): preferences over text answers give them no gradient to learn from."""
+    frozen: set[int] = set(map(id, beside_language_model(model)))
     if not train_embeddings:
         for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
             if mod is not None:

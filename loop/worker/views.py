@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
-from loop.layout import Layout
+from loop.layout import Layout, hf_from_config
 
 logger = logging.getLogger("loop.worker")
 
@@ -67,7 +67,7 @@ def build_model(
     arch = (getattr(config, "architectures", None) or [""])[0]
     # Parameters on meta (no memory), buffers real (rotary inv_freq is computed from the config, not loaded).
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = hf_from_config(config, dtype=dtype)
     device = next(iter(vllm_tensors.values())).device
     for name, buf in list(model.named_buffers()):
         if buf.device != device:
@@ -78,7 +78,19 @@ def build_model(
     if tied:  # the head is the embedding: it has no tensor of its own in a checkpoint, nor a view
         head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         wanted.pop(f"{head}.weight", None)
-    found = views(wanted, vllm_tensors, layout, arch)
+    # a multimodal checkpoint served with --language-model-only: vLLM never loaded the image encoder, which the
+    # worker keeps frozen and a text forward never runs; it is read from the checkpoint so that the model (and every
+    # checkpoint written from it) stays whole
+    from loop.worker.apollo import beside_language_model
+
+    beside = {id(p) for p in beside_language_model(model)}
+    unserved = {n for n, p in wanted.items()
+                if id(p) in beside and getattr(layout.tensors.get(n), "kind", None) == "absent"}
+    found = views({n: p for n, p in wanted.items() if n not in unserved}, vllm_tensors, layout, arch)
+    if unserved:
+        found.update(_read_unserved(Path(model_path), unserved, {n: wanted[n] for n in unserved}, dtype, device))
+        logger.info("%d weights beside the language model are not in vLLM (served language-model-only): read from "
+                    "the checkpoint, kept frozen", len(unserved))
     kept = {n: str(v.dtype).removeprefix("torch.") for n, v in found.items() if v.dtype != wanted[n].dtype}
     if kept:  # e.g. a hybrid model's A_log, which vLLM keeps in float32 beside bfloat16 weights
         logger.info("%d weights stay in vLLM's own dtype, not %s: %s", len(kept), dtype, sorted(kept.items())[:4])
@@ -87,8 +99,25 @@ def build_model(
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         out.weight = inp.weight  # one Parameter: one optimizer state, one gradient
     model.eval()
+    model.loop_unserved = frozenset(unserved)  # copies by design: views_alias leaves them out
     views_alias(model, vllm_tensors)
     return model
+
+
+def _read_unserved(folder: Path, names: set[str], like: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in names.intersection(st.keys()):
+                out[key] = st.get_tensor(key).to(device=device, dtype=dtype)
+    missing = sorted(n for n in names if n not in out or tuple(out[n].shape) != tuple(like[n].shape))
+    if missing:
+        raise ValueError(f"{len(missing)} weights are neither in vLLM (served language-model-only) nor, in their "
+                         f"shape, in the checkpoint {folder}: {missing[:4]}")
+    return out
 
 
 def views(hf_params: Mapping[str, torch.Tensor], vllm_tensors: Mapping[str, torch.Tensor], layout: Layout,
@@ -138,7 +167,10 @@ def _storage_ranges(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.device
 def views_alias(model: torch.nn.Module, vllm_tensors: dict[str, torch.Tensor]) -> bool:
     """True if every parameter of `model` lies inside a storage of `vllm_tensors`; else ValueError naming the first."""
     ranges = _storage_ranges(vllm_tensors)
+    unserved = getattr(model, "loop_unserved", frozenset())
     for name, p in model.named_parameters():
+        if name in unserved:
+            continue
         start = p.data_ptr()
         end = start + p.numel() * p.element_size()
         if not any(dev == p.device and lo <= start and end <= hi for dev, lo, hi in ranges):

