@@ -148,18 +148,20 @@ class LoopState:
         self.weight_version = int(latest)
         return self.weight_version
 
-    async def start(self, *, manage: bool, on_fatal: Callable[[str], None] | None = None) -> None:
+    async def start(self, *, manage: bool, on_fatal: Callable[[str], None] | None = None,
+                    on_refused: Callable[[str], None] | None = None) -> None:
         """With `manage` (as under `loop serve`): build and start the supervised parts, in this order: the
         trainer and its worker (the worker waits for vLLM's weight-handle file by itself), vLLM's supervisor
         (unless `vllm_url` attaches to a running vLLM; the trainer picks the newest checkpoint and records
-        restarts), the worker, then the scheduler. `on_fatal(reason)`: vLLM cannot be brought back."""
+        restarts), the worker, then the scheduler. `on_fatal(reason)`: vLLM cannot be brought back;
+        `on_refused(reason)`: the worker cannot train the model vLLM serves in place."""
         if not manage:
             return
         settings = self.settings
         if settings.worker_enabled:
             from loop.training import Trainer, WorkerControl
 
-            self.worker = WorkerControl(settings)
+            self.worker = WorkerControl(settings, on_refused=on_refused)
             self.trainer = Trainer(self)
         if settings.vllm_url is None:
             from loop.vllm.process import VLLMSupervisor

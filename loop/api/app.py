@@ -26,10 +26,12 @@ WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 FatalCallback = Callable[[str], None]
 
 
-def create_app(settings: Settings, *, manage: bool = True, on_fatal: FatalCallback | None = None) -> FastAPI:
+def create_app(settings: Settings, *, manage: bool = True, on_fatal: FatalCallback | None = None,
+               on_refused: FatalCallback | None = None) -> FastAPI:
     """Build the app. `manage=False` skips starting vLLM/worker/scheduler (unit tests, attach-only tools).
     `on_fatal(reason)` is called when the managed vLLM cannot be brought back (`loop serve` then shuts down and
-    exits non-zero, so a process manager restarts the whole service)."""
+    exits non-zero, so a process manager restarts the whole service); `on_refused(reason)` when the training
+    worker cannot train the served model in place (`loop serve` stops and says why)."""
     from loop.api.routes import ROUTERS
     from loop.metrics import Metrics, RequestMetrics
 
@@ -37,7 +39,7 @@ def create_app(settings: Settings, *, manage: bool = True, on_fatal: FatalCallba
     async def lifespan(app: FastAPI):  # noqa: ANN202
         state = LoopState.open(settings)
         app.state.loop = state
-        await state.start(manage=manage, on_fatal=on_fatal)
+        await state.start(manage=manage, on_fatal=on_fatal, on_refused=on_refused)
         try:
             yield
         finally:

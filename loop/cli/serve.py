@@ -15,7 +15,9 @@ http:// one lets every local process (and any web page, through the browser) pau
 
 Exit codes: 0 stopped (SIGTERM/SIGINT), 2 invalid settings or model not found, 3 the API could not start (as
 uvicorn), 4 vLLM could not be brought back (its restart limit within the window was reached, or it could not be
-started): /health said why, and a process manager (systemd Restart=on-failure) restarts the whole service.
+started): /health said why, and a process manager (systemd Restart=on-failure) restarts the whole service;
+5 the training worker cannot train the served model in place (a weight that is not a view of vLLM's memory: the
+reason names each one; `--no-worker` serves it without training).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from loop.config import SECRET_FIELDS, Settings
 
 EXIT_API_FAILED = 3  # as uvicorn's own start-up failure
 EXIT_VLLM_FAILED = 4
+EXIT_MODEL_REFUSED = 5  # the model cannot be trained in place: restarting loop would not change that
 
 
 
@@ -100,11 +103,22 @@ def run(args: argparse.Namespace) -> int:
               f"manager restarts loop: {reason}", file=sys.stderr, flush=True)
         server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    refused: list[str] = []
+
+    def on_refused(reason: str) -> None:
+        refused.append(reason)
+        print(f"loop: {reason}\nloop: shutting down (exit code {EXIT_MODEL_REFUSED}); `loop layout MODEL` lists "
+              "every weight and why; to serve this model without training, add --no-worker",
+              file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal, on_refused=on_refused)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                            access_log=False, timeout_graceful_shutdown=10))
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if fatal:
         return EXIT_VLLM_FAILED
+    if refused:
+        return EXIT_MODEL_REFUSED
     return 0 if server.started else EXIT_API_FAILED

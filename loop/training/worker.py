@@ -12,6 +12,8 @@ file 0600: only our user can talk to the process that holds vLLM's weights) and 
   merely starved of CPU gets up to 10x longer), or the process exiting → state "dead" → the process group is
   killed and a new worker started after a backoff (0.5 s, doubling, ≤ 10 s); after `max_restarts` consecutive
   failures (a worker that never says hello counts as one) the state stays "failed".
+- A worker that refuses the model vLLM serves (a weight that is not a view: loop/worker/views.py) exits with
+  `EXIT_REFUSED`: state "refused", no restart, `on_refused(reason)` (`loop serve` stops with the reason).
 - `describe()` is what `/health` and `/api/train/status` show.
 
 Run its tests: `.venv/bin/pytest tests/unit/training/test_control.py`.
@@ -27,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -36,7 +39,7 @@ from loop.config import SECRET_ENV, Settings, private_dir
 from loop.errors import Unavailable, UpstreamTimeout
 from loop.logs import open_private_log
 from loop.worker import protocol as p
-from loop.worker.config import worker_command
+from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, worker_command
 
 log = logging.getLogger("loop.training.worker")
 
@@ -70,8 +73,10 @@ class WorkerFailed(WorkerError):
 
 class WorkerControl:
     def __init__(self, settings: Settings, *, command: list[str] | None = None, max_restarts: int = 5,
-                 startup_grace_s: float = 60.0, env: dict[str, str] | None = None) -> None:
+                 startup_grace_s: float = 60.0, env: dict[str, str] | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.on_refused = on_refused  # the worker refused the model vLLM serves (no restart follows)
         self.socket_path = settings.runtime_dir / "worker.sock"
         self.endpoint = f"ipc://{self.socket_path}"
         self._command = command or worker_command(settings, self.endpoint)
@@ -79,7 +84,8 @@ class WorkerControl:
         # Before its first heartbeat the worker imports its modules; on a busy 2-core box that can take a while.
         self.startup_grace_s = max(startup_grace_s, settings.worker_timeout_s)
         self._env = env
-        self.state = "stopped"  # stopped | starting | <worker-reported: waiting, idle, training, ...> | dead | failed
+        # stopped | starting | <worker-reported: waiting, idle, training, ...> | dead | failed | refused
+        self.state = "stopped"
         self.pid: int | None = None
         self.restarts = 0
         self.last_error: str | None = None
@@ -278,10 +284,12 @@ class WorkerControl:
         tick = min(0.25, self.settings.worker_heartbeat_s / 2)
         while True:
             await asyncio.sleep(tick)
-            if self.state in ("dead", "failed", "stopped") or self._proc is None:
+            if self.state in ("dead", "failed", "stopped", "refused") or self._proc is None:
                 continue
             now = time.monotonic()
-            if self._proc.returncode is not None:
+            if self._proc.returncode == EXIT_REFUSED:
+                self._refused()
+            elif self._proc.returncode is not None:
                 await self._declare_dead(f"the worker exited with code {self._proc.returncode}{self._log_tail()}")
             elif self._last_seen and now - self._last_seen > self.settings.worker_timeout_s:
                 why = self._hung(now - self._last_seen)
@@ -317,6 +325,23 @@ class WorkerControl:
         if silent_s > max(60.0, 10 * self.settings.worker_timeout_s):
             return "still silent while busy"
         return None
+
+    def _refused(self) -> None:
+        """The worker refused the model vLLM serves: no restart (it would refuse again); the reason is its last
+        log line, and `on_refused` tells `loop serve`."""
+        reason = "the worker refused the model (see worker.log)"
+        with contextlib.suppress(OSError):
+            lines = Path(self._log_file.name).read_text(errors="replace").splitlines()
+            said = [ln.split(REFUSED_PREFIX, 1)[1] for ln in lines if REFUSED_PREFIX in ln]
+            if said:
+                reason = said[-1]
+        log.error("training worker: %s%s", REFUSED_PREFIX, reason)
+        self.state = "refused"
+        self.last_error = REFUSED_PREFIX + reason
+        self._identity = None
+        self._fail_pending(self.last_error)
+        if self.on_refused is not None:
+            self.on_refused(self.last_error)
 
     async def _declare_dead(self, reason: str) -> None:
         log.error("training worker (pid %s) is dead: %s", self.pid, reason)

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from loop.config import Settings
 
 
+# The worker's exit code when the model vLLM serves cannot be trained in place (a weight that is not a view of
+# vLLM's memory, or no layout at all): restarting would refuse again, so the API side does not, and `loop serve`
+# stops with the reason. The worker's last log line is `REFUSED_PREFIX` + the reason.
+EXIT_REFUSED = 78  # sysexits EX_CONFIG
+REFUSED_PREFIX = "loop cannot train this model in place: "
+
+
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     endpoint: str  # the API's ROUTER socket, ipc://<runtime_dir>/worker.sock
     runtime_dir: str  # where vLLM's loop plugin writes weights-tp<rank>.json

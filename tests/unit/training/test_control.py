@@ -169,3 +169,24 @@ async def test_silent_but_busy_is_not_hung_silent_and_idle_or_stopped_is(tmp_pat
         for proc in (busy, idle):
             proc.kill()
             proc.wait()
+
+
+async def test_a_worker_that_refuses_the_model_is_not_restarted_and_says_why(tmp_path: Path) -> None:
+    from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX
+
+    settings = Settings(data_dir=tmp_path, worker_heartbeat_s=0.2, worker_timeout_s=1.0)
+    settings.ensure_dirs()
+    why = "1 of 20 weights of Llama4ForCausalLM are not views of vLLM's weights: q_proj.weight: scattered"
+    told: list[str] = []
+    script = f"import sys; print({'worker ERROR ' + REFUSED_PREFIX + why!r}, file=sys.stderr); sys.exit({EXIT_REFUSED})"
+    ctl = WorkerControl(settings, command=[sys.executable, "-c", script], max_restarts=2, on_refused=told.append)
+    await ctl.start()
+    try:
+        await wait_for(lambda: ctl.state == "refused", 30)
+        await asyncio.sleep(1.5)  # a restart would have come by now (backoff 0.5 s)
+        assert ctl.state == "refused" and ctl.restarts == 0
+        assert told == [REFUSED_PREFIX + why] and ctl.last_error == REFUSED_PREFIX + why
+        with pytest.raises(WorkerUnavailable, match="refused: loop cannot train this model in place: 1 of 20"):
+            await ctl.call(p.Ping(), 5)
+    finally:
+        await ctl.stop()
