@@ -105,7 +105,8 @@ class Worker:
         tensors = attach(handle_set)
         meta = handle_set.meta
         try:
-            model = build_model(meta["model_path"], tensors, layout=layout_of(meta))
+            layout = layout_of(meta)
+            model = build_model(meta["model_path"], tensors, layout=layout)
         except ValueError as e:  # not every weight is a view: nothing to train in place, now or after a restart
             raise ModelRefused(str(e)) from e
         views_alias(model, tensors)
