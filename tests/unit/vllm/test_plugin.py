@@ -131,3 +131,31 @@ def test_cpu_gemm_patch_computes_from_the_live_weight(monkeypatch: pytest.Monkey
     torch.testing.assert_close(after, 2 * before, rtol=2e-2, atol=1e-2)
     if torch.equal(stale, y0):  # where vLLM packs (oneDNN / sgl kernels), its output ignored the write
         assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("activation,weights_on_input", [("silu", False), ("gelu", False), ("silu", True)])
+def test_live_experts_compute_every_routed_expert_from_the_live_tensors(activation: str, weights_on_input: bool) -> None:
+    """plugin/cpu_gemm.py's MoE path: each token's output is the routing-weighted sum of its experts' gated MLPs,
+    computed from w13/w2 as they are now (a write into them changes the very next output)."""
+    from plugin.cpu_gemm import _live_experts
+
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, k = 5, 16, 8, 7, 2
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen)
+    w2 = torch.randn(experts, hidden, inter, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen)
+    act = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.gelu
+    expect = torch.zeros(tokens, hidden)
+    for t in range(tokens):
+        for j in range(k):
+            e = int(ids[t, j])
+            gate, up = (w13[e] @ x[t]).chunk(2)
+            expect[t] += (1.0 if weights_on_input else weights[t, j]) * (w2[e] @ (act(gate) * up))
+    out = torch.empty(tokens, hidden)
+    _live_experts(out, x, w13, w2, None, None, weights, ids, activation, weights_on_input)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    w2.mul_(2)  # in place, as the trainer writes: the next call sees it
+    _live_experts(out, x, w13, w2, None, None, weights, ids, activation, weights_on_input)
+    torch.testing.assert_close(out, 2 * expect, rtol=1e-5, atol=1e-5)
