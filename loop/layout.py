@@ -9,13 +9,17 @@ then gets one treatment (`Placement.kind`):
 - "view": it lands whole, once, as a strided box of one vLLM parameter; the placement is that box (parameter
   name, element offset from the parameter's first element, shape, strides), which the worker turns into a view
   with `torch.as_strided` (loop/worker/views.py);
-- "scattered": every element lands once, but no strided box holds them (a permutation that is not a reshape);
+- "rows": every element lands once, each row of it whole and in order, but the rows in another order (Llama 4's q/k
+  rows, which vLLM regroups for its rotary layout): `rows` names, per HF row, the row of the vLLM parameter's
+  region (from `offset`, rows as long as the HF row) that holds it. No view expresses it; the worker trains a copy
+  and writes its rows back into vLLM's memory inside every pause (loop/worker/views.py `write_back`);
+- "scattered": every element lands once, but no strided box or row order holds them;
 - "partial": only some of its elements land (a tensor-parallel shard, or parts vLLM drops);
 - "replicated": some element lands more than once (a copy kept in two places must be written in both);
 - "transformed": its codes do not come out whole (vLLM scales, casts or combines the values while loading);
 - "absent": nothing of it lands (vLLM's loader skips the name).
-Only "view" is trained in place; every other kind is reported with its reason, and the worker decides (refuse or
-keep frozen) and says which per tensor.
+"view" is trained in place, "rows" through a copy written back; every other kind is reported with its reason, and
+the worker refuses the model, naming each.
 
 How: codes are 1 + the tensor's base + the element's flat index, in float64 (exact up to 2**53, far above any
 model's element count); an element left at 0 received nothing. Probing swaps each vLLM parameter's `.data` for a
@@ -47,24 +51,28 @@ _CHUNK = 1 << 26  # elements per slice when decoding: bounds the temporaries on 
 
 @dataclass
 class Placement:
-    kind: str  # view | scattered | partial | replicated | transformed | absent
-    param: str = ""  # the vLLM parameter (view: the one holding it; others: where most of it landed, if anywhere)
-    offset: int = 0  # elements from the parameter's first element (view)
+    kind: str  # view | rows | scattered | partial | replicated | transformed | absent
+    param: str = ""  # the vLLM parameter (view/rows: the one holding it; others: where most of it landed, if anywhere)
+    offset: int = 0  # elements from the parameter's first element (view, rows)
     shape: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
     reason: str = ""
+    rows: tuple[int, ...] = ()  # rows: per HF row, the row of the region from `offset` that holds it
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "view":
             return {"kind": "view", "param": self.param, "offset": self.offset, "shape": list(self.shape),
                     "stride": list(self.stride)}
+        if self.kind == "rows":
+            return {"kind": "rows", "param": self.param, "offset": self.offset, "shape": list(self.shape),
+                    "rows": list(self.rows), "reason": self.reason}
         return {"kind": self.kind, "param": self.param, "shape": list(self.shape), "reason": self.reason}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Placement:
         return cls(kind=str(d["kind"]), param=str(d.get("param", "")), offset=int(d.get("offset", 0)),
                    shape=tuple(int(x) for x in d.get("shape", ())), stride=tuple(int(x) for x in d.get("stride", ())),
-                   reason=str(d.get("reason", "")))
+                   reason=str(d.get("reason", "")), rows=tuple(int(x) for x in d.get("rows", ())))
 
 
 @dataclass
@@ -343,9 +351,30 @@ def _place(name: str, shape: tuple[int, ...], parts: list[tuple[str, torch.Tenso
     where[idx] = pos
     stride = _strides(where, shape)
     if stride is None:
+        rows = _rows(where, shape)
+        if rows is not None:
+            offset, order = rows
+            return Placement("rows", param=main, offset=offset, shape=shape, rows=order,
+                             reason="its rows land whole but in another order: trained as a copy, written back")
         return Placement("scattered", param=main, shape=shape,
                          reason="every element lands once, but in an order no strided view expresses")
     return Placement("view", param=main, offset=int(where[0]) if numel else 0, shape=shape, stride=stride)
+
+
+def _rows(where: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
+    """(offset, the region row holding each HF row) when every HF row lands whole and in order as one row of a
+    region of rows that long starting at `offset`; else None."""
+    if len(shape) < 2 or where.numel() == 0:
+        return None
+    width = where.numel() // shape[0]
+    grid = where.reshape(shape[0], width)
+    starts = grid[:, 0]
+    if not torch.equal(grid - starts[:, None], torch.arange(width, dtype=grid.dtype).expand_as(grid)):
+        return None
+    offset = int(starts.min())
+    if bool(((starts - offset) % width != 0).any()):
+        return None
+    return offset, tuple(((starts - offset) // width).tolist())
 
 
 def _strides(where: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -35,6 +35,7 @@ class FamilyProof:
     dtype: str
     weights: int
     unserved: int  # weights vLLM was told not to load (an image encoder), read from the checkpoint instead
+    rows: int  # weights vLLM keeps as rows in another order, trained as copies written back
     parity: float
     parity_after: float
     margin_before: float
@@ -43,8 +44,11 @@ class FamilyProof:
     checkpoint_gap: float
 
     def line(self) -> str:
-        views = f"all {self.weights} views" if not self.unserved else \
-            f"{self.weights - self.unserved} views, {self.unserved} not served (read from the checkpoint, frozen)"
+        views = f"{self.weights - self.unserved - self.rows} views"
+        if self.rows:
+            views += f", {self.rows} vLLM rows in another order (copies written back)"
+        if self.unserved:
+            views += f", {self.unserved} not served (read from the checkpoint, frozen)"
         return (f"{self.family} ({self.dtype}): {views}; parity {self.parity:.2g}, after the "
                 f"step {self.parity_after:.2g}; vLLM's margin {self.margin_before:.3f} -> {self.margin_after:.3f}; "
                 f"the checkpoint in a fresh vLLM: {'the same' if self.same_greedy else 'ANOTHER'} greedy answer, "
@@ -60,6 +64,7 @@ def dpo_step(model: torch.nn.Module, prompt: list[int], chosen: list[int], rejec
     from loop.worker.apollo import make_optimizer, trainable_parameters
     from loop.worker.objectives import PairBatch, train_step
     from loop.worker.update import apply_updates_, check_updates
+    from loop.worker.views import write_back
 
     rows = [prompt + chosen, prompt + rejected]
     width = max(map(len, rows))
@@ -79,6 +84,7 @@ def dpo_step(model: torch.nn.Module, prompt: list[int], chosen: list[int], rejec
     assert check.ok, check.reason
     with torch.no_grad():
         apply_updates_(step.deltas)
+    write_back(model)  # as the worker's apply: rows trained as copies go back into vLLM's memory
     if device.type == "cuda":
         torch.cuda.synchronize()
     opt.commit()
@@ -98,8 +104,11 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
     try:
         hs, tensors, model = attach_model(vllm)
         placed = hs.meta["layout"]["tensors"]
-        not_views = {n: p for n, p in placed.items() if p["kind"] != "view" and n not in model.loop_unserved}
-        assert not not_views, not_views  # only an image encoder vLLM was told not to load may be missing
+        # besides views: rows vLLM keeps in another order (trained as copies, written back) and an image encoder
+        # vLLM was told not to load (read from the checkpoint, frozen)
+        not_views = {n: p for n, p in placed.items()
+                     if p["kind"] != "view" and n not in model.loop_unserved and n not in model.loop_rows}
+        assert not not_views, not_views
         assert views_alias(model, tensors)
         ids = token_ids(str(folder), PROMPT)
         ours, theirs = hf_prompt_logprobs(fp32(model), ids), vllm_prompt_logprobs(vllm, ids)
@@ -131,7 +140,7 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
         answer, lp = greedy(fresh)
     finally:
         fresh.stop()
-    proof = FamilyProof(family, dtype, len(hs.meta["layout"]["tensors"]), len(model.loop_unserved), gap, gap_after, before, after,
+    proof = FamilyProof(family, dtype, len(hs.meta["layout"]["tensors"]), len(model.loop_unserved), len(model.loop_rows), gap, gap_after, before, after,
                         answer == live_answer, max(abs(a - b) for a, b in zip(lp, live_lp)))
     print("\n" + proof.line())
     assert proof.same_greedy

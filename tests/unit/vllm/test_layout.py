@@ -83,8 +83,11 @@ CASES = {
     "transposed": (lambda m, w: m.p.data.copy_(w.t()), {"p": (6, 4)}, "view"),
     "reshaped": (lambda m, w: m.p.data.copy_(w.reshape(2, 12)), {"p": (2, 12)}, "view"),
     "offset box": (lambda m, w: m.p.data[1:5, 2:8].copy_(w), {"p": (6, 9)}, "view"),
-    "permuted rows": (lambda m, w: m.p.data.copy_(w[[1, 0, 3, 2]]), {"p": (4, 6)}, "scattered"),
-    "reversed": (lambda m, w: m.p.data.copy_(w.flip(0)), {"p": (4, 6)}, "scattered"),
+    "permuted rows": (lambda m, w: m.p.data.copy_(w[[1, 0, 3, 2]]), {"p": (4, 6)}, "rows"),
+    "rows in a larger parameter": (lambda m, w: m.p.data[2:6].copy_(w[[3, 2, 0, 1]]), {"p": (7, 6)}, "rows"),
+    "reversed": (lambda m, w: m.p.data.copy_(w.flip((0, 1))), {"p": (4, 6)}, "scattered"),
+    "rows cut in half": (lambda m, w: m.p.data.copy_(w.reshape(8, 3)[[1, 0, 3, 2, 5, 4, 7, 6]]), {"p": (8, 3)},
+                         "scattered"),
     "split over two": (lambda m, w: (m.p.data.copy_(w[:2]), m.q.data.copy_(w[2:])), {"p": (2, 6), "q": (2, 6)},
                        "scattered"),
     "scaled": (lambda m, w: m.p.data.copy_(w * 0.5), {"p": (4, 6)}, "transformed"),
@@ -102,11 +105,22 @@ def test_each_kind_of_load_comes_out_as_its_kind(case: str) -> None:
     placed = layout.tensors["layers.0.w"]
     assert placed.kind == kind, placed
     assert (placed.reason != "") == (kind != "view")
+    w = torch.arange(24, dtype=torch.float32).reshape(4, 6) + 100
     if kind == "view":  # the view of a real load holds the tensor exactly
-        w = torch.arange(24, dtype=torch.float32).reshape(4, 6) + 100
         loader(model.layers[0], w)
         assert torch.equal(view_of(layout, "layers.0.w", {f"layers.0.{n}": getattr(model.layers[0], n).data
                                                            for n in params}), w)
+    if kind == "rows":  # the rows gathered from a real load are the tensor; written back, the load is restored
+        from loop.worker.views import row_region
+
+        loader(model.layers[0], w)
+        live = model.layers[0].p.data
+        loaded = live.clone()
+        region, index = row_region(live, placed)
+        assert region is not None and torch.equal(region.index_select(0, index), w)
+        live.fill_(-1.0)
+        region.index_copy_(0, index, w)
+        assert torch.equal(live[live != -1.0], loaded[live != -1.0]) and int((live != -1.0).sum()) == 24
 
 
 def test_views_and_other_kinds_side_by_side_in_one_parameter() -> None:
@@ -123,7 +137,8 @@ def test_views_and_other_kinds_side_by_side_in_one_parameter() -> None:
 
     layout = derive(Two(), {"layers.0.a": (4, 6), "layers.0.b": (4, 6)})
     assert layout.tensors["layers.0.a"] == Placement("view", "layers.0.p", 0, (4, 6), (6, 1))
-    assert layout.tensors["layers.0.b"].kind == "scattered"
+    assert layout.tensors["layers.0.b"] == Placement("rows", "layers.0.p", 24, (4, 6), reason=layout.tensors[
+        "layers.0.b"].reason, rows=(1, 0, 3, 2))
 
 
 def test_a_write_outside_the_probed_layer_is_refused_and_never_reaches_a_live_weight() -> None:
@@ -145,7 +160,8 @@ def test_a_loader_that_fails_half_way_leaves_every_tensor_in_place() -> None:
 
 
 def test_the_layout_round_trips_through_json_and_refuses_another_format() -> None:
-    layout = Layout({"a": Placement("view", "p", 3, (2, 2), (1, 2)), "b": Placement("absent", shape=(4,), reason="x")})
+    layout = Layout({"a": Placement("view", "p", 3, (2, 2), (1, 2)), "b": Placement("absent", shape=(4,), reason="x"),
+                     "c": Placement("rows", "q", 8, (3, 4), reason="y", rows=(2, 0, 1))})
     assert Layout.from_json(layout.to_json()).tensors == layout.tensors
     with pytest.raises(ValueError, match="format"):
         Layout.from_json({**layout.to_json(), "format": 99})

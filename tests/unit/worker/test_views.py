@@ -148,3 +148,34 @@ def test_a_handle_file_without_a_layout_says_why() -> None:
         layout_of({"layout": None, "layout_error": "KeyError: boom"})
     with pytest.raises(ValueError, match="carries no layout"):
         layout_of({})
+
+
+def test_rows_vllm_keeps_in_another_order_train_as_a_copy_written_back(tmp_path: Path) -> None:
+    """Llama 4's case (vLLM regroups q/k rows for its rotary layout): the HF weight is gathered from vLLM's rows, the
+    forward matches, and `write_back` puts every row of a changed copy where vLLM reads it, touching nothing else."""
+    from loop.worker.views import write_back
+
+    config = CONFIGS["llama-tied"]()
+    config.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config).eval()
+    fused, layout = vllm_layout(ref)
+    q, qkv = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fused[qkv][:32] = ref.get_parameter(q)[perm]  # vLLM's row j holds HF row perm[j]
+    layout.tensors[q] = Placement("rows", param=qkv, offset=0, shape=(32, 32), rows=tuple(torch.argsort(perm).tolist()),
+                                  reason="its rows land whole but in another order")
+    model = build_model(str(tmp_path), fused, layout=layout)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
+    assert views_alias(model, fused) and set(model.loop_rows) == {q}
+    copy = model.get_parameter(q)
+    assert copy.data_ptr() != fused[qkv].data_ptr() and torch.equal(copy.detach(), ref.get_parameter(q).detach())
+    rest = fused[qkv][32:].clone()
+    with torch.no_grad():
+        copy.add_(1.0)  # what an apply does to the copy
+    assert not torch.equal(fused[qkv][:32], copy.detach()[perm])  # not seen by vLLM until written back
+    assert write_back(model) == 1
+    assert torch.equal(fused[qkv][:32], copy.detach()[perm]) and torch.equal(fused[qkv][32:], rest)

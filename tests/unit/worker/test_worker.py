@@ -199,3 +199,23 @@ def test_a_mixture_of_experts_checkpoint_is_the_hub_layout_and_restores_into_the
     assert w.checksum() != saved
     assert isinstance(w.restore(p.Restore(req=4, path=str(path))), p.Restored)
     assert w.checksum() == saved  # written back through views into the fused tensors
+
+
+def test_apply_and_restore_write_rows_kept_as_copies_back_into_vllm(worker: Worker, lowmem: bool,
+                                                                     tmp_path: Path) -> None:
+    """A weight vLLM keeps as rows in another order (Llama 4's q/k) is a copy in the worker: every write (Apply in
+    either mode, Restore) puts its rows back into vLLM's memory before replying, i.e. inside the pause."""
+    q = "model.layers.0.self_attn.q_proj.weight"
+    copy = worker.model.get_parameter(q)
+    perm = torch.randperm(copy.shape[0], generator=torch.Generator().manual_seed(0))
+    vllm_rows = copy.detach()[perm].clone()  # vLLM's region: its row j holds the copy's row perm[j]
+    worker.model.loop_rows = {q: (vllm_rows, torch.argsort(perm))}
+    path = tmp_path / "ckpt" / "v000001"
+    assert isinstance(worker.write_checkpoint(p.Checkpoint(req=1, path=str(path), version=1)), p.CheckpointDone)
+    saved = vllm_rows.clone()
+    worker.train(p.Train(lowmem=lowmem, req=2, run_id=1, pairs=[PAIR]))
+    assert torch.equal(vllm_rows, saved)  # training stages; nothing reaches vLLM before Apply
+    assert isinstance(worker.apply(p.Apply(req=3, run_id=1)), p.Applied)
+    assert not torch.equal(vllm_rows, saved) and torch.equal(vllm_rows, copy.detach()[perm])
+    assert isinstance(worker.restore(p.Restore(req=4, path=str(path))), p.Restored)
+    assert torch.equal(vllm_rows, saved)
