@@ -53,6 +53,15 @@ _DENSE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "
           "num_key_value_heads": 1, "max_position_embeddings": 512}
 _WIDE = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
 
+# Qwen3.5's text model (tiny): the hybrid of 3 Gated DeltaNet layers to 1 gated full-attention layer
+_QWEN3_5 = {**_DENSE, **_WIDE, "num_hidden_layers": 4, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+            "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+            "attn_output_gate": True, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128, "linear_num_key_heads": 2, "linear_num_value_heads": 6,
+            "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1, "partial_rotary_factor": 0.25,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                "mrope_section": [2, 1, 1], "mrope_interleaved": True}}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         "LlamaForCausalLM", "llama",
@@ -82,25 +91,13 @@ FAMILIES: dict[str, Family] = {
         "Qwen3_5ForCausalLM", "qwen3_5_text",
         "Qwen/Qwen3.5-27B text model: 3 Gated DeltaNet layers then 1 gated full-attention layer, head_dim 256 "
         "(not hidden/heads), partial rotary 0.25 with interleaved mrope, linear value heads 3x key heads, untied",
-        {**_DENSE, **_WIDE, "num_hidden_layers": 4, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
-         "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-         "attn_output_gate": True, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
-         "linear_value_head_dim": 128, "linear_num_key_heads": 2, "linear_num_value_heads": 6,
-         "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1, "partial_rotary_factor": 0.25,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
-                             "mrope_section": [2, 1, 1], "mrope_interleaved": True}}),
+        _QWEN3_5),
     "qwen3_5_vl": Family(
         "Qwen3_5ForConditionalGeneration", "qwen3_5",
         "Qwen/Qwen3.5-27B as released: the hybrid text model of qwen3_5 under model.language_model, a ViT image "
         "encoder (model.visual) whose merger projects to the text width, one config with text_config and "
         "vision_config",
-        {**_DENSE, **_WIDE, "num_hidden_layers": 4, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
-         "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-         "attn_output_gate": True, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
-         "linear_value_head_dim": 128, "linear_num_key_heads": 2, "linear_num_value_heads": 6,
-         "mamba_ssm_dtype": "float32", "mtp_num_hidden_layers": 1, "partial_rotary_factor": 0.25,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
-                             "mrope_section": [2, 1, 1], "mrope_interleaved": True}},
+        _QWEN3_5,
         vision={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": 64,
                 "num_position_embeddings": 64, "patch_size": 16, "temporal_patch_size": 2, "spatial_merge_size": 2}),
     "qwen3_moe": Family(
