@@ -59,6 +59,9 @@ def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespac
            "--max-model-len", str(getattr(args, "max_model_len", 2048))]  # bench memory sets it; update keeps 2048
     if args.dummy:
         cmd += ["--load-format", "dummy", "--skip-tokenizer-init"]
+        if "vision_config" in json.loads((Path(model) / "config.json").read_text()):
+            # a multimodal release (Qwen3.5): its image processor needs the tokenizer that a config folder lacks
+            cmd += ["--language-model-only"]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if not cuda or getattr(args, "eager", False):

@@ -114,7 +114,12 @@ def _read_unserved(folder: Path, names: set[str], like: Mapping[str, torch.Tenso
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:  # a config folder served with vLLM's dummy weights: the frozen encoder beside them is dummy too
+        logger.warning("%s has no weight files (vLLM's dummy load format): the %d weights beside the language "
+                       "model are zeros", folder, len(names))
+        return {n: torch.zeros(like[n].shape, dtype=dtype, device=device) for n in names}
+    for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in names.intersection(st.keys()):
                 out[key] = st.get_tensor(key).to(device=device, dtype=dtype)

@@ -230,3 +230,17 @@ def test_an_image_encoder_neither_served_nor_in_the_checkpoint_is_refused(tiny: 
     assert got.keys() == like.keys() and all(t.dtype == torch.bfloat16 for t in got.values())
     with pytest.raises(ValueError, match="neither in vLLM .* nor, in their shape, in the checkpoint"):
         _read_unserved(tiny["qwen3"], set(like), like, torch.bfloat16, torch.device("cpu"))
+
+
+def test_a_config_folder_without_weights_gets_a_zero_encoder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """vLLM's dummy load format serves a config folder: the frozen encoder beside it has nothing to read."""
+    import shutil
+
+    from loop.layout import hf_meta_model
+    from loop.worker.views import _read_unserved
+
+    shutil.copy(tiny["qwen3_5_vl"] / "config.json", tmp_path / "config.json")
+    like = {n: p for n, p in hf_meta_model(str(tiny["qwen3_5_vl"])).named_parameters() if ".visual." in n}
+    got = _read_unserved(tmp_path, set(like), like, torch.bfloat16, torch.device("cpu"))
+    assert got.keys() == like.keys()
+    assert all(t.shape == like[n].shape and t.dtype == torch.bfloat16 and not t.any() for n, t in got.items())
