@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from loop.vllm.process import kernel_args
 from tests.support import free_port, wait_for
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -49,7 +50,7 @@ def start_vllm(model: str, tmp: Path, *args: str, env: dict[str, str] | None = N
     child_env = {**os.environ, "LOOP_RUNTIME_DIR": str(runtime_dir), "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
     child_env.pop("LOOP_PLUGIN_DISABLE", None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-           "--seed", "0", *args]  # fmt: skip
+           "--seed", "0", *kernel_args(model, "cuda" if torch.cuda.is_available() else "cpu"), *args]  # fmt: skip
     log_path = tmp / "vllm.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
@@ -58,7 +59,10 @@ def start_vllm(model: str, tmp: Path, *args: str, env: dict[str, str] | None = N
         wait_for(f"{server.url}/health", timeout, proc=proc)
     except BaseException as exc:
         server.stop()
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
+        lines = log_path.read_text(errors="replace").splitlines()
+        # the root cause is often far above the last lines (an engine core's traceback, then the API server's)
+        causes = [ln for ln in lines[:-40] if "Error:" in ln and "WARNING" not in ln][-5:]
+        tail = "\n".join([*causes, "...", *lines[-40:]] if causes else lines[-40:])
         raise RuntimeError(f"vLLM did not start: {exc}\n{tail}") from exc
     return server
 

@@ -54,6 +54,8 @@ def _median(xs: list[float]) -> float:
 
 
 def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespace, cuda: bool) -> subprocess.Popen:
+    from loop.vllm.process import kernel_args
+
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "bfloat16",
            "--max-model-len", str(getattr(args, "max_model_len", 2048))]  # bench memory sets it; update keeps 2048
@@ -64,6 +66,7 @@ def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespac
             cmd += ["--language-model-only"]
     if cuda:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    cmd += kernel_args(model, "cuda" if cuda else "cpu")
     if not cuda or getattr(args, "eager", False):
         cmd += ["--enforce-eager"]
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -54,6 +56,21 @@ UNHEALTHY_AFTER = 3  # failed probes in a row before a ready vLLM is restarted
 # AF_UNIX paths (vLLM's socket, its ZMQ ipc:// sockets: a 36-character name in the tmp dir) hold 107 bytes.
 MAX_SOCKET_PATH = 107
 RPC_NAME_LEN = 37
+
+
+def kernel_args(model_path: str | Path, device: str) -> list[str]:
+    """vLLM flags the model's kernels need on this machine: a Gated DeltaNet hybrid (Qwen3.5) prefills through
+    FlashInfer on Hopper by default and dies at its first prompt where FlashInfer is not installed; Triton has the
+    same kernel."""
+    if device != "cuda" or importlib.util.find_spec("flashinfer") is not None:
+        return []
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if "linear_key_head_dim" in config.get("text_config", config):
+        return ["--gdn-prefill-backend", "triton"]
+    return []
 
 
 def _say(message: str) -> None:
@@ -274,7 +291,7 @@ class VLLMSupervisor:
             cmd.append("--enforce-eager")
         if self.device == "cuda":
             cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
-        return cmd + list(s.vllm_args)
+        return cmd + kernel_args(self.model_path, self.device) + list(s.vllm_args)
 
     def child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}

@@ -5,7 +5,7 @@
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
-#        families big-q35 big-moe mem-moe
+#        families big-q35 big-moe mem-moe mem-q35
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -84,6 +84,7 @@ for s in "$@"; do
     big-q35)  big qwen3_5-27b 54.7 ;;
     big-moe)  big qwen3-30b-a3b 61.1 ;;
     mem-moe)  mem qwen3-30b-a3b 61.1 1 --modes lowmem,staged --steps 3 --eager ;;
+    mem-q35)  mem qwen3_5-27b 54.7 1 --modes lowmem,staged --steps 3 --eager ;;
     p2-14b)   step p2-14b $py -m loop.bench.train --model loop/bench/configs/qwen2-14b --random-init --device cuda --pairs 4 --seq 1024 ;;
   esac
 done
