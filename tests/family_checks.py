@@ -27,6 +27,9 @@ from tests.zero_copy_support import (
 )  # fmt: skip
 
 ANSWERS = (" Berlin, of course.", " Madrid, I think.")
+# what the experts' load is read over: text beside the trained pair, not the pair itself
+LOAD_TEXT = ("The river rose through the night, and by morning the village had moved its boats to the upper field. "
+             "Children counted them twice; the baker counted flour. Nobody counted the hours until the rain stopped.")
 
 
 @dataclass
@@ -42,6 +45,9 @@ class FamilyProof:
     margin_after: float
     same_greedy: bool
     checkpoint_gap: float
+    # a mixture's expert load over a fixed text before and after the step: busiest expert over an even share,
+    # before and after, and the share of routing choices that changed
+    routing: tuple[float, float, float] | None = None
 
     def line(self) -> str:
         views = f"{self.weights - self.unserved - self.rows} views"
@@ -52,7 +58,9 @@ class FamilyProof:
         return (f"{self.family} ({self.dtype}): {views}; parity {self.parity:.2g}, after the "
                 f"step {self.parity_after:.2g}; vLLM's margin {self.margin_before:.3f} -> {self.margin_after:.3f}; "
                 f"the checkpoint in a fresh vLLM: {'the same' if self.same_greedy else 'ANOTHER'} greedy answer, "
-                f"log-probs within {self.checkpoint_gap:.2g}")
+                f"log-probs within {self.checkpoint_gap:.2g}"
+                + (f"; expert load (busiest / even) {self.routing[0]:.2f} -> {self.routing[1]:.2f}, "
+                   f"{self.routing[2]:.1%} of routing choices changed" if self.routing else ""))
 
 
 def logp(vllm, prompt: list[int], answer: list[int]) -> float:  # noqa: ANN001
@@ -92,6 +100,50 @@ def dpo_step(model: torch.nn.Module, prompt: list[int], chosen: list[int], rejec
     opt.commit()
 
 
+@dataclass
+class ExpertLoad:
+    """Where a mixture's routers send a text's tokens: per layer, the top-k experts of each token."""
+
+    choices: list[torch.Tensor]  # per MoE layer: (tokens, k) expert ids
+    experts: int
+
+    def imbalance(self) -> float:
+        """The busiest expert's share over an even share, averaged over the layers (1.0: perfectly even)."""
+        out = []
+        for c in self.choices:
+            counts = torch.bincount(c.reshape(-1), minlength=self.experts).float()
+            out.append((counts.max() / counts.mean()).item())
+        return sum(out) / len(out)
+
+    def moved(self, other: ExpertLoad) -> float:
+        """The share of (token, layer) routing choices whose expert set differs from `other`'s."""
+        changed = [(a.sort(-1).values != b.sort(-1).values).any(-1).float().mean().item()
+                   for a, b in zip(self.choices, other.choices)]
+        return sum(changed) / len(changed)
+
+
+def expert_load(model: torch.nn.Module, ids: list[int]) -> ExpertLoad:
+    """Each router's top-k over its own logits (its weight times the hidden state it is given): the experts the
+    tokens go to, however a family's router module reports them."""
+    config = getattr(model.config, "text_config", None) or model.config
+    k = next(getattr(config, a) for a in ("num_experts_per_tok", "moe_topk") if isinstance(getattr(config, a, None), int))
+    experts = next(getattr(config, a) for a in ("num_experts", "num_local_experts")
+                   if isinstance(getattr(config, a, None), int))
+    routers = {n.rsplit(".", 1)[0]: model.get_parameter(n) for n in moe_routers(model)}
+    choices: list[torch.Tensor] = []
+    hooks = [model.get_submodule(m).register_forward_pre_hook(
+        lambda _mod, args, w=w: choices.append((args[0].reshape(-1, w.shape[1]).float() @ w.float().T)
+                                               .topk(k, dim=-1).indices))
+             for m, w in routers.items()]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids], device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return ExpertLoad(choices, experts)
+
+
 def fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
 
@@ -118,6 +170,8 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
         assert gap < parity, gap
         routers = {n: p.detach().clone() for n, p in model.named_parameters() if n in moe_routers(model)}
         assert bool(routers) == ("moe" in family or family == "llama4")
+        load_ids = token_ids(str(folder), LOAD_TEXT)
+        load = expert_load(model, load_ids) if routers else None
 
         tok = AutoTokenizer.from_pretrained(str(folder))
         chosen, rejected = (tok(a, add_special_tokens=False)["input_ids"] for a in ANSWERS)
@@ -130,6 +184,12 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
         assert gap_after < parity, gap_after  # vLLM computes from the memory written
         for n, before_router in routers.items():  # the routers are frozen: which experts serve a token stays put
             assert torch.equal(model.get_parameter(n).detach(), before_router), n
+        if load is not None:  # the hidden states they route did move: how far the experts' load followed
+            load_after = expert_load(model, load_ids)
+            routing = (load.imbalance(), load_after.imbalance(), load_after.moved(load))
+            # a guard against collapse, not a tight bound: one step at this lr moves a tiny random model's hidden
+            # states far (Llama 4's top-1 routing over ~45 tokens read 2.50 -> 3.05 on the CPU)
+            assert routing[1] <= 1.5 * routing[0], routing
 
         live_answer, live_lp = greedy(vllm)
         from loop.worker.checkpoint import write_folder
@@ -143,7 +203,8 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
     finally:
         fresh.stop()
     proof = FamilyProof(family, dtype, len(hs.meta["layout"]["tensors"]), len(model.loop_unserved), len(model.loop_rows), gap, gap_after, before, after,
-                        answer == live_answer, max(abs(a - b) for a, b in zip(lp, live_lp)))
+                        answer == live_answer, max(abs(a - b) for a, b in zip(lp, live_lp)),
+                        routing if load is not None else None)
     print("\n" + proof.line())
     assert proof.same_greedy
     assert proof.checkpoint_gap < same_tol  # the same weights, the same kernels: the same sums

@@ -29,7 +29,6 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -40,6 +39,8 @@ from loop.errors import Unavailable, UpstreamTimeout
 from loop.logs import open_private_log
 from loop.worker import protocol as p
 from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, worker_command
+
+REFUSAL_TAIL = 64 << 10  # bytes of worker.log read for a refusal's reason: its last lines
 
 log = logging.getLogger("loop.training.worker")
 
@@ -330,8 +331,9 @@ class WorkerControl:
         """The worker refused the model vLLM serves: no restart (it would refuse again); the reason is its last
         log line, and `on_refused` tells `loop serve`."""
         reason = "the worker refused the model (see worker.log)"
-        with contextlib.suppress(OSError):
-            lines = Path(self._log_file.name).read_text(errors="replace").splitlines()
+        with contextlib.suppress(OSError), open(self._log_file.name, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - REFUSAL_TAIL))  # the log keeps every run of the worker
+            lines = f.read().decode(errors="replace").splitlines()
             said = [ln.split(REFUSED_PREFIX, 1)[1] for ln in lines if REFUSED_PREFIX in ln]
             if said:
                 reason = said[-1]

@@ -429,10 +429,14 @@ def serve(config: WorkerConfig) -> int:
     worker = Worker(config, ch)
     try:
         worker.attach()
-    except ModelRefused as e:
+        return _serve(worker, ch)
+    except ModelRefused as e:  # at start, or a restarted vLLM now serving a model loop cannot train in place
         log.error("%s%s", REFUSED_PREFIX, e)
         ch.close()
         return EXIT_REFUSED
+
+
+def _serve(worker: Worker, ch: Channel) -> int:
     inbox = ch.messages()
     pending: queue.Queue[p.Msg] = queue.Queue()
     import threading
@@ -463,6 +467,9 @@ def serve(config: WorkerConfig) -> int:
             if not isinstance(msg, p.Ping):
                 worker.ensure_attached()
             reply = worker.handle(msg)
+        except ModelRefused as e:
+            ch.send(p.Error(req=msg.req, message=f"{REFUSED_PREFIX}{e}"))
+            raise
         except Exception as e:  # noqa: BLE001 - report to the API, keep serving
             log.exception("request %s failed", type(msg).__name__)
             reply = p.Error(req=msg.req, message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())

@@ -178,6 +178,8 @@ async def test_a_worker_that_refuses_the_model_is_not_restarted_and_says_why(tmp
     settings.ensure_dirs()
     why = "1 of 20 weights of Llama4ForCausalLM are not views of vLLM's weights: q_proj.weight: scattered"
     told: list[str] = []
+    # an earlier run's refusal and a long log since: the reason is this run's, read from the log's tail
+    (settings.log_dir / "worker.log").write_text(f"{REFUSED_PREFIX}an older model\n" + ("x" * 99 + "\n") * 2000)
     script = f"import sys; print({'worker ERROR ' + REFUSED_PREFIX + why!r}, file=sys.stderr); sys.exit({EXIT_REFUSED})"
     ctl = WorkerControl(settings, command=[sys.executable, "-c", script], max_restarts=2, on_refused=told.append)
     await ctl.start()

@@ -219,3 +219,29 @@ def test_apply_and_restore_write_rows_kept_as_copies_back_into_vllm(worker: Work
     assert not torch.equal(vllm_rows, saved) and torch.equal(vllm_rows, copy.detach()[perm])
     assert isinstance(worker.restore(p.Restore(req=4, path=str(path))), p.Restored)
     assert torch.equal(vllm_rows, saved)
+
+
+def test_a_model_refused_on_re_attach_is_said_to_the_caller_and_ends_the_worker(worker: Worker,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM restarted on a model loop cannot train in place: the request that found it gets the refusal, and the
+    worker stops (serve() then exits EXIT_REFUSED, so it is not restarted into the same refusal)."""
+    from loop.worker.config import REFUSED_PREFIX
+    from loop.worker.main import ModelRefused, _serve
+
+    class Inbox(FakeChannel):
+        def messages(self):  # noqa: ANN202
+            yield p.Ping(req=1)
+            yield p.Discard(req=2, run_id=7)
+
+        def close(self) -> None:
+            pass
+
+    def refuse() -> None:
+        raise ModelRefused("2 of 20 weights are not views of vLLM's weights")
+
+    monkeypatch.setattr(worker, "ensure_attached", refuse)
+    ch = Inbox()
+    with pytest.raises(ModelRefused):
+        _serve(worker, ch)  # type: ignore[arg-type]
+    assert [type(m) for m in ch.sent] == [p.Status, p.Error]  # the ping needs no attach; the discard found it
+    assert ch.sent[1].req == 2 and ch.sent[1].message == REFUSED_PREFIX + "2 of 20 weights are not views of vLLM's weights"
