@@ -75,7 +75,11 @@ def keep_expert_weights_live() -> None:
     except ImportError:  # not a vLLM-CPU build
         return
     after_loading, apply = CPUUnquantizedExperts.process_weights_after_loading, CPUUnquantizedExperts.apply
-    signature = inspect.signature(apply)  # the flag is read by name, wherever this vLLM puts it among the arguments
+    # the flag is read by name, wherever this vLLM puts it among the arguments (found once: apply runs every step)
+    params = inspect.signature(apply).parameters
+    flag = "apply_router_weight_on_input"
+    flag_at = list(params).index(flag) - 10 if flag in params else -1  # its place among *args below
+    flag_default = params[flag].default if flag in params and params[flag].default is not params[flag].empty else False
 
     def process_weights_after_loading(self: Any, layer: Any) -> None:
         padded = self._padded_intermediate_size(self.moe_config) != self.moe_config.intermediate_size_per_partition
@@ -93,10 +97,7 @@ def keep_expert_weights_live() -> None:
             apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
                   expert_map, *args, **kwargs)
             return
-        bound = signature.bind(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                               global_num_experts, expert_map, *args, **kwargs)
-        bound.apply_defaults()
-        on_input = bound.arguments.get("apply_router_weight_on_input", False)
+        on_input = kwargs.get(flag, args[flag_at] if 0 <= flag_at < len(args) else flag_default)
         _live_experts(output, hidden_states, w1, w2, getattr(self, "w1_bias", None), getattr(self, "w2_bias", None),
                       topk_weights, topk_ids, str(getattr(activation, "value", activation)).lower(), bool(on_input))
 
