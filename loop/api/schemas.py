@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loop.db.models import MAX_ID
+from loop.feedback.store import RATING_FIELDS
 
 __all__ = ["MAX_ID"]  # re-exported for routes that bound query integers
 
@@ -42,6 +43,10 @@ class RatingIn(BaseModel):
     rater: str = Field("anonymous", min_length=1, max_length=200)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200,
                                         description="Retries with the same key return the stored rating.")
+    expected_current_id: int | None = Field(None, ge=1, le=MAX_ID, description=(
+        "The id of the rater's current rating of this response as the screen showed it (null: none). When sent, a "
+        "write made on a stale view is refused with 409 `stale_rating` instead of replacing a rating the rater "
+        "never saw."))
 
     @field_validator("tags")
     @classmethod
@@ -63,8 +68,9 @@ class RatingIn(BaseModel):
 
     @model_validator(mode="after")
     def _something_to_say(self) -> "RatingIn":
-        if self.thumb is None and self.score is None and not self.comment and not self.tags:
-            raise ValueError("a rating needs at least one of thumb ('up'/'down'), score (1..10), comment or tags")
+        if not self.model_fields_set & set(RATING_FIELDS):
+            raise ValueError("a rating needs at least one of thumb ('up'/'down'), score (1..10), comment or tags "
+                             "(a field left out keeps its current value; null clears it; all cleared withdraws)")
         return self
 
 
@@ -77,6 +83,8 @@ class RatingOut(BaseModel):
     comment: str | None
     tags: list[str]
     is_current: bool
+    withdrawn: bool = Field(False, description="Nothing left set: the rater withdrew their rating (kept in the "
+                                               "history, never trained on).")
     created_at: str
 
 

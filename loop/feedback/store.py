@@ -45,8 +45,16 @@ def iso(dt: datetime | None) -> str | None:
     return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+RATING_FIELDS = ("thumb", "score", "comment", "tags")
+
+
 @dataclass(frozen=True)
 class RatingInput:
+    """One rater's rating of a response. `given` names the fields the rater set (a field left out keeps the value
+    of their current rating: edits merge); with none left set, the rating is withdrawn. `expected_current_id`, when
+    `expects` is true, is the current rating the rater's screen showed (None: none): another one makes the write
+    stale, so it is refused instead of silently replacing what the rater never saw."""
+
     response_id: str
     rater: str = "anonymous"
     thumb: int | None = None  # +1 / -1
@@ -54,10 +62,22 @@ class RatingInput:
     comment: str | None = None
     tags: tuple[str, ...] = ()
     idempotency_key: str | None = None
+    given: frozenset[str] = frozenset(RATING_FIELDS)
+    expects: bool = False
+    expected_current_id: int | None = None
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.thumb, self.score, self.comment or None, tuple(self.tags))
 
     def same_as(self, other: "RatingInput") -> bool:
-        return (self.response_id, self.rater, self.thumb, self.score, self.comment or None, tuple(self.tags)) == \
-               (other.response_id, other.rater, other.thumb, other.score, other.comment or None, tuple(other.tags))
+        """The same submission (a retry in the same batch)."""
+        return (self.response_id, self.rater, self._fields(), self.given, self.expects, self.expected_current_id) == \
+               (other.response_id, other.rater, other._fields(), other.given, other.expects, other.expected_current_id)
+
+    def stored_as(self, row: "RatingInput") -> bool:
+        """`row` (a stored rating) is what this submission stored: the fields it set have its values."""
+        return (self.response_id, self.rater) == (row.response_id, row.rater) and all(
+            a == b for f, a, b in zip(RATING_FIELDS, self._fields(), row._fields()) if f in self.given)
 
     @classmethod
     def of_row(cls, r: Rating) -> "RatingInput":
@@ -84,7 +104,12 @@ class Outcome:
 def rating_json(r: Rating) -> dict[str, Any]:
     return {"id": r.id, "response_id": r.response_id, "rater": r.rater, "thumb": INT_TO_THUMB.get(r.thumb or 0),
             "score": r.score, "comment": r.comment, "tags": list(r.tags or []), "is_current": bool(r.is_current),
-            "created_at": iso(r.created_at)}
+            "withdrawn": _empty(r.thumb, r.score, r.comment, r.tags), "created_at": iso(r.created_at)}
+
+
+def _empty(thumb: int | None, score: int | None, comment: str | None, tags: Any) -> bool:
+    """A rating that says nothing: a withdrawal (kept in the history, trains nothing)."""
+    return thumb is None and score is None and not comment and not tags
 
 
 def comparison_json(c: Comparison) -> dict[str, Any]:
@@ -155,7 +180,7 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
     for i, it in enumerate(items):
         key = it.idempotency_key
         if key and key in stored:
-            same = RatingInput.of_row(stored[key]).same_as(it)
+            same = it.stored_as(RatingInput.of_row(stored[key]))
             outcomes[i] = Outcome("replayed", rating_json(stored[key])) if same else _key_reused(key, "rating")
         elif key and key in first_with_key:  # a retry that arrived in the same batch as the original
             j = first_with_key[key]
@@ -169,6 +194,7 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
             if key:
                 first_with_key[key] = i
             new.append(i)
+    new, merged = _merge(s, items, new, outcomes)
     if new:
         pairs = {(items[i].response_id, items[i].rater) for i in new}
         s.execute(update(Rating).where(Rating.is_current.is_(True),
@@ -179,20 +205,66 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
         for i in new:
             last[(items[i].response_id, items[i].rater)] = i
         now = datetime.now(timezone.utc)
-        rows = [{"response_id": items[i].response_id, "rater": items[i].rater, "thumb": items[i].thumb,
-                 "score": items[i].score, "comment": items[i].comment, "tags": list(items[i].tags),
+        rows = [{"response_id": items[i].response_id, "rater": items[i].rater, **merged[i],
                  "idempotency_key": items[i].idempotency_key, "held_out": False, "created_at": now,
                  "is_current": last[(items[i].response_id, items[i].rater)] == i} for i in new]
         result = s.execute(insert(Rating).returning(Rating.id, sort_by_parameter_order=True), rows)
         for i, row, (new_id,) in zip(new, rows, result.all(), strict=True):
             body = {"id": new_id, "response_id": row["response_id"], "rater": row["rater"],
                     "thumb": INT_TO_THUMB.get(row["thumb"] or 0), "score": row["score"], "comment": row["comment"],
-                    "tags": row["tags"], "is_current": row["is_current"], "created_at": iso(now)}
+                    "tags": row["tags"], "is_current": row["is_current"],
+                    "withdrawn": _empty(row["thumb"], row["score"], row["comment"], row["tags"]),
+                    "created_at": iso(now)}
             outcomes[i] = Outcome("created", body)
     for i, j in replays:
         first = outcomes[j]
         outcomes[i] = Outcome("replayed", first.body) if first and first.kind == "created" else first
     return [o if o is not None else Outcome("unknown", message="internal: no outcome") for o in outcomes]
+
+
+def _merge(s: Session, items: list[RatingInput], new: list[int], outcomes: list[Outcome | None]
+           ) -> tuple[list[int], dict[int, dict[str, Any]]]:
+    """Each new rating merged over the rater's current one (the stored one, or an earlier one of this batch): the
+    fields it sets, the others kept. A stale one (its expected current rating is not the current one) and one that
+    would withdraw nothing get their outcome here and are left out. Returns the items to insert and their values."""
+    pairs = list({(items[i].response_id, items[i].rater) for i in new})
+    current: dict[tuple[str, str], tuple[int | None, dict[str, Any]]] = {}
+    if pairs:
+        for r in s.scalars(select(Rating).where(Rating.is_current.is_(True),
+                                                tuple_(Rating.response_id, Rating.rater).in_(pairs))):
+            current[(r.response_id, r.rater)] = (r.id, {"thumb": r.thumb, "score": r.score, "comment": r.comment,
+                                                        "tags": list(r.tags or [])})
+    kept: list[int] = []
+    merged: dict[int, dict[str, Any]] = {}
+    for i in new:
+        it = items[i]
+        cur_id, cur = current.get((it.response_id, it.rater), (None, {}))
+        if it.expects and it.expected_current_id != cur_id:
+            outcomes[i] = _stale(it, cur_id)
+            continue
+        mine = {"thumb": it.thumb, "score": it.score, "comment": it.comment, "tags": list(it.tags)}
+        values = {f: mine[f] if f in it.given or f not in cur else cur[f] for f in RATING_FIELDS}
+        if _empty(**values) and (cur_id is None or _empty(**cur)):
+            outcomes[i] = Outcome("invalid", message="a rating needs at least one of thumb ('up'/'down'), score "
+                                  "(1..10), comment or tags; setting them all empty withdraws a rating, and "
+                                  f"{it.rater!r} has none of {it.response_id!r} to withdraw", code="nothing_to_rate")
+            continue
+        current[(it.response_id, it.rater)] = (PENDING, values)  # what a later item of this batch merges over
+        kept.append(i)
+        merged[i] = values
+    return kept, merged
+
+
+PENDING = -1  # the id of a rating this batch inserts: no screen can have shown it yet
+
+
+def _stale(it: RatingInput, cur_id: int | None) -> Outcome:
+    now = ("a newer one, not yet stored" if cur_id == PENDING
+           else f"rating {cur_id}" if cur_id is not None else "none")
+    return Outcome("conflict", message=f"{it.rater!r}'s current rating of {it.response_id!r} is {now}, not "
+                                       f"{it.expected_current_id!r} as expected_current_id says: the screen was "
+                                       "stale; load the current rating and apply the change to it",
+                   code="stale_rating")
 
 
 @dataclass(frozen=True)

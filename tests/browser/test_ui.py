@@ -245,6 +245,44 @@ def test_history_filters_detail_and_both_exports(ui: UI, api: httpx.Client, ui_s
     assert all(set(r) >= {"prompt", "completion", "label"} for r in unpaired)
 
 
+def test_a_rating_widget_shows_what_is_stored_merges_edits_and_withdraws(ui: UI, api: httpx.Client) -> None:
+    """The History widget starts from the rater's current rating (a thumb given in Chat shows pressed), a comment
+    added there keeps the thumb, un-pressing the thumb withdraws the rating, and an edit made from a stale screen
+    (another tab changed the rating meanwhile) is refused and says so, storing nothing."""
+    pair = _seed_pair(api, f"Say hello to {secrets.token_hex(3)}.")
+    rid = pair["candidates"][0]["response_id"]
+    assert api.post("/api/ratings", json={"response_id": rid, "thumb": "up", "score": 7}).status_code == 201
+
+    page = ui.go(f"#/history/{rid}")
+    widget = page.locator(".detail .rating")
+    expect(widget.get_by_role("button", name="Thumbs up")).to_have_attribute("aria-pressed", "true")
+    expect(widget.get_by_label("Score from 1 to 10", exact=True)).to_have_value("7")
+    widget.get_by_text("Comment & tags").click()
+    widget.get_by_label("Comment", exact=True).fill("friendly")
+    widget.get_by_role("button", name="Save rating").click()
+    expect(widget.locator(".rating-status")).to_have_text("Saved")
+    current = [r for r in _ratings(api, rid) if r["is_current"]]
+    assert [(r["thumb"], r["score"], r["comment"]) for r in current] == [("up", 7, "friendly")], current
+
+    widget.get_by_label("Score from 1 to 10", exact=True).select_option("")
+    widget.get_by_label("Comment", exact=True).fill("")
+    widget.get_by_role("button", name="Save rating").click()
+    expect(widget.locator(".rating-status")).to_have_text("Saved")
+    widget.get_by_role("button", name="Thumbs up").click()  # un-press the only thing left
+    expect(widget.locator(".rating-status")).to_have_text("Rating withdrawn")
+    current = [r for r in _ratings(api, rid) if r["is_current"]]
+    assert len(current) == 1 and current[0]["withdrawn"] is True and current[0]["thumb"] is None, current
+    stored = len(_ratings(api, rid))
+
+    # another tab rates meanwhile; this screen still shows the withdrawn rating: its edit is refused
+    assert api.post("/api/ratings", json={"response_id": rid, "thumb": "down"}).status_code == 201
+    widget.get_by_role("button", name="Thumbs up").click()
+    expect(page.locator("#banner")).to_contain_text("changed elsewhere")
+    time.sleep(0.5)
+    assert len(_ratings(api, rid)) == stored + 1  # the other tab's rating only
+    assert [r["thumb"] for r in _ratings(api, rid) if r["is_current"]] == ["down"]
+
+
 # ---------------------------------------------------------------- safety, layout
 
 

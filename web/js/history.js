@@ -7,7 +7,7 @@
  * Detail: #/history/<response id>.
  */
 
-import {api, qs} from "./api.js";
+import {api, qs, raterName} from "./api.js";
 import {empty, field, fmtNum, fmtTime, h, kvList, replace} from "./dom.js";
 import {ratingWidget} from "./rating.js";
 
@@ -239,7 +239,8 @@ async function showDetail(root, id, {showError, clearError}, myToken, current) {
     h("h2", {text: "Answer"}),
     h("div", {class: "msg assistant"}, h("div", {class: "msg-body", text: resp.completion || ""})),
     h("h2", {text: "Rate it"}),
-    ratingWidget(resp.id, {showError, onSaved: refresh}),
+    ratingWidget(resp.id, {showError, onSaved: refresh,
+      initial: (resp.ratings || []).find((r) => r.is_current && r.rater === raterName()) || {}}),
     h("h2", {text: "Ratings"}), ratingsBox,
     h("h2", {text: "Comparisons"}),
     (resp.comparisons || []).length ? h("ul", {class: "feedback"}, resp.comparisons.map((c) => renderComparison(c, resp.id)))

@@ -2,10 +2,13 @@
  * rating.js — the inline rating widget (thumbs, 1–10 score, comment, tags) used under chat answers and in the
  * history detail view.
  *
- * Every save sends the widget's whole current state (a rater's newer rating supersedes the older one on the
- * server, so partial saves would drop fields). Each distinct payload gets one idempotency key, reused when the
- * same payload is sent again (retry after a network error, double click): the server stores it once.
- * Thumbs save at once; score, comment and tags save with the Save button (or Enter in a text field).
+ * The widget starts from the rater's current rating (opts.initial, with its id) and every save sends its whole
+ * state with `expected_current_id`: the rating this screen shows. A rating changed elsewhere meanwhile (another
+ * tab, the chat vs History) makes the server refuse the save (409 stale_rating) instead of replacing what the
+ * rater never saw. Un-pressing the only thumb of a stored rating withdraws it (the server keeps it in history
+ * and trains nothing on it). Each distinct payload gets one idempotency key, reused when the same payload is
+ * sent again (retry after a network error, double click): the server stores it once. Thumbs save at once;
+ * score, comment and tags save with the Save button (or Enter in a text field).
  */
 
 import {api, newKey, raterName} from "./api.js";
@@ -42,7 +45,7 @@ export function parseTags(text) {
  * is told about each stored rating; opts.initial may carry {thumb, score, comment, tags} to start from.
  */
 export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}) {
-  const state = {thumb: initial.thumb ?? null, score: initial.score ?? null};
+  const state = {thumb: initial.thumb ?? null, score: initial.score ?? null, currentId: initial.id ?? null};
   let lastPayload = "";
   let lastKey = "";
   let busy = false;
@@ -96,23 +99,22 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
 
   function payload() {
     const scoreValue = score.value ? Number(score.value) : null;
-    const body = {response_id: responseId, thumb: state.thumb, score: scoreValue, rater: raterName()};
-    const text = comment.value.trim();
-    if (text) body.comment = text;
-    const tagList = parseTags(tags.value);
-    if (tagList.length) body.tags = tagList;
-    return body;
+    // the whole state, empty fields included: the server merges a left-out field from the current rating
+    return {response_id: responseId, thumb: state.thumb, score: scoreValue, comment: comment.value.trim() || null,
+      tags: parseTags(tags.value), rater: raterName(), expected_current_id: state.currentId};
   }
 
   async function submit({fromThumb = false} = {}) {
     if (busy) return;
     const body = payload();
-    if (!body.thumb && body.score === null && !body.comment && !body.tags) {
-      // Un-pressing the only thumb leaves nothing to store; the server needs at least one field.
+    if (!body.thumb && body.score === null && !body.comment && !body.tags.length && state.currentId === null) {
+      // Nothing stored and nothing to store (un-pressing a thumb that never saved).
       setStatus(status, fromThumb ? "" : "Pick a thumb or a score, or write a comment first.", fromThumb ? "" : "error");
       return;
     }
-    const text = JSON.stringify(body);
+    // the same edit sent again (a retry, a double click) keeps its key even after the first save moved the
+    // expected id: the server answers it with the stored rating
+    const text = JSON.stringify({...body, expected_current_id: undefined});
     if (text !== lastPayload) {
       lastPayload = text;
       lastKey = newKey();
@@ -123,12 +125,16 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
     try {
       const rating = await api("/api/ratings", {method: "POST", body: {...body, idempotency_key: lastKey},
         headers: {"Idempotency-Key": lastKey}});
-      setStatus(status, "Saved", "ok");
+      state.currentId = rating.id;
+      setStatus(status, rating.withdrawn ? "Rating withdrawn" : "Saved", "ok");
       root.dataset.saved = "true";
       if (onSaved) onSaved(rating);
     } catch (err) {
       setStatus(status, "Not saved", "error");
-      if (showError) showError(`Your rating was not saved: ${err.message}`, {retry: () => submit()});
+      if (err.code === "stale_rating") {
+        if (showError) showError("Your rating of this answer changed elsewhere (another tab?); reload to see it, "
+          + "then change it again. Nothing was saved.");
+      } else if (showError) showError(`Your rating was not saved: ${err.message}`, {retry: () => submit()});
     } finally {
       busy = false;
       save.disabled = false;

@@ -39,7 +39,7 @@ from loop.api.schemas import (
 from loop.errors import Conflict, Invalid, NotFound, Unavailable
 from loop.feedback import ComparisonInput, Outcome, RatingInput, write_comparison
 from loop.feedback.queries import FeedbackFilters, list_comparisons, list_ratings
-from loop.feedback.store import THUMB_TO_INT, not_stored
+from loop.feedback.store import RATING_FIELDS, THUMB_TO_INT, not_stored
 from loop.feedback.writer import RESPONSE_WAIT_S
 from loop.state import LoopState
 
@@ -88,7 +88,8 @@ def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
         case "not_found":
             raise NotFound(outcome.message or "not found", code=outcome.code)
         case "conflict":
-            raise Conflict(outcome.message or "conflict", code=outcome.code, param="idempotency_key")
+            raise Conflict(outcome.message or "conflict", code=outcome.code,
+                           param="expected_current_id" if outcome.code == "stale_rating" else "idempotency_key")
         case "invalid":
             raise Invalid(outcome.message or "invalid", code=outcome.code)
         case "unavailable":
@@ -104,7 +105,10 @@ def _reply(outcome: Outcome, request: Request, kind: str) -> JSONResponse:
              responses={200: {"model": RatingOut, "description": "a replay of an idempotency key"},
                         503: STORAGE_UNAVAILABLE_DOC})
 async def create_rating(request: Request) -> JSONResponse:
-    """Rate a response: thumb and/or score 1..10, comment, tags. A rater's new rating supersedes their older.
+    """Rate a response: thumb and/or score 1..10, comment, tags. A rater's new rating supersedes their older and
+    merges over it: a field left out keeps its value, null (or [] for tags) clears it, all cleared withdraws the
+    rating (kept in the history, never trained on). `expected_current_id` refuses a write made on a stale view
+    (409 `stale_rating`).
 
     The body is validated by hand with the same `RatingIn` model (pydantic's JSON parser, straight from the
     bytes): FastAPI's generic body and dependency handling cost more than storing the rating does."""
@@ -113,10 +117,13 @@ async def create_rating(request: Request) -> JSONResponse:
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     state: LoopState = request.app.state.loop  # not a dependency: resolving one costs more than the write
+    sent = body.model_fields_set
     item = RatingInput(response_id=body.response_id, rater=body.rater,
                        thumb=THUMB_TO_INT[body.thumb] if body.thumb else None, score=body.score,
                        comment=body.comment, tags=tuple(body.tags),
-                       idempotency_key=_key(body.idempotency_key, request.headers.get("idempotency-key")))
+                       idempotency_key=_key(body.idempotency_key, request.headers.get("idempotency-key")),
+                       given=frozenset(sent & set(RATING_FIELDS)), expects="expected_current_id" in sent,
+                       expected_current_id=body.expected_current_id)
     return _reply(await state.rating_writer.submit(item), request, "rating")
 
 

@@ -252,3 +252,93 @@ def test_openapi_documents_the_rating_body(app) -> None:
     assert {"type": "integer", "minimum": 1, "maximum": 10} in schema["properties"]["score"]["anyOf"]
     assert set(op["responses"]) >= {"200", "201", "503"}
     assert "storage_unavailable" in op["responses"]["503"]["description"]
+
+
+async def rate(client: httpx.AsyncClient, **body: object) -> httpx.Response:
+    return await client.post("/api/ratings", json={"rater": "ann", **body})
+
+
+async def test_an_edit_merges_over_the_current_rating(client: httpx.AsyncClient, sessions) -> None:
+    """A comment added later (History's widget, another API client) never drops the thumb; null clears a field."""
+    rid = add_response(sessions)
+    thumbed = (await rate(client, response_id=rid, thumb="up", score=8)).json()
+    commented = await rate(client, response_id=rid, comment="clear and short")
+    assert commented.status_code == 201, commented.text
+    assert {k: commented.json()[k] for k in ("thumb", "score", "comment", "withdrawn")} == \
+        {"thumb": "up", "score": 8, "comment": "clear and short", "withdrawn": False}
+    cleared = (await rate(client, response_id=rid, score=None, tags=["style"])).json()
+    assert (cleared["thumb"], cleared["score"], cleared["comment"], cleared["tags"]) == \
+        ("up", None, "clear and short", ["style"])
+    other = (await client.post("/api/ratings", json={"response_id": rid, "rater": "bob", "comment": "hm"})).json()
+    assert (other["thumb"], other["comment"]) == (None, "hm")  # another rater's rating is never merged into
+    history = (await client.get("/api/ratings", params={"response_id": rid, "rater": "ann"})).json()["items"]
+    assert [x["id"] for x in history] == [cleared["id"], commented.json()["id"], thumbed["id"]]
+    assert [x["is_current"] for x in history] == [True, False, False]
+
+
+async def test_clearing_everything_withdraws_and_trains_nothing(client: httpx.AsyncClient, sessions) -> None:
+    from loop.pairs import count_available
+
+    rid = add_response(sessions)
+    r = await rate(client, response_id=rid, thumb="down")
+    with sessions() as s:
+        assert count_available(s)["unpaired_available"] == 1
+    withdrawn = await rate(client, response_id=rid, thumb=None)  # un-pressing the only thumb
+    assert withdrawn.status_code == 201, withdrawn.text
+    body = withdrawn.json()
+    assert body["withdrawn"] is True and body["is_current"] is True and body["thumb"] is None
+    with sessions() as s:
+        assert count_available(s)["unpaired_available"] == 0
+        assert s.get(Rating, r.json()["id"]).is_current is False  # the history keeps what was said and withdrawn
+    again = await rate(client, response_id=rid, thumb=None)
+    assert again.status_code == 422 and again.json()["error"]["code"] == "nothing_to_rate"
+    assert "none of" in again.json()["error"]["message"]
+    fresh = add_response(sessions)
+    r = await rate(client, response_id=fresh, comment=None, tags=[])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "nothing_to_rate"
+    assert count(sessions, Rating) == 2
+
+
+async def test_a_write_from_a_stale_view_is_refused_not_applied(client: httpx.AsyncClient, sessions) -> None:
+    """Two tabs of one rater (or a rater and a script) both show rating X; the first edit lands, the second is
+    refused with 409 stale_rating, and nothing it said is stored."""
+    rid = add_response(sessions)
+    r = await rate(client, response_id=rid, thumb="up", expected_current_id=None)  # "I see no rating yet"
+    assert r.status_code == 201, r.text
+    shown = r.json()["id"]
+    first = await rate(client, response_id=rid, comment="tab one", expected_current_id=shown)
+    assert first.status_code == 201 and first.json()["thumb"] == "up"
+    second = await rate(client, response_id=rid, thumb="down", expected_current_id=shown)
+    assert second.status_code == 409, second.text
+    err = second.json()["error"]
+    assert err["code"] == "stale_rating" and err["param"] == "expected_current_id"
+    assert f"rating {first.json()['id']}" in err["message"]
+    r = await rate(client, response_id=rid, thumb="down", expected_current_id=None)
+    assert r.status_code == 409  # "none" is stale too once there is one
+    with sessions() as s:
+        current = s.scalars(select(Rating).where(Rating.is_current.is_(True))).all()
+        assert [(c.id, c.thumb, c.comment) for c in current] == [(first.json()["id"], 1, "tab one")]
+    r = await rate(client, response_id=rid, expected_current_id=2**62, thumb="up")
+    assert r.status_code == 409  # an id at the type's limit is just another stale id
+    r = await rate(client, response_id=rid, expected_current_id=0, thumb="up")
+    assert r.status_code == 422 and "expected_current_id" in r.json()["error"]["message"]
+
+
+async def test_two_edits_of_one_view_in_one_batch_store_one(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    shown = (await rate(client, response_id=rid, score=5)).json()["id"]
+    replies = await asyncio.gather(*(rate(client, response_id=rid, score=s, expected_current_id=shown)
+                                     for s in (6, 7, 8, 9)))
+    assert sorted(r.status_code for r in replies) == [201, 409, 409, 409], [r.text for r in replies]
+    assert count(sessions, Rating) == 2
+
+
+async def test_a_retried_partial_edit_replays_its_merged_rating(client: httpx.AsyncClient, sessions) -> None:
+    rid = add_response(sessions)
+    await rate(client, response_id=rid, thumb="up")
+    body = {"response_id": rid, "comment": "ok", "idempotency_key": "edit-1"}
+    a, b = await rate(client, **body), await rate(client, **body)
+    assert (a.status_code, b.status_code) == (201, 200) and a.json() == b.json() and a.json()["thumb"] == "up"
+    c = await rate(client, **{**body, "comment": "other"})
+    assert c.status_code == 409 and c.json()["error"]["code"] == "idempotency_key_reused"
+    assert count(sessions, Rating) == 2
