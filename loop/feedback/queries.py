@@ -73,6 +73,12 @@ def _current(*conds: Any) -> Any:
     return exists().where(Rating.response_id == Response.id, Rating.is_current.is_(True), *conds)
 
 
+def says_something() -> Any:
+    """A rating that is not a withdrawal (loop.feedback.store: all of thumb, score, comment and tags empty)."""
+    return or_(Rating.thumb.is_not(None), Rating.score.is_not(None), func.coalesce(Rating.comment, "") != "",
+               cast(Rating.tags, String) != "[]")
+
+
 def mean_score_expr() -> Any:
     return (select(func.avg(Rating.score))
             .where(Rating.response_id == Response.id, Rating.is_current.is_(True), Rating.score.is_not(None))
@@ -99,9 +105,9 @@ def response_conditions(f: ResponseFilters) -> list[Any]:
     elif f.rating == "down":
         conds.append(_current(Rating.thumb == -1))
     elif f.rating == "rated":
-        conds.append(_current())
-    elif f.rating == "unrated":
-        conds.append(~_current())
+        conds.append(_current(says_something()))
+    elif f.rating == "unrated":  # never rated, or every rater withdrew
+        conds.append(~_current(says_something()))
     if f.min_score is not None:
         conds.append(mean_score_expr() >= f.min_score)
     if f.max_score is not None:
@@ -153,11 +159,12 @@ def summaries(s: Session, rows: list[Response]) -> list[dict[str, Any]]:
     agg: dict[str, dict[str, Any]] = {i: {"thumbs_up": 0, "thumbs_down": 0, "scores": [], "count": 0, "tags": []}
                                       for i in ids}
     if ids:
-        for rid, thumb, score, tags in s.execute(select(Rating.response_id, Rating.thumb, Rating.score, Rating.tags)
+        for rid, thumb, score, tags, comment in s.execute(select(Rating.response_id, Rating.thumb, Rating.score,
+                                                                 Rating.tags, Rating.comment)
                                                  .where(Rating.response_id.in_(ids), Rating.is_current.is_(True))
                                                  .order_by(Rating.id)):
             a = agg[rid]
-            a["count"] += 1
+            a["count"] += thumb is not None or score is not None or bool(tags) or bool(comment)  # not withdrawn
             a["thumbs_up"] += thumb == 1
             a["thumbs_down"] += thumb == -1
             if score is not None:

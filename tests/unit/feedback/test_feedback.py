@@ -290,6 +290,9 @@ async def test_clearing_everything_withdraws_and_trains_nothing(client: httpx.As
     with sessions() as s:
         assert count_available(s)["unpaired_available"] == 0
         assert s.get(Rating, r.json()["id"]).is_current is False  # the history keeps what was said and withdrawn
+    listed = {x["id"]: x for x in (await client.get("/api/responses", params={"rating": "unrated"})).json()["items"]}
+    assert rid in listed and listed[rid]["rating"]["count"] == 0  # a withdrawn rating leaves the answer unrated
+    assert rid not in {x["id"] for x in (await client.get("/api/responses", params={"rating": "rated"})).json()["items"]}
     again = await rate(client, response_id=rid, thumb=None)
     assert again.status_code == 422 and again.json()["error"]["code"] == "nothing_to_rate"
     assert "none of" in again.json()["error"]["message"]
@@ -297,6 +300,9 @@ async def test_clearing_everything_withdraws_and_trains_nothing(client: httpx.As
     r = await rate(client, response_id=fresh, comment=None, tags=[])
     assert r.status_code == 422 and r.json()["error"]["code"] == "nothing_to_rate"
     assert count(sessions, Rating) == 2
+    assert (await rate(client, response_id=fresh, tags=["only-a-tag"])).status_code == 201
+    rated = {x["id"] for x in (await client.get("/api/responses", params={"rating": "rated"})).json()["items"]}
+    assert fresh in rated  # tags alone are a rating
 
 
 async def test_a_write_from_a_stale_view_is_refused_not_applied(client: httpx.AsyncClient, sessions) -> None:
