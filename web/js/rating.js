@@ -7,8 +7,9 @@
  * tab, the chat vs History) makes the server refuse the save (409 stale_rating) instead of replacing what the
  * rater never saw. Un-pressing the only thumb of a stored rating withdraws it (the server keeps it in history
  * and trains nothing on it). Each distinct payload gets one idempotency key, reused when the same payload is
- * sent again (retry after a network error, double click): the server stores it once. Thumbs save at once;
- * score, comment and tags save with the Save button (or Enter in a text field).
+ * sent again (retry after a network error, double click): the server stores it once. Everything saves on change
+ * (a thumb or score at once, a comment or tags on Enter or leaving the field; Save saves too), and Undo puts
+ * back what was stored before the last change (as a new rating: the history keeps both).
  */
 
 import {api, newKey, raterName} from "./api.js";
@@ -49,13 +50,14 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
   let lastPayload = "";
   let lastKey = "";
   let busy = false;
+  let again = false;
 
   const up = h("button", {type: "button", class: "btn icon thumb up", "aria-label": "Thumbs up", "aria-pressed": "false",
     title: "Good answer", onclick: () => toggleThumb("up")}, thumbIcon(false));
   const down = h("button", {type: "button", class: "btn icon thumb down", "aria-label": "Thumbs down",
     "aria-pressed": "false", title: "Bad answer", onclick: () => toggleThumb("down")}, thumbIcon(true));
 
-  const score = h("select", {class: "score", "aria-label": "Score from 1 to 10"},
+  const score = h("select", {class: "score", "aria-label": "Score from 1 to 10", onchange: () => submit()},
     h("option", {value: "", text: "Score"}),
     Array.from({length: 10}, (_, i) => h("option", {value: String(i + 1), text: `${i + 1} / 10`})));
   if (state.score) score.value = String(state.score);
@@ -63,10 +65,15 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
   const commentId = uid("comment");
   const tagsId = uid("tags");
   const comment = h("input", {id: commentId, type: "text", class: "comment", placeholder: "What was good or bad?",
-    maxlength: "4000", value: initial.comment || "", onkeydown: enterSaves});
+    maxlength: "4000", value: initial.comment || "", onkeydown: enterSaves, onchange: () => submit()});
   const tags = h("input", {id: tagsId, type: "text", class: "tags", placeholder: "e.g. factual, too long",
-    value: (initial.tags || []).join(", "), onkeydown: enterSaves});
+    value: (initial.tags || []).join(", "), onkeydown: enterSaves, onchange: () => submit()});
   const save = h("button", {type: "button", class: "btn small", text: "Save rating", onclick: () => submit()});
+  // one step back: what was stored before the last save (pressing Undo again redoes it)
+  let stored = fields();
+  let before = stored;
+  const undo = h("button", {type: "button", class: "btn small", text: "Undo", hidden: true,
+    title: "Put back the rating as it was before the last change", onclick: () => restore(before)});
   const status = statusLine("status rating-status");
 
   const details = h("details", {class: "rate-more"},
@@ -76,7 +83,7 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
       h("div", {class: "field"}, h("label", {for: tagsId, text: "Tags (comma-separated)"}), tags)));
 
   const root = h("div", {class: "rating", role: "group", "aria-label": "Rate this answer"},
-    h("div", {class: "rate-row"}, up, down, score, save, status), details);
+    h("div", {class: "rate-row"}, up, down, score, save, undo, status), details);
   paint();
 
   function enterSaves(event) {
@@ -91,6 +98,21 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
     down.setAttribute("aria-pressed", String(state.thumb === "down"));
   }
 
+  /** What the widget shows, as the server stores it. */
+  function fields() {
+    return {thumb: state.thumb, score: score.value ? Number(score.value) : null,
+      comment: comment.value.trim() || null, tags: parseTags(tags.value)};
+  }
+
+  function restore(f) {
+    state.thumb = f.thumb;
+    score.value = f.score ? String(f.score) : "";
+    comment.value = f.comment || "";
+    tags.value = f.tags.join(", ");
+    paint();
+    submit();
+  }
+
   function toggleThumb(which) {
     state.thumb = state.thumb === which ? null : which;
     paint();
@@ -98,14 +120,15 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
   }
 
   function payload() {
-    const scoreValue = score.value ? Number(score.value) : null;
     // the whole state, empty fields included: the server merges a left-out field from the current rating
-    return {response_id: responseId, thumb: state.thumb, score: scoreValue, comment: comment.value.trim() || null,
-      tags: parseTags(tags.value), rater: raterName(), expected_current_id: state.currentId};
+    return {response_id: responseId, ...fields(), rater: raterName(), expected_current_id: state.currentId};
   }
 
   async function submit({fromThumb = false} = {}) {
-    if (busy) return;
+    if (busy) {  // a change made while a save is under way is saved right after it, not dropped
+      again = true;
+      return;
+    }
     const body = payload();
     if (!body.thumb && body.score === null && !body.comment && !body.tags.length && state.currentId === null) {
       // Nothing stored and nothing to store (un-pressing a thumb that never saved).
@@ -125,11 +148,17 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
     try {
       const rating = await api("/api/ratings", {method: "POST", body: {...body, idempotency_key: lastKey},
         headers: {"Idempotency-Key": lastKey}});
+      if (rating.id !== state.currentId) {  // a new rating (not a replay of the same edit): one step to undo
+        before = stored;
+        undo.hidden = false;
+      }
+      stored = {thumb: body.thumb, score: body.score, comment: body.comment, tags: body.tags};
       state.currentId = rating.id;
       setStatus(status, rating.withdrawn ? "Rating withdrawn" : "Saved", "ok");
       root.dataset.saved = "true";
       if (onSaved) onSaved(rating);
     } catch (err) {
+      again = false;  // the banner's Retry (or the next change) sends the whole state again
       setStatus(status, "Not saved", "error");
       if (err.code === "stale_rating") {
         if (showError) showError("Your rating of this answer changed elsewhere (another tab?); reload to see it, "
@@ -138,6 +167,10 @@ export function ratingWidget(responseId, {showError, onSaved, initial = {}} = {}
     } finally {
       busy = false;
       save.disabled = false;
+      if (again) {
+        again = false;
+        submit();
+      }
     }
   }
 
