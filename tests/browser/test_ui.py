@@ -384,7 +384,10 @@ def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict
     _poll(lambda: (s := api.get("/api/train/status").json())["run_id"] == run_id and s["state"] == "idle"
           and len(s["losses"]) == 2, timeout=400, what=f"run {run_id} to finish")
 
-    # The admin token goes into the field (kept in sessionStorage) and the page shows the run's loss chart.
+    # A desktop-wide window (two charts a row), then the admin token goes into the field (kept in sessionStorage)
+    # and the page shows the run's loss chart.
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.reload()
     page.get_by_label("Admin token", exact=True).fill(ui_service.admin_token)
     page.get_by_role("button", name="Use token").click()
     assert page.evaluate("sessionStorage.getItem('loop.adminToken')") == ui_service.admin_token
@@ -394,6 +397,13 @@ def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict
     if "/api/runs" in routes:
         expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible(timeout=20_000)
         expect(page.locator('figure[data-metric="loss"] canvas')).to_be_visible(timeout=20_000)
+        expect(page.locator(".charts h3", has_text=f"Run {run_id}, per step")).to_be_visible()
+        # every chart (per step, by version) fits its own slot of the grid, none drawn at the width the first one
+        # had while it was alone in the row
+        page.wait_for_timeout(300)
+        widths = page.evaluate("""[...document.querySelectorAll('figure.chart')].map(
+            (f) => [f.clientWidth, f.querySelector('canvas') ? f.querySelector('canvas').getBoundingClientRect().width : 0])""")
+        assert widths and all(0 < canvas <= figure for figure, canvas in widths), widths
     live_version = api.get("/api/versions").json()["live"]
     expect(page.locator(f'.tl-item.live[data-version="{live_version}"]')).to_be_visible(timeout=20_000)
 

@@ -68,8 +68,20 @@ export function runChart(el, name, steps, values, xLabel = "step") {
       {stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}, size: 56}],
     series: [{label: xLabel}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
   }, [steps, values], el);
+  // Charts are drawn as their figures join a grid that re-flows as more arrive (one figure spans the row until the
+  // next one lands): follow the figure's own width, not the width it had when drawn.
+  let drawn = width();
+  const fit = () => {
+    const now = width();
+    if (now !== drawn) plot.setSize({width: (drawn = now), height: 180});
+  };
+  const watch = typeof ResizeObserver === "function" ? new ResizeObserver(fit) : null;
+  if (watch) watch.observe(el);
   return {
-    fit() { plot.setSize({width: width(), height: 180}); },
-    destroy() { plot.destroy(); },
+    fit,
+    destroy() {
+      if (watch) watch.disconnect();
+      plot.destroy();
+    },
   };
 }

@@ -26,6 +26,7 @@ const BUSY_STATES = new Set(["training", "applying"]);
 export function mount(main, {showError, clearError, refreshHealth}) {
   const charts = [];
   let selectedRun = null;
+  let followNewest = true;  // the charts follow the newest run until the reader picks one
   let disposed = false;
 
   // --- admin token
@@ -163,7 +164,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
           onclick: () => admin(`/api/scheduler/${paused ? "resume" : "pause"}`, {}, paused ? "Scheduler resumed." : "Scheduler paused.", loadSched, schedStatus)}),
         paused ? null : h("button", {type: "button", class: "btn", text: "Train now",
           title: "Start a run on the feedback not trained yet, without waiting for the thresholds",
-          onclick: () => admin("/api/scheduler/run", {}, "Run requested.", async () => { selectedRun = null; await Promise.all([loadSched(), loadRuns()]); }, schedStatus)})),
+          onclick: () => admin("/api/scheduler/run", {}, "Run requested.", async () => { followNewest = true; await Promise.all([loadSched(), loadRuns()]); }, schedStatus)})),
       schedStatus);
   }
 
@@ -174,10 +175,11 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       replace(chartBody);
       return;
     }
+    if (selectedRun === null || followNewest) selectedRun = runs[0].id ?? runs[0].run_id;
     const rows = runs.map((r) => {
       const id = r.id ?? r.run_id;
       const select = h("button", {type: "button", class: "btn small ghost", text: `Run ${id}`,
-        "aria-pressed": String(String(id) === String(selectedRun)), onclick: () => { selectedRun = id; renderRuns(data); }});
+        "aria-pressed": String(String(id) === String(selectedRun)), onclick: () => { selectedRun = id; followNewest = false; renderRuns(data); }});
       const acc = r.accuracy_before !== null && r.accuracy_before !== undefined
         ? `${fmtNum(r.accuracy_before, 3)} → ${fmtNum(r.accuracy_after, 3)}` : "—";
       return h("tr", {dataset: {runId: String(id)}, class: `run-${r.status || ""}`},
@@ -193,7 +195,6 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     replace(runsBody, h("div", {class: "table-wrap"}, h("table", {class: "runs"},
       h("thead", {}, h("tr", {}, ["Run", "Status", "Objective", "Started", "Batch", "Weights", "Loss", "Eval accuracy"].map((t) => h("th", {scope: "col", text: t})))),
       h("tbody", {}, rows))));
-    if (selectedRun === null) selectedRun = runs[0].id ?? runs[0].run_id;
     loadRunChart(selectedRun);
   }
 
@@ -326,6 +327,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       const result = await api(path, {method: "POST", body, admin: true});
       setStatus(line, typeof okText === "function" ? okText(result) : okText, "ok");
       if (after) await after();
+      line.scrollIntoView({block: "nearest"});  // the button may be far down a long list: show what happened
       return result;
     } catch (err) {
       setStatus(line, "");
