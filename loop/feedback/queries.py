@@ -20,7 +20,7 @@ from sqlalchemy import Select, String, and_, cast, exists, func, or_, select, un
 from sqlalchemy.orm import Session
 
 from loop.db.models import Comparison, Rating, Response, generated_with
-from loop.feedback.store import comparison_json, iso, rating_json
+from loop.feedback.store import comparison_json, is_withdrawal, iso, rating_json
 
 RatingFilter = Literal["up", "down", "rated", "unrated"]
 ResponseSort = Literal["created_at", "-created_at", "score", "-score"]
@@ -74,7 +74,7 @@ def _current(*conds: Any) -> Any:
 
 
 def says_something() -> Any:
-    """A rating that is not a withdrawal (loop.feedback.store: all of thumb, score, comment and tags empty)."""
+    """A rating that is not a withdrawal: the SQL form of loop.feedback.store.is_withdrawal."""
     return or_(Rating.thumb.is_not(None), Rating.score.is_not(None), func.coalesce(Rating.comment, "") != "",
                cast(Rating.tags, String) != "[]")
 
@@ -164,7 +164,7 @@ def summaries(s: Session, rows: list[Response]) -> list[dict[str, Any]]:
                                                  .where(Rating.response_id.in_(ids), Rating.is_current.is_(True))
                                                  .order_by(Rating.id)):
             a = agg[rid]
-            a["count"] += thumb is not None or score is not None or bool(tags) or bool(comment)  # not withdrawn
+            a["count"] += not is_withdrawal(thumb, score, comment, tags)
             a["thumbs_up"] += thumb == 1
             a["thumbs_down"] += thumb == -1
             if score is not None:

@@ -104,10 +104,10 @@ class Outcome:
 def rating_json(r: Rating) -> dict[str, Any]:
     return {"id": r.id, "response_id": r.response_id, "rater": r.rater, "thumb": INT_TO_THUMB.get(r.thumb or 0),
             "score": r.score, "comment": r.comment, "tags": list(r.tags or []), "is_current": bool(r.is_current),
-            "withdrawn": _empty(r.thumb, r.score, r.comment, r.tags), "created_at": iso(r.created_at)}
+            "withdrawn": is_withdrawal(r.thumb, r.score, r.comment, r.tags), "created_at": iso(r.created_at)}
 
 
-def _empty(thumb: int | None, score: int | None, comment: str | None, tags: Any) -> bool:
+def is_withdrawal(thumb: int | None, score: int | None, comment: str | None, tags: Any) -> bool:
     """A rating that says nothing: a withdrawal (kept in the history, trains nothing)."""
     return thumb is None and score is None and not comment and not tags
 
@@ -213,7 +213,7 @@ def _write_batch(s: Session, items: list[RatingInput]) -> list[Outcome]:
             body = {"id": new_id, "response_id": row["response_id"], "rater": row["rater"],
                     "thumb": INT_TO_THUMB.get(row["thumb"] or 0), "score": row["score"], "comment": row["comment"],
                     "tags": row["tags"], "is_current": row["is_current"],
-                    "withdrawn": _empty(row["thumb"], row["score"], row["comment"], row["tags"]),
+                    "withdrawn": is_withdrawal(row["thumb"], row["score"], row["comment"], row["tags"]),
                     "created_at": iso(now)}
             outcomes[i] = Outcome("created", body)
     for i, j in replays:
@@ -244,7 +244,7 @@ def _merge(s: Session, items: list[RatingInput], new: list[int], outcomes: list[
             continue
         mine = {"thumb": it.thumb, "score": it.score, "comment": it.comment, "tags": list(it.tags)}
         values = {f: mine[f] if f in it.given or f not in cur else cur[f] for f in RATING_FIELDS}
-        if _empty(**values) and (cur_id is None or _empty(**cur)):
+        if is_withdrawal(**values) and (cur_id is None or is_withdrawal(**cur)):
             outcomes[i] = Outcome("invalid", message="a rating needs at least one of thumb ('up'/'down'), score "
                                   "(1..10), comment or tags; setting them all empty withdraws a rating, and "
                                   f"{it.rater!r} has none of {it.response_id!r} to withdraw", code="nothing_to_rate")
