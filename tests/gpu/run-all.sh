@@ -5,7 +5,7 @@
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
-#        families big-q35 big-moe mem-moe mem-q35
+#        families families-left big-q35 big-moe mem-moe mem-q35
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -34,9 +34,9 @@ big() {  # P1 and P2 of a model over a third of the card: staged deltas drawn pe
     --gpu-memory-utilization "$(util "$gb")" --json-out "$out/p1-$name.json"
   mem "$name" "$gb" 1 --modes lowmem,staged --steps 3 --eager
 }
-families() {  # tests/gpu/test_families_gpu.py in three streams on the one card (fixed KV caches: no profiling)
+families() {  # tests/gpu/test_families_gpu.py, one stream per argument on the one card (fixed KV caches: no profiling)
   local f=tests/gpu/test_families_gpu.py t=test_a_family_trains_in_place_on_cuda_vllm i=0 pids=() rc=0 ids
-  for ids in "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl"; do
+  for ids in "$@"; do
     i=$((i + 1))
     # shellcheck disable=SC2086
     $py -m pytest -p no:cacheprovider -m gpu -v -s $(printf "$f::$t[%s] " $ids) > "$out/families-$i.log" 2>&1 &
@@ -80,7 +80,8 @@ for s in "$@"; do
     serving-7b-long) step serving-7b-long $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
                   --configs alone,staged-keep@0.15,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
-    families) step families families ;;
+    families) step families families "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl" ;;
+    families-left) step families-left families qwen3_5_vl ;;
     big-q35)  big qwen3_5-27b 54.7 ;;
     big-moe)  big qwen3-30b-a3b 61.1 ;;
     mem-moe)  mem qwen3-30b-a3b 61.1 1 --modes lowmem,staged --steps 3 --eager ;;
