@@ -11,12 +11,13 @@ apps as they like. Tests: tests/unit/config/test_settings_sources.py, tests/unit
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
 import stat
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -106,6 +107,11 @@ class Settings(BaseSettings):
 
     # --- security ---
     admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
+    rater_auth: Literal["auto", "tokens"] = Field(
+        "auto", description="Who may rate and read feedback: 'tokens' requires a rater's (or the admin) token on "
+        "/api and /v1 (accounts: `loop raters add NAME`); 'auto' does so when the API binds to a non-loopback "
+        "address and leaves a loopback-only loop open (ratings signed with a free-text name). Set 'tokens' when a "
+        "reverse proxy publishes a loopback-bound loop.")
     # NoDecode: the environment gives a comma-separated list (LOOP_ALLOWED_HOSTS=localhost,loop.lan), not JSON.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "::1"],
@@ -293,6 +299,11 @@ class Settings(BaseSettings):
         return frozenset(self.allowed_hosts) | ({bind} if bind not in ("0.0.0.0", "::", "") else set())
 
     @property
+    def tokens_required(self) -> bool:
+        """Every /api and /v1 request needs a rater's or the admin token (see `rater_auth`)."""
+        return self.rater_auth == "tokens" or not is_loopback(self.host)
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or ("SmolLM2-135M-Instruct" if self.model == DEFAULT_MODEL else self.model)
 
@@ -327,6 +338,18 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return token
+
+
+def is_loopback(host: str) -> bool:
+    """A bind address only this machine reaches: localhost or a loopback address (0.0.0.0 and :: are every
+    interface)."""
+    name = host_name(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def host_name(host: str) -> str:

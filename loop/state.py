@@ -32,6 +32,7 @@ from loop.config import Settings
 from loop.db.models import WeightVersion
 from loop.feedback.responses import JOURNAL_NAME, ResponseWriter, replay_journal
 from loop.feedback.writer import RatingWriter
+from loop.raters import Accounts
 
 if TYPE_CHECKING:
     from loop.scheduler.scheduler import Scheduler
@@ -108,11 +109,13 @@ class LoopState:
     response_journal: Path | None = None
     response_writer: ResponseWriter = field(init=False)
     rating_writer: RatingWriter = field(init=False)
+    accounts: Accounts = field(init=False)
     stream_stores: BackgroundTasks = field(default_factory=lambda: BackgroundTasks("stream stores"))
 
     def __post_init__(self) -> None:
         self.response_writer = ResponseWriter(self.sessions, self.response_journal)
         self.rating_writer = RatingWriter(self.sessions, responses=self.response_writer)
+        self.accounts = Accounts(self.sessions)
 
     def serving_version(self) -> int:
         """The version a token that reaches loop now was generated with: during a change vLLM is paused (or, in

@@ -100,7 +100,8 @@ def start_loop(data_dir: Path, *args: str, env: dict[str, str] | None = None,
             tail += "\n--- vllm.log ---\n" + "\n".join(vlog.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"loop serve did not become healthy: {exc}\n{tail}") from exc
     token = (data_dir / "admin_token").read_text().strip()
-    models = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0).models.list() if wait else None
+    # the admin token: accepted where the loop requires tokens, ignored by /v1 where it does not
+    models = openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0).models.list() if wait else None
     model = models.data[0].id if models else ""
     return Service(url=url, admin_token=token, data_dir=data_dir, db_url=f"sqlite:///{data_dir / 'loop.db'}",
                    model=model, vllm_address=health["vllm"]["address"], log_path=log_path, proc=proc)

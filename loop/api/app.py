@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from loop.api.errors import BodySizeLimit, RequestContext, install_error_handlers
@@ -32,7 +32,8 @@ def create_app(settings: Settings, *, manage: bool = True, on_fatal: FatalCallba
     `on_fatal(reason)` is called when the managed vLLM cannot be brought back (`loop serve` then shuts down and
     exits non-zero, so a process manager restarts the whole service); `on_refused(reason)` when the training
     worker cannot train the served model in place (`loop serve` stops and says why)."""
-    from loop.api.routes import ROUTERS
+    from loop.api.deps import require_caller
+    from loop.api.routes import ROUTERS, health
     from loop.metrics import Metrics, RequestMetrics
 
     @asynccontextmanager
@@ -55,8 +56,9 @@ def create_app(settings: Settings, *, manage: bool = True, on_fatal: FatalCallba
     # outermost: a refused request never reaches the app, and every answer (413s too) carries the headers
     app.add_middleware(BrowserGuard, **BrowserGuard.options(settings))
     app.add_middleware(RequestContext)  # around everything: every answer has X-Request-Id, any crash a 500 body
-    for router in ROUTERS:
-        app.include_router(router)
+    gate = [Depends(require_caller)] if settings.tokens_required else []
+    for router in ROUTERS:  # health and metrics stay open: probes carry no token
+        app.include_router(router, dependencies=[] if router is health.router else gate)
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app

@@ -40,7 +40,9 @@ class RatingIn(BaseModel):
     score: int | None = Field(None, ge=1, le=10, description="1 (worst) .. 10 (best).")
     comment: str | None = Field(None, max_length=10_000)
     tags: list[str] = Field(default_factory=list, max_length=MAX_TAGS)
-    rater: str = Field("anonymous", min_length=1, max_length=200)
+    rater: str | None = Field(None, min_length=1, max_length=200, description=(
+        "Who gives it. With a rater's token leave it out (the token says who; another name is refused). Without one, "
+        "where the loop does not require tokens: a free-text name, default `anonymous` (an account's name is refused)."))
     idempotency_key: str | None = Field(None, min_length=1, max_length=200,
                                         description="Retries with the same key return the stored rating.")
     expected_current_id: int | None = Field(None, ge=1, le=MAX_ID, description=(
@@ -94,7 +96,9 @@ class ComparisonIn(BaseModel):
     response_a_id: str = Field(min_length=1, max_length=40)
     response_b_id: str = Field(min_length=1, max_length=40)
     winner: Winner
-    rater: str = Field("anonymous", min_length=1, max_length=200)
+    rater: str | None = Field(None, min_length=1, max_length=200, description=(
+        "Who gives it. With a rater's token leave it out (the token says who; another name is refused). Without one, "
+        "where the loop does not require tokens: a free-text name, default `anonymous` (an account's name is refused)."))
     comment: str | None = Field(None, max_length=10_000)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 

@@ -1,7 +1,7 @@
 """Browser-safe API: which web pages may talk to loop, and what every response tells the browser.
 
-Feedback and chat need no token (the admin token guards only training and versions), so a program on this
-machine can use them freely. A web page can too, unless the server tells requests from pages apart. Three ways
+On a loopback-only loop feedback and chat need no token (rater tokens are optional there, loop/api/deps.py; the
+admin token guards training, versions and accounts), so a program on this machine can use them freely. A web page can too, unless the server tells requests from pages apart. Three ways
 in are closed here, in one pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streamed answers):
 - DNS rebinding: a page on attacker.example re-points its name at 127.0.0.1 and is then same-origin with loop,
   but its requests still say `Host: attacker.example`. Only names in `allowed_hosts` are served

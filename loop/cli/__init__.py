@@ -16,11 +16,12 @@ from loop.cli import (
     db,
     feedback,  # loop feedback export / stats
     layout,  # loop layout MODEL: where vLLM keeps each weight
+    raters,  # loop raters add / list / revoke / token
     runs,  # loop runs / versions / rollback / scheduler
     serve,
 )
 
-COMMANDS = [serve, db, bench, runs, feedback, layout]  # one module per command; each has register(subparsers)
+COMMANDS = [serve, db, bench, runs, feedback, layout, raters]  # one module per command; each has register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

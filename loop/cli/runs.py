@@ -282,8 +282,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     _common(p)
     p.set_defaults(func=_wrap(cmd_quarantine))
 
-    p = sub.add_parser("raters", help="per-rater signal: whose feedback pulls against what was learned")
-    p.add_argument("action", nargs="?", choices=["signal"], default="signal")
-    p.add_argument("--runs", type=int, default=200, help="the newest scheduled runs to read")
-    _common(p)
-    p.set_defaults(func=_wrap(cmd_raters))

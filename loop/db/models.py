@@ -5,7 +5,7 @@ response) and `Comparison` (an A/B pick between two responses to the same prompt
 `RunFeedback` (which feedback a run consumed: unique per feedback item, so nothing is trained on twice);
 `WeightVersion` (every state of the live weights, with its checkpoint and eval figures); `Quarantine` (feedback a
 scheduled run's screen held back as contrary to what was learned, until an operator re-queues or drops it);
-`SchedulerState`.
+`SchedulerState`; `RaterAccount` (who may rate, and with which token, when accounts are on).
 
 Ratings and comparisons are append-only: a rater who changes their mind adds a new row and the older one is
 marked `is_current = False`, so the latest counts and the history is kept.
@@ -246,6 +246,21 @@ class Quarantine(Base):
     decided_at: Mapped[datetime | None] = mapped_column(nullable=True)
     decided_by: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
     note: Mapped[str | None] = mapped_column(NulSafeText, nullable=True)
+
+
+class RaterAccount(Base):
+    """A person who rates (role `rater`) or runs loop (role `admin`). Only a hash of the token is kept (a token is
+    random, 256 bits: a plain SHA-256 is as strong as a slow hash here and costs a lookup nothing); a revoked
+    account keeps its row, so the ratings it gave stay attributed to a known name that no one can take over."""
+
+    __tablename__ = "raters"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="rater")  # rater | admin
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
 
 class SchedulerState(Base):

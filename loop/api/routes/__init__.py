@@ -7,6 +7,7 @@ from loop.api.routes import (
            history,
            proxy,
            quarantine,
+           raters,
            runs,
            stats,
            train,
@@ -14,4 +15,4 @@ from loop.api.routes import (
 )
 
 ROUTERS = [health.router, proxy.router, feedback.router, history.router, export.router, stats.router, train.router,
-           versions.router, runs.router, quarantine.router]
+           versions.router, runs.router, quarantine.router, raters.router]

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from loop.api.deps import SessionDep
+from loop.api.deps import SessionDep, rater_for
 from loop.api.errors import ApiError
 from loop.api.schemas import (
     MAX_ID,
@@ -118,7 +118,7 @@ async def create_rating(request: Request) -> JSONResponse:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     state: LoopState = request.app.state.loop  # not a dependency: resolving one costs more than the write
     sent = body.model_fields_set
-    item = RatingInput(response_id=body.response_id, rater=body.rater,
+    item = RatingInput(response_id=body.response_id, rater=rater_for(request, body.rater),
                        thumb=THUMB_TO_INT[body.thumb] if body.thumb else None, score=body.score,
                        comment=body.comment, tags=tuple(body.tags),
                        idempotency_key=_key(body.idempotency_key, request.headers.get("idempotency-key")),
@@ -134,7 +134,8 @@ async def create_comparison(body: ComparisonIn, request: Request,
                             idempotency_key: IdemHeader = None) -> JSONResponse:
     """Record which of two answers to the same prompt is better: a, b, tie or both_bad."""
     state: LoopState = request.app.state.loop
-    item = ComparisonInput(body.response_a_id, body.response_b_id, body.winner, body.rater, body.comment,
+    item = ComparisonInput(body.response_a_id, body.response_b_id, body.winner, rater_for(request, body.rater),
+                           body.comment,
                            _key(body.idempotency_key, idempotency_key))
     # Answers served a moment ago may still wait for their commit (loop.feedback.responses): wait, as ratings do.
     if not await state.response_writer.settled((item.response_a_id, item.response_b_id), RESPONSE_WAIT_S):

@@ -15,6 +15,7 @@ from tests.support import ServedApp
 
 from loop.api.errors import install_error_handlers
 from loop.cli import main as cli_main
+from loop.raters import Accounts
 from loop.scheduler.scheduler import Scheduler
 
 TOKEN = "k" * 32
@@ -39,6 +40,7 @@ class Server(ServedApp):
         app.include_router(versions.router)
         st.admin_token = TOKEN  # type: ignore[attr-defined]
         st.weights_lock = asyncio.Lock()  # type: ignore[attr-defined]
+        st.accounts = Accounts(st.sessions)  # type: ignore[attr-defined]
         app.state.loop = st
         super().__init__(app)
 

@@ -175,10 +175,12 @@ async def test_loopback_names_are_served_on_any_port(loop, host: str) -> None:  
 
 
 async def test_the_bind_host_is_allowed_when_it_is_a_name(tmp_path: Path) -> None:
+    signed = {"authorization": f"Bearer {ADMIN}"}  # bound off loopback: every /api request needs a token
     async with serve(tmp_path, base_url="http://loop.lan:8000", host="loop.lan") as s:
-        assert (await s.client.get("/api/responses")).status_code == 200
+        assert (await s.client.get("/api/responses", headers=signed)).status_code == 200
+        assert_error(await s.client.get("/api/responses"), 401, "token_missing")
     async with serve(tmp_path, base_url="http://0.0.0.0:8000", host="0.0.0.0") as s:
-        assert_error(await s.client.get("/api/responses"), 400, "host_not_allowed")
+        assert_error(await s.client.get("/api/responses", headers=signed), 400, "host_not_allowed")
 
 
 async def test_allowed_hosts_from_the_environment_replace_the_default(tmp_path: Path,

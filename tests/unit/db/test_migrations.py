@@ -15,7 +15,7 @@ from tests.unit.feedback_support import db_url, postgres_schema_url  # noqa: F40
 from loop.db.models import Base
 from loop.db.session import alembic_config, current_revision, downgrade, make_engine, migrate
 
-TABLES = {"responses", "ratings", "comparisons", "weight_versions", "training_runs", "run_feedback",
+TABLES = {"responses", "ratings", "comparisons", "weight_versions", "training_runs", "run_feedback", "raters",
           "scheduler_state"}
 
 
