@@ -4,9 +4,14 @@
  * Views are modules exporting `mount(main, params) → cleanup?`. The shell mounts one at a time and calls its
  * cleanup on leave (timers, key handlers, charts). Routes: #/chat, #/compare, #/history[?filters],
  * #/history/<response id>, #/training. Run locally: `loop serve`, then open http://127.0.0.1:8000/.
+ *
+ * Sign-in (the header's account box): a rater pastes their token once per tab (kept in sessionStorage); the views
+ * are mounted again so every rating widget loads that rater's own ratings. A loop that requires tokens shows the
+ * form at once, and any request refused for want of a token brings it back.
  */
 
-import {servedModel} from "./js/api.js";
+import {ApiError, servedModel, setRaterToken, signedIn, whoami} from "./js/api.js";
+import {h, replace} from "./js/dom.js";
 import {poller} from "./js/poll.js";
 import * as chat from "./js/chat.js";
 import * as compare from "./js/compare.js";
@@ -87,6 +92,75 @@ function route() {
 
 window.addEventListener("hashchange", route);
 
+function remount() {
+  currentKey = "";
+  if (cleanup) (cleanup.dispose || cleanup)();
+  cleanup = null;
+  route();
+}
+
+// ---------------------------------------------------------------- account
+
+const account = document.getElementById("account");
+let tokensRequired = false;
+
+async function loadIdentity() {
+  try {
+    tokensRequired = Boolean((await whoami()).tokens_required);
+    return null;
+  } catch (err) {
+    if (err instanceof ApiError && err.status === 401) {
+      tokensRequired = tokensRequired || err.code === "token_missing";
+      if (err.code === "token_wrong") setRaterToken("");
+      return err.code === "token_wrong" ? "That token is not valid (unknown or revoked)." : null;
+    }
+    return null;  // unreachable server: the health pill says so
+  }
+}
+
+function renderAccount(message = null, open = false) {
+  const me = signedIn();
+  if (me) {
+    replace(account,
+      h("span", {class: "who"}, "Rating as ", h("strong", {text: me.rater}), me.role === "admin" ? " (admin)" : ""),
+      h("button", {type: "button", class: "btn small ghost", text: "Sign out", onclick: async () => {
+        setRaterToken("");
+        await loadIdentity();
+        renderAccount();
+        remount();
+      }}));
+    return;
+  }
+  if (!tokensRequired && !open && !message) {
+    replace(account, h("button", {type: "button", class: "btn small ghost", text: "Sign in",
+      onclick: () => { renderAccount(null, true); account.querySelector("input").focus(); }}));
+    return;
+  }
+  const input = h("input", {type: "password", autocomplete: "off", id: "rater-token", placeholder: "Your rater token",
+    "aria-label": "Rater token"});
+  const form = h("form", {onsubmit: async (e) => {
+    e.preventDefault();
+    const token = input.value.trim();
+    if (!token) return;
+    setRaterToken(token);
+    const problem = await loadIdentity();
+    renderAccount(problem, Boolean(problem));
+    if (!problem) { clearError(); remount(); }
+  }}, input, h("button", {type: "submit", class: "btn small", text: "Sign in"}));
+  replace(account,
+    message || tokensRequired ? h("span", {class: "needed", role: "status",
+      text: message || "This loop needs a rater token"}) : null,
+    form);
+}
+
+window.addEventListener("loop:sign-in", (e) => {
+  const wrong = Boolean(e.detail && e.detail.code === "token_wrong");
+  if (!wrong && account.querySelector("#rater-token")) return;  // the form is up: keep what is being typed
+  if (wrong) setRaterToken("");
+  tokensRequired = tokensRequired || (e.detail && e.detail.code === "token_missing");
+  renderAccount(wrong ? "Your token no longer works (revoked?)." : null, true);
+});
+
 // ---------------------------------------------------------------- health
 
 const health = document.getElementById("health");
@@ -121,5 +195,8 @@ async function showModel() {
 // every 10 s while the tab is visible, backing off to 60 s while the pill stays the same
 const healthPoll = poller(checkHealth, {interval: 10000, max: 60000});
 if (!location.hash) history.replaceState(null, "", "#/chat");
+// who this tab is, before the first view asks for its own ratings
+const signInProblem = await loadIdentity();
+renderAccount(signInProblem);
 route();
 showModel();

@@ -292,6 +292,85 @@ def test_a_rating_widget_shows_what_is_stored_merges_edits_and_withdraws(ui: UI,
     assert [r["thumb"] for r in _ratings(api, rid) if r["is_current"]] == ["down"]
 
 
+# ---------------------------------------------------------------- raters
+
+
+def _admin(service: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {service.admin_token}"}
+
+
+def test_a_rater_signs_in_per_tab_and_every_rating_carries_their_name(ui: UI, api: httpx.Client,
+                                                                     ui_service: Any) -> None:
+    """Signed in with a token, a rating is filed under the account (not the name typed); the tab keeps the sign-in
+    across reloads, another tab does not share it, and a revoked token is refused and brings the form back."""
+    name = f"rater-{secrets.token_hex(3)}"
+    made = api.post("/api/raters", json={"name": name}, headers=_admin(ui_service))
+    assert made.status_code == 201, made.text
+    rid = _seed_pair(api, f"Say hi to {secrets.token_hex(3)}.")["candidates"][0]["response_id"]
+
+    page = ui.go(f"#/history/{rid}")
+    page.locator("#account").get_by_role("button", name="Sign in").click()
+    page.get_by_label("Rater token", exact=True).fill("loopr_not-a-real-token")
+    page.get_by_label("Rater token", exact=True).press("Enter")
+    expect(page.locator("#account")).to_contain_text("not valid")
+    page.get_by_label("Rater token", exact=True).fill(made.json()["token"])
+    page.get_by_label("Rater token", exact=True).press("Enter")
+    expect(page.locator("#account")).to_contain_text(f"Rating as {name}")
+    widget = page.locator(".detail .rating")
+    widget.get_by_role("button", name="Thumbs up").click()
+    expect(widget.locator(".rating-status")).to_have_text("Saved")
+    assert [(r["rater"], r["thumb"]) for r in _ratings(api, rid) if r["is_current"]] == [(name, "up")]
+
+    page.reload()
+    expect(page.locator("#account")).to_contain_text(f"Rating as {name}")  # the tab remembers
+    expect(page.locator(".detail .rating").get_by_role("button", name="Thumbs up")).to_have_attribute(
+        "aria-pressed", "true")  # the widget starts from this rater's own rating
+    other = page.context.new_page()  # a new tab: signed out
+    other.goto(f"{ui.base}/#/chat")
+    expect(other.locator("#account").get_by_role("button", name="Sign in")).to_be_visible()
+    other.close()
+
+    assert api.post(f"/api/raters/{name}/revoke", headers=_admin(ui_service)).status_code == 200
+    page.locator(".detail .rating").get_by_role("button", name="Thumbs down").click()
+    expect(page.locator("#account")).to_contain_text("no longer works")
+    assert [(r["rater"], r["thumb"]) for r in _ratings(api, rid) if r["is_current"]] == [(name, "up")]
+    ui.shot("signed-out-after-revoke")
+
+
+def test_a_loop_that_requires_tokens_asks_for_one_then_chats_and_rates(browser: Browser, ui_service: Any,
+                                                                        loop_factory: Any) -> None:
+    """A loop started with rater_auth=tokens (as one bound to a public address is): the page asks for a token
+    first; signed in, the chat streams through the gated proxy and the thumb is filed under the account."""
+    if not hasattr(ui_service, "vllm_address"):
+        pytest.skip("attached to a developer's loop (LOOP_TEST_UI_URL): its vLLM address is unknown")
+    locked = loop_factory("--vllm-url", ui_service.vllm_address, "--no-worker", env={"LOOP_RATER_AUTH": "tokens"})
+    with httpx.Client(base_url=locked.url, timeout=300) as client:
+        assert client.get("/api/responses").status_code == 401
+        token = client.post("/api/raters", json={"name": "ursula"}, headers=_admin(locked)).json()["token"]
+        handle, context = open_ui(browser, locked.url)
+        try:
+            page = handle.go("#/chat")
+            expect(page.locator("#account")).to_contain_text("needs a rater token")
+            page.get_by_label("Rater token", exact=True).fill(token)
+            page.get_by_label("Rater token", exact=True).press("Enter")
+            expect(page.locator("#account")).to_contain_text("Rating as ursula")
+            _short_answers(page)
+            expect(page.get_by_label("Your name (for ratings)", exact=True)).to_be_disabled()
+            page.get_by_label("Message", exact=True).fill("Name a fruit.")
+            page.get_by_label("Message", exact=True).press("Enter")
+            answer = page.locator(".msg.assistant").last
+            expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+            rid = answer.get_attribute("data-response-id")
+            answer.get_by_role("button", name="Thumbs up").click()
+            expect(answer.locator(".rating-status")).to_have_text("Saved")
+            got = client.get(f"/api/responses/{rid}", headers={"Authorization": f"Bearer {token}"}).json()
+            assert [(r["rater"], r["thumb"]) for r in got["ratings"]] == [("ursula", "up")]
+            handle.shot("tokens-required-signed-in")
+        finally:
+            context.close()
+        assert not handle.page_errors and not handle.dialogs
+
+
 # ---------------------------------------------------------------- safety, layout
 
 

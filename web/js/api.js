@@ -5,11 +5,14 @@
  *   (`{"error": {"message": ...}}`), so the banner shows what to fix, not just a status code.
  * - `streamChat(body, onEvent)` posts to /v1/chat/completions with stream=true and parses the SSE stream from
  *   a fetch ReadableStream (EventSource cannot POST).
- * - The admin token lives in sessionStorage only: gone when the tab closes, never in localStorage or a cookie.
+ * - The admin token and a rater's token live in sessionStorage only (per tab, gone when it closes), never in
+ *   localStorage or a cookie. Signed in with a rater's token, every request carries it and ratings are filed
+ *   under that account's name (`whoami()` asks the server whose token it is).
  */
 
 const TOKEN_KEY = "loop.adminToken";
 const RATER_KEY = "loop.rater";
+const RATER_TOKEN_KEY = "loop.raterToken";
 
 export class ApiError extends Error {
   constructor(status, message, {type = null, code = null, body = null} = {}) {
@@ -31,8 +34,33 @@ export function setAdminToken(token) {
   else sessionStorage.removeItem(TOKEN_KEY);
 }
 
-/** The name ratings are filed under; remembered across visits (it is not a secret). */
+export function raterToken() {
+  return sessionStorage.getItem(RATER_TOKEN_KEY) || "";
+}
+
+export function setRaterToken(token) {
+  if (token) sessionStorage.setItem(RATER_TOKEN_KEY, token);
+  else sessionStorage.removeItem(RATER_TOKEN_KEY);
+  identity = null;
+}
+
+let identity = null;  // {rater, role, tokens_required} from GET /api/me
+
+/** Who this tab is signed in as (the server's answer for its token); throws ApiError 401 when the token is
+ * missing where the loop requires one, or is not valid. */
+export async function whoami() {
+  identity = await api("/api/me");
+  return identity;
+}
+
+export function signedIn() {
+  return identity && identity.rater ? identity : null;
+}
+
+/** The name ratings are filed under: the signed-in account's, else the one typed here (remembered across visits:
+ * it is not a secret). */
 export function raterName() {
+  if (identity && identity.rater) return identity.rater;
   return localStorage.getItem(RATER_KEY) || "anonymous";
 }
 
@@ -91,9 +119,11 @@ export async function api(path, {method = "GET", body, admin = false, headers = 
     init.body = JSON.stringify(body);
   }
   if (admin) {
-    const token = adminToken();
+    const token = adminToken() || (identity && identity.role === "admin" ? raterToken() : "");
     if (!token) throw new ApiError(401, "This needs the admin token: enter it in the Training view first.");
     init.headers.Authorization = `Bearer ${token}`;
+  } else if (raterToken()) {
+    init.headers.Authorization = `Bearer ${raterToken()}`;
   }
   let response;
   try {
@@ -103,10 +133,18 @@ export async function api(path, {method = "GET", body, admin = false, headers = 
     throw new ApiError(0, `Could not reach loop (${err && err.message ? err.message : "network error"}). ` +
       "Check that the server is running, then retry.");
   }
-  if (!response.ok) throw await errorFrom(response);
+  if (!response.ok) throw signInHint(await errorFrom(response));
   if (response.status === 204) return null;
   const text = await response.text();
   return text ? JSON.parse(text) : null;
+}
+
+/** A refusal for want of a (valid) token: tell the shell, which offers the sign-in form. */
+function signInHint(err) {
+  if (err.status === 401 && (err.code === "token_missing" || err.code === "token_wrong")) {
+    window.dispatchEvent(new CustomEvent("loop:sign-in", {detail: {code: err.code}}));
+  }
+  return err;
 }
 
 /** Is this the "route does not exist" 404 (as opposed to "that response id does not exist")? */
@@ -126,14 +164,15 @@ export async function streamChat(body, onEvent, {signal} = {}) {
   try {
     response = await fetch("/v1/chat/completions", {
       method: "POST", signal,
-      headers: {"Content-Type": "application/json", Accept: "text/event-stream"},
+      headers: {"Content-Type": "application/json", Accept: "text/event-stream",
+        ...(raterToken() ? {Authorization: `Bearer ${raterToken()}`} : {})},
       body: JSON.stringify({...body, stream: true}),
     });
   } catch (err) {
     if (err && err.name === "AbortError") throw err;
     throw new ApiError(0, "Could not reach loop to start the answer. Check the server, then retry.");
   }
-  if (!response.ok) throw await errorFrom(response);
+  if (!response.ok) throw signInHint(await errorFrom(response));
   const result = {
     content: "",
     responseId: (response.headers.get("X-Loop-Response-Id") || "").split(",")[0].trim() || null,

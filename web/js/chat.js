@@ -7,7 +7,7 @@
  * typed is lost. Stop keeps the partial answer (it is logged and can be rated like any other).
  */
 
-import {ApiError, raterName, servedModel, setRaterName, streamChat} from "./api.js";
+import {ApiError, raterName, servedModel, setRaterName, signedIn, streamChat} from "./api.js";
 import {empty, field, h, replace} from "./dom.js";
 import {ratingWidget} from "./rating.js";
 
@@ -42,7 +42,8 @@ export function mount(main, {showError, clearError}) {
     oninput: () => { settings.temperature = Number(temperature.value); }});
   const maxTokens = h("input", {type: "number", min: "1", max: "4096", step: "1", value: String(settings.maxTokens),
     oninput: () => { settings.maxTokens = Number(maxTokens.value); }});
-  const rater = h("input", {type: "text", value: raterName(), autocomplete: "nickname",
+  // signed in, the account's name is used (the server refuses another); else a free-text name
+  const rater = h("input", {type: "text", value: raterName(), autocomplete: "nickname", disabled: Boolean(signedIn()),
     onchange: () => setRaterName(rater.value)});
   const options = h("details", {class: "options"}, h("summary", {text: "Options"}),
     h("div", {class: "grid-fields"},
