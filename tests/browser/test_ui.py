@@ -337,6 +337,38 @@ def test_a_rater_signs_in_per_tab_and_every_rating_carries_their_name(ui: UI, ap
     ui.shot("signed-out-after-revoke")
 
 
+def test_an_admin_manages_rater_accounts_in_the_training_view(ui: UI, api: httpx.Client, ui_service: Any) -> None:
+    """Add an account (its token shown once), sign in with it, give it a new token, revoke it: each as the API
+    then says."""
+    name = f"vera-{secrets.token_hex(3)}"
+    page = ui.go("#/training")
+    card = page.locator("section[aria-labelledby='c-raters']")
+    expect(card).to_contain_text("Enter the admin token")
+    page.get_by_label("Admin token", exact=True).fill(ui_service.admin_token)
+    page.get_by_role("button", name="Use token").click()
+    card.get_by_label("New rater's name", exact=True).fill(name)
+    card.get_by_role("button", name="Add rater").click()
+    token = card.locator(".new-token code").inner_text().strip()
+    assert token.startswith("loopr_")
+    expect(card.locator(f'tr[data-rater="{name}"]')).to_contain_text("active")
+    me = api.get("/api/me", headers={"Authorization": f"Bearer {token}"}).json()
+    assert me["rater"] == name and me["role"] == "rater"
+
+    dialog = page.locator("dialog.confirm")
+    card.get_by_role("button", name=f"New token for {name}").click()
+    dialog.get_by_role("button", name="New token").click()
+    expect(card.locator(".new-token code")).not_to_have_text(token)
+    renewed = card.locator(".new-token code").inner_text().strip()
+    assert api.get("/api/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    assert api.get("/api/me", headers={"Authorization": f"Bearer {renewed}"}).json()["rater"] == name
+
+    card.get_by_role("button", name=f"Revoke {name}").click()
+    dialog.get_by_role("button", name="Revoke").click()
+    expect(card.locator(f'tr[data-rater="{name}"]')).to_contain_text("revoked")
+    assert api.get("/api/me", headers={"Authorization": f"Bearer {renewed}"}).status_code == 401
+    ui.shot("rater-accounts")
+
+
 def test_a_loop_that_requires_tokens_asks_for_one_then_chats_and_rates(browser: Browser, ui_service: Any,
                                                                         loop_factory: Any) -> None:
     """A loop started with rater_auth=tokens (as one bound to a public address is): the page asks for a token

@@ -6,7 +6,8 @@
  * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
  * vendored in web/vendor/uplot), the weight-version timeline with eval figures, checkpoint and restore, and the
  * quarantine: feedback the screen before a run held back (GET /api/quarantine) with its evidence, to re-queue or
- * drop, beside each rater's signal (GET /api/raters/signal).
+ * drop, beside each rater's signal (GET /api/raters/signal); and rater accounts (GET/POST /api/raters: add one and
+ * see its token once, revoke, issue a new token), for admins.
  * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
  * "… not available" in its card; the rest of the page keeps working.
  *
@@ -37,8 +38,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     e.preventDefault();
     setAdminToken(tokenInput.value.trim());
     setStatus(tokenStatus, tokenInput.value.trim() ? "Token kept for this tab only." : "Token cleared.", "ok");
+    loadRaters();
   }},
-  field("Admin token", tokenInput, "Needed for pause/resume, training, checkpoints and restore. Kept in this tab only."),
+  field("Admin token", tokenInput, "Needed for pause/resume, training, checkpoints, restore and rater accounts. Kept in this tab only."),
   h("div", {class: "form-actions"},
     h("button", {type: "submit", class: "btn", text: "Use token"}),
     h("button", {type: "button", class: "btn ghost", text: "Forget", onclick: () => {
@@ -65,6 +67,21 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const trend = {key: "", charts: []};
   let live = {chart: null, key: ""};
 
+  // --- rater accounts (admin)
+  const ratersBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const raterStatus = statusLine();
+  const newTokenBox = h("div", {class: "new-token", hidden: true, role: "status"});
+  const raterName = h("input", {type: "text", maxlength: "200", autocomplete: "off", required: true});
+  const raterRole = h("select", {}, h("option", {value: "rater", text: "rater"}), h("option", {value: "admin", text: "admin"}));
+  const raterForm = h("form", {class: "rater-form", onsubmit: async (e) => {
+    e.preventDefault();
+    const name = raterName.value.trim();
+    if (!name) return;
+    const made = await admin("/api/raters", {name, role: raterRole.value}, `Account ${name} made.`, loadRaters, raterStatus);
+    if (made) { raterName.value = ""; showToken(made); }
+  }}, h("div", {class: "grid-fields"}, field("New rater's name", raterName), field("Role", raterRole)),
+  h("div", {class: "form-actions"}, h("button", {type: "submit", class: "btn", text: "Add rater"})));
+
   const dialog = confirmDialog();
   const card = (title, id, ...content) => h("section", {class: "card", "aria-labelledby": id},
     h("h2", {id, text: title}), ...content);
@@ -81,6 +98,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       h("div", {class: "form-actions"}, h("button", {type: "button", class: "btn", text: "Checkpoint now", onclick: checkpoint})),
       versionsBody),
     card("Quarantine", "c-quarantine", quarantineBody, quarantineStatus, signalBody),
+    card("Rater accounts", "c-raters", ratersBody, raterForm, raterStatus, newTokenBox),
     dialog.el));
 
   // --- loaders; each card fails on its own. Each resolves to the data it showed (null after an error).
@@ -274,6 +292,61 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     }
   }
 
+  async function loadRaters() {
+    if (!adminToken()) {
+      replace(ratersBody, empty("Enter the admin token above to see and manage rater accounts."));
+      return null;
+    }
+    try {
+      const data = await api("/api/raters", {admin: true});
+      if (!disposed) renderRaters(data);
+      return data;
+    } catch (err) {
+      if (!disposed) replace(ratersBody, h("p", {class: "error-text", text: `Rater accounts: ${err.message}`}));
+      return null;
+    }
+  }
+
+  function renderRaters(data) {
+    const raters = data.raters || [];
+    if (!raters.length) {
+      replace(ratersBody, empty("No accounts yet: anyone may rate under a name they type (on this machine only)."));
+      return;
+    }
+    replace(ratersBody, h("div", {class: "table-wrap"}, h("table", {class: "raters"},
+      h("thead", {}, h("tr", {}, ["Name", "Role", "State", "Since", ""].map((t) => h("th", {scope: "col", text: t})))),
+      h("tbody", {}, raters.map((r) => h("tr", {dataset: {rater: r.name}, class: r.active ? "" : "revoked"},
+        h("td", {text: r.name}), h("td", {text: r.role}),
+        h("td", {text: r.active ? "active" : `revoked ${fmtTime(r.revoked_at)}`}), h("td", {text: fmtTime(r.created_at)}),
+        h("td", {}, r.active ? h("div", {class: "row-actions"},
+          h("button", {type: "button", class: "btn small ghost", text: "New token", "aria-label": `New token for ${r.name}`,
+            onclick: () => reissue(r.name)}),
+          h("button", {type: "button", class: "btn small ghost", text: "Revoke", "aria-label": `Revoke ${r.name}`,
+            onclick: () => revoke(r.name)})) : null)))))));
+  }
+
+  function showToken(made) {
+    const code = h("code", {class: "token", text: made.token});
+    replace(newTokenBox, h("p", {}, h("strong", {text: `${made.name}'s token`}), " (shown only now; give it to them, they sign in with it):"),
+      code, h("button", {type: "button", class: "btn small ghost", text: "Copy", onclick: async () => {
+        try { await navigator.clipboard.writeText(made.token); setStatus(raterStatus, "Token copied.", "ok"); }
+        catch { window.getSelection().selectAllChildren(code); setStatus(raterStatus, "Selected: copy it with Ctrl+C.", "ok"); }
+      }}));
+    newTokenBox.hidden = false;
+  }
+
+  async function revoke(name) {
+    if (!(await dialog.ask(`Revoke ${name}? Their token stops working at once; their ratings stay theirs.`, "Revoke"))) return;
+    newTokenBox.hidden = true;
+    await admin(`/api/raters/${encodeURIComponent(name)}/revoke`, {}, `${name} revoked.`, loadRaters, raterStatus);
+  }
+
+  async function reissue(name) {
+    if (!(await dialog.ask(`Give ${name} a new token? The old one stops working.`, "New token"))) return;
+    const made = await admin(`/api/raters/${encodeURIComponent(name)}/token`, {}, `New token for ${name}.`, loadRaters, raterStatus);
+    if (made) showToken(made);
+  }
+
   function renderQuarantine(data) {
     const items = data.items || [];
     if (!items.length) {
@@ -374,6 +447,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   }, {interval: 4000, max: 12000, fast: 2000});
   const onResize = () => { for (const c of [...charts, ...trend.charts]) c.fit(); if (live.chart) live.chart.fit(); };
   window.addEventListener("resize", onResize);
+  loadRaters();  // accounts change rarely: on mount and after each action, not on a timer
 
   return () => {
     disposed = true;
