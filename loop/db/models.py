@@ -5,7 +5,8 @@ response) and `Comparison` (an A/B pick between two responses to the same prompt
 `RunFeedback` (which feedback a run consumed: unique per feedback item, so nothing is trained on twice);
 `WeightVersion` (every state of the live weights, with its checkpoint and eval figures); `Quarantine` (feedback a
 scheduled run's screen held back as contrary to what was learned, until an operator re-queues or drops it);
-`SchedulerState`; `RaterAccount` (who may rate, and with which token, when accounts are on).
+`SchedulerState`; `RaterAccount` (who may rate, and with which token, when accounts are on); `Conversation` (a
+rater's chat as the UI shows it: turns referring to logged responses).
 
 Ratings and comparisons are append-only: a rater who changes their mind adds a new row and the older one is
 marked `is_current = False`, so the latest counts and the history is kept.
@@ -261,6 +262,24 @@ class RaterAccount(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class Conversation(Base):
+    """A rater's chat, kept so it can be listed, reopened and continued. `turns` is the screen's own record: user
+    messages, and per assistant turn the sibling answers (regenerations, each a logged response id with its text and
+    weight version) and which one is shown. `revision` counts saves: a save from a stale screen (another tab saved
+    since) is refused rather than overwriting."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_rater_updated", "rater", "updated_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "conv-<32 hex>"
+    rater: Mapped[str] = mapped_column(String(200))
+    title: Mapped[str] = mapped_column(NulSafeText)
+    turns: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    revision: Mapped[int] = mapped_column(Id, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class SchedulerState(Base):

@@ -16,6 +16,7 @@ from loop.db.models import Base
 from loop.db.session import alembic_config, current_revision, downgrade, make_engine, migrate
 
 TABLES = {"responses", "ratings", "comparisons", "weight_versions", "training_runs", "run_feedback", "raters",
+          "conversations",
           "scheduler_state"}
 
 
