@@ -4,6 +4,10 @@ One pooled `httpx.AsyncClient` per app (keep-alive connections, no per-request c
 a handshake per proxied request). vLLM's address is either `unix:/path/to/sock` (the managed vLLM listens only
 on a Unix socket in loop's 0700 run dir: its dev routes /pause, /collective_rpc, ... have no authentication, so
 no TCP port may reach them) or an `http(s)://` URL (an external vLLM attached with --vllm-url). The proxy uses the raw helpers (`post`, `stream`, `get`);
+`post` and `stream`, the proxy's per-request calls, go through `loop.vllm.http1` (a lean keep-alive HTTP/1.1
+client: httpx's per-request Python was the largest part of loop's own cost per request) for `unix:` and `http://`
+addresses, and through httpx for https and test transports; both return a response with `status_code`,
+`reason_phrase`, `content` / `aread()` and `aiter_lines()`, and fail with httpx's exception types.
 the trainer uses the control calls, which need vLLM started with `VLLM_SERVER_DEV_MODE=1` (the supervisor sets
 it): `POST /pause?mode=wait|keep|abort`, `POST /resume`, `GET /is_paused`, `POST /reset_prefix_cache`.
 
@@ -13,11 +17,14 @@ answers, so the caller can tell "vLLM said no" from "vLLM is not there".
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+
+from loop.vllm.http1 import Http1Pool, Http1Reply
 
 UNIX_PREFIX = "unix:"
 SOCKET_BASE_URL = "http://vllm"  # the host part is only a label: the transport connects to the socket
@@ -40,6 +47,10 @@ def sync_client(address: str, timeout: float = 60.0) -> httpx.Client:
     base_url, socket_path = parse_address(address)
     transport = httpx.HTTPTransport(uds=socket_path) if socket_path else None
     return httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+
+
+# What `VLLMClient.post` / `stream` return: the lean client's reply, or httpx's (https, test transports).
+UpstreamResponse = Http1Reply | httpx.Response
 
 
 class VLLMError(Exception):
@@ -78,6 +89,9 @@ class VLLMClient:
         token on every request (an attached vLLM started with --api-key; it guards only its /v1 routes)."""
         self.address = address.rstrip("/")
         self.base_url, self.socket_path = parse_address(self.address)
+        headers = {"user-agent": "loop", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._fast = Http1Pool(self.base_url, self.socket_path, headers) \
+            if transport is None and self.base_url.startswith("http://") else None
         if transport is None and self.socket_path is not None:
             transport = httpx.AsyncHTTPTransport(uds=self.socket_path)
         self.timeout = timeout
@@ -86,16 +100,29 @@ class VLLMClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=5.0),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60),
-            headers={"user-agent": "loop", **({"authorization": f"Bearer {api_key}"} if api_key else {})},
+            headers=headers,
             transport=transport,
         )
 
     # --- raw helpers (the proxy) ---
-    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> httpx.Response:
-        """POST a JSON body as is; returns the response whatever its status."""
+    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> UpstreamResponse:
+        """POST a JSON body as is; returns the response, read whole, whatever its status. `timeout` bounds the
+        whole call (the proxy bounds it itself and leaves it out)."""
         try:
-            return await self._http.post(path, content=content, headers={"content-type": "application/json"},
-                                         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            if self._fast is None:
+                return await self._http.post(path, content=content, headers={"content-type": "application/json"},
+                                             timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+            async with asyncio.timeout(timeout):
+                reply = await self._fast.send(path, content)
+                try:
+                    await reply.aread()
+                finally:
+                    self._fast.release(reply)
+                return reply
+        except TimeoutError as exc:
+            if timeout is None:
+                raise
+            raise httpx.ReadTimeout(f"vLLM at {self.address} did not answer {path} within {timeout:g} s") from exc
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
             raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
 
@@ -106,8 +133,19 @@ class VLLMClient:
             raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
 
     @asynccontextmanager
-    async def stream(self, path: str, content: bytes) -> AsyncIterator[httpx.Response]:
-        """POST and keep the response open for streaming (`response.aiter_lines()`); closed on exit."""
+    async def stream(self, path: str, content: bytes) -> AsyncIterator[UpstreamResponse]:
+        """POST and keep the response open for streaming (`response.aiter_lines()`); on exit its connection is
+        reused when the answer was read to its end, else closed."""
+        if self._fast is not None:
+            try:
+                reply = await self._fast.send(path, content)
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
+            try:
+                yield reply
+            finally:
+                self._fast.release(reply)
+            return
         request = self._http.build_request("POST", path, content=content,
                                            headers={"content-type": "application/json"})
         try:
@@ -181,4 +219,6 @@ class VLLMClient:
         return await self._control("GET", "/v1/models", timeout=10.0)
 
     async def aclose(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
         await self._http.aclose()

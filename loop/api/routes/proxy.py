@@ -23,10 +23,10 @@ before the reply instead, and should that fail too the request answers 503 `stor
   and starts after it (`_first_version`). Each streamed chunk carries the version it arrived under.
 - Bodies are checked as every route's are (loop.api.errors.check_json_body: UTF-8, nesting depth) and `n` /
   `best_of` are capped by the max_n setting (400 `n_too_large`): each choice holds the engine and becomes a row.
-Hot path: one pooled client (a finished stream is read to its end, after [DONE]: its connection is reused),
-msgspec for JSON, no database round trip, no thread hop.
-Tests: tests/unit/api/test_proxy.py, tests/unit/api/test_proxy_stream.py, tests/unit/feedback/test_response_writer.py,
-tests/e2e/test_proxy_e2e.py.
+Hot path: pooled keep-alive connections to vLLM through loop.vllm.http1 (a finished stream is read to its end,
+after [DONE]: its connection is reused), msgspec for JSON, no database round trip, no thread hop.
+Tests: tests/unit/api/test_proxy.py, tests/unit/api/test_proxy_stream.py, tests/unit/api/test_proxy_upstream.py,
+tests/unit/feedback/test_response_writer.py, tests/e2e/test_proxy_e2e.py.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from loop.vllm.capture import (
     strip_choice,
     strip_top,
 )
-from loop.vllm.client import VLLMUnreachable
+from loop.vllm.client import UpstreamResponse, VLLMUnreachable
 
 log = logging.getLogger("loop.proxy")
 
@@ -150,7 +150,7 @@ def _timeout(state: LoopState) -> UpstreamTimeout:
                            "max_tokens, retry later, or raise the limit", code="upstream_timeout")
 
 
-def _passthrough(response: httpx.Response, content: bytes) -> HTTPResponse:
+def _passthrough(response: UpstreamResponse, content: bytes) -> HTTPResponse:
     """vLLM's own error, with its status and message, in loop's error shape."""
     try:
         data = _decode(content)
@@ -248,7 +248,7 @@ def _first_version(state: LoopState, sent: tuple[int, int, bool], last: int) -> 
 
 
 class _UpstreamError(Exception):
-    def __init__(self, response: httpx.Response, content: bytes) -> None:
+    def __init__(self, response: UpstreamResponse, content: bytes) -> None:
         self.response, self.content = response, content
 
 

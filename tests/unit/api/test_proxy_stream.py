@@ -24,6 +24,9 @@ from loop.config import Settings
 from loop.vllm.client import VLLMClient
 from tests.unit.api.test_proxy import stored
 
+# The tests run on the fixtures' event loop: the pooled upstream connections they open are closed at teardown.
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
