@@ -43,7 +43,7 @@ DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped by the PyPI package 
 
 # Secrets are read from the environment only: no CLI flag (argv is visible to every local user), and never passed
 # on to vLLM or the worker.
-SECRET_FIELDS = ("admin_token", "vllm_api_key")
+SECRET_FIELDS = ("admin_token", "vllm_api_key", "openwebui_api_key")
 SECRET_ENV = tuple(f"LOOP_{name.upper()}" for name in SECRET_FIELDS)
 
 
@@ -105,6 +105,14 @@ class Settings(BaseSettings):
                               "started by hand with the loop plugin uses the same rule (loop/paths.py).")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
 
+    # --- Open WebUI (loop/openwebui.py): its users' thumbs pulled in as ratings while loop serve runs ---
+    openwebui_url: str | None = Field(None, description="Open WebUI's address (e.g. http://localhost:8080): with "
+                                      "LOOP_OPENWEBUI_API_KEY set, loop serve pulls its feedback as ratings.")
+    openwebui_api_key: str | None = Field(None, description="An Open WebUI admin's API key, for reading its "
+                                          "feedback and chats (environment only).")
+    openwebui_sync_interval_s: float = Field(60.0, gt=0, description="How often loop serve pulls Open WebUI's "
+                                             "new feedback.")
+
     # --- security ---
     admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
     rater_auth: Literal["auto", "tokens"] = Field(
@@ -112,6 +120,10 @@ class Settings(BaseSettings):
         "/api and /v1 (accounts: `loop raters add NAME`); 'auto' does so when the API binds to a non-loopback "
         "address and leaves a loopback-only loop open (ratings signed with a free-text name). Set 'tokens' when a "
         "reverse proxy publishes a loopback-bound loop.")
+    queue_raters_per_item: int | None = Field(None, ge=1, le=1000, description="Rating queue assignment: an "
+                                              "answer leaves everyone's queue once this many raters rated it, and "
+                                              "answers some of them rated come first, so the same raters see the "
+                                              "same answers (agreement becomes measurable). Unset: no limit.")
     # NoDecode: the environment gives a comma-separated list (LOOP_ALLOWED_HOSTS=localhost,loop.lan), not JSON.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["localhost", "127.0.0.1", "::1"],

@@ -35,6 +35,7 @@ from loop.feedback.writer import RatingWriter
 from loop.raters import Accounts
 
 if TYPE_CHECKING:
+    from loop.openwebui import Poller
     from loop.scheduler.scheduler import Scheduler
     from loop.training import Trainer, WorkerControl
     from loop.vllm.client import VLLMClient
@@ -96,6 +97,7 @@ class LoopState:
     worker: WorkerControl | None = None
     trainer: Trainer | None = None
     scheduler: Scheduler | None = None
+    openwebui: Poller | None = None  # pulls Open WebUI's feedback (LOOP_OPENWEBUI_URL + _API_KEY)
     weight_version: int = 0
     # Held while weights change (apply, restore, rollback): one change at a time.
     weights_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -181,6 +183,12 @@ class LoopState:
 
         self.scheduler = Scheduler(self)
         await self.scheduler.start()
+        if settings.openwebui_url and settings.openwebui_api_key:
+            from loop.openwebui import Poller
+
+            self.openwebui = Poller(self.sessions, settings.openwebui_url, settings.openwebui_api_key,
+                                    settings.openwebui_sync_interval_s)
+            await self.openwebui.start()
 
     async def stop(self) -> None:
         """Stop every part; a part that fails to stop is logged and the rest still stop. What requests left
@@ -194,7 +202,7 @@ class LoopState:
             await self.response_writer.close(self.drain_timeout_s)
         except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
             log.exception("shutting down: committing the response rows failed")
-        for part in (self.scheduler, self.trainer, self.worker, self.supervisor):
+        for part in (self.openwebui, self.scheduler, self.trainer, self.worker, self.supervisor):
             if part is not None:
                 try:
                     await part.stop()

@@ -16,12 +16,14 @@ from loop.cli import (
     db,
     feedback,  # loop feedback export / stats
     layout,  # loop layout MODEL: where vLLM keeps each weight
+    openwebui,  # loop openwebui sync: Open WebUI's feedback as ratings
     raters,  # loop raters add / list / revoke / token
     runs,  # loop runs / versions / rollback / scheduler
     serve,
 )
 
-COMMANDS = [serve, db, bench, runs, feedback, layout, raters]  # one module per command; each has register(subparsers)
+# One module per command; each has register(subparsers).
+COMMANDS = [serve, db, bench, runs, feedback, layout, raters, openwebui]
 
 
 def build_parser() -> argparse.ArgumentParser:
