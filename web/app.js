@@ -3,7 +3,7 @@
  *
  * Views are modules exporting `mount(main, params) → cleanup?`. The shell mounts one at a time and calls its
  * cleanup on leave (timers, key handlers, charts). Routes: #/chat, #/compare, #/history[?filters],
- * #/history/<response id>, #/training. Run locally: `loop serve`, then open http://127.0.0.1:8000/.
+ * #/history/<response id>, #/queue[?q=words], #/training. Run locally: `loop serve`, then open http://127.0.0.1:8000/.
  *
  * Sign-in (the header's account box): a rater pastes their token once per tab (kept in sessionStorage); the views
  * are mounted again so every rating widget loads that rater's own ratings. A loop that requires tokens shows the
@@ -16,10 +16,11 @@ import {poller} from "./js/poll.js";
 import * as chat from "./js/chat.js";
 import * as compare from "./js/compare.js";
 import * as historyView from "./js/history.js";
+import * as queue from "./js/queue.js";
 import * as training from "./js/training.js";
 
-const VIEWS = {chat, compare, history: historyView, training};
-const TITLES = {chat: "Chat", compare: "Compare", history: "History", training: "Training"};
+const VIEWS = {chat, compare, history: historyView, queue, training};
+const TITLES = {chat: "Chat", compare: "Compare", history: "History", queue: "Queue", training: "Training"};
 
 const main = document.getElementById("main");
 let cleanup = null;

@@ -197,6 +197,18 @@ class DayCount(BaseModel):
     comparisons: int
 
 
+class Alpha(BaseModel):
+    alpha: float | None = Field(description="Krippendorff's alpha; null when undefined (nothing pairable, or "
+                                "every value the same)")
+    items: int = Field(description="answers with values from two or more raters")
+    values: int = Field(description="pairable values (n)")
+
+
+class Agreement(BaseModel):
+    thumbs: Alpha = Field(description="nominal alpha over thumbs")
+    scores: Alpha = Field(description="interval alpha over 1-10 scores")
+
+
 class Stats(BaseModel):
     responses_total: int
     ratings_total: int
@@ -208,5 +220,6 @@ class Stats(BaseModel):
     unpaired_available: int
     untrained_pairs: int
     untrained_unpaired: int
+    agreement: Agreement = Field(description="between raters, over answers two or more rated (current ratings)")
     as_of: datetime = Field(description="when these figures were computed")
     fresh: bool = Field(description="false only with stale_ok=true while newer feedback is being counted")

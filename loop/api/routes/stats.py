@@ -25,6 +25,7 @@ from loop import pairs
 from loop.api.deps import SessionDep
 from loop.api.schemas import Stats
 from loop.db.models import Comparison, Rating, Response
+from loop.feedback.agreement import agreement_summary
 from loop.readcache import ReadCache
 
 router = APIRouter(prefix="/api", tags=["stats"])
@@ -64,6 +65,7 @@ def stats(s: Session, days: int = 30) -> dict[str, Any]:
         "thumbs": {"up": thumbs.get(1, 0), "down": thumbs.get(-1, 0)},
         "scores": {str(i): scores.get(i, 0) for i in range(1, 11)},
         **pairs.count_available(s),
+        "agreement": agreement_summary(s),
     }
 
 
@@ -89,7 +91,8 @@ def get_stats(request: Request, s: SessionDep,
                                                           "feedback is being counted (fresh: false)")] = False,
               ) -> dict[str, Any]:
     """Totals (ratings/comparisons count every row, history included), per-day counts, current ratings'
-    thumbs and score distribution, and the training data available."""
+    thumbs and score distribution, the training data available, and the raters' agreement (Krippendorff's alpha
+    over answers two or more raters rated: loop/feedback/agreement.py)."""
     cache = _stats_cache(request, days)
     sessions = request.app.state.loop.sessions
 
