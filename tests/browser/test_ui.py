@@ -102,14 +102,64 @@ def test_chat_streams_an_answer_with_its_version_and_the_rating_is_stored(ui: UI
     assert len(_ratings(api, response_id)) == len(all_ratings)
     ui.shot("chat")
 
-    # Regenerate replaces the last answer with a new logged response.
+    # Regenerate adds a sibling answer (a new logged response) and shows it; the first one stays, one step back.
     answer.get_by_role("button", name="Regenerate").click()
     new_answer = page.locator(".msg.assistant").last
+    expect(new_answer.locator(".sibling-count")).to_have_text("2/2", timeout=GEN_TIMEOUT_MS)
     expect(new_answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
     new_id = new_answer.get_attribute("data-response-id")
     assert new_id and new_id != response_id
     assert page.locator(".msg.assistant").count() == 1
     assert api.get(f"/api/responses/{new_id}").status_code == 200
+
+
+def test_a_conversation_is_kept_reopened_after_a_reload_and_two_siblings_are_compared(ui: UI, api: httpx.Client) -> None:
+    """The chat is saved on the server: a reload reopens it with both answers to the message (‹ 1/2 ›) and the
+    first one's thumb; the sidebar lists it; the two answers go to Compare as an A/B pair and the pick is stored."""
+    prompt = f"Name two animals, {secrets.token_hex(3)}."
+    page = ui.go("#/chat")
+    _short_answers(page)
+    page.get_by_label("Message", exact=True).fill(prompt)
+    page.get_by_label("Message", exact=True).press("Enter")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    first = answer.get_attribute("data-response-id")
+    answer.get_by_role("button", name="Thumbs up").click()
+    expect(answer.locator(".rating-status")).to_have_text("Saved")
+    answer.get_by_role("button", name="Regenerate").click()
+    expect(page.locator(".msg.assistant .sibling-count")).to_have_text("2/2", timeout=GEN_TIMEOUT_MS)
+    expect(page.locator(".msg.assistant .rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    second = page.locator(".msg.assistant").get_attribute("data-response-id")
+    assert second and second != first
+
+    def saved() -> dict[str, Any] | None:
+        mine = [c for c in api.get("/api/conversations", params={"limit": 200}).json()["items"] if c["title"] == prompt]
+        if not mine:
+            return None
+        c = api.get(f"/api/conversations/{mine[0]['id']}").json()
+        return c if len(c["turns"]) == 2 and len(c["turns"][1]["siblings"]) == 2 else None
+
+    conv = _poll(saved, timeout=120, what="the saved conversation")
+    assert [s["response_id"] for s in conv["turns"][1]["siblings"]] == [first, second] and conv["turns"][1]["shown"] == 1
+
+    page.reload()
+    page.wait_for_selector("main h1")
+    expect(page.locator(".conv-item[aria-current='true']")).to_contain_text(prompt)
+    expect(page.locator(".msg.user .msg-body")).to_have_text(prompt)
+    expect(page.locator(".msg.assistant")).to_have_attribute("data-response-id", second)
+    page.get_by_role("button", name="Previous answer").click()
+    expect(page.locator(".msg.assistant")).to_have_attribute("data-response-id", first)
+    expect(page.locator(".msg.assistant").get_by_role("button", name="Thumbs up")).to_have_attribute("aria-pressed", "true")
+    ui.shot("chat-siblings")
+
+    page.get_by_role("link", name="Compare with the previous answer").click()
+    expect(page.locator(".candidate")).to_have_count(2)
+    ids = [page.locator(".candidate").nth(i).get_attribute("data-response-id") for i in range(2)]
+    assert sorted(ids) == sorted([first, second])
+    page.keyboard.press("1")
+    expect(page.locator(".pick-area")).to_contain_text("Saved")
+    picks = api.get("/api/comparisons", params={"response_id": ids[0]}).json()["items"]
+    assert [(c["response_a_id"], c["response_b_id"], c["winner"]) for c in picks] == [(ids[0], ids[1], "a")]
 
 
 def test_a_failed_send_keeps_the_message_and_retry_sends_it(ui: UI) -> None:

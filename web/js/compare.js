@@ -5,10 +5,13 @@
  * POST /api/comparisons stores the pick. Keyboard: 1/a = A better, 2/b = B better, 3/t = tie, 4/x = both bad
  * (ignored while typing in a field), Enter in the prompt box asks, N asks again with the same prompt.
  * Picking again replaces the earlier pick (the server keeps the history; the newest is current).
+ * `#/compare?a=<response id>&b=<response id>` opens two logged answers to the same messages as the pair (Chat sends
+ * an answer and its regeneration here).
  */
 
 import {api, newKey, raterName} from "./api.js";
 import {empty, field, h, replace, setStatus, statusLine} from "./dom.js";
+import {renderMarkdown} from "./markdown.js";
 
 const CHOICES = [
   {winner: "a", label: "A is better", keys: ["1", "a"]},
@@ -21,7 +24,7 @@ const WINNER_TEXT = {a: "A is better", b: "B is better", tie: "a tie", both_bad:
 // Kept across view switches so a half-done comparison is still there when the user comes back.
 const saved = {prompt: "", pair: null, picked: null, temperature: 0.9, maxTokens: 256};
 
-export function mount(main, {showError, clearError}) {
+export function mount(main, {query, showError, clearError}) {
   let loading = false;
   let picking = false;
   let lastPick = {payload: "", key: ""};
@@ -66,6 +69,26 @@ export function mount(main, {showError, clearError}) {
     form, results, pickArea));
   renderPair();
   prompt.focus();
+  if (query && query.get("a") && query.get("b")) loadPair(query.get("a"), query.get("b"));
+
+  /** Two logged answers as the pair to pick from (their prompt: the messages they answered). */
+  async function loadPair(a, b) {
+    try {
+      const [ra, rb] = await Promise.all([a, b].map((id) => api(`/api/responses/${encodeURIComponent(id)}`)));
+      const users = (ra.messages || []).filter((m) => m && m.role === "user");
+      const text = users.length ? String(users[users.length - 1].content) : (ra.prompt_text || ra.prompt_preview || "");
+      saved.pair = {prompt: text, candidates: [ra, rb].map((r) => ({response_id: r.id, content: r.completion,
+        finish_reason: r.finish_reason, weight_version: r.weight_version}))};
+      saved.picked = null;
+      lastPick = {payload: "", key: ""};
+      comment.value = "";
+      setStatus(pickStatus, "");
+      renderPair();
+      choiceButtons[0].focus();
+    } catch (err) {
+      showError(`Could not open the two answers: ${err.message}`, {retry: () => loadPair(a, b)});
+    }
+  }
 
   function onKey(e) {
     if (e.ctrlKey || e.metaKey || e.altKey) return;
@@ -124,7 +147,8 @@ export function mount(main, {showError, clearError}) {
     const [a, b] = pair.candidates;
     replace(results,
       h("p", {class: "pair-prompt"}, h("span", {class: "muted", text: "Prompt: "}), pair.prompt),
-      h("div", {class: "pair"}, card("A", a, pair.weight_version), card("B", b, pair.weight_version)));
+      h("div", {class: "pair"}, card("A", a, a.weight_version ?? pair.weight_version),
+        card("B", b, b.weight_version ?? pair.weight_version)));
     pickArea.hidden = false;
     paintPick();
   }
@@ -135,7 +159,8 @@ export function mount(main, {showError, clearError}) {
         h("span", {class: "cand-letter", "aria-hidden": "true", text: letter}),
         h("span", {class: "badge version", text: `weights v${version ?? "?"}`}),
         cand.finish_reason === "length" ? h("span", {class: "badge muted", text: "cut at max tokens"}) : null),
-      h("div", {class: "msg-body", text: cand.content || "(empty answer)"}),
+      cand.content ? h("div", {class: "msg-body markdown"}, renderMarkdown(cand.content, {headingLevel: 2}))
+        : h("div", {class: "msg-body", text: "(empty answer)"}),
       h("a", {class: "resp-id", href: `#/history/${encodeURIComponent(cand.response_id)}`, text: cand.response_id}));
   }
 

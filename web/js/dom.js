@@ -3,7 +3,9 @@
  *
  * Why: every string that reaches the page (model output, prompts, comments, tags, error messages) goes in as a
  * text node, never as HTML, so a response that contains markup renders as the characters it is. There is no
- * innerHTML with data anywhere in web/; `h()` is the single choke point.
+ * innerHTML with data anywhere in web/; `h()` is the single choke point. The one sanitised exception is
+ * markdown.js: model answers rendered as markdown, with raw HTML escaped and the result passed through DOMPurify's
+ * allow-list into a DocumentFragment.
  *
  *   h("button", {class: "btn", onclick: fn, "aria-label": "Send"}, "Send")
  */

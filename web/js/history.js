@@ -9,6 +9,7 @@
 
 import {api, qs, raterName} from "./api.js";
 import {empty, field, fmtNum, fmtTime, h, kvList, replace} from "./dom.js";
+import {renderMarkdown} from "./markdown.js";
 import {ratingWidget} from "./rating.js";
 
 const FILTERS = ["q", "rating", "min_score", "max_score", "tag", "rater", "model", "weight_version", "since", "until",
@@ -237,7 +238,7 @@ async function showDetail(root, id, {showError, clearError}, myToken, current) {
       h("div", {class: "msg-who", text: m.role}), h("div", {class: "msg-body", text: contentText(m.content)}))))
       : h("div", {class: "msg-body prompt-text", text: resp.prompt_text || resp.prompt_preview || ""}),
     h("h2", {text: "Answer"}),
-    h("div", {class: "msg assistant"}, h("div", {class: "msg-body", text: resp.completion || ""})),
+    h("div", {class: "msg assistant"}, h("div", {class: "msg-body markdown"}, renderMarkdown(resp.completion || ""))),
     h("h2", {text: "Rate it"}),
     ratingWidget(resp.id, {showError, onSaved: refresh,
       initial: (resp.ratings || []).find((r) => r.is_current && r.rater === raterName()) || {}}),
