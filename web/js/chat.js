@@ -159,8 +159,8 @@ export function mount(main, {showError, clearError}) {
   function save() {
     // only answers that have a logged response belong in the record; saves run one after another
     if (conversation.some((t) => t.role === "assistant" && t.siblings.some((a) => !a.responseId || a.pending))) return saving;
+    const body = {turns: turnsForServer()};  // what the screen shows now; the revision is read when it is sent
     saving = saving.then(async () => {
-      const body = {turns: turnsForServer()};
       try {
         const c = current.id
           ? await api(`/api/conversations/${encodeURIComponent(current.id)}${qs(whose())}`, {method: "PUT",

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from loop.api.deps import rater_for
 from loop.api.schemas import MAX_ID, no_nul
+from loop.errors import Unavailable
 from loop.feedback import conversations
+from loop.feedback.writer import RESPONSE_WAIT_S
 
 router = APIRouter(prefix="/api", tags=["conversations"])
 
@@ -71,9 +73,20 @@ class ConversationIn(BaseModel):
     def _title(cls, value: str | None) -> str | None:
         return no_nul(value)
 
+    def response_ids(self) -> tuple[str, ...]:
+        return tuple({s.response_id for t in self.turns for s in t.siblings})
+
     def plain_turns(self) -> list[dict[str, Any]]:
         return [t.model_dump(exclude_none=True, exclude={"siblings", "shown"} if t.role == "user" else set())
                 for t in self.turns]
+
+
+async def _settled(request: Request, body: ConversationIn) -> None:
+    """Answers served a moment ago may still wait for their commit (loop.feedback.responses): wait for them, as
+    ratings do, so a conversation saved right after its answer streamed does not call that answer unknown."""
+    if not await request.app.state.loop.response_writer.settled(body.response_ids(), RESPONSE_WAIT_S):
+        raise Unavailable("a response this conversation names was served but its row is not committed yet (the "
+                          "database is refusing writes); retry", code="storage_unavailable", retry_after_s=1)
 
 
 Rater = Annotated[str | None, Query(min_length=1, max_length=200, description=(
@@ -92,6 +105,7 @@ async def list_conversations(request: Request, rater: Rater = None, limit: Annot
 @router.post("/conversations", status_code=201, summary="a new conversation")
 async def create_conversation(body: ConversationIn, request: Request, rater: Rater = None) -> dict[str, Any]:
     who = rater_for(request, rater)
+    await _settled(request, body)
     return await run_in_threadpool(conversations.create, request.app.state.loop.sessions, who, body.plain_turns(),
                                    body.title)
 
@@ -106,6 +120,7 @@ async def get_conversation(conversation_id: str, request: Request, rater: Rater 
 async def save_conversation(conversation_id: str, body: ConversationIn, request: Request,
                             rater: Rater = None) -> dict[str, Any]:
     who = rater_for(request, rater)
+    await _settled(request, body)
     return await run_in_threadpool(lambda: conversations.save(
         request.app.state.loop.sessions, who, conversation_id, body.plain_turns(), title=body.title,
         expected_revision=body.expected_revision))

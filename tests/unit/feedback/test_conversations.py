@@ -124,3 +124,29 @@ def test_each_rater_sees_only_their_own(server: ServedApp) -> None:
     assert [c["id"] for c in theirs["items"]] == [mine["id"]]
     bob = httpx.post(url, json={"turns": _turns(server)}, params={"rater": "bob"}).json()
     assert bob["rater"] == "bob" and httpx.get(url, params={"rater": "bob"}).json()["total"] == 1
+
+
+async def test_a_conversation_saved_before_its_answer_is_committed_waits_for_it(tmp_path: Path) -> None:
+    """The UI saves right after an answer streamed, while that answer's row may still wait for its commit: the save
+    waits for it (as a rating does) instead of calling the answer unknown."""
+    import asyncio
+
+    from tests.unit.feedback.test_feedback_writer import failing_commits
+    from tests.unit.feedback.test_response_writer import row
+
+    app = create_app(Settings(data_dir=tmp_path, admin_token=ADMIN, vllm_url="http://fake", worker_enabled=False,
+                              scheduler_enabled=False), manage=False)
+    async with app.router.lifespan_context(app):
+        state = app.state.loop
+        r = row()
+        turns = [{"role": "user", "content": "2+2?"},
+                 {"role": "assistant", "siblings": [{"response_id": r["id"], "content": "4"}]}]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://127.0.0.1:8000") as c:
+            with failing_commits(state.sessions):
+                state.response_writer.submit([r])
+                save = asyncio.create_task(c.post("/api/conversations", json={"turns": turns}))
+                await asyncio.sleep(0.5)
+                assert not save.done()  # waiting for the answer's commit, not refused
+            made = await save
+        assert made.status_code == 201, made.text
+        assert made.json()["turns"][1]["siblings"][0]["response_id"] == r["id"]
