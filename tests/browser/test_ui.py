@@ -57,6 +57,19 @@ def _seed_pair(api: httpx.Client, prompt: str) -> dict[str, Any]:
     return r.json()
 
 
+def _send_and_thumb_up(page: Page, text: str) -> str:
+    """Send `text` in Chat, wait for the answer, press its thumb up until it says Saved; the answer's response id."""
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
+    rid = answer.get_attribute("data-response-id")
+    answer.get_by_role("button", name="Thumbs up").click()
+    expect(answer.locator(".rating-status")).to_have_text("Saved")
+    assert rid
+    return rid
+
+
 # ---------------------------------------------------------------- chat
 
 
@@ -119,14 +132,8 @@ def test_a_conversation_is_kept_reopened_after_a_reload_and_two_siblings_are_com
     prompt = f"Name two animals, {secrets.token_hex(3)}."
     page = ui.go("#/chat")
     _short_answers(page)
-    page.get_by_label("Message", exact=True).fill(prompt)
-    page.get_by_label("Message", exact=True).press("Enter")
-    answer = page.locator(".msg.assistant").last
-    expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
-    first = answer.get_attribute("data-response-id")
-    answer.get_by_role("button", name="Thumbs up").click()
-    expect(answer.locator(".rating-status")).to_have_text("Saved")
-    answer.get_by_role("button", name="Regenerate").click()
+    first = _send_and_thumb_up(page, prompt)
+    page.locator(".msg.assistant").last.get_by_role("button", name="Regenerate").click()
     expect(page.locator(".msg.assistant .sibling-count")).to_have_text("2/2", timeout=GEN_TIMEOUT_MS)
     expect(page.locator(".msg.assistant .rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
     second = page.locator(".msg.assistant").get_attribute("data-response-id")
@@ -438,13 +445,7 @@ def test_a_loop_that_requires_tokens_asks_for_one_then_chats_and_rates(browser: 
             expect(page.locator("#account")).to_contain_text("Rating as ursula")
             _short_answers(page)
             expect(page.get_by_label("Your name (for ratings)", exact=True)).to_be_disabled()
-            page.get_by_label("Message", exact=True).fill("Name a fruit.")
-            page.get_by_label("Message", exact=True).press("Enter")
-            answer = page.locator(".msg.assistant").last
-            expect(answer.locator(".rating")).to_be_visible(timeout=GEN_TIMEOUT_MS)
-            rid = answer.get_attribute("data-response-id")
-            answer.get_by_role("button", name="Thumbs up").click()
-            expect(answer.locator(".rating-status")).to_have_text("Saved")
+            rid = _send_and_thumb_up(page, "Name a fruit.")
             got = client.get(f"/api/responses/{rid}", headers={"Authorization": f"Bearer {token}"}).json()
             assert [(r["rater"], r["thumb"]) for r in got["ratings"]] == [("ursula", "up")]
             handle.shot("tokens-required-signed-in")

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.service import Service
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -77,16 +77,10 @@ def open_webui(loop_service: Service, tmp_path: Path) -> Iterator[OpenWebUI]:
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"open-webui exited ({proc.returncode}):\n{_tail(log_path)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"open-webui did not start in {START_TIMEOUT_S:.0f} s:\n{_tail(log_path)}")
-            time.sleep(1)
+        try:
+            wait_for(f"{url}/health", START_TIMEOUT_S, proc=proc)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"open-webui did not start: {exc}\n{_tail(log_path)}") from exc
         yield OpenWebUI(url=url, log_path=log_path, proc=proc)
     finally:
         with contextlib.suppress(ProcessLookupError):

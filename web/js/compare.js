@@ -77,17 +77,22 @@ export function mount(main, {query, showError, clearError}) {
       const [ra, rb] = await Promise.all([a, b].map((id) => api(`/api/responses/${encodeURIComponent(id)}`)));
       const users = (ra.messages || []).filter((m) => m && m.role === "user");
       const text = users.length ? String(users[users.length - 1].content) : (ra.prompt_text || ra.prompt_preview || "");
-      saved.pair = {prompt: text, candidates: [ra, rb].map((r) => ({response_id: r.id, content: r.completion,
-        finish_reason: r.finish_reason, weight_version: r.weight_version}))};
-      saved.picked = null;
-      lastPick = {payload: "", key: ""};
-      comment.value = "";
-      setStatus(pickStatus, "");
-      renderPair();
-      choiceButtons[0].focus();
+      showNewPair({prompt: text, candidates: [ra, rb].map((r) => ({response_id: r.id, content: r.completion,
+        finish_reason: r.finish_reason, weight_version: r.weight_version}))});
     } catch (err) {
       showError(`Could not open the two answers: ${err.message}`, {retry: () => loadPair(a, b)});
     }
+  }
+
+  /** A pair nobody has picked from yet: no pick, no comment, a fresh idempotency key. */
+  function showNewPair(pair) {
+    saved.pair = pair;
+    saved.picked = null;
+    lastPick = {payload: "", key: ""};
+    comment.value = "";
+    setStatus(pickStatus, "");
+    renderPair();
+    choiceButtons[0].focus();
   }
 
   function onKey(e) {
@@ -119,13 +124,7 @@ export function mount(main, {query, showError, clearError}) {
       const pair = await api("/api/candidates", {method: "POST", body: {
         messages: [{role: "user", content: text}], n: 2, rater: raterName(),
         temperature: saved.temperature, max_tokens: saved.maxTokens}});
-      saved.pair = {...pair, prompt: text};
-      saved.picked = null;
-      lastPick = {payload: "", key: ""};
-      comment.value = "";
-      setStatus(pickStatus, "");
-      renderPair();
-      choiceButtons[0].focus();
+      showNewPair({...pair, prompt: text});
     } catch (err) {
       saved.pair = null;
       replace(results);
