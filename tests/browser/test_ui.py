@@ -487,14 +487,14 @@ def test_markup_in_prompts_answers_and_comments_renders_as_text(ui: UI, api: htt
     # The `ui` fixture fails the test if any alert() dialog fired or any script error happened.
 
 
-@pytest.mark.parametrize("view", ["chat", "compare", "history", "training"])
+@pytest.mark.parametrize("view", ["chat", "compare", "history", "training", "queue"])
 def test_phone_sized_viewport_renders_every_view(browser: Browser, ui_service: Any, view: str) -> None:
     phone, context = open_ui(browser, ui_service.url, viewport={"width": 375, "height": 812}, is_mobile=True,
                              has_touch=True, device_scale_factor=2)
     try:
         page = phone.go(f"#/{view}")
         page.wait_for_load_state("networkidle")
-        for name in ("Chat", "Compare", "History", "Training"):
+        for name in ("Chat", "Compare", "History", "Training", "Queue"):
             expect(page.get_by_role("navigation", name="Views").get_by_role("link", name=name)).to_be_visible()
         expect(page.get_by_role("link", name=view.capitalize())).to_have_attribute("aria-current", "page")
         width = page.evaluate("document.documentElement.scrollWidth")
