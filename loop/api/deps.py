@@ -91,17 +91,20 @@ def _need_caller(request: Request) -> None:
 
 
 def rater_for(request: Request, claimed: str | None) -> str:
-    """The name a rating or comparison is attributed to: the signed-in caller's (a body naming someone else is
-    refused), else, where tokens are not required, the name the body gives (default "anonymous") unless it is an
-    account's, which only its token may use."""
+    """The name a rating or comparison is attributed to: the signed-in caller's (a rater's body naming someone else
+    is refused; an admin may name a rater who has no account), else, where tokens are not required, the name the
+    body gives (default "anonymous") unless it is an account's, which only its token may use."""
     caller = request_caller(request)
-    if caller is not None:
-        if claimed is not None and claimed != caller.name:
-            raise ApiError(f"this token belongs to {caller.name!r} but the body names the rater {claimed!r}: leave "
-                            "`rater` out (the token says who rates)", status_code=403, code="rater_mismatch",
-                            param="rater")
-        return caller.name
     state: LoopState = request.app.state.loop
+    if caller is not None:
+        if claimed is None or claimed == caller.name:
+            return caller.name
+        if caller.role == "admin" and not state.accounts.is_account(claimed):
+            return claimed  # an operator filing feedback for a named rater without an account (imports, benches)
+        raise ApiError(f"this token belongs to {caller.name!r} but the body names the rater {claimed!r}: leave "
+                        "`rater` out (the token says who rates)" if caller.role != "admin" else
+                        f"{claimed!r} is an account's name: only its own token rates as it", status_code=403,
+                        code="rater_mismatch" if caller.role != "admin" else "rater_is_account", param="rater")
     if state.settings.tokens_required:
         _need_caller(request)
     name = claimed or "anonymous"

@@ -70,10 +70,13 @@ def test_open_loop_a_rating_is_attributed_to_its_token_or_to_the_name_given(open
     assert _error(_rate(open_loop, rid, rater="admin")) == (403, "rater_is_account")
     assert _error(_rate(open_loop, rid, "loopr_not-a-token")) == (401, "token_wrong")
     assert _rate(open_loop, rid, ADMIN).json()["rater"] == "admin"
+    # an operator may file feedback for a named rater without an account (imports, the learning bench), not for one
+    assert _rate(open_loop, rid, ADMIN, rater="zed").json()["rater"] == "zed"
+    assert _error(_rate(open_loop, rid, ADMIN, rater="alice")) == (403, "rater_is_account")
     # OpenAI clients always send a key (often a dummy): an open loop's /v1 does not read it
     assert httpx.get(f"{open_loop.url}/v1/models", headers=_bearer("sk-dummy")).status_code != 401
     got = httpx.get(f"{open_loop.url}/api/ratings", params={"response_id": rid}).json()
-    assert sorted(r["rater"] for r in got["items"] if r["is_current"]) == ["admin", "alice", "anonymous", "bob"]
+    assert sorted(r["rater"] for r in got["items"] if r["is_current"]) == ["admin", "alice", "anonymous", "bob", "zed"]
 
 
 def test_a_revoked_token_rates_no_more_and_nothing_it_gave_is_lost(open_loop: ServedApp) -> None:
