@@ -114,12 +114,26 @@ def hf_from_config(config: Any, **kwargs: Any) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def hf_config(model_path: str) -> Any:
+    """The config of `model_path` as transformers' own class for its architecture reads it. Not AutoConfig's: inside
+    vLLM's process AutoConfig maps some model types to vLLM's own config classes (vLLM 0.26 registers its
+    `Qwen3_5Config`, whose vision config lacks transformers' `num_attention_heads` alias), which transformers'
+    modelling code cannot build from."""
+    import transformers
+    from transformers import AutoConfig, PretrainedConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(getattr(transformers, arch, None), "config_class", None) if arch else None
+    if isinstance(cls, type) and issubclass(cls, PretrainedConfig) and not isinstance(config, cls):
+        return cls.from_pretrained(model_path)
+    return config
+
+
 def hf_meta_model(model_path: str) -> torch.nn.Module:
     """The Hugging Face model class of `model_path`, built on the meta device from its config (nothing read or
     allocated): its parameters are what the worker gives views to."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
+    config = hf_config(model_path)
     with torch.device("meta"):
         return hf_from_config(config)
 

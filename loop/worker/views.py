@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from loop.layout import Layout, hf_from_config
+from loop.layout import Layout, hf_config, hf_from_config
 
 logger = logging.getLogger("loop.worker")
 
@@ -63,7 +63,7 @@ def build_model(
     dtype = dtype or max(elements, key=lambda d: elements[d])
     if dtype not in elements:
         raise ValueError(f"vLLM's weights are {sorted(map(str, elements))}; views cannot change dtype to {dtype}")
-    config = AutoConfig.from_pretrained(model_path)
+    config = hf_config(model_path)
     arch = (getattr(config, "architectures", None) or [""])[0]
     # Parameters on meta (no memory), buffers real (rotary inv_freq is computed from the config, not loaded).
     with init_empty_weights(include_buffers=False):

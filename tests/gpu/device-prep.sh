@@ -18,7 +18,11 @@ fi
 if [ -s /tmp/gpu-moe.xz ]; then  # the fused-MoE kernels the trimmed bundle drops (copied by an earlier call)
   xz -dc /tmp/gpu-moe.xz > "$site/vllm/_moe_C_stable_libtorch.abi3.so"
 fi
-if ls .gpu/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" --upgrade .gpu/whl/*.whl
-fi
+# newer pure-Python packages than the host's (transformers and its pins), carried in .gpu/whl or copied by an
+# earlier call to /tmp/gpu-whl when the call that sets up vLLM has no room left for them
+for d in .gpu/whl /tmp/gpu-whl; do
+  if ls "$d"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" --upgrade "$d"/*.whl
+  fi
+done
 echo "export PYTHONPATH=$site:$root VLLM_USE_FLASHINFER_SAMPLER=0"
