@@ -14,7 +14,11 @@ then gets one treatment (`Placement.kind`):
   region (from `offset`, rows as long as the HF row) that holds it. No view expresses it; the worker trains a copy
   and writes its rows back into vLLM's memory inside every pause (loop/worker/views.py `write_back`);
 - "scattered": every element lands once, but no strided box or row order holds them;
-- "partial": only some of its elements land (a tensor-parallel shard, or parts vLLM drops);
+- "shard": a tensor-parallel rank's slice: the elements that land on this rank are one contiguous range along one
+  dimension (`dim`, from `start`, of the HF tensor's full shape `full`), and they land as a strided box of one vLLM
+  parameter; the placement's shape is the slice's. The worker of that rank trains it in place as a view, its
+  tensor-parallel modules doing what the other ranks' slices need (loop/worker/tp.py);
+- "partial": only some of its elements land, in no shape a "shard" describes (parts vLLM drops);
 - "replicated": some element lands more than once (a copy kept in two places must be written in both);
 - "transformed": its codes do not come out whole (vLLM scales, casts or combines the values while loading);
 - "absent": nothing of it lands (vLLM's loader skips the name).
@@ -58,11 +62,18 @@ class Placement:
     stride: tuple[int, ...] = ()
     reason: str = ""
     rows: tuple[int, ...] = ()  # rows: per HF row, the row of the region from `offset` that holds it
+    dim: int = 0  # shard: the dimension of the HF tensor that is split across ranks
+    start: int = 0  # shard: where this rank's slice starts along `dim`
+    full: tuple[int, ...] = ()  # shard: the HF tensor's whole shape
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "view":
             return {"kind": "view", "param": self.param, "offset": self.offset, "shape": list(self.shape),
                     "stride": list(self.stride)}
+        if self.kind == "shard":
+            return {"kind": "shard", "param": self.param, "offset": self.offset, "shape": list(self.shape),
+                    "stride": list(self.stride), "dim": self.dim, "start": self.start, "full": list(self.full),
+                    "reason": self.reason}
         if self.kind == "rows":
             return {"kind": "rows", "param": self.param, "offset": self.offset, "shape": list(self.shape),
                     "rows": list(self.rows), "reason": self.reason}
@@ -72,7 +83,9 @@ class Placement:
     def from_json(cls, d: Mapping[str, Any]) -> Placement:
         return cls(kind=str(d["kind"]), param=str(d.get("param", "")), offset=int(d.get("offset", 0)),
                    shape=tuple(int(x) for x in d.get("shape", ())), stride=tuple(int(x) for x in d.get("stride", ())),
-                   reason=str(d.get("reason", "")), rows=tuple(int(x) for x in d.get("rows", ())))
+                   reason=str(d.get("reason", "")), rows=tuple(int(x) for x in d.get("rows", ())),
+                   dim=int(d.get("dim", 0)), start=int(d.get("start", 0)),
+                   full=tuple(int(x) for x in d.get("full", ())))
 
 
 @dataclass
@@ -353,6 +366,10 @@ def _place(name: str, shape: tuple[int, ...], parts: list[tuple[str, torch.Tenso
         return Placement("replicated", param=main, shape=shape,
                          reason=f"{int((count > 1).sum())} elements land more than once (in {where})")
     if bool((count == 0).any()):
+        if len(parts) == 1 and not odd:
+            sharded = _shard(parts[0], shape)
+            if sharded is not None:
+                return sharded
         why = f"{int((count == 0).sum())} of {numel} elements land nowhere"
         if odd:
             why += f"; values changed in {sorted(odd)}"
@@ -373,6 +390,32 @@ def _place(name: str, shape: tuple[int, ...], parts: list[tuple[str, torch.Tenso
         return Placement("scattered", param=main, shape=shape,
                          reason="every element lands once, but in an order no strided view expresses")
     return Placement("view", param=main, offset=int(where[0]) if numel else 0, shape=shape, stride=stride)
+
+
+def _shard(part: tuple[str, torch.Tensor, torch.Tensor], shape: tuple[int, ...]) -> Placement | None:
+    """A "shard" placement when the landed elements are one range along one dimension (every other dimension
+    whole) and land as a strided box of one parameter; else None."""
+    pname, idx, pos = part
+    if not shape or idx.numel() == 0:
+        return None
+    coords = torch.stack(torch.unravel_index(idx, shape))  # ndim x landed
+    lo, hi = coords.min(dim=1).values, coords.max(dim=1).values
+    box = tuple(int(h - low) + 1 for low, h in zip(lo.tolist(), hi.tolist()))
+    split = [j for j, (b, d) in enumerate(zip(box, shape)) if b != d]
+    if len(split) != 1 or _numel(box) != idx.numel():
+        return None
+    local = torch.zeros_like(idx)
+    for j, b in enumerate(box):
+        local = local * b + (coords[j] - lo[j])
+    where = torch.empty(idx.numel(), dtype=torch.int64)
+    where[local] = pos
+    stride = _strides(where, box)
+    if stride is None:
+        return None
+    d = split[0]
+    return Placement("shard", param=pname, offset=int(where[0]), shape=box, stride=stride, dim=d,
+                     start=int(lo[d]), full=tuple(shape),
+                     reason=f"rows {int(lo[d])}..{int(hi[d])} of dimension {d}: this rank's tensor-parallel slice")
 
 
 def _rows(where: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:

@@ -92,7 +92,12 @@ CASES = {
                        "scattered"),
     "scaled": (lambda m, w: m.p.data.copy_(w * 0.5), {"p": (4, 6)}, "transformed"),
     "skipped": (lambda m, w: None, {"p": (4, 6)}, "absent"),
-    "sharded": (lambda m, w: m.p.data.copy_(w[:2]), {"p": (2, 6)}, "partial"),
+    "sharded rows": (lambda m, w: m.p.data.copy_(w[2:]), {"p": (2, 6)}, "shard"),
+    "sharded columns in a padded parameter": (lambda m, w: m.p.data[1:5, :3].copy_(w[:, 3:]), {"p": (6, 4)},
+                                              "shard"),
+    "a shard in another order": (lambda m, w: m.p.data.copy_(w[[3, 2]]), {"p": (2, 6)}, "partial"),
+    "scattered elements": (lambda m, w: m.p.data.reshape(-1)[:4].copy_(w.reshape(-1)[[0, 7, 14, 21]]),
+                           {"p": (2, 6)}, "partial"),
     "duplicated": (lambda m, w: (m.p.data.copy_(w), m.q.data.copy_(w)), {"p": (4, 6), "q": (4, 6)}, "replicated"),
 }
 
@@ -110,6 +115,11 @@ def test_each_kind_of_load_comes_out_as_its_kind(case: str) -> None:
         loader(model.layers[0], w)
         assert torch.equal(view_of(layout, "layers.0.w", {f"layers.0.{n}": getattr(model.layers[0], n).data
                                                            for n in params}), w)
+    if kind == "shard":  # the view of a real load holds this rank's slice of the tensor
+        loader(model.layers[0], w)
+        part = view_of(layout, "layers.0.w", {"layers.0.p": model.layers[0].p.data})
+        assert placed.full == (4, 6) and torch.equal(part, w.narrow(placed.dim, placed.start, placed.shape[placed.dim]))
+        assert Placement.from_json(placed.to_json()) == placed
     if kind == "rows":  # the rows gathered from a real load are the tensor; written back, the load is restored
         from loop.worker.views import row_region
 
