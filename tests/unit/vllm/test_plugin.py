@@ -1,10 +1,11 @@
 """The vLLM plugin: register() is idempotent and lazy, the runtime dir defaults are private paths, a one-process
-vLLM rendezvouses through a private file (no TCP store), and the CPU
+vLLM and a tensor-parallel one's ranks rendezvous through a private file (no TCP store), and the CPU
 GEMM patch makes vLLM's Linear layers see in-place weight writes (vLLM's own dispatch does not)."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import stat
 import subprocess
@@ -90,6 +91,67 @@ def test_an_unusable_runtime_dir_keeps_vllms_own_rendezvous(tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr[-2000:]
     assert ast.literal_eval(out.stdout.strip().splitlines()[-1])[0] == "tcp://10.0.0.7:29511"
     assert "accessible by others" in out.stderr
+
+
+MULTIPROC_RENDEZVOUS = r"""
+import inspect, json, os, sys
+import plugin
+if os.environ.get("REGISTER_FIRST"):
+    plugin.register()  # the executor module is not imported yet: patched when it is
+import vllm.utils.network_utils as network_utils
+from vllm.v1.executor import multiproc_executor as mp
+plugin.register()
+# the ranks' init method is computed once in _init_executor, through the two names the plugin wraps
+init = inspect.getsource(mp.MultiprocExecutor._init_executor)
+assert "= get_file_store_init_method()" in init and "= get_distributed_init_method(" in init
+
+def methods():
+    return [mp.get_file_store_init_method(), mp.get_distributed_init_method("127.0.0.1", 29511),
+            mp.get_distributed_init_method("::1", 29511), mp.get_distributed_init_method("10.0.0.7", 29511)]
+
+seen = {"private": methods()}
+if not os.environ.get("REGISTER_FIRST"):
+    network_utils.aiter_requires_tcp_store = lambda: True  # ROCm's AITER all-reduce asserts on a TCP store
+    seen["aiter"] = methods()
+    network_utils.aiter_requires_tcp_store = lambda: False
+    os.environ["LOOP_RUNTIME_DIR"] = os.environ["SHARED"]  # a folder others can reach
+    seen["shared"] = methods()
+print(json.dumps(seen))
+"""
+
+
+def _multiproc_methods(tmp_path: Path, register_first: bool) -> dict[str, list[str]]:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    env = {**os.environ, "LOOP_RUNTIME_DIR": str(tmp_path / "run"), "SHARED": str(shared),
+           "REGISTER_FIRST": "1" if register_first else ""}
+    out = subprocess.run([sys.executable, "-c", MULTIPROC_RENDEZVOUS], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("register_first", [False, True], ids=["imported-before", "imported-after"])
+def test_tensor_parallel_ranks_meet_through_a_private_file_not_a_loopback_tcp_port(tmp_path: Path,
+                                                                                    register_first: bool) -> None:
+    """vLLM's multiprocess executor (one process per tensor-parallel rank) rendezvouses over a TCP store on
+    loopback, which any local user can connect to, or (vLLM 0.32) a file in the shared temp dir; the plugin swaps
+    in one file inside the 0700 runtime dir. A non-loopback address (another node's) is left alone; so is the TCP
+    store vLLM needs for ROCm's AITER all-reduce, and vLLM's own choice where the runtime dir is unusable."""
+    run = tmp_path / "run"
+    seen = _multiproc_methods(tmp_path, register_first)
+    file_store, tcp4, tcp6, remote = seen["private"]
+    assert all(m.startswith(f"file://{run}/vllm-dist-") for m in (file_store, tcp4, tcp6))
+    assert len({file_store, tcp4, tcp6}) == 3  # a fresh file per group
+    assert remote == "tcp://10.0.0.7:29511" and stat.S_IMODE(run.stat().st_mode) == 0o700
+    if register_first:
+        return
+    file_store, tcp4, tcp6, _ = seen["aiter"]
+    assert (tcp4, tcp6) == ("tcp://127.0.0.1:29511", "tcp://[::1]:29511")
+    assert file_store.startswith(f"file://{run}/")  # where vLLM picks a file store, it needs no TCP
+    file_store, tcp4, _, _ = seen["shared"]
+    assert tcp4 == "tcp://127.0.0.1:29511" and "vllm-dist-" not in file_store
 
 
 def test_disabled_plugin_patches_nothing() -> None:

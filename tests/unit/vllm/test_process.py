@@ -204,6 +204,82 @@ def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "VLLM_CPU_KVCACHE_SPACE" not in sup.child_env() or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
 
 
+def _tp_supervisor(tmp_path: Path, device: str, **kw) -> VLLMSupervisor:  # noqa: ANN003
+    sup = VLLMSupervisor(Settings(data_dir=tmp_path, **kw))
+    sup.model_path, sup.device = "/m", device
+    return sup
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_one_rank_adds_no_tensor_parallel_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               device: str) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    sup = _tp_supervisor(tmp_path, device)
+    cmd = sup.command()
+    assert "--tensor-parallel-size" not in cmd and "--distributed-executor-backend" not in cmd
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in sup.child_env()  # vLLM's own binding for one rank
+
+
+def test_two_ranks_on_cuda_ask_vllm_for_them_and_leave_the_executor_to_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    sup = _tp_supervisor(tmp_path, "cuda", tensor_parallel=2)
+    cmd = sup.command()
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd.count("--tensor-parallel-size") == 1
+    assert "--distributed-executor-backend" not in cmd
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in sup.child_env()
+
+
+def test_two_ranks_on_the_cpu_use_the_multiprocess_executor_and_split_the_cores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7, 0, 1, 2, 3})
+    sup = _tp_supervisor(tmp_path, "cpu", tensor_parallel=2, vllm_args=["--seed", "1"])
+    cmd = sup.command()
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "mp"
+    assert cmd[-2:] == ["--seed", "1"]  # the user's arguments stay last: theirs win
+    assert sup.child_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    assert sup.child_env()["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"  # the user's choice stands
+
+
+def test_fewer_cores_than_ranks_give_each_rank_one_core_and_say_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    sup = _tp_supervisor(tmp_path, "cpu", tensor_parallel=3)
+    assert sup.child_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0|1|0"
+    assert "3 tensor-parallel ranks on 2 cores" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("cores", "ranks", "bind"), [
+    ([0, 1], 2, "0|1"),
+    ([0, 1, 2, 3, 4, 5, 6, 7], 2, "0-3|4-7"),
+    ([0, 1, 2, 3, 4, 5, 6], 3, "0-2|3-4|5-6"),  # the first ranks take the remainder, one core each
+    ([0, 2, 4, 6], 2, "0,2|4,6"),  # an affinity with gaps: vLLM's id lists take commas
+    ([2, 3, 4, 9], 2, "2-3|4,9"),
+    ([5], 2, "5|5"),
+])
+def test_omp_threads_bind_splits_the_cores_evenly_and_contiguously(cores: list[int], ranks: int,
+                                                                   bind: str) -> None:
+    from loop.vllm.process import omp_threads_bind
+
+    assert omp_threads_bind(cores, ranks) == bind
+
+
+@pytest.mark.parametrize("args", [["--tensor-parallel-size", "2"], ["--tensor-parallel-size=2"], ["-tp", "2"],
+                                  ["--tensor_parallel_size", "2"], ["--tensor-parallel", "2"]])
+def test_a_tensor_parallel_size_in_vllm_args_must_agree_with_the_setting(tmp_path: Path, args: list[str]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"--vllm-args sets --tensor-parallel-size 2 but --tensor-parallel "
+                                              r"\(LOOP_TENSOR_PARALLEL\) is 1"):
+        Settings(data_dir=tmp_path, vllm_args=args)
+    sup = _tp_supervisor(tmp_path, "cpu", tensor_parallel=2, vllm_args=args)  # the same size: accepted, said once
+    assert sup.command()[-len(args):] == args and "--tensor-parallel-size" not in sup.command()[:-len(args)]
+
+
 async def test_a_data_dir_too_long_for_unix_sockets_is_refused_with_the_reason(tmp_path: Path) -> None:
     failures: list[str] = []
     sup = make(tmp_path / ("d" * 90), failures)
