@@ -174,7 +174,8 @@ class WorkerControl:
                 "model_path": self.hello.model_path if self.hello else None,
                 "optimizer": self.hello.optimizer if self.hello else None,
                 # how vLLM's loader placed the model's weights: every one a view, or the worker refused to attach
-                "layout": dict(self.hello.layout) if self.hello else None}
+                "layout": dict(self.hello.layout) if self.hello else None,
+                "tensor_parallel": self.hello.tensor_parallel if self.hello else None}
 
     # ------------------------------------------------------------ requests
 

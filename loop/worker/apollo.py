@@ -58,6 +58,7 @@ class StagedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self._index = {p: i for i, p in enumerate(self._all_params())}
+        self.tp: Any = None  # loop/worker/tp.py's TP when the parameters are tensor-parallel slices
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -87,7 +88,16 @@ class StagedOptimizer(torch.optim.Optimizer):
         if p.grad.is_sparse:
             raise ValueError("sparse gradients are not supported (use dense embeddings)")
         group = self._group_of(p)
-        delta, new_state = self._update(p, p.grad, self.state.get(p, {}), group)
+        tp = self.tp
+        if tp is not None and tp.sharded(p):
+            # a tensor-parallel slice: the update of the whole tensor, exactly as on one device (its gradient, and
+            # for weight decay the weight, gathered; the state is the whole tensor's), of which this rank keeps its
+            # slice
+            whole = {**group, "_weight": tp.full(p, p.detach())} if group.get("weight_decay") else group
+            delta, new_state = self._update(p, tp.full(p, p.grad), self.state.get(p, {}), whole)
+            delta = tp.local(p, delta)
+        else:
+            delta, new_state = self._update(p, p.grad, self.state.get(p, {}), group)
         self._pending[p] = new_state
         if free_grad:
             p.grad = None
@@ -194,6 +204,11 @@ class StagedOptimizer(torch.optim.Optimizer):
         self.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _weight(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """The weight an update's maths sees: the whole tensor when `p` is a tensor-parallel slice."""
+    return group.get("_weight", p)
+
+
 def _adam_moments(
     x: torch.Tensor, state: dict[str, torch.Tensor], beta1: float, beta2: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
@@ -214,7 +229,7 @@ class AdamW(StagedOptimizer):
         b1, b2 = group["betas"]
         m, v, step, bc1, bc2 = _adam_moments(grad.float(), state, b1, b2)
         upd = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
-        delta = -group["lr"] * (upd + group["weight_decay"] * p.float())
+        delta = -group["lr"] * (upd + group["weight_decay"] * _weight(p, group).float())
         return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}
 
 
@@ -225,7 +240,7 @@ class SGD(StagedOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     def _update(self, p, grad, state, group):  # type: ignore[no-untyped-def]
-        g = grad.float() + group["weight_decay"] * p.float()
+        g = grad.float() + group["weight_decay"] * _weight(p, group).float()
         new: dict[str, torch.Tensor] = {}
         if group["momentum"]:
             buf = state["momentum_buffer"] * group["momentum"] + g if "momentum_buffer" in state else g.clone()
@@ -278,7 +293,7 @@ class Apollo(StagedOptimizer):
         if grad.dim() != 2 or group["rank"] >= min(m_, n_):  # vectors, or no saving: plain AdamW
             m, v, step, bc1, bc2 = _adam_moments(grad.float(), state, b1, b2)
             upd = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
-            delta = -group["lr"] * (upd + group["weight_decay"] * p.float())
+            delta = -group["lr"] * (upd + group["weight_decay"] * _weight(p, group).float())
             return delta, {"step": step, "exp_avg": m, "exp_avg_sq": v}
         step_no = int(state["step"].item()) + 1 if "step" in state else 1
         r = group["rank"]
@@ -309,7 +324,7 @@ class Apollo(StagedOptimizer):
         # one pass in the gradient's dtype: for bf16 the factor's rounding (2^-9) is far below the update's noise
         delta = grad * coef.to(grad.dtype)
         if group["weight_decay"]:
-            delta = delta.add(p, alpha=-group["lr"] * group["weight_decay"])
+            delta = delta.add(_weight(p, group), alpha=-group["lr"] * group["weight_decay"])
         return delta, new
 
     def _update_stacked(self, p, grad, state, group):  # type: ignore[no-untyped-def]

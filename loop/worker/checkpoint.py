@@ -65,13 +65,14 @@ def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Pat
         fsync_path(d)
 
 
-def checkpoint_tensors(model: Any) -> dict[str, Any]:
+def checkpoint_tensors(model: Any, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checkpoint name -> tensor, as `save_pretrained` writes this model: each Parameter once (a tied lm_head is
     left out) and, through transformers' own `revert_weight_conversion`, what transformers keeps fused in memory
-    split back into the checkpoint's tensors (a MoE layer's experts, one per expert)."""
+    split back into the checkpoint's tensors (a MoE layer's experts, one per expert). `params`: the parameters'
+    values to write instead of the model's own (a tensor-parallel rank's slices gathered whole)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return dict(revert_weight_conversion(model, dict(model.named_parameters())))
+    return dict(revert_weight_conversion(model, params if params is not None else dict(model.named_parameters())))
 
 
 def restore_targets(model: Any, names: set[str]) -> dict[str, tuple[Any, Any]]:

@@ -63,6 +63,10 @@ class Worker:
         # Train and Screen yield to serving while vLLM has work (train_share < 1); Apply never does
         self.pacer = Pacer(1.0, lambda: False)  # set for the device at attach
         self.cores = os.sched_getaffinity(0)  # on the CPU, each load's split starts from these
+        # tensor parallel (loop/worker/tp.py): this process's rank; rank 0 answers the API and starts the others
+        self.rank = int(os.environ.get("LOOP_WORKER_RANK", "0"))
+        self.tp: Any = None
+        self.ranks: list[Any] = []  # rank 0: the processes of ranks 1..N-1
 
     # ------------------------------------------------------------ attach
 
@@ -102,15 +106,22 @@ class Worker:
                     log.info("waiting for vLLM's weight handles: %s", e)
                     said = time.monotonic()
         t0 = time.perf_counter()
-        tensors = attach(handle_set)
-        meta = handle_set.meta
+        world = int(handle_set.meta["tp_size"])
+        if self.tp is not None and self.tp.world != world:
+            raise GroupRestart(f"vLLM now runs with tensor parallel {world}, the worker's group has {self.tp.world}")
+        if world > 1 and self.tp is None:
+            self._join_group(world, handle_set.meta["device"])
+        from loop.worker.views import rank_meta
+
+        tensors = attach(handle_set, self.rank)
+        meta = rank_meta(handle_set, self.rank)
         try:
             layout = layout_of(meta)
-            model = build_model(meta["model_path"], tensors, layout=layout)
+            model = build_model(meta["model_path"], tensors, layout=layout, tp=self.tp)
         except ValueError as e:  # not every weight is a view: nothing to train in place, now or after a restart
             raise ModelRefused(str(e)) from e
         views_alias(model, tensors)
-        if meta.get("device") == "cpu" and meta.get("pid"):
+        if meta.get("device") == "cpu" and meta.get("pid") and self.tp is None:
             share_cpu_cores(int(meta["pid"]), self.cores)
         self._pace(meta.get("device", "cpu"))
         model.train(False)  # no dropout: the DPO reference and the policy must see the same function
@@ -120,6 +131,7 @@ class Worker:
         self.names = {prm: name for name, prm in self.trainable}
         self.opt = make_optimizer(self.config.optimizer, [prm for _, prm in self.trainable],
                                   lr=self.config.learning_rate)
+        self.opt.tp = self.tp
         if old_state is not None:
             try:
                 self.opt.load_state_dict(old_state)
@@ -138,7 +150,35 @@ class Worker:
         self.ch.send(p.Hello(pid=os.getpid(), load_id=meta["load_id"], model_path=meta["model_path"],
                              architecture=meta["architecture"], device=meta["device"], n_params=n_params,
                              n_trainable=n_train, optimizer=self.config.optimizer, train_share=self.pacer.share,
-                             layout=layout.kinds()))
+                             layout=layout.kinds(), tensor_parallel=self.tp.world if self.tp else 1))
+
+    def _join_group(self, world: int, device: str) -> None:
+        """Tensor parallel: rank 0 starts the other ranks; every rank joins the group (loop/worker/tp.py)."""
+        import torch
+
+        from loop.worker.tp import init_group, start_ranks
+
+        if self.rank == 0:
+            rendezvous = self.runtime_dir / f"worker-dist-{os.getpid()}"
+            rendezvous.unlink(missing_ok=True)
+            self.ranks = start_ranks(self.config.encode(), world, rendezvous)
+        else:
+            rendezvous = Path(os.environ["LOOP_WORKER_RENDEZVOUS"])
+        if device == "cpu":  # the ranks share this process's cores (vLLM's ranks have their own binding)
+            torch.set_num_threads(max(1, len(self.cores) // world))
+        self.tp = init_group(self.rank, world, rendezvous, device)
+        if self.rank == 0:
+            rendezvous.unlink(missing_ok=True)  # every rank has joined: the file has done its work
+        log.info("tensor-parallel rank %d of %d joined", self.rank, world)
+
+    def forward(self, msg: p.Msg) -> None:
+        """Rank 0 of a tensor-parallel worker: hand a request that reads or writes the weights to every rank."""
+        if self.tp is None or self.rank != 0:
+            return
+        dead = [r.pid for r in self.ranks if r.poll() is not None]
+        if dead:
+            raise GroupRestart(f"worker rank process(es) {dead} exited")
+        self.tp.send(p.encode(msg))
 
     def _pace(self, device: str) -> None:
         share = self.config.train_share or default_share(device)
@@ -150,6 +190,8 @@ class Worker:
 
     def ensure_attached(self) -> None:
         if self.current_load_id() != self.meta.get("load_id"):
+            if self.tp is not None:  # every rank must re-attach at once: the group starts over
+                raise GroupRestart("vLLM's load id changed under a tensor-parallel worker")
             log.info("vLLM's load id changed (%s -> %s): re-attaching", self.meta.get("load_id"),
                      self.current_load_id())
             self.model = None
@@ -210,7 +252,7 @@ class Worker:
                 self._run = {"run_id": msg.run_id, "batch": batch, "ref": None, "history": []}
             for group in self.opt.param_groups:
                 group["lr"] = msg.lr if msg.lr is not None else self.config.learning_rate
-            if msg.lowmem:
+            if msg.lowmem and self.tp is None:  # tensor parallel: the staged path (lowmem writes mid-backward)
                 with self.pacer.active(self.model):
                     check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
             else:
@@ -221,9 +263,9 @@ class Worker:
                 deltas = result.deltas
                 if msg.inject_nan and deltas:
                     next(iter(deltas.values())).fill_(float("nan"))
-                check = check_updates(deltas, self.config.max_update_ratio, names=self.names)
+                check = check_updates(deltas, self.config.max_update_ratio, names=self.names, tp=self.tp)
                 d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
-                self._staged = (msg.run_id, self._new_values(deltas) if check.ok else {}, check)
+                self._staged = (msg.run_id, self._new_values(deltas, self.tp) if check.ok else {}, check)
                 n_tensors = len(self._staged[1] or {})
                 del deltas
             if self._run["ref"] is None:  # the pre-run policy stays the reference for the later steps
@@ -263,6 +305,9 @@ class Worker:
         if not wanted:
             return p.Error(req=msg.req, message=f"Screen with objective {msg.objective!r} needs "
                                                 f"{'pairs' if msg.objective == 'dpo' else 'examples'}; got none")
+        if self.tp is not None:
+            return p.Screened(req=msg.req, run_id=msg.run_id, contributions=[], n_tensors=0, probed_fraction=0.0,
+                              ms=0.0, note="the screen does not run on a tensor-parallel worker yet")
         self.ch.state, self.ch.run_id, self.ch.step = "screening", msg.run_id, 0
         try:
             with self.pacer.active(self.model):
@@ -283,7 +328,7 @@ class Worker:
                           note=found.note)
 
     @staticmethod
-    def _new_values(deltas: dict[Any, Any]) -> dict[Any, Any]:
+    def _new_values(deltas: dict[Any, Any], tp: Any = None) -> dict[Any, Any]:
         """The weights after the update, rounded stochastically to their dtype, computed BEFORE the pause.
 
         Why not `apply_updates_` inside Apply: its fp32 add + random bits take seconds on a CPU for a 135M
@@ -301,6 +346,8 @@ class Worker:
                 total = prm.float() + d.float()
                 out[prm] = total.to(prm.dtype) if prm.dtype in (torch.float32, torch.float64) else \
                     stochastic_round(total, prm.dtype)
+                if tp is not None and not tp.sharded(prm):  # a weight every rank holds: the same values on each
+                    tp.same(out[prm])
                 del d, total
         return out
 
@@ -331,6 +378,8 @@ class Worker:
             from loop.worker.views import write_back
 
             write_back(self.model)  # weights trained as copies (vLLM's rows in another order): into vLLM, now
+            if self.tp is not None:  # rank 0 answers once every rank has written, inside the same pause
+                self.tp.barrier()
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
@@ -340,8 +389,12 @@ class Worker:
     # ------------------------------------------------------------ checkpoints
 
     def hf_state(self) -> dict[str, Any]:
-        """Checkpoint names → tensors, as `save_pretrained` writes this model (loop/worker/checkpoint.py)."""
-        return checkpoint_tensors(self.model)
+        """Checkpoint names → tensors, as `save_pretrained` writes this model (loop/worker/checkpoint.py); on a
+        tensor-parallel worker every rank calls it and each split weight comes out whole (gathered)."""
+        if self.tp is None:
+            return checkpoint_tensors(self.model)
+        whole = {n: self.tp.full(prm, prm.detach()) for n, prm in self.model.named_parameters()}
+        return checkpoint_tensors(self.model, whole)
 
     def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
         import json
@@ -358,8 +411,11 @@ class Worker:
             (tmp / "loop.json").write_text(json.dumps(info, indent=1))
 
         final = Path(msg.path)
+        state = self.hf_state()
+        if self.rank != 0:  # the gather done, rank 0 writes the folder
+            return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=[])
         try:
-            files = write_folder(final, src, self.hf_state(), extra)
+            files = write_folder(final, src, state, extra)
         except FileExistsError as exc:
             return p.Error(req=msg.req, message=str(exc))
         return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=files)
@@ -379,7 +435,12 @@ class Worker:
         weights = folder / "model.safetensors"
         if not weights.is_file():
             return p.Error(req=msg.req, message=f"{weights} does not exist: not a loop checkpoint")
-        live = self.hf_state()
+        params = dict(self.model.named_parameters())
+        whole = None
+        if self.tp is not None:  # names and whole shapes only (meta tensors): each rank reads its own slices
+            whole = {n: torch.empty(self.tp.shards[id(t)].full, device="meta") if self.tp.sharded(t) else t
+                     for n, t in params.items()}
+        live = checkpoint_tensors(self.model, whole)
         with safe_open(str(weights), framework="pt") as f:
             keys = set(f.keys())
             missing = sorted(set(live) - keys)
@@ -391,16 +452,21 @@ class Worker:
                 if tuple(sl.get_shape()) != tuple(t.shape):
                     return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {sl.get_shape()}, "
                                                         f"the live model {tuple(t.shape)}; nothing was written")
-            params = dict(self.model.named_parameters())
-            direct = {n for n, t in live.items() if n in params and tuple(params[n].shape) == tuple(t.shape)}
+            sliced = {n for n in live if n in params and self.tp is not None and self.tp.sharded(params[n])}
+            direct = {n for n, t in live.items() if n in params and tuple(params[n].shape) == tuple(t.shape)} - sliced
             try:
-                scatter = restore_targets(self.model, set(live) - direct)
+                scatter = restore_targets(self.model, set(live) - direct - sliced)
             except ValueError as e:
                 return p.Error(req=msg.req, message=f"checkpoint {folder}: {e}; nothing was written")
             self.ch.state = "restoring"
             try:
                 with torch.no_grad():
                     for name in live:
+                        if name in sliced:  # this rank's slice of a tensor-parallel weight
+                            shard = self.tp.shards[id(params[name])]
+                            start, n = shard.ranges[self.tp.rank]
+                            params[name].copy_(f.get_tensor(name).narrow(shard.dim, start, n))
+                            continue
                         value = f.get_tensor(name)
                         if name in direct:
                             params[name].copy_(value)
@@ -410,6 +476,8 @@ class Worker:
                 from loop.worker.views import write_back
 
                 write_back(self.model)
+                if self.tp is not None:  # rank 0 answers once every rank has written
+                    self.tp.barrier()
             finally:
                 self.ch.state = "idle"
         self._drop_staged()
@@ -423,6 +491,41 @@ class ModelRefused(Exception):
     """The model vLLM serves cannot be trained in place (loop/worker/views.py says which weights and why)."""
 
 
+class GroupRestart(Exception):
+    """A tensor-parallel worker's ranks can no longer go on together (a rank died, vLLM reloaded): the process exits
+    with EXIT_RESTART and the supervisor starts the whole group again."""
+
+
+EXIT_RESTART = 75  # sysexits EX_TEMPFAIL
+# requests every rank of a tensor-parallel worker handles (the others only rank 0)
+_EVERY_RANK = (p.Train, p.Apply, p.Discard, p.Checkpoint, p.Restore)
+
+
+class _Quiet:
+    """The channel of ranks 1..N-1: they answer nobody (rank 0 does)."""
+
+    state, run_id, step, load_id = "idle", 0, 0, ""
+
+    def send(self, msg: p.Msg) -> None:
+        pass
+
+
+def follow(config: WorkerConfig) -> int:
+    """Ranks 1..N-1: attach to this rank's weights, then handle what rank 0 hands over until it says stop."""
+    worker = Worker(config, _Quiet())  # type: ignore[arg-type]
+    try:
+        worker.attach()
+    except ModelRefused as e:
+        log.error("rank %d: %s%s", worker.rank, REFUSED_PREFIX, e)
+        return EXIT_REFUSED
+    while True:
+        payload = worker.tp.send(None)
+        if payload is None:
+            return 0
+        msg = p.decode(payload)
+        worker.handle(msg)  # an exception ends this rank; rank 0's next collective fails and the group restarts
+
+
 def serve(config: WorkerConfig) -> int:
     ch = Channel(config.endpoint, config.heartbeat_s)
     ch.start()  # heartbeats start before the slow imports and the attach
@@ -434,6 +537,10 @@ def serve(config: WorkerConfig) -> int:
         log.error("%s%s", REFUSED_PREFIX, e)
         ch.close()
         return EXIT_REFUSED
+    except GroupRestart as e:
+        log.error("the tensor-parallel worker starts over: %s", e)
+        ch.close()
+        return EXIT_RESTART
 
 
 def _serve(worker: Worker, ch: Channel) -> int:
@@ -460,19 +567,29 @@ def _serve(worker: Worker, ch: Channel) -> int:
                 ch.state = "idle"
             continue
         if isinstance(msg, p.Shutdown):
+            if worker.tp is not None:
+                worker.tp.send(None)  # the other ranks stop too
             ch.send(p.Bye(req=msg.req))
             ch.close()
             return 0
         try:
             if not isinstance(msg, p.Ping):
                 worker.ensure_attached()
+            if isinstance(msg, _EVERY_RANK):
+                worker.forward(msg)
             reply = worker.handle(msg)
         except ModelRefused as e:
             ch.send(p.Error(req=msg.req, message=f"{REFUSED_PREFIX}{e}"))
             raise
+        except GroupRestart as e:
+            ch.send(p.Error(req=msg.req, message=f"the tensor-parallel worker starts over: {e}"))
+            raise
         except Exception as e:  # noqa: BLE001 - report to the API, keep serving
             log.exception("request %s failed", type(msg).__name__)
             reply = p.Error(req=msg.req, message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+            if worker.tp is not None:  # a rank may be half-way through a collective: the group starts over
+                ch.send(reply)
+                raise GroupRestart(f"{type(msg).__name__} failed: {e}") from e
         ch.send(reply)
 
 
@@ -486,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m loop.worker.main: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s worker %(levelname)s %(message)s")
-    return serve(config)
+    rank = int(os.environ.get("LOOP_WORKER_RANK", "0"))
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s worker{f' rank {rank}' if rank else ''} %(levelname)s %(message)s")
+    return follow(config) if rank else serve(config)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ class Hello(Msg, tag="hello"):
     checksum: str = ""
     train_share: float = 1.0  # the pacer's share while vLLM has work (loop/worker/pacing.py), as resolved
     layout: dict[str, int] = {}  # HF weights per treatment, as vLLM's loader placed them (loop/layout.py)
+    tensor_parallel: int = 1  # ranks of the worker, one per vLLM rank (loop/worker/tp.py)
 
 
 class Heartbeat(Msg, tag="heartbeat"):

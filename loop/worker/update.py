@@ -25,6 +25,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,11 +53,26 @@ def _label(p: torch.Tensor, i: int, names: Mapping[torch.Tensor, str] | None) ->
 
 @torch.no_grad()
 def check_updates(
-    deltas: Mapping[torch.Tensor, torch.Tensor], max_ratio: float, *, names: Mapping[torch.Tensor, str] | None = None
+    deltas: Mapping[torch.Tensor, torch.Tensor], max_ratio: float, *, names: Mapping[torch.Tensor, str] | None = None,
+    tp: Any = None,
 ) -> UpdateCheck:
     """Every delta finite and shaped like its param; per-tensor and global ||delta||/||w|| <= max_ratio.
 
-    A weight that is exactly zero has no meaningful ratio; it counts only in the global ratio."""
+    A weight that is exactly zero has no meaningful ratio; it counts only in the global ratio. With `tp` (a rank of
+    a tensor-parallel worker, loop/worker/tp.py) the norms are the whole tensors' and the verdict every rank's."""
+    check = _check_updates(deltas, max_ratio, names=names, tp=tp)
+    if tp is None:
+        return check
+    ok, bad = tp.agree(check.ok)
+    if check.ok and not ok:
+        check.ok, check.reason = False, f"tensor-parallel rank(s) {bad} refused the update; nothing was written"
+    return check
+
+
+def _check_updates(
+    deltas: Mapping[torch.Tensor, torch.Tensor], max_ratio: float, *, names: Mapping[torch.Tensor, str] | None,
+    tp: Any,
+) -> UpdateCheck:
     items = list(deltas.items())
     for i, (p, d) in enumerate(items):
         if d.shape != p.shape:
@@ -67,7 +83,10 @@ def check_updates(
     # all norms on the device, fp32-accumulated without fp32 copies, then ONE host sync for the lot
     dev = items[0][0].device
     stats = torch.stack([torch.stack([torch.linalg.vector_norm(d, dtype=torch.float32).to(dev),
-                                      torch.linalg.vector_norm(p, dtype=torch.float32).to(dev)]) for p, d in items]).tolist()
+                                      torch.linalg.vector_norm(p, dtype=torch.float32).to(dev)]) for p, d in items])
+    if tp is not None:
+        stats = tp.sum_squares([p for p, _ in items], stats)
+    stats = stats.tolist()
     d2_total = 0.0
     w2_total = 0.0
     ratios: dict[str, float] = {}
@@ -76,7 +95,9 @@ def check_updates(
         label = _label(p, i, names)
         if not math.isfinite(dn):  # a NaN/inf anywhere makes the norm non-finite (so does fp32 overflow)
             bad = int((~torch.isfinite(d)).sum())
-            what = f"{bad} non-finite values (NaN/inf)" if bad else "a norm that overflows fp32"
+            what = f"{bad} non-finite values (NaN/inf)" if bad else \
+                "non-finite values (NaN/inf) in another tensor-parallel rank's slice" if tp is not None and tp.sharded(p) \
+                else "a norm that overflows fp32"
             return UpdateCheck(False, f"{label}: update has {what}; nothing was written")
         d2_total += dn * dn
         w2_total += wn * wn

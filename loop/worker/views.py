@@ -51,8 +51,11 @@ def build_model(
     *,
     layout: Layout,
     dtype: torch.dtype | None = None,
+    tp: Any = None,
 ) -> PreTrainedModel:
-    """The HF causal LM of `model_path` with every parameter a view into `vllm_tensors` (vLLM name -> tensor)."""
+    """The HF causal LM of `model_path` with every parameter a view into `vllm_tensors` (vLLM name -> tensor).
+    With `tp` (loop/worker/tp.py: this rank of a tensor-parallel vLLM), a weight vLLM splits over its ranks is this
+    rank's slice, inside the tensor-parallel module that stands in for the HF one."""
     from accelerate import init_empty_weights
 
     if not vllm_tensors:
@@ -86,7 +89,8 @@ def build_model(
     beside = {id(p) for p in beside_language_model(model)}
     unserved = {n for n, p in wanted.items()
                 if id(p) in beside and getattr(layout.tensors.get(n), "kind", None) == "absent"}
-    found = views({n: p for n, p in wanted.items() if n not in unserved}, vllm_tensors, layout, arch)
+    found = views({n: p for n, p in wanted.items() if n not in unserved}, vllm_tensors, layout, arch,
+                  shards=tp is not None)
     if unserved:
         found.update(_read_unserved(Path(model_path), unserved, {n: wanted[n] for n in unserved}, dtype, device))
         logger.info("%d weights beside the language model are not in vLLM (served language-model-only): read from "
@@ -94,8 +98,14 @@ def build_model(
     kept = {n: str(v.dtype).removeprefix("torch.") for n, v in found.items() if v.dtype != wanted[n].dtype}
     if kept:  # e.g. a hybrid model's A_log, which vLLM keeps in float32 beside bfloat16 weights
         logger.info("%d weights stay in vLLM's own dtype, not %s: %s", len(kept), dtype, sorted(kept.items())[:4])
+    sharded = {n: found.pop(n) for n in [n for n in found if layout.tensors[n].kind == "shard"]}
+    if sharded:
+        from loop.worker.tp import parallelize
+
+        parallelize(model, sharded, {n: layout.tensors[n] for n in sharded}, tp, tied)
+        logger.info("tensor-parallel rank %d of %d: %d weights are this rank's slices", tp.rank, tp.world, len(sharded))
     model.load_state_dict(found, strict=False, assign=True)
-    if tied:
+    if tied and not sharded:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         out.weight = inp.weight  # one Parameter: one optimizer state, one gradient
     model.eval()
@@ -131,8 +141,9 @@ def _read_unserved(folder: Path, names: set[str], like: Mapping[str, torch.Tenso
 
 
 def views(hf_params: Mapping[str, torch.Tensor], vllm_tensors: Mapping[str, torch.Tensor], layout: Layout,
-          arch: str = "") -> dict[str, torch.Tensor]:
-    """HF name -> its view into vLLM's tensors, for every HF parameter; ValueError naming each one that has none."""
+          arch: str = "", *, shards: bool = False) -> dict[str, torch.Tensor]:
+    """HF name -> its view into vLLM's tensors, for every HF parameter; ValueError naming each one that has none.
+    `shards`: a tensor-parallel rank, whose split weights ("shard") are views of this rank's slice."""
     out: dict[str, torch.Tensor] = {}
     refused: list[str] = []
     for name, hf in hf_params.items():
@@ -145,9 +156,9 @@ def views(hf_params: Mapping[str, torch.Tensor], vllm_tensors: Mapping[str, torc
                 refused.append(f"{name}: {placed.param} cannot hold the layout's rows")
             else:  # a copy in HF order, gathered from vLLM's rows; write_back puts it back after every write
                 out[name] = region.index_select(0, index).reshape(placed.shape)
-        elif placed.kind != "view":
+        elif placed.kind not in ("view", "shard") or (placed.kind == "shard" and not shards):
             refused.append(f"{name}: {placed.kind} ({placed.reason})")
-        elif tuple(hf.shape) != placed.shape:
+        elif tuple(hf.shape) != (placed.full if placed.kind == "shard" else placed.shape):
             refused.append(f"{name}: HF shape {tuple(hf.shape)}, the layout's {placed.shape}")
         elif placed.param not in vllm_tensors:
             refused.append(f"{name}: vLLM parameter {placed.param} is not in the handle file")
@@ -218,14 +229,25 @@ def views_alias(model: torch.nn.Module, vllm_tensors: dict[str, torch.Tensor]) -
     return True
 
 
-def load_model_from_handles(runtime_dir: str | Path, *, rank: int = 0, wait_s: float = 0) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Convenience for the worker: read the handles, attach, build. Returns (model, handle metadata)."""
+def load_model_from_handles(runtime_dir: str | Path, *, tp: Any = None,
+                            wait_s: float = 0) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Read the handles, attach, build (rank `tp.rank` of a tensor-parallel vLLM, whose group `tp` is). Returns
+    (model, the rank's handle metadata)."""
     from loop.worker.handles import attach, read_handles
 
     hs = read_handles(runtime_dir, wait_s=wait_s)
-    meta = hs.meta
-    if meta["tp_size"] != 1:
-        raise ValueError(f"vLLM runs with tensor parallel size {meta['tp_size']}; loop's worker needs 1")
-    tensors = attach(hs, rank)
-    model = build_model(meta["model_path"], tensors, layout=layout_of(meta))
+    meta = rank_meta(hs, tp.rank if tp is not None else 0)
+    if meta["tp_size"] != (tp.world if tp is not None else 1):
+        raise ValueError(f"vLLM runs with tensor parallel size {meta['tp_size']}; this worker has "
+                         f"{tp.world if tp is not None else 1} rank(s)")
+    tensors = attach(hs, tp.rank if tp is not None else 0)
+    model = build_model(meta["model_path"], tensors, layout=layout_of(meta), tp=tp)
     return model, meta
+
+
+def rank_meta(hs: Any, rank: int) -> dict[str, Any]:
+    """The handle set's metadata with rank `rank`'s own layout (each rank holds other slices)."""
+    meta = dict(hs.meta)
+    r = hs.ranks[rank]
+    meta["layout"], meta["layout_error"] = r.layout, r.layout_error
+    return meta

