@@ -78,8 +78,8 @@ class Settings(BaseSettings):
                                  "with one rank per vLLM rank.")
     dtype: DType = Field("bfloat16", description="The dtype vLLM loads the weights in (the worker trains them so).")
     max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for vLLM-CPU (its own default takes a "
-                                    "large share of the host's memory).")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size for vLLM-CPU in whole GiB (vllm-cpu reads "
+                                  "only an integer; its own default takes a large share of the host's memory).")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="vLLM's share of GPU memory; the rest is for training.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile in vLLM (always on for CPU).")
     vllm_start_timeout_s: float = Field(600.0, gt=0, description="A vLLM not ready after this long has failed to start.")

@@ -336,7 +336,7 @@ class VLLMSupervisor:
         if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             del env["PYTORCH_CUDA_ALLOC_CONF"]  # breaks CUDA IPC export of the weights
         if self.device == "cpu":
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.settings.cpu_kv_cache_gib:g}"
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.cpu_kv_cache_gib)
             ranks = self.settings.tensor_parallel
             if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
                 # vLLM's own binding gives each rank a NUMA node and refuses a machine with fewer nodes than

