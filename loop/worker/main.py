@@ -393,8 +393,12 @@ class Worker:
         tensor-parallel worker every rank calls it and each split weight comes out whole (gathered)."""
         if self.tp is None:
             return checkpoint_tensors(self.model)
-        whole = {n: self.tp.full(prm, prm.detach()) for n, prm in self.model.named_parameters()}
-        return checkpoint_tensors(self.model, whole)
+        whole = {}
+        for n, prm in self.model.named_parameters():  # one whole tensor at a time; rank 0 keeps them in host memory
+            t = self.tp.full(prm, prm.detach())
+            if self.rank == 0:
+                whole[n] = t.cpu()
+        return checkpoint_tensors(self.model, whole) if self.rank == 0 else {}
 
     def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
         import json
@@ -558,6 +562,9 @@ def _serve(worker: Worker, ch: Channel) -> int:
         try:
             msg = pending.get(timeout=2.0)
         except queue.Empty:
+            dead = [r.pid for r in worker.ranks if r.poll() is not None]
+            if dead:  # a tensor-parallel rank is gone: the group cannot train; start it over
+                raise GroupRestart(f"worker rank process(es) {dead} exited")
             current = worker.current_load_id()
             if current is None:  # vLLM is gone or restarting: our views point at memory nobody serves
                 ch.state = "waiting"

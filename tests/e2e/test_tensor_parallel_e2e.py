@@ -8,17 +8,21 @@ directly (the weight-handle files) to see what each rank holds:
 - the HF forward through the two ranks' views equals vLLM's own prompt log-probs (fp32, 1e-4);
 - DPO steps raise log p(chosen) − log p(rejected) as vLLM computes it, and the two ranks' weights both change;
 - a poisoned (NaN) update is refused: both ranks' bytes identical, version unchanged;
+- rank 1 of the worker killed: rank 0 notices, the supervisor starts the whole group again, which trains;
 - a checkpoint is one HF folder gathered from both ranks, whose transformers forward equals vLLM's log-probs; a
   restore of version 0 puts both ranks' original bytes back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,6 +145,41 @@ def test_a_nan_update_is_refused_on_both_ranks(api: Api) -> None:
     run = api.wait_run(r.json()["run_id"])
     assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
     assert digests(api.s) == before and api.status()["weight_version"] == version
+
+
+def _rank_pids(worker_pid: int) -> list[int]:
+    """The worker's other ranks: its children running loop.worker.main."""
+    out = []
+    for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if b"loop.worker.main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(int(child))
+    return out
+
+
+def test_a_rank_killed_restarts_the_group_which_trains_again(api: Api) -> None:
+    worker = api.status()["worker"]
+    (rank1,) = _rank_pids(worker["pid"])
+    os.kill(rank1, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # rank 0 notices, exits; the supervisor starts the whole group again
+        st = api.status()
+        if st["worker"]["pid"] not in (None, worker["pid"]) and st["state"] == "idle" and st["worker"]["load_id"]:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"the worker group did not come back: {api.status()}\n{api.s.log_tail()}")
+    assert api.status()["worker"]["tensor_parallel"] == 2 and len(_rank_pids(api.status()["worker"]["pid"])) == 1
+    with contextlib.suppress(ProcessLookupError):  # the old rank 0 is gone too
+        os.kill(worker["pid"], 0)
+        raise AssertionError("the old rank 0 still runs")
+    before = digests(api.s)
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=1, learning_rate=1e-4)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error)
+    after = digests(api.s)
+    assert after[0] != before[0] and after[1] != before[1]
 
 
 def test_a_checkpoint_is_one_folder_gathered_from_both_ranks_and_restore_scatters_it(api: Api, tokenizer: Any) -> None:
