@@ -305,15 +305,12 @@ class Worker:
         if not wanted:
             return p.Error(req=msg.req, message=f"Screen with objective {msg.objective!r} needs "
                                                 f"{'pairs' if msg.objective == 'dpo' else 'examples'}; got none")
-        if self.tp is not None:
-            return p.Screened(req=msg.req, run_id=msg.run_id, contributions=[], n_tensors=0, probed_fraction=0.0,
-                              ms=0.0, note="the screen does not run on a tensor-parallel worker yet")
         self.ch.state, self.ch.run_id, self.ch.step = "screening", msg.run_id, 0
         try:
             with self.pacer.active(self.model):
                 found = screen(self.model, self.tokenizer, self.trainable, base_weights=msg.base_weights,
                                pairs=msg.pairs, examples=msg.examples, max_len=msg.max_len,
-                               budget_bytes=self.config.screen_budget_bytes)
+                               budget_bytes=self.config.screen_budget_bytes, tp=self.tp)
         finally:
             self.ch.state = "idle"
         if found.note:
@@ -502,7 +499,7 @@ class GroupRestart(Exception):
 
 EXIT_RESTART = 75  # sysexits EX_TEMPFAIL
 # requests every rank of a tensor-parallel worker handles (the others only rank 0)
-_EVERY_RANK = (p.Train, p.Apply, p.Discard, p.Checkpoint, p.Restore)
+_EVERY_RANK = (p.Train, p.Screen, p.Apply, p.Discard, p.Checkpoint, p.Restore)
 
 
 class _Quiet:

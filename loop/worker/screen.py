@@ -91,6 +91,37 @@ class BaseWeights:
         self._open.clear()
 
 
+class RankBase:
+    """The base as one rank of a tensor-parallel worker sees it (loop/worker/tp.py): a weight split over the ranks
+    reads as this rank's slice of the base tensor, so v = w_live - w_base is this rank's slice of the whole v."""
+
+    def __init__(self, base: BaseWeights, tp: Any, params: dict[str, torch.Tensor]) -> None:
+        self.base, self.tp = base, tp
+        self.cut = {n: tp.shards[id(prm)] for n, prm in params.items() if tp.sharded(prm)}
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        whole = self.base.shape(name)
+        cut = self.cut.get(name)
+        if cut is None or whole != cut.full:
+            return whole
+        out = list(whole)
+        out[cut.dim] = cut.ranges[self.tp.rank][1]
+        return tuple(out)
+
+    def slice(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        cut = self.cut.get(name)
+        if cut is None:
+            return self.base.slice(name, start, stop)
+        first, n = cut.ranges[self.tp.rank]
+        if cut.dim == 0:
+            return self.base.slice(name, first + start, first + stop)
+        rows = self.base.slice(name, start, stop)
+        return None if rows is None else rows.narrow(cut.dim, first, n)
+
+    def close(self) -> None:
+        self.base.close()
+
+
 @dataclass
 class Direction:
     """The probed part of v = w_live - w_base: weight -> its v (same shape, dtype and device)."""
@@ -101,6 +132,13 @@ class Direction:
     note: str = ""  # why nothing is probed
 
 
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _row_chunks(w: torch.Tensor) -> list[tuple[int, int]]:
     rows = w.shape[0] if w.dim() > 0 else 1
     per_row = max(1, w[0].numel()) if w.dim() > 1 else 1
@@ -109,7 +147,7 @@ def _row_chunks(w: torch.Tensor) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def _change(base: BaseWeights, name: str, w: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _change(base: BaseWeights | RankBase, name: str, w: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(||w - base||^2 as a device scalar, w - base in w's dtype if `keep`)."""
     sq = torch.zeros((), dtype=torch.float64, device=w.device)
     out = torch.empty_like(w) if keep else None
@@ -123,8 +161,10 @@ def _change(base: BaseWeights, name: str, w: torch.Tensor, keep: bool) -> tuple[
     return sq, out
 
 
-def learned_direction(base: BaseWeights, trained: Sequence[tuple[str, torch.Tensor]], budget_bytes: int) -> Direction:
-    """v for the largest-change trained tensors that fit in `budget_bytes` (module docstring)."""
+def learned_direction(base: BaseWeights | RankBase, trained: Sequence[tuple[str, torch.Tensor]], budget_bytes: int,
+                      tp: Any = None) -> Direction:
+    """v for the largest-change trained tensors that fit in `budget_bytes` (module docstring). With `tp` (a rank of
+    a tensor-parallel worker, `base` a RankBase) every rank chooses the same tensors, by their whole change."""
     found: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, weight, ||v||^2 on the device)
     held: dict[str, torch.Tensor] = {}
     held_bytes = 0
@@ -139,15 +179,27 @@ def learned_direction(base: BaseWeights, trained: Sequence[tuple[str, torch.Tens
             held[name], held_bytes = v, held_bytes + size
     if not found:
         return Direction(note="the base folder holds none of the trained tensors: nothing to compare with")
-    squares = torch.stack([sq.cpu() for _, _, sq in found]).tolist()  # one host sync for all
+    squares_t = torch.stack([sq.cpu() for _, _, sq in found])  # one host sync for all
+    numel = [w.numel() for _, w, _ in found]
+    if tp is not None:  # a split tensor's change is the sum of its slices' (every rank lists the same tensors)
+        split = [i for i, (_, w, _) in enumerate(found) if tp.sharded(w)]
+        if split:
+            part = squares_t[split].to(found[0][2].device)
+            import torch.distributed as dist
+
+            dist.all_reduce(part, group=tp.group)
+            squares_t[split] = part.cpu()
+            for i in split:
+                numel[i] = _numel(tp.shards[id(found[i][1])].full) // tp.world  # the same on every rank
+    squares = squares_t.tolist()
     total = sum(squares)
     if total == 0:
         return Direction(note="nothing learned yet: the live weights equal the base")
-    order = sorted(range(len(found)), key=lambda i: (-squares[i] / found[i][1].numel(), found[i][0]))
+    order = sorted(range(len(found)), key=lambda i: (-squares[i] / numel[i], found[i][0]))
     chosen, room = set(), budget_bytes
     for i in order:
         name, w, _ = found[i]
-        size = w.numel() * w.element_size()
+        size = numel[i] * w.element_size()
         if squares[i] > 0 and size <= room:
             chosen.add(i)
             room -= size
@@ -193,15 +245,22 @@ def _sequences(tokenizer: Any, pairs: Sequence[Pair], examples: Sequence[Example
 
 
 def directional_derivatives(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]],
-                            direction: Direction) -> list[float]:
-    """<grad log pi(row), v> for each (ids, prompt length) row: one forward + backward per row."""
-    probed = direction.v
+                            direction: Direction, tp: Any = None) -> list[float]:
+    """<grad log pi(row), v> for each (ids, prompt length) row: one forward + backward per row. With `tp` every rank
+    runs the same rows; each adds its slices' dot products (a weight every rank holds: rank 0 only) and the sums are
+    added over ranks."""
+    probed = direction.v  # the same weights on every rank: the ranks' backward passes stay alike
+    # a weight every rank holds whole: its dot product is counted once, by rank 0
+    skip = {prm for prm in probed if tp is not None and tp.rank != 0 and not tp.sharded(prm)}
     device = next(model.parameters()).device  # where the worker puts its batches (the weights' device)
     trained = [prm for prm in model.parameters() if prm.requires_grad]
     stashed = {prm: prm.grad for prm in model.parameters() if prm.grad is not None}
     acc: list[torch.Tensor] = []
 
     def hook(prm: torch.Tensor) -> None:
+        if prm in skip:
+            prm.grad = None
+            return
         g, v = prm.grad.reshape(-1), probed[prm].reshape(-1)  # type: ignore[union-attr]
         for s in range(0, g.numel(), CHUNK):
             acc[-1] += torch.dot(g[s:s + CHUNK].float(), v[s:s + CHUNK].float()).double()
@@ -239,13 +298,20 @@ def directional_derivatives(model: nn.Module, rows: Sequence[tuple[Sequence[int]
         for prm, g in stashed.items():
             prm.grad = g
         model.train(was_training)
+    if tp is not None and out:
+        import torch.distributed as dist
+
+        total = torch.stack(out)
+        dist.all_reduce(total, group=tp.group)
+        return total.cpu().tolist()
     return torch.stack(out).cpu().tolist() if out else []
 
 
 def screen(model: nn.Module, tokenizer: Any, trained: Sequence[tuple[str, torch.Tensor]], *, base_weights: str,
            pairs: Sequence[Pair] = (), examples: Sequence[Example] = (), max_len: int = tokens.DEFAULT_MAX_LEN,
-           budget_bytes: int) -> ScreenResult:
-    """s_i for every pair, then every example (module docstring); empty with a note when nothing was learned."""
+           budget_bytes: int, tp: Any = None) -> ScreenResult:
+    """s_i for every pair, then every example (module docstring); empty with a note when nothing was learned.
+    `tp`: this rank of a tensor-parallel worker (every rank calls it alike; the figures are the whole model's)."""
     t0 = time.perf_counter()
 
     def nothing(note: str) -> ScreenResult:
@@ -254,11 +320,13 @@ def screen(model: nn.Module, tokenizer: Any, trained: Sequence[tuple[str, torch.
     if not base_weights:
         return nothing("no base weights given: nothing to compare with")
     try:
-        base = BaseWeights(base_weights)
+        base: BaseWeights | RankBase = BaseWeights(base_weights)
     except (OSError, ValueError, KeyError) as e:
         return nothing(f"cannot read the base weights {base_weights}: {e}")
+    if tp is not None:
+        base = RankBase(base, tp, dict(trained))
     try:
-        direction = learned_direction(base, trained, budget_bytes)
+        direction = learned_direction(base, trained, budget_bytes, tp)
     except (OSError, ValueError) as e:
         return nothing(f"cannot read the base weights {base_weights}: {e}")
     finally:
@@ -266,7 +334,7 @@ def screen(model: nn.Module, tokenizer: Any, trained: Sequence[tuple[str, torch.
     if direction.note:
         return nothing(direction.note)
     rows, items = _sequences(tokenizer, pairs, examples, max_len)
-    per_row = directional_derivatives(model, rows, direction)
+    per_row = directional_derivatives(model, rows, direction, tp)
     contributions = [sum(sign * per_row[r] for r, sign in item) for item in items]
     n = len(direction.v)
     direction.v.clear()

@@ -184,3 +184,22 @@ def test_exchange_ranges_refuses_slices_that_do_not_split_a_weight_once(ranks, c
 def test_send_hands_rank_0s_bytes_to_every_rank(ranks) -> None:
     for r in RANKS:
         assert ranks[r]["sent"] == [b"\x00loop\xff", None]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_screen_measures_the_whole_models_pulls_on_every_rank(ranks, reference, layout) -> None:
+    """A budget that holds every tensor: the learned direction and the per-row pulls summed over ranks are the
+    single-device ones. A budget that holds some (each rank spends it on its own slices, so more fit than on one
+    device): every rank chooses the same tensors, by their whole change, and reads the same pulls."""
+    want = reference[layout]["screen"]
+    got = [ranks[r][layout]["screen"] for r in RANKS]
+    for budget, (names, fraction, pulls) in want.items():
+        if budget > 1 << 20:
+            for r in RANKS:
+                g_names, g_fraction, g_pulls = got[r][budget]
+                assert g_names == names and abs(g_fraction - fraction) < 1e-9 and fraction == 1.0
+                close(torch.tensor(g_pulls), torch.tensor(pulls), f"rank {r} pulls")
+        else:
+            (names0, fraction0, pulls0), (names1, fraction1, pulls1) = got[0][budget], got[1][budget]
+            assert names0 == names1 and fraction0 == fraction1 and pulls0 == pulls1
+            assert 0 < len(names0) < len(want[1 << 30][0]) and 0 < fraction0 < 1.0

@@ -126,6 +126,34 @@ def scenario(tied: bool, group: TP | None) -> dict[str, Any]:
         out["full"] = {n: tp.full(p, p.detach()) for n, p in model.named_parameters()}  # the checkpoint's gather
     for key, (opt_name, kw, fixed) in RUNS.items():
         out[key] = train(*make(), opt_name, kw, fixed)
+    out["screen"] = screen_pulls(*make(), tied)
+    return out
+
+
+def screen_pulls(model: torch.nn.Module, tp: TP | None, tied: bool) -> dict[int, Any]:
+    """The screen's learned direction and per-row pulls after the weights moved from the base by a fixed change,
+    for a budget that holds every tensor and one that holds only some (every rank must choose the same ones)."""
+    import tempfile
+
+    from loop.worker.screen import BaseWeights, RankBase, directional_derivatives, learned_direction
+
+    from safetensors.torch import save_file
+
+    base = Path(tempfile.mkdtemp())  # save_pretrained writes on rank 0 only once a group exists: the file itself
+    save_file({n: p.detach().contiguous() for n, p in full_model(tied).named_parameters()},
+              str(base / "model.safetensors"))
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for name, p in params:
+            p.add_(fixed_grad(name, p, 7, tp))
+    rows = [(tuple(r), 3) for r in batch().tolist()]
+    out = {}
+    for budget in (1 << 30, 24_000):
+        weights = BaseWeights(base)
+        direction = learned_direction(RankBase(weights, tp, dict(params)) if tp is not None else weights, params,
+                                      budget, tp)
+        out[budget] = (sorted(direction.names), direction.probed_fraction,
+                       directional_derivatives(model, rows, direction, tp))
     return out
 
 
