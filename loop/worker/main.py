@@ -198,9 +198,20 @@ class Worker:
             self.attach()
 
     def checksum(self) -> str:
+        """sha256 of the weights; on a tensor-parallel worker (every rank calls it) of every rank's in rank order."""
         from loop.worker.update import weights_checksum
 
-        return weights_checksum(list(self.model.named_parameters()))
+        mine = weights_checksum(list(self.model.named_parameters()))
+        if self.tp is None:
+            return mine
+        import hashlib
+
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.zeros(64, dtype=torch.uint8) for _ in range(self.tp.world)]
+        dist.all_gather(parts, torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8), group=self.tp.host_group)
+        return hashlib.sha256(b"".join(bytes(x.numpy()) for x in parts)).hexdigest()
 
     # ------------------------------------------------------------ requests
 
@@ -579,8 +590,8 @@ def _serve(worker: Worker, ch: Channel) -> int:
         try:
             if not isinstance(msg, p.Ping):
                 worker.ensure_attached()
-            if isinstance(msg, _EVERY_RANK):
-                worker.forward(msg)
+            if isinstance(msg, _EVERY_RANK) or (isinstance(msg, p.Ping) and msg.checksum):
+                worker.forward(msg)  # a checksum covers every rank's weights
             reply = worker.handle(msg)
         except ModelRefused as e:
             ch.send(p.Error(req=msg.req, message=f"{REFUSED_PREFIX}{e}"))

@@ -107,6 +107,7 @@ def test_the_worker_runs_as_two_ranks_on_every_ranks_views(api: Api) -> None:
     assert len(list((api.s.data_dir / "run").glob("weights-tp*.json"))) == 2
     SHARED["v0"] = api.status()["weight_version"]
     SHARED["bytes0"] = digests(api.s)
+    SHARED["checksum0"] = api.checksum()[0]
     assert SHARED["bytes0"][0] != SHARED["bytes0"][1]  # each rank holds other slices
     r = api.http.post("/api/checkpoint", headers=api.admin)  # the loaded weights, to restore at the end
     assert r.status_code == 200 and r.json()["version"] == SHARED["v0"], r.text
@@ -138,16 +139,19 @@ def test_dpo_steps_move_vllm_and_write_both_ranks(api: Api, tokenizer: Any) -> N
     assert after > before + 1.0, (before, after)
     now = digests(api.s)
     assert now[0] != SHARED["bytes0"][0] and now[1] != SHARED["bytes0"][1]  # both ranks' slices were trained
+    assert api.checksum()[0] != SHARED["checksum0"]
     assert api.status()["weight_version"] == SHARED["v0"] + 2
 
 
 def test_a_nan_update_is_refused_on_both_ranks(api: Api) -> None:
     before, version = digests(api.s), api.status()["weight_version"]
+    checksum = api.checksum()  # the worker's: every rank's weights
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": "Blue.", "rejected": "Red."}], debug_inject_nan=True)
     assert r.status_code == 202, r.text
     run = api.wait_run(r.json()["run_id"])
     assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
     assert digests(api.s) == before and api.status()["weight_version"] == version
+    assert api.checksum() == checksum
 
 
 def _rank_pids(worker_pid: int) -> list[int]:
