@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_training_e2e import Api
+from tests.e2e.test_training_e2e import Api, tokenizer  # noqa: F401 - the fixture, on this module's api
 from tests.service import Service, _stop, start_loop
 
 pytestmark = pytest.mark.e2e
@@ -65,13 +65,6 @@ def api(tp_service: Service) -> Api:
     a = Api(tp_service)
     a.wait_ready()
     return a
-
-
-@pytest.fixture(scope="module")
-def tokenizer(api: Api) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(api.http.get("/health").json()["vllm"]["model_path"])
 
 
 def digests(service: Service) -> list[str]:
