@@ -53,6 +53,7 @@ def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Pat
     for f in source.iterdir():  # config, tokenizer, generation config, chat template
         if f.is_file() and not f.name.endswith(SKIP_SUFFIXES) and f.name not in SKIP_NAMES:
             shutil.copy2(f, tmp / f.name)
+            os.chmod(tmp / f.name, 0o600)  # private like the weights, whatever the source folder's modes
     # bf16 views are contiguous row slices; .contiguous() copies only the odd one out
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})

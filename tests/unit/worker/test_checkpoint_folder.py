@@ -30,6 +30,15 @@ def test_writes_weights_and_the_source_files_but_not_its_weights(tmp_path: Path)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["v000001"]  # no temporary folder left
 
 
+def test_copied_source_files_are_private_whatever_their_modes(tmp_path: Path) -> None:
+    src = source(tmp_path)
+    for f in src.iterdir():
+        f.chmod(0o644)
+    write_folder(tmp_path / "ckpt", src, {"a": torch.ones(2)})
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "ckpt").iterdir()}
+    assert modes == {"config.json": "0o600", "tokenizer.json": "0o600", "model.safetensors": "0o600"}
+
+
 def test_a_failed_write_leaves_nothing_and_an_existing_folder_is_never_overwritten(tmp_path: Path) -> None:
     src = source(tmp_path)
 
