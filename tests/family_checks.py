@@ -218,7 +218,7 @@ def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[st
     else:
         same = True
     proof = FamilyProof(family, dtype, len(hs.meta["layout"]["tensors"]), len(model.loop_unserved), len(model.loop_rows), gap, gap_after, before, after,
-                        same, ckpt_gap, routing if load is not None else None, fresh_vllm)
+                        same, ckpt_gap, fresh_vllm=fresh_vllm, routing=routing if load is not None else None)
     print("\n" + proof.line())
     assert proof.same_greedy
     # a fresh vLLM: the same weights, the same kernels, the same sums; transformers: within the parity bound
