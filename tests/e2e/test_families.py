@@ -7,8 +7,8 @@ worker's model is built on those views and must
 - take one DPO step (APOLLO-Mini, as the worker trains) that raises vLLM's own log-prob of the chosen answer over
   the rejected one, seen by vLLM's very next request,
 - and write a checkpoint that a fresh vLLM loads back with the same greedy answer and log-probs as the live one
-  (for the plain dense families other than Llama, transformers loads it and matches the live vLLM's log-probs:
-  FRESH_VLLM says why).
+  (for the families whose checkpoint is of a kind another one already proves, transformers loads it and matches
+  the live vLLM's log-probs: FRESH_VLLM says which and why).
 
 One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The mixtures of experts
 compute from their live expert tensors (plugin/cpu_gemm.py); their routers are frozen (loop/worker/apollo.py) and
@@ -51,12 +51,13 @@ VLLM_ARGS = ("--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4")
 # runs without: served text-only, the worker reads the (frozen) encoder from the checkpoint (loop/worker/views.py)
 EXTRA_ARGS = {"qwen3_5_vl": ("--language-model-only",)}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-# The checkpoint of these is served by a fresh vLLM here: Llama stands for the plain dense families, whose
-# checkpoints are their parameters under the names the layout probe already fed vLLM's own load_weights; the others
-# write something else (experts split per expert, rows written back, an image encoder read from the checkpoint, a
-# hybrid's float32 weights). The plain dense ones are loaded by transformers against the live vLLM's log-probs
-# instead, one vLLM start less each on CI's two cores; on the GPU (tests/gpu) every family gets the fresh vLLM.
-FRESH_VLLM = {"llama", "llama4", "qwen3_5", "qwen3_5_vl", "qwen3_moe", "qwen3_5_moe"}
+# The checkpoint of these is served by a fresh vLLM here, one of each kind of checkpoint: experts split back per
+# expert (Qwen3-MoE, whose dense parts stand for the plain families), rows written back (Llama 4), the hybrid with
+# its float32 weights and an image encoder read from the checkpoint (Qwen3.5 as released). The others' checkpoints
+# are their parameters under the names the layout probe already fed vLLM's own load_weights: transformers loads
+# them against the live vLLM's log-probs instead, one vLLM start less each on CI's two cores; on the GPU
+# (tests/gpu) every family gets the fresh vLLM.
+FRESH_VLLM = {"llama4", "qwen3_5_vl", "qwen3_moe"}
 
 
 @pytest.mark.parametrize("family", sorted(RELAID_ON_CPU))

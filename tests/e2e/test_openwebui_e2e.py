@@ -41,7 +41,23 @@ class OpenWebUI:
     proc: subprocess.Popen
 
 
+def _wait_for_the_install() -> None:
+    """.ci/run installs Open WebUI while the tests run and names a file its exit status lands in."""
+    done = os.environ.get("LOOP_OPENWEBUI_INSTALL_DONE")
+    if not done:
+        return
+    deadline = time.monotonic() + 3600
+    while not Path(done).exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the Open WebUI install did not finish within an hour ({done} never appeared)")
+        time.sleep(5)
+    rc = Path(done).read_text().strip()
+    if rc != "0":
+        pytest.fail(f"the Open WebUI install failed (exit {rc}): see /tmp/loop-openwebui-install.log")
+
+
 def _open_webui_bin() -> Path:
+    _wait_for_the_install()
     exe = VENV / "bin" / "open-webui"
     if not exe.exists():
         why = f"open-webui is not installed in {VENV}: run `bash tests/openwebui/install.sh`"
