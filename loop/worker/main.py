@@ -175,10 +175,14 @@ class Worker:
         """Rank 0 of a tensor-parallel worker: hand a request that reads or writes the weights to every rank."""
         if self.tp is None or self.rank != 0:
             return
+        self.check_ranks()
+        self.tp.send(p.encode(msg))
+
+    def check_ranks(self) -> None:
+        """Rank 0: GroupRestart if one of the other ranks' processes has exited."""
         dead = [r.pid for r in self.ranks if r.poll() is not None]
         if dead:
             raise GroupRestart(f"worker rank process(es) {dead} exited")
-        self.tp.send(p.encode(msg))
 
     def _pace(self, device: str) -> None:
         share = self.config.train_share or default_share(device)
@@ -206,12 +210,7 @@ class Worker:
             return mine
         import hashlib
 
-        import torch
-        import torch.distributed as dist
-
-        parts = [torch.zeros(64, dtype=torch.uint8) for _ in range(self.tp.world)]
-        dist.all_gather(parts, torch.frombuffer(bytearray(mine.encode()), dtype=torch.uint8), group=self.tp.host_group)
-        return hashlib.sha256(b"".join(bytes(x.numpy()) for x in parts)).hexdigest()
+        return hashlib.sha256(b"".join(self.tp.every(mine.encode()))).hexdigest()
 
     # ------------------------------------------------------------ requests
 
@@ -570,9 +569,7 @@ def _serve(worker: Worker, ch: Channel) -> int:
         try:
             msg = pending.get(timeout=2.0)
         except queue.Empty:
-            dead = [r.pid for r in worker.ranks if r.poll() is not None]
-            if dead:  # a tensor-parallel rank is gone: the group cannot train; start it over
-                raise GroupRestart(f"worker rank process(es) {dead} exited")
+            worker.check_ranks()  # a tensor-parallel rank gone: the group cannot train; start it over
             current = worker.current_load_id()
             if current is None:  # vLLM is gone or restarting: our views point at memory nobody serves
                 ch.state = "waiting"

@@ -131,6 +131,12 @@ class TP:
 
     # ---------------------------------------------------------------- requests
 
+    def every(self, mine: bytes) -> list[bytes]:
+        """Every rank's `mine` (the same length on each: a digest), in rank order."""
+        parts = [torch.zeros(len(mine), dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(parts, torch.frombuffer(bytearray(mine), dtype=torch.uint8), group=self.host_group)
+        return [bytes(x.numpy()) for x in parts]
+
     def send(self, payload: bytes | None) -> bytes | None:
         """Rank 0: hand `payload` to every rank (None: nothing). Other ranks: receive it."""
         size = torch.tensor([len(payload) if payload is not None else -1], dtype=torch.int64)
