@@ -156,10 +156,11 @@ class Worker:
         """Tensor parallel: rank 0 starts the other ranks; every rank joins the group (loop/worker/tp.py)."""
         import torch
 
-        from loop.worker.tp import init_group, start_ranks
+        from loop.worker.tp import init_group, remove_stale_rendezvous, rendezvous_file, start_ranks
 
         if self.rank == 0:
-            rendezvous = self.runtime_dir / f"worker-dist-{os.getpid()}"
+            remove_stale_rendezvous(self.runtime_dir)
+            rendezvous = rendezvous_file(self.runtime_dir, os.getpid())
             rendezvous.unlink(missing_ok=True)
             self.ranks = start_ranks(self.config.encode(), world, rendezvous)
         else:
@@ -167,8 +168,6 @@ class Worker:
         if device == "cpu":  # the ranks share this process's cores (vLLM's ranks have their own binding)
             torch.set_num_threads(max(1, len(self.cores) // world))
         self.tp = init_group(self.rank, world, rendezvous, device)
-        if self.rank == 0:
-            rendezvous.unlink(missing_ok=True)  # every rank has joined: the file has done its work
         log.info("tensor-parallel rank %d of %d joined", self.rank, world)
 
     def forward(self, msg: p.Msg) -> None:
@@ -616,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m loop.worker.main: {exc}", file=sys.stderr)
         return 2
     rank = int(os.environ.get("LOOP_WORKER_RANK", "0"))
+    # `kill -USR1 <pid>` prints every thread's stack to the worker log: a rank stuck in a collective says where
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s worker{f' rank {rank}' if rank else ''} %(levelname)s %(message)s")
     return follow(config) if rank else serve(config)

@@ -333,15 +333,41 @@ def parallelize(model: nn.Module, sharded: Mapping[str, torch.Tensor], placed: M
 
 # -------------------------------------------------------------------- the group of ranks
 
+def rendezvous_file(runtime_dir: Path, pid: int) -> Path:
+    """The file rank 0 (process `pid`) and its ranks meet through: torch's FileStore, which listens on nothing."""
+    return runtime_dir / f"worker-dist-{pid}"
+
+
+def remove_stale_rendezvous(runtime_dir: Path) -> list[Path]:
+    """Rendezvous files of workers that are gone (killed before their store could remove the file)."""
+    removed = []
+    for f in runtime_dir.glob("worker-dist-*"):
+        pid = f.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
 def init_group(rank: int, world: int, rendezvous: Path, device: str) -> TP:
-    """Join the group through a file in the private runtime dir: torch's FileStore listens on nothing. On GPUs rank
-    r works on the card of vLLM's rank r (the r-th visible one, as vLLM's own ranks are placed)."""
+    """Join the group through `rendezvous`. The file must outlive the join: the store behind it is read again
+    whenever torch creates a communicator (NCCL's first collective on a group, a new group), and a rank reading a
+    replaced file waits forever; torch removes it when the last rank closes its store. On GPUs rank r works on the
+    card of vLLM's rank r (the r-th visible one, as vLLM's own ranks are placed), and the device group is created
+    and used once here, so a group that cannot talk fails at the join and not in the middle of a request."""
+    kw: dict[str, Any] = {}
     if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        card = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(card)
+        kw["device_id"] = card
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+                            timeout=TIMEOUT, **kw)
     host = dist.new_group(backend="gloo", timeout=TIMEOUT) if backend != "gloo" else None
+    ones = torch.ones(1, device=kw.get("device_id", "cpu"))
+    dist.all_reduce(ones, group=dist.group.WORLD)
+    if int(ones.item()) != world:
+        raise RuntimeError(f"tensor-parallel group check: an all-reduce of ones gave {ones.item()}, not {world}")
     return TP(rank, world, dist.group.WORLD, host)
 
 

@@ -83,7 +83,7 @@ for s in "$@"; do
     families) step families families "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl" ;;
     families-left) step families-left families qwen3_5_vl ;;
     # two cards (nvidia-h200-x2): the tensor-parallel end-to-end suite on CUDA vLLM with TP 2, in bf16
-    tp-e2e)   step tp-e2e env LOOP_TEST_TP_DTYPE=bfloat16 $py -m pytest -p no:cacheprovider -m e2e -v -s \
+    tp-e2e)   step tp-e2e env LOOP_TEST_TP_DTYPE=bfloat16 NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_tensor_parallel_e2e.py ;;
     big-q35)  big qwen3_5-27b 54.7 ;;
     big-moe)  big qwen3-30b-a3b 61.1 ;;

@@ -9,6 +9,7 @@ Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_tp
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,24 @@ def test_the_screen_measures_the_whole_models_pulls_on_every_rank(ranks, referen
             (names0, fraction0, pulls0), (names1, fraction1, pulls1) = got[0][budget], got[1][budget]
             assert names0 == names1 and fraction0 == fraction1 and pulls0 == pulls1
             assert 0 < len(names0) < len(want[1 << 30][0]) and 0 < fraction0 < 1.0
+
+
+def test_the_rendezvous_store_still_serves_a_group_made_after_the_join(ranks) -> None:
+    for r in RANKS:
+        assert ranks[r]["late group"] == sum(range(1, tp_ranks.WORLD + 1))
+
+
+def test_only_rendezvous_files_of_dead_workers_are_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from loop.worker.tp import remove_stale_rendezvous, rendezvous_file
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = rendezvous_file(tmp_path, int(gone.stdout))
+    alive = rendezvous_file(tmp_path, os.getpid())
+    other = tmp_path / "worker-dist-notapid"
+    for f in (dead, alive, other):
+        f.write_bytes(b"")
+    assert remove_stale_rendezvous(tmp_path) == [dead]
+    assert not dead.exists() and alive.exists() and other.exists()

@@ -212,6 +212,12 @@ def main(rank: int, world: int, folder: str) -> None:
         results["tied" if tied else "untied"] = scenario(tied, tp)
     results["refused"] = refusals(tp)
     results["sent"] = [tp.send(b"\x00loop\xff" if rank == 0 else None), tp.send(None)]
+    # long after the join, torch still needs the rendezvous store: a new communicator (NCCL's first collective on
+    # a group, or a new group as here) meets through it
+    late = torch.distributed.new_group(backend="gloo")
+    total = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(total, group=late)
+    results["late group"] = float(total)
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
