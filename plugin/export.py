@@ -236,7 +236,6 @@ def _start_reaper(spec: dict[str, Any]) -> None:
 
 
 def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:
-    nbytes = storage.nbytes()
     if storage.device.type == "cpu":
         # Moves the bytes into a /dev/shm file in place: every tensor on this storage now aliases shared memory.
         manager, filename, size = storage._share_filename_cpu_()
