@@ -15,7 +15,9 @@ message's timestamp, counted as `ambiguous`. A system prompt Open WebUI adds fro
 settings is not stored in the chat: when the exact prompt finds nothing, a response logged within WINDOW_S of the
 message whose messages after their leading system prompt are the chat's, with the same answer, is the match.
 Each feedback is written with the idempotency key `openwebui:<feedback id>:<updated_at>`: a re-sync replays, an
-edited feedback is a new rating that supersedes the older one of the same rater (loop/feedback/store.py).
+edited feedback is a new rating that supersedes the older one of the same rater (loop/feedback/store.py). A
+feedback Open WebUI no longer lists (deleted there) withdraws its rating, unless the rater changed that rating in
+loop since (`deleted_feedback`); every sync lists all feedback ids, so an incremental one sees deletions too.
 Everything is fetched before anything is written: Open WebUI unreachable or refusing the key raises `Unavailable`
 / `Invalid` and stores nothing.
 
@@ -37,9 +39,9 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from loop.db.models import Response
+from loop.db.models import Rating, Response
 from loop.errors import Invalid, LoopError, Unavailable
-from loop.feedback.store import RatingInput, write_ratings
+from loop.feedback.store import RatingInput, is_withdrawal, write_ratings
 from loop.vllm.capture import normalise_messages, prompt_hash
 
 log = logging.getLogger("loop.openwebui")
@@ -64,17 +66,20 @@ class SyncReport:
     unmatched: list[str] = field(default_factory=list)  # feedback ids whose response loop has not logged
     skipped: list[str] = field(default_factory=list)  # feedback ids that carry no rating at all
     failed: list[tuple[str, str]] = field(default_factory=list)  # (feedback id, why) the store refused
+    withdrawn: list[str] = field(default_factory=list)  # feedback ids deleted in Open WebUI: their ratings withdrawn
     latest: float | None = None  # the newest updated_at seen: the next incremental sync's `since`
 
     def to_json(self) -> dict[str, Any]:
         return {"feedbacks": self.feedbacks, "created": self.created, "replayed": self.replayed,
                 "ambiguous": self.ambiguous, "unmatched": list(self.unmatched), "skipped": list(self.skipped),
-                "failed": [{"feedback_id": f, "why": w} for f, w in self.failed]}
+                "failed": [{"feedback_id": f, "why": w} for f, w in self.failed],
+                "withdrawn": list(self.withdrawn)}
 
     def summary(self) -> str:
         lines = [f"{self.feedbacks} feedback(s): {self.created} stored, {self.replayed} already stored, "
                  f"{len(self.unmatched)} unmatched, {len(self.skipped)} without a rating, {len(self.failed)} failed"
-                 + (f" ({self.ambiguous} matched one of several identical logged answers)" if self.ambiguous else "")]
+                 + (f" ({self.ambiguous} matched one of several identical logged answers)" if self.ambiguous else "")
+                 + (f"; {len(self.withdrawn)} deleted in Open WebUI, their ratings withdrawn" if self.withdrawn else "")]
         if self.unmatched:
             lines.append("unmatched (loop logged no response with that prompt and answer, or the chat is gone): "
                          + ", ".join(self.unmatched))
@@ -282,7 +287,8 @@ def sync(sessions: sessionmaker[Session], url: str, api_key: str, *, since: floa
     anything is written."""
     client = OpenWebUI(url, api_key, transport=transport)
     try:
-        items = [f for f in client.feedbacks() if since is None or float(f.get("updated_at") or 0) >= since]
+        listed = client.feedbacks()
+        items = [f for f in listed if since is None or float(f.get("updated_at") or 0) >= since]
         chats: dict[str, dict[str, Any] | None] = {}
         for f in items:
             chat_id = str((f.get("meta") or {}).get("chat_id") or "")
@@ -312,6 +318,8 @@ def sync(sessions: sessionmaker[Session], url: str, api_key: str, *, since: floa
                                       score=rated.score, comment=rated.comment, tags=rated.tags,
                                       idempotency_key=rated.key))
             ids.append(rated.feedback_id)
+    with sessions() as s:
+        gone = deleted_feedback(s, {str(f.get("id")) for f in listed})
     for fid, outcome in zip(ids, write_ratings(sessions, inputs) if inputs else [], strict=True):
         if outcome.kind == "created":
             report.created += 1
@@ -319,10 +327,33 @@ def sync(sessions: sessionmaker[Session], url: str, api_key: str, *, since: floa
             report.replayed += 1
         else:
             report.failed.append((fid, f"{outcome.kind}: {outcome.message}"))
+    for (fid, _), outcome in zip(gone, write_ratings(sessions, [w for _, w in gone]) if gone else [], strict=True):
+        if outcome.kind in ("created", "replayed"):
+            report.withdrawn.append(fid)
+        elif outcome.code != "stale_rating":  # the rater changed it in loop meanwhile: theirs stands
+            report.failed.append((fid, f"withdrawing: {outcome.kind}: {outcome.message}"))
     if report.unmatched:
         log.info("open webui sync: %d feedback(s) name answers loop has not logged: %s", len(report.unmatched),
                  ", ".join(report.unmatched))
     return report
+
+
+def deleted_feedback(s: Session, listed: set[str]) -> list[tuple[str, RatingInput]]:
+    """Ratings stored from an Open WebUI feedback that Open WebUI no longer lists (deleted there), each as the
+    withdrawal to write: only while that import is still the rater's current rating (`expected_current_id`), so a
+    change made in loop since is never undone."""
+    out = []
+    rows = s.execute(select(Rating.id, Rating.response_id, Rating.rater, Rating.idempotency_key, Rating.thumb,
+                            Rating.score, Rating.comment, Rating.tags)
+                     .where(Rating.is_current.is_(True), Rating.rater.startswith(RATER_PREFIX, autoescape=True),
+                            Rating.idempotency_key.startswith(RATER_PREFIX, autoescape=True)))
+    for rid, response_id, rater, key, thumb, score, comment, tags in rows:
+        fid = key[len(RATER_PREFIX):].split(":", 1)[0]
+        if fid in listed or is_withdrawal(thumb, score, comment, tags):
+            continue
+        out.append((fid, RatingInput(response_id=response_id, rater=rater, idempotency_key=f"{RATER_PREFIX}{fid}:deleted",
+                                     expects=True, expected_current_id=rid)))
+    return out
 
 
 class Poller:

@@ -11,6 +11,7 @@ Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/e2e/test_openwebui_
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -164,6 +165,7 @@ def test_an_open_webui_thumb_lands_on_the_exact_response(loop_service: Service, 
     response_id, second_response_id = logged[answer.strip()], logged[second["content"].strip()]
 
     # The thumbs, as the UI's feedback handler posts them.
+    feedback_ids: list[str] = []
     for message_id, index, data in ((answer_id, 2, {"rating": 1, "comment": f"friendly {marker}",
                                                     "reason": "Followed instructions perfectly",
                                                     "details": {"rating": 8}}),
@@ -174,6 +176,7 @@ def test_an_open_webui_thumb_lands_on_the_exact_response(loop_service: Service, 
                      "message_index": index, "chat_id": chat_id, "base_models": {loop_service.model: None}},
             "snapshot": {"chat": ui.get(f"/api/v1/chats/{chat_id}").json()}})
         assert feedback.status_code == 200, feedback.text
+        feedback_ids.append(feedback.json()["id"])
 
     sync = subprocess.run([sys.executable, "-m", "loop.cli", "openwebui", "sync", "--url", open_webui.url,
                            "--data-dir", str(loop_service.data_dir), "--json"],
@@ -194,6 +197,18 @@ def test_an_open_webui_thumb_lands_on_the_exact_response(loop_service: Service, 
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and '"replayed": 2' in again.stdout, again.stdout + again.stderr
     assert api.get("/api/ratings", params={"rater": rater}).json()["total"] == 2
+
+    # The user deletes the thumbs-down in Open WebUI: the next sync withdraws that rating, the other stands.
+    assert ui.delete(f"/api/v1/evaluations/feedback/{feedback_ids[1]}").status_code == 200
+    third = subprocess.run([sys.executable, "-m", "loop.cli", "openwebui", "sync", "--url", open_webui.url,
+                            "--data-dir", str(loop_service.data_dir), "--json"],
+                           env={**os.environ, "LOOP_OPENWEBUI_API_KEY": key.json()["api_key"]},
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert json.loads(third.stdout)["withdrawn"] == [feedback_ids[1]], third.stdout
+    current = {r["response_id"]: r for r in api.get("/api/ratings", params={"rater": rater,
+                                                                             "current_only": True}).json()["items"]}
+    assert current[second_response_id]["withdrawn"] and current[response_id]["thumb"] == "up", current
 
 
 def _saved_answer(ui: httpx.Client, chat_id: str, message_id: str, timeout_s: float = 60) -> dict:

@@ -248,6 +248,49 @@ def test_an_edited_feedback_supersedes_its_rating(sessions: sessionmaker[Session
     assert run_sync().replayed == 1 and len(ratings(sessions)) == 2
 
 
+def test_a_feedback_deleted_in_open_webui_withdraws_its_rating_even_in_an_incremental_sync(
+        sessions: sessionmaker[Session], owui: FakeOpenWebUI,  # noqa: F811
+        run_sync: Callable[..., openwebui.SyncReport]) -> None:
+    for i in range(3):
+        logged(sessions, [{"role": "user", "content": f"q{i}"}], f"a{i}")
+        owui.rate(*owui.chat([(f"q{i}", f"a{i}")]), 1)
+    first = run_sync()
+    gone = owui.feedbacks.pop(0)["id"]
+
+    report = run_sync(since=first.latest)  # the poller's next round: only what changed, yet the deletion is seen
+
+    assert report.withdrawn == [gone] and report.failed == []
+    assert "1 deleted in Open WebUI" in report.summary() and report.to_json()["withdrawn"] == [gone]
+    current = [r for r in ratings(sessions) if r.is_current]
+    withdrawn = [r for r in current if r.idempotency_key == f"openwebui:{gone}:deleted"]
+    assert len(withdrawn) == 1 and (withdrawn[0].thumb, withdrawn[0].score, withdrawn[0].comment) == (None, None, None)
+    assert sum(r.thumb == 1 for r in current) == 2  # the other two stand
+    again = run_sync()
+    assert again.withdrawn == [] and len(ratings(sessions)) == 4  # nothing withdrawn twice
+
+
+def test_a_rating_changed_in_loop_after_the_import_survives_the_deletion(
+        sessions: sessionmaker[Session], owui: FakeOpenWebUI,  # noqa: F811
+        run_sync: Callable[..., openwebui.SyncReport]) -> None:
+    from loop.feedback.store import RatingInput, write_ratings
+
+    rid = logged(sessions, [{"role": "user", "content": "Hi"}], "Hello")
+    owui.rate(*owui.chat([("Hi", "Hello")]), 1)
+    run_sync()
+    (imported,) = ratings(sessions)
+    # the same rater edits it through loop: the current rating is no longer Open WebUI's import
+    (out,) = write_ratings(sessions, [RatingInput(response_id=rid, rater=imported.rater, comment="still good",
+                                                  given=frozenset({"comment"}))])
+    assert out.kind == "created"
+    owui.feedbacks.clear()
+
+    report = run_sync()
+
+    assert report.withdrawn == [] and report.failed == []
+    current = [r for r in ratings(sessions) if r.is_current]
+    assert [(r.thumb, r.comment) for r in current] == [(1, "still good")]
+
+
 def test_since_reads_only_newer_feedback(sessions: sessionmaker[Session], owui: FakeOpenWebUI,  # noqa: F811
                                          run_sync: Callable[..., openwebui.SyncReport]) -> None:
     for i in range(3):
