@@ -223,3 +223,24 @@ class Stats(BaseModel):
     agreement: Agreement = Field(description="between raters, over answers two or more rated (current ratings)")
     as_of: datetime = Field(description="when these figures were computed")
     fresh: bool = Field(description="false only with stale_ok=true while newer feedback is being counted")
+
+
+class WeightVersionOut(BaseModel):
+    version: int
+    created_at: str | None
+    kind: str = Field(description="initial | train | restore | rollback")
+    parent_version: int | None
+    run_id: int | None = Field(description="The training run that made it (kind train), else null.")
+    checkpoint_path: str | None
+    status: str = Field(description="live | superseded | rolled_back | lost")
+    durable: bool = Field(description="Its weights are on disk (a complete checkpoint, or version 0's model folder).")
+    eval: dict[str, Any] | None = Field(description="The eval guard's figures for these weights (accuracy, "
+                                        "canary_perplexity, drift, health, …); null when not evaluated.")
+    note: str | None
+    run_loss: float | None = Field(description="The training loss of the run that made this version (its last "
+                                   "step's); null for versions no run made, or when the run recorded no finite loss.")
+
+
+class VersionList(BaseModel):
+    items: list[WeightVersionOut] = Field(description="Newest first.")
+    live: int = Field(description="The version the live weights are in now.")

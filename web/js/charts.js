@@ -3,8 +3,12 @@
  *
  * `metricSeries(history)` turns a run's `history` (a list of per-step records, or columns of arrays) into
  * {steps, metrics: [[name, values]]}, picking loss, reward accuracy and margin first, then any other numeric
- * field, so a new metric in the worker shows up without a UI change. `runChart(el, ...)` draws one of them.
+ * field, so a new metric in the worker shows up without a UI change. `runChart(el, ...)` draws one of them, with a
+ * readout line under it: the value of the point under the cursor ("step 12 · loss 0.4321"), or the last point when
+ * the cursor is elsewhere. The chart takes keyboard focus; the arrow keys (Home, End) walk the points.
  */
+
+import {fmtNum} from "./dom.js";
 
 const PREFERRED = [/^loss$/, /loss/, /acc/, /^reward_margin$/, /margin/, /reward/, /kl/];
 const SKIP = new Set(["step", "time", "timestamp", "created_at", "t", "run_id", "elapsed_s"]);
@@ -55,12 +59,24 @@ export function runChart(el, name, steps, values, xLabel = "step") {
     el.append(document.createTextNode(`Chart library missing; last ${name}: ${values[values.length - 1]}`));
     return {fit() {}, destroy() {}};
   }
+  // One line kept under the chart (its height reserved in CSS), so hovering neither moves the page nor covers the
+  // plot, and nothing floats past the card's edge.
+  const readout = document.createElement("p");
+  readout.className = "chart-readout";
+  const lastIdx = values.reduce((last, v, i) => (typeof v === "number" ? i : last), -1);
+  const pointText = (i) => `${xLabel} ${fmtNum(steps[i])} · ${name} ${fmtNum(values[i], 4)}`;
+  const show = (i) => {
+    const hovering = i !== null && i !== undefined && i >= 0;
+    readout.textContent = hovering ? pointText(i) : lastIdx >= 0 ? `last: ${pointText(lastIdx)}` : "";
+    readout.classList.toggle("hovering", hovering);
+  };
   const width = () => Math.max(240, Math.min(el.clientWidth || 320, 900) - 8);
   const plot = new window.uPlot({
     width: width(),
     height: 180,
-    legend: {show: false}, // the figure caption names the one series
+    legend: {show: false}, // the figure caption names the one series; the readout line gives the values
     cursor: {drag: {x: false, y: false}},
+    hooks: {setCursor: [(u) => show(u.cursor.idx)]},
     scales: {x: {time: false}},
     // Steps are whole numbers: only integer ticks on x.
     axes: [{label: xLabel, stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"},
@@ -68,6 +84,39 @@ export function runChart(el, name, steps, values, xLabel = "step") {
       {stroke: "currentColor", grid: {stroke: "rgba(128,128,128,0.15)"}, size: 56}],
     series: [{label: xLabel}, {label: name, stroke: color, width: 2, points: {show: steps.length < 40}}],
   }, [steps, values], el);
+  el.append(readout);
+  show(null);
+
+  // Keyboard: the chart is one tab stop; the arrow keys move the cursor point by point, the readout follows.
+  const root = plot.root;
+  root.tabIndex = 0;
+  root.setAttribute("role", "img");
+  root.setAttribute("aria-label", `${name} by ${xLabel}; arrow keys read the values`);
+  const moveTo = (i) => {
+    const y = typeof values[i] === "number" ? values[i] : plot.scales.y.min;
+    plot.setCursor({left: plot.valToPos(steps[i], "x"), top: plot.valToPos(y, "y")});
+  };
+  const onKey = (e) => {
+    if (!steps.length) return;
+    const at = plot.cursor.idx ?? lastIdx;
+    const to = {ArrowLeft: at - 1, ArrowDown: at - 1, ArrowRight: at + 1, ArrowUp: at + 1,
+      Home: 0, End: steps.length - 1}[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    moveTo(Math.max(0, Math.min(steps.length - 1, to)));
+  };
+  const onFocus = () => {
+    readout.setAttribute("aria-live", "polite"); // announced while the keyboard reads it, not on every mouse move
+    if (plot.cursor.idx === null || plot.cursor.idx === undefined) moveTo(Math.max(0, lastIdx));
+  };
+  const onBlur = () => {
+    readout.removeAttribute("aria-live");
+    plot.setCursor({left: -10, top: -10}); // uPlot's "no cursor": the readout goes back to the last point
+  };
+  root.addEventListener("keydown", onKey);
+  root.addEventListener("focus", onFocus);
+  root.addEventListener("blur", onBlur);
+
   // Charts are drawn as their figures join a grid that re-flows as more arrive (one figure spans the row until the
   // next one lands): follow the figure's own width, not the width it had when drawn.
   let drawn = width();
@@ -82,6 +131,7 @@ export function runChart(el, name, steps, values, xLabel = "step") {
     destroy() {
       if (watch) watch.disconnect();
       plot.destroy();
+      readout.remove();
     },
   };
 }

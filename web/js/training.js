@@ -4,7 +4,8 @@
  * Shows the trainer's live status with the current run's loss per step (GET /api/train/status), the feedback
  * waiting to be learned (GET /api/stats),
  * the scheduler with pause/resume, training runs with loss / reward accuracy / margin charts per step (uPlot,
- * vendored in web/vendor/uplot), the weight-version timeline with eval figures, checkpoint and restore, and the
+ * vendored in web/vendor/uplot), the weight-version timeline with eval figures and, across runs, the training loss,
+ * eval accuracy and canary perplexity by version (GET /api/versions), checkpoint and restore, and the
  * quarantine: feedback the screen before a run held back (GET /api/quarantine) with its evidence, to re-queue or
  * drop, beside each rater's signal (GET /api/raters/signal); and rater accounts (GET/POST /api/raters: add one and
  * see its token once, revoke, issue a new token), for admins.
@@ -63,7 +64,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const actionStatus = statusLine();
   const schedStatus = statusLine();
   const liveChart = h("div", {class: "live-chart"});
-  const versionTrend = h("div", {class: "charts"});
+  const versionTrend = h("div", {class: "charts version-trend"});
   const trend = {key: "", charts: []};
   let live = {chart: null, key: ""};
 
@@ -253,7 +254,8 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     }
     replace(versionsBody, versionTrend, h("ol", {class: "timeline"}, items.map((v) => {
       const live = v.version === data.live;
-      const evalPairs = evalFigures(v.eval);
+      const evalPairs = [...(typeof v.run_loss === "number" ? [["train loss", fmtNum(v.run_loss, 4)]] : []),
+        ...evalFigures(v.eval)];
       return h("li", {class: `tl-item${live ? " live" : ""}`, dataset: {version: String(v.version)}},
         h("div", {class: "tl-head"},
           h("strong", {text: `v${v.version}`}),
@@ -273,18 +275,21 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     renderEvalTrend(items); // after versionTrend is in the page, so the charts get its width
   }
 
-  /** Canary perplexity and held-out accuracy per weight version, when at least two versions were evaluated. */
+  /** The cross-run view: per weight version, the training loss of the run that made it (`run_loss`: its last step),
+   * held-out accuracy and canary perplexity, when at least two versions have one of them. Versions missing a figure
+   * (the initial weights have no run, a checkpoint no eval) leave a gap in that chart. */
   function renderEvalTrend(items) {
-    const points = [...items].reverse().filter((v) => v.eval && typeof v.eval.canary_perplexity === "number");
-    const key = JSON.stringify(points.map((v) => v.version));
+    const points = [...items].reverse().filter((v) => TREND.some(([, pick]) => typeof pick(v) === "number"));
+    const key = JSON.stringify(points.map((v) => [v.version, ...TREND.map(([, pick]) => pick(v) ?? null)]));
     if (key === trend.key) return;
     trend.key = key;
     for (const c of trend.charts.splice(0)) c.destroy();
     replace(versionTrend);
     if (points.length < 2) return;
+    versionTrend.append(h("h3", {text: "By weight version"}));
     const xs = points.map((v) => v.version);
-    for (const [name, pick] of [["canary perplexity", (e) => e.canary_perplexity], ["eval accuracy", (e) => e.accuracy]]) {
-      const ys = points.map((v) => (typeof pick(v.eval) === "number" ? pick(v.eval) : null));
+    for (const [name, pick] of TREND) {
+      const ys = points.map((v) => (typeof pick(v) === "number" ? pick(v) : null));
       if (ys.every((y) => y === null)) continue;
       const box = h("figure", {class: "chart", dataset: {metric: name}}, h("figcaption", {text: `${name} by version`}));
       versionTrend.append(box);
@@ -487,6 +492,13 @@ function screenLine(screen) {
   const held = screen.quarantined ? `${screen.quarantined} of ${screen.n} items quarantined` : `nothing held back of ${screen.n} items`;
   return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}.`;
 }
+
+/** The figures of the by-version view: [name, pick from a /api/versions item]. */
+const TREND = [
+  ["training loss", (v) => v.run_loss],
+  ["eval accuracy", (v) => (v.eval || {}).accuracy],
+  ["canary perplexity", (v) => (v.eval || {}).canary_perplexity],
+];
 
 const EVAL_LABELS = {accuracy: "accuracy", mean_margin: "margin", canary_perplexity: "perplexity", n_pairs: "pairs"};
 

@@ -117,3 +117,27 @@ def test_scheduler_routes_and_run_history(server: Server, state: State, capsys: 
     assert "needs the admin token" in capsys.readouterr().err
     assert cli_main(["rollback", "0", "--yes", *common]) == 0
     assert "restored version 0: live version is now 3" in capsys.readouterr().out
+
+
+def test_versions_carry_the_loss_of_the_run_that_made_them(server: Server, state: State) -> None:  # noqa: F811
+    from loop.db.models import TrainingRun, WeightVersion
+
+    with state.sessions() as s:
+        good = TrainingRun(status="succeeded", metrics={"loss": 0.4321, "eval_after": {"accuracy": 0.75}},
+                           history=[{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.4321}])
+        blown = TrainingRun(status="refused", metrics={"loss": float("nan")})
+        s.add_all([good, blown])
+        s.flush()
+        s.add_all([WeightVersion(version=1, kind="train", parent_version=0, run_id=good.id, status="superseded",
+                                 eval={"accuracy": 0.75, "canary_perplexity": 12.5}),
+                   WeightVersion(version=2, kind="train", parent_version=1, run_id=blown.id, status="superseded"),
+                   WeightVersion(version=3, kind="restore", parent_version=1, status="live")])
+        s.commit()
+    state.weight_version = 3
+    got = httpx.get(f"{server.url}/api/versions").json()
+    assert got["live"] == 3
+    assert [(v["version"], v["run_id"] is not None, v["run_loss"]) for v in got["items"]] == [
+        (3, False, None), (2, True, None), (1, True, 0.4321), (0, False, None)]
+    assert got["items"][2]["eval"] == {"accuracy": 0.75, "canary_perplexity": 12.5}
+    schema = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]["WeightVersionOut"]
+    assert "last step" in schema["properties"]["run_loss"]["description"]
