@@ -228,6 +228,15 @@ class Settings(BaseSettings):
                                 "and for the batch) are quarantined for an operator to re-queue or drop "
                                 "(loop/scheduler/screening.py). 0 turns the screen off.")
 
+    rater_min_agreement: float | None = Field(
+        None, ge=0, le=1, description="Leave out of scheduled batches the feedback of a rater whose thumbs agree "
+        "with the other raters' on shared answers less often than this (a rate 0-1; raters with fewer than "
+        "rater_agreement_min_pairs shared judgments are kept: too little evidence). Left-out feedback stays "
+        "untrained, and trains once the rater's agreement recovers. Unset: off (every rater's feedback trains).")
+    rater_agreement_min_pairs: int = Field(20, ge=1, le=1_000_000, description="Shared judgments (a rater's thumb "
+                                           "beside another rater's on the same answer) before rater_min_agreement "
+                                           "judges a rater.")
+
     log_level: LogLevel = Field("info", description="Log level of loop and of the worker.")
     json_logs: bool = Field(True, description="One JSON object per log line; off (--text-logs): plain text.")
 

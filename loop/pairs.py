@@ -105,6 +105,7 @@ class PairFilters:
     model: str | None = None
     weight_version: int | None = None
     rater: str | None = None
+    exclude_raters: tuple[str, ...] = ()  # their feedback counts for nothing (pairs are formed without it)
     untrained_only: bool = False
     include_held_out: bool = False
 
@@ -141,6 +142,8 @@ def _feedback_conds(table: Any, f: PairFilters) -> list[Any]:
     conds += in_time_range(table.created_at, f.since, f.until)
     if f.rater is not None:
         conds.append(table.rater == f.rater)
+    if f.exclude_raters:
+        conds.append(table.rater.not_in(f.exclude_raters))
     return conds
 
 

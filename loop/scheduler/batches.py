@@ -207,7 +207,7 @@ def _feedback_meta(session: Session, rating_ids: set[int], comparison_ids: set[i
     return meta
 
 
-def _both_bad(session: Session, *, untrained_only: bool) -> list[Item]:
+def _both_bad(session: Session, *, untrained_only: bool, exclude_raters: tuple[str, ...] = ()) -> list[Item]:
     """Each answer of a current, not held-out "both bad" pick as a KTO negative (prompts not loaded)."""
     a, b = aliased(Response), aliased(Response)
     stmt = (select(Comparison.id, Comparison.rater, Comparison.created_at, *pairs._answer_cols(a),
@@ -218,24 +218,27 @@ def _both_bad(session: Session, *, untrained_only: bool) -> list[Item]:
     if untrained_only:
         stmt = stmt.where(Comparison.id.not_in(
             select(RunFeedback.comparison_id).where(RunFeedback.comparison_id.is_not(None))))
+    if exclude_raters:
+        stmt = stmt.where(Comparison.rater.not_in(exclude_raters))
     return [pairs.example_item("both_bad", answer, False, comparison_ids=(row[0],), raters=(row[1],),
                                created_at=_aware(row[2]) if row[2] is not None else None)
             for row in session.execute(stmt) for answer in (tuple(row[3:8]), tuple(row[8:13]))]
 
 
-def _items(session: Session, *, untrained_only: bool) -> list[Item]:
+def _items(session: Session, *, untrained_only: bool, exclude_raters: tuple[str, ...] = ()) -> list[Item]:
     """Trainable items (not held out) from ids, verdicts and times only: prompts are loaded for a chosen batch."""
-    f = pairs.PairFilters(untrained_only=untrained_only)
+    f = pairs.PairFilters(untrained_only=untrained_only, exclude_raters=exclude_raters)
     items = list(pairs.preference_pairs(session, f, prompts=False))
     items += pairs.unpaired_examples(session, f, prompts=False)
-    items += _both_bad(session, untrained_only=untrained_only)
+    items += _both_bad(session, untrained_only=untrained_only, exclude_raters=exclude_raters)
     return dedupe(items)
 
 
-def collect(session: Session, *, holdout_fraction: float) -> Pool:
-    """Current feedback not yet consumed by any run and not held out, as training items (split persisted first)."""
+def collect(session: Session, *, holdout_fraction: float, exclude_raters: Iterable[str] = ()) -> Pool:
+    """Current feedback not yet consumed by any run and not held out, as training items (split persisted first);
+    `exclude_raters`' feedback counts for nothing (stays untrained, and pairs are formed without it)."""
     mark_held_out(session, holdout_fraction)
-    return Pool(train=_items(session, untrained_only=True))
+    return Pool(train=_items(session, untrained_only=True, exclude_raters=tuple(sorted(exclude_raters))))
 
 
 def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
@@ -299,6 +302,16 @@ def _older_than(session: Session, found: list[Item], created_before: datetime | 
         return max(times) if times else None
 
     return [p for p in found if (t := newest(p)) is not None and t < cutoff]
+
+
+def disagreeing_raters(session: Session, min_rate: float, min_pairs: int) -> dict[str, dict[str, Any]]:
+    """Raters whose thumbs agree with the other raters' (current ratings, shared answers) less often than
+    `min_rate`, judged once they have `min_pairs` shared judgments: rater -> their agreement figures."""
+    from loop.feedback.agreement import per_rater_agreement, rating_values
+
+    thumbs, _ = rating_values(session)
+    return {name: a.to_json() for name, a in sorted(per_rater_agreement(thumbs).items())
+            if a.pairs >= min_pairs and a.rate is not None and a.rate < min_rate}
 
 
 def build_batch(session: Session, pool: Pool, *, limit: int, tokenizer: Any = None,

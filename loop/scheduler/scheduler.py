@@ -114,6 +114,7 @@ class Scheduler:
         self._requested: str | None = None  # "run now" asked through the API (admin)
         self.last_error: str | None = None
         self.last_decision: str | None = None
+        self.raters_left_out: dict[str, dict[str, Any]] = {}
         self._pool_cache: ReadCache[batches.Pool] = ReadCache()
         self._persisted = self._load()
         if self._persisted.get("next_interval_at") is None:
@@ -348,12 +349,21 @@ class Scheduler:
                 pool = await asyncio.to_thread(self._pool)
             tokenizer = guard.tokenizer if guard is not None else None
 
+            left_out: dict[str, dict[str, Any]] = {}
+
             def build(chosen_from: batches.Pool) -> batches.Batch | None:  # reads the chosen items' prompts
                 with self.state.sessions() as s:
+                    if cfg["rater_min_agreement"] is not None:
+                        left_out.update(batches.disagreeing_raters(s, cfg["rater_min_agreement"],
+                                                                   cfg["rater_agreement_min_pairs"]))
+                        if left_out:
+                            chosen_from = batches.collect(s, holdout_fraction=self.settings.holdout_fraction,
+                                                          exclude_raters=left_out)
                     return batches.build_batch(s, chosen_from, limit=cfg["batch_size"], tokenizer=tokenizer,
                                                max_prompt_tokens=self.settings.max_prompt_tokens)
 
             batch = await asyncio.to_thread(build, pool)
+            self.raters_left_out = left_out
             if batch is None:
                 return None
             before: EvalFigures | None = None
@@ -389,7 +399,8 @@ class Scheduler:
             self.running_run_id = run_id
             try:
                 await asyncio.to_thread(self._annotate, run_id, {"trigger": trigger, "reason": reason,
-                                                                 **batch.summary(), **eval_set})
+                                                                 **batch.summary(), **eval_set,
+                                                                 "raters_left_out": left_out})
                 status = await handle.finished(self.run_timeout_s)
                 if status == "succeeded" and guard is not None and before is not None:
                     try:
@@ -537,6 +548,8 @@ class Scheduler:
             "last_error": self.last_error,
             "untrained_as_of": datetime.fromtimestamp(as_of, timezone.utc).isoformat() if as_of else None,
             "untrained_fresh": fresh,
+            # rater_min_agreement: the raters the last batch left out, with their agreement figures
+            "raters_left_out": self.raters_left_out,
         }
 
 

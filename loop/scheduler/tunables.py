@@ -37,6 +37,8 @@ SETTING: dict[str, str] = {
     "max_drift_kl": "max_drift_kl",
     "max_perplexity_vs_base": "max_perplexity_vs_base",
     "health_enabled": "health_enabled",
+    "rater_min_agreement": "rater_min_agreement",
+    "rater_agreement_min_pairs": "rater_agreement_min_pairs",
 }
 _CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
