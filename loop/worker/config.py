@@ -38,6 +38,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     screen_budget_bytes: int  # most bytes of w_live - w_base a Screen keeps on the weights' device (screen.py)
     vllm_address: str  # Settings.vllm_address: where the pacer reads vLLM's load (/metrics)
     train_share: float | None  # Settings.train_share: the trainer's share while vLLM has work (None: by device)
+    mirrors: list[str]  # run dirs of replicas 1..K-1: every write to replica 0's weights is copied into them
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
@@ -45,7 +46,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                    optimizer=settings.optimizer, learning_rate=settings.learning_rate,
                    max_update_ratio=settings.max_update_ratio, log_level=settings.log_level,
                    screen_budget_bytes=settings.screen_budget_bytes, vllm_address=settings.vllm_address,
-                   train_share=settings.train_share)
+                   train_share=settings.train_share,
+                   mirrors=[str(settings.replica_dir(k)) for k in range(1, settings.replicas)])
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

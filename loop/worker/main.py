@@ -67,6 +67,11 @@ class Worker:
         self.rank = int(os.environ.get("LOOP_WORKER_RANK", "0"))
         self.tp: Any = None
         self.ranks: list[Any] = []  # rank 0: the processes of ranks 1..N-1
+        # replicas 1..K-1 (loop/worker/mirrors.py): every write to these weights is copied into them
+        from loop.worker.mirrors import Mirrors
+
+        self.mirrors = Mirrors(config.mirrors)
+        self.vllm_tensors: dict[str, Any] = {}  # replica 0's tensors by vLLM name, what the mirrors copy
 
     # ------------------------------------------------------------ attach
 
@@ -121,6 +126,8 @@ class Worker:
         except ValueError as e:  # not every weight is a view: nothing to train in place, now or after a restart
             raise ModelRefused(str(e)) from e
         views_alias(model, tensors)
+        self.vllm_tensors = tensors
+        self.mirrors.attached.clear()  # replica 0 reloaded: the API syncs every replica from the new weights
         if meta.get("device") == "cpu" and meta.get("pid") and self.tp is None:
             share_cpu_cores(int(meta["pid"]), self.cores)
         self._pace(meta.get("device", "cpu"))
@@ -217,7 +224,9 @@ class Worker:
         if isinstance(msg, p.Ping):
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
-                            checksum=self.checksum() if msg.checksum else "")
+                            checksum=self.checksum() if msg.checksum else "",
+                            mirrors=self.mirrors.checksums(self.vllm_tensors) if msg.checksum and self.mirrors.dirs
+                            else [])
         if isinstance(msg, p.Train):
             return self.train(msg)
         if isinstance(msg, p.Screen):
@@ -231,6 +240,8 @@ class Worker:
             return self.write_checkpoint(msg)
         if isinstance(msg, p.Restore):
             return self.restore(msg)
+        if isinstance(msg, p.Sync):
+            return self.sync(msg)
         return p.Error(req=msg.req, message=f"the worker does not handle {type(msg).__name__} requests")
 
     def _drop_staged(self) -> None:
@@ -386,6 +397,7 @@ class Worker:
             write_back(self.model)  # weights trained as copies (vLLM's rows in another order): into vLLM, now
             if self.tp is not None:  # rank 0 answers once every rank has written, inside the same pause
                 self.tp.barrier()
+            self.mirrors.copy(self.vllm_tensors)  # every replica switches within the same pause
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
@@ -488,6 +500,7 @@ class Worker:
                 write_back(self.model)
                 if self.tp is not None:  # rank 0 answers once every rank has written
                     self.tp.barrier()
+                self.mirrors.copy(self.vllm_tensors)
             finally:
                 self.ch.state = "idle"
         self._drop_staged()
@@ -495,6 +508,19 @@ class Worker:
         if msg.load_optimizer and opt_file.is_file():
             self.opt.load(opt_file)
         return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
+
+
+    def sync(self, msg: p.Sync) -> p.Msg:
+        from loop.worker.mirrors import MirrorError
+
+        self.ch.state = "syncing"
+        try:
+            load_id, ms = self.mirrors.sync(msg.replica, self.vllm_tensors)
+        except MirrorError as e:
+            return p.Error(req=msg.req, message=str(e))
+        finally:
+            self.ch.state = "idle"
+        return p.Synced(req=msg.req, replica=msg.replica, load_id=load_id, ms=ms)
 
 
 class ModelRefused(Exception):

@@ -169,6 +169,12 @@ class Restore(Msg, tag="restore"):
     weights: bool = True  # False: only the optimizer state, and only into a fresh optimizer (a restarted worker)
 
 
+class Sync(Msg, tag="sync"):
+    """Replica `replica` (1..K-1) (re)started: attach to its weights and copy replica 0's live ones into them."""
+
+    replica: int
+
+
 class Shutdown(Msg, tag="shutdown"):
     pass
 
@@ -182,6 +188,7 @@ class Status(Msg, tag="status"):
     load_id: str = ""
     staged_run_id: int | None = None
     checksum: str = ""
+    mirrors: list[str] = []  # with `checksum` and replicas: sha256 of replica 0's, then each other replica's weights
 
 
 class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
@@ -248,6 +255,12 @@ class Restored(Msg, tag="restored"):
     checksum: str = ""
 
 
+class Synced(Msg, tag="synced"):
+    replica: int
+    load_id: str
+    ms: float
+
+
 class Bye(Msg, tag="bye"):
     pass
 
@@ -259,8 +272,9 @@ class Error(Msg, tag="error"):
     traceback: str = ""
 
 
-Message = (Hello | Heartbeat | Progress | Ping | Train | Screen | Apply | Discard | Checkpoint | Restore | Shutdown
-           | Status | TrainDone | Screened | Applied | Refused | Discarded | CheckpointDone | Restored | Bye | Error)
+Message = (Hello | Heartbeat | Progress | Ping | Train | Screen | Apply | Discard | Checkpoint | Restore | Sync | Shutdown
+           | Status | TrainDone | Screened | Applied | Refused | Discarded | CheckpointDone | Restored | Synced | Bye
+           | Error)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Message)

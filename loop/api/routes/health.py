@@ -133,13 +133,22 @@ async def health(request: Request, state: StateDep) -> JSONResponse:
     database = await run_in_threadpool(_ping_db, state)
     worker = _worker_status(state)
     problems = problems_of(vllm, database, worker)
+    replicas = state.replicas.describe() if state.replicas is not None else None
+    if replicas is not None:  # chat is served while any replica is routable; each one that is not is a problem
+        routable = [r for r in replicas if r.get("routable")]
+        for p in problems:
+            if p["part"] == "vllm" and routable:
+                p["serving"] = True
+        problems += [{"part": "replica", "code": "replica_not_served", "serving": bool(routable), "replica": r["index"],
+                      "message": f"replica {r['index']} is not served: {r.get('why') or r['vllm']}"}
+                     for r in replicas if not r.get("routable")]
     serving = all(p["serving"] for p in problems)
     status = "ok" if not problems else "degraded" if serving else "unavailable"
     metrics = request.app.state.metrics
     metrics.set_vllm(vllm["state"] == "ready", vllm.get("restarts", 0))
     metrics.set_weight_version(state.weight_version)
     body = {"status": status, "serving": serving, "problems": problems, "api": "ok", "vllm": vllm,
-            "database": database, "worker": worker, "weight_version": state.weight_version,
+            "database": database, "worker": worker, "weight_version": state.weight_version, "replicas": replicas,
             "uptime_s": round(time.time() - state.started_at, 1)}
     return JSONResponse(body, status_code=200 if serving else 503)
 

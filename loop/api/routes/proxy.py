@@ -127,8 +127,16 @@ def _choices(body: dict[str, Any], name: str, max_n: int) -> int:
     return value
 
 
+def _serving_supervisor(state: LoopState) -> Any:
+    """The supervisor whose state decides whether chat is served: replica 0's, or with replicas none while any
+    replica is routable (the client routes around the others)."""
+    if state.replicas is not None and any(r["routable"] for r in state.vllm.describe()):
+        return None
+    return state.supervisor
+
+
 def _ensure_up(state: LoopState) -> None:
-    sup = state.supervisor
+    sup = _serving_supervisor(state)
     if sup is not None and sup.state != "ready":
         raise Unavailable(sup.describe(), code=f"vllm_{sup.state}", retry_after_s=5)
     held = getattr(state.trainer, "held_paused", None)
@@ -137,7 +145,7 @@ def _ensure_up(state: LoopState) -> None:
 
 
 def _unreachable(state: LoopState, exc: Exception) -> Unavailable:
-    sup = state.supervisor
+    sup = _serving_supervisor(state)
     if sup is not None and sup.state != "ready":
         return Unavailable(sup.describe(), code=f"vllm_{sup.state}", retry_after_s=5)
     hint = "" if sup is not None else " — is it running? (attached with --vllm-url)"

@@ -43,6 +43,8 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
             raise ApiError(f"unexpected worker reply {type(reply).__name__}", status_code=500)
         out["checksum"] = reply.checksum
         out["checksum_version"] = version  # the version these bytes are
+        if reply.mirrors:  # with replicas: replica 0's served tensors, then each other replica's (equal when in sync)
+            out["replica_checksums"] = list(reply.mirrors)
     return out
 
 

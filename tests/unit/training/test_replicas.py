@@ -1,0 +1,149 @@
+"""Who may serve among K replicas, and the sync before a (re)started one does (loop/training/replicas.py): fake
+supervisors, worker and replica clients; the real thing runs in tests/e2e/test_replicas_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from loop.training.replicas import Replicas
+from loop.worker import protocol as p
+
+
+@dataclass
+class Sup:
+    name: str
+    state: str = "ready"
+    restarts: int = 0
+
+
+@dataclass
+class OneClient:
+    calls: list[str] = field(default_factory=list)
+
+    async def pause(self, mode: str = "wait") -> None:
+        self.calls.append(f"pause:{mode}")
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def reset_prefix_cache(self) -> None:
+        self.calls.append("reset")
+
+
+class Clients:
+    def __init__(self, n: int) -> None:
+        self.routable = [False] * n
+        self.why: list[str | None] = [None] * n
+        self.clients = [OneClient() for _ in range(n)]
+
+    def mark(self, k: int, ok: bool, why: str | None = None) -> None:
+        self.routable[k], self.why[k] = ok, why
+
+    def client(self, k: int) -> OneClient:
+        return self.clients[k]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"index": k, "routable": r, "why": w} for k, (r, w) in enumerate(zip(self.routable, self.why))]
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.alive, self.hello = True, p.Hello(pid=1, load_id="L0")
+        self.on_hello: list[Any] = []
+        self.synced: list[int] = []
+        self.fail: str | None = None
+
+    async def call(self, msg: p.Msg, timeout: float) -> p.Msg:
+        assert isinstance(msg, p.Sync)
+        assert lock.locked()  # no weight change can land while a replica is copied
+        if self.fail:
+            return p.Error(message=self.fail)
+        self.synced.append(msg.replica)
+        return p.Synced(replica=msg.replica, load_id=f"load-{msg.replica}-{len(self.synced)}", ms=1.0)
+
+
+lock = asyncio.Lock()
+
+
+def setup(n: int = 3, worker: bool = True) -> tuple[Replicas, list[Sup], Clients, Worker]:
+    global lock
+    lock = asyncio.Lock()
+    sups = [Sup(f"replica {k}") for k in range(n)]
+    clients, w = Clients(n), Worker()
+    state = SimpleNamespace(vllm=clients, worker=w if worker else None, weights_lock=lock, weight_version=3,
+                            settings=SimpleNamespace(pause_mode="keep"))
+    return Replicas(state, sups), sups, clients, w  # type: ignore[arg-type]
+
+
+async def test_a_replica_serves_only_after_the_worker_copied_the_live_weights_into_it_paused() -> None:
+    reps, sups, clients, worker = setup()
+    worker.alive = False
+    await reps.tick()
+    assert clients.routable == [True, False, False]  # replica 0's weights are the live ones
+    assert "waiting for the trainer" in (clients.why[1] or "")
+    worker.alive = True
+    await reps.tick()
+    assert clients.routable == [True, True, True] and worker.synced == [1, 2]
+    assert clients.clients[1].calls == ["pause:keep", "reset", "resume"]
+    assert clients.clients[0].calls == []  # replica 0 is never paused for a sync
+    await reps.tick()
+    assert worker.synced == [1, 2]  # nothing changed: no second copy
+    assert [r["synced_load"] for r in reps.describe()] == [None, "load-1-1", "load-2-2"]
+
+
+async def test_a_failed_sync_keeps_the_replica_out_and_is_retried() -> None:
+    reps, sups, clients, worker = setup(2)
+    worker.fail = "replica 1 does not hold the same model"
+    await reps.tick()
+    assert clients.routable == [True, False] and "same model" in (clients.why[1] or "")
+    assert clients.clients[1].calls[-1] == "resume"  # never left paused
+    assert "same model" in reps.describe()[1]["last_error"]
+    worker.fail = None
+    await reps.tick()
+    assert clients.routable == [True, True] and reps.describe()[1]["last_error"] is None
+
+
+async def test_a_restarted_replica_is_out_while_down_and_synced_again_when_back() -> None:
+    reps, sups, clients, worker = setup(2)
+    await reps.tick()
+    sups[1].state = "restarting"
+    await reps.tick()
+    assert clients.routable == [True, False] and "restarting" in (clients.why[1] or "")
+    sups[1].state, sups[1].restarts = "ready", 1
+    await reps.tick()
+    assert clients.routable == [True, True] and worker.synced == [1, 1]
+    sups[1].restarts = 2  # a restart the watch did not see go down: the restart count tells
+    await reps.tick()
+    assert worker.synced == [1, 1, 1]
+
+
+async def test_a_new_worker_resyncs_every_replica_and_replica_0_down_is_out() -> None:
+    reps, sups, clients, worker = setup(3)
+    await reps.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert worker.synced == [1, 2]
+        worker.on_hello[0](p.Hello(pid=2, load_id="L1"))  # a worker process that knows no replica's memory
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if len(worker.synced) == 4:
+                break
+        assert worker.synced == [1, 2, 1, 2]
+        sups[0].state = "restarting"
+        await reps.tick()
+        assert clients.routable == [False, True, True]
+    finally:
+        await reps.stop()
+
+
+async def test_without_a_worker_every_ready_replica_serves() -> None:
+    reps, sups, clients, _ = setup(2, worker=False)
+    sups[1].state = "starting"
+    await reps.tick()
+    assert clients.routable == [True, False]
+    sups[1].state = "ready"
+    await reps.tick()
+    assert clients.routable == [True, True]
