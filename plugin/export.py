@@ -256,6 +256,8 @@ def _share_storage(storage: torch.UntypedStorage) -> dict[str, Any]:
             "nbytes": int(size),
             "cuda": {
                 "device": int(device),
+                # the index is this process's; another process with other visible devices finds the card by UUID
+                "uuid": str(torch.cuda.get_device_properties(int(device)).uuid),
                 "handle": bytes(handle).hex(),
                 "storage_size_bytes": int(size),
                 "storage_offset_bytes": int(offset),

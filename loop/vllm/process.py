@@ -156,6 +156,22 @@ def pick_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def visible_cards() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices when it is unset)."""
+    import torch
+
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [c.strip() for c in given.split(",") if c.strip()][:torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def replica_card(cards: list[str], replicas: int, index: int) -> str | None:
+    """The card replica `index` gets to itself when there are at least as many cards as replicas (replica k on the
+    k-th card); None: the replicas share what vLLM picks, each with 1/K of the memory share."""
+    return cards[index] if replicas > 1 and len(cards) >= replicas else None
+
+
 class VLLMSupervisor:
     """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
 
@@ -176,6 +192,7 @@ class VLLMSupervisor:
         self.log_path = settings.data_dir / "logs" / ("vllm.log" if index == 0 else f"vllm-{index}.log")
         self.pid_path = self.run_dir / "vllm.pid"
         self.device: str | None = None
+        self.card: str | None = None  # a replica's own CUDA device (CUDA_VISIBLE_DEVICES), when each gets one
         self.attempt_started: float = time.monotonic()
         self.ready_in_s: float | None = None
         self.exit_reason = ""
@@ -254,6 +271,9 @@ class VLLMSupervisor:
                                                           self.settings.cache_dir)
             if self.device is None:
                 self.device = await asyncio.to_thread(pick_device, self.settings.device)
+            if self.device == "cuda" and self.settings.replicas > 1:
+                cards = await asyncio.to_thread(visible_cards)
+                self.card = replica_card(cards, self.settings.replicas, self.index)
         except Exception as exc:  # noqa: BLE001 - reported through /health and 503s
             self._fail(f"could not prepare vLLM's start: {exc}")
             return False
@@ -320,8 +340,9 @@ class VLLMSupervisor:
                "--dtype", s.dtype, "--max-model-len", str(s.max_model_len)]
         if self.device == "cpu" or s.enforce_eager:
             cmd.append("--enforce-eager")
-        if self.device == "cuda":  # replicas on one card share the share loop gives vLLM
-            cmd += ["--gpu-memory-utilization", str(round(s.gpu_memory_utilization / s.replicas, 4))]
+        if self.device == "cuda":  # replicas sharing one card share the share loop gives vLLM
+            share = s.gpu_memory_utilization if self.card is not None else s.gpu_memory_utilization / s.replicas
+            cmd += ["--gpu-memory-utilization", str(round(share, 4))]
         if s.tensor_parallel > 1:
             if vllm_tensor_parallel(s.vllm_args) is None:  # Settings refused a different one there
                 cmd += ["--tensor-parallel-size", str(s.tensor_parallel)]
@@ -339,6 +360,8 @@ class VLLMSupervisor:
         env["TMPDIR"] = str(self.tmp_dir)
         if "expandable_segments" in env.get("PYTORCH_CUDA_ALLOC_CONF", ""):
             del env["PYTORCH_CUDA_ALLOC_CONF"]  # breaks CUDA IPC export of the weights
+        if self.card is not None:  # the worker finds this card again by its UUID in the handle file
+            env["CUDA_VISIBLE_DEVICES"] = self.card
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.cpu_kv_cache_gib)
             ranks = self.settings.tensor_parallel

@@ -56,6 +56,7 @@ class CudaShare(msgspec.Struct, frozen=True):
     ref_counter_offset: int
     event_handle: str | None
     event_sync_required: bool
+    uuid: str = ""  # the card's UUID: its index in this process when vLLM saw other devices (a replica's own card)
 
 
 class StorageHandle(msgspec.Struct, frozen=True):
@@ -223,6 +224,18 @@ def attach(handle_set: HandleSet, rank: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
+def local_device(index: int, uuid: str) -> int:
+    """This process's index of the card vLLM called `index` and whose UUID is `uuid` (vLLM may see other devices
+    than this process: a replica started with CUDA_VISIBLE_DEVICES)."""
+    if not uuid:
+        return index
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    raise HandleError(f"vLLM's weights are on the card with UUID {uuid}, which this process does not see "
+                      "(CUDA_VISIBLE_DEVICES)")
+
+
 def _open_storage(s: StorageHandle, doc: RankHandles) -> torch.UntypedStorage:
     if s.cpu is not None:
         shm = Path("/dev/shm") / s.cpu.filename.lstrip("/")
@@ -235,7 +248,7 @@ def _open_storage(s: StorageHandle, doc: RankHandles) -> torch.UntypedStorage:
         c = s.cuda
         torch.cuda._lazy_init()
         return torch.UntypedStorage._new_shared_cuda(
-            c.device,
+            local_device(c.device, c.uuid),
             bytes.fromhex(c.handle),
             c.storage_size_bytes,
             c.storage_offset_bytes,

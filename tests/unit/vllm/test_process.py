@@ -346,3 +346,44 @@ def test_a_gated_deltanet_hybrid_prefills_through_triton_on_cuda_without_flashin
     assert kernel_args(configs / "no-such-folder", "cuda") == []  # a hub id: vLLM reads the config itself
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flashinfer" else None)
     assert kernel_args(configs / "qwen3_5-27b", "cuda") == []  # installed: vLLM's own choice stands
+
+
+def test_each_replica_has_its_own_run_dir_socket_log_and_share_of_the_cores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    settings = Settings(data_dir=tmp_path, replicas=2)
+    zero, one = VLLMSupervisor(settings, index=0), VLLMSupervisor(settings, index=1)
+    for sup in (zero, one):
+        sup.model_path, sup.device = "/m", "cpu"
+    assert zero.socket_path == settings.vllm_socket and zero.log_path.name == "vllm.log"
+    assert one.socket_path == settings.runtime_dir / "replica-1" / "vllm.sock" and one.log_path.name == "vllm-1.log"
+    assert f"unix:{one.socket_path}" == settings.replica_address(1) and one.name == "vLLM replica 1"
+    assert one.command()[one.command().index("--uds") + 1] == str(one.socket_path)
+    assert [zero.child_env()["LOOP_RUNTIME_DIR"], one.child_env()["LOOP_RUNTIME_DIR"]] == \
+        [str(settings.runtime_dir), str(settings.runtime_dir / "replica-1")]
+    assert [zero.child_env()["VLLM_CPU_OMP_THREADS_BIND"], one.child_env()["VLLM_CPU_OMP_THREADS_BIND"]] == \
+        ["0-1", "2-3"]
+
+
+def test_replicas_on_gpus_get_a_card_each_when_there_are_enough_else_share_the_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.vllm.process import replica_card
+
+    assert [replica_card(["2", "3"], 2, k) for k in (0, 1)] == ["2", "3"]  # CUDA_VISIBLE_DEVICES' own names
+    assert replica_card(["0"], 2, 1) is None and replica_card(["0", "1"], 1, 0) is None
+    settings = Settings(data_dir=tmp_path, replicas=2, gpu_memory_utilization=0.8)
+    sup = VLLMSupervisor(settings, index=1)
+    sup.model_path, sup.device = "/m", "cuda"
+    cmd = sup.command()
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.4"  # two on one card: half each
+    assert "CUDA_VISIBLE_DEVICES" not in sup.child_env() or os.environ.get("CUDA_VISIBLE_DEVICES")
+    sup.card = "1"
+    cmd = sup.command()
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8" and sup.child_env()["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_replicas_need_loop_to_start_vllm_without_tensor_parallel(tmp_path: Path) -> None:
+    for kw in ({"tensor_parallel": 2}, {"vllm_url": "unix:/x.sock"}):
+        with pytest.raises(ValueError, match="--replicas 2 needs loop to start vLLM itself"):
+            Settings(data_dir=tmp_path, replicas=2, **kw)

@@ -95,3 +95,15 @@ def test_a_replica_that_is_not_there_or_serves_another_model_is_refused(tmp_path
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_card_is_found_by_its_uuid_and_an_unseen_one_is_refused() -> None:
+    from loop.worker.handles import HandleError, local_device
+
+    assert local_device(3, "") == 3  # a handle file from before UUIDs: the index as vLLM saw it
+    if not torch.cuda.is_available():
+        with pytest.raises(HandleError, match="does not see"):
+            local_device(0, "GPU-00000000-0000-0000-0000-000000000000")
+        return
+    for i in range(torch.cuda.device_count()):
+        assert local_device(0, str(torch.cuda.get_device_properties(i).uuid)) == i
