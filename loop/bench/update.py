@@ -13,8 +13,14 @@ median of `--repeats`:
   shares it and vLLM loads it with its model's `load_weights` through `/collective_rpc` (plugin/load_route.py),
   under the same pause; it copies every byte.
 
+With `--replicas K` it starts K vLLMs (replica k on card k when there are K cards, else sharing one) and times
+what `loop serve --replicas K` does: the apply writes replica 0 and copies every tensor into the others
+(loop/worker/mirrors.py) inside one pause of all of them; the floor is one pass over every replica's weights; the
+route loads the update into every replica.
+
     loop bench update --model loop/bench/configs/qwen2-7b --dummy          (GPU)
     loop bench update --model smollm2                                       (CPU, small)
+    loop bench update --model loop/bench/configs/qwen2-7b --dummy --replicas 2   (two cards)
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                    help="a model over a third of the card: draw each delta while staging instead of holding them all "
                         "(skips the fused-apply row; implies --no-route)")
     p.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (starts faster; no write path changes)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="K vLLM replicas (one a card when there are K cards): loop's apply writes replica 0 and copies "
+                        "into the others inside one pause of all; the route loads the update into each")
     p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
     p.set_defaults(func=main)
 
@@ -53,7 +64,8 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespace, cuda: bool) -> subprocess.Popen:
+def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespace, cuda: bool,
+                card: str | None = None, share: float = 1.0) -> subprocess.Popen:
     from loop.vllm.process import kernel_args
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
@@ -65,12 +77,14 @@ def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespac
             # a multimodal release (Qwen3.5): its image processor needs the tokenizer that a config folder lacks
             cmd += ["--language-model-only"]
     if cuda:
-        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd += ["--gpu-memory-utilization", str(round(args.gpu_memory_utilization * share, 4))]
     cmd += kernel_args(model, "cuda" if cuda else "cpu")
     if not cuda or getattr(args, "eager", False):
         cmd += ["--enforce-eager"]
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
     env.update(VLLM_SERVER_DEV_MODE="1", LOOP_RUNTIME_DIR=runtime_dir, VLLM_CPU_KVCACHE_SPACE="1")
+    if card is not None:
+        env["CUDA_VISIBLE_DEVICES"] = card
     return subprocess.Popen(cmd, env=env, start_new_session=True)
 
 
@@ -104,22 +118,36 @@ def _run(args: argparse.Namespace) -> int:
     from loop.model_cache import resolve_model
     from loop.worker.handles import attach, read_handles
     from loop.worker.update import apply_updates_, stochastic_round, weights_checksum
+    from loop.vllm.process import replica_card, visible_cards
+    from loop.worker.mirrors import copy_tensors
     from loop.worker.views import build_model, layout_of
 
     cuda = torch.cuda.is_available()
     model_path = resolve_model(args.model, Settings().cache_dir)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    k_replicas = max(1, args.replicas)
+    ports = [free_port() for _ in range(k_replicas)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    url = urls[0]
     with tempfile.TemporaryDirectory(prefix="loop-bench-rt-") as rt, tempfile.TemporaryDirectory(prefix="loop-bench-copy-") as copy_dir:
         os.chmod(rt, 0o700)
         os.chmod(copy_dir, 0o700)
+        rts = [rt] + [os.path.join(rt, f"replica-{k}") for k in range(1, k_replicas)]
+        for d in rts[1:]:
+            os.makedirs(d, mode=0o700)
+        cards = visible_cards() if cuda else []
         t0 = time.perf_counter()
-        proc = _start_vllm(model_path, port, rt, args, cuda)
+        procs = [_start_vllm(model_path, ports[k], rts[k], args, cuda, card=replica_card(cards, k_replicas, k),
+                             share=1.0 if replica_card(cards, k_replicas, k) is not None else 1.0 / k_replicas)
+                 for k in range(k_replicas)]
         try:
-            _wait(url, proc)
-            print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            for u, pr in zip(urls, procs):
+                _wait(u, pr)
+            print(f"vLLM ready in {time.perf_counter() - t0:.0f} s ({k_replicas} replica(s))", file=sys.stderr)
             hs = read_handles(rt, wait_s=60)
             tensors = attach(hs)
+            mirrors = [attach(read_handles(d, wait_s=60)) for d in rts[1:]]
+            for m_k in mirrors:  # replicas start from the same folder; the bench makes them equal byte for byte
+                copy_tensors(tensors, m_k)
             model = build_model(hs.meta["model_path"], tensors, layout=layout_of(hs.meta))
             params = dict(model.named_parameters())
             weight_bytes = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
@@ -133,23 +161,31 @@ def _run(args: argparse.Namespace) -> int:
 
             deltas = {} if args.lean else {p: delta(p) for p in params.values()}
             sync = torch.cuda.synchronize if cuda else (lambda: None)
-            client = httpx.Client(base_url=url, timeout=120)
 
-            def post(path: str) -> float:
+            def sync_all() -> None:
+                for card in range(torch.cuda.device_count() if cuda else 0):
+                    torch.cuda.synchronize(card)
+            client = httpx.Client(base_url=url, timeout=120)
+            clients = [client] + [httpx.Client(base_url=u, timeout=120) for u in urls[1:]]
+            fan = ThreadPoolExecutor(max(1, k_replicas))
+
+            def post(path: str, json_body: Any = None) -> float:
+                """`path` on every replica at once (as loop's replica client sends control calls); wall ms."""
                 t = time.perf_counter()
-                r = client.post(path)
-                r.raise_for_status()
+                for r in fan.map(lambda c: c.post(path, json=json_body), clients):
+                    r.raise_for_status()
                 return (time.perf_counter() - t) * 1e3
 
             res: dict[str, list[float]] = {k: [] for k in ("floor_pass", "floor_pause_rt", "stage", "apply_fused", "pause", "apply", "reset", "resume",
-                                                           "total", "route_pause", "route_load", "route_reset", "route_resume", "route_total")}
+                                                           "total", "route_pause", "route_load", "route_reset", "route_resume", "route_total", "copy")}
             unique = list({t.untyped_storage().data_ptr(): t for t in tensors.values()}.values())
             before = weights_checksum(params.items())
+            mirror_unique = [list({t.untyped_storage().data_ptr(): t for t in m_k.values()}.values()) for m_k in mirrors]
             for _ in range(args.repeats):
                 sync(); t = time.perf_counter()
-                for w in unique:
+                for w in [*unique, *(w for ws in mirror_unique for w in ws)]:  # every replica's weights once
                     w.mul_(1.0)
-                sync(); res["floor_pass"].append((time.perf_counter() - t) * 1e3)
+                sync_all(); res["floor_pass"].append((time.perf_counter() - t) * 1e3)
                 t = time.perf_counter()
                 post("/pause?mode=wait"); post("/reset_prefix_cache"); post("/resume")
                 res["floor_pause_rt"].append((time.perf_counter() - t) * 1e3)
@@ -168,6 +204,10 @@ def _run(args: argparse.Namespace) -> int:
                         p.copy_(v)
                 sync(); res["apply"].append((time.perf_counter() - t) * 1e3)
                 del values
+                t = time.perf_counter()
+                for m_k in mirrors:  # what the worker does with replicas (loop/worker/mirrors.py)
+                    copy_tensors(tensors, m_k)
+                res["copy"].append((time.perf_counter() - t) * 1e3)
                 res["reset"].append(post("/reset_prefix_cache"))
                 res["resume"].append(post("/resume"))
                 res["total"].append((time.perf_counter() - t_all) * 1e3)
@@ -189,10 +229,8 @@ def _run(args: argparse.Namespace) -> int:
                 for _ in range(args.repeats):
                     t_all = time.perf_counter()
                     res["route_pause"].append(post("/pause?mode=wait"))
-                    t = time.perf_counter()
-                    r = client.post("/collective_rpc", json={"method": "loop_load_weights_from", "args": [copy_dir]})
-                    r.raise_for_status()
-                    res["route_load"].append((time.perf_counter() - t) * 1e3)
+                    res["route_load"].append(post("/collective_rpc", {"method": "loop_load_weights_from",
+                                                                      "args": [copy_dir]}))
                     res["route_reset"].append(post("/reset_prefix_cache"))
                     res["route_resume"].append(post("/resume"))
                     res["route_total"].append((time.perf_counter() - t_all) * 1e3)
@@ -202,22 +240,31 @@ def _run(args: argparse.Namespace) -> int:
             device = torch.cuda.get_device_name() if cuda else "cpu"
             print(f"\nP1 update latency — {Path(model_path).name}, {weight_bytes / 1e9:.2f} GB of {hs.meta['dtype']} weights, "
                   f"{len(params)} HF tensors, device: {device}, median of {args.repeats}")
-            print(f"  floor: one pass over the weights {m['floor_pass']:.1f} ms "
-                  f"({2 * weight_bytes / m['floor_pass'] / 1e6:.1f} GB/s r+w) + pause round trip {m['floor_pause_rt']:.1f} ms = {floor:.1f} ms")
-            print(f"  loop atomic apply: pause {m['pause']:.1f} + apply {m['apply']:.1f} + reset {m['reset']:.1f} + resume {m['resume']:.1f}"
-                  f" = {m['total']:.1f} ms  ({m['total'] / floor:.2f}x the floor), 0 bytes copied")
+            print(f"  floor: one pass over the weights{f' of all {k_replicas} replicas' if mirrors else ''} {m['floor_pass']:.1f} ms "
+                  f"({2 * weight_bytes * k_replicas / m['floor_pass'] / 1e6:.1f} GB/s r+w) + pause round trip {m['floor_pause_rt']:.1f} ms = {floor:.1f} ms")
+            copied = weight_bytes * (k_replicas - 1)
+            print(f"  loop atomic apply: pause {m['pause']:.1f} + apply {m['apply']:.1f}"
+                  + (f" + copy into {k_replicas - 1} replica(s) {m['copy']:.1f}" if mirrors else "")
+                  + f" + reset {m['reset']:.1f} + resume {m['resume']:.1f}"
+                  f" = {m['total']:.1f} ms  ({m['total'] / floor:.2f}x the floor), {copied / 1e9:.2f} GB copied")
             print(f"  (staging w+delta with SR before the pause: {m['stage']:.1f} ms while vLLM serves; "
                   f"the fused SR add inside the pause instead: "
                   f"{'not measured (--lean)' if args.lean else format(m['apply_fused'], '.1f') + ' ms'})")
             if not args.no_route:
                 print(f"  vLLM load_weights route: pause {m['route_pause']:.1f} + load {m['route_load']:.1f} + reset {m['route_reset']:.1f}"
                       f" + resume {m['route_resume']:.1f} = {m['route_total']:.1f} ms  ({m['route_total'] / floor:.2f}x the floor), "
-                      f"{route_bytes / 1e9:.2f} GB copied, +{route_bytes / 1e9:.2f} GB for the trainer's second copy")
+                      f"{route_bytes * k_replicas / 1e9:.2f} GB copied, +{route_bytes / 1e9:.2f} GB for the trainer's second copy")
                 print(f"  loop vs route: {m['route_total'] / m['total']:.2f}x faster")
+            same = all(weights_checksum(sorted(m_k.items())) == weights_checksum(sorted(tensors.items())) for m_k in mirrors)
+            if mirrors:
+                print(f"  {k_replicas} replicas ({', '.join(replica_card(cards, k_replicas, k) or 'shared' for k in range(k_replicas)) if cuda else 'cpu'}): "
+                      f"every replica holds the same bytes after the updates: {same}")
             print(f"  weights changed: {before != after}; vLLM serves after the updates: {ok.status_code == 200}")
             if args.json_out:
                 Path(args.json_out).write_text(json.dumps({"device": device, "model": model_path, "weight_bytes": weight_bytes,
-                                                           "median_ms": m, "floor_ms": floor, "route_bytes": route_bytes}, indent=1))
-            return 0 if ok.status_code == 200 and before != after else 1
+                                                           "median_ms": m, "floor_ms": floor, "route_bytes": route_bytes,
+                                                           "replicas": k_replicas, "replicas_identical": same}, indent=1))
+            return 0 if ok.status_code == 200 and before != after and same else 1
         finally:
-            stop_group(proc)
+            for pr in procs:
+                stop_group(pr)

@@ -62,7 +62,7 @@ class Mirrors:
             raise MirrorError(f"replica {k} does not hold the same model as replica 0 "
                               f"({len(wrong)} tensors differ, e.g. {(wrong or sorted(set(tensors) - set(primary)))[0]})")
         t0 = time.perf_counter()
-        _copy(primary, tensors)
+        copy_tensors(primary, tensors)
         self.attached[k] = (str(hs.meta["load_id"]), tensors)
         ms = (time.perf_counter() - t0) * 1000
         log.info("replica %d (load %s) synced from replica 0 in %.1f ms", k, hs.meta["load_id"], ms)
@@ -78,7 +78,7 @@ class Mirrors:
                             load_id)
                 del self.attached[k]
                 continue
-            _copy(primary, tensors)
+            copy_tensors(primary, tensors)
             done.append(k)
         return done
 
@@ -92,7 +92,8 @@ class Mirrors:
             for k in range(1, len(self.dirs) + 1)]
 
 
-def _copy(src: dict[str, Any], dst: dict[str, Any]) -> None:
+def copy_tensors(src: dict[str, Any], dst: dict[str, Any]) -> None:
+    """Every tensor of `src` into the same name in `dst`, on whatever card each is; waits for the copies."""
     import torch
 
     cards = set()
