@@ -286,6 +286,8 @@ class Settings(BaseSettings):
                              f"got {self.vllm_url!r}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
+        if self.train_mode == "lowmem" and self.tensor_parallel > 1:
+            raise ValueError(LOWMEM_TP)
         if self.replicas > 1 and (self.tensor_parallel > 1 or self.vllm_url is not None):
             raise ValueError(f"--replicas {self.replicas} needs loop to start vLLM itself without tensor parallel "
                              "(not with --vllm-url or --tensor-parallel above 1)")
@@ -405,6 +407,10 @@ def host_name(host: str) -> str:
     if host.count(":") == 1:  # name:port (a bare IPv6 address has several colons and no port)
         host = host.split(":", 1)[0]
     return host.rstrip(".")
+
+
+LOWMEM_TP = ("train_mode lowmem is not available with tensor parallel above 1 (its second backward writes each "
+             "layer mid-pass, which the ranks cannot agree on first); use atomic")
 
 
 def vllm_tensor_parallel(args: list[str]) -> str | None:

@@ -29,9 +29,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from loop.config import Objective, TrainMode, TrainParams
+from loop.config import LOWMEM_TP, Objective, TrainMode, TrainParams
 from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
-from loop.errors import Conflict, NotFound, Unavailable
+from loop.errors import Conflict, Invalid, NotFound, Unavailable
 from loop.scheduler import batches, screening
 from loop.scheduler.batches import Batch
 from loop.state import LoopState
@@ -277,6 +277,8 @@ class Trainer:
         if self.phase == "restoring":
             raise Conflict("a version is being restored; start the run after it (GET /api/train/status)",
                            code="restore_in_progress")
+        if request.train_mode == "lowmem" and self.state.settings.tensor_parallel > 1:
+            raise Invalid(LOWMEM_TP, code="lowmem_tensor_parallel")
         self._require_worker()
         batch = await asyncio.to_thread(self._resolve, request, batch)
         run_id = await asyncio.to_thread(self._create_run, request, trigger, batch)

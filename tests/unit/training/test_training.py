@@ -396,3 +396,18 @@ async def test_after_a_restore_a_vllm_restart_loads_the_restored_weights_not_the
     finally:
         state.supervisor = None
         await stop(state)
+
+
+async def test_lowmem_is_refused_with_tensor_parallel_at_start_and_per_run(tmp_path: Path) -> None:
+    from loop.config import Settings
+    from loop.errors import Invalid
+
+    with pytest.raises(ValueError, match="lowmem is not available with tensor parallel"):
+        Settings(data_dir=tmp_path, tensor_parallel=2, train_mode="lowmem")
+    trainer, state, _ = await make(tmp_path, tensor_parallel=2)
+    try:
+        with pytest.raises(Invalid, match="lowmem is not available with tensor parallel") as e:
+            await trainer.run(TrainRequest(pairs=[PAIR], train_mode="lowmem"))
+        assert e.value.code == "lowmem_tensor_parallel" and trainer.describe()["state"] == "idle"
+    finally:
+        await stop(state)
