@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from loop.openwebui import Poller
     from loop.scheduler.scheduler import Scheduler
     from loop.training import Trainer, WorkerControl
+    from loop.training.leader import TrainerLock
     from loop.training.replicas import Replicas
     from loop.vllm.client import VLLMClient
     from loop.vllm.process import VLLMSupervisor
@@ -47,6 +48,7 @@ log = logging.getLogger("loop.state")
 # How long stop() waits for the rating writer and for the stream stores, each. Both are single transactions of
 # a few rows; a database that cannot commit them in this time will not commit them before the process exits.
 DRAIN_TIMEOUT_S = 10.0
+LEAD_CHECK_S = 2.0  # how often the trainer checks its lock, and a process in standby tries to take it
 
 
 class BackgroundTasks:
@@ -97,6 +99,10 @@ class LoopState:
     supervisor: VLLMSupervisor | None = None  # replica 0's, with --replicas
     supervisors: list[VLLMSupervisor] = field(default_factory=list)  # every replica's (loop/training/replicas.py)
     replicas: Replicas | None = None  # with --replicas K > 1: who may serve, and syncing a restarted replica
+    trainer_lock: TrainerLock | None = None  # held: this process trains on the database (loop/training/leader.py)
+    trainer_holder: str | None = None  # in standby: who holds the trainer lock, as far as can be told
+    _lead_task: asyncio.Task[None] | None = None
+    _on_refused: Callable[[str], None] | None = None
     worker: WorkerControl | None = None
     trainer: Trainer | None = None
     scheduler: Scheduler | None = None
@@ -169,11 +175,28 @@ class LoopState:
         if not manage:
             return
         settings = self.settings
+        self._on_refused = on_refused
         if settings.worker_enabled:
-            from loop.training import Trainer, WorkerControl
+            from loop.training.leader import TrainerLock
 
-            self.worker = WorkerControl(settings, on_refused=on_refused)
-            self.trainer = Trainer(self)
+            self.trainer_lock = TrainerLock(self.engine)
+            if await asyncio.to_thread(self.trainer_lock.try_acquire):
+                self._make_trainer()
+            elif settings.vllm_url is None:  # its own vLLM would serve weights the shared record does not describe
+                holder = await asyncio.to_thread(self.trainer_lock.holder)
+                reason = (f"another loop process ({holder or 'holder unknown'}) trains on this database; a second "
+                          "one that starts its own vLLM would serve other weights than the version record says. "
+                          "Share its vLLM (--vllm-url, --runtime-dir: this process then stands by to take over "
+                          "training), or give this one its own database")
+                if on_fatal is None:
+                    raise RuntimeError(reason)
+                on_fatal(reason)
+                return
+            else:
+                self.trainer_holder = await asyncio.to_thread(self.trainer_lock.holder)
+                log.info("another loop process (%s) trains on this database: this one serves and stands by",
+                         self.trainer_holder)
+            self._lead_task = asyncio.create_task(self._lead(on_fatal), name="trainer-lock")
         if settings.vllm_url is None:
             from loop.vllm.process import VLLMSupervisor
 
@@ -204,6 +227,40 @@ class LoopState:
                                     settings.openwebui_sync_interval_s)
             await self.openwebui.start()
 
+    def _make_trainer(self) -> None:
+        from loop.training import Trainer, WorkerControl
+
+        self.worker = WorkerControl(self.settings, on_refused=self._on_refused)
+        self.trainer = Trainer(self)
+
+    async def _lead(self, on_fatal: Callable[[str], None] | None) -> None:
+        """The trainer checks that its lock is still its own; a process in standby follows the version record and
+        takes training over when the trainer's lock is free (loop/training/leader.py)."""
+        lock = self.trainer_lock
+        assert lock is not None
+        while True:
+            await asyncio.sleep(LEAD_CHECK_S)
+            if self.trainer is not None:
+                if not await asyncio.to_thread(lock.still_held):
+                    reason = ("lost the trainer lock (its database connection failed): stopping, so that two "
+                              "processes never train on one database")
+                    if on_fatal is not None:
+                        on_fatal(reason)
+                    return
+                continue
+            await asyncio.to_thread(self.load_weight_version)  # the trainer elsewhere moves the live version
+            if not await asyncio.to_thread(lock.try_acquire):
+                self.trainer_holder = await asyncio.to_thread(lock.holder)
+                continue
+            log.warning("the trainer of this database went away: this process takes training over")
+            self._make_trainer()
+            assert self.worker is not None
+            await self.worker.start()
+            if self.scheduler is not None:  # what the old trainer left running is failed and its feedback freed
+                recovered = await asyncio.to_thread(self.scheduler.recover_interrupted)
+                if recovered:
+                    log.warning("runs %s were interrupted when the old trainer went; feedback released", recovered)
+
     async def stop(self) -> None:
         """Stop every part; a part that fails to stop is logged and the rest still stop. What requests left
         behind goes first (ratings queued in the writer, streams' rows being stored), then the scheduler, the
@@ -216,6 +273,9 @@ class LoopState:
             await self.response_writer.close(self.drain_timeout_s)
         except Exception:  # noqa: BLE001 - shutting down: log and go on with the rest
             log.exception("shutting down: committing the response rows failed")
+        if self._lead_task is not None:
+            self._lead_task.cancel()
+            await asyncio.gather(self._lead_task, return_exceptions=True)
         for part in (self.openwebui, self.replicas, self.scheduler, self.trainer, self.worker,
                      *(self.supervisors or [self.supervisor])):
             if part is not None:

@@ -137,6 +137,11 @@ AdminDep = Depends(require_admin)
 
 
 def trainer_of(state: LoopState) -> Trainer:
+    lock = state.trainer_lock
+    if state.trainer is None and lock is not None and not lock.held:
+        raise Unavailable(f"another loop process trains on this database ({state.trainer_holder or 'holder unknown'});"
+                          " this one serves chat and ratings and takes training over if that process goes",
+                          code="trainer_elsewhere")
     if state.trainer is None:
         raise Unavailable("training is not running in this loop (started with the worker disabled, or without "
                           "`loop serve` managing vLLM)", code="training_disabled")

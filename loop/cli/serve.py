@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
-        print(f"loop: vLLM cannot be brought back; shutting down (exit code {EXIT_VLLM_FAILED}) so that a process "
-              f"manager restarts loop: {reason}", file=sys.stderr, flush=True)
+        print(f"loop: shutting down (exit code {EXIT_VLLM_FAILED}) so that a process manager restarts loop: {reason}",
+              file=sys.stderr, flush=True)
         server.should_exit = True
 
     refused: list[str] = []

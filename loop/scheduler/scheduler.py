@@ -187,7 +187,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        recovered = await asyncio.to_thread(self.recover_interrupted)
+        # only the trainer of the database (loop/training/leader.py): another process's runs are not interrupted
+        recovered = await asyncio.to_thread(self.recover_interrupted) if self.state.trainer is not None else []
         if recovered:
             log.warning("runs %s were interrupted by a stop; marked failed, feedback released", recovered)
         if self._task is None and self.settings.scheduler_enabled:
