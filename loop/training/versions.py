@@ -40,7 +40,9 @@ LOST = "lost"
 
 
 def is_durable(checkpoint_path: str | None) -> bool:
-    return bool(checkpoint_path) and (Path(checkpoint_path) / "model.safetensors").is_file()
+    from loop.worker.checkpoint import has_weights
+
+    return bool(checkpoint_path) and has_weights(Path(checkpoint_path))
 
 
 def durable(row: WeightVersion) -> bool:

@@ -1,7 +1,9 @@
 """Writing a checkpoint folder: the live weights as an HF folder that vLLM and transformers load as they are.
 
 `write_folder(final, source, tensors, extra)` copies the source model's config, tokenizer and chat template, saves
-the tensors as one `model.safetensors`, lets `extra(tmp)` add files (the worker: optimizer state in a subfolder,
+the tensors as `model.safetensors`, or, past SHARD_BYTES, as Hugging Face's sharded layout
+(`model-00001-of-0000N.safetensors` + `model.safetensors.index.json`, what vLLM, transformers and
+`screen.BaseWeights` read), lets `extra(tmp)` add files (the worker: optimizer state in a subfolder,
 `loop.json`), fsyncs every file and the folder, and renames the temporary folder into place, so a checkpoint is
 either complete or absent (a failed write removes its temporary folder; a crash half-way leaves only a
 `.name.tmp-*` folder, never a partial checkpoint). The worker (loop/worker/main.py)
@@ -18,6 +20,13 @@ from typing import Any
 
 SKIP_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".index.json")
 SKIP_NAMES = {"loop.json", "PINNED"}  # PINNED: loop/versions.py marks a checkpoint kept on request
+SHARD_BYTES = 5 << 30  # the most bytes of one weight file, as transformers' save_pretrained shards by default
+INDEX = "model.safetensors.index.json"
+
+
+def has_weights(folder: Path) -> bool:
+    """A complete checkpoint's weights are there: one file, or the index of its shards."""
+    return (folder / "model.safetensors").is_file() or (folder / INDEX).is_file()
 
 
 def fsync_path(path: Path) -> None:
@@ -29,7 +38,7 @@ def fsync_path(path: Path) -> None:
 
 
 def write_folder(final: Path, source: Path, tensors: dict[str, Any],
-                 extra: Callable[[Path], None] | None = None) -> list[str]:
+                 extra: Callable[[Path], None] | None = None, *, shard_bytes: int | None = None) -> list[str]:
     """Write `tensors` (HF names → tensors) as the checkpoint folder `final`; returns its files (relative)."""
     if final.exists():
         raise FileExistsError(f"checkpoint folder {final} already exists; not overwriting it")
@@ -38,7 +47,7 @@ def write_folder(final: Path, source: Path, tensors: dict[str, Any],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)
     try:
-        _fill(tmp, source, tensors, extra)
+        _fill(tmp, source, tensors, extra, shard_bytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing behind, and never a partial final
         raise
@@ -47,7 +56,24 @@ def write_folder(final: Path, source: Path, tensors: dict[str, Any],
     return sorted(str(f.relative_to(final)) for f in final.rglob("*") if f.is_file())
 
 
-def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Path], None] | None) -> None:
+def shards(tensors: dict[str, Any], limit: int) -> list[list[str]]:
+    """Names in order, cut into groups of at most `limit` bytes (a tensor larger than that is a group alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
+def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Path], None] | None,
+          shard_bytes: int | None = None) -> None:
+    import json
+
     from safetensors.torch import save_file
 
     for f in source.iterdir():  # config, tokenizer, generation config, chat template
@@ -55,8 +81,15 @@ def _fill(tmp: Path, source: Path, tensors: dict[str, Any], extra: Callable[[Pat
             shutil.copy2(f, tmp / f.name)
             os.chmod(tmp / f.name, 0o600)  # private like the weights, whatever the source folder's modes
     # bf16 views are contiguous row slices; .contiguous() copies only the odd one out
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    groups = shards(tensors, SHARD_BYTES if shard_bytes is None else shard_bytes)
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    for file, group in zip(names, groups):
+        save_file({k: tensors[k].detach().contiguous() for k in group}, str(tmp / file), metadata={"format": "pt"})
+    if len(groups) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {k: file for file, group in zip(names, groups) for k in group}
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     if extra is not None:
         extra(tmp)
     for f in tmp.rglob("*"):

@@ -444,7 +444,6 @@ class Worker:
 
     def restore(self, msg: p.Restore) -> p.Msg:
         import torch
-        from safetensors import safe_open
 
         t0 = time.perf_counter()
         folder = Path(msg.path)
@@ -454,25 +453,29 @@ class Worker:
                 self.opt.load(opt_file)
                 log.info("optimizer state loaded from %s", opt_file)
             return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            return p.Error(req=msg.req, message=f"{weights} does not exist: not a loop checkpoint")
+        from loop.worker.checkpoint import has_weights
+        from loop.worker.screen import BaseWeights
+
+        if not has_weights(folder):
+            return p.Error(req=msg.req, message=f"{folder} has neither model.safetensors nor the index of its shards: "
+                                                "not a loop checkpoint")
         params = dict(self.model.named_parameters())
         whole = None
         if self.tp is not None:  # names and whole shapes only (meta tensors): each rank reads its own slices
             whole = {n: torch.empty(self.tp.shards[id(t)].full, device="meta") if self.tp.sharded(t) else t
                      for n, t in params.items()}
         live = checkpoint_tensors(self.model, whole)
-        with safe_open(str(weights), framework="pt") as f:
-            keys = set(f.keys())
+        f = BaseWeights(folder)  # one file or the shards of a big model, opened as needed
+        try:
+            keys = f.names
             missing = sorted(set(live) - keys)
             if missing:
                 return p.Error(req=msg.req, message=f"checkpoint {folder} lacks {len(missing)} weights, "
                                                     f"e.g. {missing[0]}; nothing was written")
             for name, t in live.items():  # validate everything before writing anything
-                sl = f.get_slice(name)
-                if tuple(sl.get_shape()) != tuple(t.shape):
-                    return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {sl.get_shape()}, "
+                shape = f.shape(name)
+                if shape != tuple(t.shape):
+                    return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {shape}, "
                                                         f"the live model {tuple(t.shape)}; nothing was written")
             sliced = {n for n in live if n in params and self.tp is not None and self.tp.sharded(params[n])}
             direct = {n for n, t in live.items() if n in params and tuple(params[n].shape) == tuple(t.shape)} - sliced
@@ -487,9 +490,9 @@ class Worker:
                         if name in sliced:  # this rank's slice of a tensor-parallel weight
                             shard = self.tp.shards[id(params[name])]
                             start, n = shard.ranges[self.tp.rank]
-                            params[name].copy_(f.get_tensor(name).narrow(shard.dim, start, n))
+                            params[name].copy_(f.tensor(name).narrow(shard.dim, start, n))
                             continue
-                        value = f.get_tensor(name)
+                        value = f.tensor(name)
                         if name in direct:
                             params[name].copy_(value)
                         else:  # a tensor transformers keeps fused with others: element by element, exactly
@@ -503,6 +506,8 @@ class Worker:
                 self.mirrors.copy(self.vllm_tensors)
             finally:
                 self.ch.state = "idle"
+        finally:
+            f.close()
         self._drop_staged()
         opt_file = folder / OPTIMIZER_DIR / OPTIMIZER_FILE
         if msg.load_optimizer and opt_file.is_file():

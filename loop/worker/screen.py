@@ -75,6 +75,13 @@ class BaseWeights:
         path = self.files.get(name)
         return None if path is None else tuple(self._file(path).get_slice(name).get_shape())
 
+    @property
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._file(self.files[name]).get_tensor(name)
+
     def slice(self, name: str, start: int, stop: int) -> torch.Tensor | None:
         """Rows [start, stop) of the tensor (its first dimension), or None if absent."""
         path = self.files.get(name)

@@ -245,3 +245,34 @@ def test_a_model_refused_on_re_attach_is_said_to_the_caller_and_ends_the_worker(
         _serve(worker, ch)  # type: ignore[arg-type]
     assert [type(m) for m in ch.sent] == [p.Status, p.Error]  # the ping needs no attach; the discard found it
     assert ch.sent[1].req == 2 and ch.sent[1].message == REFUSED_PREFIX + "2 of 20 weights are not views of vLLM's weights"
+
+
+def test_a_big_checkpoint_is_sharded_as_hugging_face_does_and_restores_from_its_shards(
+        worker: Worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from loop.worker import checkpoint
+    from loop.training.versions import is_durable
+
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 64 << 10)  # this tiny model over several files
+    path = tmp_path / "ckpt" / "v000001"
+    saved = worker.checksum()
+    done = worker.write_checkpoint(p.Checkpoint(req=1, path=str(path), version=1))
+    assert isinstance(done, p.CheckpointDone), done
+    files = sorted(f for f in done.files if f.startswith("model"))
+    assert "model.safetensors" not in files and len(files) > 2 and files[-1] == "model.safetensors.index.json"
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files[:-1]) and is_durable(str(path))
+    assert all(f.endswith(f"-of-{len(files) - 1:05d}.safetensors") for f in files[:-1])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)  # transformers reads the shards
+    live = dict(worker.model.named_parameters())
+    for name, prm in hf.named_parameters():
+        assert torch.equal(prm, live[name]), name
+    worker.train(p.Train(req=2, run_id=1, pairs=[PAIR]))
+    worker.apply(p.Apply(req=3, run_id=1))
+    assert worker.checksum() != saved
+    restored = worker.restore(p.Restore(req=4, path=str(path)))
+    assert isinstance(restored, p.Restored), restored
+    assert worker.checksum() == saved
