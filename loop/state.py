@@ -200,7 +200,11 @@ class LoopState:
         if settings.vllm_url is None:
             from loop.vllm.process import VLLMSupervisor
 
-            self.supervisors = [VLLMSupervisor(settings, on_failed=on_fatal, index=k)
+            def vllm_failed(reason: str) -> None:
+                if on_fatal is not None:
+                    on_fatal(f"vLLM cannot be brought back: {reason}")
+
+            self.supervisors = [VLLMSupervisor(settings, on_failed=vllm_failed, index=k)
                                 for k in range(settings.replicas)]
             self.supervisor = self.supervisors[0]
             if self.trainer is not None:

@@ -137,7 +137,7 @@ AdminDep = Depends(require_admin)
 
 
 def trainer_of(state: LoopState) -> Trainer:
-    lock = state.trainer_lock
+    lock = getattr(state, "trainer_lock", None)
     if state.trainer is None and lock is not None and not lock.held:
         raise Unavailable(f"another loop process trains on this database ({state.trainer_holder or 'holder unknown'});"
                           " this one serves chat and ratings and takes training over if that process goes",
