@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect
+from playwright.sync_api import Locator, Page, expect
 
 from loop.db.models import TrainingRun, WeightVersion
 from loop.db.session import make_engine, make_sessionmaker
-from tests.browser.browser_ui import UI, open_ui
+from tests.browser.browser_ui import UI
 from tests.service import Service, _stop, start_loop
 from tests.support import free_port
 
@@ -34,7 +34,8 @@ PERPLEXITY = [14.25, 13.5, 12.75]
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def ui_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """This module's service for tests/browser/conftest.py's `ui`: a loop with seeded runs and versions."""
     closed = f"http://127.0.0.1:{free_port()}"  # no vLLM: the Training view's charts need only the database
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
              "LOOP_SCHEDULER_MAX_WAIT_S": "1e9"}
@@ -68,17 +69,6 @@ def _seed(db_url: str) -> None:
             s.commit()
     finally:
         engine.dispose()
-
-
-@pytest.fixture
-def ui(browser: Browser, service: Service) -> Iterator[UI]:
-    handle, context = open_ui(browser, service.url)
-    try:
-        yield handle
-    finally:
-        context.close()
-    assert not handle.page_errors, f"JavaScript errors in the page: {handle.page_errors}"
-    assert not handle.dialogs, f"unexpected dialogs (alert/confirm/prompt) fired: {handle.dialogs}"
 
 
 def _chart(page: Page, scope: str, metric: str) -> Locator:
