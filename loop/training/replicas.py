@@ -87,6 +87,7 @@ class Replicas:
                 vllm.mark(k, True)
                 continue
             if k in self.synced and self._restarts.get(k) == sup.restarts:
+                vllm.mark(k, True)  # synced and ready: a request that found it unreachable meanwhile was wrong
                 continue
             worker = self.state.worker
             if not worker.alive or worker.hello is None:

@@ -147,3 +147,11 @@ async def test_without_a_worker_every_ready_replica_serves() -> None:
     sups[1].state = "ready"
     await reps.tick()
     assert clients.routable == [True, True]
+
+
+async def test_a_synced_ready_replica_marked_down_by_a_failed_request_serves_again() -> None:
+    reps, sups, clients, worker = setup(2)
+    await reps.tick()
+    clients.mark(1, False, "down: connection refused")  # the router saw one refused connection
+    await reps.tick()
+    assert clients.routable == [True, True] and worker.synced == [1]  # its supervisor says ready: no new copy
