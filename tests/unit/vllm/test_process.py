@@ -118,6 +118,26 @@ async def test_gives_up_after_the_restart_limit_with_the_log_reason(tmp_path: Pa
     await sup.stop()
 
 
+async def test_a_parked_replica_is_failed_for_a_while_then_started_again_and_never_fatal(tmp_path: Path) -> None:
+    failures: list[str] = []
+    settings = Settings(data_dir=tmp_path, vllm_start_timeout_s=30, vllm_restart_limit=1, replicas=2)
+    settings.ensure_dirs()
+    sup = FakeSupervisor(settings, on_failed=failures.append, index=1, park_s=1.5)
+    sup.model_path, sup.device = "fake-model", "cpu"
+    sup.mode = "crash"
+    await sup.start()
+    await until(lambda: sup.state == "failed")
+    said = sup.describe()
+    assert "trying again in" in said and "CUDA out of memory" in said, said
+    with pytest.raises(TimeoutError, match="trying again"):  # not failed for good: waited for
+        await sup.wait_ready(0.3)
+    sup.mode = "serve"  # whatever broke it is gone by the time the park ends
+    await sup.wait_ready(20)
+    assert sup.state == "ready" and sup.retry_at is None and sup.recent_restarts == 0
+    assert failures == []  # a replica past its limit never stops the service
+    await sup.stop()
+
+
 async def test_a_start_that_cannot_be_prepared_is_a_failure_too(tmp_path: Path) -> None:
     failures: list[str] = []
     sup = make(tmp_path, failures)
