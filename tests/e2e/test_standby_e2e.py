@@ -59,6 +59,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         schema.close()
 
 
+def vllm_tail(shared: dict[str, Any], n: int = 40) -> str:
+    """The shared vLLM's last lines: a run failed by vLLM names its cause there only."""
+    return "\n".join(Path(shared["vllm"].log_path).read_text(errors="replace").splitlines()[-n:])
+
+
 def trainer_state(s: Service) -> httpx.Response:
     return httpx.get(f"{s.url}/api/train/status", timeout=60)
 
@@ -73,7 +78,7 @@ def test_one_process_trains_the_other_serves_and_follows_the_record(shared: dict
     run = first.train(pairs=[PAIR], steps=2, learning_rate=1e-3)
     assert run.status_code == 202, run.text
     done = first.wait_run(run.json()["run_id"])
-    assert done.status == "succeeded", (done.status, done.error)
+    assert done.status == "succeeded", (done.status, done.error, vllm_tail(shared))
     live = first.status()["weight_version"]
     assert live == version + 2
     deadline = time.monotonic() + 30
@@ -104,5 +109,5 @@ def test_when_the_trainer_dies_the_standby_takes_over_and_trains_on(shared: dict
     run = api.train(pairs=[PAIR], steps=1, learning_rate=1e-3)
     assert run.status_code == 202, run.text
     done = api.wait_run(run.json()["run_id"])
-    assert done.status == "succeeded", (done.status, done.error)
+    assert done.status == "succeeded", (done.status, done.error, vllm_tail(shared))
     assert api.status()["weight_version"] == before + 1  # the one record goes on
