@@ -406,17 +406,30 @@ class Worker:
 
     # ------------------------------------------------------------ checkpoints
 
-    def hf_state(self) -> dict[str, Any]:
-        """Checkpoint names → tensors, as `save_pretrained` writes this model (loop/worker/checkpoint.py); on a
-        tensor-parallel worker every rank calls it and each split weight comes out whole (gathered)."""
+    def hf_state(self) -> Any:
+        """Checkpoint names → tensors, as `save_pretrained` writes this model (loop/worker/checkpoint.py). On a
+        tensor-parallel worker (every rank calls it) a `checkpoint.Lazy` source instead: the whole shapes now, each
+        shard file's split weights gathered whole only when that file is written, so rank 0 never holds the whole
+        model."""
         if self.tp is None:
             return checkpoint_tensors(self.model)
-        whole = {}
-        for n, prm in self.model.named_parameters():  # one whole tensor at a time; rank 0 keeps them in host memory
-            t = self.tp.full(prm, prm.detach())
-            if self.rank == 0:
-                whole[n] = t.cpu()
-        return checkpoint_tensors(self.model, whole) if self.rank == 0 else {}
+        import torch
+
+        from loop.worker.checkpoint import lazy_checkpoint
+
+        params = dict(self.model.named_parameters())
+        whole = {n: torch.empty(self.tp.shards[id(t)].full if self.tp.sharded(t) else t.shape, dtype=t.dtype,
+                                device="meta") for n, t in params.items()}
+
+        def gather(names: list[str]) -> dict[str, Any]:
+            out = {}
+            for n in names:  # one whole tensor at a time; rank 0 keeps them in host memory until the file is written
+                t = self.tp.full(params[n], params[n].detach())
+                if self.rank == 0:
+                    out[n] = t.cpu()
+            return out
+
+        return lazy_checkpoint(self.model, whole, gather)
 
     def write_checkpoint(self, msg: p.Checkpoint) -> p.Msg:
         import json
@@ -434,12 +447,17 @@ class Worker:
 
         final = Path(msg.path)
         state = self.hf_state()
-        if self.rank != 0:  # the gather done, rank 0 writes the folder
+        if self.rank != 0:  # rank 0's gathers, shard file by shard file; rank 0 writes the folder
+            from loop.worker.checkpoint import drain
+
+            drain(state)
             return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=[])
         try:
             files = write_folder(final, src, state, extra)
         except FileExistsError as exc:
             return p.Error(req=msg.req, message=str(exc))
+        except OSError as exc:  # nothing written; every rank took part in every gather, so the group goes on
+            return p.Error(req=msg.req, message=f"checkpoint {final} not written: {type(exc).__name__}: {exc}")
         return p.CheckpointDone(req=msg.req, path=str(final), ms=(time.perf_counter() - t0) * 1000, files=files)
 
     def restore(self, msg: p.Restore) -> p.Msg:
