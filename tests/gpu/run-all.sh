@@ -5,7 +5,7 @@
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
-#        families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas (two cards)
+#        families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas p1-tp (two cards)
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -87,6 +87,9 @@ for s in "$@"; do
                 tests/e2e/test_tensor_parallel_e2e.py ;;
     p1-replicas) step p1-replicas $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --repeats 5 \
                 --replicas 2 --gpu-memory-utilization "$(util 15.2)" --json-out "$out/p1-replicas.json" ;;
+    # two cards: one vLLM split over both; every rank's slices are written in its own thread, timed per rank
+    p1-tp)    step p1-tp $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --tensor-parallel 2 \
+                --repeats 5 --json-out "$out/p1-tp.json" ;;
     # two cards: two replicas, one a card; the worker on card 0 copies each update into card 1 in the same pause
     replicas-e2e) step replicas-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_replicas_e2e.py ;;
