@@ -495,7 +495,9 @@ class Worker:
                 if shape != tuple(t.shape):
                     return p.Error(req=msg.req, message=f"checkpoint {folder}: {name} has shape {shape}, "
                                                         f"the live model {tuple(t.shape)}; nothing was written")
-            sliced = {n for n in live if n in params and self.tp is not None and self.tp.sharded(params[n])}
+            # a plain split of one tensor (the conversion passes the parameter through): this rank reads its slice
+            sliced = {n for n, t in live.items() if self.tp is not None and n in params
+                      and self.tp.sharded(params[n]) and t is whole[n]}
             direct = {n for n, t in live.items() if n in params and tuple(params[n].shape) == tuple(t.shape)} - sliced
             try:
                 scatter = restore_targets(self.model, set(live) - direct - sliced)
@@ -508,7 +510,7 @@ class Worker:
                         if name in sliced:  # this rank's slice of a tensor-parallel weight
                             shard = self.tp.shards[id(params[name])]
                             start, n = shard.ranges[self.tp.rank]
-                            params[name].copy_(f.tensor(name).narrow(shard.dim, start, n))
+                            params[name].copy_(f.part(name, shard.dim, start, n))
                             continue
                         value = f.tensor(name)
                         if name in direct:

@@ -87,6 +87,11 @@ class BaseWeights:
         path = self.files.get(name)
         return None if path is None else self._file(path).get_slice(name)[start:stop]
 
+    def part(self, name: str, dim: int, start: int, n: int) -> torch.Tensor:
+        """Elements [start, start + n) along `dim`, every other dimension whole: only those bytes are read (a rank
+        of a tensor-parallel worker reads its slice of a split tensor, never the whole of it)."""
+        return self._file(self.files[name]).get_slice(name)[(slice(None),) * dim + (slice(start, start + n),)]
+
     def _file(self, path: Path) -> Any:
         if path not in self._open:
             from safetensors import safe_open

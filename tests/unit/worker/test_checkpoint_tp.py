@@ -6,6 +6,9 @@ Each spawned rank builds its slices of the tiny Llama of tests/unit/worker/tp_ra
 path again (it exists), one whose second file fails on rank 0 (disk full), then one more. Specified here: the files
 equal the single-device ones byte for byte; rank 0 never held more than one shard file's tensors; every rank made
 the same gathers in the same order; a failed write leaves nothing, the other rank returns, and the group goes on.
+Then every live weight moves and `Worker.restore` reads the first checkpoint back: each rank's weights equal the
+ones before byte for byte, and each rank read only its slice of every split tensor (the safetensors handles are
+wrapped and count what each read returned), the replicated ones whole.
 
 Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_checkpoint_tp.py
 """
@@ -42,6 +45,9 @@ def source(folder: Path, tied: bool) -> Path:
 class _Opt:
     def save(self, path: Path) -> None:
         path.write_bytes(b"optimizer state")
+
+    def load(self, path: Path) -> None:
+        self.loaded = path.read_bytes()
 
 
 def _stand_in(model: Any, tp: Any, src: Path, record: dict[str, Any]) -> Any:
@@ -93,6 +99,65 @@ def _disk_full_on_the_second_file() -> Any:
     return save
 
 
+class _Counted:
+    """A safetensors file handle that records what each read returned: (name, "whole" or "slice", bytes)."""
+
+    def __init__(self, f: Any, reads: list[tuple[str, str, int]]) -> None:
+        self.f, self.reads = f, reads
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.f, attr)
+
+    def __enter__(self) -> _Counted:
+        self.f.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.f.__exit__(*exc)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        t = self.f.get_tensor(name)
+        self.reads.append((name, "whole", t.numel() * t.element_size()))
+        return t
+
+    def get_slice(self, name: str) -> Any:
+        reads, inner = self.reads, self.f.get_slice(name)
+
+        class Slice:
+            def get_shape(self) -> Any:
+                return inner.get_shape()
+
+            def __getitem__(self, index: Any) -> torch.Tensor:
+                t = inner[index]
+                reads.append((name, "slice", t.numel() * t.element_size()))
+                return t
+
+        return Slice()
+
+
+def _restore(me: Any, path: Path) -> dict[str, Any]:
+    """Restore `path` after every live weight moved: this rank's weights before and after as bytes, and its reads."""
+    import safetensors
+
+    from loop.worker import protocol as p
+    from loop.worker.main import Worker
+
+    params = dict(me.model.named_parameters())
+    before = {n: t.detach().clone() for n, t in params.items()}
+    with torch.no_grad():
+        for t in params.values():
+            t.add_(1.0)
+    moved = {n: t.detach().clone() for n, t in params.items()}
+    reads: list[tuple[str, str, int]] = []
+    real = safetensors.safe_open
+    with mock.patch.object(safetensors, "safe_open", lambda *a, **kw: _Counted(real(*a, **kw), reads)):
+        reply = _reply(Worker.restore(me, p.Restore(req=9, path=str(path))))
+    by_id = {id(t): n for n, t in params.items()}
+    return {"reply": reply, "optimizer": getattr(me.opt, "loaded", None), "before": before, "moved": moved, "reads": reads,
+            "after": {n: t.detach().clone() for n, t in params.items()},
+            "shards": {by_id[k]: (s.dim, *s.ranges[me.tp.rank], s.full) for k, s in me.tp.shards.items()}}
+
+
 def rank_main(rank: int, world: int, folder: str) -> None:
     import safetensors.torch
 
@@ -121,6 +186,9 @@ def rank_main(rank: int, world: int, folder: str) -> None:
                 results[layout]["disk full"] = write(2)
             results[layout]["after"] = write(3)
             results[layout]["record"] = {k: v for k, v in record.items() if k != "alive"}
+            me.ch, me.mirrors, me.vllm_tensors, me._staged = SimpleNamespace(state="idle"), mock.Mock(), {}, None
+            me._drop_staged = lambda: None
+            results[layout]["restore"] = _restore(me, out / "v1")
     results["in step"] = group.every(b"done")
     torch.save(results, root / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -192,3 +260,46 @@ def test_a_failed_write_leaves_nothing_and_the_group_goes_on(run, layout) -> Non
         assert ranks[1][layout][key] == {"type": "CheckpointDone", "message": "", "files": []}
     assert ranks[0][layout]["after"]["type"] == "CheckpointDone"
     assert all(r["in step"] == [b"done"] * tp_ranks.WORLD for r in ranks)
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_restore_puts_back_every_ranks_weights_byte_for_byte(run, layout) -> None:
+    _, ranks = run
+    for rank in ranks:
+        got = rank[layout]["restore"]
+        assert got["reply"]["type"] == "Restored", got["reply"]
+        assert got["optimizer"] == b"optimizer state"
+        assert got["shards"]  # split weights are there to restore
+        for name, want in got["before"].items():
+            assert _bits(got["moved"][name]) != _bits(want), name  # the live weight had moved
+            assert _bits(got["after"][name]) == _bits(want), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_restore_reads_only_each_ranks_slice_of_a_split_tensor(run, layout) -> None:
+    """Each split tensor: one read of this rank's slice, never the whole; a replicated one: read whole, once."""
+    import math
+
+    folder, ranks = run
+    files = [f for f in (folder / layout / "v1").iterdir() if f.name.endswith(".safetensors")]
+    assert len(files) >= 3  # the restore read several shard files
+    on_disk = sum(f.stat().st_size for f in files)
+    for rank in ranks:
+        got = rank[layout]["restore"]
+        reads: dict[str, list[tuple[str, int]]] = {}
+        for name, kind, size in got["reads"]:
+            reads.setdefault(name, []).append((kind, size))
+        assert set(reads) == set(got["before"]) - ({"lm_head.weight"} if layout == "tied" else set())
+        for name, t in got["before"].items():
+            if name in got["shards"]:
+                dim, _, n, full = got["shards"][name]
+                mine = n * math.prod(full) // full[dim] * t.element_size()
+                assert n < full[dim] and mine == t.numel() * t.element_size()
+                assert reads[name] == [("slice", mine)], name
+            elif name in reads:
+                assert reads[name] == [("whole", t.numel() * t.element_size())], name
+        assert sum(size for _, _, size in got["reads"]) < on_disk * 0.75  # split tensors are most of the model
