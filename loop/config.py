@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         "pause lasts the write, whatever the answers' length; a response that spans an update records both "
         "versions); wait lets them finish on the old weights first (the pause lasts as long as the longest answer "
         "in flight).")
+    keep_recompute_share: float = Field(0.2, gt=0, le=1, description="The most of serving time that recomputing "
+                                        "answers preempted by keep-mode writes may take: after a run's write that "
+                                        "preempted answers in flight, its next write waits until they have decoded "
+                                        "again and their recompute is at most this share of the time since "
+                                        "(loop/training/recompute.py); 1: never waits.")
     train_share: float | None = Field(None, gt=0, le=1, description="The trainer's share of the device while "
                                       "vLLM has requests running or waiting (read from vLLM's /metrics): below 1 the "
                                       "worker rests between decoder layers so serving keeps the rest "

@@ -13,6 +13,9 @@ and streaming back exactly `--answer-len` tokens (`ignore_eos`), one request aft
   hogwild           the staged step written while serving, no pause
   X@S               configuration X with the trainer paced to share S of the time while vLLM has work: the
                     same loop.worker.pacing.Pacer (and VLLMLoad over vLLM's /metrics) the worker uses
+  X~R               a keep-mode X whose next write waits until the answers the last one preempted have
+                    recovered and their recompute is at most R of the time since (loop/training/recompute.py,
+                    the service's `keep_recompute_share`); "guard s" is the time writes were held back
 The load runs in a child process (its stream parsing would otherwise compete with the trainer's Python thread).
 
 Figures per configuration: generated tokens/s over the measured window (after `--warmup`), the ratio to alone,
@@ -43,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -97,32 +101,45 @@ class ServeConfig:
     write: str  # alone | staged | lowmem | hogwild
     pause: str | None  # keep | wait for staged and lowmem
     share: float = 1.0  # the trainer's share while vLLM has work (1: not paced)
+    recompute: float = 1.0  # keep mode: the recompute guard's share (1: no guard)
+
+
+def _fraction(item: str, text: str, mark: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"--configs: {item!r}: the share after {mark} must be a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise SystemExit(f"--configs: {item!r}: the share after {mark} must be in (0, 1], got {value:g}")
+    return value
 
 
 def parse_configs(text: str) -> list[ServeConfig]:
     """'alone,staged-keep@0.25' -> configurations, refusing unknown, repeated or badly paced names."""
     out: list[ServeConfig] = []
     items = [c.strip() for c in text.split(",") if c.strip()]
-    usage = f"give a comma-separated list of {', '.join(NAMES)}, each optionally @SHARE with 0 < SHARE <= 1"
+    usage = (f"give a comma-separated list of {', '.join(NAMES)}, each optionally @SHARE with 0 < SHARE <= 1 and, "
+             "for a keep mode, ~R with 0 < R <= 1")
     if not items:
         raise SystemExit(f"--configs {text!r}: {usage}")
     for item in items:
-        base, _, share_text = item.partition("@")
+        head, _, guard_text = item.partition("~")
+        base, _, share_text = head.partition("@")
         if base not in NAMES:
             raise SystemExit(f"--configs: unknown configuration {base!r}; {usage}")
         share = 1.0
         if share_text:
             if base == "alone":
                 raise SystemExit(f"--configs: {item!r}: alone has no trainer to pace; write 'alone'")
-            try:
-                share = float(share_text)
-            except ValueError:
-                raise SystemExit(f"--configs: {item!r}: the share after @ must be a number in (0, 1]") from None
-            if not 0 < share <= 1:
-                raise SystemExit(f"--configs: {item!r}: the share after @ must be in (0, 1], got {share:g}")
+            share = _fraction(item, share_text, "@")
         write, _, pause = base.partition("-")
-        out.append(ServeConfig(item, write, pause or None, share))
-    names = [(c.write, c.pause, c.share) for c in out]
+        recompute = 1.0
+        if guard_text:
+            if pause != "keep":
+                raise SystemExit(f"--configs: {item!r}: ~R guards keep-mode writes only")
+            recompute = _fraction(item, guard_text, "~")
+        out.append(ServeConfig(item, write, pause or None, share, recompute))
+    names = [(c.write, c.pause, c.share, c.recompute) for c in out]
     if len(set(names)) != len(names):
         raise SystemExit(f"--configs {text!r}: each configuration once")
     return out
@@ -150,13 +167,17 @@ class Request:
     end: float
     tokens: int
     error: str = ""
+    cut: bool = False  # still running when the load stopped waiting for it (its tokens so far count)
+
+
+CUT_AFTER_S = 180.0  # how long after the window the load waits for the answers in flight before cutting them
 
 
 def window_tokens(reqs: list[Request], a: float, b: float) -> float:
     """Tokens generated inside [a, b]: each answer's tokens spread evenly from its first token to its end."""
     total = 0.0
     for r in reqs:
-        if r.error or r.tokens <= 0 or not math.isfinite(r.first):
+        if (r.error and not r.cut) or r.tokens <= 0 or not math.isfinite(r.first):
             continue
         if r.end <= r.first:
             total += r.tokens if a <= r.end <= b else 0
@@ -177,12 +198,14 @@ class Row:
     ttft_p99_s: float = float("nan")
     requests: int = 0  # completed in the window
     failed: int = 0  # over the whole configuration, warm-up included
+    cut: int = 0  # answers still unfinished CUT_AFTER_S after the window
     pause_ms_median: float = float("nan")
     pause_ms_max: float = float("nan")
     steps: int = 0
     refused: list[str] = field(default_factory=list)
     trainer_tokens_per_s: float = float("nan")
     rested: float = float("nan")  # share of the trainer's wall time spent resting (paced configurations)
+    guard_wait_s: float = float("nan")  # seconds the recompute guard held writes back (~R configurations)
     last_error: str = ""
     error: str = ""
 
@@ -190,11 +213,12 @@ class Row:
 def summarise(name: str, reqs: list[Request], a: float, b: float) -> Row:
     """The serving figures of one configuration over the measured window [a, b]."""
     row = Row(name)
-    row.failed = sum(1 for r in reqs if r.error)
+    row.failed = sum(1 for r in reqs if r.error and not r.cut)
+    row.cut = sum(1 for r in reqs if r.cut)
     errors = [r.error for r in reqs if r.error]
     row.last_error = errors[-1] if errors else ""
     row.tokens_per_s = window_tokens(reqs, a, b) / (b - a) if b > a else float("nan")
-    done = [r for r in reqs if not r.error and a <= r.start <= b]
+    done = [r for r in reqs if not r.error and not r.cut and a <= r.start <= b]
     row.requests = len(done)
     lat = [r.end - r.start for r in done]
     ttft = [r.first - r.start for r in done if math.isfinite(r.first)]
@@ -210,13 +234,12 @@ async def _client_loop(client: httpx.AsyncClient, body: dict[str, Any], vocab: i
         req = {**body, "prompt": [rng.randrange(10, vocab - 10) for _ in range(body["prompt_len"])]}
         del req["prompt_len"]
         t0 = time.time()
-        first, n, err = float("nan"), 0, ""
+        first, n, err, chunks = float("nan"), 0, "", 0
         try:
             async with client.stream("POST", "/v1/completions", json=req) as r:
                 if r.status_code != 200:
                     err = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
                 else:
-                    chunks = 0
                     async for line in r.aiter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
@@ -232,6 +255,11 @@ async def _client_loop(client: httpx.AsyncClient, body: dict[str, Any], vocab: i
                         err = f"answer of {n} tokens, asked for {body['max_tokens']}"
         except (httpx.HTTPError, ValueError) as e:
             err = f"{type(e).__name__}: {e}"
+        except asyncio.CancelledError:  # serving never finished it: what it had made counts, and it is reported
+            out.append(Request(t0, first, time.time(), chunks,
+                               f"unfinished {CUT_AFTER_S:g} s after the window ({chunks} of {body['max_tokens']} "
+                               "tokens)", cut=True))
+            raise
         out.append(Request(t0, first, time.time(), n, err))
         if err:
             await asyncio.sleep(0.5)
@@ -245,8 +273,12 @@ async def _load(url: str, model: str, vocab: int, concurrency: int, prompt_len: 
     stop_at = time.time() + seconds
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(_client_loop(client, body, vocab, stop_at, random.Random(seed * 1000 + i), out)
-                               for i in range(concurrency)))
+        loops = [asyncio.ensure_future(_client_loop(client, body, vocab, stop_at, random.Random(seed * 1000 + i), out))
+                 for i in range(concurrency)]
+        _, late = await asyncio.wait(loops, timeout=seconds + CUT_AFTER_S)
+        for task in late:  # starved answers must not hold the configuration (and the trainer) forever
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
     return out
 
 
@@ -270,6 +302,53 @@ class _PacedPauser:
     def run(self, write: Any) -> float:
         with self.pacer.suspended():
             return float(self.pauser.run(write))
+
+
+class _GuardedPauser:
+    """A keep-mode pauser whose writes wait for the recompute guard (loop/training/recompute.py), as the service's
+    runs do: vLLM's counters are read before each pause, and a thread watches the recovery after it."""
+
+    def __init__(self, pauser: Any, client: httpx.Client, share: float) -> None:
+        from loop.training.recompute import RecomputeGuard
+
+        self.pauser, self.client = pauser, client
+        self.guard = RecomputeGuard(share)
+        self.waited_s = 0.0
+        self._watch: threading.Thread | None = None
+
+    def _counters(self) -> Any:
+        from loop.training.recompute import read_counters
+
+        r = self.client.get("/metrics")
+        r.raise_for_status()
+        return read_counters(r.text)
+
+    def _recover(self) -> None:
+        while self.guard.recovering:
+            time.sleep(0.05)
+            try:
+                self.guard.observe(time.monotonic(), self._counters())
+            except (httpx.HTTPError, ValueError):  # unreadable now: the guard gives up after its limit
+                self.guard.wait_s(time.monotonic())
+
+    def run(self, write: Any) -> float:
+        t0 = time.monotonic()
+        if self._watch is not None:
+            self._watch.join()
+        while (wait := self.guard.wait_s(time.monotonic())) > 0:
+            time.sleep(min(wait, 0.05))
+        self.waited_s += time.monotonic() - t0
+        before: list[Any] = []
+
+        def counted_write() -> Any:  # read while paused (nothing decodes) and before the reset preempts them
+            before.append(self._counters())
+            return write()
+
+        ms = self.pauser.run(counted_write)
+        self.guard.wrote(time.monotonic(), before[0] if before else None)
+        self._watch = threading.Thread(target=self._recover, name="loop-bench-recovery", daemon=True)
+        self._watch.start()
+        return ms
 
 
 class _NoPause:
@@ -331,12 +410,15 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
     pacer = Pacer(cfg.share, load or (lambda: False))
     error = ""
     t_train = 0.0
+    guarded: _GuardedPauser | None = None
     try:
         if cfg.write != "alone":
             trainable = trainable_parameters(model)
             names = {p: n for n, p in trainable}
             opt = make_optimizer("apollo-mini", [p for _, p in trainable], lr=args.lr)
             pauser: Any = _NoPause() if cfg.write == "hogwild" else _PacedPauser(Pauser(client, cfg.pause or "wait"), pacer)
+            if cfg.recompute < 1:
+                guarded = pauser = _GuardedPauser(pauser, client, cfg.recompute)
             step = _lowmem_step if cfg.write == "lowmem" else _staged_step
             ref = None
             t0 = time.perf_counter()
@@ -382,6 +464,8 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
     if times and t_train > 0:
         row.trainer_tokens_per_s = len(times) * batch.n_tokens / t_train
         row.rested = pacer.rested_s / t_train
+    if guarded is not None:
+        row.guard_wait_s = guarded.waited_s
     return row
 
 
@@ -389,7 +473,7 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
 def main(args: argparse.Namespace) -> int:
     """0 when every configuration ran and no request failed; 1 otherwise."""
     out = run(args)
-    bad = [r for r in out["rows"] if r["failed"] or r["error"]]
+    bad = [r for r in out["rows"] if r["failed"] or r.get("cut") or r["error"]]
     return 1 if bad or out.get("vllm_error") else 0
 
 
@@ -602,7 +686,7 @@ def nonfinite_probe(model: Any, batch: Any, args: argparse.Namespace) -> dict[st
 
 # --- output -----------------------------------------------------------------------------------------------------
 _COLS = ("config", "tok/s", "vs alone", "p50 s", "p99 s", "ttft p50", "ttft p99", "done", "failed",
-         "pause med ms", "pause max ms", "train tok/s", "steps", "rested")
+         "pause med ms", "pause max ms", "train tok/s", "steps", "rested", "guard s")
 
 
 def _header() -> str:
@@ -616,9 +700,10 @@ def _f(x: float, spec: str) -> str:
 def _cells(r: dict[str, Any]) -> list[str]:
     return [r["config"], _f(r["tokens_per_s"], ".1f"), _f(r["ratio"], ".2f"), _f(r["p50_s"], ".2f"),
             _f(r["p99_s"], ".2f"), _f(r["ttft_p50_s"], ".3f"), _f(r["ttft_p99_s"], ".3f"), str(r["requests"]),
-            str(r["failed"]), _f(r["pause_ms_median"], ".0f"), _f(r["pause_ms_max"], ".0f"),
+            str(r["failed"]) + (f" (+{r['cut']} cut)" if r.get("cut") else ""), _f(r["pause_ms_median"], ".0f"), _f(r["pause_ms_max"], ".0f"),
             _f(r["trainer_tokens_per_s"], ".0f"),
-            f"{r['steps']}" + (f" ({len(r['refused'])} refused)" if r["refused"] else ""), _f(r["rested"], ".0%")]
+            f"{r['steps']}" + (f" ({len(r['refused'])} refused)" if r["refused"] else ""), _f(r["rested"], ".0%"),
+            _f(r.get("guard_wait_s", float("nan")), ".1f")]
 
 
 def _format_row(row: Row) -> str:

@@ -175,6 +175,7 @@ class Trainer:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
+        await self.weights.close()
         await self.durability.stop(CHECKPOINT_TIMEOUT_S)
         if not self.live_is_durable():
             try:
@@ -485,6 +486,6 @@ class Trainer:
             t["record_ms"] = (time.perf_counter() - t3) * 1000
             return True
 
-        timings = await self.weights.change(work, atomic=mode != "hogwild")
+        timings = await self.weights.change(work, atomic=mode != "hogwild", yields=True)
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
         return self.state.weight_version, (refused[0] if refused else None)

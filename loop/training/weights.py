@@ -12,7 +12,10 @@ pause lasts the write whatever the answers' length; the reset then preempts them
 keys and values are dropped and recomputed from their tokens on the new weights when vLLM resumes, so every token
 after the change is the new weights' answer to the same text, never a mix of old cache and new weights. `wait`
 lets them finish on the old weights first, which makes the pause as long as the longest answer in flight.
-While a change is under way `state.changing_from` names the version serving had, so the proxy can record which
+A run's keep-mode write first waits for the recompute guard (loop/training/recompute.py): the answers the last
+write preempted must have recovered, and their recompute be at most `keep_recompute_share` of the time since, or
+writes back to back would keep preempting answers that never get to decode. Rollbacks, restores and repairs never
+wait. While a change is under way `state.changing_from` names the version serving had, so the proxy can record which
 versions a response spans (`LoopState.serving_version`).
 
 Run the tests: .venv/bin/python -m pytest tests/unit/training/test_training.py
@@ -20,9 +23,13 @@ Run the tests: .venv/bin/python -m pytest tests/unit/training/test_training.py
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+
+from loop.training.recompute import Counters, RecomputeGuard, read_counters
 
 if TYPE_CHECKING:
     from loop.state import LoopState
@@ -37,16 +44,65 @@ class LiveWeights:
         self.held: str | None = None  # why vLLM is kept paused (weights unknown, nothing to restore from)
         self.held_load: str | None = None  # the load id whose weights were left half written
         self._changing = False
+        self.guard = RecomputeGuard(state.settings.keep_recompute_share)
+        self._recovery: asyncio.Task[None] | None = None
 
-    async def change(self, work: Work, *, atomic: bool) -> dict[str, float]:
-        """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings."""
+    async def change(self, work: Work, *, atomic: bool, yields: bool = False) -> dict[str, float]:
+        """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings.
+        `yields` (a training run's write): in keep mode, first wait for the recompute guard."""
+        guarded = yields and atomic and self.state.settings.pause_mode == "keep" and self.guard.share < 1
+        waited = await self._wait_for_recovery() if guarded else 0.0
         async with self.state.weights_lock:
-            return await self._paused(work, atomic=atomic)
+            t = await self._paused(work, atomic=atomic, guarded=guarded)
+        if guarded:
+            t["recovery_wait_ms"] = waited * 1000
+            if self.guard.last_recompute_s is not None:
+                t["last_recompute_ms"] = self.guard.last_recompute_s * 1000
+        return t
 
-    async def _paused(self, work: Work, *, atomic: bool) -> dict[str, float]:
+    async def _wait_for_recovery(self) -> float:
+        t0 = time.monotonic()
+        while (wait := self.guard.wait_s(time.monotonic())) > 0:
+            await asyncio.sleep(min(wait, 0.05))  # the recovery watch updates the guard meanwhile
+        return time.monotonic() - t0
+
+    async def counters(self) -> Counters | None:
+        """vLLM's running answers and generated tokens, summed over the replicas; None when unreadable."""
+        vllm = self.state.vllm
+        clients = [vllm.client(k) for k in range(len(vllm))] if hasattr(vllm, "client") else [vllm]
+        try:
+            replies = await asyncio.gather(*(c.get("/metrics", timeout=5.0) for c in clients))
+            each = [read_counters(r.text) for r in replies]
+        except Exception:  # noqa: BLE001 - no figures: the guard then does not hold writes back
+            return None
+        return Counters(running=sum(c.running for c in each), generated=sum(c.generated for c in each))
+
+    async def _watch_recovery(self) -> None:
+        while self.guard.recovering:
+            await asyncio.sleep(0.05)
+            now_counters = await self.counters()
+            if now_counters is None:
+                self.guard.wait_s(time.monotonic())  # gives up after its limit
+            else:
+                self.guard.observe(time.monotonic(), now_counters)
+
+    def _recovering(self, before: Counters | None) -> None:
+        self.guard.wrote(time.monotonic(), before)
+        if self.guard.recovering and (self._recovery is None or self._recovery.done()):
+            self._recovery = asyncio.create_task(self._watch_recovery(), name="keep-recovery")
+
+    async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recovery
+
+    async def _paused(self, work: Work, *, atomic: bool, guarded: bool = False) -> dict[str, float]:
         t: dict[str, float] = {}
         vllm = self.state.vllm
-        paused = False
+        paused = wrote = False
+        before: asyncio.Task[Counters | None] | None = None
+        counted: Counters | None = None
         t0 = time.perf_counter()
         self._changing = True
         self.state.changing_from = self.state.weight_version
@@ -55,7 +111,12 @@ class LiveWeights:
                 await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True
                 t["pause_ms"] = (time.perf_counter() - t0) * 1000
+                if guarded:  # read while paused (nothing decodes) and before the reset preempts: beside the write
+                    before = asyncio.create_task(self.counters())
             if await work(t):
+                wrote = True
+                if before is not None:  # read beside the write; it must be in before the reset preempts them
+                    counted = await before
                 t1 = time.perf_counter()
                 await vllm.reset_prefix_cache()
                 t["reset_ms"] = (time.perf_counter() - t1) * 1000
@@ -70,8 +131,12 @@ class LiveWeights:
                         if supervisor is None or supervisor.state == "ready":
                             raise
                     t["resume_ms"] = (time.perf_counter() - t2) * 1000
+                    if before is not None and wrote:  # the answers in flight were preempted: watch them recover
+                        self._recovering(counted)
                 t["total_ms"] = (time.perf_counter() - t0) * 1000
             finally:
+                if before is not None and not before.done():
+                    before.cancel()
                 self._changing = False
                 if not self.held:  # held: vLLM stays paused, serving has not moved on yet
                     self._settled()

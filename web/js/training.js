@@ -139,6 +139,13 @@ export function mount(main, {showError, clearError, refreshHealth}) {
           ? (s.train_share >= 1 ? "100 % (never yields)" : `${Math.round(s.train_share * 100)} %`) : "—"],
         ["Pause while writing", s.pause_mode === "keep" ? "keep (answers in flight continue on the new weights)"
           : s.pause_mode === "wait" ? "wait (answers in flight finish first)" : "—"],
+        ...(s.pause_mode === "keep" && s.keep_recompute ? [["Next write waits for preempted answers",
+          s.keep_recompute.share >= 1 ? "no (writes back to back)"
+            : `until their recompute is ≤ ${Math.round(s.keep_recompute.share * 100)} % of serving time`
+              + (s.keep_recompute.recovering ? " — recovering now"
+                : s.keep_recompute.holding_s > 0 ? ` — holding ${fmtNum(s.keep_recompute.holding_s, 1)} s` : "")
+              + (typeof s.keep_recompute.last_recompute_s === "number"
+                ? ` (last recompute ${fmtNum(s.keep_recompute.last_recompute_s, 2)} s)` : "")]] : []),
         ["Last loss", losses.length ? fmtNum(losses[losses.length - 1], 4) : "—"],
         ...Object.entries(s.metrics || {}).slice(0, 6).map(([k, v]) => [k, fmtNum(v, 4)]),
       ]),

@@ -8,6 +8,7 @@ models, exact: tests use it to prove a refused update left the weights bit-ident
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -34,6 +35,10 @@ async def training_status(state: StateDep, request: Request, checksum: bool = Fa
     # the worker's share of the device while vLLM has work, as it resolved it for its device (None: not attached)
     hello = trainer.control.hello
     out["train_share"] = hello.train_share if hello is not None else state.settings.train_share
+    guard = trainer.weights.guard  # keep-mode writes wait for the answers they preempt (loop/training/recompute.py)
+    out["keep_recompute"] = {"share": guard.share, "recovering": guard.recovering,
+                             "last_recompute_s": guard.last_recompute_s, "holding_s": guard.wait_s(time.monotonic())
+                             if not guard.recovering else None}
     if checksum:
         require_admin(state, request.headers.get("authorization"), request.headers.get("x-loop-admin-token"))
         async with state.weights_lock:  # a hash of weights half-way through an apply would mean nothing

@@ -29,6 +29,8 @@ def test_configs_parse_with_their_write_pause_and_share() -> None:
         ServeConfig("alone", "alone", None, 1.0), ServeConfig("staged-keep", "staged", "keep", 1.0),
         ServeConfig("lowmem-wait@0.25", "lowmem", "wait", 0.25), ServeConfig("hogwild@0.5", "hogwild", None, 0.5)]
     assert parse_configs("staged-keep,staged-keep@0.5")[1].share == 0.5  # paced and not: two configurations
+    guarded = parse_configs("staged-keep,staged-keep~0.2,lowmem-keep@0.5~0.5")
+    assert [(c.share, c.recompute) for c in guarded] == [(1.0, 1.0), (1.0, 0.2), (0.5, 0.5)]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -41,6 +43,9 @@ def test_configs_parse_with_their_write_pause_and_share() -> None:
     ("staged-keep@1.5", r"must be in \(0, 1\], got 1.5"),
     ("alone,alone", "each configuration once"),
     ("staged-keep@0.5,staged-keep@0.50", "each configuration once"),
+    ("staged-wait~0.2", "guards keep-mode writes only"),
+    ("staged-keep~0", r"after ~ must be in \(0, 1\], got 0"),
+    ("staged-keep~x", "after ~ must be a number"),
 ])
 def test_bad_configs_exit_saying_what_to_write(text: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
@@ -67,6 +72,14 @@ def test_window_counts_the_tokens_generated_inside_it_only() -> None:
             Request(15.0, 15.5, 25.5, 50),  # a twentieth inside
             Request(6.0, float("nan"), 8.0, 0, "HTTP 500: boom")]  # failed: nothing
     assert window_tokens(reqs, 6.0, 16.0) == pytest.approx(50 + 20 + 2.5)
+
+
+def test_an_answer_cut_after_the_window_counts_its_tokens_and_is_reported_not_done() -> None:
+    reqs = [Request(0.0, 1.0, 21.0, 20, "unfinished 60 s after the window (20 of 1024 tokens)", cut=True),
+            Request(0.0, 1.0, 3.0, 10)]
+    row = summarise("staged-keep", reqs, 0.0, 10.0)
+    assert row.cut == 1 and row.failed == 0 and row.requests == 1
+    assert row.tokens_per_s == pytest.approx((20 * 9 / 20 + 10) / 10)
 
 
 def test_summary_of_one_configuration() -> None:

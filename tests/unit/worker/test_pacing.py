@@ -413,9 +413,13 @@ def test_train_status_shows_the_share() -> None:
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(train.router)
+    from loop.training.recompute import RecomputeGuard
+
     control = SimpleNamespace(hello=None)
+    weights = SimpleNamespace(guard=RecomputeGuard(0.2))
     app.state.loop = SimpleNamespace(settings=Settings(train_share=0.25),
-                                     trainer=SimpleNamespace(describe=lambda: {"state": "idle"}, control=control))
+                                     trainer=SimpleNamespace(describe=lambda: {"state": "idle"}, control=control,
+                                                             weights=weights))
 
     async def get() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://loop") as c:
@@ -424,7 +428,8 @@ def test_train_status_shows_the_share() -> None:
     import asyncio
 
     r = asyncio.run(get())
-    assert r.status_code == 200 and r.json() == {"state": "idle", "train_share": 0.25}
+    assert r.status_code == 200 and r.json() == {"state": "idle", "train_share": 0.25, "keep_recompute": {
+        "share": 0.2, "recovering": False, "last_recompute_s": None, "holding_s": 0.0}}
     control.hello = SimpleNamespace(train_share=0.15)  # attached: the share the worker resolved for its device
     assert asyncio.run(get()).json()["train_share"] == 0.15
 
