@@ -52,6 +52,11 @@ FAKE_VLLM = """
 import http.server, os, socketserver, sys, time
 path, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 print("fake vllm loading", flush=True)
+if os.environ.get("FAKE_VLLM_SHM"):  # a segment mapped for life and never unlinked, as vLLM's engine queues
+    import mmap
+    fd = os.open(f"/dev/shm/{os.environ['FAKE_VLLM_SHM']}-{os.getpid()}", os.O_CREAT | os.O_RDWR, 0o600)
+    os.ftruncate(fd, 4096)
+    segment = mmap.mmap(fd, 4096)
 time.sleep(delay)
 if mode == "crash":
     print("RuntimeError: CUDA out of memory (fake)", flush=True)

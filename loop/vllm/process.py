@@ -149,6 +149,46 @@ def exit_description(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def group_shm_files(pgid: int) -> set[str]:
+    """The /dev/shm files that processes of the process group `pgid` have mapped (Linux /proc; empty elsewhere)."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+        for pid in entries:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != pgid:  # after the name: state, ppid, pgrp
+                    continue
+                for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                    at = line.find("/dev/shm/")
+                    if at >= 0:
+                        found.add(line[at:].removesuffix(" (deleted)"))
+            except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+                continue
+    return found
+
+
+def remove_shm_files(paths: set[str]) -> int:
+    """Unlink these /dev/shm files (those still there and ours); how many were removed."""
+    removed = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+                removed += 1
+    return removed
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def pick_device(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -212,6 +252,9 @@ class VLLMSupervisor:
         self._ready = asyncio.Event()
         self._stopping = False
         self._client = VLLMClient(self.address, timeout=10.0)
+        # Shared memory vLLM's processes mapped (its engine's message queues, a CPU tensor-parallel group's
+        # buffers): a process killed by a signal never unlinks its segments, so _kill does once the group is gone.
+        self._shm_files: set[str] = set()
 
     # --- public API ---
     def add_ready_callback(self, fn: ReadyCallback) -> None:
@@ -446,6 +489,7 @@ class VLLMSupervisor:
             if ready:
                 self.ready_in_s = self.elapsed_s()
                 self._private_socket()
+                self._shm_files = await asyncio.to_thread(group_shm_files, self._proc.pid)
                 self.state = "ready"
                 self._ready.set()
                 _say(f"{self.name} ready in {self.ready_in_s:.0f} s")
@@ -544,6 +588,7 @@ class VLLMSupervisor:
         proc = self._proc
         if proc is None:
             return
+        self._shm_files |= await asyncio.to_thread(group_shm_files, proc.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -555,6 +600,15 @@ class VLLMSupervisor:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), timeout=5.0)
+        for _ in range(30):  # its orphans are reaped by init a moment after the leader
+            if not _group_alive(proc.pid):
+                break
+            await asyncio.sleep(0.1)
+        if self._shm_files and not _group_alive(proc.pid):  # nobody of vLLM's left to use them
+            removed = remove_shm_files(self._shm_files)
+            if removed:
+                _say(f"removed {removed} shared-memory file(s) {self.name} left in /dev/shm")
+            self._shm_files = set()
         for path in (self.pid_path, self.socket_path):
             with contextlib.suppress(OSError):
                 path.unlink()

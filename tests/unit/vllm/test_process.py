@@ -138,6 +138,23 @@ async def test_a_parked_replica_is_failed_for_a_while_then_started_again_and_nev
     await sup.stop()
 
 
+async def test_shared_memory_a_killed_vllm_mapped_is_removed_after_a_crash_and_a_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = f"loop-test-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("FAKE_VLLM_SHM", prefix)  # the fake maps /dev/shm/<prefix>-<its pid>
+    sup = make(tmp_path, vllm_restart_limit=2)
+    await sup.start()
+    await sup.wait_ready(20)
+    first = sup.pid
+    assert [p.name for p in Path("/dev/shm").glob(f"{prefix}-*")] == [f"{prefix}-{first}"]
+    os.killpg(first, signal.SIGKILL)  # a crash: nothing of it unlinks anything
+    await until(lambda: sup.state == "ready" and sup.pid not in (None, first), timeout=30)
+    second = sup.pid
+    assert [p.name for p in Path("/dev/shm").glob(f"{prefix}-*")] == [f"{prefix}-{second}"]
+    await sup.stop()
+    assert list(Path("/dev/shm").glob(f"{prefix}-*")) == []
+
+
 async def test_a_start_that_cannot_be_prepared_is_a_failure_too(tmp_path: Path) -> None:
     failures: list[str] = []
     sup = make(tmp_path, failures)

@@ -15,7 +15,6 @@ Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_ch
 
 from __future__ import annotations
 
-import time
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +30,6 @@ from tests.unit.worker import tp_ranks
 SHARD = 16_000  # bytes: the tiny Llama's checkpoint in several files
 LAYOUTS = ["tied", "untied"]
 RANKS = range(tp_ranks.WORLD)
-DEADLINE_S = 120  # the ranks take a few seconds; longer means a collective is stuck
 
 
 def source(folder: Path, tied: bool) -> Path:
@@ -201,12 +199,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, 
         source(folder, tied)
     ctx = start_processes(rank_main, args=(tp_ranks.WORLD, str(folder)), nprocs=tp_ranks.WORLD, join=False,
                           start_method="spawn")
-    started = time.monotonic()
-    while not ctx.join(timeout=1):  # a rank that raised re-raises here, with its traceback
-        if time.monotonic() - started > DEADLINE_S:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the ranks did not finish in {DEADLINE_S} s (a collective waits for a rank that is not there)")
+    tp_ranks.join_ranks(ctx)
     return folder, [torch.load(folder / f"rank{r}.pt") for r in RANKS]
 
 

@@ -10,7 +10,6 @@ Run: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_tp
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from tests.unit.worker import tp_ranks
 
 LAYOUTS = ["tied", "untied"]
 RANKS = range(tp_ranks.WORLD)
-DEADLINE_S = 120  # the ranks take a few seconds; longer means a collective is stuck
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +35,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 @pytest.fixture(scope="module")
 def ranks(launched, reference) -> list[dict[str, Any]]:
     ctx, folder = launched
-    started = time.monotonic()
-    while not ctx.join(timeout=1):  # a rank that raised re-raises here, with its traceback
-        if time.monotonic() - started > DEADLINE_S:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the ranks did not finish in {DEADLINE_S} s (a collective waits for a rank that is not there)")
+    tp_ranks.join_ranks(ctx)
     return [torch.load(Path(folder) / f"rank{r}.pt") for r in RANKS]
 
 

@@ -40,6 +40,21 @@ RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "apollo-wd": ("apollo", {"lr": 1e-2, "rank": 4, "weight_decay": 0.1}, True),  # channel-wise, projected
 }
 CAP = 10.0  # update ratio cap that passes every update here
+DEADLINE_S = 120  # the ranks take a few seconds; longer means a collective is stuck
+
+
+def join_ranks(ctx: Any) -> None:
+    """Wait for the spawned ranks (torch.multiprocessing's context); past DEADLINE_S kill them and fail."""
+    import time
+
+    import pytest
+
+    started = time.monotonic()
+    while not ctx.join(timeout=1):  # a rank that raised re-raises here, with its traceback
+        if time.monotonic() - started > DEADLINE_S:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the ranks did not finish in {DEADLINE_S} s (a collective waits for a rank that is not there)")
 
 
 def config(tied: bool) -> LlamaConfig:
