@@ -133,7 +133,7 @@ class Trainer:
         self.settings = state.settings
         self.control: WorkerControl = control or state.worker
         self.run_id: int | None = None
-        self.phase = "idle"  # idle | screening | training | applying | checkpointing | restoring
+        self.phase = "idle"  # idle | screening | training | yielding | applying | checkpointing | restoring
         self.step = 0
         self.losses: list[float] = []
         self.metrics: dict[str, Any] = {}
@@ -379,6 +379,9 @@ class Trainer:
                     await self.control.call(p.Discard(run_id=run_id), timeout=APPLY_TIMEOUT_S)
                     self._refused(run_id, done.update.reason, history)
                     return
+                self.phase = "yielding"  # keep mode: the answers the last write preempted decode again first
+                waited = await self.weights.yield_to_serving(atomic=mode != "hogwild")
+                self.metrics["recovery_wait_ms"] = round(waited * 1000, 3)
                 self.phase = "applying"
                 version_after, reason = await self._apply(run_id, mode)
                 if reason is not None:

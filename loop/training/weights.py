@@ -47,20 +47,25 @@ class LiveWeights:
         self.guard = RecomputeGuard(state.settings.keep_recompute_share)
         self._recovery: asyncio.Task[None] | None = None
 
+    def _guarded(self, atomic: bool) -> bool:
+        return atomic and self.state.settings.pause_mode == "keep" and self.guard.share < 1
+
     async def change(self, work: Work, *, atomic: bool, yields: bool = False) -> dict[str, float]:
         """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings.
-        `yields` (a training run's write): in keep mode, first wait for the recompute guard."""
-        guarded = yields and atomic and self.state.settings.pause_mode == "keep" and self.guard.share < 1
-        waited = await self._wait_for_recovery() if guarded else 0.0
+        `yields` (a training run's write, after `yield_to_serving`): in keep mode, watch the preempted answers
+        recover, which the run's next write waits for."""
+        guarded = yields and self._guarded(atomic)
         async with self.state.weights_lock:
             t = await self._paused(work, atomic=atomic, guarded=guarded)
-        if guarded:
-            t["recovery_wait_ms"] = waited * 1000
-            if self.guard.last_recompute_s is not None:
-                t["last_recompute_ms"] = self.guard.last_recompute_s * 1000
+        if guarded and self.guard.last_recompute_s is not None:
+            t["last_recompute_ms"] = self.guard.last_recompute_s * 1000
         return t
 
-    async def _wait_for_recovery(self) -> float:
+    async def yield_to_serving(self, *, atomic: bool) -> float:
+        """Before a run's keep-mode write: wait until the answers the last one preempted have recovered (the
+        recompute guard); the seconds waited. Outside the weights lock: a rollback is never held up by it."""
+        if not self._guarded(atomic):
+            return 0.0
         t0 = time.monotonic()
         while (wait := self.guard.wait_s(time.monotonic())) > 0:
             await asyncio.sleep(min(wait, 0.05))  # the recovery watch updates the guard meanwhile
