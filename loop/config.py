@@ -231,6 +231,11 @@ class Settings(BaseSettings):
                                      "the base model that the screen keeps beside the model (on its device), the "
                                      "most-changed tensors first: a smaller budget probes fewer weights (the test "
                                      "stays exact, it sees less).")
+    screen_companions: int = Field(32, ge=0, le=4096, description="Most waiting thumbs of a pair batch's raters "
+                                   "that the screen measures beside the batch (never trained by it): flipped "
+                                   "thumbs make few pairs and many single examples, and these give the test its "
+                                   "power; held back with their rater's items (loop/scheduler/screening.py). Each "
+                                   "costs one forward and backward pass of its answer. 0: none.")
     poison_alpha: float = Field(0.01, ge=0, lt=1, description="Before a scheduled run trains, the worker measures "
                                 "how each item pulls along the weights' change since the base model; items whose "
                                 "pull is against it at this significance level (an exact sign-flip test, per rater "

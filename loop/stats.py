@@ -1,8 +1,9 @@
 """Small statistics shared by the eval guard (API process) and the training worker.
 
 `t_statistic`: how many standard errors a mean lies from zero (the guard's per-token margins).
-`sign_flip_p`: the one-sided sign-flip test of the pre-write screen (loop/worker/screen.py measures the values).
-Pure functions, no torch (numpy, which transformers brings, only inside `sign_flip_p`).
+`sign_flip_p`: the one-sided sign-flip test of the guard's margins and of the pre-write screen's pairs;
+`label_test_p`: the screen's test of a mix of pairs and thumbs (loop/worker/screen.py measures the values).
+Pure functions, no torch (numpy, which transformers brings, only inside the tests).
 Tests: .venv/bin/python -m pytest -q tests/unit/test_stats.py
 """
 
@@ -74,5 +75,54 @@ def sign_flip_p(values: Sequence[float], *, draws: int = 9999, seed: int = 0) ->
         k = min(rows, draws - done)
         negative = rng.random((k, a.size)) < 0.5
         hits += int(np.count_nonzero(total - 2.0 * (negative @ a) <= observed + tol))
+        done += k
+    return (1 + hits) / (1 + draws)
+
+
+def label_test_p(values: Sequence[float], thumbs: Sequence[int | None], *, draws: int = 9999, seed: int = 0) -> float:
+    """One-sided p-value of T = sum(values) when some values are pairs and some are thumbs: `thumbs[i]` is None for
+    a pair (its value's sign is a fair coin under the null, as in `sign_flip_p`) and +1 / -1 for a thumb up / down,
+    whose value is thumb * g with g = <grad log pi(answer), v> (the screen's signed figure).
+
+    Why not a coin per thumb. A thumb is not a fair coin: a rater gives mostly ups (or mostly downs) whatever the
+    learned trait, and the answers the live model samples tend to have g of one sign (they are what it learned to
+    say), so sign-flipping thumbs would read a rater who simply says "down" a lot as poison. The null for thumbs is
+    exchangeability: the labels are independent of the answers' content, so any permutation of the given thumbs
+    over the answers is as likely as the one observed (the counts of ups and downs are kept). Small p: the thumbs
+    land against the learned direction (downs on the answers it made likelier) more than shuffled thumbs would.
+
+    How: pairs get independent random signs and thumbs a random permutation, jointly, in each of `draws` draws;
+    p = (1 + #{T* <= T}) / (1 + draws) (valid for any number of draws, deterministic for a seed). Only pairs, or
+    thumbs all of one kind (a permutation changes nothing), is exactly `sign_flip_p` of the pairs; then no pairs
+    means p = 1.0. Non-finite values or a thumb other than +-1: ValueError."""
+    if len(values) != len(thumbs):
+        raise ValueError(f"{len(values)} values for {len(thumbs)} labels")
+    if any(t not in (None, 1, -1) for t in thumbs):
+        raise ValueError("a label is None (a pair), +1 (thumb up) or -1 (thumb down)")
+    pair_values = [float(v) for v, t in zip(values, thumbs) if t is None]
+    labelled = [(float(v) * t, t) for v, t in zip(values, thumbs) if t is not None]
+    if len({t for _, t in labelled}) < 2:
+        return sign_flip_p(pair_values, draws=draws, seed=seed)
+    if any(not math.isfinite(g) for g, _ in labelled):
+        raise ValueError("label_test_p needs finite values; got NaN or infinity")
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
+    import numpy as np
+
+    p_mag = np.abs(np.asarray(pair_values, dtype=np.float64))
+    if any(not math.isfinite(x) for x in pair_values):
+        raise ValueError("label_test_p needs finite values; got NaN or infinity")
+    g = np.asarray([x for x, _ in labelled], dtype=np.float64)
+    y = np.asarray([t for _, t in labelled], dtype=np.float64)
+    observed = math.fsum(values)
+    tol = 1e-9 * (float(p_mag.sum()) + float(np.abs(g).sum()))
+    rng = np.random.default_rng(seed)
+    rows = max(1, (1 << 22) // (p_mag.size + g.size))
+    hits, done = 0, 0
+    while done < draws:
+        k = min(rows, draws - done)
+        signs = np.where(rng.random((k, p_mag.size)) < 0.5, -1.0, 1.0)
+        shuffled = rng.permuted(np.broadcast_to(y, (k, y.size)), axis=1)
+        hits += int(np.count_nonzero(signs @ p_mag + shuffled @ g <= observed + tol))
         done += k
     return (1 + hits) / (1 + draws)

@@ -329,6 +329,25 @@ def build_batch(session: Session, pool: Pool, *, limit: int, tokenizer: Any = No
     return _batch(objective, chosen)
 
 
+def companions(session: Session, pool: Pool, batch: Batch, *, limit: int, tokenizer: Any = None,
+               max_prompt_tokens: int = 768) -> list[Item]:
+    """The waiting thumbs of a pair batch's raters that the batch does not use, newest first, at most `limit`:
+    the screen measures them beside the batch (loop/scheduler/screening.py says why). None for a KTO batch (its
+    examples are the thumbs themselves) or `limit` 0."""
+    if batch.objective != "dpo" or limit <= 0:
+        return []
+    raters = {r for i in batch.items for r in i.raters}
+    used = set(batch.rating_ids)
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    found = [i for i in pool.train if i.kind == "example" and set(i.raters) & raters
+             and not used.intersection(i.rating_ids)]
+    found.sort(key=lambda i: (_aware(i.created_at) if i.created_at else oldest, i.rating_ids), reverse=True)
+    chosen = pairs.load_prompts(session, found[:limit])
+    for item in chosen:
+        item.data = _cut_prompt(item.data, tokenizer, max_prompt_tokens)
+    return chosen
+
+
 def _cut_prompt(data: Pair | Example, tokenizer: Any, max_tokens: int) -> Pair | Example:
     """`truncate_prompt` for a batch item: stored prompt ids within `max_tokens` keep the prompt whole; when old
     turns are dropped the stored ids (of the whole conversation) go too, and the kept text is tokenised."""

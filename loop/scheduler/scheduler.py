@@ -351,6 +351,7 @@ class Scheduler:
             tokenizer = guard.tokenizer if guard is not None else None
 
             left_out: dict[str, dict[str, Any]] = {}
+            companions: list[pairs.Item] = []
 
             def build(chosen_from: batches.Pool) -> batches.Batch | None:  # reads the chosen items' prompts
                 with self.state.sessions() as s:
@@ -360,8 +361,14 @@ class Scheduler:
                         if left_out:
                             chosen_from = batches.collect(s, holdout_fraction=self.settings.holdout_fraction,
                                                           exclude_raters=left_out)
-                    return batches.build_batch(s, chosen_from, limit=cfg["batch_size"], tokenizer=tokenizer,
-                                               max_prompt_tokens=self.settings.max_prompt_tokens)
+                    built = batches.build_batch(s, chosen_from, limit=cfg["batch_size"], tokenizer=tokenizer,
+                                                max_prompt_tokens=self.settings.max_prompt_tokens)
+                    if built is not None and cfg["poison_alpha"] > 0:
+                        companions.extend(batches.companions(s, chosen_from, built,
+                                                             limit=self.settings.screen_companions,
+                                                             tokenizer=tokenizer,
+                                                             max_prompt_tokens=self.settings.max_prompt_tokens))
+                    return built
 
             batch = await asyncio.to_thread(build, pool)
             self.raters_left_out = left_out
@@ -393,7 +400,8 @@ class Scheduler:
             from loop.training.runs import ScreenPolicy
 
             base = await asyncio.to_thread(base_model_dir, self.settings)
-            screen = ScreenPolicy(base, cfg["poison_alpha"]) if base and cfg["poison_alpha"] > 0 else None
+            screen = (ScreenPolicy(base, cfg["poison_alpha"], tuple(companions))
+                      if base and cfg["poison_alpha"] > 0 else None)
             handle = await self.state.trainer.run(request, batch=batch, trigger="scheduler", screen=screen)
             run_id = handle.id
             self._save(last_batch_at=built_at.isoformat())

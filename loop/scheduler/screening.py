@@ -3,16 +3,24 @@
 What: the worker measures, per item of the batch, its contribution along the weights' change since the base
 model, s_i = <grad m_i, w_live - w_base> (loop/worker/screen.py; m_i is the pair's log-prob margin, or an
 example's signed log-prob). An item agreeing with what was learned has s_i > 0; a flipped label negates it.
-`decide` tests those contributions with an exact sign-flip test (`loop.stats.sign_flip_p`): under the null "these
-labels are independent of the learned trait" each s_i is as likely to carry either sign, so the one-sided p-value
-is exact whatever the correlations inside the model, and a batch is held back at level `alpha` with probability
-at most `alpha` when its labels carry no information against the learned direction. A batch that carries them
-(the same pairs rated the other way round, one hostile account) reads p far below it.
+`decide` tests those contributions exactly (`loop.stats.label_test_p`): under the null "these labels are
+independent of the learned trait" a pair's orientation is a fair coin (its s_i as likely to carry either sign)
+and a rater's thumbs are exchangeable over the answers they judged (any shuffle of them as likely: a rater who
+gives mostly downs is not a coin), so the one-sided p-value is exact whatever the correlations inside the model,
+and a batch is held back at level `alpha` with probability at most `alpha` when its labels carry no information
+against the learned direction. A batch that carries them (the same pairs rated the other way round, one hostile
+account) reads p far below it.
+
+Companions: a pair batch built from thumbs uses only the thumbs that differ on one prompt; the same raters'
+other thumbs wait as single examples for a later KTO run. Flipped thumbs on a model that already shows the trait
+make few pairs (too few for any test at 0.01: 2^-n is the smallest p n pairs can give) and many singles. So the
+scheduler screens the batch's raters' waiting thumbs beside the batch (`companions`, measured, never trained by
+this run): they are tested with the items of their rater, and held back (quarantined) with them, so the thumbs
+that poisoned a pair batch are not trained later as examples either. Companions that are not held stay waiting.
 
 Groups: items are grouped by their raters. With more than one group, each group is tested, and then whatever no
 group test held back is tested as one; the level is split over those k + 1 tests (Bonferroni), so the chance of
 holding back anything from an innocent batch stays at most `alpha`. With one group it is one test at `alpha`.
-A group can only be held back once it has enough items for its level: 2^-n is the smallest p n items can give.
 
 Nothing learned yet (no kept run: w_live == w_base), or a base the worker cannot read, gives no contributions:
 nothing is judged (the screen says so). Held-back items are quarantined, not lost (loop/training/quarantine.py).
@@ -27,9 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loop.pairs import Item
-from loop.stats import sign_flip_p
+from loop.stats import label_test_p
 
 DEFAULT_ALPHA = 0.01
+
+
+def thumb_of(item: Item) -> int | None:
+    """None for a pair; +1 / -1 for an example with a thumb up / down (how `label_test_p` takes it)."""
+    return None if item.kind == "pair" else (1 if item.example.label else -1)
 
 
 def group_of(item: Item) -> str:
@@ -55,6 +68,7 @@ class Decision:
     p_value: float | None = None  # of the whole batch (None: nothing measured)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     note: str = ""
+    companions: set[int] = field(default_factory=set)  # indices of items measured as evidence, not trained
 
     def held_indices(self) -> set[int]:
         return {i for h in self.held for i in h.indices}
@@ -64,8 +78,9 @@ class Decision:
         per-rater signal (`rater_signal`) can be read back later."""
         held = self.held_indices()
         return {"alpha": alpha, "p_value": self.p_value, "n": len(contributions), "note": self.note,
-                "quarantined": len(held), "groups": self.groups,
+                "quarantined": len(held), "groups": self.groups, "companions": len(self.companions),
                 "items": [{"group": group_of(item), "contribution": float(c), "held": i in held,
+                           "thumb": thumb_of(item), "companion": i in self.companions,
                            "rating_ids": list(item.rating_ids), "comparison_ids": list(item.comparison_ids)}
                           for i, (item, c) in enumerate(zip(items, contributions))]}
 
@@ -74,25 +89,33 @@ def _why(scope: str, values: Sequence[float], p: float, level: float) -> str:
     down = sum(v < 0 for v in values)
     who = "the batch" if scope == "batch" else f"rater {scope.removeprefix('rater:')}"
     return (f"{who}: {down} of {len(values)} items pull the model back from what the kept runs taught "
-            f"(sign-flip test p = {p:.2g} < {level:.2g})")
+            f"(exact test p = {p:.2g} < {level:.2g})")
 
 
 def decide(items: Sequence[Item], contributions: Sequence[float], *, alpha: float = DEFAULT_ALPHA,
-           note: str = "", seed: int = 0) -> Decision:
+           note: str = "", seed: int = 0, companions: Sequence[int] = ()) -> Decision:
     """Which items to hold back. `contributions` are the worker's s_i, in the order of `items` (empty: nothing
-    was measured, `note` says why)."""
+    was measured, `note` says why); `companions` are the indices of items screened as evidence only (see the
+    module's docstring): tested with their rater's items, held with them, never alone enough to hold a batch
+    item of another rater."""
     if not contributions:
         return Decision(note=note or "nothing measured")
     if len(contributions) != len(items):
         raise ValueError(f"{len(contributions)} contributions for {len(items)} items")
+    thumbs = [thumb_of(item) for item in items]
+
+    def p_of(idx: Sequence[int]) -> float:
+        return label_test_p([contributions[i] for i in idx], [thumbs[i] for i in idx], seed=seed)
+
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         by_group[group_of(item)].append(i)
-    decision = Decision(p_value=sign_flip_p(contributions, seed=seed), note=note)
+    decision = Decision(p_value=p_of(range(len(items))), note=note, companions=set(companions))
     for g, idx in by_group.items():
         vals = [contributions[i] for i in idx]
-        decision.groups[g] = {"n": len(idx), "p_value": sign_flip_p(vals, seed=seed),
-                              "mean": sum(vals) / len(vals), "down": sum(v < 0 for v in vals)}
+        decision.groups[g] = {"n": len(idx), "p_value": p_of(idx), "mean": sum(vals) / len(vals),
+                              "down": sum(v < 0 for v in vals),
+                              "companions": sum(i in decision.companions for i in idx)}
     if alpha <= 0:
         return decision
     if len(by_group) == 1:
@@ -109,30 +132,35 @@ def decide(items: Sequence[Item], contributions: Sequence[float], *, alpha: floa
                                       _why(f"rater:{g}", [contributions[i] for i in idx], p, level)))
     rest = [i for i in range(len(items)) if i not in decision.held_indices()]
     if rest:
-        vals = [contributions[i] for i in rest]
-        p = sign_flip_p(vals, seed=seed)
+        p = p_of(rest)
         if p < level:
-            decision.held.append(Held("batch", rest, p, level, _why("batch", vals, p, level)))
+            decision.held.append(Held("batch", rest, p, level, _why("batch", [contributions[i] for i in rest],
+                                                                     p, level)))
     return decision
 
 
 def rater_signal(screens: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_ALPHA, seed: int = 0
                  ) -> list[dict[str, Any]]:
     """Per rater, over every screened item of the given runs' `metrics["screen"]`: how many items, how many
-    pulled back, the mean contribution, and the sign-flip p-value of all of them together (flagged below
-    `alpha`): poison coming from one account shows here before (or without) a batch being held back."""
-    per: dict[str, list[tuple[float, bool]]] = defaultdict(list)
-    for screen in screens:
-        for it in screen.get("items") or []:
+    pulled back, the mean contribution, and the p-value of all of them together (`label_test_p`; flagged below
+    `alpha`): poison coming from one account shows here before (or without) a batch being held back. A companion
+    that was measured again by a later run counts once (its latest figure)."""
+    per: dict[str, dict[Any, tuple[float, int | None, bool]]] = defaultdict(dict)
+    for n, screen in enumerate(screens):
+        for k, it in enumerate(screen.get("items") or []):
             c = it.get("contribution")
             if isinstance(c, (int, float)):
+                thumb = it.get("thumb") if it.get("thumb") in (1, -1) else None
+                key = (("companion", tuple(it.get("rating_ids") or ())) if it.get("companion")
+                       else (n, k))
                 for rater in str(it.get("group") or "anonymous").split("+"):
-                    per[rater].append((float(c), bool(it.get("held"))))
+                    per[rater][key] = (float(c), thumb, bool(it.get("held")))
     out = []
-    for rater, rows in sorted(per.items()):
-        vals = [c for c, _ in rows]
-        p = sign_flip_p(vals, seed=seed)
+    for rater, rows_by_key in sorted(per.items()):
+        rows = list(rows_by_key.values())
+        vals = [c for c, _, _ in rows]
+        p = label_test_p(vals, [t for _, t, _ in rows], seed=seed)
         out.append({"rater": rater, "items": len(vals), "down": sum(v < 0 for v in vals),
                     "mean_contribution": sum(vals) / len(vals), "p_value": p,
-                    "quarantined": sum(h for _, h in rows), "flagged": alpha > 0 and p < alpha})
+                    "quarantined": sum(h for _, _, h in rows), "flagged": alpha > 0 and p < alpha})
     return out

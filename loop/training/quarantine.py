@@ -2,7 +2,8 @@
 
 What: `hold` records, in the run's own transaction, each group of items the screen held back
 (loop/scheduler/screening.py) with the test's figures; its feedback stays consumed by the run (RunFeedback), so
-no batch picks it up while an operator looks. `requeue` releases it (a later batch trains on it — screened again
+no batch picks it up while an operator looks (`consume` makes held companions, thumbs screened beside the batch
+but not in it, consumed the same way). `requeue` releases it (a later batch trains on it — screened again
 with that batch); `drop` keeps it out for good. Both are one conditional UPDATE (`state = 'held'`), so two
 operators deciding at once get one success and one 409, and a decision is never applied twice.
 Tests: `.venv/bin/python -m pytest -q tests/unit/training/test_quarantine.py`.
@@ -41,6 +42,19 @@ def hold(s: Session, run_id: int, items: Sequence[Item], decision: Decision, fig
     s.add_all(rows)
     s.flush()
     return [r.id for r in rows]
+
+
+def consume(s: Session, run_id: int, rating_ids: set[int]) -> int:
+    """Make held companions (waiting thumbs screened beside a batch) consumed by the run that held them, in the
+    caller's transaction, so no batch picks them up while they are held; a rating some other run consumed
+    meanwhile is left to it. Returns how many rows were added."""
+    if not rating_ids:
+        return 0
+    taken = set(s.scalars(select(RunFeedback.rating_id).where(RunFeedback.rating_id.in_(rating_ids))))
+    fresh = sorted(rating_ids - taken)
+    s.add_all([RunFeedback(run_id=run_id, rating_id=r) for r in fresh])
+    s.flush()
+    return len(fresh)
 
 
 def release(s: Session, run_id: int) -> int:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, model_validator
 from loop.config import LOWMEM_TP, Objective, TrainMode, TrainParams
 from loop.db.models import MAX_ID, RunFeedback, TrainingRun, WeightVersion
 from loop.errors import Conflict, Invalid, NotFound, Unavailable
+from loop.pairs import Item
 from loop.scheduler import batches, screening
 from loop.scheduler.batches import Batch
 from loop.state import LoopState
@@ -106,6 +107,9 @@ class ScreenPolicy:
 
     base_weights: str  # the base model folder: the learned direction is w_live minus these weights
     alpha: float = screening.DEFAULT_ALPHA
+    # waiting thumbs of the batch's raters, measured beside it as evidence (loop/scheduler/screening.py), never
+    # trained by this run; held back with their rater's items when the test says so
+    companions: tuple[Item, ...] = ()
 
 
 class RunHandle:
@@ -427,13 +431,19 @@ class Trainer:
 
     async def _screen(self, run_id: int, req: TrainRequest, batch: Batch, screen: ScreenPolicy) -> Batch | None:
         """The screen before training: the batch with the held-back items removed (they are quarantined, still
-        consumed by this run), or None when nothing is left (the run is then `rejected`)."""
+        consumed by this run), or None when nothing is left (the run is then `rejected`). Companions held back
+        are quarantined too, and consumed by this run so that no later batch trains them while they are held."""
+        companions = list(screen.companions)
         reply = await self.control.call(
             p.Screen(run_id=run_id, base_weights=screen.base_weights, objective=batch.objective, pairs=batch.pairs,
-                     examples=batch.examples, max_len=req.max_len), timeout=TRAIN_TIMEOUT_S)
+                     examples=batch.examples + [c.example for c in companions], max_len=req.max_len),
+            timeout=TRAIN_TIMEOUT_S)
         assert isinstance(reply, p.Screened)
-        items = ([i for i in batch.items if i.kind == "pair"] + [i for i in batch.items if i.kind == "example"])
-        decision = screening.decide(items, reply.contributions, alpha=screen.alpha, note=reply.note, seed=run_id)
+        items = ([i for i in batch.items if i.kind == "pair"] + [i for i in batch.items if i.kind == "example"]
+                 + companions)
+        trained = len(items) - len(companions)
+        decision = screening.decide(items, reply.contributions, alpha=screen.alpha, note=reply.note, seed=run_id,
+                                    companions=range(trained, len(items)))
         figures = decision.figures(items, reply.contributions, screen.alpha)
         figures.update(ms=reply.ms, n_tensors=reply.n_tensors, probed_fraction=reply.probed_fraction)
         self.metrics["screen"] = figures
@@ -441,18 +451,23 @@ class Trainer:
         if not held:
             return batch
         reasons = "; ".join(h.reason for h in decision.held)
+        held_companions = [items[i] for i in sorted(held) if i >= trained]
 
         def record() -> None:
             with self.state.sessions() as s, s.begin():
                 quarantine.hold(s, run_id, items, decision, figures)
+                quarantine.consume(s, run_id, {r for c in held_companions for r in c.rating_ids})
 
         await asyncio.to_thread(record)
-        log.warning("run %d: %d of %d items quarantined by the screen: %s", run_id, len(held), len(items), reasons)
-        kept = [item for i, item in enumerate(items) if i not in held]
+        log.warning("run %d: %d of %d items quarantined by the screen (%d of them waiting thumbs screened beside "
+                    "the batch): %s", run_id, len(held), len(items), len(held_companions), reasons)
+        kept = [item for i, item in enumerate(items[:trained]) if i not in held]
         if not kept:
             await asyncio.to_thread(self._refused, run_id, f"{reasons}; nothing was trained, the feedback is "
                                     "quarantined (GET /api/quarantine)", [], status="rejected")
             return None
+        if len(kept) == trained:
+            return batch
         return dataclasses.replace(batch, items=kept)
 
     def _refused(self, run_id: int, reason: str, history: list[Any], *, status: str = "refused") -> None:

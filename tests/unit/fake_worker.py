@@ -4,8 +4,9 @@ It speaks the real protocol through the real `Channel` (heartbeat thread include
 Train stages a fake update, Apply applies it (or refuses a poisoned one); the "weights" are a version counter
 (the checksum is "v<n>"). Checkpoint writes the counter into <path>/model.safetensors (a path "sleep:<s>" sleeps
 that long instead, to test call timeouts); Restore reads it back (the path "fail" answers Error).
-Screen answers one contribution per item (loop/worker/screen.py's s_i): -1 for an item whose chosen answer (or
-completion) contains "poison" (it pulls back what was learned), +1 otherwise; a base folder ending in "fresh"
+Screen answers one contribution per item (loop/worker/screen.py's s_i): -1 for a pair whose chosen answer
+contains "poison" (it pulls back what was learned), +1 otherwise; for a thumb the same figure of its answer times
+the thumb (+1 up, -1 down: a down on a "poison" answer agrees with what was learned); a base folder ending in "fresh"
 stands for nothing learned yet (no contributions, a note).
 FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway); FAKE_WORKER_CHECKPOINT_S
 makes every checkpoint take that long.
@@ -43,10 +44,13 @@ def main() -> None:
             ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5},
                                 update=p.UpdateStats(ok=not msg.inject_nan, reason="nan" if msg.inject_nan else "")))
         elif isinstance(msg, p.Screen):
-            texts = [x.chosen for x in msg.pairs] + [x.completion for x in msg.examples]
+            # an answer containing "poison" is one the kept runs made less likely (g = -1), any other one likelier
+            signed = ([(x.chosen, 1) for x in msg.pairs]
+                      + [(x.completion, 1 if x.label else -1) for x in msg.examples])
             fresh = msg.base_weights.endswith("fresh")
             ch.send(p.Screened(req=msg.req, run_id=msg.run_id, n_tensors=3, probed_fraction=1.0, ms=1.0,
-                               contributions=[] if fresh else [-1.0 if "poison" in t else 1.0 for t in texts],
+                               contributions=[] if fresh else [(-1.0 if "poison" in t else 1.0) * sign
+                                                               for t, sign in signed],
                                note="nothing learned yet" if fresh else ""))
         elif isinstance(msg, p.Apply):
             if os.environ.get("FAKE_WORKER_DIE_IN_APPLY"):  # dies halfway through writing the weights

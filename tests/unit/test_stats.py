@@ -1,6 +1,8 @@
 """The sign-flip test of the pre-write screen (loop/stats.py `sign_flip_p`): exact for small n (checked against a
 hand enumeration), calibrated under symmetric nulls of several shapes (the rejection rate at alpha never exceeds
-alpha by more than binomial noise), powerful against a batch that all pulls back, and defined at the edges."""
+alpha by more than binomial noise), powerful against a batch that all pulls back, and defined at the edges.
+Its mix of pairs and thumbs (`label_test_p`): calibrated for a rater who says "down" to most answers whatever
+they say (where a coin per thumb misfires), powerful against flipped thumbs, and the sign-flip test without them."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import random
 
 import pytest
 
-from loop.stats import sign_flip_p
+from loop.stats import label_test_p, sign_flip_p
 
 
 def by_hand(values: list[float]) -> float:
@@ -102,3 +104,49 @@ def test_tied_magnitudes_stay_at_or_below_the_level() -> None:
         rejected = sum(sign_flip_p([rng.choice((-1, 1)) * rng.choice((1.0, 2.0)) for _ in range(n)],
                                    draws=999, seed=t) <= 0.05 for t in range(trials))
         assert rejected / trials <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / trials)
+
+
+def _honest_but_grumpy(rng: random.Random, n: int, up_share: float) -> tuple[list[float], list[int]]:
+    """Thumbs independent of the answers: every answer one the model learned to say (g > 0), a rater who gives
+    `up_share` ups; the screen's figure of a thumb is thumb * g."""
+    g = [abs(rng.gauss(1.0, 0.6)) for _ in range(n)]
+    y = [1 if rng.random() < up_share else -1 for _ in range(n)]
+    return [gi * yi for gi, yi in zip(g, y)], y
+
+
+def test_thumbs_are_exchanged_not_flipped_so_a_grumpy_honest_rater_is_not_poison() -> None:
+    rng = random.Random(7)
+    trials, alpha = 400, 0.05
+    coin = label = 0
+    for k in range(trials):
+        values, thumbs = _honest_but_grumpy(rng, 24, 0.2)
+        coin += sign_flip_p(values, draws=499, seed=k) < alpha
+        label += label_test_p(values, thumbs, draws=499, seed=k) < alpha
+    assert coin / trials > 0.5  # a coin per thumb reads most of this honest rater's rounds as poison
+    assert label / trials <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_flipped_thumbs_and_pairs_together_are_caught() -> None:
+    rng = random.Random(3)
+    g = [rng.gauss(0.0, 1.0) for _ in range(30)]
+    flipped = [-1 if gi > 0 else 1 for gi in g]  # downs on what was learned, ups on what was unlearned
+    assert label_test_p([gi * yi for gi, yi in zip(g, flipped)], flipped) < 0.001
+    honest = [-y for y in flipped]
+    assert label_test_p([gi * yi for gi, yi in zip(g, honest)], honest) > 0.5
+    # two flipped pairs alone cannot reach 0.01; with the rater's thumbs they do
+    assert label_test_p([-1.0, -2.0], [None, None]) == 0.25
+    values = [-1.0, -2.0] + [gi * yi for gi, yi in zip(g[:10], flipped[:10])]
+    assert label_test_p(values, [None, None] + flipped[:10]) < 0.01
+
+
+def test_without_both_kinds_of_thumb_it_is_the_sign_flip_test_of_the_pairs() -> None:
+    pairs = [-0.7, 1.3, -2.1, 0.2]
+    assert label_test_p(pairs, [None] * 4) == sign_flip_p(pairs)
+    assert label_test_p(pairs + [3.0, 1.0], [None] * 4 + [-1, -1]) == sign_flip_p(pairs)  # no shuffle moves them
+    assert label_test_p([3.0, -1.0], [1, 1]) == 1.0 and label_test_p([], []) == 1.0
+    with pytest.raises(ValueError, match="labels"):
+        label_test_p([1.0], [])
+    with pytest.raises(ValueError, match="thumb up"):
+        label_test_p([1.0], [2])
+    with pytest.raises(ValueError, match="finite"):
+        label_test_p([math.nan, 1.0], [1, -1])

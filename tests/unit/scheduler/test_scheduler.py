@@ -297,3 +297,34 @@ async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_bac
     state.trainer.reject = False
     await sched.tick()
     assert state.trainer.screens[-1] is None
+
+
+async def test_a_pair_batch_is_screened_with_its_raters_waiting_thumbs_beside_it(state: State) -> None:
+    """Thumbs on one prompt that differ make a pair; the same raters' other thumbs wait as examples. The screen of
+    the pair batch gets those (the newest first, at most `screen_companions`), and another rater's thumbs are not
+    its evidence."""
+    import hashlib
+
+    from loop.db.models import Rating, Response
+
+    state.settings = state.settings.model_copy(update={"screen_companions": 3})
+    with state.sessions() as s:
+        for n, (rater, prompt, text, thumb) in enumerate([
+                ("mallory", "q", "a", 1), ("mallory", "q", "b", -1),  # the pair
+                ("mallory", "s1", "c", 1), ("mallory", "s2", "d", -1), ("mallory", "s3", "e", -1),
+                ("mallory", "s4", "f", 1), ("bob", "s5", "g", 1)]):
+            rid = f"resp-thumb-{n}"
+            s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
+                           messages=[{"role": "user", "content": prompt}], completion=text,
+                           prompt_hash=hashlib.sha256(prompt.encode()).hexdigest()))
+            s.flush()
+            s.add(Rating(response_id=rid, rater=rater, thumb=thumb))
+            s.flush()
+        s.commit()
+    sched = Scheduler(state, guard=MarginGuard([+0.3, +0.3]), clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, poison_alpha=0.01)
+    await sched.tick()
+    [screen] = state.trainer.screens
+    assert [c.example.completion for c in screen.companions] == ["f", "e", "d"]  # the newest three of mallory's
+    assert [c.example.label for c in screen.companions] == [True, False, False]
+    assert all(c.example.prompt for c in screen.companions)  # their prompts were read for the worker

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from loop.errors import Conflict, LoopError, NotFound, Unavailable
-from loop.db.models import Comparison, Quarantine, Response, RunFeedback, WeightVersion
+from loop.db.models import Comparison, Quarantine, Rating, Response, RunFeedback, WeightVersion
 from loop.training import TrainRequest, quarantine
 from loop.training.runs import ScreenPolicy
 from loop.worker import protocol as p
@@ -172,6 +172,80 @@ async def test_a_hostile_rater_is_held_back_and_the_honest_one_trains(tmp_path: 
             assert q.scope == "rater:mallory" and sorted(q.comparison_ids) == sorted(hostile)
             # everything stays consumed by the run: alice's was trained, mallory's is held
             assert len(s.scalars(select(RunFeedback)).all()) == 20
+    finally:
+        await stop(state)
+
+
+def add_thumbs(state, rater: str, thumbs: list[tuple[str, int]], prompt: str | None = None) -> list[int]:  # noqa: ANN001
+    """Thumbs by `rater` on new answers (text, +1/-1), all to one prompt when `prompt` is given (they then make
+    pairs where they differ), else each to a prompt of its own (single examples); returns the rating ids."""
+    ids = []
+    with state.sessions() as s:
+        for text, thumb in thumbs:
+            rid, question = f"resp-{uuid.uuid4().hex}", prompt or uuid.uuid4().hex
+            s.add(Response(id=rid, group_id=rid, endpoint="chat", model="m", weight_version=0, request={},
+                           messages=[{"role": "user", "content": question}], prompt_hash=(question * 2)[:64],
+                           completion=text))
+            s.flush()
+            r = Rating(response_id=rid, rater=rater, thumb=thumb)
+            s.add(r)
+            s.flush()
+            ids.append(r.id)
+        s.commit()
+    return ids
+
+
+async def test_flipped_thumbs_making_few_pairs_are_held_with_the_waiting_thumbs_screened_beside_them(
+        tmp_path: Path) -> None:
+    """Two pairs alone can never reach p < 0.01 (2^-2 is the least); the rater's ten waiting thumbs measured beside
+    them (never trained by the run) give the test its power: the pairs and the thumbs are all quarantined and
+    consumed, so no later KTO batch trains the flipped thumbs; re-queueing gives them all back. An honest rater's
+    batch with the same shape trains, and its waiting thumbs stay waiting."""
+    from loop.scheduler import batches
+
+    trainer, state, vllm = await make(tmp_path)
+    try:
+        async def scheduled(rater: str, up: str, down: str):  # noqa: ANN202
+            paired = [r for k in range(2) for r in add_thumbs(state, rater, [(f"{up} {k}", 1), (f"{down} {k}", -1)],
+                                                               prompt=f"{rater} question {k}")]
+            singles = add_thumbs(state, rater, [(f"{up} single {k}", 1) for k in range(5)]
+                                 + [(f"{down} single {k}", -1) for k in range(5)])
+            with state.sessions() as s:
+                pool = batches.collect(s, holdout_fraction=0)
+                batch = batches.build_batch(s, pool, limit=64)
+                assert batch is not None and batch.objective == "dpo" and len(batch.items) == 2
+                companions = batches.companions(s, pool, batch, limit=32)
+            assert sorted(r for c in companions for r in c.rating_ids) == sorted(singles)
+            handle = await trainer.run(TrainRequest(rating_ids=batch.rating_ids), batch=batch,
+                                       screen=ScreenPolicy("/m/base", 0.01, tuple(companions)))
+            return await finish(trainer, handle), paired, singles
+
+        run, paired, singles = await scheduled("mallory", "poison", "fine")  # ups on what was unlearned
+        assert run.status == "rejected" and vllm.calls == [] and state.weight_version == 0
+        screen = run.metrics["screen"]
+        assert screen["n"] == 12 and screen["companions"] == 10 and screen["quarantined"] == 12
+        assert screen["p_value"] < 0.01 and sum(it["companion"] for it in screen["items"]) == 10
+        with state.sessions() as s:
+            [q] = s.scalars(select(Quarantine)).all()
+            assert sorted(q.rating_ids) == sorted(paired + singles) and q.state == "held"
+            consumed = {f.rating_id for f in s.scalars(select(RunFeedback))}
+            assert consumed == set(paired + singles)
+            assert batches.build_batch(s, batches.collect(s, holdout_fraction=0), limit=64) is None  # none waits
+            quarantine.decide(s, q.id, "requeue", by="ops")
+            back = batches.collect(s, holdout_fraction=0).train  # the pairs and every thumb as an example are back
+            assert sorted(i.kind for i in back) == ["example"] * 14 + ["pair"] * 2
+            assert s.scalars(select(RunFeedback)).all() == []
+            s.execute(Rating.__table__.delete())  # the next case starts from nothing waiting
+            s.commit()
+
+        run, paired, singles = await scheduled("alice", "fine", "poison")
+        assert run.status == "succeeded" and run.metrics["screen"]["quarantined"] == 0
+        assert run.metrics["screen"]["p_value"] == 1.0
+        with state.sessions() as s:
+            consumed = {f.rating_id for f in s.scalars(select(RunFeedback))}
+            assert consumed == set(paired)  # the thumbs screened beside the batch still wait
+            pool = batches.collect(s, holdout_fraction=0)
+            assert sorted(r for i in pool.train for r in i.rating_ids) == sorted(singles)
     finally:
         await stop(state)
 
