@@ -143,16 +143,16 @@ def rater_signal(screens: Sequence[dict[str, Any]], *, alpha: float = DEFAULT_AL
                  ) -> list[dict[str, Any]]:
     """Per rater, over every screened item of the given runs' `metrics["screen"]`: how many items, how many
     pulled back, the mean contribution, and the p-value of all of them together (`label_test_p`; flagged below
-    `alpha`): poison coming from one account shows here before (or without) a batch being held back. A companion
-    that was measured again by a later run counts once (its latest figure)."""
+    `alpha`): poison coming from one account shows here before (or without) a batch being held back. Feedback
+    measured by more than one run (a companion that stayed waiting, screened again later) counts once."""
     per: dict[str, dict[Any, tuple[float, int | None, bool]]] = defaultdict(dict)
     for n, screen in enumerate(screens):
         for k, it in enumerate(screen.get("items") or []):
             c = it.get("contribution")
             if isinstance(c, (int, float)):
                 thumb = it.get("thumb") if it.get("thumb") in (1, -1) else None
-                key = (("companion", tuple(it.get("rating_ids") or ())) if it.get("companion")
-                       else (n, k))
+                ids = (tuple(it.get("rating_ids") or ()), tuple(it.get("comparison_ids") or ()))
+                key = ids if any(ids) else (n, k)  # feedback screened twice (a companion, later trained) once
                 for rater in str(it.get("group") or "anonymous").split("+"):
                     per[rater][key] = (float(c), thumb, bool(it.get("held")))
     out = []

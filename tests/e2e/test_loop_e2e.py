@@ -235,6 +235,38 @@ def test_batch_that_undoes_what_was_learned_is_quarantined_before_training(api: 
     assert dropped["state"] == "dropped"
     assert api.call("GET", "/api/scheduler")["untrained"]["pairs"] == 0  # dropped: never trained
 
+    # Flipped thumbs on the same answers: both answers of two prompts (two pairs, never enough alone at 0.01) and
+    # one answer of each other prompt (single thumbs, waiting): downs on the answers the teaching preferred, ups on
+    # the others. The pair batch is screened with the waiting thumbs beside it and all of it is held.
+    thumbs: list[int] = []
+    paired = 0
+
+    def thumb(rid: str, verdict: str) -> bool:  # True when it is trainable (not in the held-out slice)
+        r = api.call("POST", "/api/ratings", json={"response_id": rid, "thumb": verdict, "rater": "e2e-thumbs"})
+        if is_held_out("rating", r["id"], HOLDOUT):
+            return False
+        thumbs.append(r["id"])
+        return True
+
+    for k, (a, b, winner) in enumerate(api.rated):
+        good, bad = (a, b) if winner == "a" else (b, a)
+        if paired < 2:
+            paired += thumb(good, "down") & thumb(bad, "up")
+        else:
+            thumb(*((good, "down") if k % 2 else (bad, "up")))
+    assert paired == 2, "too many thumbs fell in the held-out slice"
+    before = api.last_run_id()
+    api.call("POST", "/api/scheduler/run")
+    run = api.wait_run(before)
+    assert run["status"] == "rejected", (run["status"], run["error"], run["metrics"])
+    screen = run["metrics"]["screen"]
+    assert screen["p_value"] < 0.01 and screen["quarantined"] == screen["n"], screen
+    assert screen["companions"] >= 6 and {it["thumb"] for it in screen["items"] if it["companion"]} == {1, -1}
+    held = [q for q in api.call("GET", "/api/quarantine", params={"state": "held"})["items"] if q["run_id"] == run["id"]]
+    assert len(held) == 1 and sorted(held[0]["rating_ids"]) == sorted(thumbs)  # the waiting thumbs too
+    assert set(thumbs) <= set(run["consumed"]["rating_ids"])  # consumed while held: no KTO batch trains them
+    assert run["version_after"] == run["version_before"] == live
+
 
 def test_forced_regression_is_rolled_back_in_place(api: Api, loop_service: Any) -> None:
     # the screen is off: this test is about the rollback after the write

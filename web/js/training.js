@@ -372,9 +372,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
         h("span", {class: "muted", text: `run ${q.run_id} · ${fmtTime(q.created_at)}`})),
       h("p", {text: q.reason}),
       h("details", {}, h("summary", {text: "Evidence"}), h("div", {class: "table-wrap"}, h("table", {},
-        h("thead", {}, h("tr", {}, ["Rater", "Contribution", "Feedback"].map((t) => h("th", {scope: "col", text: t})))),
+        h("thead", {}, h("tr", {}, ["Rater", "Item", "Contribution", "Feedback"].map((t) => h("th", {scope: "col", text: t})))),
         h("tbody", {}, ((q.evidence || {}).items || []).map((it) => h("tr", {},
-          h("td", {text: it.group}), h("td", {text: fmtNum(it.contribution, 4)}),
+          h("td", {text: it.group}), h("td", {text: itemKind(it)}), h("td", {text: fmtNum(it.contribution, 4)}),
           h("td", {text: [...(it.comparison_ids || []).map((c) => `comparison ${c}`), ...(it.rating_ids || []).map((r) => `rating ${r}`)].join(", ")}))))))),
       h("div", {class: "form-actions"},
         h("button", {type: "button", class: "btn small", text: "Re-queue",
@@ -493,11 +493,18 @@ function confirmDialog() {
   };
 }
 
+/** What a screened item was: a pair, or a thumb (in the batch, or a waiting one measured beside it). */
+function itemKind(it) {
+  if (it.thumb !== 1 && it.thumb !== -1) return "pair";
+  return `thumb ${it.thumb === 1 ? "up" : "down"}${it.companion ? " (waiting, beside the batch)" : ""}`;
+}
+
 /** One line on a run's screen: its test, and what it held back. */
 function screenLine(screen) {
   if (screen.p_value === null || screen.p_value === undefined) return `Screen: ${screen.note || "nothing measured"}.`;
   const held = screen.quarantined ? `${screen.quarantined} of ${screen.n} items quarantined` : `nothing held back of ${screen.n} items`;
-  return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}.`;
+  const beside = screen.companions ? ` (${screen.companions} of them waiting thumbs measured beside the batch)` : "";
+  return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}${beside}.`;
 }
 
 /** The figures of the by-version view: [name, pick from a /api/versions item]. */
