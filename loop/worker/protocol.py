@@ -214,7 +214,7 @@ class TrainDone(Msg, tag="train_done"):
 class Screened(Msg, tag="screened"):
     """s_i = <grad m_i, w_live - w_base> for each pair (m = log pi(chosen) - log pi(rejected)) and then each example
     (m = +-log pi(completion), + for a thumb up), in the order sent: > 0 the item teaches more of what was learned,
-    < 0 it pulls back. Feed them to loop.stats.sign_flip_p. Empty, with `note` saying why, when nothing could be
+    < 0 it pulls back. Feed them to loop.stats.label_test_p. Empty, with `note` saying why, when nothing could be
     measured (nothing learned yet, no readable base)."""
 
     run_id: int

@@ -8,8 +8,9 @@ log-probs exactly as loop/worker/objectives.py computes them, ids by loop/worker
 step DPO's gradient is -beta/2 * grad m_i and KTO's is a negative multiple of grad m_i too, so m_i itself is the
 right quantity and the reference log-probs are not needed. s_i > 0: the item teaches more of what was learned;
 s_i < 0: it pulls the model back. Swapping a pair's answers (or flipping a thumb) negates s_i exactly, which is
-what makes `loop.stats.sign_flip_p` over the s_i an exact test of "these labels are independent of the learned
-trait" (its docstring says why): a batch of flipped labels has mostly negative s_i and a small p.
+what makes `loop.stats.label_test_p` over the s_i (a pair's sign a coin, thumbs exchangeable over their answers)
+an exact test of "these labels are independent of the learned trait" (its docstring says why): a batch of
+flipped labels has mostly negative s_i and a small p.
 
 How:
 - v is never a second copy of the model: `learned_direction` keeps at most `budget_bytes` of it on the weights'
