@@ -99,19 +99,17 @@ def label_test_p(values: Sequence[float], thumbs: Sequence[int | None], *, draws
         raise ValueError(f"{len(values)} values for {len(thumbs)} labels")
     if any(t not in (None, 1, -1) for t in thumbs):
         raise ValueError("a label is None (a pair), +1 (thumb up) or -1 (thumb down)")
+    if any(not math.isfinite(float(v)) for v in values):
+        raise ValueError("label_test_p needs finite values; got NaN or infinity")
     pair_values = [float(v) for v, t in zip(values, thumbs) if t is None]
     labelled = [(float(v) * t, t) for v, t in zip(values, thumbs) if t is not None]
     if len({t for _, t in labelled}) < 2:
         return sign_flip_p(pair_values, draws=draws, seed=seed)
-    if any(not math.isfinite(g) for g, _ in labelled):
-        raise ValueError("label_test_p needs finite values; got NaN or infinity")
     if draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
     import numpy as np
 
     p_mag = np.abs(np.asarray(pair_values, dtype=np.float64))
-    if any(not math.isfinite(x) for x in pair_values):
-        raise ValueError("label_test_p needs finite values; got NaN or infinity")
     g = np.asarray([x for x, _ in labelled], dtype=np.float64)
     y = np.asarray([t for _, t in labelled], dtype=np.float64)
     observed = math.fsum(values)
