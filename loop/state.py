@@ -207,8 +207,10 @@ class LoopState:
             # Replica 0 holds the weights the worker trains: past its restart limit the service stops (a process
             # manager restarts it whole). Another replica is only one of several serving: it is left out of
             # routing for a restart window and tried again, synced from the live weights before it serves.
+            card_turn = asyncio.Lock()
             self.supervisors = [VLLMSupervisor(settings, on_failed=vllm_failed, index=k,
-                                               park_s=None if k == 0 else settings.vllm_restart_window_s)
+                                               park_s=None if k == 0 else settings.vllm_restart_window_s,
+                                               card_turn=card_turn)
                                 for k in range(settings.replicas)]
             self.supervisor = self.supervisors[0]
             if self.trainer is not None:

@@ -164,10 +164,17 @@ def _run(args: argparse.Namespace) -> int:
             os.makedirs(d, mode=0o700)
         cards = visible_cards() if cuda else []
         t0 = time.perf_counter()
-        procs = [_start_vllm(model_path, ports[k], rts[k], args, cuda, card=replica_card(cards, k_replicas, k),
-                             share=1.0 if replica_card(cards, k_replicas, k) is not None else 1.0 / k_replicas)
-                 for k in range(k_replicas)]
+        # Replicas sharing a card start one after another: vLLM sizes its KV cache from the card's free memory,
+        # which another vLLM loading its weights at the same time would take from it.
+        shared = cuda and k_replicas > 1 and replica_card(cards, k_replicas, 0) is None
+        procs: list[subprocess.Popen] = []
         try:
+            for k in range(k_replicas):
+                card = replica_card(cards, k_replicas, k)
+                procs.append(_start_vllm(model_path, ports[k], rts[k], args, cuda, card=card,
+                                         share=1.0 if card is not None else 1.0 / k_replicas))
+                if shared:
+                    _wait(urls[k], procs[k])
             for u, pr in zip(urls, procs):
                 _wait(u, pr)
             print(f"vLLM ready in {time.perf_counter() - t0:.0f} s ({k_replicas} replica(s))", file=sys.stderr)

@@ -217,11 +217,14 @@ class VLLMSupervisor:
     """Starts, watches and restarts one vLLM server. Attributes are read by /health and the proxy."""
 
     def __init__(self, settings: Settings, *, on_failed: FailedCallback | None = None, index: int = 0,
-                 park_s: float | None = None) -> None:
+                 park_s: float | None = None, card_turn: asyncio.Lock | None = None) -> None:
         """`on_failed(reason)` is called once vLLM cannot be brought back (state "failed"). `index`: which of
         `settings.replicas` replicas this is; each has its own run dir (socket, weight handles), log and cores.
         `park_s`: instead of giving up for good past the restart limit, stay "failed" this long and then start
-        again with the count cleared (a replica that others serve beside: losing it must not stop the service)."""
+        again with the count cleared (a replica that others serve beside: losing it must not stop the service).
+        `card_turn`: a lock the replicas of one service share; those that share a CUDA card hold it from launch to
+        ready, one at a time, because vLLM sizes its KV cache from the card's free memory, which another vLLM
+        loading its weights meanwhile would take from it."""
         self.settings = settings
         self.index = index
         self.park_s = park_s
@@ -238,6 +241,7 @@ class VLLMSupervisor:
         self.log_path = settings.data_dir / "logs" / ("vllm.log" if index == 0 else f"vllm-{index}.log")
         self.pid_path = self.run_dir / "vllm.pid"
         self.device: str | None = None
+        self.card_turn = card_turn
         self.card: str | None = None  # a replica's own CUDA device (CUDA_VISIBLE_DEVICES), when each gets one
         self.attempt_started: float = time.monotonic()
         self.ready_in_s: float | None = None
@@ -479,20 +483,22 @@ class VLLMSupervisor:
         while not self._stopping:
             self.attempt_started = time.monotonic()
             _say(f"starting {self.name} (model {self.model_path}, {self.device}) on {self.address}; log: {self.log_path}")
-            try:
-                self._proc = await self._spawn()
-            except OSError as exc:
-                self._fail(f"could not start vLLM: {exc}")
-                return
-            ready = await self._wait_healthy(self._proc)
+            async with self._start_turn():
+                try:
+                    self._proc = await self._spawn()
+                except OSError as exc:
+                    self._fail(f"could not start vLLM: {exc}")
+                    return
+                ready = await self._wait_healthy(self._proc)
+                if ready:
+                    self.ready_in_s = self.elapsed_s()
+                    self._private_socket()
+                    self._shm_files = await asyncio.to_thread(group_shm_files, self._proc.pid)
+                    self.state = "ready"
+                    self._ready.set()
+                    _say(f"{self.name} ready in {self.ready_in_s:.0f} s")
             unhealthy = None
             if ready:
-                self.ready_in_s = self.elapsed_s()
-                self._private_socket()
-                self._shm_files = await asyncio.to_thread(group_shm_files, self._proc.pid)
-                self.state = "ready"
-                self._ready.set()
-                _say(f"{self.name} ready in {self.ready_in_s:.0f} s")
                 for fn in list(self._callbacks):
                     try:
                         await fn()
@@ -534,6 +540,11 @@ class VLLMSupervisor:
                  f"(attempt {self.recent_restarts}/{self.settings.vllm_restart_limit} within "
                  f"{self.settings.vllm_restart_window_s:g} s)")
             await asyncio.sleep(backoff)
+
+    def _start_turn(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """The shared card's turn while this replica starts (see `card_turn`); nothing to wait for otherwise."""
+        shares_card = self.device == "cuda" and self.settings.replicas > 1 and self.card is None
+        return self.card_turn if shares_card and self.card_turn is not None else contextlib.nullcontext()
 
     def _private_socket(self) -> None:
         """vLLM created its socket under our umask; make sure it is ours alone whatever the umask was."""

@@ -5,7 +5,7 @@
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
-#        families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas p1-tp (two cards)
+#        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas p1-tp (two cards)
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -23,6 +23,8 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$out/summary.txt"
 # vLLM's share of the card for a model of W GB: its weights + 8 GB (KV cache, graphs, activations), at most 0.92
 util() { python3 -c "import torch; t = torch.cuda.mem_get_info()[1] / 1e9; print(round(min(0.92, ($1 + 8) / t), 3))"; }
+# vLLM's share for K replicas of W GB: each has its card on a host with K cards, else they share card 0
+rutil() { python3 -c "import torch; k = $2 if torch.cuda.device_count() < $2 else 1; t = torch.cuda.mem_get_info()[1] / 1e9; print(round(min(0.92, k * ($1 + 8) / t), 3))"; }
 mem() {  # P2 beside a serving vLLM, and the largest-model check: loop bench memory on a dummy config
   local name=$1 gb=$2 pairs=${3:-2}; shift 3 2>/dev/null || shift $#
   step "mem-$name" $py -m loop.cli bench memory --model "loop/bench/configs/$name" --dummy --pairs "$pairs" --seq 1024 \
@@ -80,17 +82,23 @@ for s in "$@"; do
     serving-7b-long) step serving-7b-long $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
                   --configs alone,staged-keep@0.15,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
+    # the default on the card (paced at 0.15, keep-mode writes guarded at a recompute share of 0.2) with long answers
+    serving-7b-guard) step serving-7b-guard $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
+                  --configs alone,staged-keep@0.15~0.2,staged-keep~0.2 --duration 30 --json-out "$out/serving-7b-guard.json" ;;
     families) step families families "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl" ;;
     families-left) step families-left families qwen3_5_vl ;;
     # two cards (nvidia-h200-x2): the tensor-parallel end-to-end suite on CUDA vLLM with TP 2, in bf16
     tp-e2e)   step tp-e2e env LOOP_TEST_TP_DTYPE=bfloat16 NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_tensor_parallel_e2e.py ;;
+    # two 7B replicas: on one card they share it, on two cards one each
     p1-replicas) step p1-replicas $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --repeats 5 \
-                --replicas 2 --gpu-memory-utilization "$(util 15.2)" --json-out "$out/p1-replicas.json" ;;
+                --replicas 2 --gpu-memory-utilization "$(rutil 15.2 2)" --json-out "$out/p1-replicas.json" ;;
     # two cards: one vLLM split over both; every rank's slices are written in its own thread, timed per rank
     p1-tp)    step p1-tp $py -m loop.cli bench update --model loop/bench/configs/qwen2-7b --dummy --tensor-parallel 2 \
                 --repeats 5 --json-out "$out/p1-tp.json" ;;
-    # two cards: two replicas, one a card; the worker on card 0 copies each update into card 1 in the same pause
+    # two replicas, one a card on a two-card host, both on the card on one (each with half vLLM's share); the worker
+    # copies each update into replica 1 in the same pause
     replicas-e2e) step replicas-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_replicas_e2e.py ;;
     big-q35)  big qwen3_5-27b 54.7 ;;

@@ -420,6 +420,40 @@ def test_replicas_on_gpus_get_a_card_each_when_there_are_enough_else_share_the_m
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.8" and sup.child_env()["CUDA_VISIBLE_DEVICES"] == "1"
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+async def test_replicas_sharing_a_card_start_one_at_a_time(tmp_path: Path, device: str) -> None:
+    """vLLM sizes its KV cache from the card's free memory: two starting on one card at once would each count the
+    other's weights as their own overhead (on the H200, both then found negative room for the cache)."""
+    settings = Settings(data_dir=tmp_path, vllm_start_timeout_s=30, replicas=2)
+    settings.ensure_dirs()
+    turn = asyncio.Lock()
+    others_then: list[str] = []  # the other replica's state when each one launched its vLLM
+    sups = [FakeSupervisor(settings, index=k, card_turn=turn) for k in range(2)]
+    for k, sup in enumerate(sups):
+        sup.model_path, sup.device = "fake-model", device
+        spawn = sup._spawn
+
+        async def spawned(k: int = k, spawn=spawn):  # noqa: ANN001, ANN202
+            others_then.append(sups[1 - k].state)
+            return await spawn()
+
+        sup._spawn = spawned  # type: ignore[method-assign]
+    for sup in sups:
+        await sup.start()
+    try:
+        for sup in sups:
+            await sup.wait_ready(20)
+        # torch sees no card here, so on "cuda" both share the one card; on the CPU each has its own cores
+        assert others_then == (["starting", "ready"] if device == "cuda" else ["starting", "starting"])
+        os.killpg(sups[0].pid, signal.SIGKILL)  # a restart takes its turn again
+        await until(lambda: sups[0].state == "restarting")
+        await sups[0].wait_ready(20)
+        assert len(others_then) == 3 and others_then[-1] == "ready"
+    finally:
+        for sup in sups:
+            await sup.stop()
+
+
 def test_replicas_need_loop_to_start_vllm_without_tensor_parallel(tmp_path: Path) -> None:
     for kw in ({"tensor_parallel": 2}, {"vllm_url": "unix:/x.sock"}):
         with pytest.raises(ValueError, match="--replicas 2 needs loop to start vLLM itself"):
