@@ -202,6 +202,10 @@ class Settings(BaseSettings):
     guard_enabled: bool = Field(True, description="Measure before/after each scheduled run and roll back regressions.")
     max_accuracy_drop: float = Field(0.1, ge=0, le=1, description="Roll back when held-out preference accuracy "
                                      "falls by more than this (absolute, 0..1).")
+    accuracy_alpha: float = Field(0.05, ge=0, lt=1, description="An accuracy drop past max_accuracy_drop rolls back "
+                                  "only when that many more held-out pairs turned wrong than right is unlikely by "
+                                  "chance at this level (exact one-sided McNemar test): on a few pairs one turning "
+                                  "is a drop of 1/n. 0: the drop alone decides.")
     max_perplexity_rise: float = Field(0.05, ge=0, le=1e12, description="Roll back when canary perplexity rises by more "
                                        "than this share (0.05 = 5 %).")
     margin_alpha: float = Field(0.01, ge=0, lt=1, description="Roll back when the update moved the held-out "

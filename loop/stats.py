@@ -2,7 +2,8 @@
 
 `t_statistic`: how many standard errors a mean lies from zero (the guard's per-token margins).
 `sign_flip_p`: the one-sided sign-flip test of the guard's margins and of the pre-write screen's pairs;
-`label_test_p`: the screen's test of a mix of pairs and thumbs (loop/worker/screen.py measures the values).
+`label_test_p`: the screen's test of a mix of pairs and thumbs (loop/worker/screen.py measures the values);
+`turned_p`: the exact one-sided test that more pairs turned wrong than right (the guard's accuracy criterion).
 Pure functions, no torch (numpy, which transformers brings, only inside the tests).
 Tests: .venv/bin/python -m pytest -q tests/unit/test_stats.py
 """
@@ -26,6 +27,19 @@ def t_statistic(xs: Sequence[float]) -> float | None:
     if var <= 0:
         return None if mean == 0 else math.copysign(math.inf, mean)
     return mean / math.sqrt(var / n)
+
+
+def turned_p(wrong: int, right: int) -> float:
+    """One-sided p-value that `wrong` of the `wrong + right` pairs whose preference turned (right to wrong, or
+    wrong to right) turned wrong by chance: P(X >= wrong) for X ~ Binomial(wrong + right, 1/2), the exact
+    McNemar test. Under "the update did not harm these preferences" a pair that turns is as likely to turn
+    either way, and pairs that did not turn carry no evidence either way. No pair turned: 1.0."""
+    if wrong < 0 or right < 0:
+        raise ValueError(f"counts must be non-negative, got {wrong} and {right}")
+    n = wrong + right
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(wrong, n + 1)) / 2.0 ** n)
 
 
 def sign_flip_p(values: Sequence[float], *, draws: int = 9999, seed: int = 0) -> float:

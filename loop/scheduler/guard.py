@@ -15,7 +15,10 @@ per-token margin changes point down at significance `margin_alpha` (one-sided si
 did not move these preferences" each pair's change is as likely up as down, so an update that helped nothing is
 rolled back with probability at most `margin_alpha`; per token, so a shift of every token's log-prob does not
 read as a preference for the shorter answer), or the accuracy fell by more than `max_accuracy_drop`; and always,
-canary perplexity rose by more than `max_perplexity_rise` or is not finite.
+canary perplexity rose by more than `max_perplexity_rise` or is not finite. The accuracy criterion needs the drop to
+be more than chance too, when `accuracy_alpha` is set and the pairs were measured before: of the pairs whose
+preference turned, enough more turned wrong than right (exact one-sided McNemar test, `turned_p`), because on a
+few pairs one pair turning is already a drop of 1/n (an eighth of 8 pairs), which honest updates do by chance.
 Why these criteria and thresholds, with the benchmark figures behind them: the measurements document.
 Tests: `.venv/bin/python -m pytest -q tests/unit/scheduler/test_guard.py`. By hand against a running vLLM:
     python -m loop.scheduler.guard http://127.0.0.1:8001 /root/.cache/loop/models/SmolLM2-135M-Instruct-bf16
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from loop.stats import sign_flip_p, t_statistic
+from loop.stats import sign_flip_p, t_statistic, turned_p
 from loop.worker import tokens
 from loop.worker.protocol import Pair
 
@@ -61,6 +64,11 @@ class EvalFigures:
     mean_token_margin_change: float | None = None
     margin_change_t: float | None = None
     margin_change_p: float | None = None  # one-sided sign-flip p-value that the per-token changes point down
+    # after an update: pairs whose preference turned wrong (chosen ahead before, not after) and right, and the
+    # one-sided p-value that as many more turned wrong by chance (loop.stats.turned_p)
+    turned_wrong: int | None = None
+    turned_right: int | None = None
+    turned_p: float | None = None
     drift: dict[str, Any] | None = None  # after a run: against the base model (watch.py)
     health: dict[str, Any] | None = None  # after a run: the canary answers' figures (watch.py)
     pair_logps: list[tuple[float, float]] | None = None  # (log p(chosen), log p(rejected)) per pair
@@ -77,6 +85,10 @@ class GuardError(RuntimeError):
     """The measurement itself failed (vLLM down, bad answer)."""
 
 
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
 def load_canary(path: Path = CANARY_PATH) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
@@ -89,9 +101,10 @@ def load_canary(path: Path = CANARY_PATH) -> list[str]:
 
 
 def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float,
-            max_perplexity_rise: float, min_pairs: int = 5, margin_alpha: float | None = None) -> str | None:
+            max_perplexity_rise: float, min_pairs: int = 5, margin_alpha: float | None = None,
+            accuracy_alpha: float | None = None) -> str | None:
     """Why the update must be rolled back, or None when it may stay. `margin_alpha` None or 0: no margin
-    criterion."""
+    criterion. `accuracy_alpha` None or 0 (or no turned-pair figures): an accuracy drop past the limit is enough."""
     reasons = []
     judged = after.n_pairs >= min_pairs
     p = after.margin_change_p
@@ -103,9 +116,12 @@ def verdict(before: EvalFigures, after: EvalFigures, *, max_accuracy_drop: float
                        f"summed over the answer {after.mean_reward_margin:+.3f} nats)")
     if judged and before.accuracy is not None and after.accuracy is not None:
         drop = before.accuracy - after.accuracy
-        if drop > max_accuracy_drop + 1e-9:
+        tested = bool(accuracy_alpha) and after.turned_p is not None
+        if drop > max_accuracy_drop + 1e-9 and (not tested or after.turned_p < accuracy_alpha):  # type: ignore[operator]
+            chance = (f"; {after.turned_wrong} pairs turned wrong and {after.turned_right} right, "
+                      f"p = {after.turned_p:.2g} < {accuracy_alpha:.2g}") if tested else ""
             reasons.append(f"held-out preference accuracy fell from {before.accuracy:.3f} to {after.accuracy:.3f} "
-                           f"(-{drop:.3f} > limit {max_accuracy_drop:.3f}, {after.n_pairs} pairs)")
+                           f"(-{drop:.3f} > limit {max_accuracy_drop:.3f}, {after.n_pairs} pairs{chance})")
     rise = after.canary_perplexity / before.canary_perplexity - 1.0
     if not math.isfinite(after.canary_perplexity) or rise > max_perplexity_rise + 1e-9:
         reasons.append(f"canary perplexity rose from {before.canary_perplexity:.3f} to "
@@ -208,7 +224,10 @@ class EvalGuard:
         margins = [c - r for c, r in logps]
         rewards: list[float] | None = None
         per_token: list[float] | None = None
+        turned: tuple[int, int] | None = None
         if before is not None and before.pair_logps is not None and len(before.pair_logps) == len(logps):
+            signs = [(_sign(bc - br), _sign(m)) for (bc, br), m in zip(before.pair_logps, margins)]
+            turned = (sum(a > b for a, b in signs), sum(a < b for a, b in signs))
             rewards = [(c - bc) - (r - br) for (c, r), (bc, br) in zip(logps, before.pair_logps)]
             per_token = [(c - bc) / lc - (r - br) / lr
                          for (c, r), (bc, br), (lc, lr) in zip(logps, before.pair_logps, lengths)]
@@ -222,6 +241,8 @@ class EvalGuard:
                            ms=(time.perf_counter() - t0) * 1000, reward_accuracy=share(rewards),
                            mean_reward_margin=(sum(rewards) / len(rewards)) if rewards else None,
                            mean_token_margin_change=(sum(per_token) / len(per_token)) if per_token else None,
+                           turned_wrong=turned[0] if turned else None, turned_right=turned[1] if turned else None,
+                           turned_p=turned_p(*turned) if turned else None,
                            margin_change_t=t_statistic(per_token or []),
                            margin_change_p=sign_flip_p(per_token) if per_token else None,
                            pair_logps=logps, pair_tokens=lengths)

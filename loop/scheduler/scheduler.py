@@ -490,7 +490,7 @@ class Scheduler:
     async def _judge(self, run_id: int, before: EvalFigures, after: EvalFigures, cfg: dict[str, Any]) -> None:
         found = verdict(before, after, max_accuracy_drop=cfg["max_accuracy_drop"],
                         max_perplexity_rise=cfg["max_perplexity_rise"], min_pairs=self.settings.eval_min_pairs,
-                        margin_alpha=cfg["margin_alpha"])
+                        margin_alpha=cfg["margin_alpha"], accuracy_alpha=cfg["accuracy_alpha"])
         watched = self._watch_verdict(after, cfg)
         why = "; ".join(r for r in (found, watched.reason) if r) or None
         if watched.drift:  # a total that every further run adds to: stop training until an operator decides

@@ -29,6 +29,7 @@ SETTING: dict[str, str] = {
     "steps": "scheduler_steps",
     "learning_rate": "learning_rate",
     "max_accuracy_drop": "max_accuracy_drop",
+    "accuracy_alpha": "accuracy_alpha",
     "max_perplexity_rise": "max_perplexity_rise",
     "margin_alpha": "margin_alpha",
     "poison_alpha": "poison_alpha",

@@ -29,7 +29,7 @@ HOLDOUT = Settings().holdout_fraction  # the shared service runs with the defaul
 
 NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
          "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
-         "margin_alpha": None, "poison_alpha": None}
+         "margin_alpha": None, "poison_alpha": None, "accuracy_alpha": None}
 
 
 class Api:

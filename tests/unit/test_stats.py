@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from loop.stats import label_test_p, sign_flip_p
+from loop.stats import label_test_p, sign_flip_p, turned_p
 
 
 def by_hand(values: list[float]) -> float:
@@ -150,3 +150,22 @@ def test_without_both_kinds_of_thumb_it_is_the_sign_flip_test_of_the_pairs() -> 
         label_test_p([1.0], [2])
     with pytest.raises(ValueError, match="finite"):
         label_test_p([math.nan, 1.0], [1, -1])
+
+
+def test_turned_p_is_the_exact_binomial_tail() -> None:
+    assert turned_p(0, 0) == 1.0 and turned_p(0, 5) == 1.0
+    assert turned_p(1, 0) == 0.5  # one pair of eight turning wrong, none right: a coin
+    assert turned_p(5, 0) == pytest.approx(1 / 32) and turned_p(7, 0) == pytest.approx(1 / 128)
+    assert turned_p(4, 1) == pytest.approx(6 / 32)  # P(X >= 4), X ~ Bin(5, 1/2)
+    with pytest.raises(ValueError, match="non-negative"):
+        turned_p(-1, 2)
+
+
+def test_turned_p_is_calibrated_when_pairs_turn_either_way_at_random() -> None:
+    rng = random.Random(3)
+    rounds, fired = 2000, 0
+    for _ in range(rounds):
+        turned = rng.randint(0, 12)
+        wrong = sum(rng.random() < 0.5 for _ in range(turned))
+        fired += turned_p(wrong, turned - wrong) < 0.05
+    assert fired / rounds <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / rounds)

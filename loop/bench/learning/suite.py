@@ -110,6 +110,13 @@ def read_run(rec: RoundRecord, run: dict[str, Any]) -> None:
     live = after if rec.status == "succeeded" else before
     rec.accuracy, rec.perplexity = live.get("accuracy"), live.get("canary_perplexity")
     rec.margin_t = after.get("margin_change_t")
+    rec.accuracy_before = before.get("accuracy")
+    rec.turned_wrong, rec.turned_right, rec.turned_p = (after.get("turned_wrong"), after.get("turned_right"),
+                                                        after.get("turned_p"))
+    if rec.turned_wrong:
+        rec.notes.append(f"eval accuracy {_f(rec.accuracy_before, 2)} -> {_f(after.get('accuracy'), 2)} after the "
+                         f"write: {rec.turned_wrong} pairs turned wrong, {rec.turned_right} right "
+                         f"(p = {_f(rec.turned_p, 3)})")
     drift, health = live.get("drift") or {}, live.get("health") or {}
     rec.kl_per_token, rec.ppl_vs_base = drift.get("kl_per_token"), drift.get("perplexity_vs_base")
     rec.stutter, rec.collapse = health.get("stutter_rate"), health.get("collapse_share")

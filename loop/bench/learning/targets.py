@@ -43,6 +43,10 @@ class RoundRecord:
     screen_quarantined: int | None = None
     quarantined: int | None = None  # new entries of GET /api/quarantine during the round (None: no such route)
     accuracy: float | None = None
+    accuracy_before: float | None = None  # the same eval pairs before the run's write
+    turned_wrong: int | None = None  # eval pairs whose preference the write turned wrong / right (guard.py)
+    turned_right: int | None = None
+    turned_p: float | None = None
     perplexity: float | None = None
     margin_t: float | None = None
     kl_per_token: float | None = None

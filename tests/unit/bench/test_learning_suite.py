@@ -120,7 +120,7 @@ def test_a_whole_run_learns_stops_the_poison_and_writes_every_round(tmp_path: Pa
     assert "rater number" in text and "min_pairs 1" in text
     assert not any("learning_rate" in body or "steps" in body for body in posted(fake, "/api/scheduler/config"))
     guard_keys = {"poison_alpha", "margin_alpha", "max_drift_kl", "max_perplexity_vs_base", "health_enabled",
-                  "drift_enabled", "guard_enabled", "max_accuracy_drop", "max_perplexity_rise"}
+                  "drift_enabled", "guard_enabled", "max_accuracy_drop", "max_perplexity_rise", "accuracy_alpha"}
     assert not any(guard_keys & set(body) for body in posted(fake, "/api/scheduler/config"))  # the defaults judge
     assert "trait: held-out trait rate" in text and "poison: round 2 (ab) rejected, round 4 (thumbs) rejected" in text
     assert "\nTARGETS MET\n" in text

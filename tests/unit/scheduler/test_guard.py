@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from loop.scheduler.guard import EvalFigures, EvalGuard, GuardError, load_canary, t_statistic, verdict
+from loop.stats import turned_p
 from loop.worker.protocol import Pair
 
 
@@ -193,6 +194,41 @@ def test_verdict_rolls_back_when_the_margins_fell_at_the_margin_alpha_level() ->
     # never judged on a handful of pairs
     assert verdict(fig(1.0, 10, n=4), fig(1.0, 10, 0.0, n=4, p=1e-6), **kw) is None
     assert "sign-flip" in verdict(fig(1.0, 10, n=5), fig(1.0, 10, 0.0, n=5, p=1e-6), **kw)
+
+
+def test_an_accuracy_drop_on_few_pairs_needs_more_pairs_turned_wrong_than_chance() -> None:
+    """On 8 pairs one pair turning is a drop of 0.125, past the 0.1 limit: honest updates did that (3 of 8 good
+    rounds of `loop bench learning --rater number` were rolled back so). With accuracy_alpha the drop must also be
+    more than chance: of the pairs that turned, enough more turned wrong than right (exact McNemar)."""
+    kw = {"max_accuracy_drop": 0.1, "max_perplexity_rise": 0.05, "accuracy_alpha": 0.05}
+
+    def turned(acc: float, wrong: int, right: int, n: int = 8) -> EvalFigures:
+        f = fig(acc, 10, n=n)
+        f.turned_wrong, f.turned_right, f.turned_p = wrong, right, turned_p(wrong, right)
+        return f
+
+    assert verdict(fig(0.75, 10, n=8), turned(0.625, 1, 0), **kw) is None  # one pair turned: a coin
+    why = verdict(fig(1.0, 10, n=8), turned(0.375, 5, 0), **kw)
+    assert why is not None and "5 pairs turned wrong and 0 right, p = 0.031 < 0.05" in why
+    assert verdict(fig(1.0, 10, n=8), turned(0.5, 5, 1), **kw) is None  # p = 7/64: not beyond chance
+    assert verdict(fig(1.0, 10, n=8), turned(0.95, 5, 0), **kw) is None  # beyond chance, but within the limit
+    # the drop alone decides without the level, or without the figures (no measurement before the update)
+    assert verdict(fig(0.75, 10, n=8), turned(0.625, 1, 0), **{**kw, "accuracy_alpha": 0}) is not None
+    assert verdict(fig(0.75, 10, n=8), fig(0.625, 10, n=8), **kw) is not None
+
+
+async def test_measure_counts_the_pairs_that_turned() -> None:
+    base = FakeVLLM()
+    guard = EvalGuard(base, CharTokenizer(), canary=["nop"])
+    # pair i: chosen "a"*(i+1), rejected "x"; turns when a's log-prob moves past x's
+    pairs = [Pair(f"q{i}", "a", "x") for i in range(3)] + [Pair(f"r{i}", "x", "a") for i in range(2)]
+    base.lp = lambda t: -1.0 if t == ord("a") else -2.0 if t == ord("x") else FakeVLLM.lp(base, t)  # type: ignore[method-assign]
+    before = await guard.measure(pairs)
+    assert before.accuracy == pytest.approx(0.6) and before.turned_p is None
+    base.lp = lambda t: -3.0 if t == ord("a") else -2.0 if t == ord("x") else FakeVLLM.lp(base, t)  # type: ignore[method-assign]
+    after = await guard.measure(pairs, before=before)
+    assert (after.turned_wrong, after.turned_right) == (3, 2) and after.turned_p == pytest.approx(turned_p(3, 2))
+    assert after.accuracy == pytest.approx(0.4) and "turned_p" in after.to_dict()
 
 
 def test_t_statistic() -> None:
