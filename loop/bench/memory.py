@@ -19,7 +19,7 @@ the weight bytes. On CUDA that is torch.cuda.max_memory_allocated after reset_pe
 allocation before the mode; vLLM's weights are mapped over CUDA IPC and are not in this process's allocator,
 so they never count. Also: step time, tokens/s, the card's lowest free memory (sampled), requests served and
 failed during the mode, and "fits" (no torch.OutOfMemoryError: caught, everything freed, reported as OOM).
-On the CPU the peak is the sampled process RSS (loop/bench/train.py's _PeakMemory; weights are faulted in by a
+On the CPU the peak is the process RSS's high-water mark (loop/bench/train.py's _PeakMemory; weights are faulted in by a
 checksum before each mode so they are in the baseline): indicative only. The last line, the largest-model check,
 says "fits" when lowmem or staged ran without OOM beside vLLM at its --gpu-memory-utilization.
 

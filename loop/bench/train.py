@@ -9,9 +9,9 @@ backward + optimizer + apply) and measure the peak memory each mode needs beyond
   hf-adamw               the plain recipe: all parameters, full logits, loss.backward(), torch AdamW .step()
 Printed as a table: tokens/s, step time, peak extra bytes and that divided by the weight bytes.
 
-Memory: CUDA uses torch.cuda.max_memory_allocated minus the allocation before the mode (the weights); the CPU
-samples the process RSS every 2 ms (glibc's malloc_trim between modes returns freed memory first). CPU
-figures are indicative only (allocator caching); GPU figures are exact allocator peaks.
+Memory: loop/worker/memwatch.py, as the worker reports it each step: CUDA uses torch.cuda.max_memory_allocated
+minus the allocation before the mode (the weights); the CPU the resident set's high-water mark over it (glibc's
+malloc_trim returns freed memory first). CPU figures are indicative only; GPU figures are exact allocator peaks.
 
 How to run (the CLI wiring is the lead's; this works as is):
   .venv/bin/python -m loop.bench.train --model ~/.cache/loop/models/SmolLM2-135M-Instruct-bf16 --pairs 2 --seq 256
@@ -22,10 +22,8 @@ How to run (the CLI wiring is the lead's; this works as is):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from loop.worker.apollo import make_optimizer, trainable_parameters
+from loop.worker.memwatch import StepMemory
 from loop.worker.objectives import (
     PairBatch,
     dpo_loss,
@@ -86,48 +85,26 @@ def synthetic_pairs(vocab_size: int, n_pairs: int, seq_len: int, answer_len: int
 
 
 class _PeakMemory:
-    """Peak bytes above the starting point: CUDA allocator stats, or sampled RSS on the CPU."""
+    """Peak bytes above the starting point (loop/worker/memwatch.py measures them, as the worker does each step),
+    with the device settled first and last."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self) -> _PeakMemory:
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            self.base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except OSError:
-                pass
-            self.base = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self._memory = StepMemory(self.device).start()
         return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self.base)
+        self.peak = self._memory.stop() or 0
 
 
 def _sync(device: torch.device) -> None:

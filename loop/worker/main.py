@@ -254,6 +254,7 @@ class Worker:
     def train(self, msg: p.Train) -> p.Msg:
         import torch
 
+        from loop.worker.memwatch import StepMemory, figures
         from loop.worker.objectives import encode_examples, encode_pairs, train_step
         from loop.worker.update import check_updates
 
@@ -262,6 +263,7 @@ class Worker:
         self._drop_staged()
         self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
         t0 = time.perf_counter()
+        memory = StepMemory(next(self.model.parameters()).device).start()
         try:
             if self._run.get("run_id") != msg.run_id or msg.step == 1:
                 if msg.objective == "dpo":
@@ -292,6 +294,13 @@ class Worker:
                 self._run["ref"] = getattr(result, "ref_logps", None)
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
             metrics["step_ms"] = (time.perf_counter() - t0) * 1000
+            extra = memory.stop()
+            if self.tp is not None:  # every rank's figure (every rank handles this Train alike)
+                ranks = self.tp.every_int(-1 if extra is None else extra)
+                weights = self.tp.every_int(self.weight_bytes)
+                metrics.update(figures([None if e < 0 else e for e in ranks], weights))
+            else:
+                metrics.update(figures([extra], [self.weight_bytes]))
             self._run["history"].append({"step": float(msg.step), **metrics})
             self.ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=metrics.get("loss", float("nan")),
                                     metrics=metrics))
@@ -302,6 +311,11 @@ class Worker:
                                history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
         finally:
             self.ch.state = "idle"
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of the weights this rank trains (its slices of split tensors)."""
+        return sum(prm.numel() * prm.element_size() for _, prm in self.trainable)
 
     def _prepare_lowmem(self, msg: p.Train) -> tuple[Any, float, int, Any]:
         """train_mode=lowmem: forward + a dry backward now (graph kept); Apply writes it with a second backward."""

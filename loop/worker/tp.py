@@ -137,6 +137,12 @@ class TP:
         dist.all_gather(parts, torch.frombuffer(bytearray(mine), dtype=torch.uint8), group=self.host_group)
         return [bytes(x.numpy()) for x in parts]
 
+    def every_int(self, mine: int) -> list[int]:
+        """Every rank's `mine` (-1 for 'none'), in rank order."""
+        parts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(parts, torch.tensor([mine], dtype=torch.int64), group=self.host_group)
+        return [int(x) for x in parts]
+
     def send(self, payload: bytes | None) -> bytes | None:
         """Rank 0: hand `payload` to every rank (None: nothing). Other ranks: receive it."""
         size = torch.tensor([len(payload) if payload is not None else -1], dtype=torch.int64)

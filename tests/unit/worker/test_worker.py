@@ -49,6 +49,8 @@ def test_train_stages_and_apply_writes(worker: Worker, lowmem: bool) -> None:
     done = worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=[PAIR], step=1, steps=2))
     assert isinstance(done, p.TrainDone) and done.update.ok and done.update.n_tensors > 0, done
     assert worker.checksum() == before  # staged only
+    # the step's extra memory (P2) in every run's metrics: on the CPU the resident set's rise, in MB and weights
+    assert done.metrics["mem_extra_mb"] >= 0 and done.metrics["mem_extra_x"] >= 0, done.metrics
     assert isinstance(worker.ch.sent[-1], p.Progress)
     applied = worker.apply(p.Apply(req=2, run_id=1))
     assert isinstance(applied, p.Applied)
