@@ -569,7 +569,14 @@ def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict
     live_version = api.get("/api/versions").json()["live"]
     expect(page.locator(f'.tl-item.live[data-version="{live_version}"]')).to_be_visible(timeout=20_000)
 
-    # Checkpoint, with confirmation: Cancel does nothing, Confirm writes one.
+    # Checkpoint, with confirmation: Cancel does nothing, Confirm writes one. The run's versions are made durable
+    # in the background (loop/training/checkpoints.py's Flusher, every version by default): wait for the live one,
+    # or its checkpoint landing between the two reads below would look like Cancel's doing.
+    def live_durable() -> bool:
+        d = api.get("/api/versions").json()
+        return next(v for v in d["items"] if v["version"] == d["live"])["durable"]
+
+    _poll(live_durable, timeout=120, what="the live version to be durable")
     before = api.get("/api/versions").json()
     page.get_by_role("button", name="Checkpoint now").click()
     dialog = page.locator("dialog.confirm")
