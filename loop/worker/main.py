@@ -263,9 +263,14 @@ class Worker:
         self._drop_staged()
         self.ch.state, self.ch.run_id, self.ch.step = "training", msg.run_id, msg.step
         t0 = time.perf_counter()
-        memory = StepMemory(next(self.model.parameters()).device).start()
+        first = self._run.get("run_id") != msg.run_id or msg.step == 1
+        device = next(self.model.parameters()).device
+        # The step's extra memory: on CUDA every step (the allocator's own counters, free). On the CPU only a run's
+        # first step, the largest (its optimizer state is new): the figure costs a malloc_trim there, which makes
+        # the step fault its freed memory in again.
+        memory = StepMemory(device).start() if first or device.type == "cuda" else None
         try:
-            if self._run.get("run_id") != msg.run_id or msg.step == 1:
+            if first:
                 if msg.objective == "dpo":
                     batch = encode_pairs(self.tokenizer, msg.pairs, msg.max_len)
                 else:
@@ -294,13 +299,13 @@ class Worker:
                 self._run["ref"] = getattr(result, "ref_logps", None)
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
             metrics["step_ms"] = (time.perf_counter() - t0) * 1000
-            extra = memory.stop()
-            if self.tp is not None:  # every rank's figure (every rank handles this Train alike)
-                ranks = self.tp.every_int(-1 if extra is None else extra)
-                weights = self.tp.every_int(self.weight_bytes)
-                metrics.update(figures([None if e < 0 else e for e in ranks], weights))
-            else:
-                metrics.update(figures([extra], [self.weight_bytes]))
+            if memory is not None:
+                extra = memory.stop()
+                if self.tp is not None:  # every rank's figure (every rank handles this Train alike)
+                    ranks = self.tp.every_ints([-1 if extra is None else extra, self.weight_bytes])
+                    metrics.update(figures([None if e < 0 else e for e, _ in ranks], [w for _, w in ranks]))
+                else:
+                    metrics.update(figures([extra], [self.weight_bytes]))
             self._run["history"].append({"step": float(msg.step), **metrics})
             self.ch.send(p.Progress(run_id=msg.run_id, step=msg.step, loss=metrics.get("loss", float("nan")),
                                     metrics=metrics))

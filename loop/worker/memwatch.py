@@ -8,7 +8,8 @@ On the CPU it is the process's resident-set high-water mark (`VmHWM`, reset thro
 its resident set at the start, after glibc gave back the memory it kept from earlier steps (`malloc_trim`: without
 it a step reusing the last step's freed memory reads as needing none). Indicative only: pages of vLLM's
 shared-memory weights that the step touches for the first time count too (they are resident once, after the
-first step). Where /proc cannot be read or reset, the figure is None.
+first step). Where /proc cannot be read or reset, the figure is None. The trim costs the step a few per cent (the
+memory it hands back is faulted in again), so the worker measures only a run's first step on the CPU.
 Tests: tests/unit/worker/test_memwatch.py; per rank through tests/e2e/test_tensor_parallel_e2e.py.
 """
 

@@ -37,7 +37,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,11 +137,11 @@ class TP:
         dist.all_gather(parts, torch.frombuffer(bytearray(mine), dtype=torch.uint8), group=self.host_group)
         return [bytes(x.numpy()) for x in parts]
 
-    def every_int(self, mine: int) -> list[int]:
-        """Every rank's `mine` (-1 for 'none'), in rank order."""
-        parts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(parts, torch.tensor([mine], dtype=torch.int64), group=self.host_group)
-        return [int(x) for x in parts]
+    def every_ints(self, mine: Sequence[int]) -> list[list[int]]:
+        """Every rank's `mine` (the same number of integers on each), in rank order."""
+        parts = [torch.zeros(len(mine), dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(parts, torch.tensor(list(mine), dtype=torch.int64), group=self.host_group)
+        return [[int(v) for v in x] for x in parts]
 
     def send(self, payload: bytes | None) -> bytes | None:
         """Rank 0: hand `payload` to every rank (None: nothing). Other ranks: receive it."""

@@ -58,6 +58,8 @@ def test_train_stages_and_apply_writes(worker: Worker, lowmem: bool) -> None:
     assert mid != before
     done2 = worker.train(p.Train(lowmem=lowmem, req=3, run_id=1, pairs=[PAIR], step=2, steps=2))
     assert isinstance(done2, p.TrainDone) and len(done2.history) == 2
+    # on the CPU only a run's first step is measured (the figure costs a malloc_trim there)
+    assert "mem_extra_mb" not in done2.metrics, done2.metrics
     assert isinstance(worker.apply(p.Apply(req=4, run_id=1)), p.Applied)
     # the margin log p(chosen) - log p(rejected) grew between the two steps' forward passes
     assert done2.metrics["logp_margin"] > done.metrics["logp_margin"]
