@@ -240,6 +240,15 @@ class Settings(BaseSettings):
                                    "thumbs make few pairs and many single examples, and these give the test its "
                                    "power; held back with their rater's items (loop/scheduler/screening.py). Each "
                                    "costs one forward and backward pass of its answer. 0: none.")
+    screen_anchors: int = Field(32, ge=0, le=4096, description="Most of the guard's eval pairs (held-out feedback "
+                                "older than the batch and pairs kept runs learned from) whose margins' gradient "
+                                "the screen also measures each item along: a direction that exists before anything "
+                                "was learned (loop/scheduler/screening.py). Each costs two forward and backward "
+                                "passes. 0: none.")
+    screen_direction: Literal["learned", "anchors", "both"] = Field(
+        "both", description="Which direction the screen's test uses: learned (the weights' change since the base), "
+        "anchors (the eval pairs' gradient) or both (the sum of the two unit directions); every run records the "
+        "p-value along each.")
     poison_alpha: float = Field(0.01, ge=0, lt=1, description="Before a scheduled run trains, the worker measures "
                                 "how each item pulls along the weights' change since the base model; items whose "
                                 "pull is against it at this significance level (an exact sign-flip test, per rater "

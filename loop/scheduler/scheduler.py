@@ -400,7 +400,10 @@ class Scheduler:
             from loop.training.runs import ScreenPolicy
 
             base = await asyncio.to_thread(base_model_dir, self.settings)
-            screen = (ScreenPolicy(base, cfg["poison_alpha"], tuple(companions))
+            anchors = tuple(_eval_pair(i) for i in eval_items[:self.settings.screen_anchors]) \
+                if self.settings.screen_anchors else ()
+            screen = (ScreenPolicy(base, cfg["poison_alpha"], tuple(companions), anchors=anchors,
+                                   direction=self.settings.screen_direction)
                       if base and cfg["poison_alpha"] > 0 else None)
             handle = await self.state.trainer.run(request, batch=batch, trigger="scheduler", screen=screen)
             run_id = handle.id

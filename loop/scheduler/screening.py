@@ -22,7 +22,17 @@ Groups: items are grouped by their raters. With more than one group, each group 
 group test held back is tested as one; the level is split over those k + 1 tests (Bonferroni), so the chance of
 holding back anything from an innocent batch stays at most `alpha`. With one group it is one test at `alpha`.
 
-Nothing learned yet (no kept run: w_live == w_base), or a base the worker cannot read, gives no contributions:
+Directions: v = w_live - w_base is young after a few small kept runs: it holds what they taught and their noise,
+and splits honest items about half and half, so the test, exact, has little power then. The guard's eval pairs
+(held-out feedback older than the batch, and pairs kept runs learned from) are trusted already: the worker also
+measures each item along g, the gradient of those anchor pairs' margins at the live weights (what the guard's
+margin test will judge after the write, to first order), which exists from the first run on. `along` gives the
+contributions the test uses: "learned" (v), "anchors" (g), or "both" (v/||v|| + g/||g||, the sum of the two unit
+directions: each figure is linear in the direction, so it is the sum of the scaled figures). Any of them is fixed
+before the batch's labels are seen, so the test stays exact under its null; which has the power is measured
+(`loop bench learning` records each one's p per round). The figures carry all three.
+
+Nothing learned yet and no anchors, or a base the worker cannot read and no anchors, gives no contributions:
 nothing is judged (the screen says so). Held-back items are quarantined, not lost (loop/training/quarantine.py).
 Tests: `.venv/bin/python -m pytest -q tests/unit/scheduler/test_screening.py`.
 """
@@ -38,6 +48,35 @@ from loop.pairs import Item
 from loop.stats import label_test_p
 
 DEFAULT_ALPHA = 0.01
+DIRECTIONS = ("learned", "anchors", "both")
+DEFAULT_DIRECTION = "both"
+
+
+def along(direction: str, learned: Sequence[float], anchored: Sequence[float], learned_norm: float,
+          anchor_norm: float) -> list[float]:
+    """The contributions along `direction` (module docstring) from the worker's figures along v and g (either may
+    be empty: not measured). "both" with one of them measured is that one."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown screen direction {direction!r}; one of {', '.join(DIRECTIONS)}")
+    if direction == "learned":
+        return list(learned)
+    if direction == "anchors":
+        return list(anchored)
+    if learned and anchored and learned_norm > 0 and anchor_norm > 0:
+        return [a / learned_norm + b / anchor_norm for a, b in zip(learned, anchored, strict=True)]
+    return list(learned or anchored)
+
+
+def p_by_direction(items: Sequence[Item], learned: Sequence[float], anchored: Sequence[float], learned_norm: float,
+                   anchor_norm: float, *, seed: int = 0) -> dict[str, float | None]:
+    """The whole batch's test along each direction (None: not measured), so a run records what each would have
+    read whichever one decided."""
+    thumbs = [thumb_of(item) for item in items]
+    out: dict[str, float | None] = {}
+    for d in DIRECTIONS:
+        values = along(d, learned, anchored, learned_norm, anchor_norm)
+        out[d] = label_test_p(values, thumbs, seed=seed) if values and len(values) == len(items) else None
+    return out
 
 
 def thumb_of(item: Item) -> int | None:

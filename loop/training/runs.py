@@ -110,6 +110,9 @@ class ScreenPolicy:
     # waiting thumbs of the batch's raters, measured beside it as evidence (loop/scheduler/screening.py), never
     # trained by this run; held back with their rater's items when the test says so
     companions: tuple[Item, ...] = ()
+    # trusted pairs (the guard's eval set) whose margins' gradient is a direction too, and which one the test uses
+    anchors: tuple[p.Pair, ...] = ()
+    direction: str = screening.DEFAULT_DIRECTION
 
 
 class RunHandle:
@@ -436,16 +439,26 @@ class Trainer:
         companions = list(screen.companions)
         reply = await self.control.call(
             p.Screen(run_id=run_id, base_weights=screen.base_weights, objective=batch.objective, pairs=batch.pairs,
-                     examples=batch.examples + [c.example for c in companions], max_len=req.max_len),
+                     examples=batch.examples + [c.example for c in companions], max_len=req.max_len,
+                     anchors=list(screen.anchors)),
             timeout=TRAIN_TIMEOUT_S)
         assert isinstance(reply, p.Screened)
         items = ([i for i in batch.items if i.kind == "pair"] + [i for i in batch.items if i.kind == "example"]
                  + companions)
         trained = len(items) - len(companions)
-        decision = screening.decide(items, reply.contributions, alpha=screen.alpha, note=reply.note, seed=run_id,
+        norms = (reply.learned_norm, reply.anchor_norm)
+        contributions = screening.along(screen.direction, reply.contributions, reply.anchored, *norms)
+        note = reply.note
+        if screen.anchors:
+            note = "; ".join(n for n in (reply.note and f"learned direction: {reply.note}",
+                                         reply.anchor_note and f"anchors: {reply.anchor_note}") if n)
+        decision = screening.decide(items, contributions, alpha=screen.alpha, note=note, seed=run_id,
                                     companions=range(trained, len(items)))
-        figures = decision.figures(items, reply.contributions, screen.alpha)
-        figures.update(ms=reply.ms, n_tensors=reply.n_tensors, probed_fraction=reply.probed_fraction)
+        figures = decision.figures(items, contributions, screen.alpha)
+        figures.update(ms=reply.ms, n_tensors=reply.n_tensors, probed_fraction=reply.probed_fraction,
+                       direction=screen.direction, n_anchors=reply.n_anchors,
+                       p_by_direction=screening.p_by_direction(items, reply.contributions, reply.anchored, *norms,
+                                                               seed=run_id))
         self.metrics["screen"] = figures
         held = decision.held_indices()
         if not held:

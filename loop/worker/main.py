@@ -349,11 +349,14 @@ class Worker:
             with self.pacer.active(self.model):
                 found = screen(self.model, self.tokenizer, self.trainable, base_weights=msg.base_weights,
                                pairs=msg.pairs, examples=msg.examples, max_len=msg.max_len,
-                               budget_bytes=self.config.screen_budget_bytes, tp=self.tp)
+                               budget_bytes=self.config.screen_budget_bytes, tp=self.tp, anchors=msg.anchors)
         finally:
             self.ch.state = "idle"
+        if found.anchored:
+            log.info("run %d: screen: %d of %d items pull against %d anchor pairs' gradient", msg.run_id,
+                     sum(s < 0 for s in found.anchored), len(found.anchored), found.n_anchors)
         if found.note:
-            log.info("run %d: screen measured nothing: %s", msg.run_id, found.note)
+            log.info("run %d: screen measured nothing along w_live - w_base: %s", msg.run_id, found.note)
         else:
             down = sum(s < 0 for s in found.contributions)
             log.info("run %d: screen: %d of %d items pull back along w_live - w_base (%d weights, %.0f%% of its "
@@ -361,7 +364,8 @@ class Worker:
                      100 * found.probed_fraction, found.ms)
         return p.Screened(req=msg.req, run_id=msg.run_id, contributions=found.contributions,
                           n_tensors=found.n_tensors, probed_fraction=found.probed_fraction, ms=found.ms,
-                          note=found.note)
+                          note=found.note, anchored=found.anchored, learned_norm=found.learned_norm,
+                          anchor_norm=found.anchor_norm, anchor_note=found.anchor_note, n_anchors=found.n_anchors)
 
     @staticmethod
     def _new_values(deltas: dict[Any, Any], tp: Any = None) -> dict[Any, Any]:

@@ -132,8 +132,9 @@ class Train(Msg, tag="train"):
 
 class Screen(Msg, tag="screen"):
     """Measure, before training on it, how each item of a batch pulls along what the kept runs taught: the
-    direction v = w_live - w_base, `base_weights` being the base model folder (loop/worker/screen.py). Every pair
-    and then every example is measured; `objective` names the list Train would use, which must not be empty.
+    direction v = w_live - w_base, `base_weights` being the base model folder (loop/worker/screen.py), and along
+    the gradient g of the `anchors`' margins (trusted pairs: what the guard judges the run by). Every pair and
+    then every example is measured; `objective` names the list Train would use, which must not be empty.
     Reads the weights, writes nothing, leaves a staged update as it was."""
 
     run_id: int
@@ -142,6 +143,7 @@ class Screen(Msg, tag="screen"):
     pairs: list[Pair] = []
     examples: list[Example] = []
     max_len: int = 1024  # tokens per row, as Train's
+    anchors: list[Pair] = []
 
 
 class Apply(Msg, tag="apply"):
@@ -223,6 +225,11 @@ class Screened(Msg, tag="screened"):
     probed_fraction: float  # share of ||w_live - w_base||^2 that the probed weights carry (screen budget)
     ms: float
     note: str = ""
+    anchored: list[float] = []  # the same along the anchors' gradient g (empty: not measured, anchor_note says why)
+    learned_norm: float = 0.0  # ||v||, ||g|| over the probed weights
+    anchor_norm: float = 0.0
+    anchor_note: str = ""
+    n_anchors: int = 0
 
 
 class Applied(Msg, tag="applied"):

@@ -12,6 +12,15 @@ what makes `loop.stats.label_test_p` over the s_i (a pair's sign a coin, thumbs 
 an exact test of "these labels are independent of the learned trait" (its docstring says why): a batch of
 flipped labels has mostly negative s_i and a small p.
 
+Anchors: v is young after a few small runs (mostly their noise), and zero before the first. Given `anchors`,
+trusted pairs (the scheduler sends the guard's eval set: held-out feedback older than the batch, and pairs kept
+runs learned from), the screen also measures every item along g = sum_j grad m_j over them, the direction in which
+those preferences grow at the live weights: `anchored`, with ||v|| and ||g|| so the caller can combine the two
+(loop/scheduler/screening.py). g depends on the anchors' labels, never on the batch's, so a flipped item still
+gives exactly -s_i and the test stays exact. g is held in fp32 on the probed weights (v's choice; before anything
+was learned, the trained weights in the model's order that fit the budget), and the budget is split between v and
+g by their bytes per element.
+
 How:
 - v is never a second copy of the model: `learned_direction` keeps at most `budget_bytes` of it on the weights'
   device, in the weights' own dtype. When the trained tensors do not all fit it keeps the ones whose change is
@@ -26,8 +35,9 @@ How:
   gradient for the duration, so their weight gradients are never computed. Nothing is written to the weights,
   .grad is None afterwards (gradients found before are put back), and the optimizer is not touched: a staged
   update, or a later Train of the same run, is exactly what it would have been without the screen.
-- Nothing learned yet (v == 0), no base given, or a base that cannot be read: nothing is measured, and `note`
-  says why (the caller then has nothing to judge).
+- Nothing learned yet (v == 0), no base given, or a base that cannot be read: nothing is measured along v, and
+  `note` says why; without anchors the caller then has nothing to judge. One backward per row serves both
+  directions (the hook dots each gradient with v and with g).
 
 Run the tests: .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/worker/test_screen.py
 """
@@ -37,7 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,11 +241,16 @@ def learned_direction(base: BaseWeights | RankBase, trained: Sequence[tuple[str,
 
 @dataclass
 class ScreenResult:
-    contributions: list[float]  # s_i per pair, then per example, in the order sent
+    contributions: list[float]  # s_i along v per pair, then per example, in the order sent ([]: v not measured)
     n_tensors: int
     probed_fraction: float
     ms: float
-    note: str = ""
+    note: str = ""  # why v was not measured
+    anchored: list[float] = field(default_factory=list)  # the same along the anchors' gradient g ([]: not measured)
+    learned_norm: float = 0.0  # ||v|| and ||g|| over the probed weights
+    anchor_norm: float = 0.0
+    anchor_note: str = ""  # why g was not measured
+    n_anchors: int = 0
 
 
 def _sequences(tokenizer: Any, pairs: Sequence[Pair], examples: Sequence[Example],
@@ -257,98 +272,213 @@ def _sequences(tokenizer: Any, pairs: Sequence[Pair], examples: Sequence[Example
     return list(rows), items
 
 
-def directional_derivatives(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]],
-                            direction: Direction, tp: Any = None) -> list[float]:
-    """<grad log pi(row), v> for each (ids, prompt length) row: one forward + backward per row. With `tp` every rank
-    runs the same rows; each adds its slices' dot products (a weight every rank holds: rank 0 only) and the sums are
-    added over ranks."""
-    probed = direction.v  # the same weights on every rank: the ranks' backward passes stay alike
-    # a weight every rank holds whole: its dot product is counted once, by rank 0
-    skip = {prm for prm in probed if tp is not None and tp.rank != 0 and not tp.sharded(prm)}
-    device = next(model.parameters()).device  # where the worker puts its batches (the weights' device)
-    trained = [prm for prm in model.parameters() if prm.requires_grad]
-    stashed = {prm: prm.grad for prm in model.parameters() if prm.grad is not None}
-    acc: list[torch.Tensor] = []
+class _RowBackward:
+    """One forward + backward per (ids, prompt length) row of log pi(answer | prompt), with `on_grad(weight, grad)`
+    called for every probed weight's gradient as it is accumulated (then dropped, as loop/worker/lowmem.py drops
+    them). The trained weights that are not probed stop requiring a gradient meanwhile, so their weight gradients
+    are never computed; gradients found before are put back afterwards and nothing is written."""
 
-    def hook(prm: torch.Tensor) -> None:
-        if prm in skip:
-            prm.grad = None
-            return
-        g, v = prm.grad.reshape(-1), probed[prm].reshape(-1)  # type: ignore[union-attr]
-        for s in range(0, g.numel(), CHUNK):
-            acc[-1] += torch.dot(g[s:s + CHUNK].float(), v[s:s + CHUNK].float()).double()
-        prm.grad = None
+    def __init__(self, model: nn.Module, probed: Collection[torch.Tensor]) -> None:
+        self.model, self.probed = model, probed
+        self.device = next(model.parameters()).device  # where the worker puts its batches (the weights' device)
 
-    was_training = model.training
-    handles = []
-    out: list[torch.Tensor] = []
-    try:
-        for prm in model.parameters():
+    def run(self, rows: Sequence[tuple[Sequence[int], int]], on_grad: Callable[[torch.Tensor, torch.Tensor], None],
+            *, before_row: Callable[[int], None] = lambda i: None, scale: Sequence[float] | None = None) -> None:
+        """`before_row(i)` runs before row i's backward; `scale[i]` multiplies row i's log-prob (0: skipped)."""
+        model = self.model
+        trained = [prm for prm in model.parameters() if prm.requires_grad]
+        stashed = {prm: prm.grad for prm in model.parameters() if prm.grad is not None}
+
+        def hook(prm: torch.Tensor) -> None:
+            on_grad(prm, prm.grad)  # type: ignore[arg-type]
             prm.grad = None
-        for prm in trained:
-            if prm in probed:
-                handles.append(prm.register_post_accumulate_grad_hook(hook))
-            else:
-                prm.requires_grad_(False)
-        disable_dropout(model)
-        model.train()
-        with torch.enable_grad():
-            for ids, plen in rows:
-                acc.append(torch.zeros((), dtype=torch.float64, device=device))
-                input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-                loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-                loss_mask[0, plen:] = True
-                logp = sequence_logps(model, input_ids, torch.ones_like(input_ids), loss_mask)
-                if logp.requires_grad:  # an answer of no tokens has no log-prob to move
-                    logp.sum().backward()
-                out.append(acc[-1])
-    finally:
-        for h in handles:
-            h.remove()
-        for prm in trained:
-            prm.requires_grad_(True)
-            prm.grad = None
-        for prm, g in stashed.items():
-            prm.grad = g
-        model.train(was_training)
-    if tp is not None and out:
+
+        was_training = model.training
+        handles = []
+        try:
+            for prm in model.parameters():
+                prm.grad = None
+            for prm in trained:
+                if prm in self.probed:
+                    handles.append(prm.register_post_accumulate_grad_hook(hook))
+                else:
+                    prm.requires_grad_(False)
+            disable_dropout(model)
+            model.train()
+            with torch.enable_grad():
+                for i, (ids, plen) in enumerate(rows):
+                    before_row(i)
+                    factor = 1.0 if scale is None else scale[i]
+                    if factor == 0:
+                        continue
+                    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+                    loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+                    loss_mask[0, plen:] = True
+                    logp = sequence_logps(model, input_ids, torch.ones_like(input_ids), loss_mask)
+                    if logp.requires_grad:  # an answer of no tokens has no log-prob to move
+                        (logp.sum() * factor).backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for prm in trained:
+                prm.requires_grad_(True)
+                prm.grad = None
+            for prm, g in stashed.items():
+                prm.grad = g
+            model.train(was_training)
+
+
+def _counted_once(probed: Collection[torch.Tensor], tp: Any) -> set[torch.Tensor]:
+    """The probed weights this rank leaves out of a sum over the whole model: a weight every rank holds whole is
+    counted by rank 0 only."""
+    return {prm for prm in probed if tp is not None and tp.rank != 0 and not tp.sharded(prm)}
+
+
+def _all_ranks(values: torch.Tensor, tp: Any) -> list[float]:
+    if tp is not None and values.numel():
         import torch.distributed as dist
 
-        total = torch.stack(out)
-        dist.all_reduce(total, group=tp.group)
-        return total.cpu().tolist()
-    return torch.stack(out).cpu().tolist() if out else []
+        dist.all_reduce(values, group=tp.group)
+    return values.cpu().tolist()
+
+
+def directional_derivatives(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]],
+                            direction: Direction | Sequence[dict[torch.Tensor, torch.Tensor]],
+                            tp: Any = None) -> list[float] | list[list[float]]:
+    """<grad log pi(row), v> for each (ids, prompt length) row: one forward + backward per row. Given several
+    directions (weight -> its direction, on the same weights), each row's figure along each, in one backward
+    (a list per row). With `tp` every rank runs the same rows; each adds its slices' dot products (a weight every
+    rank holds: rank 0 only) and the sums are added over ranks."""
+    single = isinstance(direction, Direction)
+    dirs = [direction.v] if isinstance(direction, Direction) else list(direction)
+    probed = dirs[0]  # the same weights on every rank: the ranks' backward passes stay alike
+    skip = _counted_once(probed, tp)
+    device = next(model.parameters()).device
+    acc: list[torch.Tensor] = []
+
+    def on_grad(prm: torch.Tensor, grad: torch.Tensor) -> None:
+        if prm in skip:
+            return
+        g = grad.reshape(-1)
+        for k, d in enumerate(dirs):
+            v = d[prm].reshape(-1)
+            for s in range(0, g.numel(), CHUNK):
+                acc[-1][k] += torch.dot(g[s:s + CHUNK].float(), v[s:s + CHUNK].float()).double()
+
+    def before_row(i: int) -> None:
+        acc.append(torch.zeros(len(dirs), dtype=torch.float64, device=device))
+
+    _RowBackward(model, probed).run(rows, on_grad, before_row=before_row)
+    if not acc:
+        return []
+    per_row = _all_ranks(torch.stack(acc), tp)
+    return [r[0] for r in per_row] if single else per_row
+
+
+def anchor_gradient(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]], coefficients: Sequence[float],
+                    weights: Sequence[torch.Tensor], tp: Any = None) -> tuple[dict[torch.Tensor, torch.Tensor], float]:
+    """g = sum_r coefficients[r] * grad log pi(row r) on `weights` (fp32, same shapes), and ||g|| over the whole
+    model (every rank's slices; a weight every rank holds counted once)."""
+    g = {prm: torch.zeros(prm.shape, dtype=torch.float32, device=prm.device) for prm in weights}
+
+    def on_grad(prm: torch.Tensor, grad: torch.Tensor) -> None:
+        g[prm] += grad.float()
+
+    _RowBackward(model, g).run(rows, on_grad, scale=coefficients)
+    return g, _norm(g, tp)
+
+
+def _norm(d: dict[torch.Tensor, torch.Tensor], tp: Any) -> float:
+    """||d|| over the whole model, d being this rank's part of a direction."""
+    skip = _counted_once(d, tp)
+    device = next(iter(d)).device if d else torch.device("cpu")
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
+    for prm, x in d.items():
+        if prm not in skip:
+            sq += torch.linalg.vector_norm(x.float(), dtype=torch.float64) ** 2
+    return float(_all_ranks(sq, tp)[0]) ** 0.5
+
+
+def _by_model_order(trained: Sequence[tuple[str, torch.Tensor]], budget_bytes: int,
+                    per_element: int) -> tuple[list[str], list[torch.Tensor]]:
+    """The trained weights, in the model's order, while `per_element` bytes each of theirs fit the budget (every
+    rank of a tensor-parallel worker lists the same weights, so their choice is alike)."""
+    names, weights, room = [], [], budget_bytes
+    for name, w in trained:
+        if w.numel() * per_element <= room:
+            names.append(name)
+            weights.append(w)
+            room -= w.numel() * per_element
+    return names, weights
 
 
 def screen(model: nn.Module, tokenizer: Any, trained: Sequence[tuple[str, torch.Tensor]], *, base_weights: str,
            pairs: Sequence[Pair] = (), examples: Sequence[Example] = (), max_len: int = tokens.DEFAULT_MAX_LEN,
-           budget_bytes: int, tp: Any = None) -> ScreenResult:
-    """s_i for every pair, then every example (module docstring); empty with a note when nothing was learned.
+           budget_bytes: int, tp: Any = None, anchors: Sequence[Pair] = ()) -> ScreenResult:
+    """s_i for every pair, then every example (module docstring), along v = w_live - w_base and, given `anchors`
+    (trusted pairs), along their gradient g too; empty with a note when neither could be measured.
     `tp`: this rank of a tensor-parallel worker (every rank calls it alike; the figures are the whole model's)."""
     t0 = time.perf_counter()
 
-    def nothing(note: str) -> ScreenResult:
-        return ScreenResult([], 0, 0.0, (time.perf_counter() - t0) * 1000, note)
+    def ms() -> float:
+        return (time.perf_counter() - t0) * 1000
 
-    if not base_weights:
-        return nothing("no base weights given: nothing to compare with")
-    try:
-        base: BaseWeights | RankBase = BaseWeights(base_weights)
-    except (OSError, ValueError, KeyError) as e:
-        return nothing(f"cannot read the base weights {base_weights}: {e}")
-    if tp is not None:
-        base = RankBase(base, tp, dict(trained))
-    try:
-        direction = learned_direction(base, trained, budget_bytes, tp)
-    except (OSError, ValueError) as e:
-        return nothing(f"cannot read the base weights {base_weights}: {e}")
-    finally:
-        base.close()
-    if direction.note:
-        return nothing(direction.note)
+    direction = Direction(note="no base weights given: nothing to compare with")
+    # The anchors' gradient is held in fp32 beside v (in the weights' dtype): the budget is split by those bytes.
+    v_budget = budget_bytes
+    if anchors:
+        size = trained[0][1].element_size() if trained else 2
+        v_budget = budget_bytes * size // (size + 4)
+    if base_weights:
+        try:
+            base: BaseWeights | RankBase = BaseWeights(base_weights)
+        except (OSError, ValueError, KeyError) as e:
+            direction = Direction(note=f"cannot read the base weights {base_weights}: {e}")
+        else:
+            if tp is not None:
+                base = RankBase(base, tp, dict(trained))
+            try:
+                direction = learned_direction(base, trained, v_budget, tp)
+            except (OSError, ValueError) as e:
+                direction = Direction(note=f"cannot read the base weights {base_weights}: {e}")
+            finally:
+                base.close()
+    anchor_note = "" if anchors else "no anchor pairs given"
+    if direction.note and not anchors:
+        return ScreenResult([], 0, 0.0, ms(), direction.note, anchor_note=anchor_note)
+    if direction.v:
+        weights, names = list(direction.v), direction.names
+    else:  # nothing learned (or no base): the anchors alone, on the weights that fit the budget
+        names, weights = _by_model_order(trained, budget_bytes, 4)
+        if not weights:
+            return ScreenResult([], 0, 0.0, ms(), direction.note,
+                                anchor_note=f"the screen budget ({budget_bytes} bytes) holds none of the weights")
+    dirs: list[dict[torch.Tensor, torch.Tensor]] = []
+    learned_norm = anchor_norm = 0.0
+    if direction.v:
+        dirs.append(direction.v)
+        learned_norm = _norm(direction.v, tp)
+    g: dict[torch.Tensor, torch.Tensor] = {}
+    if anchors:
+        arows, aitems = _sequences(tokenizer, anchors, (), max_len)
+        coef = [0.0] * len(arows)
+        for item in aitems:
+            for r, sign in item:
+                coef[r] += sign
+        g, anchor_norm = anchor_gradient(model, arows, coef, weights, tp)
+        if anchor_norm > 0:
+            dirs.append(g)
+        else:
+            anchor_note = "the anchor pairs' gradient is zero"
+    if not dirs:
+        return ScreenResult([], 0, 0.0, ms(), direction.note, anchor_note=anchor_note)
     rows, items = _sequences(tokenizer, pairs, examples, max_len)
-    per_row = directional_derivatives(model, rows, direction, tp)
-    contributions = [sum(sign * per_row[r] for r, sign in item) for item in items]
-    n = len(direction.v)
+    per_row = directional_derivatives(model, rows, dirs, tp)
+    along = [[sum(sign * per_row[r][k] for r, sign in item) for item in items] for k in range(len(dirs))]  # type: ignore[index]
+    learned = along.pop(0) if direction.v else []
+    anchored = along.pop(0) if anchor_norm > 0 else []
     direction.v.clear()
-    return ScreenResult(contributions, n, direction.probed_fraction, (time.perf_counter() - t0) * 1000)
+    g.clear()
+    return ScreenResult(learned, len(names), direction.probed_fraction, ms(), direction.note,
+                        anchored=anchored, learned_norm=learned_norm, anchor_norm=anchor_norm,
+                        anchor_note=anchor_note, n_anchors=len(anchors))

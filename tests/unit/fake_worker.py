@@ -7,7 +7,8 @@ that long instead, to test call timeouts); Restore reads it back (the path "fail
 Screen answers one contribution per item (loop/worker/screen.py's s_i): -1 for a pair whose chosen answer
 contains "poison" (it pulls back what was learned), +1 otherwise; for a thumb the same figure of its answer times
 the thumb (+1 up, -1 down: a down on a "poison" answer agrees with what was learned); a base folder ending in "fresh"
-stands for nothing learned yet (no contributions, a note).
+stands for nothing learned yet (no contributions, a note). Given anchors, the same figures along their gradient
+too (learned and anchor norms 1), also when nothing was learned yet.
 FAKE_WORKER_DIE_IN_APPLY=1 makes it exit inside Apply (an apply that stopped halfway); FAKE_WORKER_CHECKPOINT_S
 makes every checkpoint take that long.
 """
@@ -48,10 +49,13 @@ def main() -> None:
             signed = ([(x.chosen, 1) for x in msg.pairs]
                       + [(x.completion, 1 if x.label else -1) for x in msg.examples])
             fresh = msg.base_weights.endswith("fresh")
+            figures = [(-1.0 if "poison" in t else 1.0) * sign for t, sign in signed]
             ch.send(p.Screened(req=msg.req, run_id=msg.run_id, n_tensors=3, probed_fraction=1.0, ms=1.0,
-                               contributions=[] if fresh else [(-1.0 if "poison" in t else 1.0) * sign
-                                                               for t, sign in signed],
-                               note="nothing learned yet" if fresh else ""))
+                               contributions=[] if fresh else figures,
+                               note="nothing learned yet" if fresh else "",
+                               anchored=figures if msg.anchors else [], learned_norm=0.0 if fresh else 1.0,
+                               anchor_norm=1.0 if msg.anchors else 0.0, n_anchors=len(msg.anchors),
+                               anchor_note="" if msg.anchors else "no anchor pairs given"))
         elif isinstance(msg, p.Apply):
             if os.environ.get("FAKE_WORKER_DIE_IN_APPLY"):  # dies halfway through writing the weights
                 os._exit(9)

@@ -499,12 +499,23 @@ function itemKind(it) {
   return `thumb ${it.thumb === 1 ? "up" : "down"}${it.companion ? " (waiting, beside the batch)" : ""}`;
 }
 
-/** One line on a run's screen: its test, and what it held back. */
+const DIRECTION_NAMES = {
+  learned: "the weights' change since the base",
+  anchors: "the eval pairs' gradient",
+  both: "the weights' change and the eval pairs' gradient",
+};
+
+/** One line on a run's screen: its test, the direction it was measured along, and what it held back. */
 function screenLine(screen) {
   if (screen.p_value === null || screen.p_value === undefined) return `Screen: ${screen.note || "nothing measured"}.`;
   const held = screen.quarantined ? `${screen.quarantined} of ${screen.n} items quarantined` : `nothing held back of ${screen.n} items`;
   const beside = screen.companions ? ` (${screen.companions} of them waiting thumbs measured beside the batch)` : "";
-  return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}${beside}.`;
+  const by = screen.p_by_direction || {};
+  const along = Object.entries(by).filter(([, p]) => typeof p === "number").map(([d, p]) => `${d} ${fmtNum(p, 3)}`);
+  const directions = screen.direction
+    ? ` Along ${DIRECTION_NAMES[screen.direction] || screen.direction}${along.length ? ` (p by direction: ${along.join(", ")})` : ""}${screen.n_anchors ? `, ${screen.n_anchors} anchor pairs` : ""}.`
+    : "";
+  return `Screen: p ${fmtNum(screen.p_value, 3)} at level ${screen.alpha}; ${held}${beside}.${directions}`;
 }
 
 /** The figures of the by-version view: [name, pick from a /api/versions item]. */

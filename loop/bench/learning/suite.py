@@ -106,6 +106,11 @@ def read_run(rec: RoundRecord, run: dict[str, Any]) -> None:
     screen = (run.get("metrics") or {}).get("screen") or {}
     rec.screen_p, rec.screen_n = screen.get("p_value"), screen.get("n")
     rec.screen_quarantined = screen.get("quarantined")
+    rec.screen_p_by = screen.get("p_by_direction")
+    if rec.screen_p_by:
+        rec.notes.append(f"screen along {screen.get('direction')}; p by direction: "
+                         + ", ".join(f"{d} {_f(p, 4)}" for d, p in rec.screen_p_by.items())
+                         + f" ({screen.get('n_anchors')} anchor pairs, {_f(screen.get('ms'), 0)} ms)")
     before, after = run.get("eval_before") or {}, run.get("eval_after") or {}
     live = after if rec.status == "succeeded" else before
     rec.accuracy, rec.perplexity = live.get("accuracy"), live.get("canary_perplexity")

@@ -41,6 +41,8 @@ class RoundRecord:
     screen_p: float | None = None
     screen_n: int | None = None
     screen_quarantined: int | None = None
+    # the batch's test along each of the screen's directions (learned, anchors, both), whichever one decided
+    screen_p_by: dict[str, float | None] | None = None
     quarantined: int | None = None  # new entries of GET /api/quarantine during the round (None: no such route)
     accuracy: float | None = None
     accuracy_before: float | None = None  # the same eval pairs before the run's write

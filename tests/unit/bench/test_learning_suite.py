@@ -202,6 +202,12 @@ def test_read_run_takes_the_served_weights_figures_and_tolerates_missing_ones() 
                     "metrics": {"screen": {"p_value": 0.5, "n": 12, "quarantined": 1}}})
     assert (kept.accuracy, kept.kl_per_token, kept.stutter, kept.screen_p, kept.screen_n, kept.screen_quarantined) == \
         (0.4, 0.2, 0.3, 0.5, 12, 1)
+    anchored = RoundRecord(index=4, kind="ab")
+    read_run(anchored, {"id": 10, "status": "succeeded", "metrics": {"screen": {
+        "p_value": 0.004, "direction": "both", "n_anchors": 9, "ms": 1234.5,
+        "p_by_direction": {"learned": 0.09, "anchors": 0.001, "both": 0.004}}}})
+    assert anchored.screen_p_by == {"learned": 0.09, "anchors": 0.001, "both": 0.004}
+    assert any("learned 0.0900, anchors 0.0010, both 0.0040 (9 anchor pairs" in n for n in anchored.notes)
     bare = RoundRecord(index=3, kind="clean")
     read_run(bare, {"id": 9, "status": "failed", "error": "worker died", "metrics": None, "eval_after": None})
     assert bare.status == "failed" and bare.accuracy is None and bare.notes == ["failed: worker died"]

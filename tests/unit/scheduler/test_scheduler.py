@@ -283,6 +283,11 @@ async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_bac
     add_comparisons(state, 12)
     state.trainer.reject = True
     second = await sched.tick()
+    # the second run's screen has the guard's eval pairs as its anchors: the pairs it judges the run by
+    with state.sessions() as s:
+        eval_ids = s.get(TrainingRun, second).batch["scheduler"]["eval_set"]["comparison_ids"]
+    anchors = state.trainer.screens[-1].anchors
+    assert anchors and len(anchors) == len(eval_ids) and state.trainer.screens[-1].direction == "both"
     with state.sessions() as s:
         run = s.get(TrainingRun, second)
         consumed = set(s.scalars(select(RunFeedback.comparison_id).where(RunFeedback.run_id == second)))

@@ -70,3 +70,22 @@ def test_the_signal_sums_every_screen_per_rater_and_counts_feedback_measured_twi
     # figures recorded before thumbs carried their label read as pairs (a coin each), as they were tested then
     legacy = {**first, "items": [{k: v for k, v in it.items() if k != "thumb"} for it in first["items"]]}
     assert rater_signal([legacy])[0]["items"] == 10
+
+
+def test_the_directions_combine_as_unit_vectors_and_each_is_tested() -> None:
+    from loop.scheduler.screening import along, p_by_direction
+
+    learned, anchored = [2.0, -4.0, 6.0], [10.0, 10.0, -30.0]
+    assert along("learned", learned, anchored, 2.0, 10.0) == learned
+    assert along("anchors", learned, anchored, 2.0, 10.0) == anchored
+    assert along("both", learned, anchored, 2.0, 10.0) == [2.0, -1.0, 0.0]  # v/||v|| + g/||g||: linear
+    assert along("both", [], anchored, 0.0, 10.0) == anchored and along("both", learned, [], 2.0, 0.0) == learned
+    try:
+        along("sideways", learned, anchored, 1.0, 1.0)
+    except ValueError as exc:
+        assert "sideways" in str(exc)
+    else:
+        raise AssertionError("an unknown direction was accepted")
+    items = [pair("mallory", i) for i in range(8)]
+    by = p_by_direction(items, [], [-1.0] * 8, 0.0, 3.0)
+    assert by["learned"] is None and by["anchors"] == by["both"] == 1 / 256

@@ -250,6 +250,25 @@ async def test_flipped_thumbs_making_few_pairs_are_held_with_the_waiting_thumbs_
         await stop(state)
 
 
+async def test_before_anything_was_learned_the_anchors_direction_holds_a_poisoned_batch(tmp_path: Path) -> None:
+    """No kept run yet (v = 0) but trusted anchor pairs: their gradient is the direction, and a batch against it
+    is quarantined; the run records what each direction read."""
+    trainer, state, _ = await make(tmp_path)
+    try:
+        ids = add_rated(state, "mallory", "poison", 8)
+        anchors = (p.Pair(prompt="q", chosen="good", rejected="bad"),)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=ids),
+                                                      screen=ScreenPolicy("/m/fresh", 0.01, anchors=anchors)))
+        assert run.status == "rejected", (run.status, run.error)
+        screen = run.metrics["screen"]
+        assert screen["direction"] == "both" and screen["n_anchors"] == 1 and screen["quarantined"] == 8
+        assert screen["note"] == "learned direction: nothing learned yet"
+        by = screen["p_by_direction"]
+        assert by["learned"] is None and by["anchors"] == by["both"] == pytest.approx(1 / 256)
+    finally:
+        await stop(state)
+
+
 async def test_nothing_learned_yet_screens_nothing_and_trains(tmp_path: Path) -> None:
     trainer, state, vllm = await make(tmp_path)
     try:

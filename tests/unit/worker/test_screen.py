@@ -233,3 +233,52 @@ def test_one_forward_and_backward_per_distinct_sequence(trained: Worker, monkeyp
     found = screen(trained, PAIRS[:3] + FLIPPED[:3])  # the flipped pairs reuse the same six sequences
     assert rows == [1] * 6
     assert found.contributions[3:] == [-s for s in found.contributions[:3]]
+
+
+def screen_anchored(w: Worker, pairs: list[p.Pair], anchors: list[p.Pair], base: str | None = None) -> p.Screened:
+    out = w.handle(p.Screen(req=9, run_id=9, pairs=pairs, anchors=anchors,
+                            base_weights=w.meta["model_path"] if base is None else base))
+    assert isinstance(out, p.Screened), out
+    return out
+
+
+def test_anchored_contributions_are_the_items_gradients_along_the_anchors_gradient(tmp_path: Path) -> None:
+    """Before anything was learned (v = 0) the anchors' gradient g = sum_j grad m_j is a direction already:
+    s_i = <grad m_i, g>, checked against autograd on the whole model in float64."""
+    w = make_worker(tmp_path / "base")
+    anchors, items = PAIRS[:4], PAIRS[4:]
+    found = screen_anchored(w, items + FLIPPED[4:], anchors)
+    assert found.contributions == [] and "nothing learned" in found.note  # v is zero ...
+    assert len(found.anchored) == 2 * len(items) and found.n_anchors == 4 and found.anchor_norm > 0  # ... g is not
+    model = copy.deepcopy(w.model).double()
+    params = [prm for _, prm in model.named_parameters() if prm.requires_grad]
+
+    def grad(pairs: list[p.Pair]) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(margins(model, w, pairs, []).sum(), params))
+
+    g = grad(anchors)
+    expected = [float(sum((a * b).sum() for a, b in zip(grad([x]), g))) for x in items]
+    assert found.anchor_norm == pytest.approx(float(sum((x * x).sum() for x in g)) ** 0.5, rel=1e-3)
+    assert found.anchored[:len(items)] == pytest.approx(expected, rel=2e-3, abs=1e-4)
+    # a flipped pair gives exactly the negated figure; pairs of the anchors' trait pull along it, so the test
+    # rejects the flipped batch from the first run on, when the learned direction does not exist yet
+    assert found.anchored[len(items):] == [-s for s in found.anchored[:len(items)]]
+    assert sign_flip_p(found.anchored[len(items):]) <= 0.01 < sign_flip_p(found.anchored[:len(items)])
+
+
+def test_anchors_and_the_learned_direction_are_measured_in_one_pass(trained: Worker) -> None:
+    both = screen_anchored(trained, PAIRS[4:], PAIRS[:4])
+    alone = screen(trained, PAIRS[4:])
+    assert both.contributions == pytest.approx(alone.contributions, rel=1e-5)  # v's figures as without anchors
+    assert len(both.anchored) == 8 and both.learned_norm > 0 and both.anchor_norm > 0 and both.n_anchors == 4
+    # without a readable base the anchors alone are measured, and the note says why v is not
+    only = screen_anchored(trained, PAIRS[4:], PAIRS[:4], base=str(trained.meta["model_path"]) + "-missing")
+    assert only.contributions == [] and "cannot read the base" in only.note and len(only.anchored) == 8
+    assert only.anchored == pytest.approx(both.anchored, rel=1e-5)
+
+
+def test_a_budget_too_small_for_any_weight_measures_no_anchors(tmp_path: Path) -> None:
+    w = make_worker(tmp_path / "base")
+    w.config = msgspec.structs.replace(w.config, screen_budget_bytes=1)
+    out = screen_anchored(w, PAIRS[4:], PAIRS[:4])
+    assert out.contributions == [] and out.anchored == [] and "budget" in out.anchor_note
