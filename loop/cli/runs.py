@@ -111,6 +111,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if screen:
             print(f"  screen: p {_fmt(screen.get('p_value'), 4)} (level {screen.get('alpha')}) over {screen.get('n')} "
                   f"items, {screen.get('quarantined')} quarantined{'; ' + screen['note'] if screen.get('note') else ''}")
+            by = screen.get("p_by_direction") or {}
+            if screen.get("direction"):
+                print(f"  screen direction: {screen['direction']} ({screen.get('n_anchors') or 0} anchor pairs); p by "
+                      "direction: " + ", ".join(f"{d} {_fmt(p, 4)}" for d, p in by.items()))
         if run.get("rollback_reason"):
             print(f"  ROLLED BACK: {run['rollback_reason']}")
         elif run.get("error"):

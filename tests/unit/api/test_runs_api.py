@@ -15,6 +15,7 @@ from tests.support import ServedApp
 
 from loop.api.errors import install_error_handlers
 from loop.cli import main as cli_main
+from loop.db import models
 from loop.raters import Accounts
 from loop.scheduler.scheduler import Scheduler
 
@@ -103,8 +104,17 @@ def test_scheduler_routes_and_run_history(server: Server, state: State, capsys: 
     assert cli_main(["runs", *common]) == 0
     out = capsys.readouterr().out
     assert "rolled_back" in out and "1 of 1 runs" in out
+    with state.sessions() as s:  # a screen's figures as a scheduled run records them (loop/training/runs.py)
+        row = s.get(models.TrainingRun, run_id)
+        row.metrics = {**(row.metrics or {}), "screen": {
+            "p_value": 0.004, "alpha": 0.01, "n": 12, "quarantined": 0, "note": "", "direction": "both",
+            "n_anchors": 9, "p_by_direction": {"learned": 0.09, "anchors": 0.001, "both": 0.004}}}
+        s.commit()
     assert cli_main(["runs", "show", str(run_id), *common]) == 0
-    assert "ROLLED BACK: held-out preference accuracy fell" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ROLLED BACK: held-out preference accuracy fell" in out
+    assert "screen: p 0.0040 (level 0.01) over 12 items" in out
+    assert "screen direction: both (9 anchor pairs); p by direction: learned 0.0900, anchors 0.0010, both 0.0040" in out
     assert cli_main(["versions", *common]) == 0
     out = capsys.readouterr().out
     assert "rollback" in out and "rolled_back" in out
