@@ -19,7 +19,8 @@ those preferences grow at the live weights: `anchored`, with ||v|| and ||g|| so 
 (loop/scheduler/screening.py). g depends on the anchors' labels, never on the batch's, so a flipped item still
 gives exactly -s_i and the test stays exact. g is held in fp32 on the probed weights (v's choice; before anything
 was learned, the trained weights in the model's order that fit the budget), and the budget is split between v and
-g by their bytes per element.
+g by their bytes per element. Only the anchors' sum matters, so their rows share forward and backward passes,
+`ANCHOR_BATCH` rows at a time (right-padded), where each item needs its own.
 
 How:
 - v is never a second copy of the model: `learned_direction` keeps at most `budget_bytes` of it on the weights'
@@ -62,6 +63,7 @@ from loop.worker.protocol import Example, Pair
 log = logging.getLogger("loop.worker")
 
 CHUNK = 1 << 24  # elements of one tensor handled at a time (64 MiB in fp32)
+ANCHOR_BATCH = 8  # anchor rows sharing one forward and backward (only their sum's gradient is wanted)
 
 
 class BaseWeights:
@@ -283,8 +285,11 @@ class _RowBackward:
         self.device = next(model.parameters()).device  # where the worker puts its batches (the weights' device)
 
     def run(self, rows: Sequence[tuple[Sequence[int], int]], on_grad: Callable[[torch.Tensor, torch.Tensor], None],
-            *, before_row: Callable[[int], None] = lambda i: None, scale: Sequence[float] | None = None) -> None:
-        """`before_row(i)` runs before row i's backward; `scale[i]` multiplies row i's log-prob (0: skipped)."""
+            *, before_row: Callable[[int], None] = lambda i: None, scale: Sequence[float] | None = None,
+            batch: int = 1) -> None:
+        """`before_row(i)` runs before row i's backward; `scale[i]` multiplies row i's log-prob (0: skipped).
+        `batch` > 1 (with `scale`): up to that many rows, right-padded, share one forward and backward, so
+        `on_grad` sees the gradient of their weighted sum only (no `before_row`)."""
         model = self.model
         trained = [prm for prm in model.parameters() if prm.requires_grad]
         stashed = {prm: prm.grad for prm in model.parameters() if prm.grad is not None}
@@ -306,17 +311,18 @@ class _RowBackward:
             disable_dropout(model)
             model.train()
             with torch.enable_grad():
+                if batch > 1:  # only the weighted sum's gradient is wanted: rows share a backward
+                    for start in range(0, len(rows), batch):
+                        part = [(r, f) for r, f in zip(rows[start:start + batch], scale[start:start + batch])  # type: ignore[index]
+                                if f != 0]
+                        if part:
+                            self._backward([r for r, _ in part], [f for _, f in part])
+                    return
                 for i, (ids, plen) in enumerate(rows):
                     before_row(i)
                     factor = 1.0 if scale is None else scale[i]
-                    if factor == 0:
-                        continue
-                    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-                    loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-                    loss_mask[0, plen:] = True
-                    logp = sequence_logps(model, input_ids, torch.ones_like(input_ids), loss_mask)
-                    if logp.requires_grad:  # an answer of no tokens has no log-prob to move
-                        (logp.sum() * factor).backward()
+                    if factor != 0:
+                        self._backward([(ids, plen)], [factor])
         finally:
             for h in handles:
                 h.remove()
@@ -326,6 +332,21 @@ class _RowBackward:
             for prm, g in stashed.items():
                 prm.grad = g
             model.train(was_training)
+
+
+    def _backward(self, rows: Sequence[tuple[Sequence[int], int]], factors: Sequence[float]) -> None:
+        """Backward of sum_r factors[r] * log pi(row r), the rows right-padded into one batch."""
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        attention = torch.zeros_like(input_ids)
+        loss_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for r, (ids, plen) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+            attention[r, :len(ids)] = 1
+            loss_mask[r, plen:len(ids)] = True
+        logp = sequence_logps(self.model, input_ids, attention, loss_mask)
+        if logp.requires_grad:  # answers of no tokens have no log-prob to move
+            (logp * torch.tensor(list(factors), dtype=logp.dtype, device=logp.device)).sum().backward()
 
 
 def _counted_once(probed: Collection[torch.Tensor], tp: Any) -> set[torch.Tensor]:
@@ -384,7 +405,7 @@ def anchor_gradient(model: nn.Module, rows: Sequence[tuple[Sequence[int], int]],
     def on_grad(prm: torch.Tensor, grad: torch.Tensor) -> None:
         g[prm] += grad.float()
 
-    _RowBackward(model, g).run(rows, on_grad, scale=coefficients)
+    _RowBackward(model, g).run(rows, on_grad, scale=coefficients, batch=ANCHOR_BATCH)
     return g, _norm(g, tp)
 
 
