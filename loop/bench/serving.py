@@ -338,14 +338,12 @@ class _GuardedPauser:
         while (wait := self.guard.wait_s(time.monotonic())) > 0:
             time.sleep(min(wait, 0.05))
         self.waited_s += time.monotonic() - t0
-        before: list[Any] = []
-
-        def counted_write() -> Any:  # read while paused (nothing decodes) and before the reset preempts them
-            before.append(self._counters())
-            return write()
-
-        ms = self.pauser.run(counted_write)
-        self.guard.wrote(time.monotonic(), before[0] if before else None)
+        try:  # read just before the pause, as the service does: a read inside it would lengthen every pause
+            before = self._counters()
+        except (httpx.HTTPError, ValueError):
+            before = None
+        ms = self.pauser.run(write)
+        self.guard.wrote(time.monotonic(), before)
         self._watch = threading.Thread(target=self._recover, name="loop-bench-recovery", daemon=True)
         self._watch.start()
         return ms

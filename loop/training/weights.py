@@ -106,8 +106,10 @@ class LiveWeights:
         t: dict[str, float] = {}
         vllm = self.state.vllm
         paused = wrote = False
-        before: asyncio.Task[Counters | None] | None = None
-        counted: Counters | None = None
+        # The answers a keep-mode write will preempt, read just before the pause rather than inside it (a read of
+        # vLLM's /metrics under load takes milliseconds that every pause would add); the few tokens decoded
+        # between the read and the pause only make the recovery watch wait a step longer.
+        counted = await self.counters() if guarded and atomic else None
         t0 = time.perf_counter()
         self._changing = True
         self.state.changing_from = self.state.weight_version
@@ -116,12 +118,8 @@ class LiveWeights:
                 await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True
                 t["pause_ms"] = (time.perf_counter() - t0) * 1000
-                if guarded:  # read while paused (nothing decodes) and before the reset preempts: beside the write
-                    before = asyncio.create_task(self.counters())
             if await work(t):
                 wrote = True
-                if before is not None:  # read beside the write; it must be in before the reset preempts them
-                    counted = await before
                 t1 = time.perf_counter()
                 await vllm.reset_prefix_cache()
                 t["reset_ms"] = (time.perf_counter() - t1) * 1000
@@ -136,12 +134,10 @@ class LiveWeights:
                         if supervisor is None or supervisor.state == "ready":
                             raise
                     t["resume_ms"] = (time.perf_counter() - t2) * 1000
-                    if before is not None and wrote:  # the answers in flight were preempted: watch them recover
+                    if guarded and wrote:  # the answers in flight were preempted: watch them recover
                         self._recovering(counted)
                 t["total_ms"] = (time.perf_counter() - t0) * 1000
             finally:
-                if before is not None and not before.done():
-                    before.cancel()
                 self._changing = False
                 if not self.held:  # held: vLLM stays paused, serving has not moved on yet
                     self._settled()

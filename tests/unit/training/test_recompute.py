@@ -108,6 +108,7 @@ async def test_a_runs_second_keep_write_waits_and_a_rollback_does_not(tmp_path: 
 
     async def get(path: str, *, timeout: float | None = None) -> httpx.Response:
         assert path == "/metrics"
+        vllm.calls.append("metrics")
         return httpx.Response(200, text=metrics.text())
 
     async def resumed() -> None:
@@ -135,6 +136,12 @@ async def test_a_runs_second_keep_write_waits_and_a_rollback_does_not(tmp_path: 
         assert waited >= 0.65, waited
         assert await live.yield_to_serving(atomic=False) == 0  # hogwild: nothing is preempted
         assert vllm.calls.count("reset") == 3
+        # the run's write reads vLLM's counters before its pause: a read inside it would lengthen the pause
+        paused = [i for i, c in enumerate(vllm.calls) if c.startswith("pause")]
+        resumed_at = [i for i, c in enumerate(vllm.calls) if c.startswith("resume")]
+        assert paused and len(paused) == len(resumed_at), vllm.calls
+        assert all("metrics" not in vllm.calls[p:r] for p, r in zip(paused, resumed_at, strict=True)), vllm.calls
+        assert vllm.calls[paused[-1] - 1] == "metrics", vllm.calls
         await live.close()
     finally:
         await stop(state)
