@@ -32,6 +32,7 @@ says "fits" when lowmem or staged ran without OOM beside vLLM at its --gpu-memor
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -187,15 +188,20 @@ class Pauser:
         keep = self.mode == "keep"
         t0 = time.perf_counter()
         self.client.post("/pause", params={"mode": self.mode, **({"clear_cache": "false"} if keep else {})}).raise_for_status()
+        # paused, vLLM computes nothing: the reset runs beside the write (as the service's apply does)
+        reset = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="loop-bench-reset")
+        done = reset.submit(self.client.post, "/reset_prefix_cache",
+                            params={"reset_running_requests": "true"} if keep else None)
         try:
             write()
         finally:
             try:
-                r = self.client.post("/reset_prefix_cache", params={"reset_running_requests": "true"} if keep else None)
+                r = done.result()
                 r.raise_for_status()
                 if keep and isinstance(r.json(), dict) and r.json().get("success") is False:
                     raise RuntimeError("vLLM could not reset its prefix cache (blocks still held)")
             finally:
+                reset.shutdown()
                 self.client.post("/resume").raise_for_status()
         return (time.perf_counter() - t0) * 1e3
 

@@ -113,17 +113,26 @@ class LiveWeights:
         t0 = time.perf_counter()
         self._changing = True
         self.state.changing_from = self.state.weight_version
+        reset: asyncio.Task[None] | None = None
         try:
             if atomic:
                 await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True
                 t["pause_ms"] = (time.perf_counter() - t0) * 1000
+                # Paused, vLLM computes nothing until the resume: the reset (its caches, the frozen answers' keys
+                # and values) and the write (the weights) touch different memory and neither is seen before the
+                # resume, so they run side by side and the pause is not their sum.
+                reset = asyncio.create_task(self._reset(t))
             if await work(t):
                 wrote = True
-                t1 = time.perf_counter()
-                await vllm.reset_prefix_cache()
-                t["reset_ms"] = (time.perf_counter() - t1) * 1000
+                if reset is None:  # not paused: vLLM serves, so only a reset after the write drops old keys
+                    await self._reset(t)
+            if reset is not None:
+                await reset
         finally:
+            if reset is not None and not reset.done():  # the write failed: the reset still ends before the resume
+                with contextlib.suppress(Exception):
+                    await reset
             try:
                 if paused and not self.held:
                     t2 = time.perf_counter()
@@ -142,6 +151,11 @@ class LiveWeights:
                 if not self.held:  # held: vLLM stays paused, serving has not moved on yet
                     self._settled()
         return t
+
+    async def _reset(self, t: dict[str, float]) -> None:
+        t1 = time.perf_counter()
+        await self.state.vllm.reset_prefix_cache()
+        t["reset_ms"] = (time.perf_counter() - t1) * 1000
 
     def hold(self, why: str, load_id: str | None) -> None:
         """Keep vLLM paused: the weights of load `load_id` are not known to be whole."""

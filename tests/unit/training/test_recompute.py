@@ -145,3 +145,26 @@ async def test_a_runs_second_keep_write_waits_and_a_rollback_does_not(tmp_path: 
         await live.close()
     finally:
         await stop(state)
+
+
+async def test_the_reset_runs_beside_the_write_and_both_end_before_the_resume(tmp_path: Path) -> None:
+    from loop.training.weights import LiveWeights
+
+    _trainer, state, vllm = await make(tmp_path)
+    try:
+        live = LiveWeights(state)
+
+        async def work(t: dict[str, float]) -> bool:  # still writing when the reset arrives
+            for _ in range(500):
+                if "reset" in vllm.calls:
+                    break
+                await asyncio.sleep(0.01)
+            vllm.calls.append("write")
+            return True
+
+        t = await live.change(work, atomic=True)
+        assert vllm.calls[:3] == ["pause:keep", "reset", "write"] and vllm.calls[3].startswith("resume"), vllm.calls
+        assert len(vllm.calls) == 4 and "reset_ms" in t
+        await live.close()
+    finally:
+        await stop(state)

@@ -350,8 +350,9 @@ async def test_worker_dying_inside_apply_restores_the_newest_checkpoint_before_v
         _, path = await trainer.checkpoint()  # version 0
         run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
         assert run.status == "failed" and "died" in (run.error or ""), run.error
-        # paused all along: the checkpoint went back in (and the prefix cache was reset) before vLLM resumed
-        assert vllm.calls == ["pause:keep", "reset", "resume@v1"]
+        # paused all along: the checkpoint went back in (and the prefix cache was reset after it) before vLLM
+        # resumed; the first reset ran beside the apply that died
+        assert vllm.calls == ["pause:keep", "reset", "reset", "resume@v1"]
         with state.sessions() as s:
             v = s.get(WeightVersion, 1)
             assert v is not None and v.kind == "restore" and v.parent_version == 0 and v.checkpoint_path == path
@@ -381,7 +382,7 @@ async def test_nothing_to_restore_from_restarts_vllm_or_holds_it_paused(
         vllm.calls.clear()
         run = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
         assert run.status == "failed"
-        assert vllm.calls == ["pause:keep"]  # never resumed on weights nobody knows
+        assert vllm.calls == ["pause:keep", "reset"]  # never resumed on weights nobody knows
         st = trainer.describe()
         assert st["state"] == "held" and "kept paused" in st["held_paused"]
         with pytest.raises(Unavailable, match="kept paused"):
