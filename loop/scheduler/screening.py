@@ -27,10 +27,14 @@ and splits honest items about half and half, so the test, exact, has little powe
 (held-out feedback older than the batch, and pairs kept runs learned from) are trusted already: the worker also
 measures each item along g, the gradient of those anchor pairs' margins at the live weights (what the guard's
 margin test will judge after the write, to first order), which exists from the first run on. `along` gives the
-contributions the test uses: "learned" (v), "anchors" (g), or "both" (v/||v|| + g/||g||, the sum of the two unit
-directions: each figure is linear in the direction, so it is the sum of the scaled figures). Any of them is fixed
-before the batch's labels are seen, so the test stays exact under its null; which has the power is measured
-(`loop bench learning` records each one's p per round). The figures carry all three.
+contributions the test uses: "learned" (v), "anchors" (g), or "both". Each is fixed before the batch's labels
+are seen, so a test along it stays exact under its null; which has the power is measured (`loop bench learning`
+records each one's p per round), and the figures carry all three. "both" tests v, g and their unit sum
+v/||v|| + g/||g|| jointly (`loop.stats.joint_label_test_p`: the most negative standardised figure among the three,
+its null drawn with one coin per pair and one shuffle of the thumbs for all three), and shows the unit sum as
+each item's contribution. The sum alone can be weaker than either direction (a batch read p = 0.0001 along v,
+0.016 along g, 0.012 along their sum); the joint test keeps the stronger one's power at a small price for
+testing three, and stays exact whatever the correlation between them.
 
 Nothing learned yet and no anchors, or a base the worker cannot read and no anchors, gives no contributions:
 nothing is judged (the screen says so). Held-back items are quarantined, not lost (loop/training/quarantine.py).
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loop.pairs import Item
-from loop.stats import label_test_p
+from loop.stats import joint_label_test_p, label_test_p
 
 DEFAULT_ALPHA = 0.01
 DIRECTIONS = ("learned", "anchors", "both")
@@ -67,6 +71,12 @@ def along(direction: str, learned: Sequence[float], anchored: Sequence[float], l
     return list(learned or anchored)
 
 
+def tested_with(direction: str, learned: Sequence[float], anchored: Sequence[float]) -> list[list[float]]:
+    """The directions tested jointly with `along(direction, ...)`: for "both" with both measured, v and g
+    themselves (module docstring), else none."""
+    return [list(learned), list(anchored)] if direction == "both" and learned and anchored else []
+
+
 def p_by_direction(items: Sequence[Item], learned: Sequence[float], anchored: Sequence[float], learned_norm: float,
                    anchor_norm: float, *, seed: int = 0) -> dict[str, float | None]:
     """The whole batch's test along each direction (None: not measured), so a run records what each would have
@@ -75,7 +85,8 @@ def p_by_direction(items: Sequence[Item], learned: Sequence[float], anchored: Se
     out: dict[str, float | None] = {}
     for d in DIRECTIONS:
         values = along(d, learned, anchored, learned_norm, anchor_norm)
-        out[d] = label_test_p(values, thumbs, seed=seed) if values and len(values) == len(items) else None
+        joint = [values, *tested_with(d, learned, anchored)]
+        out[d] = joint_label_test_p(joint, thumbs, seed=seed) if values and len(values) == len(items) else None
     return out
 
 
@@ -132,19 +143,24 @@ def _why(scope: str, values: Sequence[float], p: float, level: float) -> str:
 
 
 def decide(items: Sequence[Item], contributions: Sequence[float], *, alpha: float = DEFAULT_ALPHA,
-           note: str = "", seed: int = 0, companions: Sequence[int] = ()) -> Decision:
+           note: str = "", seed: int = 0, companions: Sequence[int] = (),
+           also: Sequence[Sequence[float]] = ()) -> Decision:
     """Which items to hold back. `contributions` are the worker's s_i, in the order of `items` (empty: nothing
     was measured, `note` says why); `companions` are the indices of items screened as evidence only (see the
     module's docstring): tested with their rater's items, held with them, never alone enough to hold a batch
-    item of another rater."""
+    item of another rater. `also`: more directions' figures of the same items, tested jointly with
+    `contributions` (`tested_with`; each test is then `joint_label_test_p` over all of them)."""
     if not contributions:
         return Decision(note=note or "nothing measured")
-    if len(contributions) != len(items):
+    if any(len(c) != len(items) for c in (contributions, *also)):
         raise ValueError(f"{len(contributions)} contributions for {len(items)} items")
     thumbs = [thumb_of(item) for item in items]
 
     def p_of(idx: Sequence[int]) -> float:
-        return label_test_p([contributions[i] for i in idx], [thumbs[i] for i in idx], seed=seed)
+        labels = [thumbs[i] for i in idx]
+        if not also:
+            return label_test_p([contributions[i] for i in idx], labels, seed=seed)
+        return joint_label_test_p([[c[i] for i in idx] for c in (contributions, *also)], labels, seed=seed)
 
     by_group: dict[str, list[int]] = defaultdict(list)
     for i, item in enumerate(items):

@@ -453,7 +453,9 @@ class Trainer:
             note = "; ".join(n for n in (reply.note and f"learned direction: {reply.note}",
                                          reply.anchor_note and f"anchors: {reply.anchor_note}") if n)
         decision = screening.decide(items, contributions, alpha=screen.alpha, note=note, seed=run_id,
-                                    companions=range(trained, len(items)))
+                                    companions=range(trained, len(items)),
+                                    also=screening.tested_with(screen.direction, reply.contributions,
+                                                               reply.anchored))
         figures = decision.figures(items, contributions, screen.alpha)
         figures.update(ms=reply.ms, n_tensors=reply.n_tensors, probed_fraction=reply.probed_fraction,
                        direction=screen.direction, n_anchors=reply.n_anchors,
