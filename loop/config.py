@@ -247,8 +247,8 @@ class Settings(BaseSettings):
                                 "passes. 0: none.")
     screen_direction: Literal["learned", "anchors", "both"] = Field(
         "both", description="Which direction the screen's test uses: learned (the weights' change since the base), "
-        "anchors (the eval pairs' gradient) or both (the sum of the two unit directions); every run records the "
-        "p-value along each.")
+        "anchors (the eval pairs' gradient) or both (the two and their unit sum tested jointly); every run records "
+        "the p-value along each.")
     poison_alpha: float = Field(0.01, ge=0, lt=1, description="Before a scheduled run trains, the worker measures "
                                 "how each item pulls along the weights' change since the base model; items whose "
                                 "pull is against it at this significance level (an exact sign-flip test, per rater "
