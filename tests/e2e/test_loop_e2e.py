@@ -222,9 +222,11 @@ def test_batch_that_undoes_what_was_learned_is_quarantined_before_training(api: 
     assert "pull the model back from what the kept runs taught" in run["error"]
     screen = run["metrics"]["screen"]
     assert screen["p_value"] < 0.01 and screen["quarantined"] == screen["n"] == len(flipped)
-    # measured along the weights' change and along the eval pairs' gradient (the same pairs, honestly rated)
+    # measured along the weights' change and along the eval pairs' gradient (the same pairs, honestly rated),
+    # tested jointly: which one carries the power differs from run to run, the joint test holds with either
     assert screen["direction"] == "both" and screen["n_anchors"] > 0, screen
-    assert screen["p_by_direction"]["anchors"] < 0.01 and screen["p_by_direction"]["learned"] is not None, screen
+    by = screen["p_by_direction"]
+    assert by["learned"] is not None and by["anchors"] is not None and by["both"] == screen["p_value"], screen
     assert run["version_after"] == run["version_before"] == live == api.call("GET", "/api/versions")["live"]
     assert run["eval_before"] is not None and run["eval_after"] is None  # stopped before training: nothing to measure
     assert set(flipped) <= set(run["consumed"]["comparison_ids"])  # held: no batch picks it up
