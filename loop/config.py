@@ -311,9 +311,8 @@ class Settings(BaseSettings):
             raise ValueError("LOOP_ADMIN_TOKEN must be at least 16 characters (use `openssl rand -hex 16`)")
         if self.train_mode == "lowmem" and self.tensor_parallel > 1:
             raise ValueError(LOWMEM_TP)
-        if self.replicas > 1 and (self.tensor_parallel > 1 or self.vllm_url is not None):
-            raise ValueError(f"--replicas {self.replicas} needs loop to start vLLM itself without tensor parallel "
-                             "(not with --vllm-url or --tensor-parallel above 1)")
+        if self.replicas > 1 and self.vllm_url is not None:
+            raise ValueError(f"--replicas {self.replicas} needs loop to start vLLM itself (not with --vllm-url)")
         given = vllm_tensor_parallel(self.vllm_args)
         if given is not None and given.strip() != str(self.tensor_parallel):
             # The worker sizes itself from tensor_parallel: a size only vLLM knows would leave it wrong.

@@ -79,15 +79,36 @@ def kernel_args(model_path: str | Path, device: str) -> list[str]:
 def omp_threads_bind(cores: list[int], ranks: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for `ranks` vLLM-CPU ranks: `cores` split evenly into contiguous groups, one per
     rank ("0-3|4-7"); with fewer cores than ranks each rank gets one core, wrapping around ("0|1|0")."""
-    if len(cores) < ranks:
-        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
-    size, extra = divmod(len(cores), ranks)
+    return "|".join(_id_list(group) for group in _split(cores, ranks))
+
+
+def replica_binding(cores: list[int], replicas: int, index: int, ranks: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for replica `index` of `replicas` with `ranks` tensor-parallel ranks, or None for
+    vLLM's own (one replica, one rank). Replicas on one machine each get their own share of the cores, or they fight
+    over all of them; vLLM's own binding gives each rank a NUMA node and refuses a machine with fewer nodes than
+    ranks, so a replica's share is split between its ranks, which works on any machine."""
+    if replicas <= 1 and ranks <= 1:
+        return None
+    share = cores
+    if replicas > 1:
+        share = _split(cores, replicas)[index]
+    if ranks > 1 and len(share) < ranks:
+        _say(f"{ranks} tensor-parallel ranks on {len(share)} cores: ranks share cores, one each "
+             "(set VLLM_CPU_OMP_THREADS_BIND to choose)")
+    return omp_threads_bind(share, ranks)
+
+
+def _split(cores: list[int], n: int) -> list[list[int]]:
+    """`cores` in n contiguous groups as even as they can be; with fewer cores than groups one core each, wrapping."""
+    if len(cores) < n:
+        return [[cores[i % len(cores)]] for i in range(n)]
+    size, extra = divmod(len(cores), n)
     groups, start = [], 0
-    for r in range(ranks):
-        end = start + size + (r < extra)
-        groups.append(_id_list(cores[start:end]))
+    for i in range(n):
+        end = start + size + (i < extra)
+        groups.append(cores[start:end])
         start = end
-    return "|".join(groups)
+    return groups
 
 
 def _id_list(cores: list[int]) -> str:
@@ -207,10 +228,13 @@ def visible_cards() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def replica_card(cards: list[str], replicas: int, index: int) -> str | None:
-    """The card replica `index` gets to itself when there are at least as many cards as replicas (replica k on the
-    k-th card); None: the replicas share what vLLM picks, each with 1/K of the memory share."""
-    return cards[index] if replicas > 1 and len(cards) >= replicas else None
+def replica_card(cards: list[str], replicas: int, index: int, ranks: int = 1) -> str | None:
+    """The card(s) replica `index` gets to itself when there are enough for every replica's `ranks` tensor-parallel
+    ranks (replica k on the k-th group of `ranks` cards, as CUDA_VISIBLE_DEVICES takes them); None: the replicas
+    share what vLLM picks, each with 1/K of the memory share."""
+    if replicas <= 1 or len(cards) < replicas * ranks:
+        return None
+    return ",".join(cards[index * ranks:(index + 1) * ranks])
 
 
 class VLLMSupervisor:
@@ -328,7 +352,7 @@ class VLLMSupervisor:
                 self.device = await asyncio.to_thread(pick_device, self.settings.device)
             if self.device == "cuda" and self.settings.replicas > 1:
                 cards = await asyncio.to_thread(visible_cards)
-                self.card = replica_card(cards, self.settings.replicas, self.index)
+                self.card = replica_card(cards, self.settings.replicas, self.index, self.settings.tensor_parallel)
         except Exception as exc:  # noqa: BLE001 - reported through /health and 503s
             self._fail(f"could not prepare vLLM's start: {exc}")
             return False
@@ -420,19 +444,11 @@ class VLLMSupervisor:
             env["CUDA_VISIBLE_DEVICES"] = self.card
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.settings.cpu_kv_cache_gib)
-            ranks = self.settings.tensor_parallel
-            if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-                # vLLM's own binding gives each rank a NUMA node and refuses a machine with fewer nodes than
-                # ranks; the cores this process may use, split between the ranks, work on any machine.
-                cores = sorted(os.sched_getaffinity(0))
-                if len(cores) < ranks:
-                    _say(f"{ranks} tensor-parallel ranks on {len(cores)} cores: ranks share cores, one each "
-                         "(set VLLM_CPU_OMP_THREADS_BIND to choose)")
-                env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(cores, ranks)
-            if self.settings.replicas > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-                # replicas on one machine: each its own share of the cores, or they fight over all of them
-                groups = omp_threads_bind(sorted(os.sched_getaffinity(0)), self.settings.replicas).split("|")
-                env["VLLM_CPU_OMP_THREADS_BIND"] = groups[self.index]
+            if "VLLM_CPU_OMP_THREADS_BIND" not in env:
+                binding = replica_binding(sorted(os.sched_getaffinity(0)), self.settings.replicas, self.index,
+                                          self.settings.tensor_parallel)
+                if binding:
+                    env["VLLM_CPU_OMP_THREADS_BIND"] = binding
         return env
 
     async def _spawn(self) -> asyncio.subprocess.Process:

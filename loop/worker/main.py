@@ -70,7 +70,7 @@ class Worker:
         # replicas 1..K-1 (loop/worker/mirrors.py): every write to these weights is copied into them
         from loop.worker.mirrors import Mirrors
 
-        self.mirrors = Mirrors(config.mirrors)
+        self.mirrors = Mirrors(config.mirrors, self.rank)
         self.vllm_tensors: dict[str, Any] = {}  # replica 0's tensors by vLLM name, what the mirrors copy
 
     # ------------------------------------------------------------ attach
@@ -225,8 +225,7 @@ class Worker:
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
                             checksum=self.checksum() if msg.checksum else "",
-                            mirrors=self.mirrors.checksums(self.vllm_tensors) if msg.checksum and self.mirrors.dirs
-                            else [])
+                            mirrors=self.mirror_checksums() if msg.checksum and self.mirrors.dirs else [])
         if isinstance(msg, p.Train):
             return self.train(msg)
         if isinstance(msg, p.Screen):
@@ -418,9 +417,9 @@ class Worker:
             from loop.worker.views import write_back
 
             write_back(self.model)  # weights trained as copies (vLLM's rows in another order): into vLLM, now
+            self.mirrors.copy(self.vllm_tensors)  # every replica switches within the same pause
             if self.tp is not None:  # rank 0 answers once every rank has written, inside the same pause
                 self.tp.barrier()
-            self.mirrors.copy(self.vllm_tensors)  # every replica switches within the same pause
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
@@ -544,9 +543,9 @@ class Worker:
                 from loop.worker.views import write_back
 
                 write_back(self.model)
-                if self.tp is not None:  # rank 0 answers once every rank has written
-                    self.tp.barrier()
                 self.mirrors.copy(self.vllm_tensors)
+                if self.tp is not None:  # rank 0 answers once every rank has written, its replicas too
+                    self.tp.barrier()
             finally:
                 self.ch.state = "idle"
         finally:
@@ -562,13 +561,37 @@ class Worker:
         from loop.worker.mirrors import MirrorError
 
         self.ch.state = "syncing"
+        error, load_id, ms = "", "", 0.0
         try:
             load_id, ms = self.mirrors.sync(msg.replica, self.vllm_tensors)
         except MirrorError as e:
-            return p.Error(req=msg.req, message=str(e))
+            error = str(e)
         finally:
             self.ch.state = "idle"
+        if self.tp is not None:  # every rank syncs its own shards: the replica serves only when all of them did
+            ok, bad = self.tp.agree(not error)
+            if not ok:
+                self.mirrors.attached.pop(msg.replica, None)
+                error = error or (f"tensor-parallel rank(s) {bad} could not sync replica {msg.replica} (the "
+                                  "worker log says why)")
+        if error:
+            return p.Error(req=msg.req, message=error)
         return p.Synced(req=msg.req, replica=msg.replica, load_id=load_id, ms=ms)
+
+    def mirror_checksums(self) -> list[str]:
+        """`Mirrors.checksums`; on a tensor-parallel worker (every rank calls it) each replica's over every rank's
+        shards in rank order, "" where a rank has not attached it."""
+        mine = self.mirrors.checksums(self.vllm_tensors)
+        if self.tp is None:
+            return mine
+        import hashlib
+
+        missing = b"-" * 64  # a sha256 in hex is 64 characters: every rank sends the same length
+        out = []
+        for c in mine:
+            parts = self.tp.every(c.encode() or missing)
+            out.append("" if missing in parts else hashlib.sha256(b"".join(parts)).hexdigest())
+        return out
 
 
 class ModelRefused(Exception):
@@ -582,7 +605,7 @@ class GroupRestart(Exception):
 
 EXIT_RESTART = 75  # sysexits EX_TEMPFAIL
 # requests every rank of a tensor-parallel worker handles (the others only rank 0)
-_EVERY_RANK = (p.Train, p.Screen, p.Apply, p.Discard, p.Checkpoint, p.Restore)
+_EVERY_RANK = (p.Train, p.Screen, p.Apply, p.Discard, p.Checkpoint, p.Restore, p.Sync)
 
 
 class _Quiet:

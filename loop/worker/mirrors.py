@@ -1,6 +1,7 @@
 """Replicas 1..K-1 of the served model: whole copies, in other vLLM processes, that follow replica 0's weights.
 
-With `loop serve --replicas K` the worker trains replica 0 in place, as with one vLLM. Every write it makes to
+With `loop serve --replicas K` the worker trains replica 0 in place, as with one vLLM. With tensor parallel N each
+replica runs N ranks, and rank r of the worker mirrors rank r of every replica (the same shards of the same model). Every write it makes to
 replica 0's weights (an Apply, a Restore) is then copied into each other replica's own memory, which it maps the
 same way (CUDA IPC or a shared-memory file, from that replica's weight-handle file), before it answers: the API
 pauses every replica around the request, so all of them switch to the new version within the same pause and no
@@ -29,8 +30,9 @@ class MirrorError(RuntimeError):
 
 
 class Mirrors:
-    def __init__(self, dirs: list[str]) -> None:
+    def __init__(self, dirs: list[str], rank: int = 0) -> None:
         self.dirs = [Path(d) for d in dirs]  # replica k's run dir is dirs[k - 1]
+        self.rank = rank  # a tensor-parallel worker's rank mirrors the same rank of every replica
         self.attached: dict[int, tuple[str, dict[str, Any]]] = {}  # replica -> (its load id, its tensors)
 
     def _dir(self, k: int) -> Path:
@@ -55,7 +57,10 @@ class Mirrors:
             hs = read_handles(self._dir(k))
         except HandleError as e:
             raise MirrorError(f"replica {k} has no weights to sync: {e}") from e
-        tensors = attach(hs, 0)
+        if hs.meta["tp_size"] <= self.rank:
+            raise MirrorError(f"replica {k} runs with tensor parallel {hs.meta['tp_size']}: it has no rank "
+                              f"{self.rank} to mirror")
+        tensors = attach(hs, self.rank)
         wrong = [n for n, t in primary.items()
                  if n not in tensors or tensors[n].shape != t.shape or tensors[n].dtype != t.dtype]
         if wrong or len(tensors) != len(primary):

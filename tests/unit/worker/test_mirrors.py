@@ -107,3 +107,15 @@ def test_a_card_is_found_by_its_uuid_and_an_unseen_one_is_refused() -> None:
         return
     for i in range(torch.cuda.device_count()):
         assert local_device(0, str(torch.cuda.get_device_properties(i).uuid)) == i
+
+
+def test_a_rank_the_replica_does_not_have_is_refused_by_name(tmp_path: Path) -> None:
+    """A tensor-parallel worker's rank r mirrors rank r of each replica: a replica started with fewer ranks (here
+    one) cannot follow rank 1's shards, and the sync says so instead of copying another rank's tensors."""
+    child = Child(tmp_path / "r1")
+    try:
+        with pytest.raises(MirrorError, match="runs with tensor parallel 1: it has no rank 1"):
+            Mirrors([str(tmp_path / "r1")], rank=1).sync(1, primary())
+        assert Mirrors([str(tmp_path / "r1")], rank=0).sync(1, primary())[0]
+    finally:
+        child.stop()
