@@ -13,6 +13,7 @@ model on the views the plugin derived (loop/layout.py) and checks that
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from loop.worker.apollo import moe_routers
 from loop.worker.views import views_alias
 from tests.families import make_tiny
 from tests.zero_copy_support import (
-    PROMPT, attach_model, greedy, hf_prompt_logprobs, start_vllm, token_ids, vllm_prompt_logprobs,
+    PROMPT, VLLM, attach_model, greedy, hf_prompt_logprobs, start_vllm, token_ids, vllm_prompt_logprobs,
 )  # fmt: skip
 
 ANSWERS = (" Berlin, of course.", " Madrid, I think.")
@@ -151,16 +152,28 @@ def fp32(model: torch.nn.Module) -> torch.nn.Module:
     return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
 
 
+def launch_family(family: str, root: Path, *, dtype: str, vllm_args: tuple[str, ...], env: dict[str, str],
+                  extra_args: tuple[str, ...] = ()) -> Callable[[], tuple[Path, VLLM]]:
+    """The family's tiny model written under `root` now; returned, the start of a vLLM with the loop plugin serving
+    it, which may run in another thread (making the model may not: transformers patches torch while it builds one)
+    and returns (folder, vLLM)."""
+    folder = make_tiny(family, root / "model")
+    (root / "live").mkdir()
+    return lambda: (folder, start_vllm(str(folder), root / "live", *vllm_args, *extra_args, "--dtype", dtype,
+                                       env=env))
+
+
 def prove_family(family: str, tmp_path: Path, *, dtype: str, vllm_args: tuple[str, ...], env: dict[str, str],
                  parity: float, same_tol: float = 1e-4, extra_args: tuple[str, ...] = (),
-                 fresh_vllm: bool = True) -> FamilyProof:
+                 fresh_vllm: bool = True, launched: tuple[Path, VLLM] | None = None) -> FamilyProof:
     """`fresh_vllm=False`: the checkpoint is loaded by transformers and its prompt log-probs compared with the live
-    vLLM's (within `parity`) instead of served by a second vLLM (one vLLM start less)."""
-    folder = make_tiny(family, tmp_path / "model")
-    for d in ("live", "fresh"):
-        (tmp_path / d).mkdir()
+    vLLM's (within `parity`) instead of served by a second vLLM (one vLLM start less). `launched`: what
+    `launch_family` returned for these arguments, started ahead of the test; it is stopped here."""
     args = (*vllm_args, *extra_args, "--dtype", dtype)
-    vllm = start_vllm(str(folder), tmp_path / "live", *args, env=env)
+    if launched is None:
+        launched = launch_family(family, tmp_path, dtype=dtype, vllm_args=vllm_args, env=env, extra_args=extra_args)()
+    folder, vllm = launched
+    (tmp_path / "fresh").mkdir()
     try:
         hs, tensors, model = attach_model(vllm)
         placed = hs.meta["layout"]["tensors"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -19,6 +21,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+T = TypeVar("T")
+
+
+class Ahead(Generic[T]):
+    """Starts what the next test will need while this one runs. A vLLM start on the CPU is ~100 s, nearly all of it
+    one core importing vLLM in three processes in turn; on CI's two cores the next test's start rides beside this
+    test's checks instead of after them. `order`: the keys in the order tests will `take` them (the selected tests,
+    so a `-k` run starts nothing it will not use). `launch(key)` runs in the caller's thread and returns what runs in
+    the background: work that is not thread-safe (building a model with transformers, which patches torch globally
+    while it loads one) belongs before the return. `close` stops whatever no test took (a test that failed first)."""
+
+    def __init__(self, order: Sequence[Hashable], launch: Callable[[Any], Callable[[], T]],
+                 stop: Callable[[T], None]) -> None:
+        self._order, self._launch, self._stop = list(order), launch, stop
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ahead")
+        self._started: dict[Hashable, Future[T]] = {}
+
+    def _start(self, key: Hashable) -> None:
+        if key not in self._started:
+            self._started[key] = self._pool.submit(self._launch(key))
+
+    def take(self, key: Hashable) -> T:
+        """`key`'s launch (started now if it was not yet), after starting the one that follows it in `order`."""
+        self._start(key)
+        if key in self._order and (i := self._order.index(key)) + 1 < len(self._order):
+            self._start(self._order[i + 1])
+        return self._started.pop(key).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._started.values():
+            if not future.cancelled() and future.exception() is None:
+                self._stop(future.result())
+        self._started.clear()
 
 
 def wait_for(url: str, timeout: float, *, ok_statuses: tuple[int, ...] = (200,), proc=None) -> httpx.Response:  # noqa: ANN001

