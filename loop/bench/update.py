@@ -25,7 +25,8 @@ rank's pass over the storages it owns, at once; loop's apply stages each rank's 
 rounding) before the pause, then every rank copies them in under one pause; the route's trainer copy is the whole
 HF model gathered from the ranks' slices onto rank 0's device, which every rank's `load_weights` reads in full
 (keeping its slices), so the route copies N times the model's bytes. The weights of every rank must change and vLLM
-must still answer. `--tensor-parallel` and `--replicas` are refused together.
+must still answer. `--tensor-parallel` and `--replicas` are timed one at a time (refused together here, though
+`loop serve` runs them together).
 
     loop bench update --model loop/bench/configs/qwen2-7b --dummy          (GPU)
     loop bench update --model smollm2                                       (CPU, small)
@@ -127,8 +128,8 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     if args.tensor_parallel > 1 and args.replicas > 1:
-        print("loop bench update: --tensor-parallel and --replicas measure different set-ups (loop serve refuses "
-              "them together too); pass one of them", file=sys.stderr)
+        print("loop bench update: --tensor-parallel and --replicas measure different set-ups and this bench times "
+              "one at a time (loop serve runs them together); pass one of them", file=sys.stderr)
         return 2
     if args.tensor_parallel < 1:
         print(f"loop bench update: --tensor-parallel must be 1 or more, not {args.tensor_parallel}", file=sys.stderr)
