@@ -41,8 +41,16 @@ class Ahead(Generic[T]):
         self._started: dict[Hashable, Future[T]] = {}
 
     def _start(self, key: Hashable) -> None:
-        if key not in self._started:
-            self._started[key] = self._pool.submit(self._launch(key))
+        if key in self._started:
+            return
+        try:
+            start = self._launch(key)
+        except Exception as exc:  # noqa: BLE001 - the test that takes `key` reports it, not the one running now
+            failed: Future[T] = Future()
+            failed.set_exception(exc)
+            self._started[key] = failed
+            return
+        self._started[key] = self._pool.submit(start)
 
     def take(self, key: Hashable) -> T:
         """`key`'s launch (started now if it was not yet), after starting the one that follows it in `order`."""
