@@ -556,7 +556,6 @@ class Worker:
             self.opt.load(opt_file)
         return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
 
-
     def sync(self, msg: p.Sync) -> p.Msg:
         from loop.worker.mirrors import MirrorError
 
