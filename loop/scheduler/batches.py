@@ -331,9 +331,16 @@ def build_batch(session: Session, pool: Pool, *, limit: int, tokenizer: Any = No
 
 def companions(session: Session, pool: Pool, batch: Batch, *, limit: int, tokenizer: Any = None,
                max_prompt_tokens: int = 768) -> list[Item]:
-    """The waiting thumbs of a pair batch's raters that the batch does not use, newest first, at most `limit`:
-    the screen measures them beside the batch (loop/scheduler/screening.py says why). None for a KTO batch (its
-    examples are the thumbs themselves) or `limit` 0."""
+    """The waiting thumbs of a pair batch's raters that the batch does not use, at most `limit`: the screen measures
+    them beside the batch (loop/scheduler/screening.py says why). None for a KTO batch (its examples are the thumbs
+    themselves) or `limit` 0.
+
+    Ups and downs in turn, newest first within each, until `limit` or both run out: the screen's test of thumbs
+    exchanges the given thumbs over their answers, so thumbs of one kind carry nothing for it (a rater who says
+    "down" to every answer is told apart from one who says it to what was learned only by where the ups fall).
+    Newest first alone once sent 32 downs beside a batch whose flipped rater had given ups too, and the test could
+    not see them. The choice looks at the labels and their age, never at what the screen will measure, so the
+    test stays exact."""
     if batch.objective != "dpo" or limit <= 0:
         return []
     raters = {r for i in batch.items for r in i.raters}
@@ -342,7 +349,14 @@ def companions(session: Session, pool: Pool, batch: Batch, *, limit: int, tokeni
     found = [i for i in pool.train if i.kind == "example" and set(i.raters) & raters
              and not used.intersection(i.rating_ids)]
     found.sort(key=lambda i: (_aware(i.created_at) if i.created_at else oldest, i.rating_ids), reverse=True)
-    chosen = pairs.load_prompts(session, found[:limit])
+    ups, downs = [i for i in found if i.example.label], [i for i in found if not i.example.label]
+    picked: list[Item] = []
+    while len(picked) < limit and (ups or downs):
+        for kind in (ups, downs):
+            if kind and len(picked) < limit:
+                picked.append(kind.pop(0))
+    picked.sort(key=lambda i: (_aware(i.created_at) if i.created_at else oldest, i.rating_ids), reverse=True)
+    chosen = pairs.load_prompts(session, picked)
     for item in chosen:
         item.data = _cut_prompt(item.data, tokenizer, max_prompt_tokens)
     return chosen

@@ -306,8 +306,8 @@ async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_bac
 
 async def test_a_pair_batch_is_screened_with_its_raters_waiting_thumbs_beside_it(state: State) -> None:
     """Thumbs on one prompt that differ make a pair; the same raters' other thumbs wait as examples. The screen of
-    the pair batch gets those (the newest first, at most `screen_companions`), and another rater's thumbs are not
-    its evidence."""
+    the pair batch gets those (ups and downs in turn, the newest of each first, at most `screen_companions`: the
+    test of thumbs reads only where ups fall against downs), and another rater's thumbs are not its evidence."""
     import hashlib
 
     from loop.db.models import Rating, Response
@@ -330,6 +330,8 @@ async def test_a_pair_batch_is_screened_with_its_raters_waiting_thumbs_beside_it
     sched.configure(min_pairs=1, poison_alpha=0.01)
     await sched.tick()
     [screen] = state.trainer.screens
-    assert [c.example.completion for c in screen.companions] == ["f", "e", "d"]  # the newest three of mallory's
-    assert [c.example.label for c in screen.companions] == [True, False, False]
+    # mallory's newest up (f) and down (e), then the next up (c) before the next down (d): newest first alone
+    # would have sent f, e, d
+    assert [c.example.completion for c in screen.companions] == ["f", "e", "c"]
+    assert [c.example.label for c in screen.companions] == [True, False, True]
     assert all(c.example.prompt for c in screen.companions)  # their prompts were read for the worker
