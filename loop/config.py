@@ -163,7 +163,7 @@ class Settings(BaseSettings):
                                       "vLLM has requests running or waiting (read from vLLM's /metrics): below 1 the "
                                       "worker rests between decoder layers so serving keeps the rest "
                                       "(loop/worker/pacing.py); with vLLM idle it trains flat out; 1: never yields. "
-                                      "Unset: 0.15 on a GPU, where the two time-slice the card, and 1 on the CPU, "
+                                      "Unset: 0.1 on a GPU, where the two time-slice the card, and 1 on the CPU, "
                                       "where the worker trains on the cores vLLM does not compute on instead. The "
                                       "apply inside vLLM's pause is never paced.")
     worker_enabled: bool = Field(True, description="Start the training worker (needs the loop plugin in vLLM).")

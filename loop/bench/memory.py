@@ -207,8 +207,9 @@ class Pauser:
 
 
 def _staged_step(model: Any, opt: Any, batch: Any, ref: Any, names: dict[Any, str], args: argparse.Namespace,
-                 pauser: Pauser) -> tuple[Any, float, str]:
-    """One Worker-style step: train while serving, check, round, then copy under the pause. (ref, paused ms, refusal)."""
+                 pauser: Pauser, tick: Callable[[], None] | None = None) -> tuple[Any, float, str]:
+    """One Worker-style step: train while serving, check, round, then copy under the pause. (ref, paused ms, refusal).
+    `tick`: the pacer's yield point in the check and the rounding, as the worker passes it."""
     import torch
 
     from loop.worker.main import Worker
@@ -217,11 +218,11 @@ def _staged_step(model: Any, opt: Any, batch: Any, ref: Any, names: dict[Any, st
 
     r = train_step(model, opt, batch, objective="dpo", beta=args.beta, ref_logps=ref, per_layer=True)
     model.zero_grad(set_to_none=True)
-    check = check_updates(r.deltas, args.max_update_ratio, names=names)
+    check = check_updates(r.deltas, args.max_update_ratio, names=names, tick=tick)
     if not check.ok:
         opt.discard()
         return r.ref_logps, float("nan"), check.reason or "refused"
-    values = Worker._new_values(r.deltas)  # the worker's own rounding, not a copy of it
+    values = Worker._new_values(r.deltas, tick=tick)  # the worker's own rounding, not a copy of it
     del r.deltas
 
     def write() -> None:
@@ -235,8 +236,9 @@ def _staged_step(model: Any, opt: Any, batch: Any, ref: Any, names: dict[Any, st
 
 
 def _lowmem_step(model: Any, opt: Any, batch: Any, ref: Any, names: dict[Any, str], args: argparse.Namespace,
-                 pauser: Pauser) -> tuple[Any, float, str]:
-    """forward + dry backward while serving; the writing backward inside the pause."""
+                 pauser: Pauser, tick: Callable[[], None] | None = None) -> tuple[Any, float, str]:
+    """forward + dry backward while serving; the writing backward inside the pause. `tick` is not needed: the
+    check runs in the backward's own hooks, between the pacer's layer yield points."""
     from loop.worker.lowmem import PausedBackward
 
     pb = PausedBackward(model, opt, max_update_ratio=args.max_update_ratio, names=names)

@@ -426,7 +426,7 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
             while got is None:
                 s0 = time.perf_counter()
                 with pacer.active(model):
-                    ref, ms, why = step(model, opt, batch, ref, names, args, pauser)
+                    ref, ms, why = step(model, opt, batch, ref, names, args, pauser, tick=pacer.tick)
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - s0)

@@ -26,6 +26,7 @@ What it does, in order:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import sys
@@ -282,18 +283,23 @@ class Worker:
                 with self.pacer.active(self.model):
                     check, d_norm, n_tensors, result = self._prepare_lowmem(msg)
             else:
+                # the check and the rounding read every weight and delta beside serving: paced like the step
                 with self.pacer.active(self.model):
                     result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective,
                                         beta=msg.beta, ref_logps=self._run["ref"], per_layer=True)
-                self.model.zero_grad(set_to_none=True)
-                deltas = result.deltas
-                if msg.inject_nan and deltas:
-                    next(iter(deltas.values())).fill_(float("nan"))
-                check = check_updates(deltas, self.config.max_update_ratio, names=self.names, tp=self.tp)
-                d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values()))) if deltas else 0.0
-                self._staged = (msg.run_id, self._new_values(deltas, self.tp) if check.ok else {}, check)
-                n_tensors = len(self._staged[1] or {})
-                del deltas
+                    self.model.zero_grad(set_to_none=True)
+                    deltas = result.deltas
+                    if msg.inject_nan and deltas:
+                        next(iter(deltas.values())).fill_(float("nan"))
+                    check = check_updates(deltas, self.config.max_update_ratio, names=self.names, tp=self.tp,
+                                          tick=self.pacer.tick)
+                    d_norm = check.update_norm if deltas else 0.0
+                    if not math.isfinite(d_norm):  # refused before every norm was read: say what it was
+                        d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values())))
+                    values = self._new_values(deltas, self.tp, tick=self.pacer.tick) if check.ok else {}
+                self._staged = (msg.run_id, values, check)
+                n_tensors = len(values)
+                del deltas, values
             if self._run["ref"] is None:  # the pre-run policy stays the reference for the later steps
                 self._run["ref"] = getattr(result, "ref_logps", None)
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
@@ -367,27 +373,41 @@ class Worker:
                           anchor_norm=found.anchor_norm, anchor_note=found.anchor_note, n_anchors=found.n_anchors)
 
     @staticmethod
-    def _new_values(deltas: dict[Any, Any], tp: Any = None) -> dict[Any, Any]:
+    def _new_values(deltas: dict[Any, Any], tp: Any = None, tick: Any = None) -> dict[Any, Any]:
         """The weights after the update, rounded stochastically to their dtype, computed BEFORE the pause.
 
         Why not `apply_updates_` inside Apply: its fp32 add + random bits take seconds on a CPU for a 135M
         model, and vLLM is paused meanwhile. Nothing else writes the weights between Train and Apply (a restore
         or a re-attach drops the staged values), so w + delta can be rounded now and Apply is one copy per
-        tensor. Memory is the same as staging the deltas themselves (one tensor of the weight's dtype each)."""
+        tensor. Memory is the same as staging the deltas themselves (one tensor of the weight's dtype each).
+        Contiguous bf16 CUDA weights take the fused kernel (sr_triton.py), which writes the value over its bf16
+        delta in one pass: this runs beside serving, and the torch path's fp32 temporaries are about ten passes.
+        `tick` (the pacer's yield point) is called after each tensor."""
         import torch
 
+        from loop.worker import sr_triton
         from loop.worker.update import stochastic_round
 
         out: dict[Any, Any] = {}
+        seed = None
         with torch.no_grad():
-            for prm in list(deltas):  # keys only: a list of the items would keep every delta alive to the end
+            for i, prm in enumerate(list(deltas)):  # keys only: a list of the items would keep every delta alive
                 d = deltas.pop(prm)  # this delta is freed as soon as its value exists
-                total = prm.float() + d.float()
-                out[prm] = total.to(prm.dtype) if prm.dtype in (torch.float32, torch.float64) else \
-                    stochastic_round(total, prm.dtype)
+                if sr_triton.available(prm, d):
+                    if seed is None:  # the kernel's Philox seed; tensor i uses seed + i
+                        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+                    out[prm] = sr_triton.sr_sum_(prm, d, d if d.dtype == torch.bfloat16 else torch.empty_like(prm),
+                                                 seed + i)
+                else:
+                    total = prm.float() + d.float()
+                    out[prm] = total.to(prm.dtype) if prm.dtype in (torch.float32, torch.float64) else \
+                        stochastic_round(total, prm.dtype)
+                    del total
                 if tp is not None and not tp.sharded(prm):  # a weight every rank holds: the same values on each
                     tp.same(out[prm])
-                del d, total
+                del d
+                if tick is not None:
+                    tick()
         return out
 
     def apply(self, msg: p.Apply) -> p.Msg:

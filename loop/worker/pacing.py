@@ -9,8 +9,10 @@ out. `VLLMLoad(address)` is the usual `load`: vLLM's own figures, `vllm:num_requ
 How:
 - Yield points are hooks on every decoder layer: a forward pre-hook and a full backward pre-hook, installed only
   inside `with pacer.active(model):` (training forward + backward, reference log-probs, the screen's backward
-  passes). Modules' full backward hooks are recorded into the autograd graph at forward time, so a graph kept for
-  later (loop/worker/lowmem.py's PausedBackward replays its backward inside vLLM's pause) would still call them
+  passes), plus `tick()` for loops over the weights between the backward and the pause (the update's check and
+  its rounding read every weight: unpaced, they would be one long burst beside serving). Modules' full backward
+  hooks are recorded into the autograd graph at forward time, so a graph kept for later
+  (loop/worker/lowmem.py's PausedBackward replays its backward inside vLLM's pause) would still call them
   after the hooks are removed: every hook therefore checks a flag that is on only inside `active()`, and
   `suspended()` turns it off for a stretch (the benchmark's pause). The apply is never paced: the pause must stay
   as short as possible.
@@ -42,8 +44,9 @@ log = logging.getLogger("loop.worker")
 
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
 # The default share on a GPU, where the trainer and vLLM time-slice the card: the largest of those measured that
-# kept serving within its targets beside back-to-back DPO steps (docs/measurements.md, `loop bench serving`).
-GPU_SHARE = 0.15
+# kept serving within its targets (tokens/s and p99 latency against serving alone) beside back-to-back DPO steps
+# with a margin over run-to-run spread (docs/measurements.md, `loop bench serving`).
+GPU_SHARE = 0.1
 
 
 def default_share(device: str) -> float:
@@ -116,6 +119,12 @@ class Pacer:
             self._since = self._clock()
 
     def _hook(self, *_: Any) -> None:
+        if self._on:
+            self.point()
+
+    def tick(self) -> None:
+        """A yield point outside the decoder layers (a loop over every weight after the backward: the update's
+        check, its rounding): rests like a layer hook, and only inside `active()`."""
         if self._on:
             self.point()
 

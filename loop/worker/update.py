@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ class UpdateCheck:
     max_tensor_ratio: float = 0.0
     worst_tensor: str | None = None
     ratios: dict[str, float] = field(default_factory=dict)
+    update_norm: float = math.nan  # ||all deltas|| (the whole tensors' under tensor parallel); NaN if not reached
 
 
 def _label(p: torch.Tensor, i: int, names: Mapping[torch.Tensor, str] | None) -> str:
@@ -54,13 +55,15 @@ def _label(p: torch.Tensor, i: int, names: Mapping[torch.Tensor, str] | None) ->
 @torch.no_grad()
 def check_updates(
     deltas: Mapping[torch.Tensor, torch.Tensor], max_ratio: float, *, names: Mapping[torch.Tensor, str] | None = None,
-    tp: Any = None,
+    tp: Any = None, tick: Callable[[], None] | None = None,
 ) -> UpdateCheck:
     """Every delta finite and shaped like its param; per-tensor and global ||delta||/||w|| <= max_ratio.
 
     A weight that is exactly zero has no meaningful ratio; it counts only in the global ratio. With `tp` (a rank of
-    a tensor-parallel worker, loop/worker/tp.py) the norms are the whole tensors' and the verdict every rank's."""
-    check = _check_updates(deltas, max_ratio, names=names, tp=tp)
+    a tensor-parallel worker, loop/worker/tp.py) the norms are the whole tensors' and the verdict every rank's.
+    `tick` is called after each tensor's norms are queued: a yield point for a trainer sharing the device with
+    serving (loop/worker/pacing.py), since the norms read every weight and every delta."""
+    check = _check_updates(deltas, max_ratio, names=names, tp=tp, tick=tick)
     if tp is None:
         return check
     ok, bad = tp.agree(check.ok)
@@ -71,7 +74,7 @@ def check_updates(
 
 def _check_updates(
     deltas: Mapping[torch.Tensor, torch.Tensor], max_ratio: float, *, names: Mapping[torch.Tensor, str] | None,
-    tp: Any,
+    tp: Any, tick: Callable[[], None] | None,
 ) -> UpdateCheck:
     items = list(deltas.items())
     for i, (p, d) in enumerate(items):
@@ -82,11 +85,24 @@ def _check_updates(
         return UpdateCheck(True)
     # all norms on the device, fp32-accumulated without fp32 copies, then ONE host sync for the lot
     dev = items[0][0].device
-    stats = torch.stack([torch.stack([torch.linalg.vector_norm(d, dtype=torch.float32).to(dev),
-                                      torch.linalg.vector_norm(p, dtype=torch.float32).to(dev)]) for p, d in items])
+    rows = []
+    for p, d in items:
+        rows.append(torch.stack([torch.linalg.vector_norm(d, dtype=torch.float32).to(dev),
+                                 torch.linalg.vector_norm(p, dtype=torch.float32).to(dev)]))
+        if tick is not None:
+            tick()
+    stats = torch.stack(rows)
     if tp is not None:
         stats = tp.sum_squares([p for p, _ in items], stats)
     stats = stats.tolist()
+    norm = math.sqrt(sum(dn * dn for dn, _ in stats))
+    check = _verdict(items, stats, max_ratio, names, tp)
+    check.update_norm = norm
+    return check
+
+
+def _verdict(items: list[tuple[torch.Tensor, torch.Tensor]], stats: list[list[float]], max_ratio: float,
+             names: Mapping[torch.Tensor, str] | None, tp: Any) -> UpdateCheck:
     d2_total = 0.0
     w2_total = 0.0
     ratios: dict[str, float] = {}

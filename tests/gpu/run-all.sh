@@ -77,11 +77,12 @@ for s in "$@"; do
                   --gpu-memory-utilization "$(util 15.2)" \
                   --configs alone,staged-keep,staged-wait,lowmem-keep,hogwild,staged-keep@0.5,staged-keep@0.25,staged-keep@0.15 \
                   --duration 20 --json-out "$out/serving-7b.json" ;;
-    # the default (paced at 0.15, keep-mode guard 0.2) at the load, beside a lower share; then the same
+    # the default (paced at 0.1, keep-mode guard 0.2) at the load, beside the former 0.15; then the same
     # with the pacer reading vLLM's /metrics every 0.3 s instead of 0.075 s (each read costs vLLM's API server)
     serving-7b-default) step serving-7b-default $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
-                  --gpu-memory-utilization "$(util 15.2)" --configs alone,staged-keep@0.15~0.2,staged-keep@0.1~0.2 \
-                  --duration 20 --json-out "$out/serving-7b-default.json" ;;
+                  --gpu-memory-utilization "$(util 15.2)" \
+                  --configs "${DEFAULT_CONFIGS:-alone,staged-keep@0.1~0.2,staged-keep@0.15~0.2}" \
+                  --duration "${DEFAULT_DURATION:-30}" --json-out "$out/serving-7b-default.json" ;;
     serving-7b-poll) step serving-7b-poll $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --configs alone,staged-keep@0.15~0.2 --load-interval 0.3 \
                   --duration 20 --json-out "$out/serving-7b-poll.json" ;;
@@ -91,10 +92,10 @@ for s in "$@"; do
     serving-7b-long) step serving-7b-long $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
                   --configs alone,staged-keep@0.15,staged-keep,staged-wait --duration 30 --json-out "$out/serving-7b-long.json" ;;
-    # the default on the card (paced at 0.15, keep-mode writes guarded at a recompute share of 0.2) with long answers
+    # the default on the card (paced at 0.1, keep-mode writes guarded at a recompute share of 0.2) with long answers
     serving-7b-guard) step serving-7b-guard $py -m loop.cli bench serving --model loop/bench/configs/qwen2-7b --dummy \
                   --gpu-memory-utilization "$(util 15.2)" --answer-len 2048 --max-model-len 4096 \
-                  --configs "${GUARD_CONFIGS:-alone,staged-keep@0.15~0.2,staged-keep~0.2}" --duration 30 \
+                  --configs "${GUARD_CONFIGS:-alone,staged-keep@0.1~0.2,staged-keep@0.15~0.2}" --duration 30 \
                   --json-out "$out/serving-7b-guard.json" ;;
     families) step families families "llama qwen2 qwen3 qwen3_moe" "mistral gemma3 phi3 llama4" "qwen3_5_vl" ;;
     families-left) step families-left families qwen3_5_vl ;;

@@ -34,3 +34,27 @@ def test_kernel_writes_in_place_and_handles_ragged_sizes():
         lo = exact.to(torch.bfloat16).float()
         ulp = (lo.abs() * 2**-7).clamp_min(1e-30)
         assert torch.all((w.float() - exact).abs() <= ulp * 1.01)
+
+
+def test_the_staged_values_take_the_fused_kernel_into_the_delta_and_match_the_torch_path() -> None:
+    from loop.worker.main import Worker
+
+    exact = torch.randn(1 << 18, device="cuda") * 0.05
+    base = exact.to(torch.bfloat16)
+    rest = (exact - base.float()).to(torch.bfloat16)  # a bf16 delta: its memory takes the value
+    ptr = rest.data_ptr()
+    total = base.float() + rest.float()
+    lo = (total.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    hi = torch.nextafter(lo, lo * float("inf"))
+    ticks: list[int] = []
+    torch.manual_seed(3)
+    value = Worker._new_values({base: rest.clone()}, tick=lambda: ticks.append(1))[base]
+    assert ticks == [1] and value.dtype == torch.bfloat16
+    torch.manual_seed(3)
+    in_place = Worker._new_values({base: rest})[base]
+    assert in_place.data_ptr() == ptr  # written over the delta, no new tensor
+    assert torch.equal(in_place, value)  # same seed, same bits
+    assert bool(((value == lo) | (value == hi)).all())
+    assert abs(float((value.double() - total.double()).mean())) < 2e-6  # unbiased
+    f32 = Worker._new_values({base: (total - base.float())})[base]  # an fp32 delta: a new bf16 tensor
+    assert f32.dtype == torch.bfloat16 and bool(((f32 == lo) | (f32 == hi)).all())

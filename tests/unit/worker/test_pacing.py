@@ -241,6 +241,32 @@ def test_the_worker_paces_train_but_not_apply(worker: Any, lowmem: bool) -> None
     assert len(sleep.slept) == rested
 
 
+def test_tick_rests_like_a_layer_hook_only_inside_active() -> None:
+    sleep = Recorder()
+    pacer = Pacer(0.5, lambda: True, quantum_s=0.0, sleep=sleep)
+    pacer.tick()
+    assert sleep.slept == []  # outside active(): a loop over the weights never rests
+    model = _model()
+    with pacer.active(model):
+        pacer.tick()
+        assert len(sleep.slept) == 1
+        with pacer.suspended():
+            pacer.tick()
+        assert len(sleep.slept) == 1
+
+
+def test_the_worker_paces_the_check_and_the_rounding_after_the_backward(worker: Any) -> None:
+    ticks: list[bool] = []
+    tick = worker.pacer.tick
+    worker.pacer.tick = lambda: (ticks.append(worker.pacer._on), tick())  # noqa: SLF001
+    pair = p.Pair(prompt=[{"role": "user", "content": "What is two plus two?"}], chosen="Four.", rejected="Five.")
+    done = worker.train(p.Train(req=1, run_id=1, pairs=[pair], step=1, steps=1))
+    assert isinstance(done, p.TrainDone) and done.update.ok, done
+    n = done.update.n_tensors
+    assert n > 0 and len(ticks) == 2 * n and all(ticks)  # one per tensor in the check and in the rounding
+    assert done.update.update_norm > 0
+
+
 # --- vLLM's load ------------------------------------------------------------------------------------------------------
 def test_metrics_parser_adds_running_and_waiting_only() -> None:
     assert parse_load(METRICS) == 5

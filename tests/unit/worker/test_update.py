@@ -106,6 +106,17 @@ def test_oversized_update_is_refused_per_tensor_and_globally() -> None:
     assert not glob.ok and "global" in glob.reason
 
 
+def test_the_check_reports_the_whole_update_norm_and_ticks_once_per_tensor() -> None:
+    a, b = torch.ones(100), torch.ones(50)
+    ticks: list[int] = []
+    ok = check_updates({a: torch.full((100,), 0.01), b: torch.full((50,), 0.02)}, max_ratio=0.1,
+                       tick=lambda: ticks.append(1))
+    assert ok.ok and len(ticks) == 2
+    assert ok.update_norm == pytest.approx((100 * 0.01**2 + 50 * 0.02**2) ** 0.5, rel=1e-5)
+    refused = check_updates({a: torch.full((100,), 0.5)}, max_ratio=0.1)  # a refusal still says how large
+    assert not refused.ok and refused.update_norm == pytest.approx(5.0, rel=1e-5)
+
+
 def test_shape_mismatch_is_refused() -> None:
     w = torch.ones(4, 4)
     check = check_updates({w: torch.zeros(16)}, max_ratio=1.0)
@@ -157,3 +168,4 @@ def test_cuda_fused_and_torch_paths_agree_in_distribution() -> None:
         away = torch.nextafter(toward_zero, toward_zero * float("inf"))
         assert bool(((out == toward_zero) | (out == away)).all())
         assert abs(float((out.double() - exact.double()).mean())) < 2e-6  # unbiased: errors cancel
+
