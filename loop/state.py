@@ -128,6 +128,11 @@ class LoopState:
         self.rating_writer = RatingWriter(self.sessions, responses=self.response_writer)
         self.accounts = Accounts(self.sessions)
 
+    def replicas_lost(self, replicas: list[int], why: str) -> None:
+        """Replicas the worker reports off the live weights (loop/worker/remotes.py): out of routing now."""
+        if replicas and self.replicas is not None:
+            self.replicas.lost(replicas, why)
+
     def serving_version(self) -> int:
         """The version a token that reaches loop now was generated with: during a change vLLM is paused (or, in
         hogwild, mid-write), so what arrives was made before it began."""
@@ -148,9 +153,11 @@ class LoopState:
         state = cls(settings=settings, engine=engine, sessions=sessions, response_journal=journal,
                     admin_token=settings.resolved_admin_token(),
                     vllm=VLLMClient(settings.vllm_address, timeout=settings.request_timeout_s,
-                                    api_key=settings.vllm_api_key) if settings.replicas == 1 else
-                    ReplicaClient.open([settings.replica_address(k) for k in range(settings.replicas)],
-                                       timeout=settings.request_timeout_s, api_key=settings.vllm_api_key))
+                                    api_key=settings.vllm_api_key) if settings.all_replicas == 1 else
+                    ReplicaClient([VLLMClient(settings.replica_address(k), settings.request_timeout_s,
+                                              api_key=settings.vllm_api_key) for k in range(settings.replicas)]
+                                  + [VLLMClient(url, settings.request_timeout_s, api_key=settings.replica_token)
+                                     for url in settings.remote_replicas]))
         state.load_weight_version()
         return state
 
@@ -217,10 +224,12 @@ class LoopState:
                 self.trainer.prepare_supervisor(self.supervisor)
             for sup in self.supervisors:
                 await sup.start()
-            if settings.replicas > 1:
-                from loop.training.replicas import Replicas
+            if settings.all_replicas > 1:
+                from loop.training.replicas import RemoteReplica, Replicas
 
-                self.replicas = Replicas(self, self.supervisors)
+                remote = [RemoteReplica(settings.replicas + i, url, settings.replica_token)
+                          for i, url in enumerate(settings.remote_replicas)]
+                self.replicas = Replicas(self, [*self.supervisors, *remote])
                 await self.replicas.start()
         if self.worker is not None:
             await self.worker.start()

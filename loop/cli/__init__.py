@@ -18,12 +18,13 @@ from loop.cli import (
     layout,  # loop layout MODEL: where vLLM keeps each weight
     openwebui,  # loop openwebui sync: Open WebUI's feedback as ratings
     raters,  # loop raters add / list / revoke / token
+    replica,  # loop replica: a replica on another host
     runs,  # loop runs / versions / rollback / scheduler
     serve,
 )
 
 # One module per command; each has register(subparsers).
-COMMANDS = [serve, db, bench, runs, feedback, layout, raters, openwebui]
+COMMANDS = [serve, replica, db, bench, runs, feedback, layout, raters, openwebui]
 
 
 def build_parser() -> argparse.ArgumentParser:

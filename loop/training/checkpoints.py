@@ -119,6 +119,7 @@ class Checkpoints:
         async def work(t: dict[str, float]) -> bool:
             reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
             assert isinstance(reply, p.Restored)
+            self.state.replicas_lost(reply.lost, f"could not take the restore of version {version}")
             t["restore_ms"] = reply.ms
             # the live weights are now bit for bit the checkpoint: the new version shares its folder
             await asyncio.to_thread(self.versions.new, "restore", version, None, path,

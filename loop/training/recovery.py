@@ -67,6 +67,7 @@ class Recovery:
             try:
                 reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
                 assert isinstance(reply, p.Restored)
+                self.state.replicas_lost(reply.lost, f"could not take the restore of version {version}")
                 await self.state.vllm.reset_prefix_cache()  # cached prefixes were computed on other weights
                 await asyncio.to_thread(self.versions.reconcile, version, why)
                 await asyncio.to_thread(self.versions.new, "restore", version, None,

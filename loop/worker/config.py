@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # stops with the reason. The worker's last log line is `REFUSED_PREFIX` + the reason.
 EXIT_REFUSED = 78  # sysexits EX_CONFIG
 REFUSED_PREFIX = "loop cannot train this model in place: "
+# The one secret the worker gets, in its environment (never argv): the token of the `loop replica` agents it writes.
+REPLICA_TOKEN_ENV = "LOOP_WORKER_REPLICA_TOKEN"
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -39,6 +41,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     vllm_address: str  # Settings.vllm_address: where the pacer reads vLLM's load (/metrics)
     train_share: float | None  # Settings.train_share: the trainer's share while vLLM has work (None: by device)
     mirrors: list[str]  # run dirs of replicas 1..K-1: every write to replica 0's weights is copied into them
+    remotes: list[str]  # `loop replica` agents' URLs, replicas K.. (their token: LOOP_WORKER_REPLICA_TOKEN, env)
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
@@ -47,7 +50,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                    max_update_ratio=settings.max_update_ratio, log_level=settings.log_level,
                    screen_budget_bytes=settings.screen_budget_bytes, vllm_address=settings.vllm_address,
                    train_share=settings.train_share,
-                   mirrors=[str(settings.replica_dir(k)) for k in range(1, settings.replicas)])
+                   mirrors=[str(settings.replica_dir(k)) for k in range(1, settings.replicas)],
+                   remotes=list(settings.remote_replicas))
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

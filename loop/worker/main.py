@@ -73,6 +73,11 @@ class Worker:
 
         self.mirrors = Mirrors(config.mirrors, self.rank)
         self.vllm_tensors: dict[str, Any] = {}  # replica 0's tensors by vLLM name, what the mirrors copy
+        # replicas on other hosts (loop/worker/remotes.py): staged over the network before the pause, written in it
+        from loop.worker.config import REPLICA_TOKEN_ENV
+        from loop.worker.remotes import Remotes
+
+        self.remotes = Remotes(config.remotes, os.environ.get(REPLICA_TOKEN_ENV), first=len(config.mirrors) + 1)
 
     # ------------------------------------------------------------ attach
 
@@ -129,6 +134,8 @@ class Worker:
         views_alias(model, tensors)
         self.vllm_tensors = tensors
         self.mirrors.attached.clear()  # replica 0 reloaded: the API syncs every replica from the new weights
+        self.remotes.forget()
+        self.remotes.device = str(handle_set.meta.get("device", "cpu"))
         if meta.get("device") == "cpu" and meta.get("pid") and self.tp is None:
             share_cpu_cores(int(meta["pid"]), self.cores)
         self._pace(meta.get("device", "cpu"))
@@ -226,7 +233,8 @@ class Worker:
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
                             checksum=self.checksum() if msg.checksum else "",
-                            mirrors=self.mirror_checksums() if msg.checksum and self.mirrors.dirs else [])
+                            mirrors=self.mirror_checksums() + self.remotes.checksums()
+                            if msg.checksum and (self.mirrors.dirs or self.remotes.urls) else [])
         if isinstance(msg, p.Train):
             return self.train(msg)
         if isinstance(msg, p.Screen):
@@ -246,6 +254,8 @@ class Worker:
 
     def _drop_staged(self) -> None:
         self._staged = None
+        if self.remotes.staged:
+            self.remotes.discard()
         if self._lowmem is not None:
             self._lowmem.drop()  # frees the retained graph too
         if self.opt is not None:
@@ -269,6 +279,7 @@ class Worker:
         # first step, the largest (its optimizer state is new): the figure costs a malloc_trim there, which makes
         # the step fault its freed memory in again.
         memory = StepMemory(device).start() if first or device.type == "cuda" else None
+        unstaged: list[int] = []
         try:
             if first:
                 if msg.objective == "dpo":
@@ -297,6 +308,12 @@ class Worker:
                     if not math.isfinite(d_norm):  # refused before every norm was read: say what it was
                         d_norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in deltas.values())))
                     values = self._new_values(deltas, self.tp, tick=self.pacer.tick) if check.ok else {}
+                    if values and self.remotes.synced:  # phase 1 of a remote replica's switch, before any pause
+                        from loop.worker.remotes import UpdatePlan
+
+                        plan = UpdatePlan(self.model, self.vllm_tensors, values)
+                        unstaged = self.remotes.stage(msg.run_id, lambda: plan.tensors(self.pacer.tick), plan.names)
+                        del plan
                 self._staged = (msg.run_id, values, check)
                 n_tensors = len(values)
                 del deltas, values
@@ -318,7 +335,8 @@ class Worker:
                                   weight_norm=d_norm / check.global_ratio if check.global_ratio > 0 else 0.0,
                                   ratio=check.global_ratio, n_tensors=n_tensors)
             return p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics=metrics,
-                               history=list(self._run["history"]), update=stats, ms=metrics["step_ms"])
+                               history=list(self._run["history"]), update=stats, ms=metrics["step_ms"],
+                               unstaged=unstaged)
         finally:
             self.ch.state = "idle"
 
@@ -440,11 +458,13 @@ class Worker:
             self.mirrors.copy(self.vllm_tensors)  # every replica switches within the same pause
             if self.tp is not None:  # rank 0 answers once every rank has written, inside the same pause
                 self.tp.barrier()
+            # remote replicas: phase 2 (each writes what it staged); lowmem staged nothing, so the whole weights
+            lost = self.remotes.commit(run_id) if values is not None else self.remotes.resync(self.vllm_tensors)
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
             self.ch.state = "idle"
-        return p.Applied(req=msg.req, run_id=run_id, checksum="", ms=ms)
+        return p.Applied(req=msg.req, run_id=run_id, checksum="", ms=ms, lost=lost)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -566,6 +586,7 @@ class Worker:
                 self.mirrors.copy(self.vllm_tensors)
                 if self.tp is not None:  # rank 0 answers once every rank has written, its replicas too
                     self.tp.barrier()
+                lost = self.remotes.resync(self.vllm_tensors)  # nothing staged: the whole weights, in this pause
             finally:
                 self.ch.state = "idle"
         finally:
@@ -574,16 +595,21 @@ class Worker:
         opt_file = folder / OPTIMIZER_DIR / OPTIMIZER_FILE
         if msg.load_optimizer and opt_file.is_file():
             self.opt.load(opt_file)
-        return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000)
+        return p.Restored(req=msg.req, path=str(folder), ms=(time.perf_counter() - t0) * 1000, lost=lost)
 
     def sync(self, msg: p.Sync) -> p.Msg:
         from loop.worker.mirrors import MirrorError
 
         self.ch.state = "syncing"
         error, load_id, ms = "", "", 0.0
+        from loop.worker.remotes import RemoteError
+
         try:
-            load_id, ms = self.mirrors.sync(msg.replica, self.vllm_tensors)
-        except MirrorError as e:
+            if self.remotes.owns(msg.replica):
+                load_id, ms = self.remotes.sync(msg.replica, self.vllm_tensors)
+            else:
+                load_id, ms = self.mirrors.sync(msg.replica, self.vllm_tensors)
+        except (MirrorError, RemoteError) as e:
             error = str(e)
         finally:
             self.ch.state = "idle"

