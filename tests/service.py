@@ -86,7 +86,10 @@ def start_loop(data_dir: Path, *args: str, env: dict[str, str] | None = None,
     port = free_port()
     log_path = data_dir / "serve.log"
     cmd = [sys.executable, "-m", "loop.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *args]
-    child_env = {**os.environ, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_LOG_LEVEL": "info", **(env or {})}
+    # fp32 unless a test asks otherwise: a CPU without native bf16 (AVX2 only) trains bf16 about 25x slower, and the
+    # suite's time must not depend on which CPU the CI host has (the bf16 paths have tests of their own)
+    child_env = {**os.environ, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_LOG_LEVEL": "info", "LOOP_DTYPE": "float32",
+                 **(env or {})}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

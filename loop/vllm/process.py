@@ -218,6 +218,20 @@ def pick_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); None when /proc/cpuinfo cannot say. Without
+    it torch emulates bf16 matrix products, and training bf16 weights is many times slower than fp32 (see
+    docs/measurements.md), so `loop serve` says so when it serves bf16 on such a CPU."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return None
+    return None
+
+
 def visible_cards() -> list[str]:
     """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (indices when it is unset)."""
     import torch
@@ -350,6 +364,10 @@ class VLLMSupervisor:
                                                           self.settings.cache_dir)
             if self.device is None:
                 self.device = await asyncio.to_thread(pick_device, self.settings.device)
+                if self.index == 0 and self.device == "cpu" and self.settings.dtype == "bfloat16" \
+                        and cpu_has_native_bf16() is False:
+                    _say("this CPU has no native bf16 (no AVX-512 BF16 or AMX): training bf16 weights here is many "
+                         "times slower than fp32; set LOOP_DTYPE=float32 (twice the memory) to train faster")
             if self.device == "cuda" and self.settings.replicas > 1:
                 cards = await asyncio.to_thread(visible_cards)
                 self.card = replica_card(cards, self.settings.replicas, self.index, self.settings.tensor_parallel)

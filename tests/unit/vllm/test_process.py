@@ -475,3 +475,18 @@ def test_replicas_with_tensor_parallel_split_the_cores_by_replica_then_by_rank(
     from loop.vllm.process import replica_binding
 
     assert [replica_binding(cores, replicas, k, ranks) for k in range(replicas)] == binds
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from loop.vllm.process import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert cpu_has_native_bf16(info) is False  # AVX2 only: torch emulates bf16
+    info.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\nflags\t\t: avx2 amx_tile amx_bf16\n")
+    assert cpu_has_native_bf16(info) is True
+    info.write_text("processor\t: 0\n")  # no flags line (another architecture): cannot say
+    assert cpu_has_native_bf16(info) is None
+    assert cpu_has_native_bf16(tmp_path / "missing") is None
