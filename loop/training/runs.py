@@ -517,6 +517,8 @@ class Trainer:
             assert isinstance(reply, p.Applied)
             self.state.replicas_lost(reply.lost, f"could not write run {run_id}'s update in the pause")
             t["apply_ms"] = reply.ms
+            if reply.remote_ms is not None:
+                t["remote_commit_ms"] = reply.remote_ms
             t3 = time.perf_counter()
             await asyncio.to_thread(self.versions.new, "train", self.state.weight_version, run_id, None, None)
             t["record_ms"] = (time.perf_counter() - t3) * 1000

@@ -280,6 +280,7 @@ class Worker:
         # the step fault its freed memory in again.
         memory = StepMemory(device).start() if first or device.type == "cuda" else None
         unstaged: list[int] = []
+        staging: dict[str, float] = {}  # what staging on the remote replicas cost, when it ran
         try:
             if first:
                 if msg.objective == "dpo":
@@ -313,6 +314,7 @@ class Worker:
 
                         plan = UpdatePlan(self.model, self.vllm_tensors, values)
                         unstaged = self.remotes.stage(msg.run_id, lambda: plan.tensors(self.pacer.tick), plan.names)
+                        staging = dict(self.remotes.figures)
                         del plan
                 self._staged = (msg.run_id, values, check)
                 n_tensors = len(values)
@@ -321,6 +323,7 @@ class Worker:
                 self._run["ref"] = getattr(result, "ref_logps", None)
             metrics = {k: float(v) for k, v in dict(result.metrics).items() if isinstance(v, (int, float))}
             metrics["step_ms"] = (time.perf_counter() - t0) * 1000
+            metrics.update(staging)
             if memory is not None:
                 extra = memory.stop()
                 if self.tp is not None:  # every rank's figure (every rank handles this Train alike)
@@ -459,12 +462,14 @@ class Worker:
             if self.tp is not None:  # rank 0 answers once every rank has written, inside the same pause
                 self.tp.barrier()
             # remote replicas: phase 2 (each writes what it staged); lowmem staged nothing, so the whole weights
+            t_remote = time.perf_counter()
             lost = self.remotes.commit(run_id) if values is not None else self.remotes.resync(self.vllm_tensors)
+            remote_ms = (time.perf_counter() - t_remote) * 1000 if self.remotes.urls else None
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
         finally:
             self.ch.state = "idle"
-        return p.Applied(req=msg.req, run_id=run_id, checksum="", ms=ms, lost=lost)
+        return p.Applied(req=msg.req, run_id=run_id, checksum="", ms=ms, lost=lost, remote_ms=remote_ms)
 
     # ------------------------------------------------------------ checkpoints
 

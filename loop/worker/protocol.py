@@ -241,6 +241,7 @@ class Applied(Msg, tag="applied"):
     ms: float
     checksum_before: str = ""
     lost: list[int] = []  # replicas not on the new weights (a remote one that failed): out of routing before resume
+    remote_ms: float | None = None  # of `ms`, the remote replicas' commits (None: there are none)
 
 
 class Refused(Msg, tag="refused"):

