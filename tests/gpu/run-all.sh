@@ -115,7 +115,7 @@ for s in "$@"; do
     # a replica on "another host" as a second process on the card: `loop replica` and its own vLLM beside loop's,
     # the transfers over gloo (NCCL refuses two ranks on one device); prints what each update cost to reach it
     remote-e2e) step remote-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 LOOP_TEST_REMOTE_ON_GPU=1 \
-                LOOP_REPLICA_BACKEND=gloo LOOP_GPU_MEMORY_UTILIZATION=0.2 $py -m pytest -p no:cacheprovider -m e2e -v -s \
+                LOOP_REPLICA_BACKEND=gloo LOOP_GPU_MEMORY_UTILIZATION=0.2 LOOP_ENFORCE_EAGER=true $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_remote_replica_e2e.py ;;
     big-q35)  big qwen3_5-27b 54.7 ;;
     big-moe)  big qwen3-30b-a3b 61.1 ;;
