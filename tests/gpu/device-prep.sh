@@ -19,7 +19,9 @@ if [ -s /tmp/gpu-moe.xz ]; then  # the fused-MoE kernels the trimmed bundle drop
   xz -dc /tmp/gpu-moe.xz > "$site/vllm/_moe_C_stable_libtorch.abi3.so"
 fi
 # newer pure-Python packages than the host's (transformers and its pins), carried in .gpu/whl or copied by an
-# earlier call to /tmp/gpu-whl when the call that sets up vLLM has no room left for them
+# earlier call to /tmp/gpu-whl when the call that sets up vLLM has no room left for them. The default model's
+# conversion (and every test's tiny model, which takes its tokenizer) needs gguf, which the host lacks:
+#   pip download --no-deps --only-binary=:all: -d .gpu/whl gguf
 for d in .gpu/whl /tmp/gpu-whl; do
   if ls "$d"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" --upgrade "$d"/*.whl
