@@ -58,6 +58,8 @@ OPTIMIZER = {"lowmem": "apollo-mini", "staged": "apollo-mini", "adamw": "adamw"}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("memory", help="P2: extra memory of a full-parameter DPO step beside a serving vLLM")
     p.add_argument("--model", default="smollm2", help="model folder or 'smollm2'")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="the dtype vLLM serves (and the trainer trains) the weights in")
     p.add_argument("--dummy", action="store_true", help="random weights of the real size (--load-format dummy)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per batch (2x rows)")

@@ -86,7 +86,7 @@ def _start_vllm(model: str, port: int, runtime_dir: str, args: argparse.Namespac
     from loop.vllm.process import kernel_args, omp_threads_bind
 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-           "--host", "127.0.0.1", "--dtype", "bfloat16",
+           "--host", "127.0.0.1", "--dtype", getattr(args, "dtype", "bfloat16"),
            "--max-model-len", str(getattr(args, "max_model_len", 2048))]
     if args.dummy:
         cmd += ["--load-format", "dummy", "--skip-tokenizer-init"]

@@ -28,7 +28,10 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_memory_bench_trains_beside_a_serving_vllm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "memory.json"
-    args = _args("--model", "smollm2", "--pairs", "1", "--seq", "64", "--steps", "1", "--modes", "staged,lowmem",
+    # fp32: a CPU without native bf16 trains bf16 many times slower (docs/measurements.md), and this test is about
+    # memory and the write, not the dtype
+    args = _args("--model", "smollm2", "--dtype", "float32", "--pairs", "1", "--seq", "64", "--steps", "1",
+                 "--modes", "staged,lowmem",
                  "--max-model-len", "512", "--gpu-memory-utilization", "0.15", "--json-out", str(out_file))
     out = memory.run(args)
     printed = capsys.readouterr().out
@@ -44,7 +47,7 @@ def test_memory_bench_trains_beside_a_serving_vllm(tmp_path: Path, capsys: pytes
         assert r["checksum_before"] != r["checksum_after"], f"{r['mode']} did not change the served weights"
     # each mode starts from the weights the previous one left
     assert out["rows"][0]["checksum_after"] == out["rows"][1]["checksum_before"]
-    assert out["weight_bytes"] > 200e6  # SmolLM2-135M in bf16
+    assert out["weight_bytes"] > 500e6  # SmolLM2-135M in fp32
     assert "SmolLM2-135M-Instruct-bf16" in printed
     if torch.cuda.is_available():  # the same test on a GPU host: exact allocator peaks, weights over CUDA IPC
         assert f"device: {torch.cuda.get_device_name()}" in printed and "CUDA IPC" in printed
