@@ -3,7 +3,9 @@
 What: a remote replica's agent (loop/replica/agent.py) hosts a `TCPStore` on its transfer port. For each transfer
 the worker picks a random nonce, asks the agent over its authenticated HTTP API to receive (kind, names), and
 both join a group of two under that nonce (`open_group`: rank 0 the worker, rank 1 the agent); the worker then
-broadcasts each tensor in the agreed order (`send`), the agent receives each into its buffer (`receive`). The
+broadcasts each tensor in the agreed order (`send`), the agent receives each into its buffer (`receive`). A
+transfer to several agents (a staged update) opens one group per agent and sends each tensor to all of them at
+once (`send_to_all`). The
 group is torn down after the transfer: a replica that dies mid-transfer breaks only that transfer.
 
 Why torch.distributed: it is the transport made for tensors between hosts (gloo over TCP for host memory; NCCL,
@@ -104,13 +106,43 @@ def _broadcast(group: Any, t: torch.Tensor) -> None:
 
 def send(group: Any, tensors: Iterable[torch.Tensor]) -> int:
     """Rank 0: each tensor's bytes to rank 1, in order. Returns the bytes sent."""
-    n = 0
+    n, failed = send_to_all([group], tensors)
+    if failed:
+        raise failed[0]
+    return n
+
+
+def send_to_all(groups: list[Any], tensors: Iterable[torch.Tensor]) -> tuple[int, dict[int, BaseException]]:
+    """Rank 0 of every group: each tensor's bytes to every group's rank 1, in order. `tensors` is read once and
+    each tensor goes to all groups at once (one asynchronous broadcast per group, then all waited on), so K
+    receivers cost about one receiver's time, and a tensor made for the transfer is made once. A group whose
+    broadcast fails gets nothing more; the others go on. Returns the bytes of the stream (per group) and the
+    failed groups (index -> error)."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    n, failed = 0, {}
     for t in tensors:
         src = t if t.is_contiguous() else t.contiguous()
         if src.numel():
-            _broadcast(group, src)
+            works = []
+            for i, group in enumerate(groups):
+                if i in failed:
+                    continue
+                try:
+                    works.append((i, group.broadcast([_bytes(src)], opts)))
+                except Exception as e:  # noqa: BLE001 - this group is broken; the others are not
+                    failed[i] = e
+            for i, work in works:
+                try:
+                    work.wait()
+                except Exception as e:  # noqa: BLE001
+                    failed[i] = e
         n += src.numel() * src.element_size()
-    return n
+        if len(failed) == len(groups):
+            break
+    return n, failed
 
 
 def receive(group: Any, buffers: list[torch.Tensor]) -> int:

@@ -6,14 +6,15 @@ so every write crosses the network (loop/replica/transfer.py), in two phases:
 1. stage (`Train`, before any pause): for each vLLM tensor the update touches, its content after the update is
    made here one tensor at a time (`UpdatePlan`: a copy of the live tensor with the trained views' new values and
    the row-ordered copies written into it, exactly what `Apply` will leave in replica 0) and sent to every synced
-   agent, which keeps it in staging memory beside its weights. A replica that cannot stage it is reported
+   agent at once (one group per agent, each tensor made once and broadcast to all of them together), which keeps
+   it in staging memory beside its weights. A replica that cannot stage it is reported
    (`TrainDone.unstaged`): the API takes it out of routing before the pause, and syncs it again later.
 2. commit (`Apply`, inside the pause the API holds on every routable replica, the remote ones through their
-   agents): each staged agent copies its staging into its weights, a local device copy. One that fails is reported
-   (`Applied.lost`) and leaves routing before the API resumes. So no client sees version n+1 from one replica and n
-   from another after the switch.
+   agents): each staged agent copies its staging into its weights, a local device copy, all agents at once. One
+   that fails is reported (`Applied.lost`) and leaves routing before the API resumes. So no client sees version
+   n+1 from one replica and n from another after the switch.
 A whole sync (a replica that joined or restarted, and a restore, which writes inside its own pause) sends every
-vLLM tensor straight into the paused agent's weights.
+vLLM tensor straight into the paused agent's weights (a restore: into every synced agent's at once).
 
 An agent that restarted holds other weights (its load id changed): it is skipped and reported, as for local
 replicas. Tests: tests/unit/worker/test_remotes.py; tests/e2e/test_remote_replica_e2e.py.
@@ -25,6 +26,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -99,6 +102,16 @@ class UpdatePlan:
                     tick()
 
 
+@dataclass
+class _Leg:
+    """One agent's side of a transfer: its replica, the transfer's nonce, its transfer port, the group once open."""
+
+    k: int
+    nonce: str
+    port: int
+    group: Any = None
+
+
 # --- the agents -------------------------------------------------------------------------------------------------
 class Remotes:
     """The worker's view of replicas first..first+len(urls)-1, each behind a `loop replica` agent at its URL."""
@@ -142,47 +155,69 @@ class Remotes:
         self.staged.clear()
 
     # --- transfers ---
-    def _transfer(self, k: int, kind: str, named: Iterator[tuple[str, Any]], names: list[str],
-                  run_id: int = 0, load_id: str | None = None) -> dict[str, Any]:
-        """Agent k checks and accepts the transfer (`names`, kind sync or stage); then both join its group and
-        `named`'s tensors go over in that order; the agent's own account of it decides."""
-        from loop.replica.transfer import backend_for, close, local_address_towards, open_group, send
+    def _transfer(self, ks: list[int], kind: str, named: Iterator[tuple[str, Any]], names: list[str],
+                  run_id: int = 0, load_ids: dict[int, str] | None = None) -> dict[int, dict[str, Any] | RemoteError]:
+        """Agents `ks` each check and accept the transfer (`names`, kind sync or stage); then each joins a group with
+        this worker and `named`'s tensors, read once, go to all of them together in that order; each agent's own
+        account of it decides. Returns each agent's result, or the RemoteError that says why it has none."""
+        from loop.replica.transfer import backend_for, close, local_address_towards, open_group, send_to_all
 
-        st = self.status(k)
-        if not st.get("ready"):
-            raise RemoteError(f"remote replica {k} is not ready ({st.get('state')})")
-        if load_id is not None and st.get("load_id") != load_id:
-            raise RemoteError(f"remote replica {k} restarted (load {load_id} gone, now {st.get('load_id')})")
-        host, port = urlsplit(self.url(k)).hostname or "127.0.0.1", int(st["transfer_port"])
-        nonce = secrets.token_hex(16)
-        self._post(k, "/loop/replica/receive", {"nonce": nonce, "kind": kind, "run_id": run_id, "names": names,
-                                                "load_id": st.get("load_id")})
-        group, sent, failure = None, 0, None
-        try:
-            group = open_group(host, port, nonce, 0, bind=local_address_towards(host, port),
-                               backend=backend_for(self.device), timeout_s=TRANSFER_TIMEOUT_S)
-            sent = send(group, (t for _, t in named))
-        except Exception as e:  # noqa: BLE001 - the agent's account below says more when it has one
-            failure = e
-        finally:
-            if group is not None:
-                close(group)
-        deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
-        while True:
+        out: dict[int, dict[str, Any] | RemoteError] = {}
+        legs: list[_Leg] = []  # the agents that accepted
+        for k in ks:
             try:
-                r = self._http().get(f"{self.url(k)}/loop/replica/transfer/{nonce}")
-                result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
-                                                                      "detail": r.text[:300]}
-            except Exception as e:  # noqa: BLE001
-                result = {"done": True, "ok": False, "detail": f"cannot be reached: {e}"}
-            if result.get("done") or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if failure is not None or not result.get("ok"):
-            raise RemoteError(f"remote replica {k}: the {kind} transfer failed: "
-                              f"{result.get('detail') or failure or 'no answer'}")
-        result["bytes"] = sent
-        return result
+                st = self.status(k)
+                if not st.get("ready"):
+                    raise RemoteError(f"remote replica {k} is not ready ({st.get('state')})")
+                want = (load_ids or {}).get(k)
+                if want is not None and st.get("load_id") != want:
+                    raise RemoteError(f"remote replica {k} restarted (load {want} gone, now {st.get('load_id')})")
+                nonce = secrets.token_hex(16)
+                self._post(k, "/loop/replica/receive", {"nonce": nonce, "kind": kind, "run_id": run_id,
+                                                        "names": names, "load_id": st.get("load_id")})
+                legs.append(_Leg(k, nonce, int(st["transfer_port"])))
+            except RemoteError as e:
+                out[k] = e
+        failures: dict[int, BaseException] = {}
+        for i, leg in enumerate(legs):  # every agent is already joining: each group opens without waiting
+            host = urlsplit(self.url(leg.k)).hostname or "127.0.0.1"
+            try:
+                leg.group = open_group(host, leg.port, leg.nonce, 0, bind=local_address_towards(host, leg.port),
+                                       backend=backend_for(self.device), timeout_s=TRANSFER_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - the agent's account below says more when it has one
+                failures[i] = e
+        open_legs = [i for i, leg in enumerate(legs) if leg.group is not None]
+        sent = 0
+        try:
+            if open_legs:
+                sent, broken = send_to_all([legs[i].group for i in open_legs], (t for _, t in named))
+                failures.update({open_legs[j]: e for j, e in broken.items()})
+        except Exception as e:  # noqa: BLE001 - making the tensors failed: no agent has the whole transfer
+            failures.update({i: e for i in open_legs})
+        finally:
+            for leg in legs:
+                if leg.group is not None:
+                    close(leg.group)
+        for i, leg in enumerate(legs):
+            k, nonce, failure = leg.k, leg.nonce, failures.get(i)
+            deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
+            while True:
+                try:
+                    r = self._http().get(f"{self.url(k)}/loop/replica/transfer/{nonce}")
+                    result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
+                                                                          "detail": r.text[:300]}
+                except Exception as e:  # noqa: BLE001
+                    result = {"done": True, "ok": False, "detail": f"cannot be reached: {e}"}
+                if result.get("done") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if failure is not None or not result.get("ok"):
+                out[k] = RemoteError(f"remote replica {k}: the {kind} transfer failed: "
+                                     f"{result.get('detail') or failure or 'no answer'}")
+            else:
+                result["bytes"] = sent
+                out[k] = result
+        return out
 
     def sync(self, k: int, primary: dict[str, Any]) -> tuple[str, float]:
         """Every tensor of `primary` (replica 0's vLLM tensors) into agent k's weights; the caller paused it."""
@@ -190,7 +225,9 @@ class Remotes:
         self.staged.pop(k, None)
         t0 = time.perf_counter()
         names = sorted(primary)
-        body = self._transfer(k, "sync", ((n, primary[n]) for n in names), names)
+        body = self._transfer([k], "sync", ((n, primary[n]) for n in names), names)[k]
+        if isinstance(body, RemoteError):
+            raise body
         self.synced[k] = str(body["load_id"])
         ms = (time.perf_counter() - t0) * 1000
         log.info("remote replica %d (load %s) synced from replica 0 in %.1f ms (%.0f MB)", k, body["load_id"], ms,
@@ -198,18 +235,23 @@ class Remotes:
         return self.synced[k], ms
 
     def stage(self, run_id: int, changed: Callable[[], Iterator[tuple[str, Any]]], names: list[str]) -> list[int]:
-        """Phase 1: every synced agent receives the touched tensors' new content into staging. Returns the replicas
-        that could not (each forgotten: the API syncs it again before it serves)."""
+        """Phase 1: every synced agent receives the touched tensors' new content into staging, all at once (each
+        tensor made once, sent to every agent together). Returns the replicas that could not (each forgotten: the
+        API syncs it again before it serves)."""
         failed, sent, t0 = [], 0, time.perf_counter()
-        for k in sorted(self.synced):
-            try:
-                sent += self._transfer(k, "stage", changed(), names, run_id=run_id, load_id=self.synced[k])["bytes"]
-                self.staged[k] = run_id
-            except RemoteError as e:
-                log.warning("%s; it leaves routing until it is synced again", e)
+        ks = sorted(self.synced)
+        results = self._transfer(ks, "stage", changed(), names, run_id=run_id, load_ids=dict(self.synced)) if ks \
+            else {}
+        for k in ks:
+            res = results[k]
+            if isinstance(res, RemoteError):
+                log.warning("%s; it leaves routing until it is synced again", res)
                 self.synced.pop(k, None)
                 self.staged.pop(k, None)
                 failed.append(k)
+            else:
+                sent += res["bytes"]
+                self.staged[k] = run_id
         self.figures = {"remote_stage_ms": (time.perf_counter() - t0) * 1000, "remote_stage_mb": sent / 1e6,
                         "remote_staged": float(len(self.staged))}
         return failed
@@ -224,45 +266,72 @@ class Remotes:
         return dict(r.json())
 
     def commit(self, run_id: int) -> list[int]:
-        """Phase 2, inside the pause: every agent that staged `run_id` writes it. Returns the synced replicas that
-        are not on the new weights now (failed, or never staged), each forgotten."""
-        lost, t0 = [], time.perf_counter()
-        for k in sorted(self.synced):
+        """Phase 2, inside the pause: every agent that staged `run_id` writes it, all at once (the pause lasts the
+        slowest one, not their sum). Returns the synced replicas that are not on the new weights now (failed, or
+        never staged), each forgotten."""
+        t0 = time.perf_counter()
+
+        def one(k: int) -> RemoteError | None:
             try:
                 if self.staged.get(k) != run_id:
                     raise RemoteError(f"remote replica {k} did not stage run {run_id}")
                 self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k]})
+                return None
             except RemoteError as e:
-                log.warning("%s; it leaves routing until it is synced again", e)
+                return e
+
+        ks = sorted(self.synced)
+        self._http()  # made once, before the threads share it
+        lost = []
+        for k, err in zip(ks, self._each(one, ks)):
+            if err is not None:
+                log.warning("%s; it leaves routing until it is synced again", err)
                 self.synced.pop(k, None)
                 lost.append(k)
             self.staged.pop(k, None)
         self.figures["remote_commit_ms"] = (time.perf_counter() - t0) * 1000
         return lost
 
+    @staticmethod
+    def _each(fn: Callable[[int], Any], ks: list[int]) -> list[Any]:
+        """fn(k) for every k, in threads when there are several (each is an HTTP request to another host)."""
+        if len(ks) <= 1:
+            return [fn(k) for k in ks]
+        with ThreadPoolExecutor(max_workers=min(len(ks), 16), thread_name_prefix="loop-remote") as pool:
+            return list(pool.map(fn, ks))
+
     def discard(self) -> None:
         """Drop what the agents staged (a refused or discarded update); best effort, a commit never follows."""
-        for k in sorted(self.staged):
+        def one(k: int) -> None:
             try:
                 self._post(k, "/loop/replica/discard", {})
             except RemoteError as e:
                 log.info("remote replica %d: could not drop its staging (%s); the next stage replaces it", k, e)
+
+        self._http()
+        self._each(one, sorted(self.staged))
         self.staged.clear()
 
     def resync(self, primary: dict[str, Any]) -> list[int]:
         """A write made inside a pause with nothing staged (a restore, a low-memory apply): every synced agent gets
-        the whole weights now, inside the same pause. Returns the replicas that did not (forgotten)."""
+        the whole weights now, inside the same pause, all agents at once; one that restarted since its sync is not
+        written. Returns the replicas that did not get them (forgotten)."""
+        ks = sorted(self.synced)
+        if not ks:
+            return []
+        t0 = time.perf_counter()
+        names = sorted(primary)
+        results = self._transfer(ks, "sync", ((n, primary[n]) for n in names), names, load_ids=dict(self.synced))
         lost = []
-        for k in sorted(self.synced):
-            try:
-                load_id = self.synced[k]
-                self.sync(k, primary)
-                if self.synced.get(k) != load_id:
-                    raise RemoteError(f"remote replica {k} restarted meanwhile")
-            except RemoteError as e:
-                log.warning("%s; it leaves routing until it is synced again", e)
+        self.staged.clear()
+        for k in ks:
+            res = results[k]
+            if isinstance(res, RemoteError):
+                log.warning("%s; it leaves routing until it is synced again", res)
                 self.synced.pop(k, None)
                 lost.append(k)
+        log.info("%d remote replicas synced from replica 0 in %.1f ms", len(ks) - len(lost),
+                 (time.perf_counter() - t0) * 1000)
         return lost
 
     def checksums(self) -> list[str]:

@@ -6,6 +6,7 @@ is reported, a bad request is refused before anyone joins a group, and a sender 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +189,82 @@ def test_a_sender_that_never_joins_breaks_off_and_frees_the_agent(served: tuple[
     assert not res["ok"] and "broke off" in res["detail"] and agent.staged is None
     remotes = Remotes([s.url], TOKEN, first=1)  # and the next transfer works
     assert remotes.sync(1, _primary())[0] == "load-1"
+
+
+class BreaksMidway(InMemory):
+    """An agent that stops receiving after the first tensor of a staged update (its sockets stay open, as on a host
+    that hangs: the sender's broadcast to it times out)."""
+
+    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any]) -> None:
+        class Gone(list):  # type: ignore[type-arg]
+            def __iter__(self) -> Iterator[Any]:
+                yield self[0]
+                raise ConnectionError("the host went away")
+
+        super()._receive(nonce, kind, run_id, names, Gone(buffers) if kind == "stage" else buffers)
+
+
+@contextlib.contextmanager
+def _agents(tmp_path: Path, *kinds: type[InMemory]) -> Iterator[list[tuple[ServedApp, InMemory]]]:
+    with contextlib.ExitStack() as stack:
+        out = []
+        for i, kind in enumerate(kinds):
+            settings = Settings(data_dir=tmp_path / str(i), replica_token=TOKEN, replica_transfer_port=free_port())
+            agent = kind(settings)
+            app = create_agent_app(settings, manage=False, upstream=httpx.MockTransport(_fake_vllm), agent=agent)
+            out.append((stack.enter_context(ServedApp(app)), agent))
+        yield out
+
+
+def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_path: Path) -> None:
+    with _agents(tmp_path, InMemory, InMemory, InMemory) as served:
+        primary = _primary()
+        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+        assert remotes.resync(primary) == []  # nothing synced yet: nothing to send
+        for k in (1, 2, 3):
+            remotes.sync(k, primary)
+        made: list[int] = []
+        new = {"a.weight": (primary["a.weight"].float() * 2).to(torch.bfloat16), "b.bias": primary["b.bias"] - 1}
+
+        def changed() -> Iterator[tuple[str, torch.Tensor]]:
+            made.append(1)  # the update's tensors are made once, whatever the number of agents
+            yield from new.items()
+
+        assert remotes.stage(4, changed, sorted(new)) == []
+        assert made == [1] and remotes.staged == {1: 4, 2: 4, 3: 4}
+        one = sum(t.numel() * t.element_size() for t in new.values())
+        assert remotes.figures["remote_staged"] == 3.0 and remotes.figures["remote_stage_mb"] == 3 * one / 1e6
+        assert all(torch.equal(a.tensors["a.weight"], primary["a.weight"]) for _, a in served)  # not yet
+        assert remotes.commit(4) == []
+        for _, agent in served:
+            assert torch.equal(agent.tensors["a.weight"], new["a.weight"])
+            assert torch.equal(agent.tensors["b.bias"], new["b.bias"])
+            assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and agent.staged is None
+        assert len(set(remotes.checksums())) == 1
+
+        served[1][1].restart()  # a restore while one agent restarted: the others get the weights, it does not
+        assert remotes.resync(primary) == [2] and sorted(remotes.synced) == [1, 3]
+        assert torch.equal(served[0][1].tensors["a.weight"], primary["a.weight"])
+        assert not torch.equal(served[1][1].tensors["a.weight"], primary["a.weight"])
+        assert remotes.checksums()[1] == "" and remotes.checksums()[0] == remotes.checksums()[2]
+
+
+def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.worker import remotes as remotes_mod
+
+    monkeypatch.setattr(remotes_mod, "TRANSFER_TIMEOUT_S", 5.0)  # each broadcast's limit
+    with _agents(tmp_path, InMemory, BreaksMidway, InMemory) as served:
+        primary = _primary()
+        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+        for k in (1, 2, 3):
+            remotes.sync(k, primary)
+        new = {"a.weight": (primary["a.weight"].float() + 3).to(torch.bfloat16), "b.bias": primary["b.bias"] * 5}
+        assert remotes.stage(9, lambda: iter(new.items()), sorted(new)) == [2]
+        assert sorted(remotes.synced) == [1, 3] and served[1][1].staged is None
+        assert remotes.figures["remote_staged"] == 2.0
+        assert remotes.commit(9) == []  # the lost one is no longer synced: the API syncs it before it serves again
+        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"])  # nothing written there
+        assert remotes.sync(2, primary)[0] == "load-1"  # and it can be synced again
