@@ -3,10 +3,9 @@
 What: a remote replica's agent (loop/replica/agent.py) hosts a `TCPStore` on its transfer port. For each transfer
 the worker picks a random nonce, asks the agent over its authenticated HTTP API to receive (kind, names), and
 both join a group of two under that nonce (`open_group`: rank 0 the worker, rank 1 the agent); the worker then
-broadcasts each tensor in the agreed order (`send`), the agent receives each into its buffer (`receive`). A
-transfer to several agents (a staged update) opens one group per agent and sends each tensor to all of them at
-once (`send_to_all`). The
-group is torn down after the transfer: a replica that dies mid-transfer breaks only that transfer.
+broadcasts each tensor in the agreed order, to every agent of the transfer at once, one group each
+(`send_to_all`); the agent receives each into its buffer (`receive`). The group is torn down after the transfer:
+a replica that dies mid-transfer breaks only its own part of it.
 
 Why torch.distributed: it is the transport made for tensors between hosts (gloo over TCP for host memory; NCCL,
 with GPUDirect where the fabric has it, between CUDA devices on different hosts), and it is what vLLM's own
@@ -96,20 +95,17 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)  # contiguous: the same memory, seen as bytes
 
 
-def _broadcast(group: Any, t: torch.Tensor) -> None:
+def _start_broadcast(group: Any, t: torch.Tensor) -> Any:
+    """Rank 0's bytes of `t` into rank 1's; returns the pending work."""
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([_bytes(t)], opts).wait()
+    return group.broadcast([_bytes(t)], opts)
 
 
-def send(group: Any, tensors: Iterable[torch.Tensor]) -> int:
-    """Rank 0: each tensor's bytes to rank 1, in order. Returns the bytes sent."""
-    n, failed = send_to_all([group], tensors)
-    if failed:
-        raise failed[0]
-    return n
+def _broadcast(group: Any, t: torch.Tensor) -> None:
+    _start_broadcast(group, t).wait()
 
 
 def send_to_all(groups: list[Any], tensors: Iterable[torch.Tensor]) -> tuple[int, dict[int, BaseException]]:
@@ -118,10 +114,6 @@ def send_to_all(groups: list[Any], tensors: Iterable[torch.Tensor]) -> tuple[int
     receivers cost about one receiver's time, and a tensor made for the transfer is made once. A group whose
     broadcast fails gets nothing more; the others go on. Returns the bytes of the stream (per group) and the
     failed groups (index -> error)."""
-    import torch.distributed as dist
-
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
     n, failed = 0, {}
     for t in tensors:
         src = t if t.is_contiguous() else t.contiguous()
@@ -131,7 +123,7 @@ def send_to_all(groups: list[Any], tensors: Iterable[torch.Tensor]) -> tuple[int
                 if i in failed:
                     continue
                 try:
-                    works.append((i, group.broadcast([_bytes(src)], opts)))
+                    works.append((i, _start_broadcast(group, src)))
                 except Exception as e:  # noqa: BLE001 - this group is broken; the others are not
                     failed[i] = e
             for i, work in works:

@@ -104,12 +104,14 @@ class UpdatePlan:
 
 @dataclass
 class _Leg:
-    """One agent's side of a transfer: its replica, the transfer's nonce, its transfer port, the group once open."""
+    """One agent's side of a transfer: its replica, the transfer's nonce, its transfer port, the group once open,
+    and what failed on this side."""
 
     k: int
     nonce: str
     port: int
     group: Any = None
+    failure: BaseException | None = None
 
 
 # --- the agents -------------------------------------------------------------------------------------------------
@@ -178,46 +180,52 @@ class Remotes:
                 legs.append(_Leg(k, nonce, int(st["transfer_port"])))
             except RemoteError as e:
                 out[k] = e
-        failures: dict[int, BaseException] = {}
-        for i, leg in enumerate(legs):  # every agent is already joining: each group opens without waiting
+        for leg in legs:  # every agent is already joining: each group opens without waiting
             host = urlsplit(self.url(leg.k)).hostname or "127.0.0.1"
             try:
                 leg.group = open_group(host, leg.port, leg.nonce, 0, bind=local_address_towards(host, leg.port),
                                        backend=backend_for(self.device), timeout_s=TRANSFER_TIMEOUT_S)
             except Exception as e:  # noqa: BLE001 - the agent's account below says more when it has one
-                failures[i] = e
-        open_legs = [i for i, leg in enumerate(legs) if leg.group is not None]
+                leg.failure = e
+        receivers = [leg for leg in legs if leg.group is not None]
         sent = 0
         try:
-            if open_legs:
-                sent, broken = send_to_all([legs[i].group for i in open_legs], (t for _, t in named))
-                failures.update({open_legs[j]: e for j, e in broken.items()})
+            if receivers:
+                sent, broken = send_to_all([leg.group for leg in receivers], (t for _, t in named))
+                for j, e in broken.items():
+                    receivers[j].failure = e
         except Exception as e:  # noqa: BLE001 - making the tensors failed: no agent has the whole transfer
-            failures.update({i: e for i in open_legs})
+            for leg in receivers:
+                leg.failure = e
         finally:
             for leg in legs:
                 if leg.group is not None:
                     close(leg.group)
-        for i, leg in enumerate(legs):
-            k, nonce, failure = leg.k, leg.nonce, failures.get(i)
-            deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
-            while True:
-                try:
-                    r = self._http().get(f"{self.url(k)}/loop/replica/transfer/{nonce}")
-                    result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
-                                                                          "detail": r.text[:300]}
-                except Exception as e:  # noqa: BLE001
-                    result = {"done": True, "ok": False, "detail": f"cannot be reached: {e}"}
-                if result.get("done") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            if failure is not None or not result.get("ok"):
-                out[k] = RemoteError(f"remote replica {k}: the {kind} transfer failed: "
-                                     f"{result.get('detail') or failure or 'no answer'}")
-            else:
+        for leg in legs:
+            result = self._outcome(leg, kind)
+            if isinstance(result, dict):
                 result["bytes"] = sent
-                out[k] = result
+            out[leg.k] = result
         return out
+
+    def _outcome(self, leg: _Leg, kind: str) -> dict[str, Any] | RemoteError:
+        """The agent's own account of its part of a transfer (waited for; briefly when this side already failed)."""
+        failure = leg.failure
+        deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
+        while True:
+            try:
+                r = self._http().get(f"{self.url(leg.k)}/loop/replica/transfer/{leg.nonce}")
+                result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
+                                                                      "detail": r.text[:300]}
+            except Exception as e:  # noqa: BLE001
+                result = {"done": True, "ok": False, "detail": f"cannot be reached: {e}"}
+            if result.get("done") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if failure is not None or not result.get("ok"):
+            return RemoteError(f"remote replica {leg.k}: the {kind} transfer failed: "
+                               f"{result.get('detail') or failure or 'no answer'}")
+        return result
 
     def sync(self, k: int, primary: dict[str, Any]) -> tuple[str, float]:
         """Every tensor of `primary` (replica 0's vLLM tensors) into agent k's weights; the caller paused it."""
@@ -281,7 +289,6 @@ class Remotes:
                 return e
 
         ks = sorted(self.synced)
-        self._http()  # made once, before the threads share it
         lost = []
         for k, err in zip(ks, self._each(one, ks)):
             if err is not None:
@@ -292,11 +299,11 @@ class Remotes:
         self.figures["remote_commit_ms"] = (time.perf_counter() - t0) * 1000
         return lost
 
-    @staticmethod
-    def _each(fn: Callable[[int], Any], ks: list[int]) -> list[Any]:
+    def _each(self, fn: Callable[[int], Any], ks: list[int]) -> list[Any]:
         """fn(k) for every k, in threads when there are several (each is an HTTP request to another host)."""
         if len(ks) <= 1:
             return [fn(k) for k in ks]
+        self._http()  # made once, before the threads share it
         with ThreadPoolExecutor(max_workers=min(len(ks), 16), thread_name_prefix="loop-remote") as pool:
             return list(pool.map(fn, ks))
 
@@ -308,7 +315,6 @@ class Remotes:
             except RemoteError as e:
                 log.info("remote replica %d: could not drop its staging (%s); the next stage replaces it", k, e)
 
-        self._http()
         self._each(one, sorted(self.staged))
         self.staged.clear()
 

@@ -75,13 +75,23 @@ def _fake_vllm(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, headers={"content-type": "text/plain"}, stream=Chunks(text))
 
 
+@contextlib.contextmanager
+def _agents(tmp_path: Path, *kinds: type[InMemory]) -> Iterator[list[tuple[ServedApp, InMemory]]]:
+    """One served agent of each kind, each with its own data folder and transfer port."""
+    with contextlib.ExitStack() as stack:
+        out = []
+        for i, kind in enumerate(kinds):
+            settings = Settings(data_dir=tmp_path / str(i), replica_token=TOKEN, replica_transfer_port=free_port())
+            agent = kind(settings)
+            app = create_agent_app(settings, manage=False, upstream=httpx.MockTransport(_fake_vllm), agent=agent)
+            out.append((stack.enter_context(ServedApp(app)), agent))
+        yield out
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[ServedApp, InMemory]]:
-    settings = Settings(data_dir=tmp_path, replica_token=TOKEN, replica_transfer_port=free_port())
-    agent = InMemory(settings)
-    app = create_agent_app(settings, manage=False, upstream=httpx.MockTransport(_fake_vllm), agent=agent)
-    with ServedApp(app) as s:
-        yield s, agent
+    with _agents(tmp_path, InMemory) as [one]:
+        yield one
 
 
 def _client(url: str, token: str | None = TOKEN) -> httpx.Client:
@@ -202,18 +212,6 @@ class BreaksMidway(InMemory):
                 raise ConnectionError("the host went away")
 
         super()._receive(nonce, kind, run_id, names, Gone(buffers) if kind == "stage" else buffers)
-
-
-@contextlib.contextmanager
-def _agents(tmp_path: Path, *kinds: type[InMemory]) -> Iterator[list[tuple[ServedApp, InMemory]]]:
-    with contextlib.ExitStack() as stack:
-        out = []
-        for i, kind in enumerate(kinds):
-            settings = Settings(data_dir=tmp_path / str(i), replica_token=TOKEN, replica_transfer_port=free_port())
-            agent = kind(settings)
-            app = create_agent_app(settings, manage=False, upstream=httpx.MockTransport(_fake_vllm), agent=agent)
-            out.append((stack.enter_context(ServedApp(app)), agent))
-        yield out
 
 
 def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_path: Path) -> None:
