@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "of the model beside this one's replicas: routed by load with them, and kept on the same version (every "
         "update is sent over torch.distributed before the pause and written by each agent inside it). The agents "
         "share LOOP_REPLICA_TOKEN with this process.")
+    remote_min_mb_s: float = Field(20.0, gt=0, description="The slowest rate loop waits for a remote replica at: "
+                                   "each tensor sent to an agent, and each agent's commit inside the pause, may take "
+                                   "30 s plus its bytes at this rate (MB/s; the commit, a local copy, 25x that) "
+                                   "before that replica is given up, taken out of routing and synced again later. "
+                                   "A hanging host so holds an update for a bounded time, not the transport's "
+                                   "minutes.")
     replica_transfer_port: int = Field(8101, ge=1, le=65535, description="`loop replica` only: the port of its "
                                        "weight transfers (a torch.distributed store and gloo/NCCL connections), "
                                        "on --host; keep it on a private network.")

@@ -7,7 +7,8 @@ restarts, the weight-handle file), maps that vLLM's weights as the worker maps r
   are forwarded to its socket, so loop routes chat to it and pauses it like a local replica, while vLLM's
   unauthenticated development routes never face the network;
 - `GET /loop/replica`: ready?, vLLM's state, its load id (new after every restart), the transfer port;
-- `POST /loop/replica/receive {nonce, kind, run_id, names, load_id}`: checked at once (400/409 say what is wrong),
+- `POST /loop/replica/receive {nonce, kind, run_id, names, load_id, op_timeout_s}`: checked at once (400/409 say
+  what is wrong),
   then received in the background: join the transfer group `nonce` as rank 1 (loop/replica/transfer.py) and take
   the named tensors, in that order: kind "sync" straight into the weights (loop has paused this vLLM; every tensor
   must be named), kind "stage" into staging memory beside them; `GET /loop/replica/transfer/{nonce}` says how it
@@ -42,6 +43,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
               "proxy-authenticate", "proxy-authorization", "authorization", "host"}
 BUSY_WAIT_S = 5.0  # a transfer asked for while another runs waits this long for it, then is refused
 STORE_TIMEOUT_S = 60.0  # a transfer whose sender never joins is broken off after this long
+MAX_OP_TIMEOUT_S = 86400.0
+RECEIVE_OP_S = 600.0  # the least a receiving agent waits for each tensor (see `receive`)
 
 
 def transfer_bind(host: str) -> str:
@@ -126,6 +129,10 @@ class Agent:
         nonce = str(body.get("nonce") or "")
         if len(nonce) < 16 or not nonce.isalnum():
             raise HTTPException(400, "nonce must be at least 16 letters or digits")
+        op_s = body.get("op_timeout_s", RECEIVE_OP_S)
+        if isinstance(op_s, bool) or not isinstance(op_s, (int, float)) or not 0 < op_s <= MAX_OP_TIMEOUT_S:
+            raise HTTPException(400, f"op_timeout_s must be a number of seconds in (0, {MAX_OP_TIMEOUT_S:g}], got "
+                                     f"{op_s!r}")
         if not self.lock.acquire(timeout=BUSY_WAIT_S):
             raise HTTPException(409, "another transfer or commit is running on this replica; try again")
         try:
@@ -149,18 +156,23 @@ class Agent:
             self.lock.release()
             raise
         self.results[nonce] = {"done": False}
-        threading.Thread(target=self._receive, args=(nonce, kind, int(body.get("run_id") or 0), names, buffers),
+        # the sender gives up on this side sooner than that; waiting no less than the default only matters when the
+        # sender's host hangs (a sender that died closes its sockets, which ends the wait at once)
+        threading.Thread(target=self._receive, args=(nonce, kind, int(body.get("run_id") or 0), names, buffers,
+                                                     max(float(op_s), RECEIVE_OP_S)),
                          name="loop-replica-receive", daemon=True).start()
         return {"accepted": True, "load_id": self.load_id}
 
-    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any]) -> None:
+    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
+                 op_s: float = RECEIVE_OP_S) -> None:
         from loop.replica.transfer import backend_for, close, open_group, receive
 
         t0 = time.perf_counter()
         group = None
         try:
             group = open_group("", 0, nonce, 1, bind=transfer_bind(self.settings.host),
-                               backend=backend_for(self.device), store=self._store(), join_s=STORE_TIMEOUT_S)
+                               backend=backend_for(self.device), store=self._store(), join_s=STORE_TIMEOUT_S,
+                               timeout_s=op_s)
             n = receive(group, buffers)
             if kind == "stage":
                 self.staged = (run_id, dict(zip(names, buffers)))

@@ -42,6 +42,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     train_share: float | None  # Settings.train_share: the trainer's share while vLLM has work (None: by device)
     mirrors: list[str]  # run dirs of replicas 1..K-1: every write to replica 0's weights is copied into them
     remotes: list[str]  # `loop replica` agents' URLs, replicas K.. (their token: LOOP_WORKER_REPLICA_TOKEN, env)
+    remote_min_mb_s: float  # Settings.remote_min_mb_s: what bounds a remote replica's transfer and commit
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
@@ -51,7 +52,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                    screen_budget_bytes=settings.screen_budget_bytes, vllm_address=settings.vllm_address,
                    train_share=settings.train_share,
                    mirrors=[str(settings.replica_dir(k)) for k in range(1, settings.replicas)],
-                   remotes=list(settings.remote_replicas))
+                   remotes=list(settings.remote_replicas), remote_min_mb_s=settings.remote_min_mb_s)
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

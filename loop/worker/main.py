@@ -77,7 +77,8 @@ class Worker:
         from loop.worker.config import REPLICA_TOKEN_ENV
         from loop.worker.remotes import Remotes
 
-        self.remotes = Remotes(config.remotes, os.environ.get(REPLICA_TOKEN_ENV), first=len(config.mirrors) + 1)
+        self.remotes = Remotes(config.remotes, os.environ.get(REPLICA_TOKEN_ENV), first=len(config.mirrors) + 1,
+                               min_mb_s=config.remote_min_mb_s)
 
     # ------------------------------------------------------------ attach
 
@@ -233,7 +234,8 @@ class Worker:
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
                             checksum=self.checksum() if msg.checksum else "",
-                            mirrors=self.mirror_checksums() + self.remotes.checksums()
+                            mirrors=self.mirror_checksums() + self.remotes.checksums(
+                                sum(t.numel() * t.element_size() for t in self.vllm_tensors.values()))
                             if msg.checksum and (self.mirrors.dirs or self.remotes.urls) else [])
         if isinstance(msg, p.Train):
             return self.train(msg)
@@ -313,7 +315,7 @@ class Worker:
                         from loop.worker.remotes import UpdatePlan
 
                         plan = UpdatePlan(self.model, self.vllm_tensors, values)
-                        unstaged = self.remotes.stage(msg.run_id, lambda: plan.tensors(self.pacer.tick), plan.names)
+                        unstaged = self.remotes.stage(msg.run_id, lambda: plan.tensors(self.pacer.tick), plan.sizes())
                         staging = dict(self.remotes.figures)
                         del plan
                 self._staged = (msg.run_id, values, check)

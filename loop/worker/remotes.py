@@ -17,7 +17,10 @@ A whole sync (a replica that joined or restarted, and a restore, which writes in
 vLLM tensor straight into the paused agent's weights (a restore: into every synced agent's at once).
 
 An agent that restarted holds other weights (its load id changed): it is skipped and reported, as for local
-replicas. Tests: tests/unit/worker/test_remotes.py; tests/e2e/test_remote_replica_e2e.py.
+replicas. One that hangs (a frozen host, a wedged link) is given up after a limit scaled by what it must move
+(`limit_s`: 30 s plus the bytes at `Settings.remote_min_mb_s`): each tensor of a transfer, each commit. So it holds
+an update, and the pause a commit runs in, for that long at most; the others go on and it is synced again later.
+Tests: tests/unit/worker/test_remotes.py; tests/unit/replica/test_agent.py; tests/e2e/test_remote_replica_e2e.py.
 """
 
 from __future__ import annotations
@@ -34,8 +37,21 @@ from urllib.parse import urlsplit
 log = logging.getLogger("loop.worker")
 
 STATUS_TIMEOUT_S = 10.0
-TRANSFER_TIMEOUT_S = 900.0
-JOIN_TIMEOUT_S = 90.0  # after a transfer failed here, how long the agent may take to say so too
+REQUEST_TIMEOUT_S = 30.0  # a request the agent answers at once (it waits a few seconds at most for its lock)
+FLOOR_S = 30.0  # of every limit: a host's hiccup is not a hang
+COPY_FACTOR = 25.0  # a commit (a local copy on the agent) is given the bytes at this many times the link's rate
+HASH_MB_S = 50.0  # the slowest an agent is waited for while it hashes its weights (a checksum)
+ACCOUNT_WAIT_S = 5.0  # after a transfer failed here, how long the agent may take to say why (a hung one never does)
+
+
+def limit_s(nbytes: int, mb_s: float) -> float:
+    """How long moving `nbytes` at no less than `mb_s` MB/s may take before the other side counts as hung."""
+    return FLOOR_S + nbytes / (mb_s * 1e6)
+
+
+def sizes(tensors: dict[str, Any]) -> dict[str, int]:
+    """Each tensor's bytes, by name, in name order: what a transfer of them names and how long it may take."""
+    return {n: tensors[n].numel() * tensors[n].element_size() for n in sorted(tensors)}
 
 
 class RemoteError(RuntimeError):
@@ -101,6 +117,10 @@ class UpdatePlan:
                 if tick is not None:
                     tick()
 
+    def sizes(self) -> dict[str, int]:
+        """The touched tensors' bytes, by name, in the order `tensors()` makes them."""
+        return {n: self.vllm_tensors[n].numel() * self.vllm_tensors[n].element_size() for n in self.names}
+
 
 @dataclass
 class _Leg:
@@ -118,11 +138,14 @@ class _Leg:
 class Remotes:
     """The worker's view of replicas first..first+len(urls)-1, each behind a `loop replica` agent at its URL."""
 
-    def __init__(self, urls: list[str], token: str | None, first: int, device: str = "cpu") -> None:
+    def __init__(self, urls: list[str], token: str | None, first: int, device: str = "cpu",
+                 min_mb_s: float = 20.0) -> None:
         self.urls, self.token, self.first = list(urls), token, first
         self.device = device
+        self.min_mb_s = min_mb_s  # Settings.remote_min_mb_s
         self.synced: dict[int, str] = {}  # replica -> the agent's load id when it was synced
         self.staged: dict[int, int] = {}  # replica -> the run whose update it holds in staging
+        self.staged_bytes = 0  # of that staging (what a commit copies)
         self.figures: dict[str, float] = {}  # the last stage's and commit's cost (the run's metrics carry them)
         self._client: Any = None
 
@@ -157,13 +180,17 @@ class Remotes:
         self.staged.clear()
 
     # --- transfers ---
-    def _transfer(self, ks: list[int], kind: str, named: Iterator[tuple[str, Any]], names: list[str],
+    def _transfer(self, ks: list[int], kind: str, named: Iterator[tuple[str, Any]], names: dict[str, int],
                   run_id: int = 0, load_ids: dict[int, str] | None = None) -> dict[int, dict[str, Any] | RemoteError]:
-        """Agents `ks` each check and accept the transfer (`names`, kind sync or stage); then each joins a group with
-        this worker and `named`'s tensors, read once, go to all of them together in that order; each agent's own
-        account of it decides. Returns each agent's result, or the RemoteError that says why it has none."""
+        """Agents `ks` each check and accept the transfer (`names`: name -> bytes, kind sync or stage); then each
+        joins a group with this worker and `named`'s tensors, read once, go to all of them together in that order;
+        each agent's own account of it decides. Each tensor may take `limit_s` of the largest: an agent that has
+        not taken it by then is given up (its group times out) and the others go on. The agents wait for the next
+        tensor longer than that (one limit for every agent that could hang before it), so a hang costs no one
+        else their transfer. Returns each agent's result, or the RemoteError that says why it has none."""
         from loop.replica.transfer import backend_for, close, local_address_towards, open_group, send_to_all
 
+        op_s = limit_s(max(names.values(), default=0), self.min_mb_s)
         out: dict[int, dict[str, Any] | RemoteError] = {}
         legs: list[_Leg] = []  # the agents that accepted
         for k in ks:
@@ -176,7 +203,8 @@ class Remotes:
                     raise RemoteError(f"remote replica {k} restarted (load {want} gone, now {st.get('load_id')})")
                 nonce = secrets.token_hex(16)
                 self._post(k, "/loop/replica/receive", {"nonce": nonce, "kind": kind, "run_id": run_id,
-                                                        "names": names, "load_id": st.get("load_id")})
+                                                        "names": list(names), "load_id": st.get("load_id"),
+                                                        "op_timeout_s": op_s * (len(ks) + 1)})
                 legs.append(_Leg(k, nonce, int(st["transfer_port"])))
             except RemoteError as e:
                 out[k] = e
@@ -184,7 +212,7 @@ class Remotes:
             host = urlsplit(self.url(leg.k)).hostname or "127.0.0.1"
             try:
                 leg.group = open_group(host, leg.port, leg.nonce, 0, bind=local_address_towards(host, leg.port),
-                                       backend=backend_for(self.device), timeout_s=TRANSFER_TIMEOUT_S)
+                                       backend=backend_for(self.device), timeout_s=op_s)
             except Exception as e:  # noqa: BLE001 - the agent's account below says more when it has one
                 leg.failure = e
         receivers = [leg for leg in legs if leg.group is not None]
@@ -202,19 +230,21 @@ class Remotes:
                 if leg.group is not None:
                     close(leg.group)
         for leg in legs:
-            result = self._outcome(leg, kind)
+            result = self._outcome(leg, kind, op_s)
             if isinstance(result, dict):
                 result["bytes"] = sent
             out[leg.k] = result
         return out
 
-    def _outcome(self, leg: _Leg, kind: str) -> dict[str, Any] | RemoteError:
-        """The agent's own account of its part of a transfer (waited for; briefly when this side already failed)."""
+    def _outcome(self, leg: _Leg, kind: str, op_s: float) -> dict[str, Any] | RemoteError:
+        """The agent's own account of its part of a transfer (waited for: the last tensor's limit once everything
+        was sent; briefly when this side already failed)."""
         failure = leg.failure
-        deadline = time.monotonic() + (JOIN_TIMEOUT_S if failure else TRANSFER_TIMEOUT_S)
+        deadline = time.monotonic() + ACCOUNT_WAIT_S + (0.0 if failure else op_s)
         while True:
             try:
-                r = self._http().get(f"{self.url(leg.k)}/loop/replica/transfer/{leg.nonce}")
+                r = self._http().get(f"{self.url(leg.k)}/loop/replica/transfer/{leg.nonce}",
+                                     timeout=STATUS_TIMEOUT_S)
                 result = dict(r.json()) if r.status_code == 200 else {"done": True, "ok": False,
                                                                       "detail": r.text[:300]}
             except Exception as e:  # noqa: BLE001
@@ -232,7 +262,7 @@ class Remotes:
         self.synced.pop(k, None)
         self.staged.pop(k, None)
         t0 = time.perf_counter()
-        names = sorted(primary)
+        names = sizes(primary)
         body = self._transfer([k], "sync", ((n, primary[n]) for n in names), names)[k]
         if isinstance(body, RemoteError):
             raise body
@@ -242,10 +272,10 @@ class Remotes:
                  body["bytes"] / 1e6)
         return self.synced[k], ms
 
-    def stage(self, run_id: int, changed: Callable[[], Iterator[tuple[str, Any]]], names: list[str]) -> list[int]:
-        """Phase 1: every synced agent receives the touched tensors' new content into staging, all at once (each
-        tensor made once, sent to every agent together). Returns the replicas that could not (each forgotten: the
-        API syncs it again before it serves)."""
+    def stage(self, run_id: int, changed: Callable[[], Iterator[tuple[str, Any]]], names: dict[str, int]) -> list[int]:
+        """Phase 1: every synced agent receives the touched tensors' new content (`names`: name -> bytes, in the
+        order `changed` makes them) into staging, all at once (each tensor made once, sent to every agent together).
+        Returns the replicas that could not (each forgotten: the API syncs it again before it serves)."""
         failed, sent, t0 = [], 0, time.perf_counter()
         ks = sorted(self.synced)
         results = self._transfer(ks, "stage", changed(), names, run_id=run_id, load_ids=dict(self.synced)) if ks \
@@ -260,13 +290,14 @@ class Remotes:
             else:
                 sent += res["bytes"]
                 self.staged[k] = run_id
+                self.staged_bytes = res["bytes"]
         self.figures = {"remote_stage_ms": (time.perf_counter() - t0) * 1000, "remote_stage_mb": sent / 1e6,
                         "remote_staged": float(len(self.staged))}
         return failed
 
-    def _post(self, k: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, k: int, path: str, body: dict[str, Any], timeout_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
         try:
-            r = self._http().post(f"{self.url(k)}{path}", json=body, timeout=TRANSFER_TIMEOUT_S)
+            r = self._http().post(f"{self.url(k)}{path}", json=body, timeout=timeout_s)
         except Exception as e:  # noqa: BLE001
             raise RemoteError(f"remote replica {k} cannot be reached: {e}") from e
         if r.status_code != 200:
@@ -275,15 +306,17 @@ class Remotes:
 
     def commit(self, run_id: int) -> list[int]:
         """Phase 2, inside the pause: every agent that staged `run_id` writes it, all at once (the pause lasts the
-        slowest one, not their sum). Returns the synced replicas that are not on the new weights now (failed, or
-        never staged), each forgotten."""
+        slowest one, not their sum; one that has not answered within the copy's limit is given up). Returns the
+        synced replicas that are not on the new weights now (failed, hung, or never staged), each forgotten. A hung
+        one may still write later: it is out of routing, and its next sync rewrites it whole."""
         t0 = time.perf_counter()
+        copy_s = limit_s(self.staged_bytes, self.min_mb_s * COPY_FACTOR)
 
         def one(k: int) -> RemoteError | None:
             try:
                 if self.staged.get(k) != run_id:
                     raise RemoteError(f"remote replica {k} did not stage run {run_id}")
-                self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k]})
+                self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k]}, copy_s)
                 return None
             except RemoteError as e:
                 return e
@@ -326,7 +359,7 @@ class Remotes:
         if not ks:
             return []
         t0 = time.perf_counter()
-        names = sorted(primary)
+        names = sizes(primary)
         results = self._transfer(ks, "sync", ((n, primary[n]) for n in names), names, load_ids=dict(self.synced))
         lost = []
         self.staged.clear()
@@ -340,21 +373,19 @@ class Remotes:
                  (time.perf_counter() - t0) * 1000)
         return lost
 
-    def checksums(self) -> list[str]:
-        """Each remote replica's sha256 of its weights (as `weights_checksum` over its vLLM tensors by name), ""
-        for one not synced or not answering."""
-        out = []
-        for i in range(len(self.urls)):
-            k = self.first + i
+    def checksums(self, nbytes: int) -> list[str]:
+        """Each remote replica's sha256 of its weights (as `weights_checksum` over its vLLM tensors by name; `nbytes`
+        of them), asked of all at once; "" for one not synced or not answering within the hash's limit."""
+        def one(k: int) -> str:
             if k not in self.synced:
-                out.append("")
-                continue
+                return ""
             try:
-                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=TRANSFER_TIMEOUT_S)
-                out.append(str(r.json()["checksum"]) if r.status_code == 200 else "")
+                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=limit_s(nbytes, HASH_MB_S))
+                return str(r.json()["checksum"]) if r.status_code == 200 else ""
             except Exception:  # noqa: BLE001 - not answering: no checksum
-                out.append("")
-        return out
+                return ""
+
+        return self._each(one, [self.first + i for i in range(len(self.urls))])
 
     def close(self) -> None:
         if self._client is not None:

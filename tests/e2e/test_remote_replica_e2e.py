@@ -10,6 +10,7 @@ and a real SQLite file; every check goes through loop's public HTTP API or the a
 - a restore of version 0 puts the original bytes back in both;
 - the agent's vLLM killed: chat goes on through replica 0, an update is written meanwhile, and the restarted vLLM
   is synced to the live version before it serves again;
+- the agent frozen (SIGSTOP: a hung host): an update goes on without it, and once it thaws it is synced first;
 - the agent itself killed: it leaves routing, chat goes on.
 """
 
@@ -192,6 +193,30 @@ def test_the_agents_vllm_killed_is_routed_around_then_synced_before_it_serves(
     assert agent.status()["load_id"] != load
     sums = checksums(api)
     assert sums[0] == sums[1] != SHARED["sums0"][0], sums
+    got = answers(api)
+    assert len(got) == 1 and next(iter(got))[1] == version, got
+
+
+def test_the_agent_frozen_is_given_up_without_holding_the_update_then_synced_when_it_thaws(
+        api: Api, agent: Agent) -> None:
+    os.kill(agent.proc.pid, signal.SIGSTOP)  # its host hangs: sockets open, nothing answers (its vLLM lives on)
+    try:
+        t0 = time.monotonic()
+        r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=1, learning_rate=1e-3)
+        assert r.status_code == 202, r.text
+        run = api.wait_run(r.json()["run_id"], timeout=300)
+        took = time.monotonic() - t0
+        assert run.status == "succeeded", (run.status, run.error, api.s.log_tail())
+        print(f"\na frozen agent: the run succeeded in {took:.1f} s without it")
+        assert routable(api) == [True, False]  # given up before the pause: no one waited on it in there
+        version = api.status()["weight_version"]
+        got = answers(api, 4)
+        assert len(got) == 1 and next(iter(got))[1] == version, got
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    wait_routable(api, [True, True], timeout=180)  # thawed: synced to the live version before it serves
+    sums = checksums(api)
+    assert sums[0] == sums[1] != "", sums
     got = answers(api)
     assert len(got) == 1 and next(iter(got))[1] == version, got
 

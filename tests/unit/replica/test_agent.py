@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ import torch
 from loop.config import Settings
 from loop.replica import agent as agent_mod
 from loop.replica.agent import Agent, create_agent_app
-from loop.worker.remotes import Remotes
+from loop.worker import remotes as remotes_mod
+from loop.worker.remotes import Remotes, sizes
 from loop.worker.update import weights_checksum
 from tests.support import ServedApp, free_port
 
@@ -128,17 +131,18 @@ def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[Served
     remotes = Remotes([s.url], TOKEN, first=1)
     load_id, _ = remotes.sync(1, primary)
     assert load_id == "load-1" and all(torch.equal(agent.tensors[n], primary[n]) for n in primary)
-    assert remotes.checksums() == [weights_checksum(sorted(primary.items()))]
+    assert remotes.checksums(1 << 20) == [weights_checksum(sorted(primary.items()))]
 
     new_a = (primary["a.weight"].float() + 1).to(torch.bfloat16)
-    assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), ["a.weight"]) == []
+    assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), sizes({"a.weight": new_a})) == []
     assert agent.staged is not None and agent.staged[0] == 7
     assert torch.equal(agent.tensors["a.weight"], primary["a.weight"])  # staged: nothing served changed yet
     assert remotes.commit(7) == []
     assert torch.equal(agent.tensors["a.weight"], new_a) and torch.equal(agent.tensors["b.bias"], primary["b.bias"])
     assert agent.staged is None
 
-    assert remotes.stage(8, lambda: iter([("a.weight", primary["a.weight"])]), ["a.weight"]) == []
+    assert remotes.stage(8, lambda: iter([("a.weight", primary["a.weight"])]),
+                         sizes({"a.weight": primary["a.weight"]})) == []
     remotes.discard()  # a refused update: the agent drops its staging, and a commit of it is refused
     assert agent.staged is None
     remotes.staged[1] = 8
@@ -150,7 +154,7 @@ def test_a_restart_between_sync_and_stage_is_reported_not_written(served: tuple[
     remotes = Remotes([s.url], TOKEN, first=2)
     remotes.sync(2, _primary())
     agent.restart()
-    assert remotes.stage(3, lambda: iter([("b.bias", torch.ones(100))]), ["b.bias"]) == [2]
+    assert remotes.stage(3, lambda: iter([("b.bias", torch.ones(100))]), {"b.bias": 400}) == [2]
     assert 2 not in remotes.synced and agent.staged is None
     assert remotes.commit(3) == []  # nothing synced is left to write
     assert remotes.resync(_primary()) == []
@@ -171,6 +175,9 @@ def test_bad_transfers_are_refused_before_anyone_joins(served: tuple[ServedApp, 
         r = receive(kind="sync")
         assert r.status_code == 400 and "every tensor" in r.json()["detail"]
         assert receive(nonce="short").status_code == 400
+        for bad in (0, -1, "60", True, 1e9):
+            r = receive(op_timeout_s=bad)
+            assert r.status_code == 400 and "op_timeout_s" in r.json()["detail"], bad
         r = receive(load_id="load-0")
         assert r.status_code == 409 and "restarted" in r.json()["detail"]
         r = c.post("/loop/replica/commit", json={"run_id": 5})
@@ -190,7 +197,6 @@ def test_a_sender_that_never_joins_breaks_off_and_frees_the_agent(served: tuple[
             "accepted"]
         busy = c.post("/loop/replica/receive", json={"nonce": "p" * 32, "kind": "stage", "names": ["b.bias"]})
         assert busy.status_code == 409  # one transfer at a time
-        import time
 
         deadline = time.monotonic() + 60
         while not (res := c.get(f"/loop/replica/transfer/{nonce}").json())["done"]:
@@ -205,13 +211,14 @@ class BreaksMidway(InMemory):
     """An agent that stops receiving after the first tensor of a staged update (its sockets stay open, as on a host
     that hangs: the sender's broadcast to it times out)."""
 
-    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any]) -> None:
+    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
+                 op_s: float = 600.0) -> None:
         class Gone(list):  # type: ignore[type-arg]
             def __iter__(self) -> Iterator[Any]:
                 yield self[0]
                 raise ConnectionError("the host went away")
 
-        super()._receive(nonce, kind, run_id, names, Gone(buffers) if kind == "stage" else buffers)
+        super()._receive(nonce, kind, run_id, names, Gone(buffers) if kind == "stage" else buffers, op_s)
 
 
 def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_path: Path) -> None:
@@ -228,7 +235,7 @@ def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_pat
             made.append(1)  # the update's tensors are made once, whatever the number of agents
             yield from new.items()
 
-        assert remotes.stage(4, changed, sorted(new)) == []
+        assert remotes.stage(4, changed, sizes(new)) == []
         assert made == [1] and remotes.staged == {1: 4, 2: 4, 3: 4}
         one = sum(t.numel() * t.element_size() for t in new.values())
         assert remotes.figures["remote_staged"] == 3.0 and remotes.figures["remote_stage_mb"] == 3 * one / 1e6
@@ -238,27 +245,26 @@ def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_pat
             assert torch.equal(agent.tensors["a.weight"], new["a.weight"])
             assert torch.equal(agent.tensors["b.bias"], new["b.bias"])
             assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and agent.staged is None
-        assert len(set(remotes.checksums())) == 1
+        assert len(set(remotes.checksums(1 << 20))) == 1
 
         served[1][1].restart()  # a restore while one agent restarted: the others get the weights, it does not
         assert remotes.resync(primary) == [2] and sorted(remotes.synced) == [1, 3]
         assert torch.equal(served[0][1].tensors["a.weight"], primary["a.weight"])
         assert not torch.equal(served[1][1].tensors["a.weight"], primary["a.weight"])
-        assert remotes.checksums()[1] == "" and remotes.checksums()[0] == remotes.checksums()[2]
+        sums = remotes.checksums(1 << 20)
+        assert sums[1] == "" and sums[0] == sums[2]
 
 
 def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from loop.worker import remotes as remotes_mod
-
-    monkeypatch.setattr(remotes_mod, "TRANSFER_TIMEOUT_S", 5.0)  # each broadcast's limit
+    monkeypatch.setattr(remotes_mod, "FLOOR_S", 5.0)  # each broadcast's limit
     with _agents(tmp_path, InMemory, BreaksMidway, InMemory) as served:
         primary = _primary()
         remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
         for k in (1, 2, 3):
             remotes.sync(k, primary)
         new = {"a.weight": (primary["a.weight"].float() + 3).to(torch.bfloat16), "b.bias": primary["b.bias"] * 5}
-        assert remotes.stage(9, lambda: iter(new.items()), sorted(new)) == [2]
+        assert remotes.stage(9, lambda: iter(new.items()), sizes(new)) == [2]
         assert sorted(remotes.synced) == [1, 3] and served[1][1].staged is None
         assert remotes.figures["remote_staged"] == 2.0
         assert remotes.commit(9) == []  # the lost one is no longer synced: the API syncs it before it serves again
@@ -266,3 +272,95 @@ def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Pat
         assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
         assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"])  # nothing written there
         assert remotes.sync(2, primary)[0] == "load-1"  # and it can be synced again
+
+
+RELEASE = threading.Event()  # set when a test ends: a hung agent's threads go on (and fail), freeing its server
+
+
+@pytest.fixture
+def release() -> Iterator[None]:
+    RELEASE.clear()
+    yield
+    RELEASE.set()
+
+
+class HangsMidStage(InMemory):
+    """An agent whose host stops mid-stage: it takes the first tensor, then neither receives nor answers about
+    the transfer, its sockets open (a frozen host, not a dead one)."""
+
+    def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
+                 op_s: float = 600.0) -> None:
+        class Stuck(list):  # type: ignore[type-arg]
+            def __iter__(self) -> Iterator[Any]:
+                yield self[0]
+                RELEASE.wait()
+                raise ConnectionError("the host came back too late")
+
+        if kind == "stage":
+            self.stuck = nonce
+        super()._receive(nonce, kind, run_id, names, Stuck(buffers) if kind == "stage" else buffers, op_s)
+
+    def result(self, nonce: str) -> dict[str, Any]:
+        if nonce == getattr(self, "stuck", None):
+            RELEASE.wait()  # frozen: its account never comes
+        return super().result(nonce)
+
+
+class HangsAtCommit(InMemory):
+    def commit(self, body: dict[str, Any]) -> dict[str, Any]:
+        RELEASE.wait()
+        return super().commit(body)
+
+
+def _three_synced(served: list[tuple[ServedApp, InMemory]]) -> tuple[Remotes, dict[str, torch.Tensor]]:
+    primary = _primary()
+    remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+    for k in (1, 2, 3):
+        remotes.sync(k, primary)
+    return remotes, primary
+
+
+def test_an_agent_hung_mid_stage_holds_the_others_only_for_its_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: None) -> None:
+    monkeypatch.setattr(remotes_mod, "FLOOR_S", 3.0)  # the limit of a tensor this small; 900 s before the limit
+    monkeypatch.setattr(remotes_mod, "STATUS_TIMEOUT_S", 2.0)  # a poll of its account that gets no answer
+    with _agents(tmp_path, InMemory, HangsMidStage, InMemory) as served:
+        remotes, primary = _three_synced(served)
+        new = {"a.weight": (primary["a.weight"].float() + 3).to(torch.bfloat16), "b.bias": primary["b.bias"] * 5}
+        t0 = time.monotonic()
+        assert remotes.stage(9, lambda: iter(new.items()), sizes(new)) == [2]
+        waited = time.monotonic() - t0
+        # its limit (3 s), then its account asked for and not given (a poll's limit, then the few seconds a failed
+        # transfer's account is waited for)
+        assert waited < 3.0 + 2.0 + remotes_mod.ACCOUNT_WAIT_S + 5.0, waited
+        assert sorted(remotes.synced) == [1, 3] and remotes.staged == {1: 9, 3: 9}
+        assert remotes.commit(9) == []
+        for i in (0, 2):  # the others switched, with every tensor of the update
+            assert all(torch.equal(served[i][1].tensors[n], new[n]) for n in new)
+        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"]) and served[1][1].staged is None
+        print(f"a hung agent held the stage {waited:.1f} s")
+        RELEASE.set()  # before its server stops (which waits for the requests it still holds)
+
+
+def test_an_agent_hung_in_its_commit_is_given_up_within_the_copys_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: None) -> None:
+    monkeypatch.setattr(remotes_mod, "FLOOR_S", 2.0)
+    with _agents(tmp_path, InMemory, HangsAtCommit, InMemory) as served:
+        remotes, primary = _three_synced(served)
+        new = {"b.bias": primary["b.bias"] + 7}
+        assert remotes.stage(4, lambda: iter(new.items()), sizes(new)) == []
+        assert remotes.staged_bytes == 400
+        t0 = time.monotonic()
+        assert remotes.commit(4) == [2]  # the pause this runs in is held 2 s, not the transport's minutes
+        assert time.monotonic() - t0 < 2.0 + 3.0
+        assert sorted(remotes.synced) == [1, 3]  # out of routing: synced whole before it serves again
+        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
+        RELEASE.set()
+
+
+def test_every_limit_grows_with_the_bytes_moved() -> None:
+    assert remotes_mod.limit_s(0, 20.0) == remotes_mod.FLOOR_S
+    assert remotes_mod.limit_s(2_000_000_000, 20.0) == remotes_mod.FLOOR_S + 100.0  # 2 GB at 20 MB/s
+    assert remotes_mod.limit_s(10**9, 500.0) < remotes_mod.limit_s(10**9, 20.0)
+    assert sizes({"b": torch.zeros(3, dtype=torch.float16), "a": torch.zeros(2, 2)}) == {"a": 16, "b": 6}
