@@ -28,6 +28,7 @@ from loop.vllm.http1 import Http1Pool, Http1Reply
 
 UNIX_PREFIX = "unix:"
 SOCKET_BASE_URL = "http://vllm"  # the host part is only a label: the transport connects to the socket
+FREEZE_TIMEOUT_S = 30.0  # a keep or abort pause waits for one engine step at most
 
 
 def parse_address(address: str) -> tuple[str, str | None]:
@@ -180,6 +181,9 @@ class VLLMClient:
                                                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
             raise VLLMUnreachable(f"cannot reach vLLM at {self.address}: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise VLLMUnreachable(f"vLLM at {self.address} did not answer {method} {path} in time "
+                                  f"({type(exc).__name__})") from exc
         if response.status_code == 404:
             raise VLLMError(404, f"{path} not found: start vLLM with VLLM_SERVER_DEV_MODE=1 (loop serve does)")
         if response.status_code >= 400:
@@ -194,11 +198,14 @@ class VLLMClient:
         `abort`: drop them. Returns once vLLM is paused."""
         if mode not in ("wait", "keep", "abort"):
             raise ValueError(f"pause mode must be 'wait', 'keep' or 'abort', not {mode!r}")
-        # clear_cache=false: the trainer resets the prefix cache itself, after the weights changed.
-        await self._control("POST", "/pause", params={"mode": mode, "clear_cache": "false"})
+        # clear_cache=false: the trainer resets the prefix cache itself, after the weights changed. keep and abort
+        # answer at once: a vLLM that has not within FREEZE_TIMEOUT_S is hung (a frozen host behind a remote
+        # replica), and the others, already paused, must not wait for it as long as an answer may take.
+        await self._control("POST", "/pause", params={"mode": mode, "clear_cache": "false"},
+                            timeout=None if mode == "wait" else FREEZE_TIMEOUT_S)
 
-    async def resume(self) -> None:
-        await self._control("POST", "/resume")
+    async def resume(self, timeout: float | None = None) -> None:
+        await self._control("POST", "/resume", timeout=timeout)
 
     async def is_paused(self, timeout: float = 10.0) -> bool:
         data = await self._control("GET", "/is_paused", timeout=timeout)

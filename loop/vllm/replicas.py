@@ -9,8 +9,9 @@ of `VLLMClient` that they use, so `state.vllm` can be either.
   replicas share the load. A replica that cannot be connected to is marked down and the call goes once more to
   another: nothing was sent, so nothing runs twice. A stream that has begun is never retried.
 - Control calls (`pause`, `resume`, `reset_prefix_cache`) fan out to every routable replica at once, and each
-  one is finished even when another fails (a failed pause must not leave the others unresumed); the first
-  error is raised after. Replicas not routable serve nothing, so they are left alone.
+  one is finished even when another fails; the first error is raised after. A pause is all or nothing: when one
+  replica cannot be paused, the others are resumed before the error is raised. Replicas not routable serve
+  nothing, so they are left alone.
 - Every replica starts not routable: loop marks one routable (`mark`) once its weights are on the served
   version, and takes it out of routing when it falls behind or goes away. `client(k)` is the one replica's own
   `VLLMClient`, for calls that must reach that one.
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from loop.vllm.client import UpstreamResponse, VLLMClient, VLLMUnreachable
+from loop.vllm.client import FREEZE_TIMEOUT_S, UpstreamResponse, VLLMClient, VLLMUnreachable
 
 T = TypeVar("T")
 
@@ -179,7 +180,16 @@ class ReplicaClient:
         return results  # type: ignore[return-value]
 
     async def pause(self, mode: str = "wait") -> None:
-        await self._each(lambda c: c.pause(mode=mode))
+        """Pause every routable replica, or none: when one cannot be paused (it failed, or did not answer in time),
+        all are resumed (one that did not answer may pause late) before its error is raised, so a failed pause
+        leaves serving as it was and the caller writes nothing."""
+        indices = self._routable_indices()
+        results = await asyncio.gather(*(self._clients[k].pause(mode=mode) for k in indices), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(self._clients[k].resume(timeout=FREEZE_TIMEOUT_S) for k in indices),
+                                 return_exceptions=True)
+            raise failed[0]
 
     async def resume(self) -> None:
         await self._each(lambda c: c.resume())

@@ -226,6 +226,34 @@ async def test_pause_and_resume_reach_every_routable_replica_and_a_failed_resume
         assert fakes[2].seen == []
 
 
+async def test_a_pause_one_replica_refuses_resumes_the_others_before_it_fails() -> None:
+    async with replicas(3) as (client, fakes):
+        fakes[1].fail.add("/pause")
+        with pytest.raises(VLLMError, match="fake failure"):
+            await client.pause(mode="keep")
+        assert [f.paused for f in fakes] == [False, False, False]  # none left paused by nobody
+        assert [f.seen.count("POST /resume") for f in fakes] == [1, 1, 1]
+        fakes[1].fail.clear()
+        await client.pause(mode="keep")
+        assert [f.paused for f in fakes] == [True, True, True]
+
+
+async def test_a_replica_that_does_not_answer_a_keep_pause_is_given_up_within_the_freeze_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.vllm import client as client_mod, replicas as replicas_mod
+
+    monkeypatch.setattr(client_mod, "FREEZE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(replicas_mod, "FREEZE_TIMEOUT_S", 0.5)
+    async with replicas(3) as (client, fakes):
+        fakes[2].gate.clear()  # a hung host: neither its pause nor its resume is answered
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(VLLMUnreachable, match="did not answer POST /pause"):
+            await client.pause(mode="keep")
+        assert asyncio.get_running_loop().time() - t0 < 0.5 + 0.5 + 1.0  # the pause's limit, then the resume's
+        assert [f.paused for f in fakes[:2]] == [False, False]  # the others serve again
+        fakes[2].gate.set()
+
+
 async def test_health_names_the_unhealthy_replica() -> None:
     async with replicas(2) as (client, fakes):
         assert await client.health() is True and await client.health_problem() is None
