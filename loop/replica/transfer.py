@@ -131,6 +131,10 @@ def send_to_all(groups: list[Any], tensors: Iterable[torch.Tensor]) -> tuple[int
                     work.wait()
                 except Exception as e:  # noqa: BLE001
                     failed[i] = e
+            if src.is_cuda:
+                # NCCL's wait only orders the streams: without this the sender would run ahead, and every tensor
+                # made for the transfer would stay allocated until the whole stream is sent
+                torch.cuda.synchronize(src.device)
         n += src.numel() * src.element_size()
         if len(failed) == len(groups):
             break
