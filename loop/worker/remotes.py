@@ -119,7 +119,7 @@ class UpdatePlan:
 
     def sizes(self) -> dict[str, int]:
         """The touched tensors' bytes, by name, in the order `tensors()` makes them."""
-        return {n: self.vllm_tensors[n].numel() * self.vllm_tensors[n].element_size() for n in self.names}
+        return sizes({n: self.vllm_tensors[n] for n in self.names})
 
 
 @dataclass
