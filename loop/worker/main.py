@@ -234,8 +234,7 @@ class Worker:
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
                             checksum=self.checksum() if msg.checksum else "",
-                            mirrors=self.mirror_checksums() + self.remotes.checksums(
-                                sum(t.numel() * t.element_size() for t in self.vllm_tensors.values()))
+                            mirrors=self.mirror_checksums() + self.remotes.checksums()
                             if msg.checksum and (self.mirrors.dirs or self.remotes.urls) else [])
         if isinstance(msg, p.Train):
             return self.train(msg)

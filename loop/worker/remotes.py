@@ -138,14 +138,15 @@ class _Leg:
 class Remotes:
     """The worker's view of replicas first..first+len(urls)-1, each behind a `loop replica` agent at its URL."""
 
-    def __init__(self, urls: list[str], token: str | None, first: int, device: str = "cpu",
-                 min_mb_s: float = 20.0) -> None:
+    def __init__(self, urls: list[str], token: str | None, first: int, *, min_mb_s: float,
+                 device: str = "cpu") -> None:
         self.urls, self.token, self.first = list(urls), token, first
         self.device = device
         self.min_mb_s = min_mb_s  # Settings.remote_min_mb_s
         self.synced: dict[int, str] = {}  # replica -> the agent's load id when it was synced
         self.staged: dict[int, int] = {}  # replica -> the run whose update it holds in staging
         self.staged_bytes = 0  # of that staging (what a commit copies)
+        self.weight_bytes = 0  # of the whole weights, as last synced (what a checksum hashes)
         self.figures: dict[str, float] = {}  # the last stage's and commit's cost (the run's metrics carry them)
         self._client: Any = None
 
@@ -266,7 +267,7 @@ class Remotes:
         body = self._transfer([k], "sync", ((n, primary[n]) for n in names), names)[k]
         if isinstance(body, RemoteError):
             raise body
-        self.synced[k] = str(body["load_id"])
+        self.synced[k], self.weight_bytes = str(body["load_id"]), body["bytes"]
         ms = (time.perf_counter() - t0) * 1000
         log.info("remote replica %d (load %s) synced from replica 0 in %.1f ms (%.0f MB)", k, body["load_id"], ms,
                  body["bytes"] / 1e6)
@@ -373,14 +374,14 @@ class Remotes:
                  (time.perf_counter() - t0) * 1000)
         return lost
 
-    def checksums(self, nbytes: int) -> list[str]:
-        """Each remote replica's sha256 of its weights (as `weights_checksum` over its vLLM tensors by name; `nbytes`
-        of them), asked of all at once; "" for one not synced or not answering within the hash's limit."""
+    def checksums(self) -> list[str]:
+        """Each remote replica's sha256 of its weights (as `weights_checksum` over its vLLM tensors by name), asked
+        of all at once; "" for one not synced or not answering within the hash's limit."""
         def one(k: int) -> str:
             if k not in self.synced:
                 return ""
             try:
-                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=limit_s(nbytes, HASH_MB_S))
+                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=limit_s(self.weight_bytes, HASH_MB_S))
                 return str(r.json()["checksum"]) if r.status_code == 200 else ""
             except Exception:  # noqa: BLE001 - not answering: no checksum
                 return ""

@@ -27,6 +27,7 @@ from loop.worker.update import weights_checksum
 from tests.support import ServedApp, free_port
 
 TOKEN = "r" * 32
+MB_S = Settings.model_fields["remote_min_mb_s"].default  # the product's default link rate
 
 
 class InMemory(Agent):
@@ -128,10 +129,10 @@ def test_vllms_routes_are_forwarded_without_the_token(served: tuple[ServedApp, I
 def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[ServedApp, InMemory]) -> None:
     s, agent = served
     primary = _primary()
-    remotes = Remotes([s.url], TOKEN, first=1)
+    remotes = Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S)
     load_id, _ = remotes.sync(1, primary)
     assert load_id == "load-1" and all(torch.equal(agent.tensors[n], primary[n]) for n in primary)
-    assert remotes.checksums(1 << 20) == [weights_checksum(sorted(primary.items()))]
+    assert remotes.checksums() == [weights_checksum(sorted(primary.items()))]
 
     new_a = (primary["a.weight"].float() + 1).to(torch.bfloat16)
     assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), sizes({"a.weight": new_a})) == []
@@ -151,7 +152,7 @@ def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[Served
 
 def test_a_restart_between_sync_and_stage_is_reported_not_written(served: tuple[ServedApp, InMemory]) -> None:
     s, agent = served
-    remotes = Remotes([s.url], TOKEN, first=2)
+    remotes = Remotes([s.url], TOKEN, first=2, min_mb_s=MB_S)
     remotes.sync(2, _primary())
     agent.restart()
     assert remotes.stage(3, lambda: iter([("b.bias", torch.ones(100))]), {"b.bias": 400}) == [2]
@@ -203,7 +204,7 @@ def test_a_sender_that_never_joins_breaks_off_and_frees_the_agent(served: tuple[
             assert time.monotonic() < deadline
             time.sleep(0.2)
     assert not res["ok"] and "broke off" in res["detail"] and agent.staged is None
-    remotes = Remotes([s.url], TOKEN, first=1)  # and the next transfer works
+    remotes = Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S)  # and the next transfer works
     assert remotes.sync(1, _primary())[0] == "load-1"
 
 
@@ -224,7 +225,7 @@ class BreaksMidway(InMemory):
 def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_path: Path) -> None:
     with _agents(tmp_path, InMemory, InMemory, InMemory) as served:
         primary = _primary()
-        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1, min_mb_s=MB_S)
         assert remotes.resync(primary) == []  # nothing synced yet: nothing to send
         for k in (1, 2, 3):
             remotes.sync(k, primary)
@@ -245,13 +246,13 @@ def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_pat
             assert torch.equal(agent.tensors["a.weight"], new["a.weight"])
             assert torch.equal(agent.tensors["b.bias"], new["b.bias"])
             assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and agent.staged is None
-        assert len(set(remotes.checksums(1 << 20))) == 1
+        assert len(set(remotes.checksums())) == 1
 
         served[1][1].restart()  # a restore while one agent restarted: the others get the weights, it does not
         assert remotes.resync(primary) == [2] and sorted(remotes.synced) == [1, 3]
         assert torch.equal(served[0][1].tensors["a.weight"], primary["a.weight"])
         assert not torch.equal(served[1][1].tensors["a.weight"], primary["a.weight"])
-        sums = remotes.checksums(1 << 20)
+        sums = remotes.checksums()
         assert sums[1] == "" and sums[0] == sums[2]
 
 
@@ -260,7 +261,7 @@ def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Pat
     monkeypatch.setattr(remotes_mod, "FLOOR_S", 5.0)  # each broadcast's limit
     with _agents(tmp_path, InMemory, BreaksMidway, InMemory) as served:
         primary = _primary()
-        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+        remotes = Remotes([s.url for s, _ in served], TOKEN, first=1, min_mb_s=MB_S)
         for k in (1, 2, 3):
             remotes.sync(k, primary)
         new = {"a.weight": (primary["a.weight"].float() + 3).to(torch.bfloat16), "b.bias": primary["b.bias"] * 5}
@@ -314,7 +315,7 @@ class HangsAtCommit(InMemory):
 
 def _three_synced(served: list[tuple[ServedApp, InMemory]]) -> tuple[Remotes, dict[str, torch.Tensor]]:
     primary = _primary()
-    remotes = Remotes([s.url for s, _ in served], TOKEN, first=1)
+    remotes = Remotes([s.url for s, _ in served], TOKEN, first=1, min_mb_s=MB_S)
     for k in (1, 2, 3):
         remotes.sync(k, primary)
     return remotes, primary
