@@ -504,7 +504,7 @@ class Trainer:
             t1 = time.perf_counter()
             try:
                 # lowmem: Apply runs the second backward pass, so it gets a step's time limit
-                reply = await self.control.call(p.Apply(run_id=run_id),
+                reply = await self.control.call(p.Apply(run_id=run_id, skip=self.weights.left_behind),
                                                 timeout=TRAIN_TIMEOUT_S if mode == "lowmem" else APPLY_TIMEOUT_S)
             except (WorkerUnavailable, WorkerTimeout) as e:  # it may have stopped halfway through the weights
                 self.metrics["torn_apply"] = str(e)
@@ -524,6 +524,8 @@ class Trainer:
             t["record_ms"] = (time.perf_counter() - t3) * 1000
             return True
 
-        timings = await self.weights.change(work, atomic=mode != "hogwild", yields=True)
+        timings = await self.weights.change(work, atomic=mode != "hogwild", yields=True, spare=True)
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
+        if self.weights.left_behind:  # replicas whose pause failed: still on the old weights, out of routing
+            self.metrics["replicas_left_behind"] = list(self.weights.left_behind)
         return self.state.weight_version, (refused[0] if refused else None)

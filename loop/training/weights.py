@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from loop.training.recompute import Counters, RecomputeGuard, read_counters
+from loop.vllm.replicas import ReplicaClient
 
 if TYPE_CHECKING:
     from loop.state import LoopState
@@ -46,17 +47,21 @@ class LiveWeights:
         self._changing = False
         self.guard = RecomputeGuard(state.settings.keep_recompute_share)
         self._recovery: asyncio.Task[None] | None = None
+        self.left_behind: list[int] = []  # replicas the current change's pause left out (`change(spare=True)`)
 
     def _guarded(self, atomic: bool) -> bool:
         return atomic and self.state.settings.pause_mode == "keep" and self.guard.share < 1
 
-    async def change(self, work: Work, *, atomic: bool, yields: bool = False) -> dict[str, float]:
+    async def change(self, work: Work, *, atomic: bool, yields: bool = False, spare: bool = False
+                     ) -> dict[str, float]:
         """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings.
         `yields` (a training run's write, after `yield_to_serving`): in keep mode, watch the preempted answers
-        recover, which the run's next write waits for."""
+        recover, which the run's next write waits for. `spare`: a replica other than replica 0 that cannot be
+        paused is left behind instead of failing the change: out of routing, listed in `left_behind` for `work`
+        (which must not write into it), and synced again before it serves (loop/training/replicas.py)."""
         guarded = yields and self._guarded(atomic)
         async with self.state.weights_lock:
-            t = await self._paused(work, atomic=atomic, guarded=guarded)
+            t = await self._paused(work, atomic=atomic, guarded=guarded, spare=spare)
         if guarded and self.guard.last_recompute_s is not None:
             t["last_recompute_ms"] = self.guard.last_recompute_s * 1000
         return t
@@ -102,7 +107,8 @@ class LiveWeights:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._recovery
 
-    async def _paused(self, work: Work, *, atomic: bool, guarded: bool = False) -> dict[str, float]:
+    async def _paused(self, work: Work, *, atomic: bool, guarded: bool = False, spare: bool = False
+                      ) -> dict[str, float]:
         t: dict[str, float] = {}
         vllm = self.state.vllm
         paused = wrote = False
@@ -115,8 +121,16 @@ class LiveWeights:
         self.state.changing_from = self.state.weight_version
         reset: asyncio.Task[None] | None = None
         try:
+            self.left_behind = []
             if atomic:
-                await vllm.pause(mode=self.state.settings.pause_mode)
+                if spare and isinstance(vllm, ReplicaClient) and len(vllm) > 1:
+                    self.left_behind = await vllm.pause(mode=self.state.settings.pause_mode,
+                                                        spare=range(1, len(vllm)))
+                    whys = {r["index"]: r["why"] for r in vllm.describe()}
+                    for k in self.left_behind:
+                        self.state.replicas_lost([k], str(whys.get(k)))
+                else:
+                    await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True
                 t["pause_ms"] = (time.perf_counter() - t0) * 1000
                 # Paused, vLLM computes nothing until the resume: the reset (its caches, the frozen answers' keys

@@ -10,8 +10,9 @@ of `VLLMClient` that they use, so `state.vllm` can be either.
   another: nothing was sent, so nothing runs twice. A stream that has begun is never retried.
 - Control calls (`pause`, `resume`, `reset_prefix_cache`) fan out to every routable replica at once, and each
   one is finished even when another fails; the first error is raised after. A pause is all or nothing: when one
-  replica cannot be paused, the others are resumed before the error is raised. Replicas not routable serve
-  nothing, so they are left alone.
+  replica cannot be paused, the others are resumed before the error is raised — except for the replicas the
+  caller names spare (a write's mirrors): one of those that fails or hangs leaves routing and the rest stays
+  paused. Replicas not routable serve nothing, so they are left alone.
 - Every replica starts not routable: loop marks one routable (`mark`) once its weights are on the served
   version, and takes it out of routing when it falls behind or goes away. `client(k)` is the one replica's own
   `VLLMClient`, for calls that must reach that one.
@@ -22,7 +23,7 @@ Tests: tests/unit/vllm/test_replicas.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -31,6 +32,8 @@ import httpx
 from loop.vllm.client import FREEZE_TIMEOUT_S, UpstreamResponse, VLLMClient, VLLMUnreachable
 
 T = TypeVar("T")
+
+SPARE_GRACE_S = 2.0  # a spare replica's keep or abort pause, counted from when the others have all paused
 
 NOT_SYNCED = "not marked routable yet (its weights are not known to be on the served version)"
 
@@ -179,17 +182,41 @@ class ReplicaClient:
                 raise result
         return results  # type: ignore[return-value]
 
-    async def pause(self, mode: str = "wait") -> None:
+    async def pause(self, mode: str = "wait", *, spare: Collection[int] = ()) -> list[int]:
         """Pause every routable replica, or none: when one cannot be paused (it failed, or did not answer in time),
         all are resumed (one that did not answer may pause late) before its error is raised, so a failed pause
-        leaves serving as it was and the caller writes nothing."""
+        leaves serving as it was and the caller writes nothing.
+
+        `spare`: replicas the caller can leave behind (not the one it writes in place): one of them that fails its
+        pause leaves routing instead, and the others stay paused. In a keep or abort pause, which answers within an
+        engine step, a spare replica still silent SPARE_GRACE_S after the others have paused is left behind too, so
+        one hung host holds the others paused for that long, not for the whole freeze limit. Returns the replicas
+        left behind; the caller must not write into them (their requests may still run) and brings them onto the
+        weights again before they serve."""
         indices = self._routable_indices()
-        results = await asyncio.gather(*(self._clients[k].pause(mode=mode) for k in indices), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
+        tasks = {k: asyncio.ensure_future(self._clients[k].pause(mode=mode)) for k in indices}
+        needed = [tasks[k] for k in indices if k not in spare]
+        if needed:
+            await asyncio.wait(needed)
+        waiting = [t for t in tasks.values() if not t.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=None if mode == "wait" else SPARE_GRACE_S)
+        errors: dict[int, BaseException] = {}
+        for k, task in tasks.items():
+            if not task.done():
+                task.cancel()
+                errors[k] = VLLMUnreachable(f"replica {k} ({self._clients[k].address}) did not pause within "
+                                            f"{SPARE_GRACE_S:g} s of the others")
+            elif task.exception() is not None:
+                errors[k] = task.exception()  # type: ignore[assignment]
+        failed_needed = [k for k in indices if k in errors and k not in spare]
+        if failed_needed or (errors and len(errors) == len(indices)):
             await asyncio.gather(*(self._clients[k].resume(timeout=FREEZE_TIMEOUT_S) for k in indices),
                                  return_exceptions=True)
-            raise failed[0]
+            raise errors[(failed_needed or sorted(errors))[0]]
+        for k, err in sorted(errors.items()):
+            self.mark(k, False, f"left behind by a pause: {err}")
+        return sorted(errors)
 
     async def resume(self) -> None:
         await self._each(lambda c: c.resume())

@@ -449,6 +449,7 @@ class Worker:
         self.ch.state = "applying"
         try:
             t0 = time.perf_counter()
+            left = self.mirrors.leave(msg.skip) + self.remotes.leave(msg.skip)  # they serve on: never written
             if values is None:  # lowmem: the second backward writes each layer in place and commits
                 self._lowmem.apply()
             else:
@@ -464,7 +465,7 @@ class Worker:
                 self.tp.barrier()
             # remote replicas: phase 2 (each writes what it staged); lowmem staged nothing, so the whole weights
             t_remote = time.perf_counter()
-            lost = self.remotes.commit(run_id) if values is not None else self.remotes.resync(self.vllm_tensors)
+            lost = left + (self.remotes.commit(run_id) if values is not None else self.remotes.resync(self.vllm_tensors))
             remote_ms = (time.perf_counter() - t_remote) * 1000 if self.remotes.urls else None
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None

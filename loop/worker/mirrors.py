@@ -87,6 +87,11 @@ class Mirrors:
             done.append(k)
         return done
 
+    def leave(self, replicas: list[int]) -> list[int]:
+        """Stop writing into these replicas (a write's pause left them serving); they get a `sync` before they serve
+        again. Returns those that were attached."""
+        return [k for k in replicas if self.attached.pop(k, None) is not None]
+
     def checksums(self, primary: dict[str, Any]) -> list[str]:
         """sha256 of replica 0's tensors, then of each other replica's ("" for one not attached): equal when the
         replicas serve the same bytes."""

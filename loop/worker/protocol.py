@@ -149,6 +149,7 @@ class Screen(Msg, tag="screen"):
 class Apply(Msg, tag="apply"):
     run_id: int
     max_update_ratio: float | None = None  # None: the worker's configured cap
+    skip: list[int] = []  # replicas left out of the pause (still serving): not written, reported lost, synced later
 
 
 class Discard(Msg, tag="discard"):

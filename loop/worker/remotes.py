@@ -333,6 +333,14 @@ class Remotes:
         self.figures["remote_commit_ms"] = (time.perf_counter() - t0) * 1000
         return lost
 
+    def leave(self, replicas: list[int]) -> list[int]:
+        """Forget these agents without a word to them (a write's pause left them serving, maybe hung): nothing is
+        committed on them, and their next sync replaces what they staged. Returns those that were synced."""
+        left = [k for k in replicas if self.synced.pop(k, None) is not None]
+        for k in replicas:
+            self.staged.pop(k, None)
+        return left
+
     def _each(self, fn: Callable[[int], Any], ks: list[int]) -> list[Any]:
         """fn(k) for every k, in threads when there are several (each is an HTTP request to another host)."""
         if len(ks) <= 1:

@@ -360,6 +360,21 @@ def test_an_agent_hung_in_its_commit_is_given_up_within_the_copys_limit(
         RELEASE.set()
 
 
+def test_an_agent_left_out_of_the_pause_is_not_committed_and_is_synced_whole_later(tmp_path: Path) -> None:
+    with _agents(tmp_path, InMemory, InMemory, InMemory) as served:
+        remotes, primary = _three_synced(served)
+        new = {"b.bias": primary["b.bias"] + 7}
+        assert remotes.stage(4, lambda: iter(new.items()), sizes(new)) == []
+        assert remotes.leave([2]) == [2]  # its vLLM did not pause: it serves on, so nothing is written into it
+        assert remotes.commit(4) == [] and sorted(remotes.synced) == [1, 3]
+        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"])
+        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
+        live = {**primary, **new}
+        remotes.sync(2, live)
+        assert torch.equal(served[1][1].tensors["b.bias"], new["b.bias"]) and len(set(remotes.checksums())) == 1
+
+
 def test_every_limit_grows_with_the_bytes_moved() -> None:
     assert remotes_mod.limit_s(0, 20.0) == remotes_mod.FLOOR_S
     assert remotes_mod.limit_s(2_000_000_000, 20.0) == remotes_mod.FLOOR_S + 100.0  # 2 GB at 20 MB/s

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from loop.training.replicas import Replicas
 from loop.worker import protocol as p
 
@@ -155,3 +157,42 @@ async def test_a_synced_ready_replica_marked_down_by_a_failed_request_serves_aga
     clients.mark(1, False, "down: connection refused")  # the router saw one refused connection
     await reps.tick()
     assert clients.routable == [True, True] and worker.synced == [1]  # its supervisor says ready: no new copy
+
+
+async def test_a_replica_that_cannot_pause_for_a_write_is_left_behind_then_synced_before_it_serves(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's write (`LiveWeights.change(spare=True)`) over real replica clients: replica 2's host hangs, so its
+    pause is never answered. The write goes ahead on the others within the grace, names replica 2 to the work
+    (the worker must not write into it), takes it out of routing, and the next round syncs it before it serves."""
+    global lock
+    from loop.training.weights import LiveWeights
+    from loop.vllm import replicas as replicas_mod
+    from tests.unit.vllm.test_replicas import column, replicas
+
+    monkeypatch.setattr(replicas_mod, "SPARE_GRACE_S", 0.3)
+    async with replicas(3, routable=False) as (client, fakes):
+        lock = asyncio.Lock()
+        w = Worker()
+        state = SimpleNamespace(vllm=client, worker=w, weights_lock=lock, weight_version=3, changing_from=None,
+                                changes_done=0, supervisor=None,
+                                settings=SimpleNamespace(pause_mode="keep", keep_recompute_share=1.0))
+        reps = Replicas(state, [Sup(f"replica {k}") for k in range(3)])  # type: ignore[arg-type]
+        state.replicas_lost = reps.lost
+        await reps.tick()
+        assert w.synced == [1, 2] and column(client, "routable") == [True, True, True]
+        weights = LiveWeights(state)  # type: ignore[arg-type]
+        fakes[2].gate.clear()
+        seen: dict[str, Any] = {}
+
+        async def work(t: dict[str, float]) -> bool:
+            seen["left"], seen["paused"] = list(weights.left_behind), [f.paused for f in fakes]
+            return True
+
+        await weights.change(work, atomic=True, spare=True)
+        assert seen == {"left": [2], "paused": [True, True, False]}
+        assert [f.paused for f in fakes[:2]] == [False, False]  # resumed after the write
+        assert column(client, "routable") == [True, True, False] and 2 not in reps.synced
+        assert "did not pause within" in reps.last_error[2]
+        fakes[2].gate.set()
+        await reps.tick()
+        assert w.synced == [1, 2, 2] and column(client, "routable") == [True, True, True]

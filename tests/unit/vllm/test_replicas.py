@@ -254,6 +254,49 @@ async def test_a_replica_that_does_not_answer_a_keep_pause_is_given_up_within_th
         fakes[2].gate.set()
 
 
+async def test_a_spare_replica_that_refuses_its_pause_is_left_behind_and_the_others_stay_paused() -> None:
+    async with replicas(3) as (client, fakes):
+        fakes[2].fail.add("/pause")
+        assert await client.pause(mode="keep", spare=[1, 2]) == [2]
+        assert [f.paused for f in fakes] == [True, True, False]  # the write goes ahead on 0 and 1
+        assert column(client, "routable") == [True, True, False]
+        assert "left behind by a pause" in column(client, "why")[2] and "fake failure" in column(client, "why")[2]
+        assert [f.seen.count("POST /resume") for f in fakes] == [0, 0, 0]
+        await client.resume()
+        assert [f.paused for f in fakes] == [False, False, False] and fakes[2].seen.count("POST /resume") == 0
+
+
+async def test_a_spare_replica_that_hangs_holds_the_others_paused_only_for_the_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from loop.vllm import replicas as replicas_mod
+
+    monkeypatch.setattr(replicas_mod, "SPARE_GRACE_S", 0.3)
+    async with replicas(3) as (client, fakes):
+        fakes[1].gate.clear()  # a hung host: its pause is never answered (the freeze limit is 30 s)
+        t0 = asyncio.get_running_loop().time()
+        assert await client.pause(mode="keep", spare=[1, 2]) == [1]
+        assert asyncio.get_running_loop().time() - t0 < 0.3 + 1.0
+        assert [fakes[0].paused, fakes[2].paused] == [True, True]
+        assert column(client, "routable") == [True, False, True] and "did not pause within" in column(client, "why")[1]
+        await client.resume()
+        fakes[1].gate.set()
+
+
+async def test_replica_zero_failing_fails_the_pause_even_with_spares_and_all_spares_failing_fails_it_too() -> None:
+    async with replicas(3) as (client, fakes):
+        fakes[0].fail.add("/pause")
+        with pytest.raises(VLLMError, match="fake failure"):
+            await client.pause(mode="keep", spare=[1, 2])
+        assert [f.paused for f in fakes] == [False, False, False] and column(client, "routable") == [True] * 3
+        fakes[0].fail.clear()
+        for f in fakes[1:]:
+            f.fail.add("/pause")
+        client.mark(0, False, "down")
+        with pytest.raises(VLLMError, match="fake failure"):  # nobody would be paused to write into
+            await client.pause(mode="keep", spare=[1, 2])
+        assert column(client, "routable") == [False, True, True]
+
+
 async def test_health_names_the_unhealthy_replica() -> None:
     async with replicas(2) as (client, fakes):
         assert await client.health() is True and await client.health_problem() is None

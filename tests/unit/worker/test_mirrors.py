@@ -53,6 +53,27 @@ def test_a_sync_then_every_write_lands_in_the_replicas_own_memory(tmp_path: Path
         two.stop()
 
 
+def test_a_replica_left_out_of_a_pause_is_not_written_until_it_is_synced_again(tmp_path: Path) -> None:
+    one, two = Child(tmp_path / "r1"), Child(tmp_path / "r2")
+    try:
+        live = primary()
+        mirrors = Mirrors([str(tmp_path / "r1"), str(tmp_path / "r2")])
+        mirrors.sync(1, live)
+        mirrors.sync(2, live)
+        before = two.sums()
+        assert mirrors.leave([2, 5]) == [2]  # replica 2 still serves (its pause failed): hands off its memory
+        with torch.no_grad():
+            live["1.weight"].add_(0.5)
+        assert mirrors.copy(live) == [1]
+        assert one.sums() == pytest.approx(sums(live), abs=1e-5) and two.sums() == pytest.approx(before)
+        assert mirrors.checksums(live)[2] == ""
+        mirrors.sync(2, live)
+        assert two.sums() == pytest.approx(sums(live), abs=1e-5)
+    finally:
+        one.stop()
+        two.stop()
+
+
 def test_a_restarted_replica_is_left_alone_until_it_is_synced_again(tmp_path: Path) -> None:
     live = primary()
     mirrors = Mirrors([str(tmp_path / "r1")])
