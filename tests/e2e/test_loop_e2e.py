@@ -22,14 +22,13 @@ import pytest
 
 from loop.config import Settings
 from loop.scheduler.batches import is_held_out
+from loop.scheduler.tunables import SETTING
 
 pytestmark = pytest.mark.e2e
 
 HOLDOUT = Settings().holdout_fraction  # the shared service runs with the default
 
-NEVER = {"min_pairs": None, "interval_s": None, "max_wait_s": None, "steps": None, "learning_rate": None,
-         "batch_size": None, "max_accuracy_drop": None, "max_perplexity_rise": None, "guard_enabled": None,
-         "margin_alpha": None, "poison_alpha": None, "accuracy_alpha": None}
+NEVER = dict.fromkeys(SETTING)  # every tunable back to the service's setting (which never triggers)
 
 
 class Api:
@@ -196,8 +195,11 @@ def test_batch_that_undoes_what_was_learned_is_quarantined_before_training(api: 
     """Two rounds teach "the shorter answer wins"; then another rater picks the other answer of the very same pairs
     (flipped labels): each flipped pair pulls back along what the two rounds wrote, and the screen (default level)
     holds the batch in quarantine before anything trains. An operator sees it with the evidence and drops it."""
+    # the guard runs (the screen is part of it) with its after-write checks out of the way: the teaching rounds must
+    # be kept whatever they do to perplexity, the drift from the base or the answers (tests/e2e/test_health_e2e.py)
     api.config(min_pairs=6, interval_s=1e9, max_wait_s=1e9, steps=2, learning_rate=1e-4, guard_enabled=True,
-               max_perplexity_rise=10.0, max_accuracy_drop=1.0, margin_alpha=0)
+               max_perplexity_rise=10.0, max_accuracy_drop=1.0, margin_alpha=0, drift_enabled=False,
+               health_enabled=False)
     api.rated.clear()
     for i in range(2):
         before = api.last_run_id()
