@@ -117,7 +117,8 @@ class Checkpoints:
         """Write `path` (version `version`'s weights) into the live weights under the pause, as a new version."""
 
         async def work(t: dict[str, float]) -> bool:
-            reply = await self.control.call(p.Restore(path=path), timeout=CHECKPOINT_TIMEOUT_S)
+            reply = await self.control.call(p.Restore(path=path, skip=self.weights.left_behind),
+                                            timeout=CHECKPOINT_TIMEOUT_S)
             assert isinstance(reply, p.Restored)
             self.state.replicas_lost(reply.lost, f"could not take the restore of version {version}")
             t["restore_ms"] = reply.ms
@@ -127,7 +128,8 @@ class Checkpoints:
             self.weights.release()  # known weights again: the resume after this lets vLLM serve
             return True
 
-        return await self.weights.change(work, atomic=True)
+        # a hung replica must not stop a rollback: the others take the restored weights, it leaves routing
+        return await self.weights.change(work, atomic=True, spare=True)
 
 
 class Flusher:

@@ -574,6 +574,7 @@ class Worker:
                 return p.Error(req=msg.req, message=f"checkpoint {folder}: {e}; nothing was written")
             self.ch.state = "restoring"
             try:
+                left = self.mirrors.leave(msg.skip) + self.remotes.leave(msg.skip)  # they serve on: never written
                 with torch.no_grad():
                     for name in live:
                         if name in sliced:  # this rank's slice of a tensor-parallel weight
@@ -593,7 +594,7 @@ class Worker:
                 self.mirrors.copy(self.vllm_tensors)
                 if self.tp is not None:  # rank 0 answers once every rank has written, its replicas too
                     self.tp.barrier()
-                lost = self.remotes.resync(self.vllm_tensors)  # nothing staged: the whole weights, in this pause
+                lost = left + self.remotes.resync(self.vllm_tensors)  # nothing staged: the whole weights, now
             finally:
                 self.ch.state = "idle"
         finally:

@@ -170,6 +170,7 @@ class Restore(Msg, tag="restore"):
     path: str
     load_optimizer: bool = True
     weights: bool = True  # False: only the optimizer state, and only into a fresh optimizer (a restarted worker)
+    skip: list[int] = []  # as Apply.skip
 
 
 class Sync(Msg, tag="sync"):

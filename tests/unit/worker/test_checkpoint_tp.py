@@ -184,8 +184,9 @@ def rank_main(rank: int, world: int, folder: str) -> None:
                 results[layout]["disk full"] = write(2)
             results[layout]["after"] = write(3)
             results[layout]["record"] = {k: v for k, v in record.items() if k != "alive"}
-            me.ch, me.mirrors, me.vllm_tensors, me._staged = SimpleNamespace(state="idle"), mock.Mock(), {}, None
-            me.remotes = mock.Mock(resync=lambda _: [])
+            me.ch, me.vllm_tensors, me._staged = SimpleNamespace(state="idle"), {}, None
+            me.mirrors = mock.Mock(leave=lambda _: [])
+            me.remotes = mock.Mock(resync=lambda _: [], leave=lambda _: [])
             me._drop_staged = lambda: None
             results[layout]["restore"] = _restore(me, out / "v1")
     results["in step"] = group.every(b"done")

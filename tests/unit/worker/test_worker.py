@@ -111,6 +111,34 @@ def test_checkpoint_loads_in_hf_and_restores_in_place(worker: Worker, tmp_path: 
     assert worker.checksum() == saved
 
 
+def test_replicas_left_out_of_the_pause_are_not_written_and_reported_lost(worker: Worker, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply and Restore with `skip` (replicas whose pause failed, still serving): every other mirror is written,
+    the skipped one not at all, and it comes back in `lost` so the API keeps it out until it is synced again."""
+    from loop.worker.mirrors import Mirrors
+
+    live = {n: prm.detach() for n, prm in worker.model.named_parameters()}
+    worker.vllm_tensors = live
+    copies = {k: {n: t.clone() for n, t in live.items()} for k in (1, 2)}
+    worker.mirrors = Mirrors([str(tmp_path / "r1"), str(tmp_path / "r2")])
+    worker.mirrors.attached = {k: ("L", copies[k]) for k in (1, 2)}
+    monkeypatch.setattr(worker.mirrors, "load_id", lambda k: "L")
+    path = tmp_path / "ckpt" / "v000001"
+    assert isinstance(worker.write_checkpoint(p.Checkpoint(req=1, path=str(path), version=1)), p.CheckpointDone)
+
+    def same(k: int) -> bool:
+        return all(torch.equal(copies[k][n], live[n]) for n in live)
+
+    worker.train(p.Train(req=2, run_id=1, pairs=[PAIR]))
+    applied = worker.apply(p.Apply(req=3, run_id=1, skip=[2]))
+    assert isinstance(applied, p.Applied) and applied.lost == [2]
+    assert same(1) and not same(2) and sorted(worker.mirrors.attached) == [1]
+    worker.mirrors.attached[2] = ("L", copies[2])  # synced again
+    restored = worker.restore(p.Restore(req=4, path=str(path), skip=[1]))
+    assert isinstance(restored, p.Restored) and restored.lost == [1]
+    assert same(2) and not same(1)
+
+
 def test_incomplete_checkpoint_refused_without_writing(worker: Worker, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
