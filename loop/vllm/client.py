@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from loop.vllm.http1 import Http1Pool, Http1Reply
+from loop.vllm.http1 import KEEPALIVE_S, Http1Pool, Http1Reply
 
 UNIX_PREFIX = "unix:"
 SOCKET_BASE_URL = "http://vllm"  # the host part is only a label: the transport connects to the socket
@@ -93,14 +93,17 @@ class VLLMClient:
         headers = {"user-agent": "loop", **({"authorization": f"Bearer {api_key}"} if api_key else {})}
         self._fast = Http1Pool(self.base_url, self.socket_path, headers) \
             if transport is None and self.base_url.startswith("http://") else None
+        # Idle connections are dropped before vLLM's server closes them (5 s): a request sent on one just as the
+        # server closes it fails with "Server disconnected" (a pause that fails that way fails a whole update).
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=KEEPALIVE_S)
         if transport is None and self.socket_path is not None:
-            transport = httpx.AsyncHTTPTransport(uds=self.socket_path)
+            transport = httpx.AsyncHTTPTransport(uds=self.socket_path, limits=limits)  # a transport's own limits
         self.timeout = timeout
         # The read timeout bounds the wait between two bytes; the proxy bounds whole requests itself.
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=60),
+            limits=limits,
             headers=headers,
             transport=transport,
         )

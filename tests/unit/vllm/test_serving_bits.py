@@ -197,3 +197,48 @@ async def test_an_attached_vllm_with_an_api_key_gets_it_on_every_request() -> No
     finally:
         await client.aclose()
     assert seen == [f"Bearer {'k' * 20}"] * 2
+
+
+async def test_control_calls_never_reuse_a_connection_vllm_is_closing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's server closes a connection idle for its keep-alive timeout; a request written on it at that moment
+    is dropped unanswered ("Server disconnected"). The stand-in drops every request that arrives on a connection
+    idle longer than 0.3 s: the client must have let such a connection go (its own limit is below the server's)."""
+    import asyncio
+
+    from loop.vllm import client as client_mod
+
+    monkeypatch.setattr(client_mod, "KEEPALIVE_S", 0.15)
+    sock = str(tmp_path / "k.sock")
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if loop.time() - idle_since > 0.3:
+                    return  # the close that raced the request
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+                idle_since = loop.time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(serve, sock)
+    client = VLLMClient(f"unix:{sock}", 5)
+    try:
+        await client.pause(mode="keep")
+        await asyncio.sleep(0.4)  # idle past the server's limit: the connection is dropped, a new one made
+        await client.resume()
+        assert len(connections) == 2
+    finally:
+        await client.aclose()
+        server.close()
