@@ -120,7 +120,9 @@ class Checkpoints:
             reply = await self.control.call(p.Restore(path=path, skip=self.weights.left_behind),
                                             timeout=CHECKPOINT_TIMEOUT_S)
             assert isinstance(reply, p.Restored)
-            self.state.replicas_lost(reply.lost, f"could not take the restore of version {version}")
+            left = self.weights.left_behind  # they already left routing, with why
+            self.state.replicas_lost([k for k in reply.lost if k not in left],
+                                     f"could not take the restore of version {version}")
             t["restore_ms"] = reply.ms
             # the live weights are now bit for bit the checkpoint: the new version shares its folder
             await asyncio.to_thread(self.versions.new, "restore", version, None, path,

@@ -169,9 +169,10 @@ class Replicas:
         vllm.mark(k, False, "copying the live weights into it")
         client = vllm.client(k)
         t0 = time.perf_counter()
-        async with self.state.weights_lock:  # no update lands while the copy runs
-            try:
-                await client.pause(mode=self.state.settings.pause_mode)
+        try:
+            # before the lock: k serves no one and nothing writes into it, so a hung k does not hold updates up
+            await client.pause(mode=self.state.settings.pause_mode)
+            async with self.state.weights_lock:  # no update lands while the copy runs
                 try:
                     reply = await worker.call(p.Sync(replica=k), timeout=SYNC_TIMEOUT_S)
                     if not isinstance(reply, p.Synced):
@@ -179,11 +180,11 @@ class Replicas:
                     await client.reset_prefix_cache()  # nothing computed on its old weights is reused
                 finally:
                     await client.resume()
-            except Exception as e:  # noqa: BLE001 - stays unroutable; the next tick tries again
-                self.last_error[k] = f"{type(e).__name__}: {e}"
-                vllm.mark(k, False, f"sync failed: {e}")
-                log.warning("replica %d: could not copy the live weights into it: %s", k, e)
-                return
+        except Exception as e:  # noqa: BLE001 - stays unroutable; the next tick tries again
+            self.last_error[k] = f"{type(e).__name__}: {e}"
+            vllm.mark(k, False, f"sync failed: {e}")
+            log.warning("replica %d: could not copy the live weights into it: %s", k, e)
+            return
         self.synced[k], self.sync_ms[k] = reply.load_id, (time.perf_counter() - t0) * 1000
         self._restarts[k] = self.supervisors[k].restarts
         self.last_error.pop(k, None)

@@ -515,7 +515,9 @@ class Trainer:
                 refused.append(reply.reason)
                 return False
             assert isinstance(reply, p.Applied)
-            self.state.replicas_lost(reply.lost, f"could not write run {run_id}'s update in the pause")
+            left = self.weights.left_behind  # they already left routing, with why
+            self.state.replicas_lost([k for k in reply.lost if k not in left],
+                                     f"could not write run {run_id}'s update in the pause")
             t["apply_ms"] = reply.ms
             if reply.remote_ms is not None:
                 t["remote_commit_ms"] = reply.remote_ms

@@ -8,6 +8,8 @@ file; every check goes through loop's public HTTP API or reads each replica's ow
 - a DPO run writes replica 0 in place and the same bytes land in replica 1 in the same pause; answers from either
   replica carry the new version and are the same greedy text;
 - a restore of version 0 puts the original bytes back in both;
+- replica 1's vLLM frozen before an update: the update lands in replica 0 alone, replica 1 leaves routing unwritten
+  and is synced once it answers again;
 - replica 1's vLLM killed: chat goes on through replica 0, health names the missing replica, an update is written
   meanwhile; the restarted replica is synced to the live version before it serves again.
 """
@@ -140,6 +142,32 @@ def test_a_restore_puts_the_original_bytes_back_in_both(api: Api) -> None:
     r = api.http.post(f"/api/versions/{SHARED['v0']}/restore", headers=api.admin)
     assert r.status_code == 200, r.text
     assert digests(api.s) == SHARED["bytes0"]
+
+
+def test_a_replica_hung_at_the_pause_is_left_behind_then_synced_once_it_answers(api: Api) -> None:
+    """Replica 1's vLLM frozen (SIGSTOP) just before an update: its pause is never answered, so the update is
+    written into replica 0 alone within a short grace, replica 1 leaves routing untouched (requests may still run on
+    it), and once thawed it is synced to the live version before it serves."""
+    group = int((api.s.data_dir / "run" / "replica-1" / "vllm.pid").read_text())
+    before = digests(api.s)
+    os.killpg(group, signal.SIGSTOP)
+    try:  # well inside the health probe's three 10 s misses, so the pause is what finds it hung
+        r = api.train(pairs=[{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], steps=1, learning_rate=1e-3)
+        assert r.status_code == 202, r.text
+        run = api.wait_run(r.json()["run_id"])
+        assert run.status == "succeeded", (run.status, run.error, api.s.log_tail())
+        assert run.metrics.get("replicas_left_behind") == [1], run.metrics
+        replica = api.http.get("/health").json()["replicas"][1]
+        assert not replica["routable"], replica  # left behind (then its sync waits for its pause)
+        now = digests(api.s)
+        assert now[1] == before[1] != now[0]  # not a byte written into the replica that may still serve
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    wait_routable(api, [True, True], timeout=300)
+    now = digests(api.s)
+    assert now[0] == now[1]
+    got = answers(api)
+    assert len(got) == 1 and next(iter(got))[1] == api.status()["weight_version"], got
 
 
 def test_a_killed_replica_is_routed_around_then_synced_to_the_live_version_before_it_serves(

@@ -96,6 +96,25 @@ async def test_a_replica_serves_only_after_the_worker_copied_the_live_weights_in
     assert [r["synced_load"] for r in reps.describe()] == [None, "load-1-1", "load-2-2"]
 
 
+async def test_a_replica_slow_to_pause_for_its_sync_does_not_hold_the_weights_lock() -> None:
+    reps, sups, clients, worker = setup(2)
+    answer = asyncio.Event()
+    one = clients.clients[1]
+
+    async def slow_pause(mode: str = "wait") -> None:
+        one.calls.append(f"pause:{mode}")
+        await answer.wait()
+
+    one.pause = slow_pause  # type: ignore[method-assign]
+    tick = asyncio.create_task(reps.tick())
+    while one.calls != ["pause:keep"]:
+        await asyncio.sleep(0.01)
+    assert not lock.locked()  # an update may land meanwhile: replica 1 is not routable, nothing writes into it
+    answer.set()
+    await tick
+    assert clients.routable == [True, True] and worker.synced == [1] and one.calls[-1] == "resume"
+
+
 async def test_a_failed_sync_keeps_the_replica_out_and_is_retried() -> None:
     reps, sups, clients, worker = setup(2)
     worker.fail = "replica 1 does not hold the same model"
