@@ -117,10 +117,10 @@ class Checkpoints:
         """Write `path` (version `version`'s weights) into the live weights under the pause, as a new version."""
 
         async def work(t: dict[str, float]) -> bool:
-            reply = await self.control.call(p.Restore(path=path, skip=self.weights.left_behind),
+            reply = await self.control.call(p.Restore(path=path, skip=self.weights.unpaused),
                                             timeout=CHECKPOINT_TIMEOUT_S)
             assert isinstance(reply, p.Restored)
-            left = self.weights.left_behind  # they already left routing, with why
+            left = self.weights.unpaused  # out of routing already, each with its own why
             self.state.replicas_lost([k for k in reply.lost if k not in left],
                                      f"could not take the restore of version {version}")
             t["restore_ms"] = reply.ms

@@ -139,6 +139,12 @@ class Replicas:
         if replicas:
             self._wake.set()
 
+    def forget(self, replicas: list[int]) -> None:
+        """Replicas a write will not reach (it did not pause them): synced again before they serve, their routing
+        left as it is (they are out of it already)."""
+        if any(self.synced.pop(k, None) is not None for k in replicas):
+            self._wake.set()
+
     async def tick(self) -> None:
         vllm = self.state.vllm
         remote = [sup for sup in self.supervisors if isinstance(sup, RemoteReplica)]

@@ -504,7 +504,7 @@ class Trainer:
             t1 = time.perf_counter()
             try:
                 # lowmem: Apply runs the second backward pass, so it gets a step's time limit
-                reply = await self.control.call(p.Apply(run_id=run_id, skip=self.weights.left_behind),
+                reply = await self.control.call(p.Apply(run_id=run_id, skip=self.weights.unpaused),
                                                 timeout=TRAIN_TIMEOUT_S if mode == "lowmem" else APPLY_TIMEOUT_S)
             except (WorkerUnavailable, WorkerTimeout) as e:  # it may have stopped halfway through the weights
                 self.metrics["torn_apply"] = str(e)
@@ -515,7 +515,7 @@ class Trainer:
                 refused.append(reply.reason)
                 return False
             assert isinstance(reply, p.Applied)
-            left = self.weights.left_behind  # they already left routing, with why
+            left = self.weights.unpaused  # out of routing already, each with its own why
             self.state.replicas_lost([k for k in reply.lost if k not in left],
                                      f"could not write run {run_id}'s update in the pause")
             t["apply_ms"] = reply.ms

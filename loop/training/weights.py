@@ -48,6 +48,9 @@ class LiveWeights:
         self.guard = RecomputeGuard(state.settings.keep_recompute_share)
         self._recovery: asyncio.Task[None] | None = None
         self.left_behind: list[int] = []  # replicas the current change's pause left out (`change(spare=True)`)
+        # every replica the current change did not pause (out of routing, or left behind): `work` must not write
+        # into them, since requests may still run there, and each is synced again before it serves
+        self.unpaused: list[int] = []
 
     def _guarded(self, atomic: bool) -> bool:
         return atomic and self.state.settings.pause_mode == "keep" and self.guard.share < 1
@@ -57,8 +60,10 @@ class LiveWeights:
         """Run `work` under the weights lock, with vLLM paused around it when `atomic`; returns the timings.
         `yields` (a training run's write, after `yield_to_serving`): in keep mode, watch the preempted answers
         recover, which the run's next write waits for. `spare`: a replica other than replica 0 that cannot be
-        paused is left behind instead of failing the change: out of routing, listed in `left_behind` for `work`
-        (which must not write into it), and synced again before it serves (loop/training/replicas.py)."""
+        paused is left behind instead of failing the change: out of routing and listed in `left_behind`. Every
+        replica the pause did not reach (left behind, or out of routing already) is listed in `unpaused`: `work`
+        must not write into it (requests may still run there), and it is synced again before it serves
+        (loop/training/replicas.py)."""
         guarded = yields and self._guarded(atomic)
         async with self.state.weights_lock:
             t = await self._paused(work, atomic=atomic, guarded=guarded, spare=spare)
@@ -121,14 +126,19 @@ class LiveWeights:
         self.state.changing_from = self.state.weight_version
         reset: asyncio.Task[None] | None = None
         try:
-            self.left_behind = []
+            self.left_behind, self.unpaused = [], []
             if atomic:
-                if spare and isinstance(vllm, ReplicaClient) and len(vllm) > 1:
+                if isinstance(vllm, ReplicaClient) and len(vllm) > 1:
+                    routable = {r["index"] for r in vllm.describe() if r["routable"]}  # what the pause reaches
                     self.left_behind = await vllm.pause(mode=self.state.settings.pause_mode,
-                                                        spare=range(1, len(vllm)))
+                                                        spare=range(1, len(vllm)) if spare else ())
                     whys = {r["index"]: r["why"] for r in vllm.describe()}
                     for k in self.left_behind:
                         self.state.replicas_lost([k], str(whys.get(k)))
+                    self.unpaused = [k for k in range(1, len(vllm)) if k not in routable or k in self.left_behind]
+                    replicas = getattr(self.state, "replicas", None)
+                    if replicas is not None:
+                        replicas.forget(self.unpaused)
                 else:
                     await vllm.pause(mode=self.state.settings.pause_mode)
                 paused = True

@@ -215,3 +215,38 @@ async def test_a_replica_that_cannot_pause_for_a_write_is_left_behind_then_synce
         fakes[2].gate.set()
         await reps.tick()
         assert w.synced == [1, 2, 2] and column(client, "routable") == [True, True, True]
+
+
+async def test_a_write_skips_every_replica_it_did_not_pause_and_each_is_synced_again() -> None:
+    """A replica still mirrored but out of routing (here: marked down after a failed connection) is not paused by
+    a write, so the write must not touch it (`unpaused`, the worker's `skip`): requests may still run there. It is
+    synced again, under its own pause, before it serves."""
+    global lock
+    from loop.training.weights import LiveWeights
+    from tests.unit.vllm.test_replicas import column, replicas
+
+    async with replicas(3, routable=False) as (client, fakes):
+        lock = asyncio.Lock()
+        w = Worker()
+        state = SimpleNamespace(vllm=client, worker=w, weights_lock=lock, weight_version=3, changing_from=None,
+                                changes_done=0, supervisor=None,
+                                settings=SimpleNamespace(pause_mode="keep", keep_recompute_share=1.0))
+        reps = Replicas(state, [Sup(f"replica {k}") for k in range(3)])  # type: ignore[arg-type]
+        state.replicas_lost, state.replicas = reps.lost, reps
+        await reps.tick()
+        assert w.synced == [1, 2]
+        client.mark(1, False, "cannot be connected to")
+        weights = LiveWeights(state)  # type: ignore[arg-type]
+        seen: dict[str, Any] = {}
+
+        async def work(t: dict[str, float]) -> bool:
+            seen.update(unpaused=list(weights.unpaused), left=list(weights.left_behind),
+                        paused=[f.paused for f in fakes])
+            return True
+
+        await weights.change(work, atomic=True, spare=True)
+        assert seen == {"unpaused": [1], "left": [], "paused": [True, False, True]}
+        assert 1 not in reps.synced and 2 in reps.synced
+        await reps.tick()
+        assert w.synced == [1, 2, 1] and column(client, "routable") == [True, True, True]
+        assert fakes[1].seen[-3:] == ["POST /pause", "POST /reset_prefix_cache", "POST /resume"]
