@@ -178,28 +178,34 @@ async def test_a_synced_ready_replica_marked_down_by_a_failed_request_serves_aga
     assert clients.routable == [True, True] and worker.synced == [1]  # its supervisor says ready: no new copy
 
 
+async def live_weights(client: Any) -> tuple[Replicas, Worker, Any]:
+    """`Replicas` and `LiveWeights` over a real ReplicaClient of three replicas, all synced once."""
+    global lock
+    from loop.training.weights import LiveWeights
+
+    lock = asyncio.Lock()
+    w = Worker()
+    state = SimpleNamespace(vllm=client, worker=w, weights_lock=lock, weight_version=3, changing_from=None,
+                            changes_done=0, supervisor=None,
+                            settings=SimpleNamespace(pause_mode="keep", keep_recompute_share=1.0))
+    reps = Replicas(state, [Sup(f"replica {k}") for k in range(3)])  # type: ignore[arg-type]
+    state.replicas_lost, state.replicas = reps.lost, reps
+    await reps.tick()
+    return reps, w, LiveWeights(state)  # type: ignore[arg-type]
+
+
 async def test_a_replica_that_cannot_pause_for_a_write_is_left_behind_then_synced_before_it_serves(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A run's write (`LiveWeights.change(spare=True)`) over real replica clients: replica 2's host hangs, so its
     pause is never answered. The write goes ahead on the others within the grace, names replica 2 to the work
     (the worker must not write into it), takes it out of routing, and the next round syncs it before it serves."""
-    global lock
-    from loop.training.weights import LiveWeights
     from loop.vllm import replicas as replicas_mod
     from tests.unit.vllm.test_replicas import column, replicas
 
     monkeypatch.setattr(replicas_mod, "SPARE_GRACE_S", 0.3)
     async with replicas(3, routable=False) as (client, fakes):
-        lock = asyncio.Lock()
-        w = Worker()
-        state = SimpleNamespace(vllm=client, worker=w, weights_lock=lock, weight_version=3, changing_from=None,
-                                changes_done=0, supervisor=None,
-                                settings=SimpleNamespace(pause_mode="keep", keep_recompute_share=1.0))
-        reps = Replicas(state, [Sup(f"replica {k}") for k in range(3)])  # type: ignore[arg-type]
-        state.replicas_lost = reps.lost
-        await reps.tick()
+        reps, w, weights = await live_weights(client)
         assert w.synced == [1, 2] and column(client, "routable") == [True, True, True]
-        weights = LiveWeights(state)  # type: ignore[arg-type]
         fakes[2].gate.clear()
         seen: dict[str, Any] = {}
 
@@ -221,22 +227,12 @@ async def test_a_write_skips_every_replica_it_did_not_pause_and_each_is_synced_a
     """A replica still mirrored but out of routing (here: marked down after a failed connection) is not paused by
     a write, so the write must not touch it (`unpaused`, the worker's `skip`): requests may still run there. It is
     synced again, under its own pause, before it serves."""
-    global lock
-    from loop.training.weights import LiveWeights
     from tests.unit.vllm.test_replicas import column, replicas
 
     async with replicas(3, routable=False) as (client, fakes):
-        lock = asyncio.Lock()
-        w = Worker()
-        state = SimpleNamespace(vllm=client, worker=w, weights_lock=lock, weight_version=3, changing_from=None,
-                                changes_done=0, supervisor=None,
-                                settings=SimpleNamespace(pause_mode="keep", keep_recompute_share=1.0))
-        reps = Replicas(state, [Sup(f"replica {k}") for k in range(3)])  # type: ignore[arg-type]
-        state.replicas_lost, state.replicas = reps.lost, reps
-        await reps.tick()
+        reps, w, weights = await live_weights(client)
         assert w.synced == [1, 2]
         client.mark(1, False, "cannot be connected to")
-        weights = LiveWeights(state)  # type: ignore[arg-type]
         seen: dict[str, Any] = {}
 
         async def work(t: dict[str, float]) -> bool:
