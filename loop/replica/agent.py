@@ -6,7 +6,8 @@ restarts, the weight-handle file), maps that vLLM's weights as the worker maps r
 - vLLM's own routes (`/v1/*`, `/health`, `/metrics`, `/pause`, `/resume`, `/reset_prefix_cache`, `/is_paused`, ...)
   are forwarded to its socket, so loop routes chat to it and pauses it like a local replica, while vLLM's
   unauthenticated development routes never face the network;
-- `GET /loop/replica`: ready?, vLLM's state, its load id (new after every restart), the transfer port;
+- `GET /loop/replica`: ready?, vLLM's state, whether it fails its health probe (`unhealthy`), its load id (new
+  after every restart), the transfer port;
 - `POST /loop/replica/receive {nonce, kind, run_id, names, load_id, op_timeout_s}`: checked at once (400/409 say
   what is wrong),
   then received in the background: join the transfer group `nonce` as rank 1 (loop/replica/transfer.py) and take
@@ -102,6 +103,7 @@ class Agent:
             load_id = self.load_id
         return {"ready": state == "ready" and load_id is not None, "state": state, "load_id": load_id,
                 "restarts": sup.restarts if sup is not None else 0,
+                "unhealthy": getattr(sup, "unhealthy", None) if sup is not None else None,
                 "describe": sup.describe() if sup is not None else "", "device": self.device,
                 "transfer_port": self.settings.replica_transfer_port,
                 "staged_run": self.staged[0] if self.staged else None, "transfers": self.transfers}

@@ -7,7 +7,9 @@ worker trains replica 0 in place and copies every write into replicas 1..K-1 ins
   loaded, loop/training/recovery.py);
 - replica k > 0 only once the worker has copied replica 0's live weights into it (`Sync`), under the weights lock
   (no update can land meanwhile) and with that replica paused, its prefix cache and running requests reset. A
-  replica whose vLLM stops being ready is unroutable at once; when it is ready again it is synced again.
+  replica whose vLLM stops being ready is unroutable at once; when it is ready again it is synced again. One that
+  fails a health probe, or leaves one unanswered for seconds (loop/vllm/process.py `unhealthy`: a hung engine),
+  is out of routing until a probe passes, and keeps its sync unless a write skipped it meanwhile.
 - A new worker process (a crash, a restart) or a worker that re-attached to a reloaded replica 0 knows none of the
   other replicas' memory: every replica is synced again before the next update can be written.
 - A replica k > 0 past its restart limit is parked, not fatal (loop/vllm/process.py `park_s`): out of routing for a
@@ -53,6 +55,7 @@ class RemoteReplica:
         self.restarts = 0
         self.load_id: str | None = None
         self.last_error: str | None = None
+        self.unhealthy: str | None = None  # the agent's vLLM fails its health probe while ready
         self._client = httpx.AsyncClient(base_url=self.url, timeout=STATUS_TIMEOUT_S, trust_env=False,
                                          headers={"authorization": f"Bearer {token}"} if token else {})
 
@@ -76,6 +79,7 @@ class RemoteReplica:
                 self.restarts += 1
             self.load_id = load_id
         self.state = "ready" if st.get("ready") else str(st.get("state") or "starting")
+        self.unhealthy = (st.get("unhealthy") or None) if self.state == "ready" else None
         self.last_error = None if self.state == "ready" else st.get("describe") or None
 
     async def stop(self) -> None:
@@ -155,6 +159,12 @@ class Replicas:
                 vllm.mark(k, False, f"{sup.name}: {sup.describe()}" if sup.state == "failed" else
                           f"{sup.name} is {sup.state}")
                 self.synced.pop(k, None)
+                continue
+            problem = getattr(sup, "unhealthy", None)
+            if k > 0 and problem:
+                # Its engine fails or hangs on /health: route elsewhere now instead of after the restart. Its
+                # weights stay synced; a write meanwhile skips it (not routable, so not paused) and forgets that.
+                vllm.mark(k, False, f"{sup.name} failed a health probe: {problem}")
                 continue
             if k == 0 or self.state.worker is None:
                 vllm.mark(k, True)

@@ -530,4 +530,6 @@ class Trainer:
         self.metrics.update({k: round(v, 3) for k, v in timings.items()})
         if self.weights.left_behind:  # replicas whose pause failed: still on the old weights, out of routing
             self.metrics["replicas_left_behind"] = list(self.weights.left_behind)
+        if self.weights.unpaused:  # every replica this write skipped (left behind or out of routing): synced later
+            self.metrics["replicas_not_written"] = list(self.weights.unpaused)
         return self.state.weight_version, (refused[0] if refused else None)

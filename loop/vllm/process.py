@@ -5,12 +5,14 @@ returns at once: the API listens meanwhile and answers 503 with progress ("vLLM 
 background task polls vLLM's /health, prints progress to stderr, and once it is ready calls every registered
 ready-callback (the training worker re-attaches there). While ready it keeps probing /health: vLLM's API process
 answers non-200 when its engine core died underneath it, and after `UNHEALTHY_AFTER` failed probes in a row it
-is restarted like a crash. A crash (or such a restart) is retried with exponential backoff, at most
-`settings.vllm_restart_limit` times within `settings.vllm_restart_window_s` (older crashes no longer count); past
-that, or when vLLM cannot be started at all, the state becomes "failed" and `on_failed(reason)` is called
-(`loop serve` then shuts down and exits non-zero, so a process manager restarts the whole service); a replica
-other than the first is parked instead (`park_s`): left out of routing, then started again. vLLM's
-output goes to data_dir/logs/vllm.log; `last_error` carries its tail so /health and 503s can say why.
+is restarted like a crash; meanwhile `unhealthy` says what the last probe found (set by a failed probe, or by one
+still unanswered after `PROBE_SLOW_S`), and a replica other than the first is out of routing while it is set.
+A crash (or such a restart) is retried with exponential backoff, at most `settings.vllm_restart_limit` times
+within `settings.vllm_restart_window_s` (older crashes no longer count); past that, or when vLLM cannot be started
+at all, the state becomes "failed" and `on_failed(reason)` is called (`loop serve` then shuts down and exits
+non-zero, so a process manager restarts the whole service); a replica other than the first is parked instead
+(`park_s`): left out of routing, then started again. vLLM's output goes to data_dir/logs/vllm.log; `last_error`
+carries its tail so /health and 503s can say why.
 
 Only loop reaches vLLM: it listens on a Unix socket in the 0700 run dir (`--uds`, no TCP port), because its dev
 routes (/pause, /collective_rpc, ...) answer anyone who can connect and vLLM's --api-key does not guard them.
@@ -55,6 +57,7 @@ PROGRESS_EVERY_S = 5.0
 MAX_BACKOFF_S = 30.0
 WATCH_S = 2.0  # how often a ready vLLM's /health is probed
 PROBE_TIMEOUT_S = 10.0
+PROBE_SLOW_S = 3.0  # a probe still unanswered this long marks vLLM unhealthy (out of routing) before it times out
 UNHEALTHY_AFTER = 3  # failed probes in a row before a ready vLLM is restarted
 # AF_UNIX paths (vLLM's socket, its ZMQ ipc:// sockets: a 36-character name in the tmp dir) hold 107 bytes.
 MAX_SOCKET_PATH = 107
@@ -598,7 +601,7 @@ class VLLMSupervisor:
                     await asyncio.wait_for(proc.wait(), timeout=WATCH_S)
                 if proc.returncode is not None or self._stopping:
                     return None
-                problem = await self._client.health_problem(timeout=PROBE_TIMEOUT_S)
+                problem = await self._probe()
                 if problem is None:
                     failures, self.unhealthy = 0, None
                     continue
@@ -610,6 +613,19 @@ class VLLMSupervisor:
             return None
         finally:
             self.unhealthy = None
+
+    async def _probe(self) -> str | None:
+        """One /health probe. One that has not answered within PROBE_SLOW_S sets `unhealthy` at once, so that a
+        replica whose engine hangs leaves routing seconds before the probe times out; the answer, when it comes,
+        decides (a slow 200 clears it, and only failed probes count towards a restart)."""
+        probe = asyncio.ensure_future(self._client.health_problem(timeout=PROBE_TIMEOUT_S))
+        try:
+            done, _ = await asyncio.wait({probe}, timeout=PROBE_SLOW_S)
+            if not done:
+                self.unhealthy = f"no answer to GET /health in {PROBE_SLOW_S:g} s"
+            return await probe
+        finally:
+            probe.cancel()
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
         """Poll /health until 200 (True) or the process exits (False); print progress meanwhile."""

@@ -6,6 +6,7 @@ is reported, a bad request is refused before anyone joins a group, and a sender 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import threading
@@ -124,6 +125,31 @@ def test_vllms_routes_are_forwarded_without_the_token(served: tuple[ServedApp, I
         st = c.get("/loop/replica").json()
     assert st["ready"] and st["load_id"] == "load-1" and st["transfer_port"] > 0 and st["staged_run"] is None
     assert [q.url.path for q in seen] == ["/v1/completions", "/pause", "/metrics"]
+
+
+def test_loop_reads_that_an_agents_vllm_fails_its_health_probe(served: tuple[ServedApp, InMemory]) -> None:
+    from types import SimpleNamespace
+
+    from loop.training.replicas import RemoteReplica
+
+    s, agent = served
+    sick = "vLLM at unix:/x answered 503 to GET /health: EngineCore died"
+    agent.supervisor = SimpleNamespace(state="ready", restarts=0, unhealthy=sick, describe=lambda: "ready")
+
+    async def seen_by_loop() -> tuple[str, str | None]:
+        remote = RemoteReplica(1, s.url, TOKEN)
+        try:
+            await remote.refresh()
+            return remote.state, remote.unhealthy
+        finally:
+            await remote.stop()
+
+    try:
+        assert asyncio.run(seen_by_loop()) == ("ready", sick)
+        agent.supervisor.unhealthy = None
+        assert asyncio.run(seen_by_loop()) == ("ready", None)
+    finally:
+        agent.supervisor = None
 
 
 def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[ServedApp, InMemory]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from loop.training.recompute import Counters
 from loop.training.replicas import Replicas
 from loop.worker import protocol as p
 
@@ -19,6 +20,7 @@ class Sup:
     name: str
     state: str = "ready"
     restarts: int = 0
+    unhealthy: str | None = None
 
 
 @dataclass
@@ -176,6 +178,57 @@ async def test_a_synced_ready_replica_marked_down_by_a_failed_request_serves_aga
     clients.mark(1, False, "down: connection refused")  # the router saw one refused connection
     await reps.tick()
     assert clients.routable == [True, True] and worker.synced == [1]  # its supervisor says ready: no new copy
+
+
+async def test_a_replica_failing_its_health_probe_leaves_routing_at_once_and_returns_without_a_new_copy() -> None:
+    reps, sups, clients, worker = setup(3)
+    await reps.tick()
+    assert clients.routable == [True, True, True] and worker.synced == [1, 2]
+    sups[2].unhealthy = "no answer to GET /health in 3 s"
+    sups[0].unhealthy = "no answer to GET /health in 3 s"
+    await reps.tick()
+    # replica 0 stays: the trainer writes it in place, and a write pauses only what is routable
+    assert clients.routable == [True, True, False]
+    assert "failed a health probe: no answer to GET /health in 3 s" in (clients.why[2] or "")
+    assert reps.synced.keys() == {1, 2}  # its weights did not move
+    sups[2].unhealthy = sups[0].unhealthy = None
+    await reps.tick()
+    assert clients.routable == [True, True, True] and worker.synced == [1, 2]
+
+
+async def test_a_replica_unhealthy_across_a_write_is_synced_again_before_it_serves() -> None:
+    """Out of routing, the unhealthy replica is not paused by a write, so the write skips it and forgets its sync:
+    once its probe passes it gets the live weights, under its own pause, before it serves."""
+    from tests.unit.vllm.test_replicas import column, replicas
+
+    async with replicas(3, routable=False) as (client, fakes):
+        reps, w, weights = await live_weights(client)
+        reps.supervisors[1].unhealthy = "vLLM answered 503 to GET /health"
+        await reps.tick()
+        assert column(client, "routable") == [True, False, True]
+        seen: dict[str, Any] = {}
+
+        async def work(t: dict[str, float]) -> bool:
+            seen.update(unpaused=list(weights.unpaused), paused=[f.paused for f in fakes])
+            return True
+
+        await weights.change(work, atomic=True, spare=True)
+        assert seen == {"unpaused": [1], "paused": [True, False, True]}
+        await reps.tick()
+        assert w.synced == [1, 2] and column(client, "routable") == [True, False, True]  # still unhealthy: no sync
+        reps.supervisors[1].unhealthy = None
+        await reps.tick()
+        assert w.synced == [1, 2, 1] and column(client, "routable") == [True, True, True]
+
+
+async def test_without_a_worker_an_unhealthy_replica_is_out_until_its_probe_passes() -> None:
+    reps, sups, clients, _ = setup(2, worker=False)
+    sups[1].unhealthy = "vLLM answered 503 to GET /health"
+    await reps.tick()
+    assert clients.routable == [True, False]
+    sups[1].unhealthy = None
+    await reps.tick()
+    assert clients.routable == [True, True]
 
 
 async def live_weights(client: Any) -> tuple[Replicas, Worker, Any]:

@@ -204,6 +204,28 @@ async def test_an_engine_failing_its_health_probe_is_restarted(tmp_path: Path) -
     await sup.stop()
 
 
+async def test_a_probe_left_unanswered_marks_vllm_unhealthy_before_it_times_out_and_an_answer_clears_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung engine (here: the process stopped) leaves routing after PROBE_SLOW_S, not after the probe's timeout;
+    one slow probe is not a failure, so once it answers nothing is restarted."""
+    monkeypatch.setattr("loop.vllm.process.PROBE_SLOW_S", 0.3)
+    monkeypatch.setattr("loop.vllm.process.PROBE_TIMEOUT_S", 30.0)
+    sup = make(tmp_path, vllm_restart_limit=2)
+    await sup.start()
+    await sup.wait_ready(20)
+    os.kill(sup.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        await until(lambda: sup.unhealthy is not None, timeout=10)
+        assert time.monotonic() - t0 < 10 and "no answer to GET /health in 0.3 s" in sup.unhealthy
+        assert sup.state == "ready"
+    finally:
+        os.kill(sup.pid, signal.SIGCONT)
+    await until(lambda: sup.unhealthy is None, timeout=10)
+    assert sup.state == "ready" and sup.restarts == 0
+    await sup.stop()
+
+
 async def test_a_reload_does_not_count_against_the_limit(tmp_path: Path) -> None:
     failures: list[str] = []
     sup = make(tmp_path, failures, vllm_restart_limit=0)
