@@ -82,9 +82,16 @@ class LiveWeights:
         return time.monotonic() - t0
 
     async def counters(self) -> Counters | None:
-        """vLLM's running answers and generated tokens, summed over the replicas; None when unreadable."""
+        """vLLM's running answers and generated tokens, summed over the routable replicas (those a write pauses;
+        one out of routing may be a hung host, whose silence would cost every write the timeout); None when
+        unreadable."""
         vllm = self.state.vllm
-        clients = [vllm.client(k) for k in range(len(vllm))] if hasattr(vllm, "client") else [vllm]
+        if hasattr(vllm, "client"):
+            clients = [vllm.client(r["index"]) for r in vllm.describe() if r["routable"]]
+        else:
+            clients = [vllm]
+        if not clients:
+            return None
         try:
             replies = await asyncio.gather(*(c.get("/metrics", timeout=5.0) for c in clients))
             each = [read_counters(r.text) for r in replies]

@@ -299,3 +299,19 @@ async def test_a_write_skips_every_replica_it_did_not_pause_and_each_is_synced_a
         await reps.tick()
         assert w.synced == [1, 2, 1] and column(client, "routable") == [True, True, True]
         assert fakes[1].seen[-3:] == ["POST /pause", "POST /reset_prefix_cache", "POST /resume"]
+
+
+async def test_the_keep_guard_reads_the_counters_of_routable_replicas_only() -> None:
+    """A hung replica out of routing is not paused by a write, so its answers are not preempted: its counters are
+    not needed, and reading them would cost every write the metrics timeout."""
+    from tests.unit.vllm.test_replicas import replicas
+
+    async with replicas(3, routable=False) as (client, fakes):
+        reps, _, weights = await live_weights(client)
+        assert await weights.counters() == Counters(running=6, generated=60)
+        fakes[2].gate.clear()  # a hung host
+        reps.supervisors[2].unhealthy = "no answer to GET /health in 3 s"
+        await reps.tick()
+        got = await asyncio.wait_for(weights.counters(), 1.0)
+        assert got == Counters(running=4, generated=30)
+        fakes[2].gate.set()

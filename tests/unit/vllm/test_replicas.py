@@ -25,7 +25,7 @@ from tests.unit.api.test_proxy_upstream import SSE_HEAD, chunk, whole
 
 class Replica:
     """A stand-in vLLM that answers by route: completions name the replica and wait while `gate` is clear (a slow
-    request), chat streams one event then wait on `gate` before ending, /pause and /resume wait on it too; /pause, /resume, /is_paused, /health and
+    request), chat streams one event then wait on `gate` before ending, /pause, /resume and /metrics wait on it too; /pause, /resume, /is_paused, /health and
     /reset_prefix_cache act like vLLM's; a route in `fail` answers 500."""
 
     def __init__(self, index: int, path: str) -> None:
@@ -73,6 +73,9 @@ class Replica:
             return whole(json.dumps({"is_paused": self.paused}).encode())
         if route == "/reset_prefix_cache":
             return whole(b'{"success": true}')
+        if route == "/metrics":  # vLLM's two counters loop reads (loop/training/recompute.py), 2 running, 10*(k+1) made
+            await self.gate.wait()
+            return whole(b"vllm:num_requests_running 2\nvllm:generation_tokens_total %d\n" % (10 * (self.index + 1)))
         if route == "/health":
             return whole(b'{"error": "EngineCore died (fake)"}', b"503 Service Unavailable") if self.sick else whole(b"")
         return whole(b'{"error": "no such route"}', b"404 Not Found")
