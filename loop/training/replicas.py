@@ -9,9 +9,13 @@ worker trains replica 0 in place and copies every write into replicas 1..K-1 ins
   (no update can land meanwhile) and with that replica paused, its prefix cache and running requests reset. A
   replica whose vLLM stops being ready is unroutable at once; when it is ready again it is synced again. One that
   fails a health probe, or leaves one unanswered for seconds (loop/vllm/process.py `unhealthy`: a hung engine),
-  is out of routing until a probe passes, and keeps its sync unless a write skipped it meanwhile.
+  is out of routing until a probe passes, and keeps its sync unless a write skipped it meanwhile. Replica 0 the
+  same, while another replica serves, but every write still pauses it (`written`): its weights are the live ones.
 - A new worker process (a crash, a restart) or a worker that re-attached to a reloaded replica 0 knows none of the
   other replicas' memory: every replica is synced again before the next update can be written.
+- Each sync runs as its own task, so one that waits (a replica slow to pause, an update holding the lock) never
+  delays the routing of the others; a copy into a replica that restarted meanwhile, or made through a worker that
+  has since been replaced, does not count.
 - A replica k > 0 past its restart limit is parked, not fatal (loop/vllm/process.py `park_s`): out of routing for a
   restart window, then started again and synced like any restart; the others serve meanwhile.
 - A replica on another host (`--remote-replicas`, a `loop replica` agent) is watched through its agent
@@ -95,6 +99,8 @@ class Replicas:
         self.last_error: dict[int, str] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._syncs: dict[int, asyncio.Task[None]] = {}  # replica -> its sync under way
+        self._generation = 0  # workers attached so far
 
     async def start(self) -> None:
         if self.state.worker is not None:
@@ -107,6 +113,12 @@ class Replicas:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        for task in self._syncs.values():
+            task.cancel()
+        for task in list(self._syncs.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._syncs.clear()
         for sup in self.supervisors:
             if isinstance(sup, RemoteReplica):
                 await sup.stop()
@@ -114,20 +126,21 @@ class Replicas:
     def worker_hello(self, hello: p.Hello) -> None:
         """A worker attached (a new process, or to a reloaded replica 0): it has synced no replica."""
         self.synced.clear()
+        self._generation += 1  # a sync under way copied through the worker before: it does not count
         self._wake.set()
 
     def describe(self) -> list[dict[str, Any]]:
         routing = {r["index"]: r for r in self.state.vllm.describe()}
         return [{**routing.get(k, {}), "index": k, "vllm": sup.state, "synced_load": self.synced.get(k),
-                 "sync_ms": self.sync_ms.get(k), "last_error": self.last_error.get(k)}
+                 "syncing": k in self._syncs, "sync_ms": self.sync_ms.get(k), "last_error": self.last_error.get(k)}
                 for k, sup in enumerate(self.supervisors)]
 
     async def _run(self) -> None:
         while True:
             self._wake.clear()
             try:
-                await self.tick()
-            except Exception:  # noqa: BLE001 - keep watching; the next tick tries again
+                await self.watch()
+            except Exception:  # noqa: BLE001 - keep watching; the next round tries again
                 log.exception("replicas: a sync round failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), WATCH_S)
@@ -150,6 +163,16 @@ class Replicas:
             self._wake.set()
 
     async def tick(self) -> None:
+        """One round, its syncs awaited (what a caller that wants the outcome uses)."""
+        await self.watch()
+        syncs = list(self._syncs.values())
+        if syncs:
+            await asyncio.gather(*syncs, return_exceptions=True)
+
+    async def watch(self) -> None:
+        """One round of routing decisions. A replica to sync gets its own task, so a sync that waits (a replica
+        slow to pause, the weights lock held by an update, a long copy) never delays the others' decisions: one
+        that hangs meanwhile still leaves routing within a round."""
         vllm = self.state.vllm
         remote = [sup for sup in self.supervisors if isinstance(sup, RemoteReplica)]
         if remote:
@@ -161,10 +184,16 @@ class Replicas:
                 self.synced.pop(k, None)
                 continue
             problem = getattr(sup, "unhealthy", None)
-            if k > 0 and problem:
+            if problem and k > 0:
                 # Its engine fails or hangs on /health: route elsewhere now instead of after the restart. Its
                 # weights stay synced; a write meanwhile skips it (not routable, so not paused) and forgets that.
                 vllm.mark(k, False, f"{sup.name} failed a health probe: {problem}")
+                continue
+            if problem and any(r["routable"] and not getattr(self.supervisors[r["index"]], "unhealthy", None)
+                               for r in vllm.describe() if r["index"] != 0):
+                # Replica 0 too, while another serves; a write still pauses it (its weights are the ones written
+                # in place), so a write while it hangs fails at its pause as before.
+                vllm.mark(0, False, f"{sup.name} failed a health probe: {problem}", written=True)
                 continue
             if k == 0 or self.state.worker is None:
                 vllm.mark(k, True)
@@ -176,7 +205,14 @@ class Replicas:
             if not worker.alive or worker.hello is None:
                 vllm.mark(k, False, "waiting for the trainer to copy the live weights into it")
                 continue
+            if k not in self._syncs:
+                self._syncs[k] = asyncio.create_task(self._sync_then_forget(k), name=f"sync-replica-{k}")
+
+    async def _sync_then_forget(self, k: int) -> None:
+        try:
             await self.sync(k)
+        finally:
+            self._syncs.pop(k, None)
 
     async def sync(self, k: int) -> None:
         """Copy replica 0's live weights into replica k, with k out of routing and paused; then route to it."""
@@ -184,6 +220,8 @@ class Replicas:
         assert worker is not None
         vllm.mark(k, False, "copying the live weights into it")
         client = vllm.client(k)
+        sup, generation = self.supervisors[k], self._generation
+        restarts = sup.restarts  # the vLLM the copy goes into
         t0 = time.perf_counter()
         try:
             # before the lock: k serves no one and nothing writes into it, so a hung k does not hold updates up
@@ -201,9 +239,16 @@ class Replicas:
             vllm.mark(k, False, f"sync failed: {e}")
             log.warning("replica %d: could not copy the live weights into it: %s", k, e)
             return
+        if sup.restarts != restarts or sup.state != "ready" or generation != self._generation:
+            # It restarted, or a new worker attached, while the copy ran: what it holds is not known to be live.
+            log.info("replica %d changed while it was synced; it is synced again", k)
+            self._wake.set()
+            return
         self.synced[k], self.sync_ms[k] = reply.load_id, (time.perf_counter() - t0) * 1000
-        self._restarts[k] = self.supervisors[k].restarts
+        self._restarts[k] = restarts
         self.last_error.pop(k, None)
+        if getattr(sup, "unhealthy", None):
+            return  # synced, but out of routing until a probe passes (the next round routes to it then)
         vllm.mark(k, True)
         log.info("replica %d synced to version %d in %.0f ms (the copy %.1f ms); serving", k,
                  self.state.weight_version, self.sync_ms[k], reply.ms)

@@ -136,7 +136,7 @@ class LiveWeights:
             self.left_behind, self.unpaused = [], []
             if atomic:
                 if isinstance(vllm, ReplicaClient) and len(vllm) > 1:
-                    routable = {r["index"] for r in vllm.describe() if r["routable"]}  # what the pause reaches
+                    routable = {r["index"] for r in vllm.describe() if r["paused_for_writes"]}  # what it pauses
                     self.left_behind = await vllm.pause(mode=self.state.settings.pause_mode,
                                                         spare=range(1, len(vllm)) if spare else ())
                     whys = {r["index"]: r["why"] for r in vllm.describe()}

@@ -8,8 +8,9 @@ of `VLLMClient` that they use, so `state.vllm` can be either.
   in flight through this client (a stream counts until its context exits), ties taken round-robin so that idle
   replicas share the load. A replica that cannot be connected to is marked down and the call goes once more to
   another: nothing was sent, so nothing runs twice. A stream that has begun is never retried.
-- Control calls (`pause`, `resume`, `reset_prefix_cache`) fan out to every routable replica at once, and each
-  one is finished even when another fails; the first error is raised after. A pause is all or nothing: when one
+- Control calls (`pause`, `resume`, `reset_prefix_cache`) fan out to every routable replica at once (and to one
+  marked `written`: out of routing, but its weights are the ones a write changes in place), and each one is
+  finished even when another fails; the first error is raised after. A pause is all or nothing: when one
   replica cannot be paused, the others are resumed before the error is raised — except for the replicas the
   caller names spare (a write's mirrors): one of those that fails or hangs leaves routing and the rest stays
   paused. Replicas not routable serve nothing, so they are left alone.
@@ -53,6 +54,7 @@ class ReplicaClient:
         self._clients = list(clients)
         n = len(self._clients)
         self._routable = [False] * n
+        self._written = [False] * n  # out of routing, yet paused, resumed and reset around every write
         self._why: list[str | None] = [NOT_SYNCED] * n
         self._in_flight = [0] * n
         self._served = [0] * n
@@ -87,15 +89,19 @@ class ReplicaClient:
         return self._clients[0].timeout
 
     # --- routing state ---
-    def mark(self, k: int, ok: bool, why: str | None = None) -> None:
-        """Route to replica k (`ok`) or not; `why` says why not (shown by `describe` and in errors)."""
+    def mark(self, k: int, ok: bool, why: str | None = None, *, written: bool = False) -> None:
+        """Route to replica k (`ok`) or not; `why` says why not (shown by `describe` and in errors). `written`: out
+        of routing but still paused (all or nothing, like a routable one), resumed and reset around every write,
+        for the replica a write changes in place whether or not it serves (replica 0)."""
         if not 0 <= k < len(self._clients):
             raise IndexError(f"no replica {k}: there are {len(self._clients)} (0 to {len(self._clients) - 1})")
         self._routable[k] = ok
+        self._written[k] = written and not ok
         self._why[k] = why if why is not None or ok else "marked not routable"
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"index": k, "address": c.address, "routable": self._routable[k], "why": self._why[k],
+        return [{"index": k, "address": c.address, "routable": self._routable[k],
+                 "paused_for_writes": self._routable[k] or self._written[k], "why": self._why[k],
                  "in_flight": self._in_flight[k], "served": self._served[k]} for k, c in enumerate(self._clients)]
 
     def _states(self) -> str:
@@ -104,6 +110,10 @@ class ReplicaClient:
 
     def _routable_indices(self) -> list[int]:
         return [k for k in range(len(self._clients)) if self._routable[k]]
+
+    def _written_indices(self) -> list[int]:
+        """What a write pauses, resumes and resets: the routable replicas and those marked `written`."""
+        return [k for k in range(len(self._clients)) if self._routable[k] or self._written[k]]
 
     def _pick(self) -> int:
         candidates = self._routable_indices()
@@ -173,10 +183,12 @@ class ReplicaClient:
                 self._in_flight[k] -= 1
 
     # --- control (the trainer, health) ---
-    async def _each(self, call: Callable[[VLLMClient], Awaitable[T]]) -> list[T]:
-        """`call` on every routable replica at once; all finish before the first error is raised."""
-        results = await asyncio.gather(*(call(self._clients[k]) for k in self._routable_indices()),
-                                       return_exceptions=True)
+    async def _each(self, call: Callable[[VLLMClient], Awaitable[T]], indices: Sequence[int] | None = None
+                    ) -> list[T]:
+        """`call` on every routable replica (or those of `indices`) at once; all finish before the first error is
+        raised."""
+        chosen = self._routable_indices() if indices is None else indices
+        results = await asyncio.gather(*(call(self._clients[k]) for k in chosen), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -193,7 +205,7 @@ class ReplicaClient:
         one hung host holds the others paused for that long, not for the whole freeze limit. Returns the replicas
         left behind; the caller must not write into them (their requests may still run) and brings them onto the
         weights again before they serve."""
-        indices = self._routable_indices()
+        indices = self._written_indices()
         tasks = {k: asyncio.ensure_future(self._clients[k].pause(mode=mode)) for k in indices}
         needed = [tasks[k] for k in indices if k not in spare]
         if needed:
@@ -219,10 +231,10 @@ class ReplicaClient:
         return sorted(errors)
 
     async def resume(self) -> None:
-        await self._each(lambda c: c.resume())
+        await self._each(lambda c: c.resume(), self._written_indices())
 
     async def reset_prefix_cache(self) -> None:
-        await self._each(lambda c: c.reset_prefix_cache())
+        await self._each(lambda c: c.reset_prefix_cache(), self._written_indices())
 
     async def is_paused(self, timeout: float = 10.0) -> bool:
         """True when any routable replica is paused: requests routed there wait."""

@@ -9,7 +9,7 @@ file; every check goes through loop's public HTTP API or reads each replica's ow
   replica carry the new version and are the same greedy text;
 - a restore of version 0 puts the original bytes back in both;
 - replica 1's vLLM frozen: it leaves routing on its unanswered health probe, before any restart, and serves again
-  without a new copy once thawed;
+  without a new copy once thawed; replica 0's the same (chat moves to replica 1);
 - replica 1's vLLM frozen before an update: the update lands in replica 0 alone, replica 1 leaves routing unwritten
   and is synced once it answers again;
 - replica 1's vLLM killed: chat goes on through replica 0, health names the missing replica, an update is written
@@ -163,6 +163,22 @@ def test_a_hung_replica_leaves_routing_before_any_restart_and_returns_with_its_s
         os.killpg(group, signal.SIGCONT)
     health = wait_routable(api, [True, True], timeout=120)
     assert health["replicas"][1]["synced_load"] == synced, health["replicas"][1]
+
+
+def test_a_hung_replica_0_is_routed_around_too_and_serves_again_when_it_answers(api: Api) -> None:
+    """Replica 0 (whose weights the trainer writes in place) frozen: chat moves to replica 1 until it answers
+    again, well before its supervisor would restart it."""
+    group = int(api.s.vllm_pid_path.read_text())
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        health = wait_routable(api, [False, True], timeout=60)
+        replica = health["replicas"][0]
+        assert "failed a health probe" in str(replica["why"]) and replica["paused_for_writes"], replica
+        assert len(answers(api, 4)) == 1
+        assert health["serving"], health
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    wait_routable(api, [True, True], timeout=120)
 
 
 def test_a_replica_hung_at_an_update_is_not_written_then_synced_once_it_answers(api: Api) -> None:

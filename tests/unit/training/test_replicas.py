@@ -41,16 +41,18 @@ class Clients:
     def __init__(self, n: int) -> None:
         self.routable = [False] * n
         self.why: list[str | None] = [None] * n
+        self.written = [False] * n
         self.clients = [OneClient() for _ in range(n)]
 
-    def mark(self, k: int, ok: bool, why: str | None = None) -> None:
-        self.routable[k], self.why[k] = ok, why
+    def mark(self, k: int, ok: bool, why: str | None = None, *, written: bool = False) -> None:
+        self.routable[k], self.why[k], self.written[k] = ok, why, written and not ok
 
     def client(self, k: int) -> OneClient:
         return self.clients[k]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"index": k, "routable": r, "why": w} for k, (r, w) in enumerate(zip(self.routable, self.why))]
+        return [{"index": k, "routable": r, "why": w, "paused_for_writes": r or self.written[k]}
+                for k, (r, w) in enumerate(zip(self.routable, self.why))]
 
 
 class Worker:
@@ -115,6 +117,55 @@ async def test_a_replica_slow_to_pause_for_its_sync_does_not_hold_the_weights_lo
     answer.set()
     await tick
     assert clients.routable == [True, True] and worker.synced == [1] and one.calls[-1] == "resume"
+
+
+def hold_pause(one: OneClient) -> asyncio.Event:
+    """Replica `one` answers its next pauses only once the returned event is set."""
+    answer = asyncio.Event()
+
+    async def slow_pause(mode: str = "wait") -> None:
+        one.calls.append(f"pause:{mode}")
+        await answer.wait()
+
+    one.pause = slow_pause  # type: ignore[method-assign]
+    return answer
+
+
+async def test_a_sync_that_waits_does_not_hold_up_another_replicas_routing() -> None:
+    reps, sups, clients, worker = setup(3)
+    await reps.tick()
+    answer = hold_pause(clients.clients[1])
+    sups[1].restarts += 1  # restarted: synced again, and its pause hangs
+    await asyncio.wait_for(reps.watch(), 1.0)
+    assert clients.routable == [True, False, True] and clients.why[1] == "copying the live weights into it"
+    sups[2].unhealthy = "no answer to GET /health in 3 s"
+    await asyncio.wait_for(reps.watch(), 1.0)  # decided at once, the sync of replica 1 still waiting
+    assert clients.routable == [True, False, False]
+    answer.set()
+    sups[2].unhealthy = None
+    await reps.tick()
+    assert clients.routable == [True, True, True] and worker.synced == [1, 2, 1]
+
+
+@pytest.mark.parametrize("change", ["restart", "new worker"])
+async def test_a_copy_into_a_replica_that_changed_meanwhile_does_not_count(change: str) -> None:
+    """A restart of the replica (the copy went into a vLLM that is gone) or a new worker (the live weights it
+    copied may not be the live ones now) while a sync runs: it is synced again before it serves."""
+    reps, sups, clients, worker = setup(2)
+    answer = hold_pause(clients.clients[1])
+    await asyncio.wait_for(reps.watch(), 1.0)
+    while clients.clients[1].calls != ["pause:keep"]:
+        await asyncio.sleep(0.01)
+    if change == "restart":
+        sups[1].restarts += 1
+    else:
+        reps.worker_hello(p.Hello(pid=2, load_id="L1"))
+    answer.set()
+    while reps._syncs:
+        await asyncio.sleep(0.01)
+    assert worker.synced == [1] and clients.routable == [True, False] and 1 not in reps.synced
+    await reps.tick()
+    assert worker.synced == [1, 1] and clients.routable == [True, True]
 
 
 async def test_a_failed_sync_keeps_the_replica_out_and_is_retried() -> None:
@@ -185,13 +236,25 @@ async def test_a_replica_failing_its_health_probe_leaves_routing_at_once_and_ret
     await reps.tick()
     assert clients.routable == [True, True, True] and worker.synced == [1, 2]
     sups[2].unhealthy = "no answer to GET /health in 3 s"
-    sups[0].unhealthy = "no answer to GET /health in 3 s"
     await reps.tick()
-    # replica 0 stays: the trainer writes it in place, and a write pauses only what is routable
-    assert clients.routable == [True, True, False]
+    assert clients.routable == [True, True, False] and clients.written == [False] * 3
     assert "failed a health probe: no answer to GET /health in 3 s" in (clients.why[2] or "")
     assert reps.synced.keys() == {1, 2}  # its weights did not move
-    sups[2].unhealthy = sups[0].unhealthy = None
+    sups[2].unhealthy = None
+    await reps.tick()
+    assert clients.routable == [True, True, True] and worker.synced == [1, 2]
+
+
+async def test_replica_0_unhealthy_leaves_routing_only_while_another_serves_and_writes_still_pause_it() -> None:
+    reps, sups, clients, worker = setup(3)
+    await reps.tick()
+    sups[0].unhealthy = "vLLM answered 503 to GET /health"
+    await reps.tick()
+    assert clients.routable == [False, True, True] and clients.written == [True, False, False]
+    sups[1].unhealthy = sups[2].unhealthy = "no answer to GET /health in 3 s"
+    await reps.tick()  # none of the others serves now: replica 0 is better than no one
+    assert clients.routable == [True, False, False] and clients.written == [False] * 3
+    sups[0].unhealthy = sups[1].unhealthy = sups[2].unhealthy = None
     await reps.tick()
     assert clients.routable == [True, True, True] and worker.synced == [1, 2]
 
@@ -219,6 +282,41 @@ async def test_a_replica_unhealthy_across_a_write_is_synced_again_before_it_serv
         reps.supervisors[1].unhealthy = None
         await reps.tick()
         assert w.synced == [1, 2, 1] and column(client, "routable") == [True, True, True]
+
+
+async def test_a_write_pauses_and_writes_an_unhealthy_replica_0_out_of_routing_and_fails_when_it_hangs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica 0's weights are the ones the trainer writes in place: out of routing it must still be paused around
+    a write, and resumed; a hung one fails the write at its pause, with every other replica resumed."""
+    from loop.vllm import client as client_mod
+    from loop.vllm import replicas as replicas_mod
+    from tests.unit.vllm.test_replicas import answered_by, column, replicas
+
+    async with replicas(3, routable=False) as (client, fakes):
+        reps, w, weights = await live_weights(client)
+        reps.supervisors[0].unhealthy = "vLLM answered 503 to GET /health"
+        await reps.tick()
+        assert column(client, "routable") == [False, True, True]
+        assert column(client, "paused_for_writes") == [True, True, True]
+        assert {await answered_by(client) for _ in range(4)} == {1, 2}
+        seen: dict[str, Any] = {}
+
+        async def work(t: dict[str, float]) -> bool:
+            seen.update(unpaused=list(weights.unpaused), paused=[f.paused for f in fakes])
+            return True
+
+        await weights.change(work, atomic=True, spare=True)
+        assert seen == {"unpaused": [], "paused": [True, True, True]}
+        assert [f.paused for f in fakes] == [False, False, False]
+        assert fakes[0].seen[-3:] == ["POST /pause", "POST /reset_prefix_cache", "POST /resume"]
+        monkeypatch.setattr(client_mod, "FREEZE_TIMEOUT_S", 0.3)
+        monkeypatch.setattr(replicas_mod, "FREEZE_TIMEOUT_S", 0.3)
+        fakes[0].gate.clear()  # now it hangs
+        seen.clear()
+        with pytest.raises(Exception, match="pause|time"):
+            await weights.change(work, atomic=True, spare=True)
+        assert seen == {} and [f.paused for f in fakes[1:]] == [False, False]
+        fakes[0].gate.set()
 
 
 async def test_without_a_worker_an_unhealthy_replica_is_out_until_its_probe_passes() -> None:

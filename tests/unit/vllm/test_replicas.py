@@ -300,6 +300,24 @@ async def test_replica_zero_failing_fails_the_pause_even_with_spares_and_all_spa
         assert column(client, "routable") == [False, True, True]
 
 
+async def test_a_replica_marked_written_is_paused_resumed_and_reset_but_not_routed_to() -> None:
+    async with replicas(3) as (client, fakes):
+        client.mark(0, False, "unhealthy", written=True)
+        client.mark(2, False, "down")
+        assert column(client, "paused_for_writes") == [True, True, False]
+        assert {await answered_by(client) for _ in range(3)} == {1}
+        assert await client.pause(mode="keep") == []
+        assert [f.paused for f in fakes] == [True, True, False]
+        await client.reset_prefix_cache()
+        await client.resume()
+        assert [f.paused for f in fakes] == [False, False, False]
+        assert fakes[0].seen == ["POST /pause", "POST /reset_prefix_cache", "POST /resume"]
+        assert fakes[2].seen == []
+        client.mark(0, True)
+        client.mark(0, False, "down: refused")  # a mark without `written` drops it
+        assert column(client, "paused_for_writes") == [False, True, False]
+
+
 async def test_health_names_the_unhealthy_replica() -> None:
     async with replicas(2) as (client, fakes):
         assert await client.health() is True and await client.health_problem() is None
@@ -314,7 +332,8 @@ async def test_health_names_the_unhealthy_replica() -> None:
 async def test_mark_describe_and_replica_zero_stands_for_the_address() -> None:
     async with replicas(2, routable=False) as (client, fakes):
         assert client.describe() == [
-            {"index": k, "address": f"unix:{f.path}", "routable": False, "in_flight": 0, "served": 0,
+            {"index": k, "address": f"unix:{f.path}", "routable": False, "paused_for_writes": False,
+             "in_flight": 0, "served": 0,
              "why": "not marked routable yet (its weights are not known to be on the served version)"}
             for k, f in enumerate(fakes)]
         client.mark(0, True)
