@@ -43,6 +43,8 @@ log = logging.getLogger("loop.training")
 WATCH_S = 0.5
 SYNC_TIMEOUT_S = 900.0  # a copy of the whole model: device to device, in host memory, or over the network
 STATUS_TIMEOUT_S = 5.0
+STATUS_SLOW_S = 3.0  # an agent silent this long is out of routing (unhealthy) before its status call times out
+STATUS_WAIT_S = 1.0  # how long a routing round waits for the agents' answers before deciding on what it knows
 
 
 class RemoteReplica:
@@ -69,14 +71,20 @@ class RemoteReplica:
     async def refresh(self) -> None:
         import httpx
 
+        request = asyncio.ensure_future(self._client.get("/loop/replica"))
         try:
-            r = await self._client.get("/loop/replica")
+            done, _ = await asyncio.wait({request}, timeout=STATUS_SLOW_S)
+            if not done:  # a frozen host: out of routing now, unreachable once the call times out
+                self.unhealthy = f"its agent has not answered GET /loop/replica in {STATUS_SLOW_S:g} s"
+            r = await request
             if r.status_code != 200:
                 raise RuntimeError(f"it answered {r.status_code}: {r.text[:200]}")
             st = r.json()
         except (httpx.HTTPError, RuntimeError, ValueError) as e:
-            self.state, self.last_error = "unreachable", f"{type(e).__name__}: {e}"
+            self.state, self.last_error, self.unhealthy = "unreachable", f"{type(e).__name__}: {e}", None
             return
+        finally:
+            request.cancel()
         load_id = st.get("load_id")
         if load_id and load_id != self.load_id:
             if self.load_id is not None:
@@ -101,6 +109,7 @@ class Replicas:
         self._task: asyncio.Task[None] | None = None
         self._syncs: dict[int, asyncio.Task[None]] = {}  # replica -> its sync under way
         self._generation = 0  # workers attached so far
+        self._refreshes: dict[int, asyncio.Task[None]] = {}  # remote replica -> its status call under way
 
     async def start(self) -> None:
         if self.state.worker is not None:
@@ -113,12 +122,14 @@ class Replicas:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        for task in self._syncs.values():
+        tasks = [*self._syncs.values(), *self._refreshes.values()]
+        for task in tasks:
             task.cancel()
-        for task in list(self._syncs.values()):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._syncs.clear()
+        self._refreshes.clear()
         for sup in self.supervisors:
             if isinstance(sup, RemoteReplica):
                 await sup.stop()
@@ -163,20 +174,26 @@ class Replicas:
             self._wake.set()
 
     async def tick(self) -> None:
-        """One round, its syncs awaited (what a caller that wants the outcome uses)."""
-        await self.watch()
+        """One round on the agents' answers, its syncs awaited (what a caller that wants the outcome uses)."""
+        await self.watch(status_wait_s=None)
         syncs = list(self._syncs.values())
         if syncs:
             await asyncio.gather(*syncs, return_exceptions=True)
 
-    async def watch(self) -> None:
+    async def watch(self, status_wait_s: float | None = STATUS_WAIT_S) -> None:
         """One round of routing decisions. A replica to sync gets its own task, so a sync that waits (a replica
         slow to pause, the weights lock held by an update, a long copy) never delays the others' decisions: one
-        that hangs meanwhile still leaves routing within a round."""
+        that hangs meanwhile still leaves routing within a round. The agents are asked for their status in the
+        background too: a round waits `status_wait_s` for their answers (None: until all came), so one frozen
+        host does not slow every round by its timeout."""
         vllm = self.state.vllm
-        remote = [sup for sup in self.supervisors if isinstance(sup, RemoteReplica)]
-        if remote:
-            await asyncio.gather(*(sup.refresh() for sup in remote))
+        for k, sup in enumerate(self.supervisors):
+            if isinstance(sup, RemoteReplica) and k not in self._refreshes:
+                task = asyncio.create_task(sup.refresh(), name=f"status-replica-{k}")
+                task.add_done_callback(lambda t, k=k: self._refreshed(k, t))
+                self._refreshes[k] = task
+        if self._refreshes:
+            await asyncio.wait(list(self._refreshes.values()), timeout=status_wait_s)
         for k, sup in enumerate(self.supervisors):
             if sup.state != "ready":
                 vllm.mark(k, False, f"{sup.name}: {sup.describe()}" if sup.state == "failed" else
@@ -207,6 +224,11 @@ class Replicas:
                 continue
             if k not in self._syncs:
                 self._syncs[k] = asyncio.create_task(self._sync_then_forget(k), name=f"sync-replica-{k}")
+
+    def _refreshed(self, k: int, task: asyncio.Task[None]) -> None:
+        self._refreshes.pop(k, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("replica %d: its status could not be read", k, exc_info=task.exception())
 
     async def _sync_then_forget(self, k: int) -> None:
         try:

@@ -413,3 +413,57 @@ async def test_the_keep_guard_reads_the_counters_of_routable_replicas_only() -> 
         got = await asyncio.wait_for(weights.counters(), 1.0)
         assert got == Counters(running=4, generated=30)
         fakes[2].gate.set()
+
+
+async def test_a_frozen_remote_agent_leaves_routing_without_slowing_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remote replica's agent (a stand-in answering GET /loop/replica over real HTTP) stops answering: it is out
+    of routing once its status call has waited STATUS_SLOW_S, while each routing round goes on deciding within its
+    short wait; answering again, it serves on the weights it was synced with."""
+    import json
+
+    from loop.training import replicas as replicas_mod
+    from loop.training.replicas import RemoteReplica
+    from tests.unit.api.test_proxy_upstream import whole
+
+    monkeypatch.setattr(replicas_mod, "STATUS_SLOW_S", 0.2)
+    gate = asyncio.Event()
+    gate.set()
+
+    async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                await gate.wait()
+                writer.write(whole(json.dumps({"ready": True, "state": "ready", "load_id": "A1"}).encode()))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(agent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reps, sups, clients, worker = setup(2)
+    remote = RemoteReplica(1, f"http://127.0.0.1:{port}", None)
+    reps.supervisors[1] = remote
+    try:
+        await reps.tick()
+        assert clients.routable == [True, True] and worker.synced == [1] and remote.state == "ready"
+        gate.clear()  # the agent's host freezes
+        t0 = asyncio.get_running_loop().time()
+        await reps.watch(status_wait_s=0.05)
+        assert asyncio.get_running_loop().time() - t0 < 1.0 and clients.routable == [True, True]
+        async with asyncio.timeout(5):
+            while remote.unhealthy is None:
+                await asyncio.sleep(0.02)
+        await reps.watch(status_wait_s=0.05)
+        assert clients.routable == [True, False]
+        assert "has not answered GET /loop/replica in 0.2 s" in (clients.why[1] or "")
+        gate.set()
+        await reps.tick()
+        assert clients.routable == [True, True] and worker.synced == [1] and remote.unhealthy is None
+    finally:
+        gate.set()
+        await reps.stop()
+        server.close()
+        await server.wait_closed()
