@@ -155,7 +155,9 @@ def test_a_hung_replica_leaves_routing_before_any_restart_and_returns_with_its_s
     synced = api.http.get("/health").json()["replicas"][1]["synced_load"]
     os.killpg(group, signal.SIGSTOP)
     try:
+        t0 = time.monotonic()
         health = wait_routable(api, [True, False], timeout=60)
+        print(f"\nreplica 1 frozen: out of routing after {time.monotonic() - t0:.1f} s")
         replica = health["replicas"][1]
         assert "failed a health probe" in str(replica["why"]) and replica["vllm"] == "ready", replica
         assert len(answers(api, 4)) == 1
@@ -171,7 +173,9 @@ def test_a_hung_replica_0_is_routed_around_too_and_serves_again_when_it_answers(
     group = int(api.s.vllm_pid_path.read_text())
     os.killpg(group, signal.SIGSTOP)
     try:
+        t0 = time.monotonic()
         health = wait_routable(api, [False, True], timeout=60)
+        print(f"\nreplica 0 frozen: out of routing after {time.monotonic() - t0:.1f} s")
         replica = health["replicas"][0]
         assert "failed a health probe" in str(replica["why"]) and replica["paused_for_writes"], replica
         assert len(answers(api, 4)) == 1
