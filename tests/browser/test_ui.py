@@ -556,6 +556,9 @@ def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict
     live = page.locator('figure[data-metric="live-loss"]')
     expect(live.locator("canvas")).to_be_visible(timeout=20_000)
     expect(live).to_contain_text(f"Run {run_id}")
+    # every figure of the cards keeps a readable column beside its label, however long the label
+    widths = page.evaluate("[...document.querySelectorAll('.kv dd')].map((d) => d.getBoundingClientRect().width)")
+    assert widths and min(widths) > 60, widths
     if "/api/runs" in routes:
         expect(page.locator(f'tr[data-run-id="{run_id}"]')).to_be_visible(timeout=20_000)
         expect(page.locator('figure[data-metric="loss"] canvas')).to_be_visible(timeout=20_000)
@@ -612,3 +615,39 @@ def _training_view_steps(ui: UI, api: httpx.Client, ui_service: Any, admin: dict
         sched.get_by_role("button", name="Pause").click()
         expect(sched.get_by_role("button", name="Resume")).to_be_visible(timeout=20_000)
         assert api.get("/api/scheduler").json()["paused"] is True
+
+
+def test_the_training_view_lists_the_replicas_and_why_one_is_not_serving(ui: UI) -> None:
+    """One vLLM (this service): no Replicas card. Then /health as `loop serve --replicas 2` answers it while
+    replica 1 hangs (the real answer, with the replicas that service would add): the card shows both, which
+    serves, and why the other does not."""
+    page = ui.go("#/training")
+    expect(page.locator("#c-status")).to_be_visible()
+    page.wait_for_timeout(500)
+    expect(page.locator("#c-replicas")).to_be_hidden()
+
+    why = "replica 1 failed a health probe: no answer to GET /health in 3 s"
+    replicas = [
+        {"index": 0, "address": "unix:/run/loop/vllm.sock", "routable": True, "paused_for_writes": True, "why": None,
+         "in_flight": 2, "served": 41, "vllm": "ready", "synced_load": None, "syncing": False, "sync_ms": None,
+         "last_error": None},
+        {"index": 1, "address": "unix:/run/loop/replica-1/vllm.sock", "routable": False, "paused_for_writes": False,
+         "why": why, "in_flight": 0, "served": 37, "vllm": "ready", "synced_load": "L7", "syncing": False,
+         "sync_ms": 812.4, "last_error": None}]
+
+    def with_replicas(route: Any) -> None:
+        real = route.fetch()
+        route.fulfill(response=real, json={**real.json(), "replicas": replicas})
+
+    page.route("**/health", with_replicas)
+    page.reload()
+    card = page.locator("#c-replicas").locator("..")
+    expect(card).to_be_visible(timeout=20_000)
+    expect(card).to_contain_text("1 of 2 serving chat")
+    expect(card.locator('tr[data-replica="0"]')).to_contain_text("yes")
+    expect(card.locator('tr[data-replica="0"]')).to_contain_text("the trained replica")
+    expect(card.locator('tr[data-replica="1"]')).to_contain_text(f"no: {why}")
+    expect(card.locator('tr[data-replica="1"]')).to_contain_text("812 ms")
+    assert not ui.page_errors, ui.page_errors
+    ui.shot("training-replicas")
+    page.unroute("**/health")
