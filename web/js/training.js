@@ -7,12 +7,13 @@
  * vendored in web/vendor/uplot), the weight-version timeline with eval figures and, across runs, the training loss,
  * eval accuracy and canary perplexity by version (GET /api/versions), checkpoint and restore, and the
  * quarantine: feedback the screen before a run held back (GET /api/quarantine) with its evidence, to re-queue or
- * drop, beside each rater's signal (GET /api/raters/signal); and rater accounts (GET/POST /api/raters: add one and
- * see its token once, revoke, issue a new token), for admins.
+ * drop, beside each rater's signal (GET /api/raters/signal); rater accounts (GET/POST /api/raters: add one and
+ * see its token once, revoke, issue a new token), for admins; and, when loop serves from several vLLMs, each
+ * replica: serving or why not, requests in flight and served, its last sync (GET /health's `replicas`).
  * Admin actions send the token kept in sessionStorage. A route this server does not have yet shows
  * "… not available" in its card; the rest of the page keeps working.
  *
- * Refresh (web/js/poll.js; nothing while the tab is hidden): the trainer and scheduler cards every 2 s while a
+ * Refresh (web/js/poll.js; nothing while the tab is hidden): the trainer, scheduler and replicas cards every 2 s while a
  * run is in progress, otherwise every 4 s, backing off to 12 s while nothing changes; the feedback, runs and
  * versions cards every 10 s, backing off to 60 s, and at once when the trainer or scheduler cards show a change
  * (a run started or ended, a new weight version, new feedback waiting).
@@ -59,6 +60,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const chartBody = h("div", {class: "card-body charts"});
   const versionsBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
   const quarantineBody = h("div", {class: "card-body"}, h("p", {class: "loading", text: "Loading…"}));
+  const replicasBody = h("div", {class: "card-body"});
   const signalBody = h("div", {class: "card-body"});
   const quarantineStatus = statusLine();
   const actionStatus = statusLine();
@@ -87,6 +89,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const card = (title, id, ...content) => h("section", {class: "card", "aria-labelledby": id},
     h("h2", {id, text: title}), ...content);
 
+  const replicasCard = card("Replicas", "c-replicas", replicasBody);
+  replicasCard.hidden = true;  // shown when loop serves from more than one vLLM
+
   main.append(h("section", {class: "view training", "aria-labelledby": "training-title"},
     h("div", {class: "view-head"}, h("h1", {id: "training-title", text: "Training"})),
     h("details", {class: "options", open: !adminToken()}, h("summary", {text: "Admin token"}), tokenForm),
@@ -94,6 +99,7 @@ export function mount(main, {showError, clearError, refreshHealth}) {
       card("Trainer", "c-status", statusBody, liveChart, actionStatus),
       card("Feedback", "c-stats", statsBody),
       card("Scheduler", "c-sched", schedBody)),
+    replicasCard,
     card("Runs", "c-runs", runsBody, chartBody),
     card("Weight versions", "c-versions",
       h("div", {class: "form-actions"}, h("button", {type: "button", class: "btn", text: "Checkpoint now", onclick: checkpoint})),
@@ -127,6 +133,39 @@ export function mount(main, {showError, clearError, refreshHealth}) {
   const loadQuarantine = () => Promise.all([
     load(quarantineBody, "/api/quarantine?state=held", renderQuarantine, "Quarantine"),
     load(signalBody, "/api/raters/signal", renderSignal, "Rater signal")]);
+
+  /** /health's replicas (public, answered with 503 too when nothing serves): one row each, the card hidden with
+   * one vLLM. Resolves to what it showed, for the heartbeat. */
+  async function loadReplicas() {
+    let replicas = null;
+    try {
+      const r = await fetch("/health", {headers: {Accept: "application/json"}});
+      replicas = (await r.json()).replicas || null;
+    } catch {
+      return null;  // the health pill in the header says when loop cannot be reached
+    }
+    if (disposed) return null;
+    replicasCard.hidden = !replicas;
+    if (replicas) renderReplicas(replicas);
+    return replicas && replicas.map((r) => [r.routable, r.why, r.vllm, r.synced_load, r.syncing]);
+  }
+
+  function renderReplicas(replicas) {
+    const serving = replicas.filter((r) => r.routable).length;
+    replace(replicasBody,
+      h("p", {class: "muted", text: `${serving} of ${replicas.length} serving chat. Every update reaches all of them in one pause; one that is not serving gets the live weights before it serves again.`}),
+      h("div", {class: "table-wrap"}, h("table", {class: "runs replicas"},
+        h("thead", {}, h("tr", {}, ["Replica", "Address", "Serving", "vLLM", "In flight", "Served", "Last sync"]
+          .map((t) => h("th", {scope: "col", text: t})))),
+        h("tbody", {}, replicas.map((r) => h("tr", {dataset: {replica: String(r.index)}, class: r.routable ? "" : "out"},
+          h("td", {text: String(r.index)}), h("td", {class: "addr", text: r.address || "—"}),
+          h("td", {class: "why", text: r.routable ? "yes" : `no: ${r.why || "not routable"}`}),
+          h("td", {text: r.vllm || "—"}), h("td", {text: String(r.in_flight ?? "—")}), h("td", {text: String(r.served ?? "—")}),
+          h("td", {text: r.syncing ? "copying the live weights now"
+            : typeof r.sync_ms === "number" ? `${Math.round(r.sync_ms)} ms` : r.index === 0 ? "the trained replica" : "—"})))))),
+      ...replicas.filter((r) => r.last_error).map((r) =>
+        h("p", {class: "error-text", text: `Replica ${r.index}: ${r.last_error}`})));
+  }
 
   function renderStatus(s) {
     const losses = Array.isArray(s.losses) ? s.losses : [];
@@ -447,9 +486,9 @@ export function mount(main, {showError, clearError, refreshHealth}) {
     return {changed};
   }, {interval: 10000, max: 60000});
   const beat = poller(async () => {
-    const [st, sc] = await Promise.all([loadStatus(), loadSched()]);
+    const [st, sc, reps] = await Promise.all([loadStatus(), loadSched(), loadReplicas()]);
     const busy = BUSY_STATES.has(st && st.state) || (sc && sc.state) === "training";
-    const progress = st ? [st.step, (st.losses || []).length, st.held_paused, st.last_error] : null;
+    const progress = [st ? [st.step, (st.losses || []).length, st.held_paused, st.last_error] : null, reps];
     const events = JSON.stringify([st && [st.state, st.run_id, st.weight_version],
       sc && [sc.state, sc.paused, sc.running_run_id, sc.untrained, sc.last_run_id, sc.last_error]]);
     if (beatKey !== null && events !== beatKey.events) details.now(); // a run began or ended, feedback came in
