@@ -146,43 +146,39 @@ def test_a_restore_puts_the_original_bytes_back_in_both(api: Api) -> None:
     assert digests(api.s) == SHARED["bytes0"]
 
 
-def test_a_hung_replica_leaves_routing_before_any_restart_and_returns_with_its_sync_when_it_answers(
-        api: Api) -> None:
-    """Replica 1's vLLM frozen (SIGSTOP): its health probe goes unanswered, so it leaves routing before the
-    supervisor would restart it, and chat goes on through replica 0 (a request routed to the frozen one would hang);
-    thawed, it serves again on the weights it was synced with, without a new copy."""
-    group = int((api.s.data_dir / "run" / "replica-1" / "vllm.pid").read_text())
-    synced = api.http.get("/health").json()["replicas"][1]["synced_load"]
+def frozen_then_thawed(api: Api, k: int) -> dict[str, Any]:
+    """Freeze replica k's vLLM (SIGSTOP on its process group: a hung host) until it leaves routing on its
+    unanswered health probe, before its supervisor would restart it; check chat goes on through the other (a
+    request routed to the frozen one would hang); thaw it and wait until both serve again. Returns /health as it
+    was while k was out."""
+    pid_file = api.s.vllm_pid_path if k == 0 else api.s.data_dir / "run" / f"replica-{k}" / "vllm.pid"
+    group = int(pid_file.read_text())
     os.killpg(group, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        health = wait_routable(api, [True, False], timeout=60)
-        print(f"\nreplica 1 frozen: out of routing after {time.monotonic() - t0:.1f} s")
-        replica = health["replicas"][1]
+        health = wait_routable(api, [i != k for i in range(2)], timeout=60)
+        print(f"\nreplica {k} frozen: out of routing after {time.monotonic() - t0:.1f} s")
+        replica = health["replicas"][k]
         assert "failed a health probe" in str(replica["why"]) and replica["vllm"] == "ready", replica
-        assert len(answers(api, 4)) == 1
-    finally:
-        os.killpg(group, signal.SIGCONT)
-    health = wait_routable(api, [True, True], timeout=120)
-    assert health["replicas"][1]["synced_load"] == synced, health["replicas"][1]
-
-
-def test_a_hung_replica_0_is_routed_around_too_and_serves_again_when_it_answers(api: Api) -> None:
-    """Replica 0 (whose weights the trainer writes in place) frozen: chat moves to replica 1 until it answers
-    again, well before its supervisor would restart it."""
-    group = int(api.s.vllm_pid_path.read_text())
-    os.killpg(group, signal.SIGSTOP)
-    try:
-        t0 = time.monotonic()
-        health = wait_routable(api, [False, True], timeout=60)
-        print(f"\nreplica 0 frozen: out of routing after {time.monotonic() - t0:.1f} s")
-        replica = health["replicas"][0]
-        assert "failed a health probe" in str(replica["why"]) and replica["paused_for_writes"], replica
-        assert len(answers(api, 4)) == 1
-        assert health["serving"], health
+        assert len(answers(api, 4)) == 1 and health["serving"], health
     finally:
         os.killpg(group, signal.SIGCONT)
     wait_routable(api, [True, True], timeout=120)
+    return health
+
+
+def test_a_hung_replica_leaves_routing_before_any_restart_and_returns_with_its_sync_when_it_answers(
+        api: Api) -> None:
+    """Replica 1 frozen, then thawed: it serves again on the weights it was synced with, without a new copy."""
+    synced = api.http.get("/health").json()["replicas"][1]["synced_load"]
+    frozen_then_thawed(api, 1)
+    assert api.http.get("/health").json()["replicas"][1]["synced_load"] == synced
+
+
+def test_a_hung_replica_0_is_routed_around_too_and_serves_again_when_it_answers(api: Api) -> None:
+    """Replica 0, whose weights the trainer writes in place: out of routing, yet every write still pauses it."""
+    health = frozen_then_thawed(api, 0)
+    assert health["replicas"][0]["paused_for_writes"], health["replicas"][0]
 
 
 def test_a_replica_hung_at_an_update_is_not_written_then_synced_once_it_answers(api: Api) -> None:
