@@ -59,6 +59,7 @@ class ReplicaClient:
         self._in_flight = [0] * n
         self._served = [0] * n
         self._next = 0  # where the round-robin among equally busy replicas starts
+        self._pending: set[asyncio.Task[Any]] = set()  # calls sent and not waited for (see `_later`)
 
     @classmethod
     def open(cls, addresses: Sequence[str], timeout: float, *, api_key: str | None = None) -> ReplicaClient:
@@ -214,21 +215,40 @@ class ReplicaClient:
         if waiting:
             await asyncio.wait(waiting, timeout=None if mode == "wait" else SPARE_GRACE_S)
         errors: dict[int, BaseException] = {}
+        silent: list[int] = []
         for k, task in tasks.items():
             if not task.done():
                 task.cancel()
+                silent.append(k)
                 errors[k] = VLLMUnreachable(f"replica {k} ({self._clients[k].address}) did not pause within "
                                             f"{SPARE_GRACE_S:g} s of the others")
             elif task.exception() is not None:
                 errors[k] = task.exception()  # type: ignore[assignment]
         failed_needed = [k for k in indices if k in errors and k not in spare]
         if failed_needed or (errors and len(errors) == len(indices)):
-            await asyncio.gather(*(self._clients[k].resume(timeout=FREEZE_TIMEOUT_S) for k in indices),
-                                 return_exceptions=True)
+            # Every replica that answered is resumed before the error is raised. One still silent (a hung spare)
+            # is sent its resume without waiting for it, which would hold the error (and the caller's lock) for
+            # the freeze limit; its health probe takes it out of routing meanwhile.
+            for k in silent:
+                self._later(self._clients[k].resume(timeout=FREEZE_TIMEOUT_S))
+            await asyncio.gather(*(self._clients[k].resume(timeout=FREEZE_TIMEOUT_S) for k in indices
+                                   if k not in silent), return_exceptions=True)
             raise errors[(failed_needed or sorted(errors))[0]]
         for k, err in sorted(errors.items()):
             self.mark(k, False, f"left behind by a pause: {err}")
         return sorted(errors)
+
+    def _later(self, call: Awaitable[Any]) -> None:
+        """Run `call` without waiting for it; its outcome is not needed (kept here until done, closed with us)."""
+        async def quietly() -> None:
+            try:
+                await call
+            except Exception:  # noqa: BLE001 - nobody waits for it: a failure changes nothing
+                pass
+
+        task = asyncio.ensure_future(quietly())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def resume(self) -> None:
         await self._each(lambda c: c.resume(), self._written_indices())
@@ -253,6 +273,8 @@ class ReplicaClient:
         return "; ".join(found) or None
 
     async def aclose(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
         results = await asyncio.gather(*(c.aclose() for c in self._clients), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

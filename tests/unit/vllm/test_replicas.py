@@ -285,6 +285,25 @@ async def test_a_spare_replica_that_hangs_holds_the_others_paused_only_for_the_g
         fakes[1].gate.set()
 
 
+async def test_replica_zero_failing_while_a_spare_hangs_fails_the_pause_without_waiting_for_the_spare(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error comes once the others are resumed, not after the hung spare's resume has timed out (the caller
+    holds the weights lock meanwhile); the hung one is still sent its resume and takes it when it thaws."""
+    from loop.vllm import replicas as replicas_mod
+
+    monkeypatch.setattr(replicas_mod, "SPARE_GRACE_S", 0.3)
+    async with replicas(3) as (client, fakes):
+        fakes[0].fail.add("/pause")
+        fakes[2].gate.clear()  # a hung host (the freeze limit is 30 s)
+        with pytest.raises(VLLMError, match="fake failure"):
+            await asyncio.wait_for(client.pause(mode="keep", spare=[1, 2]), 5.0)
+        assert [fakes[0].paused, fakes[1].paused] == [False, False]
+        assert fakes[1].seen.count("POST /resume") == 1
+        fakes[2].gate.set()  # thawed: its late pause, then the resume sent meanwhile
+        await until(lambda: fakes[2].seen.count("POST /resume") == 1)
+        await until(lambda: not fakes[2].paused)
+
+
 async def test_replica_zero_failing_fails_the_pause_even_with_spares_and_all_spares_failing_fails_it_too() -> None:
     async with replicas(3) as (client, fakes):
         fakes[0].fail.add("/pause")
