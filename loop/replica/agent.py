@@ -103,7 +103,7 @@ class Agent:
             load_id = self.load_id
         return {"ready": state == "ready" and load_id is not None, "state": state, "load_id": load_id,
                 "restarts": sup.restarts if sup is not None else 0,
-                "unhealthy": getattr(sup, "unhealthy", None) if sup is not None else None,
+                "unhealthy": sup.unhealthy if sup is not None else None,
                 "describe": sup.describe() if sup is not None else "", "device": self.device,
                 "transfer_port": self.settings.replica_transfer_port,
                 "staged_run": self.staged[0] if self.staged else None, "transfers": self.transfers}

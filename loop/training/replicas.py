@@ -33,6 +33,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from loop.vllm.process import noting_silence
 from loop.worker import protocol as p
 
 if TYPE_CHECKING:
@@ -71,20 +72,17 @@ class RemoteReplica:
     async def refresh(self) -> None:
         import httpx
 
-        request = asyncio.ensure_future(self._client.get("/loop/replica"))
+        def silent() -> None:  # a frozen host: out of routing now, unreachable once the call times out
+            self.unhealthy = f"its agent has not answered GET /loop/replica in {STATUS_SLOW_S:g} s"
+
         try:
-            done, _ = await asyncio.wait({request}, timeout=STATUS_SLOW_S)
-            if not done:  # a frozen host: out of routing now, unreachable once the call times out
-                self.unhealthy = f"its agent has not answered GET /loop/replica in {STATUS_SLOW_S:g} s"
-            r = await request
+            r = await noting_silence(self._client.get("/loop/replica"), STATUS_SLOW_S, silent)
             if r.status_code != 200:
                 raise RuntimeError(f"it answered {r.status_code}: {r.text[:200]}")
             st = r.json()
         except (httpx.HTTPError, RuntimeError, ValueError) as e:
             self.state, self.last_error, self.unhealthy = "unreachable", f"{type(e).__name__}: {e}", None
             return
-        finally:
-            request.cancel()
         load_id = st.get("load_id")
         if load_id and load_id != self.load_id:
             if self.load_id is not None:
@@ -200,13 +198,13 @@ class Replicas:
                           f"{sup.name} is {sup.state}")
                 self.synced.pop(k, None)
                 continue
-            problem = getattr(sup, "unhealthy", None)
+            problem = sup.unhealthy
             if problem and k > 0:
                 # Its engine fails or hangs on /health: route elsewhere now instead of after the restart. Its
                 # weights stay synced; a write meanwhile skips it (not routable, so not paused) and forgets that.
                 vllm.mark(k, False, f"{sup.name} failed a health probe: {problem}")
                 continue
-            if problem and any(r["routable"] and not getattr(self.supervisors[r["index"]], "unhealthy", None)
+            if problem and any(r["routable"] and not self.supervisors[r["index"]].unhealthy
                                for r in vllm.describe() if r["index"] != 0):
                 # Replica 0 too, while another serves; a write still pauses it (its weights are the ones written
                 # in place), so a write while it hangs fails at its pause as before.
@@ -269,7 +267,7 @@ class Replicas:
         self.synced[k], self.sync_ms[k] = reply.load_id, (time.perf_counter() - t0) * 1000
         self._restarts[k] = restarts
         self.last_error.pop(k, None)
-        if getattr(sup, "unhealthy", None):
+        if sup.unhealthy:
             return  # synced, but out of routing until a probe passes (the next round routes to it then)
         vllm.mark(k, True)
         log.info("replica %d synced to version %d in %.0f ms (the copy %.1f ms); serving", k,

@@ -44,11 +44,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from loop.config import SECRET_ENV, Settings, private_dir, vllm_tensor_parallel
 from loop.logs import open_private_log
 from loop.vllm.client import VLLMClient
 
+T = TypeVar("T")
 ReadyCallback = Callable[[], Awaitable[None]]
 FailedCallback = Callable[[str], None]
 
@@ -219,6 +221,19 @@ def pick_device(setting: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def noting_silence(call: Awaitable[T], slow_s: float, silent: Callable[[], None]) -> T:
+    """`await call`, calling `silent()` once if it has not answered within `slow_s`: what a watcher does with a
+    probe that is slow before it times out (a hung engine or host goes quiet; it seldom refuses)."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=slow_s)
+        if not done:
+            silent()
+        return await task
+    finally:
+        task.cancel()
 
 
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
@@ -618,14 +633,10 @@ class VLLMSupervisor:
         """One /health probe. One that has not answered within PROBE_SLOW_S sets `unhealthy` at once, so that a
         replica whose engine hangs leaves routing seconds before the probe times out; the answer, when it comes,
         decides (a slow 200 clears it, and only failed probes count towards a restart)."""
-        probe = asyncio.ensure_future(self._client.health_problem(timeout=PROBE_TIMEOUT_S))
-        try:
-            done, _ = await asyncio.wait({probe}, timeout=PROBE_SLOW_S)
-            if not done:
-                self.unhealthy = f"no answer to GET /health in {PROBE_SLOW_S:g} s"
-            return await probe
-        finally:
-            probe.cancel()
+        def silent() -> None:
+            self.unhealthy = f"no answer to GET /health in {PROBE_SLOW_S:g} s"
+
+        return await noting_silence(self._client.health_problem(timeout=PROBE_TIMEOUT_S), PROBE_SLOW_S, silent)
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
         """Poll /health until 200 (True) or the process exits (False); print progress meanwhile."""
