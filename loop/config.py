@@ -346,8 +346,6 @@ class Settings(BaseSettings):
             if self.vllm_url is not None:
                 raise ValueError("--remote-replicas needs loop to start vLLM itself (not with --vllm-url): replica 0, "
                                  "the one the worker trains, is this host's")
-            if self.tensor_parallel > 1:
-                raise ValueError("--remote-replicas works with tensor parallel 1 only (the agents map one rank)")
             if not self.replica_token or len(self.replica_token) < 16:
                 raise ValueError("--remote-replicas needs LOOP_REPLICA_TOKEN (at least 16 characters, the same on "
                                  "every agent; `openssl rand -hex 16`)")

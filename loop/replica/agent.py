@@ -7,23 +7,29 @@ restarts, the weight-handle file), maps that vLLM's weights as the worker maps r
   are forwarded to its socket, so loop routes chat to it and pauses it like a local replica, while vLLM's
   unauthenticated development routes never face the network;
 - `GET /loop/replica`: ready?, vLLM's state, whether it fails its health probe (`unhealthy`), its load id (new
-  after every restart), the transfer port;
-- `POST /loop/replica/receive {nonce, kind, run_id, names, load_id, op_timeout_s}`: checked at once (400/409 say
-  what is wrong),
-  then received in the background: join the transfer group `nonce` as rank 1 (loop/replica/transfer.py) and take
-  the named tensors, in that order: kind "sync" straight into the weights (loop has paused this vLLM; every tensor
-  must be named), kind "stage" into staging memory beside them; `GET /loop/replica/transfer/{nonce}` says how it
-  ended (a sender that never joins: broken off after a minute);
-- `POST /loop/replica/commit {run_id, load_id}`: copy what run `run_id` staged into the weights (loop holds the
-  pause); `POST /loop/replica/discard`; `GET /loop/replica/checksum`: sha256 of the weights by name.
+  after every restart), its tensor parallel, the transfer port;
+- `POST /loop/replica/receive {nonce, kind, run_id, names, load_id, op_timeout_s, rank, world}`: checked at once
+  (400/409 say what is wrong), then received in the background: join the transfer group `nonce` as rank 1
+  (loop/replica/transfer.py) and take the named tensors of vLLM rank `rank`, in that order: kind "sync" straight
+  into the weights (loop has paused this vLLM; every tensor must be named), kind "stage" into staging memory beside
+  them; `GET /loop/replica/transfer/{nonce}` says how it ended (a sender that never joins: broken off after a
+  minute);
+- `POST /loop/replica/commit {run_id, load_id, rank}`: copy what run `run_id` staged for that rank into its weights
+  (loop holds the pause); `POST /loop/replica/discard {rank}`; `GET /loop/replica/checksum?rank=r`: sha256 of that
+  rank's weights by name.
+Tensor parallel: with `--tensor-parallel N` (the same N as loop serve's: `world` must match) the agent maps each of
+its vLLM's N ranks, and worker rank r of loop's trainer sends rank r's shards, all ranks at once: each rank has its
+own transfer, staging and commit (one at a time per rank). loop's worker agrees across its ranks which replicas
+took every rank's part, and one that missed any rank leaves routing until it is synced again whole.
 A restart of its vLLM changes the load id: staging is dropped and loop syncs the replica again before routing to it.
-One transfer or commit at a time. Tests: tests/unit/replica/test_agent.py; tests/e2e/test_remote_replica_e2e.py.
+Tests: tests/unit/replica/test_agent.py; tests/e2e/test_remote_replica_e2e.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import socket
 import threading
@@ -56,71 +62,91 @@ def transfer_bind(host: str) -> str:
 
 
 class Agent:
-    """The replica's weights, as mapped from its vLLM's handle file, and what loop staged for them."""
+    """The replica's weights, as mapped from its vLLM's handle file (one name -> tensor map per vLLM rank), and what
+    loop staged for each rank."""
 
     def __init__(self, settings: Settings, supervisor: Any = None) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.store: Any = None
-        self.tensors: dict[str, Any] = {}
+        self.ranks: list[dict[str, Any]] = []  # vLLM rank -> its tensors by name
         self.load_id: str | None = None
         self.device = "cpu"
-        self.staged: tuple[int, dict[str, Any]] | None = None
-        self.lock = threading.Lock()  # one transfer or commit at a time (a transfer's thread releases it)
+        self.staged: dict[int, tuple[int, dict[str, Any]]] = {}  # rank -> (run, its new tensors)
+        self.map_lock = threading.Lock()  # (re)mapping the handle file
+        self.locks: dict[int, threading.Lock] = {}  # rank -> one transfer or commit at a time (its thread releases it)
         self.results: dict[str, dict[str, Any]] = {}  # transfer nonce -> how it ended
         self.transfers = 0
 
+    @property
+    def tensors(self) -> dict[str, Any]:
+        """Rank 0's tensors (all of them without tensor parallel)."""
+        return self.mapped()[0]
+
     # --- the weights ---
-    def mapped(self) -> dict[str, Any]:
-        """vLLM's tensors by name, mapped again when its load id changed (a restart: new memory, staging dropped)."""
+    def mapped(self) -> list[dict[str, Any]]:
+        """vLLM's tensors by name, one map per rank, mapped again when its load id changed (a restart: new memory,
+        staging dropped)."""
         from loop.worker.handles import HandleError, attach, read_handles
 
-        try:
-            hs = read_handles(self.settings.runtime_dir)
-        except HandleError as e:
-            raise HTTPException(503, f"this replica's vLLM has no weights to map yet: {e}") from None
-        load_id = str(hs.meta["load_id"])
-        if load_id != self.load_id:
-            if int(hs.meta["tp_size"]) != 1:
-                raise HTTPException(409, f"this replica's vLLM runs with tensor parallel {hs.meta['tp_size']}; "
-                                         "remote replicas map one rank")
-            self.tensors, self.load_id, self.staged = attach(hs, 0), load_id, None
-            self.device = str(hs.meta.get("device", "cpu"))
-            log.info("mapped the weights of load %s (%d tensors)", load_id, len(self.tensors))
-        return self.tensors
+        with self.map_lock:
+            try:
+                hs = read_handles(self.settings.runtime_dir)
+            except HandleError as e:
+                raise HTTPException(503, f"this replica's vLLM has no weights to map yet: {e}") from None
+            load_id = str(hs.meta["load_id"])
+            if load_id != self.load_id:
+                world = int(hs.meta["tp_size"])
+                self.ranks, self.load_id, self.staged = [attach(hs, r) for r in range(world)], load_id, {}
+                self.device = str(hs.meta.get("device", "cpu"))
+                log.info("mapped the weights of load %s (%d tensors on %d ranks)", load_id,
+                         sum(len(t) for t in self.ranks), world)
+            return self.ranks
+
+    def lock(self, rank: int) -> threading.Lock:
+        return self.locks.setdefault(rank, threading.Lock())
+
+    def _rank(self, body: dict[str, Any], ranks: list[dict[str, Any]]) -> int:
+        """The request's vLLM rank (0 when it names none), and its world checked against this vLLM's."""
+        world, rank = body.get("world"), body.get("rank", 0)
+        if world is not None and world != len(ranks):
+            raise HTTPException(409, f"this replica's vLLM runs with tensor parallel {len(ranks)}, loop's with "
+                                     f"{world}: start `loop replica --tensor-parallel {world}`")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(ranks):
+            raise HTTPException(400, f"rank must be an integer in [0, {len(ranks)}), got {rank!r}")
+        return rank
 
     def status(self) -> dict[str, Any]:
         sup = self.supervisor
         state = sup.state if sup is not None else "ready"
         load_id = None
         if state == "ready":
-            if self.lock.acquire(blocking=False):  # a transfer holds it: the load it is on is the one known
-                try:
-                    with contextlib.suppress(HTTPException):
-                        self.mapped()
-                finally:
-                    self.lock.release()
+            with contextlib.suppress(HTTPException):
+                self.mapped()
             load_id = self.load_id
+        staged = {run for run, _ in self.staged.values()}
         return {"ready": state == "ready" and load_id is not None, "state": state, "load_id": load_id,
                 "restarts": sup.restarts if sup is not None else 0,
                 "unhealthy": sup.unhealthy if sup is not None else None,
                 "describe": sup.describe() if sup is not None else "", "device": self.device,
-                "transfer_port": self.settings.replica_transfer_port,
-                "staged_run": self.staged[0] if self.staged else None, "transfers": self.transfers}
+                "tensor_parallel": len(self.ranks) or None, "transfer_port": self.settings.replica_transfer_port,
+                "staged_run": next(iter(staged)) if len(staged) == 1 else None, "transfers": self.transfers}
 
     def _store(self) -> Any:
-        if self.store is None:
-            import datetime
+        with self.map_lock:
+            if self.store is None:
+                import datetime
 
-            import torch.distributed as dist
+                import torch.distributed as dist
 
-            self.store = dist.TCPStore(transfer_bind(self.settings.host), self.settings.replica_transfer_port, None,
-                                       True, datetime.timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
-        return self.store
+                self.store = dist.TCPStore(transfer_bind(self.settings.host), self.settings.replica_transfer_port,
+                                           None, True, datetime.timedelta(seconds=STORE_TIMEOUT_S),
+                                           wait_for_workers=False)
+            return self.store
 
     def receive(self, body: dict[str, Any]) -> dict[str, Any]:
         """Check a transfer and start receiving it in the background (the sender joins once this answered);
-        `result(nonce)` says how it ended. One at a time: 409 while another runs."""
+        `result(nonce)` says how it ended. One at a time per rank: 409 while another runs."""
         import torch
 
         kind, names = body.get("kind"), body.get("names")
@@ -135,10 +161,13 @@ class Agent:
         if isinstance(op_s, bool) or not isinstance(op_s, (int, float)) or not 0 < op_s <= MAX_OP_TIMEOUT_S:
             raise HTTPException(400, f"op_timeout_s must be a number of seconds in (0, {MAX_OP_TIMEOUT_S:g}], got "
                                      f"{op_s!r}")
-        if not self.lock.acquire(timeout=BUSY_WAIT_S):
-            raise HTTPException(409, "another transfer or commit is running on this replica; try again")
+        rank = self._rank(body, self.mapped())
+        lock = self.lock(rank)
+        if not lock.acquire(timeout=BUSY_WAIT_S):
+            raise HTTPException(409, f"another transfer or commit is running on rank {rank} of this replica; try "
+                                     "again")
         try:
-            tensors = self.mapped()
+            tensors = self.mapped()[rank]
             if body.get("load_id") not in (None, self.load_id):
                 raise HTTPException(409, f"this replica restarted: load {body.get('load_id')} is gone (now "
                                          f"{self.load_id}); sync it again")
@@ -150,48 +179,54 @@ class Agent:
                 raise HTTPException(400, f"a sync names every tensor of the model: {len(names)} named, this replica "
                                          f"holds {len(tensors)}")
             if kind == "sync":
-                self.staged = None  # the weights are rewritten whole: an earlier staging no longer applies
+                self.staged.pop(rank, None)  # the weights are rewritten whole: an earlier staging no longer applies
                 buffers = [tensors[n] for n in names]
             else:
                 buffers = [torch.empty_like(tensors[n]) for n in names]
         except BaseException:
-            self.lock.release()
+            lock.release()
             raise
-        self.results[nonce] = {"done": False}
+        self.results[nonce] = {"done": False, "load_id": self.load_id}  # the memory it writes, whatever comes after
         # the sender gives up on this side sooner than that; waiting no less than the default only matters when the
         # sender's host hangs (a sender that died closes its sockets, which ends the wait at once)
         threading.Thread(target=self._receive, args=(nonce, kind, int(body.get("run_id") or 0), names, buffers,
-                                                     max(float(op_s), RECEIVE_OP_S)),
-                         name="loop-replica-receive", daemon=True).start()
+                                                     max(float(op_s), RECEIVE_OP_S), rank),
+                         name=f"loop-replica-receive-{rank}", daemon=True).start()
         return {"accepted": True, "load_id": self.load_id}
 
     def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
-                 op_s: float = RECEIVE_OP_S) -> None:
+                 op_s: float = RECEIVE_OP_S, rank: int = 0) -> None:
         from loop.replica.transfer import backend_for, close, open_group, receive
 
         t0 = time.perf_counter()
         group = None
         try:
+            if buffers[0].is_cuda:  # NCCL's communicator belongs to the thread's current card: this rank's
+                import torch
+
+                torch.cuda.set_device(buffers[0].device)
             group = open_group("", 0, nonce, 1, bind=transfer_bind(self.settings.host),
                                backend=backend_for(self.device), store=self._store(), join_s=STORE_TIMEOUT_S,
                                timeout_s=op_s)
             n = receive(group, buffers)
             if kind == "stage":
-                self.staged = (run_id, dict(zip(names, buffers)))
-            self.transfers += 1
+                self.staged[rank] = (run_id, dict(zip(names, buffers)))
+            with self.map_lock:  # ranks finish at once
+                self.transfers += 1
             ms = (time.perf_counter() - t0) * 1000
-            self.results[nonce] = {"done": True, "ok": True, "bytes": n, "ms": ms, "load_id": self.load_id}
-            log.info("%s of %d tensors (%.0f MB) received in %.0f ms", kind, len(names), n / 1e6, ms)
+            self.results[nonce] = {"done": True, "ok": True, "bytes": n, "ms": ms,
+                                   "load_id": self.results[nonce]["load_id"]}
+            log.info("%s of %d tensors of rank %d (%.0f MB) received in %.0f ms", kind, len(names), rank, n / 1e6, ms)
         except Exception as e:  # noqa: BLE001 - a broken transfer: nothing staged; loop syncs a broken sync again
             self.results[nonce] = {"done": True, "ok": False, "detail": f"the transfer broke off: "
                                                                         f"{type(e).__name__}: {e}"}
-            log.warning("a %s transfer broke off: %s", kind, e)
+            log.warning("a %s transfer of rank %d broke off: %s", kind, rank, e)
         finally:
             if group is not None:
                 close(group)
             while len(self.results) > 64:  # old results nobody asked for
                 self.results.pop(next(iter(self.results)))
-            self.lock.release()
+            self.lock(rank).release()
 
     def result(self, nonce: str) -> dict[str, Any]:
         if nonce not in self.results:
@@ -202,43 +237,50 @@ class Agent:
         import torch
 
         run_id = body.get("run_id")
-        if not self.lock.acquire(timeout=600):
-            raise HTTPException(409, "a transfer is still running on this replica")
+        rank = self._rank(body, self.mapped())
+        lock = self.lock(rank)
+        if not lock.acquire(timeout=600):
+            raise HTTPException(409, f"a transfer is still running on rank {rank} of this replica")
         try:
-            tensors = self.mapped()
+            tensors = self.mapped()[rank]
             if body.get("load_id") not in (None, self.load_id):
                 raise HTTPException(409, f"this replica restarted: load {body.get('load_id')} is gone; sync it again")
-            if self.staged is None or self.staged[0] != run_id:
-                have = f"run {self.staged[0]}" if self.staged else "nothing"
-                raise HTTPException(409, f"nothing staged for run {run_id} (staged: {have})")
+            staged = self.staged.get(rank)
+            if staged is None or staged[0] != run_id:
+                have = f"run {staged[0]}" if staged else "nothing"
+                raise HTTPException(409, f"nothing staged for run {run_id} on rank {rank} (staged: {have})")
             t0 = time.perf_counter()
             with torch.no_grad():
-                for name, value in self.staged[1].items():
+                for name, value in staged[1].items():
                     tensors[name].copy_(value)
             for dev in {t.device for t in tensors.values() if t.is_cuda}:
                 torch.cuda.synchronize(dev)
-            self.staged = None
+            self.staged.pop(rank, None)
             ms = (time.perf_counter() - t0) * 1000
         finally:
-            self.lock.release()
-        log.info("run %s committed in %.1f ms", run_id, ms)
+            lock.release()
+        log.info("run %s committed on rank %d in %.1f ms", run_id, rank, ms)
         return {"ms": ms, "load_id": self.load_id}
 
-    def discard(self) -> dict[str, Any]:
-        had = self.staged[0] if self.staged else None
-        self.staged = None
-        return {"discarded": had}
+    def discard(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Drop what rank `rank` staged (every rank's when the body names none)."""
+        rank = (body or {}).get("rank")
+        ranks = list(self.staged) if rank is None else [rank]
+        had = {r: self.staged.pop(r)[0] for r in ranks if r in self.staged}
+        return {"discarded": next(iter(had.values())) if had else None}
 
-    def checksum(self) -> dict[str, Any]:
+    def checksum(self, rank: int = 0) -> dict[str, Any]:
         from loop.worker.update import weights_checksum
 
-        if not self.lock.acquire(timeout=600):
-            raise HTTPException(409, "a transfer is still running on this replica")
+        rank = self._rank({"rank": rank}, self.mapped())
+        lock = self.lock(rank)
+        if not lock.acquire(timeout=600):
+            raise HTTPException(409, f"a transfer is still running on rank {rank} of this replica")
         try:
-            tensors = self.mapped()
+            tensors = self.mapped()[rank]
             return {"checksum": weights_checksum(sorted(tensors.items())), "load_id": self.load_id}
         finally:
-            self.lock.release()
+            lock.release()
 
 
 def _authorized(request: Request, token: str) -> bool:
@@ -304,12 +346,19 @@ def create_agent_app(settings: Settings, *, manage: bool = True, upstream: httpx
         return the_agent().commit(body)
 
     @app.post("/loop/replica/discard")
-    def discard() -> dict[str, Any]:
-        return the_agent().discard()
+    async def discard(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object like {\"rank\": 0}")
+        return the_agent().discard(body)
 
     @app.get("/loop/replica/checksum")
-    def checksum() -> dict[str, Any]:
-        return the_agent().checksum()
+    def checksum(rank: int = 0) -> dict[str, Any]:
+        return the_agent().checksum(rank)
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request) -> Response:

@@ -78,7 +78,7 @@ class Worker:
         from loop.worker.remotes import Remotes
 
         self.remotes = Remotes(config.remotes, os.environ.get(REPLICA_TOKEN_ENV), first=len(config.mirrors) + 1,
-                               min_mb_s=config.remote_min_mb_s)
+                               min_mb_s=config.remote_min_mb_s, rank=self.rank)
 
     # ------------------------------------------------------------ attach
 
@@ -136,7 +136,7 @@ class Worker:
         self.vllm_tensors = tensors
         self.mirrors.attached.clear()  # replica 0 reloaded: the API syncs every replica from the new weights
         self.remotes.forget()
-        self.remotes.device = str(handle_set.meta.get("device", "cpu"))
+        self.remotes.device, self.remotes.world = str(handle_set.meta.get("device", "cpu")), world
         if meta.get("device") == "cpu" and meta.get("pid") and self.tp is None:
             share_cpu_cores(int(meta["pid"]), self.cores)
         self._pace(meta.get("device", "cpu"))
@@ -234,8 +234,8 @@ class Worker:
             return p.Status(req=msg.req, pid=os.getpid(), state=self.ch.state, load_id=self.ch.load_id,
                             staged_run_id=self._staged[0] if self._staged else None,
                             checksum=self.checksum() if msg.checksum else "",
-                            mirrors=self.mirror_checksums() + self.remotes.checksums()
-                            if msg.checksum and (self.mirrors.dirs or self.remotes.urls) else [])
+                            mirrors=self.replica_checksums() if msg.checksum and (self.mirrors.dirs or self.remotes.urls)
+                            else [])
         if isinstance(msg, p.Train):
             return self.train(msg)
         if isinstance(msg, p.Screen):
@@ -317,6 +317,9 @@ class Worker:
                         unstaged = self.remotes.stage(msg.run_id, lambda: plan.tensors(self.pacer.tick), plan.sizes())
                         staging = dict(self.remotes.figures)
                         del plan
+                    unstaged = self.agreed_lost(unstaged)  # every rank: one that missed a rank's part is out
+                    if staging:
+                        staging["remote_staged"] = float(len(self.remotes.staged))
                 self._staged = (msg.run_id, values, check)
                 n_tensors = len(values)
                 del deltas, values
@@ -466,6 +469,7 @@ class Worker:
             # remote replicas: phase 2 (each writes what it staged); lowmem staged nothing, so the whole weights
             t_remote = time.perf_counter()
             lost = left + (self.remotes.commit(run_id) if values is not None else self.remotes.resync(self.vllm_tensors))
+            lost = self.agreed_lost(lost)  # a replica whose commit failed on any rank holds torn weights: out
             remote_ms = (time.perf_counter() - t_remote) * 1000 if self.remotes.urls else None
             ms = (time.perf_counter() - t0) * 1000
             self._staged = None
@@ -594,7 +598,7 @@ class Worker:
                 self.mirrors.copy(self.vllm_tensors)
                 if self.tp is not None:  # rank 0 answers once every rank has written, its replicas too
                     self.tp.barrier()
-                lost = left + self.remotes.resync(self.vllm_tensors)  # nothing staged: the whole weights, now
+                lost = self.agreed_lost(left + self.remotes.resync(self.vllm_tensors))  # nothing staged: all, now
             finally:
                 self.ch.state = "idle"
         finally:
@@ -625,16 +629,17 @@ class Worker:
             ok, bad = self.tp.agree(not error)
             if not ok:
                 self.mirrors.attached.pop(msg.replica, None)
+                self.remotes.synced.pop(msg.replica, None)
                 error = error or (f"tensor-parallel rank(s) {bad} could not sync replica {msg.replica} (the "
                                   "worker log says why)")
         if error:
             return p.Error(req=msg.req, message=error)
         return p.Synced(req=msg.req, replica=msg.replica, load_id=load_id, ms=ms)
 
-    def mirror_checksums(self) -> list[str]:
-        """`Mirrors.checksums`; on a tensor-parallel worker (every rank calls it) each replica's over every rank's
-        shards in rank order, "" where a rank has not attached it."""
-        mine = self.mirrors.checksums(self.vllm_tensors)
+    def replica_checksums(self) -> list[str]:
+        """`Mirrors.checksums` then `Remotes.checksums`; on a tensor-parallel worker (every rank calls it) each
+        replica's over every rank's shards in rank order, "" where a rank has none for it."""
+        mine = self.mirrors.checksums(self.vllm_tensors) + self.remotes.checksums()
         if self.tp is None:
             return mine
         import hashlib
@@ -645,6 +650,19 @@ class Worker:
             parts = self.tp.every(c.encode() or missing)
             out.append("" if missing in parts else hashlib.sha256(b"".join(parts)).hexdigest())
         return out
+
+    def agreed_lost(self, lost: list[int]) -> list[int]:
+        """The replicas a write or a stage missed on any rank (every rank of a tensor-parallel worker calls it with
+        its own list and gets the union): each rank's part of a remote replica moves on its own, and a replica
+        that missed one rank's holds torn weights, so every rank forgets it and it is synced whole before it
+        serves. Without tensor parallel: `lost`."""
+        if self.tp is None or not self.remotes.urls:
+            return lost
+        n = 1 + len(self.mirrors.dirs) + len(self.remotes.urls)
+        flags = self.tp.every_ints([int(k in lost) for k in range(n)])
+        union = [k for k in range(n) if any(f[k] for f in flags)]
+        self.remotes.leave([k for k in union if k not in lost])
+        return union
 
 
 class ModelRefused(Exception):

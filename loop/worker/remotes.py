@@ -15,6 +15,9 @@ so every write crosses the network (loop/replica/transfer.py), in two phases:
    n+1 from one replica and n from another after the switch.
 A whole sync (a replica that joined or restarted, and a restore, which writes inside its own pause) sends every
 vLLM tensor straight into the paused agent's weights (a restore: into every synced agent's at once).
+Tensor parallel: each worker rank has its own `Remotes` (`rank`, `world`) and moves its own shards to the same rank
+of every agent (which must run the same tensor parallel), all ranks at once; the worker unites what each rank
+reports (`Worker.agreed_lost`), so a replica that missed one rank's part leaves routing on every rank.
 
 An agent that restarted holds other weights (its load id changed): it is skipped and reported, as for local
 replicas. One that hangs (a frozen host, a wedged link) is given up after a limit scaled by what it must move
@@ -139,9 +142,11 @@ class Remotes:
     """The worker's view of replicas first..first+len(urls)-1, each behind a `loop replica` agent at its URL."""
 
     def __init__(self, urls: list[str], token: str | None, first: int, *, min_mb_s: float,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", rank: int = 0, world: int = 1) -> None:
         self.urls, self.token, self.first = list(urls), token, first
         self.device = device
+        # tensor parallel: this worker rank's shards go to the same vLLM rank of each agent (every rank its own)
+        self.rank, self.world = rank, world
         self.min_mb_s = min_mb_s  # Settings.remote_min_mb_s
         self.synced: dict[int, str] = {}  # replica -> the agent's load id when it was synced
         self.staged: dict[int, int] = {}  # replica -> the run whose update it holds in staging
@@ -205,7 +210,8 @@ class Remotes:
                 nonce = secrets.token_hex(16)
                 self._post(k, "/loop/replica/receive", {"nonce": nonce, "kind": kind, "run_id": run_id,
                                                         "names": list(names), "load_id": st.get("load_id"),
-                                                        "op_timeout_s": op_s * (len(ks) + 1)})
+                                                        "op_timeout_s": op_s * (len(ks) + 1), "rank": self.rank,
+                                                        "world": self.world})
                 legs.append(_Leg(k, nonce, int(st["transfer_port"])))
             except RemoteError as e:
                 out[k] = e
@@ -317,7 +323,8 @@ class Remotes:
             try:
                 if self.staged.get(k) != run_id:
                     raise RemoteError(f"remote replica {k} did not stage run {run_id}")
-                self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k]}, copy_s)
+                self._post(k, "/loop/replica/commit", {"run_id": run_id, "load_id": self.synced[k],
+                                                       "rank": self.rank}, copy_s)
                 return None
             except RemoteError as e:
                 return e
@@ -353,7 +360,7 @@ class Remotes:
         """Drop what the agents staged (a refused or discarded update); best effort, a commit never follows."""
         def one(k: int) -> None:
             try:
-                self._post(k, "/loop/replica/discard", {})
+                self._post(k, "/loop/replica/discard", {"rank": self.rank})
             except RemoteError as e:
                 log.info("remote replica %d: could not drop its staging (%s); the next stage replaces it", k, e)
 
@@ -389,7 +396,8 @@ class Remotes:
             if k not in self.synced:
                 return ""
             try:
-                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", timeout=limit_s(self.weight_bytes, HASH_MB_S))
+                r = self._http().get(f"{self.url(k)}/loop/replica/checksum", params={"rank": self.rank},
+                                     timeout=limit_s(self.weight_bytes, HASH_MB_S))
                 return str(r.json()["checksum"]) if r.status_code == 200 else ""
             except Exception:  # noqa: BLE001 - not answering: no checksum
                 return ""

@@ -12,6 +12,8 @@ and a real SQLite file; every check goes through loop's public HTTP API or the a
   is synced to the live version before it serves again;
 - the agent frozen (SIGSTOP: a hung host): an update goes on without it, and once it thaws it is synced first;
 - the agent itself killed: it leaves routing, chat goes on.
+All of it twice: without tensor parallel, then with loop and the agent each at `--tensor-parallel 2` (two worker
+ranks, each moving its own shards to the agent's matching vLLM rank; the checksums cover every rank's).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ SHARED: dict[str, Any] = {}
 
 
 class Agent:
-    def __init__(self, root: Path, model: Path) -> None:
+    def __init__(self, root: Path, model: Path, tp: int = 1, cards: str | None = None) -> None:
         self.data_dir = root / "agent"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.transfer_port = free_port(), free_port()
@@ -54,9 +56,11 @@ class Agent:
         self.log_path = self.data_dir / "agent.log"
         env = {**os.environ, "LOOP_REPLICA_TOKEN": TOKEN, "LOOP_CPU_KV_CACHE_GIB": "1", "LOOP_LOG_LEVEL": "info",
                "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512", "LOOP_VLLM_RESTART_LIMIT": "5",
-               "VLLM_CPU_OMP_THREADS_BIND": "1"}
+               "VLLM_CPU_OMP_THREADS_BIND": "|".join(["1"] * tp)}
+        if cards is not None:
+            env["CUDA_VISIBLE_DEVICES"] = cards
         cmd = [sys.executable, "-m", "loop.cli", "replica", "--port", str(self.port), "--data-dir", str(self.data_dir),
-               "--model", str(model), "--replica-transfer-port", str(self.transfer_port)]
+               "--model", str(model), "--replica-transfer-port", str(self.transfer_port), "--tensor-parallel", str(tp)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.http = httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
@@ -82,24 +86,41 @@ def wait_for_agent(agent: Agent, ok: Any, timeout: float) -> dict[str, Any]:
         time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Agent]]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def remote(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Agent]]:
+    """loop and the agent each with tensor parallel 1, then 2 (on the CPU each vLLM's ranks on one core of its own:
+    loop's on core 0, the agent's on core 1; worker rank r sends rank r's shards to the agent's rank r)."""
     from tests.families import make_tiny
 
-    root = tmp_path_factory.mktemp("remote-replica")
+    tp = request.param
+    cards: dict[str, str] = {}
+    if ON_GPU and tp > 1:  # each side's ranks on cards of their own: loop's on the first tp, the agent's after
+        import torch
+
+        if torch.cuda.device_count() < 2 * tp:
+            pytest.skip(f"tensor parallel {tp} on both sides needs {2 * tp} cards on CUDA; this host has "
+                        f"{torch.cuda.device_count()}")
+        cards = {"loop": ",".join(map(str, range(tp))), "agent": ",".join(map(str, range(tp, 2 * tp)))}
+    root = tmp_path_factory.mktemp(f"remote-replica-tp{tp}")
     model = make_tiny("llama", root / "model", num_attention_heads=4, num_key_value_heads=2)
-    agent = Agent(root, model)
+    agent = Agent(root, model, tp, cards.get("agent"))
     never = {"LOOP_SCHEDULER_MIN_PAIRS": "1000000", "LOOP_SCHEDULER_INTERVAL_S": "1e9",
              "LOOP_SCHEDULER_MAX_WAIT_S": "1e9", "LOOP_DTYPE": DTYPE, "LOOP_MAX_MODEL_LEN": "512",
-             "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_REPLICA_TOKEN": TOKEN, "VLLM_CPU_OMP_THREADS_BIND": "0"}
+             "LOOP_MAX_UPDATE_RATIO": "1", "LOOP_REPLICA_TOKEN": TOKEN,
+             "VLLM_CPU_OMP_THREADS_BIND": "|".join(["0"] * tp)}
+    if "loop" in cards:
+        never["CUDA_VISIBLE_DEVICES"] = cards["loop"]
     try:
         wait_for(f"{agent.url}/loop/replica", 120, ok_statuses=(401,), proc=agent.proc)  # listening (and locked)
         if ON_GPU:
             wait_for_agent(agent, lambda st: st["state"] == "ready", 900)
-        service = start_loop(root / "data", "--model", str(model), "--remote-replicas", agent.url, env=never)
+        service = start_loop(root / "data", "--model", str(model), "--remote-replicas", agent.url,
+                             "--tensor-parallel", str(tp), env=never)
     except BaseException:
         agent.stop()
         raise
+    SHARED.clear()
+    SHARED["tp"] = tp
     try:
         yield service, agent
     finally:
@@ -154,7 +175,9 @@ def test_an_update_is_staged_then_switched_in_both_within_the_pause(api: Api, ag
     assert run.status == "succeeded", (run.status, run.error, api.s.log_tail(), agent.log_tail())
     assert api.margin(tokenizer, PROMPT, CHOSEN, REJECTED) > before + 1.0
     st = agent.status()
-    assert st["transfers"] == transfers + 2 and st["staged_run"] is None, st  # one stage a step, each committed
+    # one stage a step on each rank, each committed
+    assert st["transfers"] == transfers + 2 * SHARED["tp"] and st["staged_run"] is None, st
+    assert st["tensor_parallel"] == SHARED["tp"], st
     m = run.metrics  # the last step's staging and the last apply's commit, what the update cost to reach it
     assert m["remote_staged"] == 1 and m["remote_stage_mb"] > 0 and m["remote_stage_ms"] > 0, m
     assert 0 < m["remote_commit_ms"] <= m["apply_ms"], m

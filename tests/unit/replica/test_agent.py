@@ -34,6 +34,8 @@ MB_S = Settings.model_fields["remote_min_mb_s"].default  # the product's default
 class InMemory(Agent):
     """The agent with its 'vLLM weights' in this process: `restart()` is a new load in new memory."""
 
+    world = 1  # vLLM ranks: rank r holds its own shards (other shapes, other values)
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.generation = 0
@@ -41,20 +43,29 @@ class InMemory(Agent):
 
     def restart(self) -> None:
         self.generation += 1
-        g = torch.Generator().manual_seed(self.generation)
-        self.tensors = {"a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16),
-                        "b.bias": torch.randn(100, generator=g), "c.weight": torch.zeros(3, 5, dtype=torch.float16)}
+        self.ranks = [_shards(self.generation * 10 + r, r) for r in range(self.world)]
         self.load_id = f"load-{self.generation}"
-        self.staged = None
+        self.staged = {}
 
-    def mapped(self) -> dict[str, Any]:
-        return self.tensors
+    def mapped(self) -> list[dict[str, Any]]:
+        return self.ranks
 
 
-def _primary() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(99)
-    return {"a.weight": torch.randn(64, 32, generator=g).to(torch.bfloat16), "b.bias": torch.randn(100, generator=g),
-            "c.weight": torch.randn(3, 5, generator=g).to(torch.float16)}
+class TwoRanks(InMemory):
+    world = 2
+
+
+def _shards(seed: int, rank: int = 0, zero_c: bool = True) -> dict[str, torch.Tensor]:
+    """One vLLM rank's tensors: rank r's split weight is r rows shorter, as an uneven split makes it."""
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(64 - rank, 32, generator=g).to(torch.bfloat16),
+            "b.bias": torch.randn(100, generator=g),
+            "c.weight": torch.zeros(3, 5, dtype=torch.float16) if zero_c else
+            torch.randn(3, 5, generator=g).to(torch.float16)}
+
+
+def _primary(rank: int = 0) -> dict[str, torch.Tensor]:
+    return _shards(99 + rank, rank, zero_c=False)
 
 
 seen: list[httpx.Request] = []
@@ -162,16 +173,16 @@ def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[Served
 
     new_a = (primary["a.weight"].float() + 1).to(torch.bfloat16)
     assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), sizes({"a.weight": new_a})) == []
-    assert agent.staged is not None and agent.staged[0] == 7
+    assert agent.staged[0][0] == 7  # rank 0's staging, of run 7
     assert torch.equal(agent.tensors["a.weight"], primary["a.weight"])  # staged: nothing served changed yet
     assert remotes.commit(7) == []
     assert torch.equal(agent.tensors["a.weight"], new_a) and torch.equal(agent.tensors["b.bias"], primary["b.bias"])
-    assert agent.staged is None
+    assert not agent.staged
 
     assert remotes.stage(8, lambda: iter([("a.weight", primary["a.weight"])]),
                          sizes({"a.weight": primary["a.weight"]})) == []
     remotes.discard()  # a refused update: the agent drops its staging, and a commit of it is refused
-    assert agent.staged is None
+    assert not agent.staged
     remotes.staged[1] = 8
     assert remotes.commit(8) == [1] and 1 not in remotes.synced  # lost: the API takes it out of routing
 
@@ -182,7 +193,7 @@ def test_a_restart_between_sync_and_stage_is_reported_not_written(served: tuple[
     remotes.sync(2, _primary())
     agent.restart()
     assert remotes.stage(3, lambda: iter([("b.bias", torch.ones(100))]), {"b.bias": 400}) == [2]
-    assert 2 not in remotes.synced and agent.staged is None
+    assert 2 not in remotes.synced and not agent.staged
     assert remotes.commit(3) == []  # nothing synced is left to write
     assert remotes.resync(_primary()) == []
 
@@ -229,7 +240,7 @@ def test_a_sender_that_never_joins_breaks_off_and_frees_the_agent(served: tuple[
         while not (res := c.get(f"/loop/replica/transfer/{nonce}").json())["done"]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-    assert not res["ok"] and "broke off" in res["detail"] and agent.staged is None
+    assert not res["ok"] and "broke off" in res["detail"] and not agent.staged
     remotes = Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S)  # and the next transfer works
     assert remotes.sync(1, _primary())[0] == "load-1"
 
@@ -238,14 +249,17 @@ class BreaksMidway(InMemory):
     """An agent that stops receiving after the first tensor of a staged update (its sockets stay open, as on a host
     that hangs: the sender's broadcast to it times out)."""
 
+    breaks_rank = 0
+
     def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
-                 op_s: float = 600.0) -> None:
+                 op_s: float = 600.0, rank: int = 0) -> None:
         class Gone(list):  # type: ignore[type-arg]
             def __iter__(self) -> Iterator[Any]:
                 yield self[0]
                 raise ConnectionError("the host went away")
 
-        super()._receive(nonce, kind, run_id, names, Gone(buffers) if kind == "stage" else buffers, op_s)
+        breaks = kind == "stage" and rank == self.breaks_rank
+        super()._receive(nonce, kind, run_id, names, Gone(buffers) if breaks else buffers, op_s, rank)
 
 
 def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_path: Path) -> None:
@@ -271,7 +285,7 @@ def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_pat
         for _, agent in served:
             assert torch.equal(agent.tensors["a.weight"], new["a.weight"])
             assert torch.equal(agent.tensors["b.bias"], new["b.bias"])
-            assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and agent.staged is None
+            assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and not agent.staged
         assert len(set(remotes.checksums())) == 1
 
         served[1][1].restart()  # a restore while one agent restarted: the others get the weights, it does not
@@ -292,7 +306,7 @@ def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Pat
             remotes.sync(k, primary)
         new = {"a.weight": (primary["a.weight"].float() + 3).to(torch.bfloat16), "b.bias": primary["b.bias"] * 5}
         assert remotes.stage(9, lambda: iter(new.items()), sizes(new)) == [2]
-        assert sorted(remotes.synced) == [1, 3] and served[1][1].staged is None
+        assert sorted(remotes.synced) == [1, 3] and not served[1][1].staged
         assert remotes.figures["remote_staged"] == 2.0
         assert remotes.commit(9) == []  # the lost one is no longer synced: the API syncs it before it serves again
         assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
@@ -316,7 +330,7 @@ class HangsMidStage(InMemory):
     the transfer, its sockets open (a frozen host, not a dead one)."""
 
     def _receive(self, nonce: str, kind: str, run_id: int, names: list[str], buffers: list[Any],
-                 op_s: float = 600.0) -> None:
+                 op_s: float = 600.0, rank: int = 0) -> None:
         class Stuck(list):  # type: ignore[type-arg]
             def __iter__(self) -> Iterator[Any]:
                 yield self[0]
@@ -325,7 +339,7 @@ class HangsMidStage(InMemory):
 
         if kind == "stage":
             self.stuck = nonce
-        super()._receive(nonce, kind, run_id, names, Stuck(buffers) if kind == "stage" else buffers, op_s)
+        super()._receive(nonce, kind, run_id, names, Stuck(buffers) if kind == "stage" else buffers, op_s, rank)
 
     def result(self, nonce: str) -> dict[str, Any]:
         if nonce == getattr(self, "stuck", None):
@@ -364,7 +378,7 @@ def test_an_agent_hung_mid_stage_holds_the_others_only_for_its_limit(
         assert remotes.commit(9) == []
         for i in (0, 2):  # the others switched, with every tensor of the update
             assert all(torch.equal(served[i][1].tensors[n], new[n]) for n in new)
-        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"]) and served[1][1].staged is None
+        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"]) and not served[1][1].staged
         print(f"a hung agent held the stage {waited:.1f} s")
         RELEASE.set()  # before its server stops (which waits for the requests it still holds)
 
@@ -406,3 +420,81 @@ def test_every_limit_grows_with_the_bytes_moved() -> None:
     assert remotes_mod.limit_s(2_000_000_000, 20.0) == remotes_mod.FLOOR_S + 100.0  # 2 GB at 20 MB/s
     assert remotes_mod.limit_s(10**9, 500.0) < remotes_mod.limit_s(10**9, 20.0)
     assert sizes({"b": torch.zeros(3, dtype=torch.float16), "a": torch.zeros(2, 2)}) == {"a": 16, "b": 6}
+
+
+# --- tensor parallel: each worker rank moves its own shards to the same rank of the agent -----------------------
+def _both_ranks(fn: Any) -> list[Any]:
+    """fn(rank) for ranks 0 and 1 at once, as the worker's two rank processes run their transfers."""
+    out: list[Any] = [None, None]
+
+    def run(r: int) -> None:
+        try:
+            out[r] = fn(r)
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            out[r] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_each_rank_syncs_stages_and_commits_its_own_shards_at_once(tmp_path: Path) -> None:
+    with _agents(tmp_path, TwoRanks) as [(s, agent)]:
+        primary = [_primary(0), _primary(1)]
+        remotes = [Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S, rank=r, world=2) for r in (0, 1)]
+        assert _both_ranks(lambda r: remotes[r].sync(1, primary[r])[0]) == ["load-1", "load-1"]
+        for r in (0, 1):
+            assert all(torch.equal(agent.ranks[r][n], primary[r][n]) for n in primary[r]), r
+        assert [rm.checksums() for rm in remotes] == [[weights_checksum(sorted(p.items()))] for p in primary]
+        assert agent.status()["tensor_parallel"] == 2
+
+        new = [{"a.weight": (p["a.weight"].float() + 1 + r).to(torch.bfloat16)} for r, p in enumerate(primary)]
+        assert _both_ranks(lambda r: remotes[r].stage(4, lambda: iter(new[r].items()), sizes(new[r]))) == [[], []]
+        assert sorted(agent.staged) == [0, 1] and agent.status()["staged_run"] == 4
+        assert torch.equal(agent.ranks[1]["a.weight"], primary[1]["a.weight"])  # nothing served changed yet
+        assert _both_ranks(lambda r: remotes[r].commit(4)) == [[], []]
+        for r in (0, 1):
+            assert torch.equal(agent.ranks[r]["a.weight"], new[r]["a.weight"]), r
+            assert torch.equal(agent.ranks[r]["b.bias"], primary[r]["b.bias"]), r
+        assert not agent.staged and agent.transfers == 4
+
+
+def test_a_replica_with_another_tensor_parallel_or_rank_is_refused_before_anyone_joins(tmp_path: Path) -> None:
+    with _agents(tmp_path, TwoRanks) as [(s, agent)]:
+        with pytest.raises(remotes_mod.RemoteError, match="tensor parallel 2, loop's with 1.*--tensor-parallel 1"):
+            Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S).sync(1, _primary())
+        with _client(s.url) as c:
+            for rank in (2, -1, "0", True):
+                r = c.post("/loop/replica/receive", json={"nonce": "n" * 32, "kind": "stage", "names": ["b.bias"],
+                                                          "rank": rank})
+                assert r.status_code == 400 and "rank" in r.json()["detail"], rank
+            assert c.get("/loop/replica/checksum", params={"rank": 5}).status_code == 400
+            assert c.post("/loop/replica/discard", content=b"[1]").status_code == 400
+        assert agent.transfers == 0
+
+
+class TwoRanksBreakOnOne(BreaksMidway):
+    world = 2
+    breaks_rank = 1
+
+
+def test_a_stage_lost_on_one_rank_is_not_committed_on_that_rank(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1's part breaks while rank 0's lands: rank 1 reports the replica lost (and cannot commit it), which
+    the worker's ranks then agree on (tests/unit/worker/test_remotes.py), so it leaves routing torn-free."""
+    monkeypatch.setattr(remotes_mod, "FLOOR_S", 5.0)
+    with _agents(tmp_path, TwoRanksBreakOnOne) as [(s, agent)]:
+        primary = [_primary(0), _primary(1)]
+        remotes = [Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S, rank=r, world=2) for r in (0, 1)]
+        _both_ranks(lambda r: remotes[r].sync(1, primary[r]))
+        new = [{n: p[n] * 2 for n in ("b.bias", "c.weight")} for p in primary]
+        assert _both_ranks(lambda r: remotes[r].stage(5, lambda: iter(new[r].items()), sizes(new[r]))) == [[], [1]]
+        assert sorted(agent.staged) == [0] and agent.status()["staged_run"] == 5
+        remotes[1].staged[1], remotes[1].synced[1] = 5, "load-1"  # as if it had not noticed: the agent refuses
+        assert remotes[1].commit(5) == [1]
+        assert torch.equal(agent.ranks[1]["b.bias"], primary[1]["b.bias"])
+        remotes[0].discard()  # rank 0's part is dropped (else the next stage or sync of rank 0 replaces it)
+        assert not agent.staged

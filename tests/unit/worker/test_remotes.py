@@ -82,3 +82,28 @@ def test_remote_indices_follow_the_local_replicas() -> None:
     assert [r.owns(k) for k in range(6)] == [False, False, False, True, True, False]
     assert r.url(4) == "http://b:2"
     assert r.checksums() == ["", ""]  # none synced: nothing to ask
+
+
+class _Ranks:
+    """Two tensor-parallel ranks' lists as the group's all-gather would return them (this rank is 0)."""
+
+    def __init__(self, other: list[int]) -> None:
+        self.other = other
+
+    def every_ints(self, mine: list[int]) -> list[list[int]]:
+        return [list(mine), [int(k in self.other) for k in range(len(mine))]]
+
+
+def test_a_replica_one_rank_lost_is_lost_on_every_rank() -> None:
+    """Each rank moves its own shards to a remote replica; one that missed rank 1's part holds torn weights, so
+    rank 0 forgets it too and reports it (it leaves routing and is synced whole before it serves)."""
+    from types import SimpleNamespace
+
+    from loop.worker.main import Worker
+
+    remotes = Remotes(["http://a:1", "http://b:2"], "t" * 16, first=2, min_mb_s=MB_S, rank=0, world=2)
+    remotes.synced, remotes.staged = {2: "load-a", 3: "load-b"}, {2: 7, 3: 7}
+    me = SimpleNamespace(tp=_Ranks(other=[3]), remotes=remotes, mirrors=SimpleNamespace(dirs=["replica-1"]))
+    assert Worker.agreed_lost(me, [1]) == [1, 3]  # 1: a local replica left out of the pause on every rank
+    assert remotes.synced == {2: "load-a"} and remotes.staged == {2: 7}
+    assert Worker.agreed_lost(SimpleNamespace(tp=None, remotes=remotes, mirrors=me.mirrors), [2]) == [2]
