@@ -7,6 +7,7 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
+#        learning-lr
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -49,8 +50,35 @@ families() {  # tests/gpu/test_families_gpu.py, one stream per argument on the o
   grep -h -E "PASSED|FAILED|ERROR| views|passed|failed" "$out"/families-*.log
   return $rc
 }
+learning() {  # the learning suite (SmolLM2), one run per "name|flags" argument, all at once on the card
+  $py -c "from loop.config import Settings; from loop.model_cache import resolve_model; s = Settings(); \
+print(resolve_model(s.model, s.cache_dir))" >> "$out/summary.txt" 2>&1  # converted once, before the runs share it
+  local spec name pids=() rc=0
+  for spec in "$@"; do
+    name=${spec%%|*}
+    # shellcheck disable=SC2086
+    LOOP_GPU_MEMORY_UTILIZATION=0.04 LOOP_ENFORCE_EAGER=true $py -m loop.cli bench learning ${spec#*|} \
+      --json "$out/learning-$name.json" > "$out/learning-$name.log" 2>&1 &
+    pids+=($!)
+    sleep 15  # vLLM sizes its KV cache from the memory free while it starts: one start at a time
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  for spec in "$@"; do name=${spec%%|*}; echo "-- $name"; tail -n 12 "$out/learning-$name.log"; done
+  return $rc
+}
 for s in "$@"; do
   case $s in
+    # the held-out trait per round at the default learning rate and above it, for the raters that learn slowly on
+    # the CPU at the default (issue 12); the poison rounds of their measurement rows
+    learning-lr) step learning-lr learning \
+                "number-default|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
+                "number-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5" \
+                "number-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5" \
+                "number-4e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 4e-5" \
+                "direct-default|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
+                "direct-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5" \
+                "direct-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5" \
+                "direct-4e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 4e-5" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
@@ -113,7 +141,8 @@ for s in "$@"; do
     replicas-e2e) step replicas-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_replicas_e2e.py ;;
     # a replica on "another host" as a second process on the card: `loop replica` and its own vLLM beside loop's,
-    # the transfers over gloo (NCCL refuses two ranks on one device); prints what each update cost to reach it
+    # the transfers over gloo (NCCL refuses two ranks on one device); prints what each update cost to reach it.
+    # Its tensor-parallel-2 half needs four cards (loop's ranks on 0-1, the agent's on 2-3) and skips on fewer
     remote-e2e) step remote-e2e env LOOP_TEST_REPLICAS_DTYPE=bfloat16 LOOP_TEST_REMOTE_ON_GPU=1 \
                 LOOP_REPLICA_BACKEND=gloo LOOP_GPU_MEMORY_UTILIZATION=0.2 LOOP_ENFORCE_EAGER=true $py -m pytest -p no:cacheprovider -m e2e -v -s \
                 tests/e2e/test_remote_replica_e2e.py ;;
