@@ -7,7 +7,7 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
-#        learning-lr
+#        learning-lr learning-steps
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -79,6 +79,16 @@ for s in "$@"; do
                 "direct-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5" \
                 "direct-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5" \
                 "direct-4e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 4e-5" ;;
+    # the same raters with more steps a run (each run fits its ~10 new pairs longer), at the default lr and twice it
+    learning-steps) step learning-steps learning \
+                "number-s4|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 4" \
+                "number-s8|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 8" \
+                "number-s4-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 4 --learning-rate 1e-5" \
+                "number-s8-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 8 --learning-rate 1e-5" \
+                "direct-s4|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 4" \
+                "direct-s8|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8" \
+                "direct-s4-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 4 --learning-rate 1e-5" \
+                "direct-s8-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --learning-rate 1e-5" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
