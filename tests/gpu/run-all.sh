@@ -7,7 +7,7 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
-#        learning-lr learning-steps
+#        learning-lr learning-steps learning-budget
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -89,6 +89,17 @@ for s in "$@"; do
                 "direct-s8|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8" \
                 "direct-s4-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 4 --learning-rate 1e-5" \
                 "direct-s8-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --learning-rate 1e-5" ;;
+    # what the perplexity budget costs: 8 steps a run with every prompt rated each round, and with the canary
+    # perplexity limits (per run and against the base) at +15 % instead of +5 %
+    learning-budget) step learning-budget learning \
+                "number-p50-s8|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8" \
+                "direct-p50-s8|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 8" \
+                "number-s8-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
+                "direct-s8-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
+                "number-s8-1e-5-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 8 --learning-rate 1e-5 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
+                "direct-s8-1e-5-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --learning-rate 1e-5 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
+                "number-p50-s8-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
+                "direct-p50-s8-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;

@@ -185,8 +185,9 @@ def rank_main(rank: int, world: int, folder: str) -> None:
             results[layout]["after"] = write(3)
             results[layout]["record"] = {k: v for k, v in record.items() if k != "alive"}
             me.ch, me.vllm_tensors, me._staged = SimpleNamespace(state="idle"), {}, None
-            me.mirrors = mock.Mock(leave=lambda _: [])
-            me.remotes = mock.Mock(resync=lambda _: [], leave=lambda _: [])
+            me.mirrors = mock.Mock(leave=lambda _: [], dirs=[])
+            me.remotes = mock.Mock(resync=lambda _: [], leave=lambda _: [], urls=[])
+            me.agreed_lost = lambda lost: Worker.agreed_lost(me, lost)
             me._drop_staged = lambda: None
             results[layout]["restore"] = _restore(me, out / "v1")
     results["in step"] = group.every(b"done")
