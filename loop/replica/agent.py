@@ -78,11 +78,6 @@ class Agent:
         self.results: dict[str, dict[str, Any]] = {}  # transfer nonce -> how it ended
         self.transfers = 0
 
-    @property
-    def tensors(self) -> dict[str, Any]:
-        """Rank 0's tensors (all of them without tensor parallel)."""
-        return self.mapped()[0]
-
     # --- the weights ---
     def mapped(self) -> list[dict[str, Any]]:
         """vLLM's tensors by name, one map per rank, mapped again when its load id changed (a restart: new memory,
@@ -105,6 +100,15 @@ class Agent:
 
     def lock(self, rank: int) -> threading.Lock:
         return self.locks.setdefault(rank, threading.Lock())
+
+    def _take(self, body: dict[str, Any], wait_s: float) -> tuple[int, threading.Lock]:
+        """The request's rank (checked) and its lock, acquired: 409 when another transfer or commit holds it."""
+        rank = self._rank(body, self.mapped())
+        lock = self.lock(rank)
+        if not lock.acquire(timeout=wait_s):
+            raise HTTPException(409, f"another transfer or commit is running on rank {rank} of this replica; try "
+                                     "again")
+        return rank, lock
 
     def _rank(self, body: dict[str, Any], ranks: list[dict[str, Any]]) -> int:
         """The request's vLLM rank (0 when it names none), and its world checked against this vLLM's."""
@@ -161,11 +165,7 @@ class Agent:
         if isinstance(op_s, bool) or not isinstance(op_s, (int, float)) or not 0 < op_s <= MAX_OP_TIMEOUT_S:
             raise HTTPException(400, f"op_timeout_s must be a number of seconds in (0, {MAX_OP_TIMEOUT_S:g}], got "
                                      f"{op_s!r}")
-        rank = self._rank(body, self.mapped())
-        lock = self.lock(rank)
-        if not lock.acquire(timeout=BUSY_WAIT_S):
-            raise HTTPException(409, f"another transfer or commit is running on rank {rank} of this replica; try "
-                                     "again")
+        rank, lock = self._take(body, BUSY_WAIT_S)
         try:
             tensors = self.mapped()[rank]
             if body.get("load_id") not in (None, self.load_id):
@@ -237,10 +237,7 @@ class Agent:
         import torch
 
         run_id = body.get("run_id")
-        rank = self._rank(body, self.mapped())
-        lock = self.lock(rank)
-        if not lock.acquire(timeout=600):
-            raise HTTPException(409, f"a transfer is still running on rank {rank} of this replica")
+        rank, lock = self._take(body, 600)
         try:
             tensors = self.mapped()[rank]
             if body.get("load_id") not in (None, self.load_id):
@@ -272,10 +269,7 @@ class Agent:
     def checksum(self, rank: int = 0) -> dict[str, Any]:
         from loop.worker.update import weights_checksum
 
-        rank = self._rank({"rank": rank}, self.mapped())
-        lock = self.lock(rank)
-        if not lock.acquire(timeout=600):
-            raise HTTPException(409, f"a transfer is still running on rank {rank} of this replica")
+        rank, lock = self._take({"rank": rank}, 600)
         try:
             tensors = self.mapped()[rank]
             return {"checksum": weights_checksum(sorted(tensors.items())), "load_id": self.load_id}

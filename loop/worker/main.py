@@ -629,7 +629,7 @@ class Worker:
             ok, bad = self.tp.agree(not error)
             if not ok:
                 self.mirrors.attached.pop(msg.replica, None)
-                self.remotes.synced.pop(msg.replica, None)
+                self.remotes.leave([msg.replica])
                 error = error or (f"tensor-parallel rank(s) {bad} could not sync replica {msg.replica} (the "
                                   "worker log says why)")
         if error:

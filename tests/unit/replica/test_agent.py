@@ -168,15 +168,15 @@ def test_sync_then_a_staged_update_lands_only_at_its_commit(served: tuple[Served
     primary = _primary()
     remotes = Remotes([s.url], TOKEN, first=1, min_mb_s=MB_S)
     load_id, _ = remotes.sync(1, primary)
-    assert load_id == "load-1" and all(torch.equal(agent.tensors[n], primary[n]) for n in primary)
+    assert load_id == "load-1" and all(torch.equal(agent.ranks[0][n], primary[n]) for n in primary)
     assert remotes.checksums() == [weights_checksum(sorted(primary.items()))]
 
     new_a = (primary["a.weight"].float() + 1).to(torch.bfloat16)
     assert remotes.stage(7, lambda: iter([("a.weight", new_a)]), sizes({"a.weight": new_a})) == []
     assert agent.staged[0][0] == 7  # rank 0's staging, of run 7
-    assert torch.equal(agent.tensors["a.weight"], primary["a.weight"])  # staged: nothing served changed yet
+    assert torch.equal(agent.ranks[0]["a.weight"], primary["a.weight"])  # staged: nothing served changed yet
     assert remotes.commit(7) == []
-    assert torch.equal(agent.tensors["a.weight"], new_a) and torch.equal(agent.tensors["b.bias"], primary["b.bias"])
+    assert torch.equal(agent.ranks[0]["a.weight"], new_a) and torch.equal(agent.ranks[0]["b.bias"], primary["b.bias"])
     assert not agent.staged
 
     assert remotes.stage(8, lambda: iter([("a.weight", primary["a.weight"])]),
@@ -280,18 +280,18 @@ def test_several_agents_stage_one_pass_of_the_update_and_commit_together(tmp_pat
         assert made == [1] and remotes.staged == {1: 4, 2: 4, 3: 4}
         one = sum(t.numel() * t.element_size() for t in new.values())
         assert remotes.figures["remote_staged"] == 3.0 and remotes.figures["remote_stage_mb"] == 3 * one / 1e6
-        assert all(torch.equal(a.tensors["a.weight"], primary["a.weight"]) for _, a in served)  # not yet
+        assert all(torch.equal(a.ranks[0]["a.weight"], primary["a.weight"]) for _, a in served)  # not yet
         assert remotes.commit(4) == []
         for _, agent in served:
-            assert torch.equal(agent.tensors["a.weight"], new["a.weight"])
-            assert torch.equal(agent.tensors["b.bias"], new["b.bias"])
-            assert torch.equal(agent.tensors["c.weight"], primary["c.weight"]) and not agent.staged
+            assert torch.equal(agent.ranks[0]["a.weight"], new["a.weight"])
+            assert torch.equal(agent.ranks[0]["b.bias"], new["b.bias"])
+            assert torch.equal(agent.ranks[0]["c.weight"], primary["c.weight"]) and not agent.staged
         assert len(set(remotes.checksums())) == 1
 
         served[1][1].restart()  # a restore while one agent restarted: the others get the weights, it does not
         assert remotes.resync(primary) == [2] and sorted(remotes.synced) == [1, 3]
-        assert torch.equal(served[0][1].tensors["a.weight"], primary["a.weight"])
-        assert not torch.equal(served[1][1].tensors["a.weight"], primary["a.weight"])
+        assert torch.equal(served[0][1].ranks[0]["a.weight"], primary["a.weight"])
+        assert not torch.equal(served[1][1].ranks[0]["a.weight"], primary["a.weight"])
         sums = remotes.checksums()
         assert sums[1] == "" and sums[0] == sums[2]
 
@@ -309,9 +309,9 @@ def test_an_agent_lost_mid_stage_is_reported_and_the_others_switch(tmp_path: Pat
         assert sorted(remotes.synced) == [1, 3] and not served[1][1].staged
         assert remotes.figures["remote_staged"] == 2.0
         assert remotes.commit(9) == []  # the lost one is no longer synced: the API syncs it before it serves again
-        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
-        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
-        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"])  # nothing written there
+        assert torch.equal(served[0][1].ranks[0]["b.bias"], new["b.bias"])
+        assert torch.equal(served[2][1].ranks[0]["b.bias"], new["b.bias"])
+        assert torch.equal(served[1][1].ranks[0]["b.bias"], primary["b.bias"])  # nothing written there
         assert remotes.sync(2, primary)[0] == "load-1"  # and it can be synced again
 
 
@@ -377,8 +377,8 @@ def test_an_agent_hung_mid_stage_holds_the_others_only_for_its_limit(
         assert sorted(remotes.synced) == [1, 3] and remotes.staged == {1: 9, 3: 9}
         assert remotes.commit(9) == []
         for i in (0, 2):  # the others switched, with every tensor of the update
-            assert all(torch.equal(served[i][1].tensors[n], new[n]) for n in new)
-        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"]) and not served[1][1].staged
+            assert all(torch.equal(served[i][1].ranks[0][n], new[n]) for n in new)
+        assert torch.equal(served[1][1].ranks[0]["b.bias"], primary["b.bias"]) and not served[1][1].staged
         print(f"a hung agent held the stage {waited:.1f} s")
         RELEASE.set()  # before its server stops (which waits for the requests it still holds)
 
@@ -395,8 +395,8 @@ def test_an_agent_hung_in_its_commit_is_given_up_within_the_copys_limit(
         assert remotes.commit(4) == [2]  # the pause this runs in is held 2 s, not the transport's minutes
         assert time.monotonic() - t0 < 2.0 + 3.0
         assert sorted(remotes.synced) == [1, 3]  # out of routing: synced whole before it serves again
-        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
-        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[0][1].ranks[0]["b.bias"], new["b.bias"])
+        assert torch.equal(served[2][1].ranks[0]["b.bias"], new["b.bias"])
         RELEASE.set()
 
 
@@ -407,12 +407,12 @@ def test_an_agent_left_out_of_the_pause_is_not_committed_and_is_synced_whole_lat
         assert remotes.stage(4, lambda: iter(new.items()), sizes(new)) == []
         assert remotes.leave([2]) == [2]  # its vLLM did not pause: it serves on, so nothing is written into it
         assert remotes.commit(4) == [] and sorted(remotes.synced) == [1, 3]
-        assert torch.equal(served[0][1].tensors["b.bias"], new["b.bias"])
-        assert torch.equal(served[1][1].tensors["b.bias"], primary["b.bias"])
-        assert torch.equal(served[2][1].tensors["b.bias"], new["b.bias"])
+        assert torch.equal(served[0][1].ranks[0]["b.bias"], new["b.bias"])
+        assert torch.equal(served[1][1].ranks[0]["b.bias"], primary["b.bias"])
+        assert torch.equal(served[2][1].ranks[0]["b.bias"], new["b.bias"])
         live = {**primary, **new}
         remotes.sync(2, live)
-        assert torch.equal(served[1][1].tensors["b.bias"], new["b.bias"]) and len(set(remotes.checksums())) == 1
+        assert torch.equal(served[1][1].ranks[0]["b.bias"], new["b.bias"]) and len(set(remotes.checksums())) == 1
 
 
 def test_every_limit_grows_with_the_bytes_moved() -> None:
