@@ -58,6 +58,7 @@ class TrainParams(NamedTuple):
     beta: float
     train_mode: TrainMode
     optimizer: Optimizer
+    nll_weight: float = 0.0
 
 
 class Settings(BaseSettings):
@@ -189,6 +190,10 @@ class Settings(BaseSettings):
                                  "/api/train's learning_rate, the scheduler's tunable).")
     dpo_beta: float = Field(0.1, gt=0, description="DPO/KTO beta (how strongly a run is held to its reference) of "
                             "a run that sets none.")
+    nll_weight: float = Field(1.0, ge=0, le=100, description="Weight of the preferred answers' likelihood term "
+                              "beside DPO/KTO (RPO's alpha: the chosen answers' and thumbs-up answers' mean per-token "
+                              "negative log-likelihood, added to the loss) of a run that sets none; 0: the "
+                              "preference loss alone.")
     max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
     checkpoint_every: int = Field(1, ge=0, description="Make every N-th kept weight version durable (a checkpoint "
                                   "written in the background, outside vLLM's pause; loop/durability.py). 1: every "
@@ -360,12 +365,13 @@ class Settings(BaseSettings):
         return self
 
     def train_params(self, *, learning_rate: float | None = None, beta: float | None = None,
-                     train_mode: TrainMode | None = None) -> TrainParams:
+                     train_mode: TrainMode | None = None, nll_weight: float | None = None) -> TrainParams:
         """What a run asked for, the settings for what it left out: the one place these defaults are resolved."""
         return TrainParams(learning_rate=self.learning_rate if learning_rate is None else learning_rate,
                            beta=self.dpo_beta if beta is None else beta,
                            train_mode=self.train_mode if train_mode is None else train_mode,
-                           optimizer=self.optimizer)
+                           optimizer=self.optimizer,
+                           nll_weight=self.nll_weight if nll_weight is None else nll_weight)
 
     # --- derived paths ---
     @property

@@ -392,7 +392,7 @@ class Scheduler:
 
             request = TrainRequest(objective=batch.objective, rating_ids=batch.rating_ids,
                                    comparison_ids=batch.comparison_ids, steps=cfg["steps"],
-                                   learning_rate=cfg["learning_rate"])
+                                   learning_rate=cfg["learning_rate"], nll_weight=cfg["nll_weight"])
             started = self.clock()
             from loop.model_cache import (
                 base_model_dir,  # the screen's base: what "learned" is measured from

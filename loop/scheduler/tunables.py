@@ -28,6 +28,7 @@ SETTING: dict[str, str] = {
     "batch_size": "batch_size",
     "steps": "scheduler_steps",
     "learning_rate": "learning_rate",
+    "nll_weight": "nll_weight",
     "max_accuracy_drop": "max_accuracy_drop",
     "accuracy_alpha": "accuracy_alpha",
     "max_perplexity_rise": "max_perplexity_rise",

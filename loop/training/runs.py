@@ -82,6 +82,8 @@ class TrainRequest(BaseModel):
     steps: int = Field(1, ge=1, le=100)
     learning_rate: float | None = Field(None, gt=0, le=1.0)
     beta: float | None = Field(None, gt=0)
+    nll_weight: float | None = Field(None, ge=0, le=100, description="weight of the preferred answers' likelihood "
+                                     "term beside the preference loss (default: LOOP_NLL_WEIGHT)")
     objective: Objective | None = None
     max_len: int = Field(DEFAULT_MAX_LEN, ge=16, le=32768, description="tokens per row (prompt + answer)")
     train_mode: TrainMode | None = Field(
@@ -350,7 +352,8 @@ class Trainer:
             s.commit()
 
     def _params(self, req: TrainRequest) -> TrainParams:
-        return self.settings.train_params(learning_rate=req.learning_rate, beta=req.beta, train_mode=req.train_mode)
+        return self.settings.train_params(learning_rate=req.learning_rate, beta=req.beta, train_mode=req.train_mode,
+                                          nll_weight=req.nll_weight)
 
     def _on_progress(self, msg: p.Progress) -> None:
         if msg.run_id == self.run_id:
@@ -374,7 +377,7 @@ class Trainer:
                 done = await self.control.call(
                     p.Train(run_id=run_id, objective=batch.objective, pairs=batch.pairs, examples=batch.examples,
                             step=step, steps=req.steps, lr=lr,
-                            beta=beta, max_len=req.max_len, inject_nan=req.debug_inject_nan,
+                            beta=beta, nll_weight=params.nll_weight, max_len=req.max_len, inject_nan=req.debug_inject_nan,
                             lowmem=mode == "lowmem"),
                     timeout=TRAIN_TIMEOUT_S)
                 assert isinstance(done, p.TrainDone)

@@ -81,10 +81,11 @@ class PausedBackward:
         return [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
 
     def prepare(self, batch: PairBatch | KTOBatch, *, objective: str, beta: float, ref_logps: Any = None,
-                inject_nan: bool = False) -> Prepared:
+                inject_nan: bool = False, nll_weight: float = 0.0) -> Prepared:
         """Forward + dry backward (graph kept); returns the check of the update apply() would write."""
         self.drop()
-        loss, metrics, ref_logps = forward_loss(self.model, batch, objective=objective, beta=beta, ref_logps=ref_logps)
+        loss, metrics, ref_logps = forward_loss(self.model, batch, objective=objective, beta=beta, ref_logps=ref_logps,
+                                                nll_weight=nll_weight)
         norms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, ||delta||, ||w||) on device
         first = [True]
 

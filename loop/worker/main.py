@@ -299,7 +299,8 @@ class Worker:
                 # the check and the rounding read every weight and delta beside serving: paced like the step
                 with self.pacer.active(self.model):
                     result = train_step(self.model, self.opt, self._run["batch"], objective=msg.objective,
-                                        beta=msg.beta, ref_logps=self._run["ref"], per_layer=True)
+                                        beta=msg.beta, ref_logps=self._run["ref"], per_layer=True,
+                                        nll_weight=msg.nll_weight)
                     self.model.zero_grad(set_to_none=True)
                     deltas = result.deltas
                     if msg.inject_nan and deltas:
@@ -360,7 +361,8 @@ class Worker:
             self._lowmem = PausedBackward(self.model, self.opt, max_update_ratio=self.config.max_update_ratio,
                                           names=self.names)
         prep = self._lowmem.prepare(self._run["batch"], objective=msg.objective, beta=msg.beta,
-                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan)
+                                    ref_logps=self._run["ref"], inject_nan=msg.inject_nan,
+                                    nll_weight=msg.nll_weight)
         if not prep.check.ok:
             self._lowmem.drop()
         self._staged = (msg.run_id, None, prep.check)

@@ -2,7 +2,8 @@
 
 What: `encode_pairs` / `encode_examples` turn the wire's pairs and examples into padded batches (token ids by
 the one rule in loop/worker/tokens.py, which the eval guard scores too) whose loss mask covers only the
-answers; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al. 2023) and `kto_loss` (Ethayarajh et al. 2024); `train_step` computes reference log-probs with the current
+answers; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al. 2023) and `kto_loss` (Ethayarajh et al. 2024), optionally with a likelihood term on
+the preferred answers (`forward_loss`); `train_step` computes reference log-probs with the current
 (pre-update) weights, runs forward + backward and returns the optimizer's staged deltas WITHOUT applying them:
 the worker applies them later, under vLLM's pause (loop/worker/update.py).
 
@@ -240,10 +241,24 @@ def _logps(model: nn.Module, batch: PairBatch | KTOBatch, kl: bool = False) -> t
     return sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
 
+def answer_nll(logps: torch.Tensor, loss_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over the selected rows of each answer's per-token negative log-likelihood (0 when none is selected)."""
+    if not bool(rows.any()):
+        return logps.sum() * 0.0  # keeps the graph's device and dtype
+    n_tokens = loss_mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
+    return -(logps[rows] / n_tokens[rows]).mean()
+
+
 def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: str, beta: float, ref_logps: Any = None,
-                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float], Any]:
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 nll_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float], Any]:
     """Reference log-probs (if not given) and the policy forward: (loss with its graph, metrics, ref_logps).
 
+    nll_weight > 0 adds that multiple of the preferred answers' (DPO: chosen; KTO: thumbs up) mean per-token
+    negative log-likelihood to the loss, as RPO does (Pang et al. 2024, arXiv 2404.19733). The preference term
+    alone mostly lowers the rejected answers' likelihood, which moves the model's distribution on any text (the
+    canary perplexity) more than it moves what the model generates; the likelihood term raises the answers the
+    raters preferred, among the model's own samples, so a trait they carry is generated more for less drift.
     ref_logps: DPO -> Tensor[2B]; KTO -> (Tensor[B], Tensor[B] for the KL rows). Nothing is written."""
     if objective not in ("dpo", "kto"):
         raise ValueError(f"objective must be 'dpo' or 'kto', got {objective!r}")
@@ -259,6 +274,7 @@ def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: st
         n = policy.shape[0] // 2
         loss, metrics = dpo_loss(policy[:n], policy[n:], ref_logps[:n], ref_logps[n:], beta)
         metrics["logp_margin"] = float((policy[:n] - policy[n:]).detach().mean())
+        preferred = torch.arange(policy.shape[0], device=policy.device) < n
     else:
         assert isinstance(batch, KTOBatch)
         ref, ref_kl = ref_logps
@@ -266,13 +282,19 @@ def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: st
             policy_kl = _logps(model, batch, kl=True)
         loss, metrics = kto_loss(policy, ref, batch.labels, kto_kl_estimate(policy_kl, ref_kl), beta,
                                  desirable_weight, undesirable_weight)
+        preferred = batch.labels.bool()
+    if nll_weight:
+        nll = answer_nll(policy, batch.loss_mask, preferred)
+        loss = loss + nll_weight * nll
+        metrics["preferred_nll"] = float(nll.detach())
+        metrics["loss"] = float(loss.detach())
     return loss, metrics, ref_logps
 
 
 def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | KTOBatch, *, objective: str, beta: float,
                ref_logps: Any = None, per_layer: bool = False,
                on_update: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
-               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> StepResult:
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0, nll_weight: float = 0.0) -> StepResult:
     """Reference log-probs (if not given), forward + backward, staged deltas; the weights are NOT written.
 
     per_layer=True computes each delta in a post-accumulate-grad hook and frees the grad at once;
@@ -280,7 +302,8 @@ def train_step(model: nn.Module, optimizer: StagedOptimizer, batch: PairBatch | 
     optimizer state stays staged: call optimizer.commit() after a successful apply, optimizer.discard() after a
     refused one. (loop/worker/lowmem.py builds the low-memory atomic apply on forward_loss instead.)"""
     loss, metrics, ref_logps = forward_loss(model, batch, objective=objective, beta=beta, ref_logps=ref_logps,
-                                            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+                                            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                            nll_weight=nll_weight)
     deltas: dict[torch.Tensor, torch.Tensor] = {}
     detach = None
     if per_layer:

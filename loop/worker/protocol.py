@@ -125,6 +125,7 @@ class Train(Msg, tag="train"):
     steps: int = 1
     lr: float | None = None
     beta: float = 0.1
+    nll_weight: float = 0.0  # weight of the preferred answers' likelihood term (loop/worker/objectives.py)
     max_len: int = 1024
     inject_nan: bool = False  # debug/test only: poison the staged update (the API allows it with the admin token)
     lowmem: bool = False  # train_mode=lowmem: measure the update now, write it in Apply by a second backward

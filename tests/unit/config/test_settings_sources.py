@@ -112,10 +112,11 @@ def test_every_optimizer_name_is_one_the_worker_builds() -> None:
 
 
 def test_train_params_fill_in_what_a_run_leaves_out() -> None:
-    settings = Settings(learning_rate=2e-5, dpo_beta=0.3, train_mode="lowmem", optimizer="sgd")
-    assert tuple(settings.train_params()) == (2e-5, 0.3, "lowmem", "sgd")
-    assert tuple(settings.train_params(learning_rate=1e-3, beta=0.05, train_mode="hogwild")) == \
-        (1e-3, 0.05, "hogwild", "sgd")
+    settings = Settings(learning_rate=2e-5, dpo_beta=0.3, train_mode="lowmem", optimizer="sgd", nll_weight=0.5)
+    assert tuple(settings.train_params()) == (2e-5, 0.3, "lowmem", "sgd", 0.5)
+    assert tuple(settings.train_params(learning_rate=1e-3, beta=0.05, train_mode="hogwild", nll_weight=0.0)) == \
+        (1e-3, 0.05, "hogwild", "sgd", 0.0)
+    assert Settings().nll_weight == 1.0  # the likelihood term is on by default (docs/measurements.md says why)
 
 
 # --- scheduler tunables -------------------------------------------------------------------------------------------------

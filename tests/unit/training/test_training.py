@@ -45,6 +45,20 @@ async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
         await stop(state)
 
 
+async def test_a_runs_parameters_reach_the_worker_and_its_record(tmp_path: Path) -> None:
+    trainer, state, _ = await make(tmp_path, nll_weight=0.5, learning_rate=3e-6)
+    try:
+        defaults = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR])))
+        chosen = await finish(trainer, await trainer.run(TrainRequest(pairs=[PAIR], nll_weight=0.0, beta=0.2)))
+        # what the worker was sent (the fake worker echoes it) and what the run's record says it trained with
+        assert (defaults.metrics["nll_weight"], defaults.metrics["lr"], defaults.metrics["beta"]) == (0.5, 3e-6, 0.1)
+        assert (defaults.batch["nll_weight"], defaults.batch["learning_rate"]) == (0.5, 3e-6)
+        assert (chosen.metrics["nll_weight"], chosen.metrics["beta"]) == (0.0, 0.2)
+        assert (chosen.batch["nll_weight"], chosen.batch["beta"]) == (0.0, 0.2)
+    finally:
+        await stop(state)
+
+
 async def test_a_change_tells_serving_which_version_made_what_arrives(tmp_path: Path) -> None:
     """While the weights change, tokens reaching loop were made before vLLM paused: the serving version stays the
     old one even once the record says the new one, and becomes the new one when the change ends (even a failed one)."""

@@ -20,6 +20,7 @@ from loop.worker.objectives import (
     enable_gradient_checkpointing,
     encode_examples,
     encode_pairs,
+    forward_loss,
     kto_kl_estimate,
     kto_loss,
     sequence_logps,
@@ -384,3 +385,47 @@ def test_stored_ids_are_truncated_by_the_same_length_rule(tokenizer: Any) -> Non
     # a stored prompt that fits is kept whole even where its text would not be
     fits = msgspec.structs.replace(stored, prompt_ids=[9] * 10)
     assert _rows(encode_pairs(tokenizer, [fits], max_len=64), 0)[0] == [9] * 10 + [40, eos]
+
+
+def test_the_likelihood_term_adds_the_preferred_answers_mean_token_nll(tokenizer: Any) -> None:
+    model = _model(tokenizer)
+    pairs = encode_pairs(tokenizer, PAIRS, max_len=128)
+    ex = [Example(prompt=q, completion=a, label=label) for q, a, label in (
+        ("What is two plus two?", "Four.", True), ("The capital of France?", "London, probably.", False),
+        ("Be brief.", "The sea is long.", True))]
+    examples = encode_examples(tokenizer, ex, max_len=64)
+    for objective, batch, preferred in (("dpo", pairs, [0, 1]), ("kto", examples, [0, 2])):
+        plain, m0, ref = forward_loss(model, batch, objective=objective, beta=0.1)
+        with_nll, m1, _ = forward_loss(model, batch, objective=objective, beta=0.1, ref_logps=ref, nll_weight=0.5)
+        with torch.no_grad():
+            lp = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        n_tokens = batch.loss_mask[:, 1:].sum(1).float()
+        nll = float(sum(-lp[i] / n_tokens[i] for i in preferred)) / len(preferred)
+        assert "preferred_nll" not in m0 and m1["preferred_nll"] == pytest.approx(nll, rel=1e-5)
+        assert float(with_nll) == pytest.approx(float(plain) + 0.5 * nll, rel=1e-5)
+        assert m1["loss"] == pytest.approx(float(with_nll), rel=1e-6)
+    only_down = encode_examples(tokenizer, [Example(prompt="Be brief.", completion="No.", label=False)], max_len=64)
+    plain, _, ref = forward_loss(model, only_down, objective="kto", beta=0.1)
+    loss, m, _ = forward_loss(model, only_down, objective="kto", beta=0.1, ref_logps=ref, nll_weight=1.0)
+    assert float(loss) == pytest.approx(float(plain)) and m["preferred_nll"] == 0.0  # nothing preferred: no term
+
+
+def test_the_likelihood_term_raises_the_chosen_answers_beside_the_margin(tokenizer: Any) -> None:
+    """DPO alone may lower both answers' likelihood; with the term the chosen ones go up more (same start)."""
+    batch = encode_pairs(tokenizer, PAIRS, max_len=128)
+    chosen_moved, margins = {}, {}
+    for weight in (0.0, 2.0):
+        model = _model(tokenizer)
+        opt = make_optimizer("sgd", [p for _, p in trainable_parameters(model)], lr=0.5)
+        with torch.no_grad():
+            start = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        for _ in range(4):
+            r = train_step(model, opt, batch, objective="dpo", beta=0.1, nll_weight=weight)
+            apply_updates_(r.deltas)
+            opt.commit()
+        with torch.no_grad():
+            end = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        chosen_moved[weight] = float((end[:2] - start[:2]).mean())
+        margins[weight] = float((end[:2] - end[2:]).mean() - (start[:2] - start[2:]).mean())
+    assert chosen_moved[2.0] > chosen_moved[0.0] + 0.5 and chosen_moved[2.0] > 0, chosen_moved
+    assert margins[2.0] > 0 and margins[0.0] > 0, margins  # the preference is still learned

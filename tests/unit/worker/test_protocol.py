@@ -14,7 +14,7 @@ SAMPLES: list[p.Msg] = [
     p.Heartbeat(pid=1, state="training", run_id=4, step=2),
     p.Progress(run_id=4, step=2, loss=0.25, metrics={"reward_margin": 0.1}),
     p.Ping(req=9, checksum=True),
-    p.Train(req=1, run_id=4, objective="dpo", step=2, steps=3, lr=1e-5, beta=0.2,
+    p.Train(req=1, run_id=4, objective="dpo", step=2, steps=3, lr=1e-5, beta=0.2, nll_weight=0.5,
             pairs=[p.Pair(prompt=[{"role": "user", "content": "2+2?"}], chosen="4", rejected="5"),
                    p.Pair(prompt="plain text prompt", chosen="a", rejected="b")]),
     p.Train(req=2, run_id=5, objective="kto", examples=[p.Example(prompt="q", completion="a", label=False)]),

@@ -8,6 +8,7 @@ Restore writes it back in place exactly and refuses an incomplete checkpoint wit
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,17 @@ def test_train_stages_and_apply_writes(worker: Worker, lowmem: bool) -> None:
     assert done2.metrics["logp_margin"] > done.metrics["logp_margin"]
     err = worker.apply(p.Apply(req=5, run_id=1))
     assert isinstance(err, p.Error) and "no staged update" in err.message
+
+
+def test_the_likelihood_term_is_trained_in_both_write_modes(worker: Worker, lowmem: bool) -> None:
+    plain = worker.train(p.Train(lowmem=lowmem, req=1, run_id=1, pairs=[PAIR]))
+    assert isinstance(plain, p.TrainDone) and "preferred_nll" not in plain.metrics
+    assert isinstance(worker.apply(p.Apply(req=2, run_id=1)), p.Applied)
+    with_nll = worker.train(p.Train(lowmem=lowmem, req=3, run_id=2, pairs=[PAIR], nll_weight=1.0))
+    assert isinstance(with_nll, p.TrainDone) and with_nll.update.ok, with_nll
+    nll = with_nll.metrics["preferred_nll"]
+    # a run's first step: the policy is its reference, so DPO's part is log 2 and the rest is the term
+    assert nll > 0 and with_nll.metrics["loss"] == pytest.approx(math.log(2) + nll, abs=1e-3)
 
 
 def test_poisoned_update_refused_bit_identical(worker: Worker, lowmem: bool) -> None:
