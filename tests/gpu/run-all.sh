@@ -7,7 +7,7 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
-#        learning-lr learning-steps learning-budget
+#        learning-lr learning-steps learning-budget learning-nll learning-nll-long learning-nll-lr
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -100,6 +100,36 @@ for s in "$@"; do
                 "direct-s8-1e-5-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --learning-rate 1e-5 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
                 "number-p50-s8-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
                 "direct-p50-s8-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" ;;
+    # the preferred answers' likelihood beside the preference loss (nll_weight, RPO's alpha), at the defaults otherwise
+    learning-nll) step learning-nll learning \
+                "number-nll1|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=1" \
+                "number-nll4|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=4" \
+                "number-nll1-s8|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --steps 8 --scheduler-set nll_weight=1" \
+                "number-nll1-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set nll_weight=1" \
+                "direct-nll1|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set nll_weight=1" \
+                "direct-nll4|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set nll_weight=4" \
+                "direct-nll1-s8|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --scheduler-set nll_weight=1" \
+                "short-nll1|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set nll_weight=1" ;;
+    # the same against the preference loss alone on this card, the suite's long run, and the slow raters pushed
+    learning-nll-long) step learning-nll-long learning \
+                "short-nll0|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
+                "long-nll0|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0" \
+                "long-nll1|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set nll_weight=1" \
+                "direct-nll1-s4|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 4 --scheduler-set nll_weight=1" \
+                "direct-nll1-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=1" \
+                "direct-nll1-p50-s4-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 4 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15 --scheduler-set nll_weight=1" \
+                "number-nll1-p50-s4-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 4 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15 --scheduler-set nll_weight=1" \
+                "number-nll1-p50-s8-2e-5-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8 --learning-rate 2e-5 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15 --scheduler-set nll_weight=1" ;;
+    # candidate defaults: the likelihood term with a higher learning rate, on every rater and the long run
+    learning-nll-lr) step learning-nll-lr learning \
+                "long-nll1-1e-5|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
+                "long-nll1-2e-5|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=1" \
+                "short-nll1-1e-5|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
+                "short-nll1-2e-5|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=1" \
+                "number-nll1-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
+                "direct-nll1-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
+                "number-nll2-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set nll_weight=2" \
+                "direct-nll2-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=2" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
