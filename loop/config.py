@@ -58,7 +58,7 @@ class TrainParams(NamedTuple):
     beta: float
     train_mode: TrainMode
     optimizer: Optimizer
-    nll_weight: float = 0.0
+    nll_weight: float
 
 
 class Settings(BaseSettings):

@@ -2,8 +2,8 @@
 
 What: `encode_pairs` / `encode_examples` turn the wire's pairs and examples into padded batches (token ids by
 the one rule in loop/worker/tokens.py, which the eval guard scores too) whose loss mask covers only the
-answers; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al. 2023) and `kto_loss` (Ethayarajh et al. 2024), optionally with a likelihood term on
-the preferred answers (`forward_loss`); `train_step` computes reference log-probs with the current
+answers; `sequence_logps` sums answer-token log-probs; `dpo_loss` (Rafailov et al. 2023) and `kto_loss`
+(Ethayarajh et al. 2024), optionally with a likelihood term on the preferred answers (`forward_loss`); `train_step` computes reference log-probs with the current
 (pre-update) weights, runs forward + backward and returns the optimizer's staged deltas WITHOUT applying them:
 the worker applies them later, under vLLM's pause (loop/worker/update.py).
 
@@ -241,12 +241,12 @@ def _logps(model: nn.Module, batch: PairBatch | KTOBatch, kl: bool = False) -> t
     return sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
 
 
-def answer_nll(logps: torch.Tensor, loss_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean over the selected rows of each answer's per-token negative log-likelihood (0 when none is selected)."""
-    if not bool(rows.any()):
-        return logps.sum() * 0.0  # keeps the graph's device and dtype
-    n_tokens = loss_mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
-    return -(logps[rows] / n_tokens[rows]).mean()
+def _answer_nll(logps: torch.Tensor, loss_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean over the selected rows of each answer's per-token negative log-likelihood (0 when none is selected);
+    masked rather than indexed, so it never waits for the device to say how many rows there are."""
+    per_token = -logps / loss_mask[:, 1:].sum(1).clamp(min=1).to(logps.dtype)
+    weights = rows.to(logps.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp(min=1)
 
 
 def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: str, beta: float, ref_logps: Any = None,
@@ -284,7 +284,7 @@ def forward_loss(model: nn.Module, batch: PairBatch | KTOBatch, *, objective: st
                                  desirable_weight, undesirable_weight)
         preferred = batch.labels.bool()
     if nll_weight:
-        nll = answer_nll(policy, batch.loss_mask, preferred)
+        nll = _answer_nll(policy, batch.loss_mask, preferred)
         loss = loss + nll_weight * nll
         metrics["preferred_nll"] = float(nll.detach())
         metrics["loss"] = float(loss.detach())

@@ -42,7 +42,8 @@ def main() -> None:
             ch.state = "idle"
             with open(os.environ.get("FAKE_WORKER_RECORD", os.devnull), "a") as f:
                 f.write(f"train {[x.chosen for x in msg.pairs] + [x.completion for x in msg.examples]}\n")
-            ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5, "lr": msg.lr or 0.0, "beta": msg.beta, "nll_weight": msg.nll_weight},
+            ch.send(p.TrainDone(req=msg.req, run_id=msg.run_id, step=msg.step, metrics={"loss": 0.5, "lr": msg.lr or 0.0, "beta": msg.beta,
+                                                                                     "nll_weight": msg.nll_weight},
                                 update=p.UpdateStats(ok=not msg.inject_nan, reason="nan" if msg.inject_nan else "")))
         elif isinstance(msg, p.Screen):
             # an answer containing "poison" is one the kept runs made less likely (g = -1), any other one likelier
