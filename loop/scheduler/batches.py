@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -261,24 +262,55 @@ def held_out_pairs(session: Session, *, holdout_fraction: float, limit: int,
     return pairs.load_prompts(session, found)
 
 
-def trained_pairs(session: Session, *, limit: int, created_before: datetime | None = None) -> list[Item]:
-    """The replay half of the eval set: pairs already learned from, by runs that were kept (succeeded; a rolled-
-    back run's feedback is poison until shown otherwise), newest first, frozen like `held_out_pairs`.
-
-    Why: a flipped-label batch contradicts exactly what earlier batches taught, so it pulls the margins of the
-    pairs the model has fitted down hard, while a good batch from the same rater leaves them be or raises them.
-    Unseen held-out pairs alone move little either way in one small update (the measurements document has the
-    figures)."""
+def _kept_pairs(session: Session) -> list[Item]:
+    """Pairs whose feedback was all learned from by runs that were kept (succeeded; a rolled-back run's feedback
+    is poison until shown otherwise), oldest first, prompts not loaded."""
     from loop.db.models import TrainingRun
 
     kept = (select(RunFeedback).join(TrainingRun, TrainingRun.id == RunFeedback.run_id)
             .where(TrainingRun.status == "succeeded"))
     runs_r = {f.rating_id for f in session.scalars(kept) if f.rating_id is not None}
     runs_c = {f.comparison_id for f in session.scalars(kept) if f.comparison_id is not None}
-    found = [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True), prompts=False)
-             if (p.rating_ids or p.comparison_ids) and set(p.rating_ids) <= runs_r and set(p.comparison_ids) <= runs_c]
-    found = _older_than(session, found, created_before)
+    return [p for p in pairs.preference_pairs(session, pairs.PairFilters(include_held_out=True), prompts=False)
+            if (p.rating_ids or p.comparison_ids) and set(p.rating_ids) <= runs_r and set(p.comparison_ids) <= runs_c]
+
+
+def trained_pairs(session: Session, *, limit: int, created_before: datetime | None = None) -> list[Item]:
+    """The replay half of the eval set: pairs already learned from by kept runs (`_kept_pairs`), newest first,
+    frozen like `held_out_pairs`.
+
+    Why: a flipped-label batch contradicts exactly what earlier batches taught, so it pulls the margins of the
+    pairs the model has fitted down hard, while a good batch from the same rater leaves them be or raises them.
+    Unseen held-out pairs alone move little either way in one small update (the measurements document has the
+    figures)."""
+    found = _older_than(session, _kept_pairs(session), created_before)
     return pairs.load_prompts(session, list(reversed(found[-limit:]))) if limit > 0 else []
+
+
+def replay_pairs(session: Session, batch: Batch, *, limit: int, seed: int, exclude: Iterable[Item] = (),
+                 tokenizer: Any = None, max_prompt_tokens: int = 768) -> list[Item]:
+    """Pairs kept runs already learned from, trained again beside a DPO batch: at most `limit`, drawn uniformly
+    (seeded) from the whole kept history, none sharing feedback with the batch or with `exclude` (the eval set).
+    None for a KTO batch or limit 0.
+
+    Why: a rater gives a round ~10 pairs; one pass over them moves a slow trait less than it moves general
+    likelihood, and the next round's pairs are new. Practising the kept pairs again lets the trait accumulate
+    over rounds instead of being learned from each round's few pairs alone. Only kept runs' pairs are replayed:
+    a rolled-back or quarantined batch is never trained twice. The batch's own feedback stays the run's: the
+    replayed rows were consumed by their own runs and are not consumed again."""
+    if batch.objective != "dpo" or limit <= 0:
+        return []
+    exclude = list(exclude)
+    used_r = set(batch.rating_ids) | {r for i in exclude for r in i.rating_ids}
+    used_c = set(batch.comparison_ids) | {c for i in exclude for c in i.comparison_ids}
+    found = [p for p in _kept_pairs(session)
+             if not used_r.intersection(p.rating_ids) and not used_c.intersection(p.comparison_ids)]
+    if len(found) > limit:
+        found = random.Random(seed).sample(found, limit)
+    chosen = pairs.load_prompts(session, found)
+    for item in chosen:
+        item.data = _cut_prompt(item.data, tokenizer, max_prompt_tokens)
+    return chosen
 
 
 def eval_pairs(session: Session, settings: Any, *, created_before: datetime | None = None) -> list[Item]:

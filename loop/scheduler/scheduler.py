@@ -342,6 +342,18 @@ class Scheduler:
             log.warning("%s", self.watch.note)
         return self.watch if self.watch.ready else None
 
+    def _replay(self, batch: batches.Batch, eval_items: list[pairs.Item], limit: int, tokenizer: Any
+                ) -> list[pairs.Item]:
+        """Kept pairs to train again beside `batch` (`batches.replay_pairs`), none of the eval set's: the guard
+        judges the write by how those pairs' margins move, and training them would hide a poisoned batch's pull."""
+        if limit <= 0 or batch.objective != "dpo":
+            return []
+        with self.state.sessions() as s:
+            return batches.replay_pairs(s, batch, limit=limit, seed=min(batch.comparison_ids + batch.rating_ids,
+                                                                            default=0),
+                                        exclude=eval_items, tokenizer=tokenizer,
+                                        max_prompt_tokens=self.settings.max_prompt_tokens)
+
     async def run_once(self, trigger: str, reason: str, *, pool: batches.Pool | None = None) -> int | None:
         async with self._lock:
             cfg = self.config()
@@ -388,6 +400,7 @@ class Scheduler:
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
                 await self._watch_base(cfg)
                 await self.state.trainer.checkpoint()  # rollback restores it (the live one's is reused if it has one)
+            replay = await asyncio.to_thread(self._replay, batch, eval_items, cfg["replay_pairs"], tokenizer)
             from loop.training import TrainRequest
 
             request = TrainRequest(objective=batch.objective, rating_ids=batch.rating_ids,
@@ -405,7 +418,8 @@ class Scheduler:
             screen = (ScreenPolicy(base, cfg["poison_alpha"], tuple(companions), anchors=anchors,
                                    direction=self.settings.screen_direction)
                       if base and cfg["poison_alpha"] > 0 else None)
-            handle = await self.state.trainer.run(request, batch=batch, trigger="scheduler", screen=screen)
+            handle = await self.state.trainer.run(request, batch=batch, trigger="scheduler", screen=screen,
+                                                  replay=replay)
             run_id = handle.id
             self._save(last_batch_at=built_at.isoformat())
             self.running_run_id = run_id

@@ -29,6 +29,7 @@ SETTING: dict[str, str] = {
     "steps": "scheduler_steps",
     "learning_rate": "learning_rate",
     "nll_weight": "nll_weight",
+    "replay_pairs": "replay_pairs",
     "max_accuracy_drop": "max_accuracy_drop",
     "accuracy_alpha": "accuracy_alpha",
     "max_perplexity_rise": "max_perplexity_rise",

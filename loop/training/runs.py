@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -272,7 +273,7 @@ class Trainer:
     # ------------------------------------------------------------ runs
 
     async def run(self, request: TrainRequest, *, batch: Batch | None = None, trigger: str = "manual",
-                  screen: ScreenPolicy | None = None) -> RunHandle:
+                  screen: ScreenPolicy | None = None, replay: Sequence[Item] = ()) -> RunHandle:
         """Record and start a run; returns its handle at once (the run goes on in the background).
 
         The batch is `batch` when the caller built it (the scheduler, loop/scheduler/batches.py: its feedback is
@@ -280,7 +281,8 @@ class Trainer:
         scheduler's runs): before training, the worker measures how each item pulls along the weights' change
         since the base model, and the items that pull back at the policy's significance level are quarantined
         (loop/scheduler/screening.py, loop/training/quarantine.py) — the rest trains; if nothing is left the run
-        is `rejected`."""
+        is `rejected`. `replay` (the scheduler's DPO runs, `batches.replay_pairs`): pairs kept runs learned from,
+        trained again beside what the screen kept; the run records them but does not consume their feedback."""
         if self.busy:
             raise Conflict(f"run {self.run_id} is still in progress; wait for it (GET /api/train/status)",
                            code="run_in_progress")
@@ -291,9 +293,11 @@ class Trainer:
             raise Invalid(LOWMEM_TP, code="lowmem_tensor_parallel")
         self._require_worker()
         batch = await asyncio.to_thread(self._resolve, request, batch)
-        run_id = await asyncio.to_thread(self._create_run, request, trigger, batch)
+        replay = tuple(replay) if batch.objective == "dpo" else ()
+        run_id = await asyncio.to_thread(self._create_run, request, trigger, batch, replay)
         self.run_id, self.step, self.losses, self.metrics, self.last_error = run_id, 0, [], {}, None
-        self._task = asyncio.create_task(self._execute(run_id, request, batch, screen), name=f"train-run-{run_id}")
+        self._task = asyncio.create_task(self._execute(run_id, request, batch, screen, replay),
+                                         name=f"train-run-{run_id}")
         return RunHandle(run_id, self._task, self._run_status)
 
     def _run_status(self, run_id: int) -> str:
@@ -311,7 +315,7 @@ class Trainer:
                                    examples_in=[p.Example(**x.model_dump()) for x in req.examples],
                                    rating_ids=req.rating_ids, comparison_ids=req.comparison_ids)
 
-    def _create_run(self, req: TrainRequest, trigger: str, batch: Batch) -> int:
+    def _create_run(self, req: TrainRequest, trigger: str, batch: Batch, replay: Sequence[Item] = ()) -> int:
         from sqlalchemy.exc import IntegrityError
 
         objective, rating_ids, comparison_ids = batch.objective, batch.rating_ids, batch.comparison_ids
@@ -319,6 +323,10 @@ class Trainer:
                   "n_examples": len(batch.examples) if objective == "kto" else 0, "rating_ids": rating_ids,
                   "comparison_ids": comparison_ids, "steps": req.steps,
                   **self._params(req)._asdict(), "inline": bool(req.pairs or req.examples)}
+        if replay:
+            record["replay"] = {"n_pairs": len(replay),
+                                "rating_ids": sorted({r for i in replay for r in i.rating_ids}),
+                                "comparison_ids": sorted({c for i in replay for c in i.comparison_ids})}
         with self.state.sessions() as s:
             run = TrainingRun(status="running", trigger=trigger, objective=objective, batch=record,
                               version_before=self.state.weight_version)
@@ -360,7 +368,8 @@ class Trainer:
             self.step = msg.step
             self.losses.append(msg.loss)
 
-    async def _execute(self, run_id: int, req: TrainRequest, batch: Batch, screen: ScreenPolicy | None = None) -> None:
+    async def _execute(self, run_id: int, req: TrainRequest, batch: Batch, screen: ScreenPolicy | None = None,
+                       replay: Sequence[Item] = ()) -> None:
         history: list[Any] = []
         version_after: int | None = None
         params = self._params(req)
@@ -372,10 +381,12 @@ class Trainer:
                 if kept is None:
                     return
                 batch = kept
+            # the replayed pairs were screened and kept by their own runs: they join after this batch's screen
+            train_pairs = batch.pairs + [i.pair for i in replay]
             for step in range(1, req.steps + 1):
                 self.phase = "training"
                 done = await self.control.call(
-                    p.Train(run_id=run_id, objective=batch.objective, pairs=batch.pairs, examples=batch.examples,
+                    p.Train(run_id=run_id, objective=batch.objective, pairs=train_pairs, examples=batch.examples,
                             step=step, steps=req.steps, lr=lr,
                             beta=beta, nll_weight=params.nll_weight, max_len=req.max_len, inject_nan=req.debug_inject_nan,
                             lowmem=mode == "lowmem"),

@@ -7,7 +7,7 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
-#        learning-lr learning-steps learning-budget learning-nll learning-nll-long learning-nll-lr
+#        learning-lr learning-steps learning-budget learning-nll learning-nll-long learning-nll-lr learning-replay learning-replay2
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -130,6 +130,26 @@ for s in "$@"; do
                 "direct-nll1-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
                 "number-nll2-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set nll_weight=2" \
                 "direct-nll2-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=2" ;;
+    # replaying kept pairs beside each new batch (replay_pairs), at the defaults otherwise (nll_weight 1)
+    learning-replay) step learning-replay learning \
+                "number-r16|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=16" \
+                "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
+                "direct-r16|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
+                "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
+                "short-r16|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
+                "number-r32-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set replay_pairs=32" \
+                "direct-r32-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set replay_pairs=32" \
+                "long-r16|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=16" ;;
+    # a second replay sweep: more replayed pairs, and the slow raters over 20 rounds
+    learning-replay2) step learning-replay2 learning \
+                "number-r64|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=64" \
+                "direct-r64|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=64" \
+                "number-r64-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
+                "direct-r64-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
+                "number-r32-20|--rater number --rounds 20 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
+                "direct-r32-20|--rater direct --rounds 20 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
+                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
+                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;

@@ -53,10 +53,12 @@ class FakeTrainer:
         self.fail = False
         self.reject = False  # the screen holds the whole batch back (it pulls against what was learned)
         self.screens: list[Any] = []  # the ScreenPolicy (or None) each run was given
+        self.replays: list[list[Any]] = []  # the kept pairs each run was given to train again
 
-    async def run(self, request: Any, *, batch: Any = None, trigger: str = "manual", screen: Any = None
-                  ) -> "FakeHandle":
+    async def run(self, request: Any, *, batch: Any = None, trigger: str = "manual", screen: Any = None,
+                  replay: Any = ()) -> "FakeHandle":
         self.requests.append(request)
+        self.replays.append(list(replay))
         self.batches.append(batch)
         self.screens.append(screen)
         with self.state.sessions() as s:

@@ -272,6 +272,37 @@ async def test_eval_set_replays_pairs_of_kept_runs_never_of_rolled_back_ones(sta
     assert not set(set3["comparison_ids"]) & set(trained2)
 
 
+async def test_replay_trains_kept_pairs_again_never_the_eval_sets_or_a_rolled_back_runs(state: State) -> None:
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1,
+                                                       "eval_replay_pairs": 2})
+    guard = MarginGuard([+0.3, -5.0, +0.3, +0.3])
+    sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, margin_alpha=0.01)
+    round1 = add_comparisons(state, 12)
+    await sched.tick()  # kept: the first run has nothing to replay (replay is off, and nothing was kept yet)
+    sched.configure(replay_pairs=3)
+    round2 = add_comparisons(state, 12)
+    second = await sched.tick()  # rolled back
+    add_comparisons(state, 12)
+    third = await sched.tick()
+    trained1 = set(round1) - set(_held(state, round1))
+    trained2 = set(round2) - set(_held(state, round2))
+    first_replay, second_replay, third_replay = state.trainer.replays
+    with state.sessions() as s:
+        assert s.get(TrainingRun, second).status == "rolled_back"
+        evals = [set(s.get(TrainingRun, r).batch["scheduler"]["eval_set"]["comparison_ids"]) for r in (second, third)]
+    assert first_replay == []
+    for replay, eval_ids, batch in zip((second_replay, third_replay), evals, state.trainer.batches[1:]):
+        ids = {c for item in replay for c in item.comparison_ids}
+        assert len(replay) == 3 and all(item.kind == "pair" and item.prompt_loaded for item in replay)
+        assert ids <= trained1 and not ids & eval_ids  # run 1's pairs, none the guard judges the run by
+        assert not ids & set(batch.comparison_ids) and not ids & trained2  # never the rolled-back run's
+    sched.configure(replay_pairs=0)
+    add_comparisons(state, 12)
+    await sched.tick()
+    assert state.trainer.replays[-1] == []
+
+
 async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_back(state: State) -> None:
     state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1})
     sched = Scheduler(state, guard=MarginGuard([+0.3, +0.3]), clock=Clock())  # type: ignore[arg-type]

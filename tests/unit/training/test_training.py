@@ -20,7 +20,7 @@ from loop.db.models import Comparison, Quarantine, Rating, Response, RunFeedback
 from loop.training import TrainRequest, quarantine
 from loop.training.runs import ScreenPolicy
 from loop.worker import protocol as p
-from tests.unit.training_support import PAIR, FakeSupervisor, add_comparison, finish, make, stop
+from tests.unit.training_support import PAIR, FakeSupervisor, add_comparison, add_pair, finish, make, stop
 
 
 async def test_atomic_apply_order_and_versions(tmp_path: Path) -> None:
@@ -55,6 +55,36 @@ async def test_a_runs_parameters_reach_the_worker_and_its_record(tmp_path: Path)
         assert (defaults.batch["nll_weight"], defaults.batch["learning_rate"]) == (0.5, 3e-6)
         assert (chosen.metrics["nll_weight"], chosen.metrics["beta"]) == (0.0, 0.2)
         assert (chosen.batch["nll_weight"], chosen.batch["beta"]) == (0.0, 0.2)
+    finally:
+        await stop(state)
+
+
+async def test_replayed_pairs_train_beside_the_batch_without_being_consumed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduled run's replay (pairs kept runs learned from) reaches the worker with the batch and is recorded
+    on the run, but its feedback stays its own runs': it is not consumed again (that would conflict) nor released."""
+    from loop.pairs import Item
+
+    record = tmp_path / "record"
+    monkeypatch.setenv("FAKE_WORKER_RECORD", str(record))
+    trainer, state, _ = await make(tmp_path)
+    try:
+        old = add_pair(state)
+        first = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[old])))
+        replay = [Item(data=p.Pair(prompt="3+3?", chosen="six, again", rejected="7"), comparison_ids=(old,))]
+        new = add_pair(state)
+        run = await finish(trainer, await trainer.run(TrainRequest(comparison_ids=[new]), replay=replay))
+        assert (first.status, run.status) == ("succeeded", "succeeded")
+        assert "'six, again'" in record.read_text().splitlines()[-1]  # trained in the same step as the batch
+        assert run.batch["replay"] == {"n_pairs": 1, "rating_ids": [], "comparison_ids": [old]}
+        assert run.batch["comparison_ids"] == [new]
+        with state.sessions() as s:
+            owners = {f.comparison_id: f.run_id for f in s.scalars(select(RunFeedback))}
+        assert owners == {old: first.id, new: run.id}
+        # a KTO run has no pairs to replay beside: nothing is added or recorded
+        kto = await finish(trainer, await trainer.run(
+            TrainRequest(examples=[{"prompt": "q", "completion": "a", "label": True}]), replay=replay))
+        assert "replay" not in kto.batch and "six, again" not in record.read_text().splitlines()[-1]
     finally:
         await stop(state)
 
