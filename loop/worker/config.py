@@ -43,6 +43,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     mirrors: list[str]  # run dirs of replicas 1..K-1: every write to replica 0's weights is copied into them
     remotes: list[str]  # `loop replica` agents' URLs, replicas K.. (their token: LOOP_WORKER_REPLICA_TOKEN, env)
     remote_min_mb_s: float  # Settings.remote_min_mb_s: what bounds a remote replica's transfer and commit
+    cpu_nice: int  # Settings.cpu_nice: this process's niceness beside a CPU-only vLLM (0: left alone)
 
     @classmethod
     def from_settings(cls, settings: Settings, endpoint: str) -> WorkerConfig:
@@ -52,7 +53,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                    screen_budget_bytes=settings.screen_budget_bytes, vllm_address=settings.vllm_address,
                    train_share=settings.train_share,
                    mirrors=[str(settings.replica_dir(k)) for k in range(1, settings.replicas)],
-                   remotes=list(settings.remote_replicas), remote_min_mb_s=settings.remote_min_mb_s)
+                   remotes=list(settings.remote_replicas), remote_min_mb_s=settings.remote_min_mb_s,
+                   cpu_nice=settings.cpu_nice)
 
     def encode(self) -> str:
         return msgspec.json.encode(self).decode()

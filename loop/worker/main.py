@@ -39,7 +39,7 @@ from loop.worker import protocol as p
 from loop.worker.channel import Channel
 from loop.worker.checkpoint import checkpoint_tensors, restore_targets, write_folder
 from loop.worker.config import EXIT_REFUSED, REFUSED_PREFIX, WorkerConfig
-from loop.worker.pacing import Pacer, VLLMLoad, default_share, share_cpu_cores
+from loop.worker.pacing import Pacer, VLLMLoad, default_share, lower_priority, share_cpu_cores
 
 log = logging.getLogger("loop.worker")
 
@@ -137,6 +137,8 @@ class Worker:
         self.mirrors.attached.clear()  # replica 0 reloaded: the API syncs every replica from the new weights
         self.remotes.forget()
         self.remotes.device, self.remotes.world = str(handle_set.meta.get("device", "cpu")), world
+        if meta.get("device") == "cpu" and self.config.cpu_nice:  # the API processes first (settings say why)
+            lower_priority(os.getpid(), self.config.cpu_nice)
         if meta.get("device") == "cpu" and meta.get("pid") and self.tp is None:
             share_cpu_cores(int(meta["pid"]), self.cores)
         self._pace(meta.get("device", "cpu"))

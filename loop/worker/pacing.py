@@ -327,3 +327,53 @@ def share_cpu_cores(vllm_pid: int, mine: set[int], *, proc: Path = Path("/proc")
     torch.set_num_threads(len(free))
     log.info("training on cores %s (vLLM computes on %s)", sorted(free), sorted(mine - free))
     return free
+
+
+# vLLM's engine-core process: its main thread busy-waits (sched_yield in a loop) on the model's workers for as long
+# as a request runs, on whichever core the kernel gives it, and the kernel's comm name is cut to 15 characters
+ENGINE_COMM = "VLLM::EngineCor"
+
+
+def engine_pids(root: int, *, proc: Path = Path("/proc")) -> list[int]:
+    """The vLLM engine-core processes among `root` (vLLM's API server) and its descendants."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split at the last ")"
+        head, _, rest = stat.rpartition(")")
+        comms[int(entry.name)] = head.partition("(")[2]
+        fields = rest.split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if comms.get(pid, "").startswith(ENGINE_COMM):
+            found.append(pid)
+        todo.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def lower_priority(pid: int, nice: int, *, proc: Path = Path("/proc")) -> int:
+    """Raise the niceness of every thread of `pid` to at least `nice` (Linux keeps it per thread, and threads
+    started later inherit their creator's); returns how many threads were changed. Never lowers one: that needs
+    privileges, and an operator who set more stays obeyed."""
+    changed = 0
+    try:
+        tids = [int(t.name) for t in (proc / str(pid) / "task").iterdir()]
+    except OSError:  # the process is gone
+        return 0
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                changed += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return changed

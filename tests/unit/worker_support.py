@@ -48,7 +48,8 @@ def worker_config(runtime_dir: Path | str, **over: Any) -> WorkerConfig:
                               "optimizer": "adamw", "learning_rate": 1e-3, "max_update_ratio": 0.5,
                               "log_level": "info", "screen_budget_bytes": 1 << 30,
                               "vllm_address": "unix:/nonexistent/vllm.sock", "train_share": 1.0, "mirrors": [],
-                              "remotes": [], "remote_min_mb_s": 20.0}
+                              "remotes": [], "remote_min_mb_s": 20.0,
+                              "cpu_nice": 0}  # an in-process worker must not renice the test process
     return WorkerConfig(**{**fields, **over})
 
 

@@ -6,8 +6,13 @@ validated setting, passed to the worker and shown by GET /api/train/status."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -541,3 +546,44 @@ def test_a_bench_takes_the_free_cores_for_a_while_and_gives_them_back(tmp_path, 
         assert affinity == {0, 1, 2, 3} and torch.get_num_threads() == 4  # restored, even after an error
     finally:
         torch.set_num_threads(threads)
+
+
+
+# an "API server" that starts an "engine core" (named as vLLM names it), which starts a plain child of its own
+_TREE = """
+import subprocess, sys, time
+if sys.argv[1] == "engine":
+    open("/proc/self/comm", "w").write(sys.argv[2])
+    kid = subprocess.Popen(["sleep", "60"])
+else:
+    kid = subprocess.Popen([sys.executable, "-c", CODE, "engine", sys.argv[2]], stdout=sys.stdout)
+print(kid.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_engine_core_is_found_among_vllms_descendants_and_niced_not_the_rest() -> None:
+    from loop.worker.pacing import ENGINE_COMM, engine_pids, lower_priority
+
+    code = f"CODE = {_TREE!r}\n{_TREE}"
+    api = subprocess.Popen([sys.executable, "-c", code, "api", "VLLM::EngineCore"], stdout=subprocess.PIPE, text=True)
+    assert api.stdout is not None
+    engine, sleeper = int(api.stdout.readline()), int(api.stdout.readline())
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # what the children inherited
+    assert base <= 15, "the test needs room to raise the niceness"
+    try:
+        assert Path(f"/proc/{engine}/comm").read_text().strip() == ENGINE_COMM  # the kernel keeps 15 characters
+        assert engine_pids(api.pid) == [engine]  # below the API server, and only the engine itself
+        assert engine_pids(sleeper) == []
+        assert lower_priority(engine, base + 4) >= 1
+        assert os.getpriority(os.PRIO_PROCESS, engine) == base + 4
+        assert os.getpriority(os.PRIO_PROCESS, api.pid) == base and os.getpriority(os.PRIO_PROCESS, sleeper) == base
+        # never lowered again (an operator's higher niceness stays; lowering needs privileges)
+        assert lower_priority(engine, base + 2) == 0 and os.getpriority(os.PRIO_PROCESS, engine) == base + 4
+        assert lower_priority(10**7, 5) == 0  # a process that is gone: nothing to do, no error
+    finally:
+        for pid in (sleeper, engine):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        api.kill()
+        api.wait()
