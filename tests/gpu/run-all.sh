@@ -130,15 +130,16 @@ for s in "$@"; do
                 "direct-nll1-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set nll_weight=1" \
                 "number-nll2-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set nll_weight=2" \
                 "direct-nll2-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=2" ;;
-    # replaying kept pairs beside each new batch (replay_pairs), at the defaults otherwise (nll_weight 1)
+    # replaying kept pairs beside each new batch (replay_pairs), at the defaults otherwise (nll_weight 1), beside
+    # the same runs without it (on whichever card this is)
     learning-replay) step learning-replay learning \
                 "number-r16|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=16" \
                 "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
                 "direct-r16|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
                 "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
                 "short-r16|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
-                "number-r32-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set replay_pairs=32" \
-                "direct-r32-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set replay_pairs=32" \
+                "number-r0|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
+                "direct-r0|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
                 "long-r16|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=16" ;;
     # a second replay sweep: more replayed pairs, and the slow raters over 20 rounds
     learning-replay2) step learning-replay2 learning \
