@@ -12,7 +12,9 @@ How: `RecomputeGuard` times each recovery from vLLM's own counters (`vllm:genera
 `vllm:num_requests_running` in its Prometheus `/metrics`): the answers preempted by a write have recovered once
 vLLM has generated as many tokens as there were answers running at the write (each has decoded again). The next
 keep-mode write of a run then waits until the recompute is at most `share` of the time since the write:
-`recovered + recompute * (1 - share) / share`. With nothing running at a write there is nothing to recompute and
+`recovered + recompute * (1 - share) / share`. The tokens are counted from a reading right after the write's
+resume (the answers are preempted by then), while the answers running come from a reading just before its pause
+(inside it would lengthen every pause). With nothing running at a write there is nothing to recompute and
 no wait; with short answers in flight the recompute, and so the wait, is short. Only training runs wait: a
 rollback, a restore or a repair is never delayed.
 
@@ -79,6 +81,13 @@ class RecomputeGuard:
         self.recovering = True
         self._wrote_at, self._running, self._generated = now, before.running, before.generated
         self.next_at = math.inf  # until the recovery is seen
+
+    def resumed(self, counters: Counters) -> None:
+        """The first reading after the write's resume. The counters before the pause were read while vLLM still
+        decoded: the tokens it made between that read and the freeze are not the preempted answers decoding
+        again, and counting them read a recovery at once (every write, on the CPU under load)."""
+        if self.recovering and counters.generated >= self._generated:
+            self._generated = counters.generated
 
     def observe(self, now: float, counters: Counters) -> None:
         if not self.recovering:

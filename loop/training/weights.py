@@ -100,6 +100,9 @@ class LiveWeights:
         return Counters(running=sum(c.running for c in each), generated=sum(c.generated for c in each))
 
     async def _watch_recovery(self) -> None:
+        first = await self.counters()  # right after the resume: the baseline of the preempted answers' tokens
+        if first is not None:
+            self.guard.resumed(first)
         while self.guard.recovering:
             await asyncio.sleep(0.05)
             now_counters = await self.counters()
@@ -110,7 +113,9 @@ class LiveWeights:
 
     def _recovering(self, before: Counters | None) -> None:
         self.guard.wrote(time.monotonic(), before)
-        if self.guard.recovering and (self._recovery is None or self._recovery.done()):
+        if self.guard.recovering:  # a watch of an earlier write would miss this one's baseline: a new one
+            if self._recovery is not None and not self._recovery.done():
+                self._recovery.cancel()
             self._recovery = asyncio.create_task(self._watch_recovery(), name="keep-recovery")
 
     async def close(self) -> None:
@@ -125,8 +130,8 @@ class LiveWeights:
         vllm = self.state.vllm
         paused = wrote = False
         # The answers a keep-mode write will preempt, read just before the pause rather than inside it (a read of
-        # vLLM's /metrics under load takes milliseconds that every pause would add); the few tokens decoded
-        # between the read and the pause only make the recovery watch wait a step longer.
+        # vLLM's /metrics under load takes milliseconds that every pause would add); the tokens decoded between
+        # the read and the pause are left out by the watch's first read, after the resume.
         counted = await self.counters() if guarded and atomic else None
         t0 = time.perf_counter()
         self._changing = True
