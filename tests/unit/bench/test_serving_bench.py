@@ -17,6 +17,7 @@ from loop.bench.serving import (
     ServeConfig,
     _PacedPauser,
     _table,
+    niced,
     parse_configs,
     percentile,
     ratio,
@@ -179,3 +180,23 @@ def test_nonfinite_probe_names_the_first_module_and_the_refused_tensors() -> Non
     assert not poisoned["update_ok"] and "non-finite" in poisoned["refusal"]
     assert poisoned["nonfinite_grads"] and poisoned["nonfinite_updates"]
     assert all(not m._forward_hooks for m in model.modules())  # noqa: SLF001 - its hooks are gone
+
+
+def test_the_trainer_runs_niced_on_a_thread_of_its_own_and_the_starter_of_load_children_stays_as_it_was() -> None:
+    import os
+    import threading
+
+    def nice_here() -> tuple[int, int]:
+        return threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    tid, nice = niced(nice_here, 19)
+    assert tid != threading.get_native_id() and nice == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert niced(nice_here, 0) == (threading.get_native_id(), before)  # 0: run here, untouched
+
+    def fails() -> None:
+        raise ValueError("a step failed")
+
+    with pytest.raises(ValueError, match="a step failed"):
+        niced(fails, 19)
