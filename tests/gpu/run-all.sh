@@ -133,24 +133,20 @@ for s in "$@"; do
     # replaying kept pairs beside each new batch (replay_pairs), at the defaults otherwise (nll_weight 1), beside
     # the same runs without it (on whichever card this is)
     learning-replay) step learning-replay learning \
-                "number-r16|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=16" \
-                "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
-                "direct-r16|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
-                "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
-                "short-r16|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=16" \
                 "number-r0|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
                 "direct-r0|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
-                "long-r16|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=16" ;;
-    # a second replay sweep: more replayed pairs, and the slow raters over 20 rounds
-    learning-replay2) step learning-replay2 learning \
+                "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
+                "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
                 "number-r64|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=64" \
                 "direct-r64|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=64" \
+                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
+                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" ;;
+    # a second replay sweep: a higher learning rate with replay, and the slow raters over 20 rounds
+    learning-replay2) step learning-replay2 learning \
                 "number-r64-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
                 "direct-r64-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
                 "number-r32-20|--rater number --rounds 20 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
-                "direct-r32-20|--rater direct --rounds 20 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
-                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
-                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" ;;
+                "direct-r32-20|--rater direct --rounds 20 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
