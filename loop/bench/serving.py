@@ -558,14 +558,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _engine_niced(pid: int, args: argparse.Namespace) -> None:
     """What the service does once a CPU vLLM is ready (loop.vllm.process): its engine core behind the API."""
     from loop.config import Settings
-    from loop.worker.pacing import engine_pids, lower_priority
+    from loop.worker.pacing import engine_behind_api
 
     if args.cpu_nice is None:
         args.cpu_nice = Settings().cpu_nice
     if not 0 <= args.cpu_nice <= 19:
         raise SystemExit(f"--cpu-nice {args.cpu_nice}: give 0..19")
-    for engine in engine_pids(pid) if args.cpu_nice else ():
-        lower_priority(engine, args.cpu_nice)
+    engine_behind_api(pid, args.cpu_nice)
 
 
 def niced(fn: Callable[[], T], nice: int) -> T:

