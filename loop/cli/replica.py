@@ -47,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
               "has: without it anyone who reaches the port could steer this vLLM", file=sys.stderr)
         return 2
     setup_logging(settings)
+    # `kill -USR1 <pid>` prints every thread's stack to its log, as the worker's: a transfer that hangs says where
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings.ensure_dirs()
     try:
         path = resolve_model(settings.model, settings.cache_dir, progress=True)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import datetime
 import socket
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -88,7 +89,33 @@ def open_group(store_host: str, store_port: int, nonce: str, rank: int, *, bind:
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
-    return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+    # gloo's connect can outlive every timeout it was given (a peer that accepted and then stopped reading:
+    # pytorch/gloo#520): the caller gets a TimeoutError instead of a transfer that never ends
+    return within(lambda: dist.ProcessGroupGloo(prefixed, rank, 2, opts), join_s + timeout_s,
+                  f"connecting transfer {nonce[:8]}…")
+
+
+def within(fn: Callable[[], Any], limit_s: float, what: str) -> Any:
+    """`fn()`, run on a thread of its own and waited for `limit_s`; TimeoutError after that. A call that never
+    returns (stuck in native code, which nothing can interrupt) is left behind on its daemon thread: what it
+    holds is lost, the caller goes on."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"loop-transfer-{what[:24]}", daemon=True).start()
+    if not done.wait(limit_s):
+        raise TimeoutError(f"{what} did not end within {limit_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -160,9 +187,10 @@ def receive(group: Any, buffers: list[torch.Tensor]) -> int:
     return n
 
 
-def close(group: Any) -> None:
-    """Tear a transfer's group down (its sockets); errors are ignored, the group is done either way."""
+def close(group: Any, limit_s: float = 10.0) -> None:
+    """Tear a transfer's group down (its sockets); errors are ignored, the group is done either way (a teardown
+    that hangs is left behind after `limit_s`)."""
     try:
-        group.shutdown()
+        within(group.shutdown, limit_s, "closing a transfer")
     except Exception:  # noqa: BLE001 - older torch has no shutdown; gloo closes with the object
         pass

@@ -69,7 +69,7 @@ class Agent:
         return dict(self.http.get("/loop/replica").json())
 
     def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-80:])
 
     def stop(self) -> None:
         self.http.close()
@@ -132,7 +132,13 @@ def remote(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def api(remote: tuple[Service, Agent]) -> Api:
     a = Api(remote[0])
     a.wait_ready()
-    wait_routable(a, [True, True])
+    try:
+        wait_routable(a, [True, True])
+    except AssertionError as e:  # the agent's side of a sync that never ended, with its threads' stacks
+        with contextlib.suppress(OSError):
+            remote[1].proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        raise AssertionError(f"{e}\n--- the agent ---\n{remote[1].log_tail()}") from None
     return a
 
 

@@ -77,7 +77,13 @@ def wait_routable(api: Api, want: list[bool], timeout: float = 600) -> dict[str,
         if [bool(r["routable"]) for r in health["replicas"]] == want:
             return health
         time.sleep(1)
-    raise AssertionError(f"replicas not {want} in {timeout} s: {api.http.get('/health').json()}\n{api.s.log_tail()}")
+    health = api.http.get("/health").json()
+    pid = (health.get("worker") or {}).get("pid")
+    if pid:  # the worker dumps every thread's stack on SIGUSR1 (into serve.log): where a sync hangs, if it does
+        with contextlib.suppress(OSError):
+            os.kill(int(pid), signal.SIGUSR1)
+        time.sleep(2)
+    raise AssertionError(f"replicas not {want} in {timeout} s: {health}\n{api.s.log_tail(150)}")
 
 
 @pytest.fixture(scope="module")

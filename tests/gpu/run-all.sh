@@ -139,10 +139,10 @@ for s in "$@"; do
                 "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
                 "number-r64|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=64" \
                 "direct-r64|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=64" \
-                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
-                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" ;;
-    # a second replay sweep: a higher learning rate with replay, and the slow raters over 20 rounds
+                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" ;;
+    # a second replay sweep: a higher learning rate with replay, and 20 rounds (the first sweep fits ~6 minutes)
     learning-replay2) step learning-replay2 learning \
+                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" \
                 "number-r64-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
                 "direct-r64-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
                 "number-r32-20|--rater number --rounds 20 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
