@@ -7,7 +7,8 @@
 #        durable-7b durable-small private faults screen in-flight proxy-7b serving-7b serving-7b-default serving-7b-poll
 #        serving-7b-long mps-7b
 #        serving-7b-guard families families-left big-q35 big-moe mem-moe mem-q35 tp-e2e replicas-e2e remote-e2e p1-replicas p1-tp (two cards)
-#        learning-lr learning-steps learning-budget learning-nll learning-nll-long learning-nll-lr learning-replay learning-replay2
+#        learning-lr learning-steps learning-budget learning-nll learning-nll-long learning-nll-lr learning-replay learning-replay2 learning-replay-all
+#        learning-default
 # On a two-card host run two of these at once, each with CUDA_VISIBLE_DEVICES=<card> and GPU_OUT=<its own dir>.
 set -uo pipefail
 out=${GPU_OUT:-/tmp/gpu-out}; mkdir -p "$out"
@@ -50,12 +51,16 @@ families() {  # tests/gpu/test_families_gpu.py, one stream per argument on the o
   grep -h -E "PASSED|FAILED|ERROR| views|passed|failed" "$out"/families-*.log
   return $rc
 }
-learning() {  # the learning suite (SmolLM2), one run per "name|flags" argument, all at once on the card
+learning() {  # the learning suite (SmolLM2), one run per "name|flags" argument, as many at once as the card holds
   $py -c "from loop.config import Settings; from loop.model_cache import resolve_model; s = Settings(); \
 print(resolve_model(s.model, s.cache_dir))" >> "$out/summary.txt" 2>&1  # converted once, before the runs share it
-  local spec name pids=() rc=0
+  # a run holds its vLLM's 0.04 of the card and a worker that grows to several GB with replayed pairs: twelve at
+  # once ran an 80 GB card out of memory, so one run per 10 GB of the card
+  local spec name pids=() rc=0 most
+  most=$($py -c "import torch; print(max(1, int(torch.cuda.mem_get_info()[1] / 1e10)))")
   for spec in "$@"; do
     name=${spec%%|*}
+    while [ "$(jobs -rp | wc -l)" -ge "$most" ]; do sleep 5; done
     # shellcheck disable=SC2086
     LOOP_GPU_MEMORY_UTILIZATION=0.04 LOOP_ENFORCE_EAGER=true $py -m loop.cli bench learning ${spec#*|} \
       --json "$out/learning-$name.json" > "$out/learning-$name.log" 2>&1 &
@@ -66,6 +71,22 @@ print(resolve_model(s.model, s.cache_dir))" >> "$out/summary.txt" 2>&1  # conver
   for spec in "$@"; do name=${spec%%|*}; echo "-- $name"; tail -n 12 "$out/learning-$name.log"; done
   return $rc
 }
+replay1=(
+  "number-r0|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1"
+  "direct-r0|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0"
+  "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32"
+  "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32"
+  "number-r64|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=64"
+  "direct-r64|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=64"
+  "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32"
+)
+replay2=(
+  "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32"
+  "number-r64-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set replay_pairs=64"
+  "direct-r64-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set replay_pairs=64"
+  "number-r32-20|--rater number --rounds 20 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32"
+  "direct-r32-20|--rater direct --rounds 20 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32"
+)
 for s in "$@"; do
   case $s in
     # the held-out trait per round at the default learning rate and above it, for the raters that learn slowly on
@@ -101,6 +122,15 @@ for s in "$@"; do
                 "number-p50-s8-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
                 "direct-p50-s8-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" ;;
     # the preferred answers' likelihood beside the preference loss (nll_weight, RPO's alpha), at the defaults otherwise
+    # the suite at the service's defaults (whatever they are now), every rater on two seeds, and the long run
+    learning-default) step learning-default learning \
+                "number-s1|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
+                "number-s2|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 2" \
+                "direct-s0|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
+                "direct-s1|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 1" \
+                "short-s0|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
+                "short-s1|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 1" \
+                "long-s0|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0" ;;
     learning-nll) step learning-nll learning \
                 "number-nll1|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=1" \
                 "number-nll4|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=4" \
@@ -131,22 +161,11 @@ for s in "$@"; do
                 "number-nll2-2e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 2e-5 --scheduler-set nll_weight=2" \
                 "direct-nll2-2e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 2e-5 --scheduler-set nll_weight=2" ;;
     # replaying kept pairs beside each new batch (replay_pairs), at the defaults otherwise (nll_weight 1), beside
-    # the same runs without it (on whichever card this is)
-    learning-replay) step learning-replay learning \
-                "number-r0|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
-                "direct-r0|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
-                "number-r32|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
-                "direct-r32|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" \
-                "number-r64|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=64" \
-                "direct-r64|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=64" \
-                "short-r32|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" ;;
-    # a second replay sweep: a higher learning rate with replay, and 20 rounds (the first sweep fits ~6 minutes)
-    learning-replay2) step learning-replay2 learning \
-                "long-r32|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0 --scheduler-set replay_pairs=32" \
-                "number-r64-1e-5|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
-                "direct-r64-1e-5|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --learning-rate 1e-5 --scheduler-set replay_pairs=64" \
-                "number-r32-20|--rater number --rounds 20 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set replay_pairs=32" \
-                "direct-r32-20|--rater direct --rounds 20 --poison ab:4 --poison thumbs:7 --seed 0 --scheduler-set replay_pairs=32" ;;
+    # the same runs without it (on whichever card this is); the second sweep holds a higher learning rate with
+    # replay and 20 rounds (the first fits ~6 minutes); learning-replay-all runs both at once
+    learning-replay) step learning-replay learning "${replay1[@]}" ;;
+    learning-replay2) step learning-replay2 learning "${replay2[@]}" ;;
+    learning-replay-all) step learning-replay-all learning "${replay1[@]}" "${replay2[@]}" ;;
     gputests) step gputests $py -m pytest -p no:cacheprovider -m gpu tests/gpu -v ;;
     e2e)      step e2e $py -m pytest -p no:cacheprovider -m e2e tests/e2e -v -x --deselect tests/e2e/test_supervisor_e2e.py ;;
     e2e-all)  step e2e-all $py -m pytest -p no:cacheprovider -m "e2e and not cpu_vllm" tests/e2e -v ;;
