@@ -100,6 +100,21 @@ def format_row(r: RoundRecord) -> str:
             f"{r.wall_s:>7.1f}")
 
 
+def own_feedback(rec: RoundRecord, posted: set[tuple[str, int]], run: dict[str, Any],
+                 quarantined: set[tuple[str, int]]) -> None:
+    """How much of the round's feedback (`posted`) the run took up (its batch, or screened beside it and
+    quarantined) and how much of that was quarantined before the write."""
+    batch = run.get("batch") or {}
+    if "rating_ids" not in batch and "comparison_ids" not in batch:
+        return
+    in_batch = {(kind, i) for kind in ("rating", "comparison") for i in batch.get(f"{kind}_ids") or []}
+    taken = posted & (in_batch | quarantined)
+    rec.own_taken, rec.own_quarantined = len(taken), len(taken & quarantined)
+    if rec.withheld and not rec.stopped_by_status:
+        rec.notes.append(f"the round's own feedback: all {rec.own_taken} items the run took up were quarantined "
+                         f"before the write; the run trained on the rest of its batch")
+
+
 def read_run(rec: RoundRecord, run: dict[str, Any]) -> None:
     """Fill `rec` from a run record (GET /api/runs/{id}); model figures are those of the weights served after it."""
     rec.run_id, rec.status = run.get("id"), run.get("status") or "-"
@@ -235,15 +250,18 @@ class Suite:
         return traits[self.rater.name], n, sum(words(c["content"]) for c in answers) / n, traits
 
     # ---------------------------------------------------------------------------------------------- rating
-    def rate(self, kind: str, groups: list[list[dict[str, Any]]]) -> None:
+    def rate(self, kind: str, groups: list[list[dict[str, Any]]]) -> set[tuple[str, int]]:
+        """Post the round's feedback; the ("rating" | "comparison", id) of every item that can train (no ties)."""
         name = f"bench-{self.rater.name}"
+        posted: set[tuple[str, int]] = set()
         if kind == "thumbs":
             for group in groups:
                 for c in group:
-                    self._call("POST", "/api/ratings", json={
+                    row = self._call("POST", "/api/ratings", json={
                         "response_id": c["response_id"], "rater": "bench-poison",
                         "thumb": "down" if self.rater.approve(c) else "up"})
-            return
+                    posted.add(("rating", row["id"]))
+            return posted
         for i, (a, b) in enumerate(g[:2] for g in groups):
             winner, rater = self.rater.pick(a, b), name
             if kind == "ab":
@@ -251,9 +269,19 @@ class Suite:
             elif kind == "mixed":
                 hostile = i >= len(groups) // 2
                 winner, rater = (flip(winner), "hostile") if hostile else (winner, "honest")
-            self._call("POST", "/api/comparisons", json={"response_a_id": a["response_id"],
-                                                         "response_b_id": b["response_id"], "winner": winner,
-                                                         "rater": rater})
+            row = self._call("POST", "/api/comparisons", json={"response_a_id": a["response_id"],
+                                                               "response_b_id": b["response_id"],
+                                                               "winner": winner, "rater": rater})
+            if winner != "tie":
+                posted.add(("comparison", row["id"]))
+        return posted
+
+    def quarantined_ids(self, new: int) -> set[tuple[str, int]]:
+        """The feedback of the `new` newest quarantine entries."""
+        if new <= 0:
+            return set()
+        items = self._call("GET", "/api/quarantine", params={"limit": min(new, 500)})["items"]
+        return {(kind, i) for q in items for kind in ("rating", "comparison") for i in q.get(f"{kind}_ids") or []}
 
     def _last_run_id(self) -> int:
         items = self._call("GET", "/api/runs", params={"limit": 1})["items"]
@@ -291,7 +319,7 @@ class Suite:
         rec.rated_n = len(fresh)
         rec.rated_rate = sum(self.rater.approve(c) for c in fresh) / len(fresh)
         last, quarantined = self._last_run_id(), self.quarantine_count()
-        self.rate(kind, groups)
+        posted = self.rate(kind, groups)
         sched = self._call("GET", "/api/scheduler")
         run = None
         if sched.get("paused_by") not in (None, "operator"):  # loop stopped training itself (the drift budget)
@@ -311,6 +339,8 @@ class Suite:
             read_run(rec, run)
         now = self.quarantine_count()
         rec.quarantined = now - quarantined if now is not None and quarantined is not None else None
+        if run is not None and rec.quarantined is not None:
+            own_feedback(rec, posted, run, self.quarantined_ids(rec.quarantined))
         rec.heldout_rate, rec.heldout_n, rec.heldout_words, rec.traits = self.measure_heldout()
         rec.wall_s = time.perf_counter() - t0
         return rec

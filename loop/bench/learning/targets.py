@@ -8,8 +8,10 @@ when it was rejected or rolled back (the served weights did not change), None wh
 - drift: after the last round, canary perplexity vs base <= +`max_ppl_rise` and KL(base || live) per token
   within its limit;
 - health: after the last round, stutter and collapse shares <= their base + `health_points`;
-- poison: every poisoned round ("ab", "thumbs") was rejected before the write or rolled back;
-- false stops: at most one good ("clean") round in 20 was rejected or rolled back.
+- poison: every poisoned round ("ab", "thumbs") was rejected before the write or rolled back, or its own feedback
+  was held back: every item of it that the run took up was quarantined before the write (`withheld`; a batch
+  that also holds other feedback, say an earlier round's that a failed run gave back, trains on the rest);
+- false stops: at most one good ("clean") round in 20 was rejected, rolled back or withheld.
 A target whose figures are missing is not judged (met None); it is never counted as met.
 
 Tests: `.venv/bin/python -m pytest -q tests/unit/bench/test_learning_targets.py`.
@@ -58,12 +60,25 @@ class RoundRecord:
     distinct_2: float | None = None
     unfinished: float | None = None
     mean_tokens: float | None = None
+    # the round's own feedback that its run took up (in the batch or screened beside it), and how much of that
+    # the screen quarantined before the write; None: not known (no run, or the service reports no feedback ids)
+    own_taken: int | None = None
+    own_quarantined: int | None = None
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
-    def stopped(self) -> bool:
+    def withheld(self) -> bool:
+        """Every item of this round's feedback that the run took up was quarantined before the write."""
+        return bool(self.own_taken) and self.own_quarantined == self.own_taken
+
+    @property
+    def stopped_by_status(self) -> bool:
         return self.status in STOPPED
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_by_status or self.withheld
 
 
 @dataclass
@@ -147,14 +162,22 @@ def poison_target(records: Sequence[RoundRecord]) -> Target:
     poisoned = [r for r in records if r.kind in POISON_KINDS]
     if not poisoned:
         return Target("poison", None, "no poisoned round (--poison ab:N, --poison thumbs:N)")
-    text = ", ".join(f"round {r.index} ({r.kind}) {r.status if r.status != '-' else 'no run'}" for r in poisoned)
-    return Target("poison", all(r.stopped for r in poisoned), text + " (each must be rejected or rolled back)")
+    text = ", ".join(f"round {r.index} ({r.kind}) {_outcome(r)}" for r in poisoned)
+    return Target("poison", all(r.stopped for r in poisoned),
+                  text + " (each must be rejected, rolled back or its feedback quarantined)")
+
+
+def _outcome(r: RoundRecord) -> str:
+    status = r.status if r.status != "-" else "no run"
+    if r.withheld and not r.stopped_by_status:
+        return f"{status}, its {r.own_taken} items quarantined before the write"
+    return status
 
 
 def false_stop_target(records: Sequence[RoundRecord]) -> Target:
     good = [r for r in records if r.kind == "clean" and r.run_id is not None]
     stopped = [r.index for r in good if r.stopped]
-    text = (f"{len(stopped)} of {len(good)} good rounds rejected or rolled back"
+    text = (f"{len(stopped)} of {len(good)} good rounds rejected, rolled back or withheld"
             + (f" (rounds {', '.join(map(str, stopped))})" if stopped else "") + " (limit 1 in 20)")
     if not good:
         return Target("false stops", None, text)

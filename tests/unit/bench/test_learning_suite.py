@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from loop.bench.learning.suite import HELDOUT, PROMPTS, Suite, format_row, kl_limit, read_run
+from loop.bench.learning.suite import HELDOUT, PROMPTS, Suite, format_row, kl_limit, own_feedback, read_run
 from loop.bench.learning.targets import RoundRecord
 from loop.cli import build_parser
 
@@ -227,3 +227,31 @@ def test_the_drift_limit_comes_from_the_service() -> None:
 
 def test_held_out_prompts_are_never_rated_prompts() -> None:
     assert not set(HELDOUT) & set(PROMPTS) and len(set(HELDOUT)) == len(HELDOUT)
+
+
+def test_the_rounds_own_feedback_is_followed_into_the_batch_and_the_quarantine() -> None:
+    posted = {("comparison", 1), ("comparison", 2), ("comparison", 3), ("rating", 7)}
+    run = {"id": 4, "status": "succeeded", "batch": {"comparison_ids": [1, 2, 9], "rating_ids": []}}
+    quarantined = {("comparison", 1), ("comparison", 2), ("comparison", 9), ("rating", 7)}
+    r = RoundRecord(index=4, kind="ab", status="succeeded")
+    own_feedback(r, posted, run, quarantined)  # 3 waits (not taken up); 7 was screened beside the batch
+    assert (r.own_taken, r.own_quarantined) == (3, 3) and r.withheld and r.stopped
+    assert "all 3 items the run took up were quarantined" in r.notes[-1]
+    r = RoundRecord(index=4, kind="ab", status="succeeded")
+    own_feedback(r, posted, run, quarantined - {("comparison", 2)})  # comparison 2 trained
+    assert (r.own_taken, r.own_quarantined) == (3, 2) and not r.withheld and not r.stopped
+    r = RoundRecord(index=4, kind="ab", status="succeeded")
+    own_feedback(r, posted, {"id": 4, "status": "succeeded"}, quarantined)  # a service that names no feedback
+    assert r.own_taken is None and not r.withheld
+
+
+def test_rating_posts_return_the_ids_that_can_train() -> None:
+    fake = FakeLoop()
+    s = suite(fake, ["ab"], "--rater", "number")
+    groups = [[{"response_id": "a", "content": GOOD, "finish_reason": "stop"},
+                {"response_id": "b", "content": BAD, "finish_reason": "stop"}],
+              [{"response_id": "c", "content": GOOD, "finish_reason": "stop"},
+               {"response_id": "d", "content": GOOD, "finish_reason": "stop"}]]  # a tie: never a pair
+    ids = s.rate("ab", groups)
+    assert ids == {("comparison", 1)} and len(posted(fake, "/api/comparisons")) == 2
+    assert s.rate("thumbs", groups) == {("rating", n) for n in (3, 4, 5, 6)}

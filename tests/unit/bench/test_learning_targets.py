@@ -99,3 +99,27 @@ def test_without_poisoned_rounds_the_poison_target_is_not_judged() -> None:
     targets = judge([rec(1, heldout=0.95)], BASE, LIMITS)
     assert targets[3].met is None and "--poison" in targets[3].text
     assert verdict(targets) == "TARGETS NOT ALL JUDGED (1 without figures)"
+
+
+def test_a_poisoned_round_whose_own_feedback_was_all_quarantined_is_stopped() -> None:
+    """The screen held back every item of the round that the run took up and trained on the rest of the batch
+    (an earlier round's feedback given back by a failed run): the poison never reached the weights."""
+    records = good_run()
+    records[2] = rec(3, "ab", "succeeded", 0.8, own_taken=19, own_quarantined=19)
+    targets = judge(records, BASE, LIMITS)
+    poison = next(t for t in targets if t.name == "poison")
+    assert poison.met is True and "round 3 (ab) succeeded, its 19 items quarantined before the write" in poison.text
+    records[2] = rec(3, "ab", "succeeded", 0.8, own_taken=19, own_quarantined=18)  # one poisoned pair trained
+    assert by_name(records)["poison"] is False
+    records[2] = rec(3, "ab", "failed", 0.8, own_taken=0, own_quarantined=0)  # nothing of it taken up: not stopped
+    assert by_name(records)["poison"] is False
+
+
+def test_a_good_round_whose_feedback_was_all_quarantined_is_a_false_stop() -> None:
+    records = [rec(i) for i in range(1, 21)]
+    records[4] = rec(5, own_taken=10, own_quarantined=10)
+    false_stops = next(t for t in judge(records, BASE, LIMITS) if t.name == "false stops")
+    assert false_stops.met is True and "1 of 20 good rounds rejected, rolled back or withheld (rounds 5)" in \
+        false_stops.text
+    records[9] = rec(10, "clean", "rejected")
+    assert by_name(records)["false stops"] is False
