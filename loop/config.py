@@ -198,9 +198,10 @@ class Settings(BaseSettings):
                               "beside DPO/KTO (RPO's alpha: the chosen answers' and thumbs-up answers' mean per-token "
                               "negative log-likelihood, added to the loss) of a run that sets none; 0: the "
                               "preference loss alone.")
-    replay_pairs: int = Field(0, ge=0, le=4096, description="Pairs already learned from by kept runs that each "
+    replay_pairs: int = Field(32, ge=0, le=4096, description="Pairs already learned from by kept runs that each "
                               "scheduled DPO run trains again beside its new batch, drawn from the whole kept "
-                              "history (their feedback is not consumed again); 0: only the new batch.")
+                              "history (their feedback is not consumed again), as many as fit beside the new "
+                              "batch within batch_size; 0: only the new batch.")
     max_update_ratio: float = Field(0.05, gt=0, description="Refuse an update whose norm exceeds this share of the weights' norm.")
     checkpoint_every: int = Field(1, ge=0, description="Make every N-th kept weight version durable (a checkpoint "
                                   "written in the background, outside vLLM's pause; loop/durability.py). 1: every "

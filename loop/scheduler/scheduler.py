@@ -400,7 +400,11 @@ class Scheduler:
                 before = await guard.measure([_eval_pair(i) for i in eval_items])
                 await self._watch_base(cfg)
                 await self.state.trainer.checkpoint()  # rollback restores it (the live one's is reused if it has one)
-            replay = await asyncio.to_thread(self._replay, batch, eval_items, cfg["replay_pairs"], tokenizer)
+            # replay fills the run up to batch_size and never past it: batch_size is what an operator sizes a
+            # run's memory by, so a full batch of new feedback trains alone
+            room = max(0, cfg["batch_size"] - len(batch.items))
+            replay = await asyncio.to_thread(self._replay, batch, eval_items, min(cfg["replay_pairs"], room),
+                                             tokenizer)
             from loop.training import TrainRequest
 
             request = TrainRequest(objective=batch.objective, rating_ids=batch.rating_ids,

@@ -279,7 +279,7 @@ async def test_replay_trains_kept_pairs_again_never_the_eval_sets_or_a_rolled_ba
     sched = Scheduler(state, guard=guard, clock=Clock())  # type: ignore[arg-type]
     sched.configure(min_pairs=1, margin_alpha=0.01)
     round1 = add_comparisons(state, 12)
-    await sched.tick()  # kept: the first run has nothing to replay (replay is off, and nothing was kept yet)
+    await sched.tick()  # kept: the first run has nothing to replay (nothing was kept yet)
     sched.configure(replay_pairs=3)
     round2 = add_comparisons(state, 12)
     second = await sched.tick()  # rolled back
@@ -301,6 +301,22 @@ async def test_replay_trains_kept_pairs_again_never_the_eval_sets_or_a_rolled_ba
     add_comparisons(state, 12)
     await sched.tick()
     assert state.trainer.replays[-1] == []
+
+
+async def test_replay_fills_a_run_up_to_batch_size_and_never_past_it(state: State) -> None:
+    state.settings = state.settings.model_copy(update={"holdout_fraction": 0.5, "eval_min_pairs": 1,
+                                                       "eval_replay_pairs": 0})
+    sched = Scheduler(state, guard=MarginGuard([+0.3] * 20), clock=Clock())  # type: ignore[arg-type]
+    sched.configure(min_pairs=1, margin_alpha=0.01, batch_size=10, replay_pairs=32)
+    add_comparisons(state, 50)  # about 25 to train: two full batches, then a part of one
+    while await sched.tick() is not None:
+        pass
+    batches, replays = state.trainer.batches, state.trainer.replays
+    assert len(batches) >= 3 and [len(b.items) for b in batches[:2]] == [10, 10] and len(batches[-1].items) < 10
+    for i, (batch, replay) in enumerate(zip(batches, replays)):
+        kept_before = sum(len(b.items) for b in batches[:i])  # every run was kept; none of them was replayed
+        assert len(replay) == min(10 - len(batch.items), kept_before), i
+    assert replays[1] == [] and len(replays[-1]) == 10 - len(batches[-1].items) > 0  # full: alone; else filled
 
 
 async def test_batch_rejected_before_the_write_is_not_retried_and_not_rolled_back(state: State) -> None:
