@@ -276,12 +276,11 @@ class Suite:
                 posted.add(("comparison", row["id"]))
         return posted
 
-    def quarantined_ids(self, new: int) -> set[tuple[str, int]]:
-        """The feedback of the `new` newest quarantine entries."""
-        if new <= 0:
-            return set()
-        items = self._call("GET", "/api/quarantine", params={"limit": min(new, 500)})["items"]
-        return {(kind, i) for q in items for kind in ("rating", "comparison") for i in q.get(f"{kind}_ids") or []}
+    def quarantined_ids(self, run_id: int) -> set[tuple[str, int]]:
+        """The feedback that run `run_id`'s screen quarantined (the newest entries of GET /api/quarantine)."""
+        items = self._call("GET", "/api/quarantine", params={"limit": 500})["items"]
+        return {(kind, i) for q in items if q.get("run_id") == run_id
+                for kind in ("rating", "comparison") for i in q.get(f"{kind}_ids") or []}
 
     def _last_run_id(self) -> int:
         items = self._call("GET", "/api/runs", params={"limit": 1})["items"]
@@ -339,8 +338,8 @@ class Suite:
             read_run(rec, run)
         now = self.quarantine_count()
         rec.quarantined = now - quarantined if now is not None and quarantined is not None else None
-        if run is not None and rec.quarantined is not None:
-            own_feedback(rec, posted, run, self.quarantined_ids(rec.quarantined))
+        if run is not None and rec.quarantined is not None:  # None: the service lists no quarantine
+            own_feedback(rec, posted, run, self.quarantined_ids(run["id"]))
         rec.heldout_rate, rec.heldout_n, rec.heldout_words, rec.traits = self.measure_heldout()
         rec.wall_s = time.perf_counter() - t0
         return rec

@@ -21,8 +21,11 @@ GOOD, BAD = "The answer is 4.", "I think that it might be something else entirel
 class FakeLoop:
     """Just enough of loop's API: answers get better with every kept run; a batch with poisoned feedback is rejected."""
 
-    def __init__(self, quarantine: bool = False, run_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, quarantine: bool = False, run_extra: dict[str, Any] | None = None,
+                 withhold: bool = False) -> None:
         self.quarantine = quarantine
+        self.withhold = withhold  # a poisoned batch: its poisoned items quarantined, the run trains on the rest
+        self.entries: list[dict[str, Any]] = []
         self.run_extra = run_extra or {}
         self.posts: list[tuple[str, dict[str, Any]]] = []
         self.pending: list[dict[str, Any]] = []
@@ -67,20 +70,27 @@ class FakeLoop:
                 {"message": {"content": a["content"]}, "finish_reason": "stop"}
                 for a in (self.answer(body["seed"] + j) for j in range(body["n"]))]})
         if path in ("/api/comparisons", "/api/ratings"):
-            self.pending.append(body)
+            self.pending.append({**body, "id": len(self.posts), "kind": path.removeprefix("/api/")[:-1]})
             return httpx.Response(201, json={"id": len(self.posts)})
         if path == "/api/runs":
             return httpx.Response(200, json={"items": self.runs[-1:]})
         if path.startswith("/api/runs/"):
             return httpx.Response(200, json=self.runs[int(path.rsplit("/", 1)[1]) - 1])
         if path == "/api/quarantine":
-            return httpx.Response(200, json={"items": [], "total": 2 * len(self.runs)}) if self.quarantine \
+            return httpx.Response(200, json={"items": self.entries[::-1], "total": 2 * len(self.runs)}) \
+                if self.quarantine \
                 else httpx.Response(404, json={"error": {"message": "no such route"}})
         return httpx.Response(404, json={"error": {"message": f"fake: {path}"}})
 
     def train(self) -> None:
-        poisoned = any(p.get("rater") in ("bench-poison", "hostile") for p in self.pending)
+        bad = [p for p in self.pending if p.get("rater") in ("bench-poison", "hostile")]
+        poisoned = bool(bad) and not self.withhold
         status = "rejected" if poisoned else "succeeded"
+        ids = {kind: [p["id"] for p in self.pending if p["kind"] == kind] for kind in ("rating", "comparison")}
+        if bad and self.withhold:
+            self.entries.append({"run_id": len(self.runs) + 1, **{f"{kind}_ids": [p["id"] for p in bad
+                                                                                  if p["kind"] == kind]
+                                                                  for kind in ("rating", "comparison")}})
         self.kept += status == "succeeded"
         health = {"stutter_rate": 0.0, "collapse_share": 0.1, "distinct_2": 0.8, "unfinished_rate": 0.0,
                   "mean_tokens": 12.0}
@@ -88,6 +98,7 @@ class FakeLoop:
         self.runs.append({"id": len(self.runs) + 1, "status": status, "error": "screen: p 0.001" if poisoned else None,
                           "metrics": {"screen": {"p_value": 0.001 if poisoned else 0.6, "n": len(self.pending),
                                                  "quarantined": 0}},
+                          "batch": {"rating_ids": ids["rating"], "comparison_ids": ids["comparison"]},
                           "eval_before": ev,
                           "eval_after": {**ev, "margin_change_t": 1.5,
                                          "drift": {"kl_per_token": 0.01, "perplexity_vs_base": 0.01}},
@@ -255,3 +266,19 @@ def test_rating_posts_return_the_ids_that_can_train() -> None:
     ids = s.rate("ab", groups)
     assert ids == {("comparison", 1)} and len(posted(fake, "/api/comparisons")) == 2
     assert s.rate("thumbs", groups) == {("rating", n) for n in (3, 4, 5, 6)}
+
+
+def test_a_poisoned_round_held_back_by_the_screen_per_rater_counts_as_stopped(tmp_path: Path) -> None:
+    """The service quarantines the poisoned items and trains on the rest of the batch: the run succeeds, the
+    poison never reaches the weights, and the summary says so."""
+    fake = FakeLoop(quarantine=True, withhold=True)
+    out = tmp_path / "rounds.json"
+    s = suite(fake, ["clean", "ab", "clean", "thumbs"], "--rater", "number", "--json", str(out))
+    s.run()
+    doc = json.loads(out.read_text())
+    poison = next(t for t in doc["targets"] if t["name"] == "poison")
+    assert poison["met"] is True, poison
+    assert "round 2 (ab) succeeded, its" in poison["text"] and "round 4 (thumbs) succeeded, its" in poison["text"]
+    rounds = {r["index"]: r for r in doc["rounds"]}
+    assert rounds[2]["own_taken"] == rounds[2]["own_quarantined"] > 0
+    assert rounds[1]["own_taken"] > 0 and rounds[1]["own_quarantined"] == 0
