@@ -121,7 +121,6 @@ for s in "$@"; do
                 "direct-s8-1e-5-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --steps 8 --learning-rate 1e-5 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
                 "number-p50-s8-loose|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" \
                 "direct-p50-s8-loose|--rater direct --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0 --prompts 50 --steps 8 --scheduler-set max_perplexity_vs_base=0.15 --scheduler-set max_perplexity_rise=0.15" ;;
-    # the preferred answers' likelihood beside the preference loss (nll_weight, RPO's alpha), at the defaults otherwise
     # the suite at the service's defaults (whatever they are now), every rater on two seeds, and the long run
     learning-default) step learning-default learning \
                 "number-s1|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1" \
@@ -131,6 +130,7 @@ for s in "$@"; do
                 "short-s0|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 0" \
                 "short-s1|--rater short --rounds 10 --poison ab:4 --poison thumbs:7 --seed 1" \
                 "long-s0|--rater short --rounds 20 --poison ab:4 --poison thumbs:9 --mixed 14 --seed 0" ;;
+    # the preferred answers' likelihood beside the preference loss (nll_weight, RPO's alpha), at the defaults otherwise
     learning-nll) step learning-nll learning \
                 "number-nll1|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=1" \
                 "number-nll4|--rater number --rounds 10 --poison thumbs:4 --poison ab:7 --seed 1 --scheduler-set nll_weight=4" \
